@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Full test entry point: prepare the host (packages, Docker engine, test image,
+# FUSE, Rust components), then run rustfmt check, clippy (warnings are errors)
+# and the test suite. Extra arguments are passed through to `cargo test`.
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo_root"
+
+scripts/prepare-host.sh
+
+if [[ -d $HOME/.cargo/bin && ":$PATH:" != *":$HOME/.cargo/bin:"* ]]; then
+  PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+echo "[test] cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+echo "[test] cargo clippy --all-targets --all-features -- -D warnings"
+cargo clippy --all-targets --all-features -- -D warnings
+
+echo "[test] cargo test --all-features $*"
+cargo test --all-features "$@"

@@ -1,0 +1,163 @@
+//! `AgentService`: `GetStatus` and `WatchEvents`.
+
+use std::pin::Pin;
+
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::proto::{self, agent_service_server::AgentService};
+use super::timestamp;
+use crate::events::{Delivery, Event, EventBus, EventPayload};
+use crate::health::{ConditionState, Subsystem};
+use crate::status::{StatusProvider, StatusReport};
+
+/// The agent service.
+pub struct AgentApi {
+    status: StatusProvider,
+    events: EventBus,
+    shutdown: CancellationToken,
+}
+
+impl AgentApi {
+    /// Streams end when `shutdown` fires, so that a stop is never held up by
+    /// a watching client.
+    pub fn new(status: StatusProvider, events: EventBus, shutdown: CancellationToken) -> Self {
+        Self {
+            status,
+            events,
+            shutdown,
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn get_status(
+        &self,
+        _: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        Ok(Response::new(status_to_proto(self.status.report())))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<proto::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let since = request.into_inner().since;
+        let mut subscription = self.events.subscribe(since);
+        let shutdown = self.shutdown.clone();
+        let run_id = self.events.run_id().to_owned();
+        let stream = async_stream::stream! {
+            loop {
+                let delivery = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    delivery = subscription.next() => delivery,
+                };
+                let Some(delivery) = delivery else { break };
+                yield Ok(delivery_to_proto(delivery, &run_id));
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn status_to_proto(report: StatusReport) -> proto::GetStatusResponse {
+    let host = report.host;
+    proto::GetStatusResponse {
+        version: report.version.to_owned(),
+        uptime_seconds: report.uptime_seconds,
+        started_at: Some(timestamp(report.started_at)),
+        instance_id: report.instance_id,
+        host: Some(proto::HostInfo {
+            hostname: host.hostname,
+            usable_cores: host.usable_cores,
+            host_cpus: host.host_cpus,
+            memory_total_bytes: host.memory_total_bytes,
+            memory_available_bytes: report.memory_available_bytes,
+            gpus: host
+                .gpus
+                .into_iter()
+                .map(|g| proto::Gpu {
+                    index: g.index,
+                    name: g.name,
+                    uuid: g.uuid,
+                    memory_bytes: g.memory_bytes,
+                })
+                .collect(),
+            kernel: host.kernel,
+        }),
+        conditions: report
+            .conditions
+            .into_iter()
+            .map(|(subsystem, c)| proto::Condition {
+                r#type: subsystem_name(subsystem).to_owned(),
+                state: condition_state(c.state) as i32,
+                message: c.message,
+                since: Some(timestamp(c.since)),
+            })
+            .collect(),
+        slots: Some(proto::SlotUsage {
+            capacity: report.slots.capacity,
+            in_use: report.slots.in_use,
+            queued: report.slots.queued,
+            running: report.slots.running,
+            held_reason: report.slots.held_reason,
+        }),
+        summary: report.summary,
+        last_event_sequence: report.last_event_sequence,
+    }
+}
+
+fn subsystem_name(subsystem: Subsystem) -> &'static str {
+    subsystem.name()
+}
+
+fn condition_state(state: ConditionState) -> proto::ConditionState {
+    match state {
+        ConditionState::Unknown => proto::ConditionState::Unknown,
+        ConditionState::Ok => proto::ConditionState::Ok,
+        ConditionState::Degraded => proto::ConditionState::Degraded,
+        ConditionState::Failed => proto::ConditionState::Failed,
+        ConditionState::Disabled => proto::ConditionState::Disabled,
+    }
+}
+
+fn delivery_to_proto(delivery: Delivery, run_id: &str) -> proto::Event {
+    match delivery {
+        Delivery::Event(event) => event_to_proto(&event, run_id),
+        Delivery::Truncated {
+            requested_since,
+            oldest_available,
+        } => proto::Event {
+            sequence: 0,
+            time: Some(timestamp(std::time::SystemTime::now())),
+            kind: Some(proto::event::Kind::BacklogTruncated(
+                proto::BacklogTruncated {
+                    oldest_available,
+                    requested_since,
+                },
+            )),
+            agent_run_id: run_id.to_owned(),
+        },
+    }
+}
+
+fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
+    let kind = match &event.payload {
+        EventPayload::Agent { phase } => proto::event::Kind::Agent(proto::AgentLifecycleEvent {
+            phase: (*phase).to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }),
+    };
+    proto::Event {
+        sequence: event.sequence,
+        time: Some(timestamp(event.time)),
+        kind: Some(kind),
+        agent_run_id: run_id.to_owned(),
+    }
+}

@@ -1,0 +1,88 @@
+//! The gRPC surface: converts protobuf to domain types and back, calls the
+//! domain, and maps domain errors to status codes. Prost types never leave
+//! this module (and the CLI, which is a client of it).
+
+pub mod agent;
+pub mod disk;
+pub mod jobs;
+pub mod mounts;
+pub mod setup;
+
+use std::time::SystemTime;
+
+use tonic::service::Routes;
+
+/// The generated protobuf types, clients and servers of `instance_agent.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("instance_agent.v1");
+    include!(concat!(env!("OUT_DIR"), "/instance_agent.v1.serde.rs"));
+
+    /// The encoded descriptor set of the whole contract, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/instance_agent_descriptor.bin"));
+}
+
+/// The full names of the five services, as reflection and health list them.
+pub const SERVICE_NAMES: [&str; 5] = [
+    "instance_agent.v1.AgentService",
+    "instance_agent.v1.JobService",
+    "instance_agent.v1.DiskService",
+    "instance_agent.v1.SetupService",
+    "instance_agent.v1.MountService",
+];
+
+/// Converts a wall-clock time to a protobuf timestamp.
+pub fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {
+    let since_epoch = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(since_epoch.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The answer of an RPC whose capability has not landed yet.
+pub(crate) fn not_yet(rpc: &str, capability: &str) -> tonic::Status {
+    tonic::Status::unimplemented(format!(
+        "{rpc} is not implemented yet: it arrives with the {capability} capability"
+    ))
+}
+
+/// Everything the services need, built by the daemon.
+pub struct ApiParts {
+    /// Status and events.
+    pub agent: agent::AgentApi,
+}
+
+/// Builds the routes of all services plus health and reflection, and returns
+/// the health reporter so the daemon can mark services serving or not.
+pub fn routes(
+    parts: ApiParts,
+) -> Result<(Routes, tonic_health::server::HealthReporter), tonic_reflection::server::Error> {
+    use proto::agent_service_server::AgentServiceServer;
+    use proto::disk_service_server::DiskServiceServer;
+    use proto::job_service_server::JobServiceServer;
+    use proto::mount_service_server::MountServiceServer;
+    use proto::setup_service_server::SetupServiceServer;
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let routes = Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AgentServiceServer::new(parts.agent))
+        .add_service(JobServiceServer::new(jobs::JobApi))
+        .add_service(DiskServiceServer::new(disk::DiskApi))
+        .add_service(SetupServiceServer::new(setup::SetupApi))
+        .add_service(MountServiceServer::new(mounts::MountApi));
+    Ok((routes, reporter))
+}

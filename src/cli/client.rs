@@ -1,0 +1,63 @@
+//! Connects to the daemon over its Unix socket, and turns "cannot connect"
+//! into one line that names the path and the likely fix.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Where the daemon listens by default.
+pub const DEFAULT_SOCKET: &str = "/run/instance-agent/agent.sock";
+
+/// `--socket`, else `$INSTANCE_AGENT_SOCKET`, else the default.
+pub fn socket_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("INSTANCE_AGENT_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| DEFAULT_SOCKET.into())
+}
+
+/// The daemon could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(String);
+
+/// Opens a channel to the daemon, checking first that the socket answers so
+/// the error can say why it does not.
+pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
+    if let Err(error) = tokio::net::UnixStream::connect(socket).await {
+        return Err(Unreachable(explain(socket, &error)).into());
+    }
+    let path = socket.to_owned();
+    // The URI is required by the API but unused: the connector ignores it.
+    let channel = Endpoint::try_from("http://instance-agent.local")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .with_context(|| format!("cannot talk gRPC to {}", socket.display()))?;
+    Ok(channel)
+}
+
+fn explain(socket: &Path, error: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    let path = socket.display();
+    match error.kind() {
+        ErrorKind::NotFound => format!(
+            "instance-agent is not running: no socket at {path} (start it with `systemctl start instance-agent`, or pass --socket)"
+        ),
+        ErrorKind::ConnectionRefused => format!(
+            "instance-agent is not running: {path} refuses connections (stale socket; start it with `systemctl start instance-agent`)"
+        ),
+        ErrorKind::PermissionDenied => format!(
+            "permission denied on {path}: run as root or as a member of the group instance-operators"
+        ),
+        _ => format!("cannot connect to instance-agent at {path}: {error}"),
+    }
+}
+
+/// Exit status for "daemon unreachable" (sysexits.h EX_UNAVAILABLE).
+pub const EX_UNAVAILABLE: u8 = 69;

@@ -1,0 +1,122 @@
+//! The operator CLI. Every command but `serve`, `config` and `completions`
+//! talks to the daemon only through its gRPC API over the Unix socket; it
+//! never imports domain modules. One file per subcommand; `format` holds the
+//! shared human formatting.
+
+mod client;
+mod completions;
+mod config_cmd;
+mod format;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use client::DEFAULT_SOCKET;
+
+/// The agent of a cloud ML compute instance: jobs, disk guard, setup scripts
+/// and file share mounts.
+#[derive(Debug, Parser)]
+#[command(name = "instance-agent", version, propagate_version = true)]
+pub struct Cli {
+    /// The daemon's Unix socket [env: INSTANCE_AGENT_SOCKET; default /run/instance-agent/agent.sock].
+    /// For `serve`, overrides `agent.socket` in the config.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print JSON (the protobuf JSON mapping) instead of human output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Show the instance's health: version, uptime, conditions, slots.
+    Status,
+    /// Print or check configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config file [default: /etc/instance-agent/config.toml, absent means defaults].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Overrides `agent.state_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How the daemon logs.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (no timestamps under journald, which adds them).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print a complete, commented config with every key at its default.
+    Default,
+    /// Validate a config file; exit 78 with the key and the problem if it is bad.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+/// Runs a client command and returns the process exit code.
+pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    let socket = client::socket_path(socket);
+    let result = match command {
+        Command::Serve(_) => unreachable_serve(),
+        Command::Config(cmd) => return config_cmd::run(cmd),
+        Command::Completions { shell } => {
+            completions::print(shell);
+            return ExitCode::SUCCESS;
+        }
+        Command::Status => with_runtime(status::run(socket, json)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("instance-agent: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn unreachable_serve() -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`serve` is handled by the entry point")
+}
+
+/// Runs a command's future on a small single-threaded runtime: the CLI makes
+/// a handful of calls and exits.
+fn with_runtime(
+    future: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
+}

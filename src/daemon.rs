@@ -1,0 +1,430 @@
+//! Assembles the agent from its config and adapters and runs it: prepares the
+//! directories, binds the listeners, tells systemd it is ready, runs the
+//! background tasks, reloads config, and shuts down within a grace period.
+//!
+//! Owns the one cancellation token and the one task tracker of the process.
+
+use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api;
+use crate::config::{Config, ConfigChanges, ConfigError, Overrides};
+use crate::events::{EventBus, EventPayload};
+use crate::health::{ConditionState, Health, Subsystem};
+use crate::host::HostFacts;
+use crate::jobs::engine::ContainerEngine;
+use crate::status::StatusProvider;
+use crate::systemd::Notifier;
+
+/// The daemon failed to start or to stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A directory could not be prepared.
+    #[error("cannot prepare {what} {path}: {source}")]
+    Directory {
+        /// Which directory (e.g. "state dir").
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The socket path or TCP address.
+        address: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another agent already serves the socket.
+    #[error("another instance-agent is already listening on {0}; stop it first")]
+    AlreadyRunning(PathBuf),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Server(String),
+}
+
+/// The outside world, as real implementations or test fakes.
+pub struct Adapters {
+    /// The container engine.
+    pub engine: Arc<dyn ContainerEngine>,
+}
+
+/// Where the config came from, so it can be reloaded.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The file.
+    pub path: PathBuf,
+    /// Whether the file must exist (it was named on the command line).
+    pub must_exist: bool,
+    /// Flags that override it.
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    /// Reads and validates the file with the overrides applied.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::load(&self.path, self.must_exist)?;
+        config.apply(&self.overrides);
+        config.validate(Path::new("<command-line flags>"))?;
+        Ok(config)
+    }
+}
+
+/// The agent, assembled but not yet running.
+pub struct Daemon {
+    config: Config,
+    source: ConfigSource,
+    adapters: Adapters,
+}
+
+impl Daemon {
+    /// Assembles the agent. Nothing touches the system until [`Daemon::run`].
+    pub fn new(config: Config, source: ConfigSource, adapters: Adapters) -> Self {
+        Self {
+            config,
+            source,
+            adapters,
+        }
+    }
+
+    /// Runs until `shutdown` resolves, then stops within the grace period.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+        let Daemon {
+            config,
+            source,
+            adapters,
+        } = self;
+        let notifier = Notifier;
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
+        let instance_id = instance_id(&config)?;
+
+        let health = Health::new();
+        for subsystem in [Subsystem::Disk, Subsystem::Mounts, Subsystem::Setup] {
+            health.set(
+                subsystem,
+                ConditionState::Disabled,
+                "not available in this build yet",
+            );
+        }
+        let events = EventBus::new(config.events.backlog as usize);
+        let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
+        let status = StatusProvider::new(
+            &instance_id,
+            HostFacts::discover(),
+            gpus_rx,
+            health.clone(),
+            events.clone(),
+        );
+
+        let unix = bind_unix(&config.agent.socket)?;
+        let tcp = match config.control_plane_addr() {
+            Some(addr) => {
+                tracing::warn!(%addr, "control-plane listener is plaintext (insecure_plaintext = true); use only for local testing");
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| DaemonError::Bind {
+                            address: addr.to_string(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+
+        let (routes, health_reporter) = api::routes(api::ApiParts {
+            agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
+        })
+        .map_err(|e| DaemonError::Server(e.to_string()))?;
+        for name in api::SERVICE_NAMES {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+
+        let mut servers = Vec::new();
+        servers.push(tokio::spawn(serve_unix(
+            routes.clone(),
+            unix,
+            cancel.clone(),
+        )));
+        if let Some(tcp) = tcp {
+            servers.push(tokio::spawn(serve_tcp(routes, tcp, cancel.clone())));
+        }
+
+        notifier.ready(&status.summary());
+        events.publish(EventPayload::Agent { phase: "started" });
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            socket = %config.agent.socket.display(),
+            instance_id = %instance_id,
+            "instance-agent ready"
+        );
+
+        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+        spawn_background(
+            &tasks, &cancel, &adapters, &health, &status, &events, gpus_tx, config_rx,
+        );
+        tasks.spawn(crate::reload::run(source, config_tx, cancel.clone()));
+        tasks.close();
+
+        shutdown.await;
+        tracing::info!("shutting down");
+        notifier.stopping();
+        events.publish(EventPayload::Agent { phase: "stopping" });
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        cancel.cancel();
+
+        let grace = Duration::from_secs(config.agent.shutdown_grace_seconds.into());
+        let drained = tokio::time::timeout(grace, async {
+            for server in servers {
+                match server.await {
+                    Ok(Err(e)) => tracing::error!(error = %e, "server stopped with an error"),
+                    Err(e) => tracing::error!(error = %e, "server task failed"),
+                    Ok(Ok(())) => {}
+                }
+            }
+            tasks.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                tasks_left = tasks.len(),
+                "grace period over; stopping with tasks still running"
+            );
+        }
+        let _ = std::fs::remove_file(&config.agent.socket);
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_background(
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+    adapters: &Adapters,
+    health: &Health,
+    status: &StatusProvider,
+    events: &EventBus,
+    gpus: watch::Sender<Vec<crate::host::Gpu>>,
+    config: watch::Receiver<Arc<Config>>,
+) {
+    tasks.spawn_blocking(move || {
+        let found = crate::host::discover_gpus();
+        if !found.is_empty() {
+            tracing::info!(count = found.len(), "GPUs found");
+        }
+        gpus.send_replace(found);
+    });
+
+    let docker_interval = derive(&config, |c| {
+        Duration::from_secs(c.docker.check_interval_seconds.into())
+    });
+    tasks.spawn(crate::jobs::engine_monitor::run(
+        adapters.engine.clone(),
+        health.clone(),
+        docker_interval,
+        cancel.clone(),
+    ));
+
+    let status_interval = derive(&config, |c| {
+        Duration::from_secs(c.agent.status_interval_seconds.into())
+    });
+    tasks.spawn(report_status(
+        status.clone(),
+        status_interval,
+        cancel.clone(),
+    ));
+
+    if let Some(interval) = Notifier.watchdog_interval() {
+        tasks.spawn(watchdog(interval, cancel.clone()));
+    }
+
+    let events = events.clone();
+    let mut backlog_config = config;
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = backlog_config.changed() => {
+                    if changed.is_err() { return; }
+                    let capacity = backlog_config.borrow_and_update().events.backlog;
+                    events.set_capacity(capacity as usize);
+                }
+            }
+        }
+    });
+}
+
+/// A watch channel of one value derived from the live config.
+fn derive<T: Clone + PartialEq + Send + Sync + 'static>(
+    config: &watch::Receiver<Arc<Config>>,
+    pick: impl Fn(&Config) -> T + Send + 'static,
+) -> watch::Receiver<T> {
+    let (tx, rx) = watch::channel(pick(&config.borrow()));
+    let mut config = config.clone();
+    tokio::spawn(async move {
+        while config.changed().await.is_ok() {
+            let value = pick(&config.borrow_and_update());
+            tx.send_if_modified(|current| {
+                let changed = *current != value;
+                *current = value;
+                changed
+            });
+        }
+    });
+    rx
+}
+
+async fn report_status(
+    status: StatusProvider,
+    mut interval: watch::Receiver<Duration>,
+    cancel: CancellationToken,
+) {
+    let mut last = String::new();
+    loop {
+        let summary = status.summary();
+        if summary != last {
+            Notifier.status(&summary);
+            last = summary;
+        }
+        let every = *interval.borrow_and_update();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+            Ok(()) = interval.changed() => {}
+        }
+    }
+}
+
+async fn watchdog(interval: Duration, cancel: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => Notifier.watchdog(),
+        }
+    }
+}
+
+fn prepare_dir(what: &'static str, path: &Path, mode: u32) -> Result<(), DaemonError> {
+    let err = |source| DaemonError::Directory {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(err)?;
+    Ok(())
+}
+
+/// The instance id from config, else the one kept in the state dir, else a
+/// new one that is kept there from now on.
+fn instance_id(config: &Config) -> Result<String, DaemonError> {
+    if !config.agent.instance_id.is_empty() {
+        return Ok(config.agent.instance_id.clone());
+    }
+    let path = config.agent.state_dir.join("instance-id");
+    let err = |source| DaemonError::Directory {
+        what: "instance id file",
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        Ok(_) | Err(_) => {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
+            std::fs::rename(&tmp, &path).map_err(err)?;
+            Ok(id)
+        }
+    }
+}
+
+/// Binds the Unix socket with mode 0660. A socket file left by a crashed
+/// agent is replaced; one that still answers belongs to a running agent.
+fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
+    let bind_err = |source| DaemonError::Bind {
+        address: path.display().to_string(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        prepare_dir("socket directory", parent, 0o711)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+async fn serve_unix(
+    routes: tonic::service::Routes,
+    listener: UnixListener,
+    cancel: CancellationToken,
+) -> Result<(), DaemonError> {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await
+        .map_err(|e| DaemonError::Server(e.to_string()))
+}
+
+async fn serve_tcp(
+    routes: tonic::service::Routes,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> Result<(), DaemonError> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await
+        .map_err(|e| DaemonError::Server(e.to_string()))
+}
+
+/// Logs what a reload changed. Separate from the reload task so it can be tested.
+pub fn describe_changes(changes: &ConfigChanges) {
+    if !changes.live.is_empty() {
+        tracing::info!(keys = ?changes.live, "config reloaded; applied live");
+    }
+    if !changes.need_restart.is_empty() {
+        tracing::warn!(keys = ?changes.need_restart, "config changed keys that take effect only after a restart");
+    }
+    if changes.live.is_empty() && changes.need_restart.is_empty() {
+        tracing::info!("config reloaded; nothing changed");
+    }
+}

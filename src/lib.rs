@@ -1,0 +1,34 @@
+//! instance-agent: the on-node agent of a cloud ML compute instance.
+//!
+//! # Layout
+//! - [`config`]: the TOML schema, defaults, validation, live-reloadable keys.
+//! - [`daemon`]: assembles everything, binds listeners, runs and stops it.
+//!   (It lives beside `lib.rs` rather than in it so that the module tree stays
+//!   readable at a glance.)
+//! - [`reload`]: SIGHUP and file-watch config reload.
+//! - [`events`]: the sequenced event log behind `WatchEvents`.
+//! - [`health`]: one condition per subsystem and the one-line summary.
+//! - [`status`]: the `GetStatus` report, assembled from memory.
+//! - [`host`]: CPU cores (cgroup-aware), memory, GPUs.
+//! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
+//! - [`jobs`]: the container engine and, later, the job queue.
+//! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
+//! - [`cli`]: the operator CLI, a gRPC client of the daemon.
+//!
+//! Flows: control plane / CLI → gRPC (Unix socket or TCP) → `api` → domain
+//! modules → adapters (Docker, processes, FUSE, filesystems). Domain modules
+//! publish to `events` and `health`; `api` and `systemd` read from them.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod health;
+pub mod host;
+pub mod jobs;
+pub mod reload;
+pub mod status;
+pub mod systemd;
+
+pub use daemon::{Adapters, ConfigSource, Daemon, DaemonError};

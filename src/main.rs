@@ -1,0 +1,111 @@
+//! Entry point: parses arguments, sets up logging, loads config, builds the
+//! real adapters, runs the daemon or a CLI command, and maps errors to exit
+//! codes. Nothing else lives here.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use instance_agent::cli::{self, Cli, Command, LogFormat, ServeArgs};
+use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
+use instance_agent::jobs::engine::DockerEngine;
+use instance_agent::{Adapters, ConfigSource, Daemon};
+
+/// sysexits.h: configuration error.
+const EX_CONFIG: u8 = 78;
+/// sysexits.h: internal software error.
+const EX_SOFTWARE: u8 = 70;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args, cli.socket),
+        other => cli::run(other, cli.socket, cli.json),
+    }
+}
+
+fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
+    init_tracing(args.log_format);
+    let source = ConfigSource {
+        must_exist: args.config.is_some(),
+        path: args.config.unwrap_or_else(|| DEFAULT_CONFIG_PATH.into()),
+        overrides: Overrides {
+            socket,
+            state_dir: args.state_dir,
+        },
+    };
+    let config = match source.load() {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(%error, "invalid configuration");
+            eprintln!("instance-agent: {error}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    // Two workers are plenty for an agent whose work is waiting on sockets;
+    // fewer threads keep its memory small on large hosts.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("instance-agent: cannot start the async runtime: {error}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    let result = runtime.block_on(async {
+        let adapters = Adapters {
+            engine: Arc::new(DockerEngine::new(
+                &config.docker.socket,
+                Duration::from_secs(config.docker.request_timeout_seconds.into()),
+            )),
+        };
+        Daemon::new(config, source, adapters)
+            .run(stop_signal())
+            .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "instance-agent failed");
+            eprintln!("instance-agent: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves at the first SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; the agent can only be killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Logs to stderr: plain text without timestamps under journald (which adds
+/// its own), with timestamps elsewhere, or JSON; filtered by `RUST_LOG`.
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text if under_journald => builder.without_time().with_ansi(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

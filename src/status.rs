@@ -1,0 +1,108 @@
+//! The instance's status as `GetStatus` and the CLI show it: version, uptime,
+//! host facts, conditions and job slots, assembled from memory only so that a
+//! status call never waits on Docker or a disk.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+
+use crate::events::EventBus;
+use crate::health::{Condition, Health, Subsystem};
+use crate::host::{Gpu, HostFacts};
+
+/// Job slot usage.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlotUsage {
+    /// Slots in total.
+    pub capacity: u32,
+    /// Slots held by existing containers.
+    pub in_use: u32,
+    /// Jobs waiting.
+    pub queued: u32,
+    /// Jobs running.
+    pub running: u32,
+    /// Why queued jobs are held, if they are.
+    pub held_reason: String,
+}
+
+/// Everything `GetStatus` returns.
+#[derive(Debug, Clone)]
+pub struct StatusReport {
+    /// Agent version.
+    pub version: &'static str,
+    /// When the agent started.
+    pub started_at: SystemTime,
+    /// Seconds since start.
+    pub uptime_seconds: f64,
+    /// This instance's id.
+    pub instance_id: String,
+    /// Static host facts.
+    pub host: HostFacts,
+    /// Available memory now.
+    pub memory_available_bytes: u64,
+    /// One condition per subsystem.
+    pub conditions: Vec<(Subsystem, Condition)>,
+    /// Job slots.
+    pub slots: SlotUsage,
+    /// The one-line summary.
+    pub summary: String,
+    /// Latest event sequence number.
+    pub last_event_sequence: u64,
+}
+
+/// Assembles status reports. Cheap to clone.
+#[derive(Clone)]
+pub struct StatusProvider {
+    started_at: SystemTime,
+    started: tokio::time::Instant,
+    instance_id: Arc<str>,
+    host: Arc<HostFacts>,
+    gpus: watch::Receiver<Vec<Gpu>>,
+    health: Health,
+    events: EventBus,
+}
+
+impl StatusProvider {
+    /// A provider for an agent that starts now.
+    pub fn new(
+        instance_id: &str,
+        host: HostFacts,
+        gpus: watch::Receiver<Vec<Gpu>>,
+        health: Health,
+        events: EventBus,
+    ) -> Self {
+        Self {
+            started_at: SystemTime::now(),
+            started: tokio::time::Instant::now(),
+            instance_id: instance_id.into(),
+            host: Arc::new(host),
+            gpus,
+            health,
+            events,
+        }
+    }
+
+    /// The one-line summary for systemd's STATUS= and the CLI.
+    pub fn summary(&self) -> String {
+        self.health.summary()
+    }
+
+    /// A full report, from memory.
+    pub fn report(&self) -> StatusReport {
+        let mut host = (*self.host).clone();
+        host.gpus = self.gpus.borrow().clone();
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION"),
+            started_at: self.started_at,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            instance_id: self.instance_id.to_string(),
+            host,
+            memory_available_bytes: crate::host::memory_available_bytes(),
+            conditions: self.health.all(),
+            slots: SlotUsage::default(),
+            summary: self.health.summary(),
+            last_event_sequence: self.events.last_sequence(),
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Helpers for black-box tests: start the real `instance-agent` binary on a
+//! temporary socket and state dir, connect the generated tonic client, and
+//! clean up (SIGKILL and temp dirs) even when a test fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Path of the binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_instance-agent"))
+}
+
+/// A running agent. Killed (SIGKILL) on drop if still running.
+pub struct Agent {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+/// How to start an agent.
+#[derive(Default)]
+pub struct AgentBuilder {
+    config: String,
+    env: Vec<(String, String)>,
+}
+
+impl AgentBuilder {
+    /// Extra TOML appended to the generated config (paths are always set).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config.push_str(toml);
+        self.config.push('\n');
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Spawns the agent and waits until its socket answers.
+    pub fn start(self) -> Agent {
+        let agent = self.spawn();
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    /// Spawns the agent without waiting.
+    pub fn spawn(self) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let state_dir = dir.path().join("state");
+        let config_path = dir.path().join("config.toml");
+        let log_path = dir.path().join("agent.log");
+        let config = format!(
+            "[agent]\nsocket = {:?}\nstate_dir = {:?}\nlogs_dir = {:?}\nruntime_dir = {:?}\n{}",
+            socket,
+            state_dir,
+            dir.path().join("logs"),
+            dir.path().join("run"),
+            self.config
+        );
+        std::fs::write(&config_path, fix_tables(&config)).expect("write config");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut command = Command::new(binary());
+        command
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info,instance_agent=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn instance-agent");
+        Agent {
+            child,
+            dir,
+            socket,
+            state_dir,
+            config_path,
+            log_path,
+        }
+    }
+}
+
+/// `[agent]` keys given by a test are merged into the generated `[agent]`
+/// table, since TOML forbids defining a table twice.
+fn fix_tables(config: &str) -> String {
+    let mut head = Vec::new();
+    let mut rest = Vec::new();
+    let mut in_agent = true;
+    let mut seen_agent = false;
+    for line in config.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            if trimmed == "[agent]" {
+                in_agent = true;
+                if seen_agent {
+                    continue;
+                }
+                seen_agent = true;
+            } else {
+                in_agent = false;
+            }
+        }
+        if in_agent {
+            head.push(line)
+        } else {
+            rest.push(line)
+        }
+    }
+    let mut out = head.join("\n");
+    out.push('\n');
+    out.push_str(&rest.join("\n"));
+    out.push('\n');
+    out
+}
+
+impl Agent {
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder::default()
+    }
+
+    /// Waits until the socket accepts connections.
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = peek_exit(&self.child) {
+                panic!("agent exited early with {status}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent not ready within {timeout:?}; log:\n{}", self.log());
+    }
+
+    /// The agent's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A gRPC channel to the agent.
+    pub async fn channel(&self) -> Channel {
+        connect(&self.socket).await
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("send signal");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn peek_exit(child: &Child) -> std::io::Result<Option<std::process::ExitStatus>> {
+    // Child::try_wait needs &mut; peek through waitid with WNOWAIT instead.
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    match waitid(
+        Id::Pid(pid),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+    ) {
+        Ok(WaitStatus::StillAlive) => Ok(None),
+        Ok(WaitStatus::Exited(_, code)) => Ok(Some(
+            std::os::unix::process::ExitStatusExt::from_raw(code << 8),
+        )),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Ok(Some(
+            std::os::unix::process::ExitStatusExt::from_raw(sig as i32),
+        )),
+        Ok(_) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tonic channel over a Unix socket.
+pub async fn connect(socket: &Path) -> Channel {
+    let path = socket.to_owned();
+    Endpoint::try_from("http://instance-agent.test")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("connect to agent")
+}
+
+/// Runs the CLI with the given args against an agent's socket.
+pub fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(binary())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run cli")
+}

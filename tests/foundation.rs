@@ -1,0 +1,373 @@
+//! Black-box tests of the daemon's foundation: health, reflection, status,
+//! events, config errors, shutdown, the systemd notify protocol and the CLI.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use common::{Agent, cli};
+use instance_agent::api::proto;
+use nix::sys::signal::Signal;
+use tokio_stream::StreamExt;
+
+#[tokio::test]
+async fn health_reports_serving_overall_and_per_service() {
+    let agent = Agent::builder().start();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(agent.channel().await);
+    for service in [
+        "",
+        "instance_agent.v1.AgentService",
+        "instance_agent.v1.MountService",
+    ] {
+        let reply = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner();
+        assert_eq!(
+            reply.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "service {service:?}"
+        );
+    }
+    let unknown = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect_err("unknown service");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn reflection_lists_the_five_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let agent = Agent::builder().start();
+    let mut client = ServerReflectionClient::new(agent.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let reply = replies.next().await.expect("one reply").expect("ok reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply: {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in instance_agent::api::SERVICE_NAMES {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    assert!(
+        names.iter().any(|n| n == "grpc.health.v1.Health"),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn get_status_reports_version_host_and_conditions() {
+    let agent = Agent::builder()
+        .config("[agent]\ninstance_id = \"test-instance\"")
+        .start();
+    let mut client = proto::agent_service_client::AgentServiceClient::new(agent.channel().await);
+    let status = client
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(status.instance_id, "test-instance");
+    let host = status.host.expect("host facts");
+    assert!(host.usable_cores > 0.0);
+    assert!(host.host_cpus >= 1);
+    assert!(host.memory_total_bytes > 0);
+    let types: Vec<&str> = status
+        .conditions
+        .iter()
+        .map(|c| c.r#type.as_str())
+        .collect();
+    assert_eq!(types, ["docker", "disk", "mounts", "setup"]);
+    assert!(status.conditions.iter().all(|c| !c.message.is_empty()));
+}
+
+#[tokio::test]
+async fn instance_id_is_generated_once_and_kept() {
+    let first = {
+        let agent = Agent::builder().start();
+        let id = std::fs::read_to_string(agent.state_dir.join("instance-id")).expect("id file");
+        let mut client =
+            proto::agent_service_client::AgentServiceClient::new(agent.channel().await);
+        let status = client
+            .get_status(proto::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(status.instance_id, id.trim());
+        id
+    };
+    assert_eq!(first.trim().len(), 32);
+}
+
+#[tokio::test]
+async fn unimplemented_rpc_names_the_capability() {
+    let agent = Agent::builder().start();
+    let mut client = proto::mount_service_client::MountServiceClient::new(agent.channel().await);
+    let error = client
+        .list_mounts(proto::ListMountsRequest {})
+        .await
+        .expect_err("not implemented yet");
+    assert_eq!(error.code(), tonic::Code::Unimplemented);
+    assert!(
+        error.message().contains("file share mounts"),
+        "{}",
+        error.message()
+    );
+}
+
+#[tokio::test]
+async fn watch_events_streams_and_resumes_with_since() {
+    let agent = Agent::builder().start();
+    let channel = agent.channel().await;
+    let mut client = proto::agent_service_client::AgentServiceClient::new(channel.clone());
+    // since = 0 replays the backlog: the "started" event is sequence 1.
+    let mut replay = client
+        .watch_events(proto::WatchEventsRequest { since: Some(0) })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = replay.next().await.expect("an event").expect("ok");
+    assert_eq!(first.sequence, 1);
+    assert!(matches!(first.kind, Some(proto::event::Kind::Agent(ref a)) if a.phase == "started"));
+    assert!(!first.agent_run_id.is_empty());
+    // Without since, only new events arrive: nothing is pending now.
+    let mut live = client
+        .watch_events(proto::WatchEventsRequest { since: None })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), live.next())
+            .await
+            .is_err()
+    );
+    // SIGTERM publishes "stopping" (sequence 2) to live subscribers before streams end.
+    agent.signal(Signal::SIGTERM);
+    for stream in [&mut live, &mut replay] {
+        let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an event before the stream ends")
+            .expect("stream item")
+            .expect("event");
+        assert_eq!(event.sequence, 2, "{event:?}");
+        assert!(
+            matches!(event.kind, Some(proto::event::Kind::Agent(ref a)) if a.phase == "stopping")
+        );
+    }
+}
+
+#[test]
+fn bad_config_exits_78_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[agent]\nshutdown_grace_seconds = 0\n").expect("write");
+    let out = std::process::Command::new(common::binary())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("agent.shutdown_grace_seconds"), "{stderr}");
+    assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+
+    std::fs::write(&config, "[agent]\nsocketz = \"/tmp/x\"\n").expect("write");
+    let out = std::process::Command::new(common::binary())
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("socketz"), "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
+}
+
+#[test]
+fn missing_config_named_on_the_command_line_is_an_error() {
+    let out = std::process::Command::new(common::binary())
+        .args(["serve", "--config", "/nonexistent/config.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(78));
+}
+
+#[test]
+fn default_config_is_complete_and_valid() {
+    let out = std::process::Command::new(common::binary())
+        .args(["config", "default"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("default.toml");
+    std::fs::write(&file, &out.stdout).expect("write");
+    let check = std::process::Command::new(common::binary())
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_within_the_grace_period() {
+    let mut agent = Agent::builder()
+        .config("[agent]\nshutdown_grace_seconds = 3")
+        .start();
+    // A watching client must not hold up the stop.
+    let mut client = proto::agent_service_client::AgentServiceClient::new(agent.channel().await);
+    let _stream = client
+        .watch_events(proto::WatchEventsRequest { since: None })
+        .await
+        .expect("watch");
+    agent.signal(Signal::SIGTERM);
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .expect("exits within the grace period");
+    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
+    assert!(!agent.socket.exists(), "socket file removed on stop");
+    assert!(agent.log().contains("stopped"), "{}", agent.log());
+}
+
+#[test]
+fn second_agent_on_the_same_socket_refuses_to_start() {
+    let agent = Agent::builder().start();
+    let out = std::process::Command::new(common::binary())
+        .args(["serve", "--config"])
+        .arg(&agent.config_path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already listening"));
+}
+
+#[test]
+fn systemd_notify_protocol() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut agent = Agent::builder()
+        .env("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8 path"))
+        // 400 ms watchdog: the agent must ping every 200 ms.
+        .env("WATCHDOG_USEC", "400000")
+        .spawn();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(seen.contains("READY=1")
+        && seen.contains("STATUS=")
+        && seen.matches("WATCHDOG=1").count() >= 2)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "notifications so far: {seen}"
+        );
+        let n = notify.recv(&mut buf).expect("notification");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    // READY=1 only once the socket accepts connections.
+    assert!(std::os::unix::net::UnixStream::connect(&agent.socket).is_ok());
+    agent.signal(Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains("STOPPING=1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no STOPPING=1 in: {seen}"
+        );
+        if let Ok(n) = notify.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    assert!(agent.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn cli_status_prints_a_summary_and_json() {
+    let agent = Agent::builder().start();
+    let out = cli(&agent.socket, &["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("instance-agent"), "{stdout}");
+    assert!(stdout.contains("conditions"), "{stdout}");
+    assert!(stdout.contains("docker"), "{stdout}");
+    let out = cli(&agent.socket, &["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(json["conditions"].as_array().map(Vec::len), Some(4));
+}
+
+#[test]
+fn cli_without_daemon_says_so_in_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("none.sock");
+    let out = cli(&socket, &["status"]);
+    assert_eq!(out.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&socket.display().to_string()), "{stderr}");
+    assert!(stderr.contains("not running"), "{stderr}");
+}
+
+#[test]
+fn sighup_reload_logs_live_and_restart_keys() {
+    let agent = Agent::builder().start();
+    let mut config = std::fs::read_to_string(&agent.config_path).expect("config");
+    config.push_str("[docker]\ncheck_interval_seconds = 2\n[events]\nbacklog = 128\n");
+    config = config.replace("[agent]\n", "[agent]\nshutdown_grace_seconds = 4\n");
+    std::fs::write(&agent.config_path, config).expect("write");
+    agent.signal(Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = agent.log();
+        if log.contains("applied live") && log.contains("only after a restart") {
+            assert!(log.contains("docker.check_interval_seconds"), "{log}");
+            assert!(log.contains("agent.shutdown_grace_seconds"), "{log}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload logged:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn completions_are_generated() {
+    let out = std::process::Command::new(common::binary())
+        .args(["completions", "bash"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("instance-agent"));
+}
