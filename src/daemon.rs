@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::AdmissionGate;
 use crate::api;
 use crate::config::{Config, ConfigChanges, ConfigError, Overrides};
 use crate::events::{EventBus, EventPayload};
@@ -22,6 +23,7 @@ use crate::health::{ConditionState, Health, Subsystem};
 use crate::host::HostFacts;
 use crate::jobs::engine::ContainerEngine;
 use crate::status::StatusProvider;
+use crate::store::Store;
 use crate::systemd::Notifier;
 
 /// The daemon failed to start or to stop cleanly.
@@ -50,6 +52,9 @@ pub enum DaemonError {
     /// Another agent already serves the socket.
     #[error("another instance-agent is already listening on {0}; stop it first")]
     AlreadyRunning(PathBuf),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[source] crate::store::StoreError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Server(String),
@@ -112,6 +117,11 @@ impl Daemon {
 
         prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
         let instance_id = instance_id(&config)?;
+        // Bound before the store is opened, so that a second agent is told
+        // "already running" rather than "database locked".
+        let unix = bind_unix(&config.agent.socket)?;
+        let store = Store::open(&config.agent.state_dir).map_err(DaemonError::Store)?;
+        let admission = AdmissionGate::new();
 
         let health = Health::new();
         for subsystem in [Subsystem::Disk, Subsystem::Mounts, Subsystem::Setup] {
@@ -129,9 +139,11 @@ impl Daemon {
             gpus_rx,
             health.clone(),
             events.clone(),
+            admission.clone(),
         );
+        // Handed to the domains as they land (jobs, setup, mounts).
+        let _ = &store;
 
-        let unix = bind_unix(&config.agent.socket)?;
         let tcp = match config.control_plane_addr() {
             Some(addr) => {
                 tracing::warn!(%addr, "control-plane listener is plaintext (insecure_plaintext = true); use only for local testing");

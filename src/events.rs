@@ -161,6 +161,14 @@ impl Subscription {
         }
     }
 
+    /// The next delivery if one is already available, without waiting.
+    pub fn try_next(&mut self) -> Option<Delivery> {
+        if self.pending.is_empty() {
+            self.fill();
+        }
+        self.pending.pop_front()
+    }
+
     /// Moves everything after `self.after` from the backlog into `pending`.
     fn fill(&mut self) {
         let log = lock(&self.log);

@@ -10,6 +10,8 @@
 //! - [`health`]: one condition per subsystem and the one-line summary.
 //! - [`status`]: the `GetStatus` report, assembled from memory.
 //! - [`host`]: CPU cores (cgroup-aware), memory, GPUs.
+//! - [`store`]: the embedded crash-safe store (redb) shared by the domains.
+//! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
 //! - [`jobs`]: the container engine and, later, the job queue.
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
@@ -19,6 +21,7 @@
 //! modules → adapters (Docker, processes, FUSE, filesystems). Domain modules
 //! publish to `events` and `health`; `api` and `systemd` read from them.
 
+pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -29,6 +32,7 @@ pub mod host;
 pub mod jobs;
 pub mod reload;
 pub mod status;
+pub mod store;
 pub mod systemd;
 
 pub use daemon::{Adapters, ConfigSource, Daemon, DaemonError};

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use crate::admission::AdmissionGate;
 use crate::events::EventBus;
 use crate::health::{Condition, Health, Subsystem};
 use crate::host::{Gpu, HostFacts};
@@ -61,6 +62,7 @@ pub struct StatusProvider {
     gpus: watch::Receiver<Vec<Gpu>>,
     health: Health,
     events: EventBus,
+    admission: AdmissionGate,
 }
 
 impl StatusProvider {
@@ -71,6 +73,7 @@ impl StatusProvider {
         gpus: watch::Receiver<Vec<Gpu>>,
         health: Health,
         events: EventBus,
+        admission: AdmissionGate,
     ) -> Self {
         Self {
             started_at: SystemTime::now(),
@@ -80,6 +83,7 @@ impl StatusProvider {
             gpus,
             health,
             events,
+            admission,
         }
     }
 
@@ -100,7 +104,10 @@ impl StatusProvider {
             host,
             memory_available_bytes: crate::host::memory_available_bytes(),
             conditions: self.health.all(),
-            slots: SlotUsage::default(),
+            slots: SlotUsage {
+                held_reason: self.admission.held_reason().unwrap_or_default(),
+                ..SlotUsage::default()
+            },
             summary: self.health.summary(),
             last_event_sequence: self.events.last_sequence(),
         }

@@ -55,7 +55,14 @@ impl AgentService for AgentApi {
         let stream = async_stream::stream! {
             loop {
                 let delivery = tokio::select! {
-                    _ = shutdown.cancelled() => break,
+                    _ = shutdown.cancelled() => {
+                        // Deliver what was published up to the stop (such as
+                        // the "stopping" event), then end the stream.
+                        while let Some(delivery) = subscription.try_next() {
+                            yield Ok(delivery_to_proto(delivery, &run_id));
+                        }
+                        break;
+                    }
                     delivery = subscription.next() => delivery,
                 };
                 let Some(delivery) = delivery else { break };

@@ -1,0 +1,282 @@
+//! The embedded crash-safe store shared by the domains (redb, one file in the
+//! state dir): job records and the queue, setup results, requested mounts.
+//!
+//! Each domain owns its tables (a [`Table`] name) and the shape of its values
+//! (serde JSON, so records stay readable with `redb` tooling and evolve with
+//! `#[serde(default)]`). Writes are fsynced transactions run off the async
+//! runtime; a write that fails for lack of space says so, so that the API can
+//! answer RESOURCE_EXHAUSTED while reads keep working.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A table: its name is its identity on disk, never reuse one for another shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table(pub &'static str);
+
+impl Table {
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(self.0)
+    }
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The filesystem holding the store is full; nothing was written.
+    #[error("the state filesystem is full: cannot write to {path} ({detail})")]
+    NoSpace {
+        /// The database file.
+        path: PathBuf,
+        /// The underlying error.
+        detail: String,
+    },
+    /// Any other storage failure.
+    #[error("store {path}: {detail}")]
+    Storage {
+        /// The database file.
+        path: PathBuf,
+        /// The underlying error.
+        detail: String,
+    },
+    /// A record could not be decoded (written by an incompatible version).
+    #[error("store {path}: record {table}/{key} is unreadable: {detail}")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// Table name.
+        table: &'static str,
+        /// Record key.
+        key: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// One change in a batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Insert or replace `key` with an encoded value.
+    Put(Table, String, Vec<u8>),
+    /// Remove `key` (absent is fine).
+    Delete(Table, String),
+}
+
+impl Write {
+    /// A put of any serialisable value.
+    pub fn put(table: Table, key: impl Into<String>, value: &impl Serialize) -> Self {
+        // Serialising plain data structs to JSON cannot fail: no maps with
+        // non-string keys and no custom serialisers are used in records.
+        let bytes = serde_json::to_vec(value).unwrap_or_default();
+        Write::Put(table, key.into(), bytes)
+    }
+}
+
+/// The store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<redb::Database>,
+    path: Arc<PathBuf>,
+}
+
+impl Store {
+    /// Opens (or creates) `dir/agent.redb`. Blocking: call before serving or
+    /// from `spawn_blocking`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("agent.redb");
+        let db = redb::Database::create(&path).map_err(|e| classify(&path, e.into()))?;
+        Ok(Self {
+            db: Arc::new(db),
+            path: Arc::new(path),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Applies all writes in one durable transaction, off the async runtime.
+    pub async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.apply_blocking(writes))
+            .await
+            .map_err(|e| StoreError::Storage {
+                path: self.path.to_path_buf(),
+                detail: format!("write task failed: {e}"),
+            })?
+    }
+
+    /// Applies all writes in one durable transaction, on this thread.
+    pub fn apply_blocking(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let run = || -> Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            for write in &writes {
+                match write {
+                    Write::Put(table, key, value) => {
+                        txn.open_table(table.def())?
+                            .insert(key.as_str(), value.as_slice())?;
+                    }
+                    Write::Delete(table, key) => {
+                        txn.open_table(table.def())?.remove(key.as_str())?;
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        };
+        run().map_err(|e| classify(&self.path, e))
+    }
+
+    /// One record. Reads are served from the page cache and do not fsync, so
+    /// they run inline.
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let read = || -> Result<Option<Vec<u8>>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let t = match txn.open_table(table.def()) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            Ok(t.get(key)?.map(|v| v.value().to_vec()))
+        };
+        match read().map_err(|e| classify(&self.path, e))? {
+            Some(bytes) => self.decode(table, key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record of a table in key order.
+    pub fn scan<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>, StoreError> {
+        let read = || -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let t = match txn.open_table(table.def()) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut out = Vec::new();
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        };
+        read()
+            .map_err(|e| classify(&self.path, e))?
+            .into_iter()
+            .map(|(k, v)| {
+                let value = self.decode(table, &k, &v)?;
+                Ok((k, value))
+            })
+            .collect()
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            path: self.path.to_path_buf(),
+            table: table.0,
+            key: key.to_owned(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// Tells "disk full" apart from other failures, since the API answers them
+/// differently (RESOURCE_EXHAUSTED vs INTERNAL).
+fn classify(path: &Path, error: redb::Error) -> StoreError {
+    let no_space = match &error {
+        redb::Error::Io(io) => {
+            io.raw_os_error() == Some(nix::libc::ENOSPC)
+                || io.kind() == std::io::ErrorKind::StorageFull
+        }
+        _ => false,
+    } || error.to_string().contains("No space left");
+    if no_space {
+        StoreError::NoSpace {
+            path: path.to_owned(),
+            detail: error.to_string(),
+        }
+    } else {
+        StoreError::Storage {
+            path: path.to_owned(),
+            detail: error.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Table = Table("test");
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Rec {
+        n: u32,
+    }
+
+    #[tokio::test]
+    async fn put_get_scan_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get::<Rec>(T, "a").unwrap(), None);
+        assert!(store.scan::<Rec>(T).unwrap().is_empty());
+        store
+            .apply(vec![
+                Write::put(T, "b", &Rec { n: 2 }),
+                Write::put(T, "a", &Rec { n: 1 }),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(store.get::<Rec>(T, "a").unwrap(), Some(Rec { n: 1 }));
+        let all = store.scan::<Rec>(T).unwrap();
+        assert_eq!(
+            all.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        store
+            .apply(vec![Write::Delete(T, "a".into())])
+            .await
+            .unwrap();
+        assert_eq!(store.get::<Rec>(T, "a").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .apply(vec![Write::put(T, "k", &Rec { n: 7 })])
+                .await
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get::<Rec>(T, "k").unwrap(), Some(Rec { n: 7 }));
+    }
+
+    #[test]
+    fn undecodable_record_is_reported_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .apply_blocking(vec![Write::Put(T, "bad".into(), b"not json".to_vec())])
+            .unwrap();
+        let err = store.get::<Rec>(T, "bad").unwrap_err().to_string();
+        assert!(err.contains("test/bad"), "{err}");
+    }
+}
