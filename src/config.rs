@@ -24,6 +24,7 @@ const LIVE_KEYS: &[&str] = &[
     "agent.status_interval_seconds",
     "docker.check_interval_seconds",
     "events.backlog",
+    "jobs.",
 ];
 
 /// A config that failed to load. Each variant names the file; `Invalid` also
@@ -71,6 +72,8 @@ pub struct Config {
     pub docker: DockerConfig,
     /// The event stream.
     pub events: EventsConfig,
+    /// The job queue.
+    pub jobs: JobsConfig,
 }
 
 /// `[agent]`: identity, paths and timings of the daemon.
@@ -153,6 +156,77 @@ impl Default for EventsConfig {
     }
 }
 
+/// `[jobs]`: the Docker-backed job queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Slots per usable CPU core (cgroup quota and cpuset applied).
+    pub slots_per_core: u32,
+    /// Absolute slot capacity; overrides `slots_per_core` when above 0.
+    pub slots: u32,
+    /// Jobs waiting at most; SubmitJob answers RESOURCE_EXHAUSTED past it.
+    pub max_queue: u32,
+    /// Seconds a job that does not fit may be overtaken by smaller ones
+    /// before it reserves the slots it needs.
+    pub reserve_after_seconds: u32,
+    /// Seconds between SIGTERM and SIGKILL on cancel or timeout.
+    pub kill_grace_seconds: u32,
+    /// Timeout of a job that sets none (0 = no timeout).
+    pub default_timeout_seconds: u32,
+    /// Memory limit of a job that sets none (0 = no limit).
+    pub default_memory_bytes: u64,
+    /// Process limit inside each job container (0 = no limit).
+    pub pids_limit: u32,
+    /// Networks a job may ask for; `none` is always allowed.
+    pub allowed_networks: Vec<String>,
+    /// Roots under which a job may bind-mount host paths.
+    pub allowed_host_roots: Vec<PathBuf>,
+    /// Keep containers after their exit is recorded (for debugging).
+    pub keep_containers: bool,
+    /// Captured output kept per job; the oldest part is dropped past it.
+    pub log_max_bytes: u64,
+    /// Finished jobs and their logs are removed after this many seconds.
+    pub retention_seconds: u64,
+    /// At most this many finished jobs are kept; the oldest go first.
+    pub retention_count: u32,
+    /// Environment entries per job.
+    pub max_env_entries: u32,
+    /// Total bytes of environment names and values per job.
+    pub max_env_bytes: u32,
+    /// Labels per job.
+    pub max_labels: u32,
+    /// Arguments in a job's command.
+    pub max_command_args: u32,
+    /// Total bytes of a job's command.
+    pub max_command_bytes: u32,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            slots_per_core: 2,
+            slots: 0,
+            max_queue: 10_000,
+            reserve_after_seconds: 60,
+            kill_grace_seconds: 10,
+            default_timeout_seconds: 0,
+            default_memory_bytes: 0,
+            pids_limit: 4096,
+            allowed_networks: vec!["none".into()],
+            allowed_host_roots: vec![PathBuf::from("/home"), PathBuf::from("/mnt")],
+            keep_containers: false,
+            log_max_bytes: 16 << 20,
+            retention_seconds: 7 * 86_400,
+            retention_count: 10_000,
+            max_env_entries: 256,
+            max_env_bytes: 64 << 10,
+            max_labels: 64,
+            max_command_args: 4096,
+            max_command_bytes: 128 << 10,
+        }
+    }
+}
+
 /// Command-line flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -205,21 +279,10 @@ impl Config {
 
     /// Checks ranges and consistency; the same rules serve values arriving over the API.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &str, problem: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: key.to_owned(),
-            problem,
-        };
-        let in_range = |key: &str, value: u64, min: u64, max: u64| {
-            if (min..=max).contains(&value) {
-                Ok(())
-            } else {
-                Err(invalid(
-                    key,
-                    format!("{value} is out of range: allowed {min} to {max}"),
-                ))
-            }
-        };
+        let check = Checker { path, table: "" };
+        let invalid = |key: &str, problem: String| check.invalid(key, problem);
+        let in_range =
+            |key: &str, value: u64, min: u64, max: u64| check.in_range(key, value, min, max);
         for (key, dir) in [
             ("agent.socket", &self.agent.socket),
             ("agent.state_dir", &self.agent.state_dir),
@@ -270,6 +333,7 @@ impl Config {
             600,
         )?;
         in_range("events.backlog", self.events.backlog.into(), 16, 1_000_000)?;
+        self.validate_jobs(path)?;
         if !self.control_plane.listen.is_empty() {
             let addr: SocketAddr = self.control_plane.listen.parse().map_err(|_| {
                 invalid(
@@ -298,9 +362,107 @@ impl Config {
         Ok(())
     }
 
+    fn validate_jobs(&self, path: &Path) -> Result<(), ConfigError> {
+        let j = &self.jobs;
+        let check = Checker {
+            path,
+            table: "jobs.",
+        };
+        let invalid = |key: &str, problem: String| check.invalid(key, problem);
+        let in_range =
+            |key: &str, value: u64, min: u64, max: u64| check.in_range(key, value, min, max);
+        in_range("slots_per_core", j.slots_per_core.into(), 1, 64)?;
+        in_range("slots", j.slots.into(), 0, 4096)?;
+        in_range("max_queue", j.max_queue.into(), 1, 1_000_000)?;
+        in_range(
+            "reserve_after_seconds",
+            j.reserve_after_seconds.into(),
+            0,
+            86_400,
+        )?;
+        in_range("kill_grace_seconds", j.kill_grace_seconds.into(), 0, 3600)?;
+        in_range(
+            "default_timeout_seconds",
+            j.default_timeout_seconds.into(),
+            0,
+            30 * 86_400,
+        )?;
+        in_range("pids_limit", j.pids_limit.into(), 0, 1 << 22)?;
+        in_range("log_max_bytes", j.log_max_bytes, 4096, 1 << 40)?;
+        in_range("retention_count", j.retention_count.into(), 1, 10_000_000)?;
+        in_range("max_env_entries", j.max_env_entries.into(), 0, 65_536)?;
+        in_range("max_env_bytes", j.max_env_bytes.into(), 0, 16 << 20)?;
+        in_range("max_labels", j.max_labels.into(), 0, 4096)?;
+        in_range("max_command_args", j.max_command_args.into(), 1, 1 << 20)?;
+        in_range("max_command_bytes", j.max_command_bytes.into(), 1, 16 << 20)?;
+        if j.default_memory_bytes != 0 && j.default_memory_bytes < 6 << 20 {
+            return Err(invalid(
+                "default_memory_bytes",
+                format!(
+                    "{} is below Docker's minimum of 6 MiB (0 means no limit)",
+                    j.default_memory_bytes
+                ),
+            ));
+        }
+        for (i, root) in j.allowed_host_roots.iter().enumerate() {
+            if !root.is_absolute()
+                || root
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(invalid(
+                    &format!("allowed_host_roots[{i}]"),
+                    format!("{} must be an absolute path without `..`", root.display()),
+                ));
+            }
+        }
+        for (i, net) in j.allowed_networks.iter().enumerate() {
+            if net.is_empty()
+                || net.len() > 128
+                || !net
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            {
+                return Err(invalid(
+                    &format!("allowed_networks[{i}]"),
+                    format!("{net:?} is not a Docker network name ([A-Za-z0-9_.-], at most 128)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The control plane's TCP address, when configured.
     pub fn control_plane_addr(&self) -> Option<SocketAddr> {
         self.control_plane.listen.parse().ok()
+    }
+}
+
+/// Builds `ConfigError::Invalid` for the keys of one table.
+struct Checker<'a> {
+    path: &'a Path,
+    /// Prefix of the keys checked, e.g. `jobs.`.
+    table: &'static str,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, key: &str, problem: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: format!("{}{key}", self.table),
+            problem,
+        }
+    }
+
+    fn in_range(&self, key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+        if (min..=max).contains(&value) {
+            Ok(())
+        } else {
+            Err(self.invalid(
+                key,
+                format!("{value} is out of range: allowed {min} to {max}"),
+            ))
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::host::HostFacts;
 use crate::jobs::engine::ContainerEngine;
+use crate::jobs::{JobManager, JobsDeps, NoManagedMounts};
 use crate::status::StatusProvider;
 use crate::store::Store;
 use crate::systemd::Notifier;
@@ -55,6 +56,9 @@ pub enum DaemonError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[source] crate::store::StoreError),
+    /// The job store could not be loaded.
+    #[error("cannot load jobs: {0}")]
+    Jobs(#[source] crate::jobs::JobError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Server(String),
@@ -133,16 +137,37 @@ impl Daemon {
         }
         let events = EventBus::new(config.events.backlog as usize);
         let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
+        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+        let (engine_up_tx, engine_up_rx) = watch::channel(false);
+        let host = HostFacts::discover();
+        let jobs = JobManager::start(
+            JobsDeps {
+                engine: adapters.engine.clone(),
+                store: store.clone(),
+                events: events.clone(),
+                admission: admission.clone(),
+                mounts: Arc::new(NoManagedMounts),
+                logs_dir: config.agent.state_dir.join("job-logs"),
+                instance_id: instance_id.clone(),
+                usable_cores: host.usable_cores,
+                memory_bytes: host.memory_total_bytes,
+                gpus: gpus_rx.clone(),
+                engine_up: engine_up_rx,
+                config: config_rx.clone(),
+            },
+            cancel.clone(),
+            tasks.clone(),
+        )
+        .map_err(DaemonError::Jobs)?;
         let status = StatusProvider::new(
             &instance_id,
-            HostFacts::discover(),
+            host,
             gpus_rx,
             health.clone(),
             events.clone(),
             admission.clone(),
-        );
-        // Handed to the domains as they land (jobs, setup, mounts).
-        let _ = &store;
+        )
+        .with_jobs(jobs.clone());
 
         let tcp = match config.control_plane_addr() {
             Some(addr) => {
@@ -161,6 +186,7 @@ impl Daemon {
 
         let (routes, health_reporter) = api::routes(api::ApiParts {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
+            jobs: api::jobs::JobApi::new(jobs.clone()),
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
         for name in api::SERVICE_NAMES {
@@ -182,7 +208,7 @@ impl Daemon {
             servers.push(tokio::spawn(serve_tcp(routes, tcp, cancel.clone())));
         }
 
-        notifier.ready(&status.summary());
+        notifier.ready(&status.status_line());
         events.publish(EventPayload::Agent { phase: "started" });
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -191,9 +217,16 @@ impl Daemon {
             "instance-agent ready"
         );
 
-        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         spawn_background(
-            &tasks, &cancel, &adapters, &health, &status, &events, gpus_tx, config_rx,
+            &tasks,
+            &cancel,
+            &adapters,
+            &health,
+            &status,
+            &events,
+            gpus_tx,
+            engine_up_tx,
+            config_rx,
         );
         tasks.spawn(crate::reload::run(source, config_tx, cancel.clone()));
         tasks.close();
@@ -241,6 +274,7 @@ fn spawn_background(
     status: &StatusProvider,
     events: &EventBus,
     gpus: watch::Sender<Vec<crate::host::Gpu>>,
+    engine_up: watch::Sender<bool>,
     config: watch::Receiver<Arc<Config>>,
 ) {
     tasks.spawn_blocking(move || {
@@ -257,6 +291,7 @@ fn spawn_background(
     tasks.spawn(crate::jobs::engine_monitor::run(
         adapters.engine.clone(),
         health.clone(),
+        engine_up,
         docker_interval,
         cancel.clone(),
     ));
@@ -318,7 +353,7 @@ async fn report_status(
 ) {
     let mut last = String::new();
     loop {
-        let summary = status.summary();
+        let summary = status.status_line();
         if summary != last {
             Notifier.status(&summary);
             last = summary;

@@ -20,6 +20,8 @@ pub enum EventPayload {
         /// "started" or "stopping".
         phase: &'static str,
     },
+    /// A job changed state (the record after the change).
+    Job(Box<crate::jobs::JobRecord>),
 }
 
 /// One recorded event.

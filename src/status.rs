@@ -63,6 +63,7 @@ pub struct StatusProvider {
     health: Health,
     events: EventBus,
     admission: AdmissionGate,
+    jobs: Option<crate::jobs::JobManager>,
 }
 
 impl StatusProvider {
@@ -84,6 +85,30 @@ impl StatusProvider {
             health,
             events,
             admission,
+            jobs: None,
+        }
+    }
+
+    /// Reports slot usage from the job manager.
+    pub fn with_jobs(mut self, jobs: crate::jobs::JobManager) -> Self {
+        self.jobs = Some(jobs);
+        self
+    }
+
+    /// The one-line summary with slot usage, for systemd's STATUS=.
+    pub fn status_line(&self) -> String {
+        match &self.jobs {
+            Some(jobs) => {
+                let slots = jobs.slot_usage();
+                format!(
+                    "{}; slots {}/{}, {} queued",
+                    self.health.summary(),
+                    slots.in_use,
+                    slots.capacity,
+                    slots.queued
+                )
+            }
+            None => self.health.summary(),
         }
     }
 
@@ -104,9 +129,12 @@ impl StatusProvider {
             host,
             memory_available_bytes: crate::host::memory_available_bytes(),
             conditions: self.health.all(),
-            slots: SlotUsage {
-                held_reason: self.admission.held_reason().unwrap_or_default(),
-                ..SlotUsage::default()
+            slots: match &self.jobs {
+                Some(jobs) => jobs.slot_usage(),
+                None => SlotUsage {
+                    held_reason: self.admission.held_reason().unwrap_or_default(),
+                    ..SlotUsage::default()
+                },
             },
             summary: self.health.summary(),
             last_event_sequence: self.events.last_sequence(),

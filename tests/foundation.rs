@@ -79,9 +79,7 @@ async fn reflection_lists_the_five_services() {
 
 #[tokio::test]
 async fn get_status_reports_version_host_and_conditions() {
-    let agent = Agent::builder()
-        .config("[agent]\ninstance_id = \"test-instance\"")
-        .start();
+    let agent = Agent::builder().instance_id("test-instance").start();
     let mut client = proto::agent_service_client::AgentServiceClient::new(agent.channel().await);
     let status = client
         .get_status(proto::GetStatusRequest {})
@@ -106,7 +104,7 @@ async fn get_status_reports_version_host_and_conditions() {
 #[tokio::test]
 async fn instance_id_is_generated_once_and_kept() {
     let first = {
-        let agent = Agent::builder().start();
+        let agent = Agent::builder().instance_id("").start();
         let id = std::fs::read_to_string(agent.state_dir.join("instance-id")).expect("id file");
         let mut client =
             proto::agent_service_client::AgentServiceClient::new(agent.channel().await);

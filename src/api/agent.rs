@@ -160,6 +160,12 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
             phase: (*phase).to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }),
+        EventPayload::Job(record) => proto::event::Kind::Job(proto::JobEvent {
+            job: Some(super::jobs::job_to_proto(&crate::jobs::JobView {
+                record: (**record).clone(),
+                queue_position: None,
+            })),
+        }),
     };
     proto::Event {
         sequence: event.sequence,

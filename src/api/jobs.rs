@@ -1,46 +1,275 @@
-//! `JobService`: not implemented yet; every RPC names the missing capability.
+//! `JobService`: protobuf ⇄ job domain types, and job errors → status codes.
 
+use std::pin::Pin;
+
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::not_yet;
 use super::proto::{self, job_service_server::JobService};
+use super::timestamp;
+use crate::jobs::logs::{LogRecord, LogSource};
+use crate::jobs::{
+    JobError, JobFilter, JobManager, JobMount, JobRecord, JobSpec, JobState, JobView, MountSource,
+};
 
 /// The job service.
-pub struct JobApi;
+pub struct JobApi {
+    jobs: JobManager,
+}
 
-const CAPABILITY: &str = "jobs";
+impl JobApi {
+    /// Serves `jobs`.
+    pub fn new(jobs: JobManager) -> Self {
+        Self { jobs }
+    }
+}
+
+/// The one place job errors become status codes.
+pub fn status_of(error: JobError) -> Status {
+    use crate::store::StoreError;
+    let message = error.to_string();
+    match error {
+        JobError::InvalidSpec(_) => Status::invalid_argument(message),
+        JobError::NoGpus { .. } => Status::failed_precondition(message),
+        JobError::QueueFull { .. } => Status::resource_exhausted(message),
+        JobError::NotFound(_) => Status::not_found(message),
+        JobError::IdConflict(_) => Status::already_exists(message),
+        JobError::Store(StoreError::NoSpace { .. }) => Status::resource_exhausted(message),
+        JobError::Store(StoreError::Storage { .. } | StoreError::Corrupt { .. }) => {
+            Status::internal(message)
+        }
+    }
+}
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<proto::LogChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit_job(
         &self,
-        _: Request<proto::SubmitJobRequest>,
+        request: Request<proto::SubmitJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
-        Err(not_yet("JobService.SubmitJob", CAPABILITY))
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: must be set"))?;
+        let spec = spec_from_proto(spec)?;
+        let record = self.jobs.submit(spec).await.map_err(status_of)?;
+        let view = self.jobs.get(record.id()).unwrap_or(JobView {
+            record,
+            queue_position: None,
+        });
+        Ok(Response::new(job_to_proto(&view)))
     }
+
     async fn get_job(
         &self,
-        _: Request<proto::GetJobRequest>,
+        request: Request<proto::GetJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
-        Err(not_yet("JobService.GetJob", CAPABILITY))
+        let view = self.jobs.get(&request.into_inner().id).map_err(status_of)?;
+        Ok(Response::new(job_to_proto(&view)))
     }
+
     async fn list_jobs(
         &self,
-        _: Request<proto::ListJobsRequest>,
+        request: Request<proto::ListJobsRequest>,
     ) -> Result<Response<proto::ListJobsResponse>, Status> {
-        Err(not_yet("JobService.ListJobs", CAPABILITY))
+        let request = request.into_inner();
+        let states = request
+            .states
+            .iter()
+            .map(|s| state_from_proto(*s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let filter = JobFilter {
+            states,
+            labels: request.labels.into_iter().collect(),
+            limit: request.limit as usize,
+        };
+        let jobs = self.jobs.list(&filter).iter().map(job_to_proto).collect();
+        Ok(Response::new(proto::ListJobsResponse { jobs }))
     }
+
     async fn cancel_job(
         &self,
-        _: Request<proto::CancelJobRequest>,
+        request: Request<proto::CancelJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
-        Err(not_yet("JobService.CancelJob", CAPABILITY))
+        let record = self
+            .jobs
+            .cancel(&request.into_inner().id)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(job_to_proto(&JobView {
+            record,
+            queue_position: None,
+        })))
     }
-    type StreamJobLogsStream = tokio_stream::Empty<Result<proto::LogChunk, Status>>;
+
+    type StreamJobLogsStream = LogStream;
+
     async fn stream_job_logs(
         &self,
-        _: Request<proto::StreamJobLogsRequest>,
+        request: Request<proto::StreamJobLogsRequest>,
     ) -> Result<Response<Self::StreamJobLogsStream>, Status> {
-        Err(not_yet("JobService.StreamJobLogs", CAPABILITY))
+        let request = request.into_inner();
+        let records = self
+            .jobs
+            .logs(&request.id, request.follow)
+            .map_err(status_of)?;
+        let chunks = records.map(|r| match r {
+            Ok(record) => Ok(log_chunk(record)),
+            Err(error) => Err(Status::internal(format!(
+                "cannot read the job's log: {error}"
+            ))),
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+}
+
+/// A captured log record as a protobuf chunk.
+pub fn log_chunk(record: LogRecord) -> proto::LogChunk {
+    let stream = match record.source {
+        LogSource::Stdout => proto::LogStream::Stdout,
+        LogSource::Stderr => proto::LogStream::Stderr,
+        LogSource::Agent => proto::LogStream::Agent,
+    };
+    let time = (record.time_nanos > 0).then(|| pbjson_types::Timestamp {
+        seconds: record.time_nanos.div_euclid(1_000_000_000),
+        nanos: i32::try_from(record.time_nanos.rem_euclid(1_000_000_000)).unwrap_or(0),
+    });
+    proto::LogChunk {
+        stream: stream as i32,
+        data: record.data.to_vec(),
+        time,
+    }
+}
+
+fn spec_from_proto(spec: proto::JobSpec) -> Result<JobSpec, Status> {
+    let mounts = spec
+        .mounts
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let source = match m.source {
+                Some(proto::job_mount::Source::Managed(name)) => MountSource::Managed(name),
+                Some(proto::job_mount::Source::HostPath(path)) => {
+                    MountSource::HostPath(path.into())
+                }
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "mounts[{i}]: set either managed or host_path"
+                    )));
+                }
+            };
+            Ok(JobMount {
+                source,
+                container_path: m.container_path,
+                read_only: m.read_only,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(JobSpec {
+        id: spec.id,
+        image: spec.image,
+        command: spec.command,
+        env: spec.env.into_iter().collect(),
+        working_dir: spec.working_dir,
+        labels: spec.labels.into_iter().collect(),
+        slots: spec.slots,
+        memory_bytes: spec.memory_bytes,
+        cpu_millis: spec.cpu_millis,
+        gpus: spec.gpus,
+        mounts,
+        timeout_seconds: spec.timeout_seconds,
+        priority: spec.priority,
+        network: spec.network,
+        kill_grace_seconds: spec.kill_grace_seconds,
+    })
+}
+
+fn spec_to_proto(spec: &JobSpec) -> proto::JobSpec {
+    proto::JobSpec {
+        id: spec.id.clone(),
+        image: spec.image.clone(),
+        command: spec.command.clone(),
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        working_dir: spec.working_dir.clone(),
+        labels: spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        slots: spec.slots,
+        memory_bytes: spec.memory_bytes,
+        cpu_millis: spec.cpu_millis,
+        gpus: spec.gpus,
+        mounts: spec
+            .mounts
+            .iter()
+            .map(|m| proto::JobMount {
+                source: Some(match &m.source {
+                    MountSource::Managed(name) => proto::job_mount::Source::Managed(name.clone()),
+                    MountSource::HostPath(path) => {
+                        proto::job_mount::Source::HostPath(path.display().to_string())
+                    }
+                }),
+                container_path: m.container_path.clone(),
+                read_only: m.read_only,
+            })
+            .collect(),
+        timeout_seconds: spec.timeout_seconds,
+        priority: spec.priority,
+        network: spec.network.clone(),
+        kill_grace_seconds: spec.kill_grace_seconds,
+    }
+}
+
+fn state_from_proto(value: i32) -> Result<JobState, Status> {
+    match proto::JobState::try_from(value) {
+        Ok(proto::JobState::Queued) => Ok(JobState::Queued),
+        Ok(proto::JobState::Starting) => Ok(JobState::Starting),
+        Ok(proto::JobState::Running) => Ok(JobState::Running),
+        Ok(proto::JobState::Succeeded) => Ok(JobState::Succeeded),
+        Ok(proto::JobState::Failed) => Ok(JobState::Failed),
+        Ok(proto::JobState::Cancelled) => Ok(JobState::Cancelled),
+        Ok(proto::JobState::TimedOut) => Ok(JobState::TimedOut),
+        Ok(proto::JobState::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "states: {value} is not a job state"
+        ))),
+    }
+}
+
+fn state_to_proto(state: JobState) -> proto::JobState {
+    match state {
+        JobState::Queued => proto::JobState::Queued,
+        JobState::Starting => proto::JobState::Starting,
+        JobState::Running => proto::JobState::Running,
+        JobState::Succeeded => proto::JobState::Succeeded,
+        JobState::Failed => proto::JobState::Failed,
+        JobState::Cancelled => proto::JobState::Cancelled,
+        JobState::TimedOut => proto::JobState::TimedOut,
+    }
+}
+
+/// A job record (and its queue position) as a protobuf `Job`.
+pub fn job_to_proto(view: &JobView) -> proto::Job {
+    let r: &JobRecord = &view.record;
+    proto::Job {
+        id: r.spec.id.clone(),
+        spec: Some(spec_to_proto(&r.spec)),
+        state: state_to_proto(r.state) as i32,
+        exit_code: r.exit_code,
+        reason: r.reason.clone(),
+        oom_killed: r.oom_killed,
+        queued_at: Some(timestamp(r.queued_at)),
+        starting_at: r.starting_at.map(timestamp),
+        running_at: r.running_at.map(timestamp),
+        finished_at: r.finished_at.map(timestamp),
+        container_id: r.container_id.clone(),
+        gpu_indices: r.gpu_indices.clone(),
+        queue_position: view.queue_position.unwrap_or(0),
     }
 }

@@ -61,3 +61,19 @@ fn explain(socket: &Path, error: &std::io::Error) -> String {
 
 /// Exit status for "daemon unreachable" (sysexits.h EX_UNAVAILABLE).
 pub const EX_UNAVAILABLE: u8 = 69;
+
+/// Connects, or prints the one-line explanation and returns the exit code
+/// when the daemon cannot be reached.
+pub async fn connect_or_explain(socket: &Path) -> Result<Channel, std::process::ExitCode> {
+    match connect(socket).await {
+        Ok(channel) => Ok(channel),
+        Err(error) => {
+            eprintln!("instance-agent: {error:#}");
+            Err(std::process::ExitCode::from(if error.is::<Unreachable>() {
+                EX_UNAVAILABLE
+            } else {
+                1
+            }))
+        }
+    }
+}

@@ -53,6 +53,31 @@ pub fn age(ts: Option<&pbjson_types::Timestamp>) -> String {
     }
 }
 
+/// Parses a size such as `512M`, `2G`, `1.5Gi` or `1048576` (1024-based).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let shift = match unit
+        .trim()
+        .trim_end_matches(['i', 'B', 'b'])
+        .to_ascii_uppercase()
+        .as_str()
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    let bytes = number * (1u64 << shift) as f64;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +87,15 @@ mod tests {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(5 << 30), "5.0 GiB");
         assert_eq!(bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn size_parsing() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2Gi"), Some(2 << 30));
+        assert_eq!(parse_size("1.5K"), Some(1536));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("10X"), None);
     }
 
     #[test]

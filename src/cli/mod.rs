@@ -7,6 +7,7 @@ mod client;
 mod completions;
 mod config_cmd;
 mod format;
+mod jobs;
 mod status;
 
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Show the instance's health: version, uptime, conditions, slots.
     Status,
+    /// Submit, list, inspect, cancel jobs and read their logs.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -96,6 +100,7 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Status => with_runtime(status::run(socket, json)),
+        Command::Jobs(cmd) => with_runtime(jobs::run(cmd, socket, json)),
     };
     match result {
         Ok(code) => code,

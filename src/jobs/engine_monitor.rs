@@ -12,10 +12,12 @@ use tokio_util::sync::CancellationToken;
 use super::engine::ContainerEngine;
 use crate::health::{ConditionState, Health, Subsystem};
 
-/// Runs until `cancel` fires. `interval` follows live config changes.
+/// Runs until `cancel` fires. `interval` follows live config changes; `up`
+/// tells the job manager whether the engine answers.
 pub async fn run(
     engine: Arc<dyn ContainerEngine>,
     health: Health,
+    up: watch::Sender<bool>,
     mut interval: watch::Receiver<Duration>,
     cancel: CancellationToken,
 ) {
@@ -32,12 +34,14 @@ pub async fn run(
                     tracing::info!(version = %v.version, api = %v.api_version, "docker engine reachable");
                 }
                 backoff = Duration::from_secs(1);
+                up.send_if_modified(|u| !std::mem::replace(u, true));
                 every
             }
             Err(error) => {
                 if health.set(Subsystem::Docker, ConditionState::Failed, error.to_string()) {
                     tracing::warn!(%error, "docker engine unreachable; retrying with backoff");
                 }
+                up.send_if_modified(|u| std::mem::replace(u, false));
                 let wait = backoff.min(every);
                 backoff = (backoff * 2).min(every);
                 wait

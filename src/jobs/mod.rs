@@ -1,10 +1,29 @@
-//! Jobs: containerised work run through the local Docker engine.
+//! Jobs: containerised work queued on the instance and run through the local
+//! Docker engine, `slots_per_core` slots per usable core, nothing lost or run
+//! twice across agent crashes.
 //!
-//! Owns the engine trait ([`engine::ContainerEngine`]) and its bollard
-//! implementation, and the docker condition. Knows nothing of gRPC.
+//! Owns the job spec rules ([`spec`]), the record and its state machine
+//! ([`record`]), the scheduling rules ([`scheduler`]), the per-job logs
+//! ([`logs`]), the engine trait and its bollard implementation ([`engine`]),
+//! the docker condition ([`engine_monitor`]) and the manager that ties them
+//! together ([`manager`]). Knows nothing of gRPC.
 
 pub mod engine;
 pub mod engine_monitor;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake_engine;
+pub mod logs;
+pub mod manager;
+pub mod record;
+pub mod scheduler;
+pub mod spec;
+
+pub use manager::{
+    JobError, JobFilter, JobManager, JobView, JobsDeps, MountResolution, MountResolver,
+    NoManagedMounts,
+};
+pub use record::{JobRecord, JobState};
+pub use spec::{JobMount, JobSpec, MountSource};
 
 /// Label on every container the agent creates: the owning instance's id.
 pub const LABEL_INSTANCE: &str = "io.instance-agent.instance";

@@ -15,21 +15,72 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_instance-agent"))
 }
 
-/// A running agent. Killed (SIGKILL) on drop if still running.
+/// A running agent. Killed (SIGKILL) on drop if still running, and every
+/// container labelled with its instance id is removed.
 pub struct Agent {
     pub child: Child,
+    pub instance_id: String,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+fn spawn_agent(config_path: &Path, log_path: &Path, env: &[(String, String)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("log file");
+    let mut command = Command::new(binary());
+    command
+        .args(["serve", "--config"])
+        .arg(config_path)
+        .env("RUST_LOG", "info,instance_agent=debug")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.spawn().expect("spawn instance-agent")
 }
 
 /// How to start an agent.
-#[derive(Default)]
 pub struct AgentBuilder {
     config: String,
     env: Vec<(String, String)>,
+    instance_id: String,
+}
+
+impl Default for AgentBuilder {
+    fn default() -> Self {
+        Self {
+            config: String::new(),
+            env: Vec::new(),
+            instance_id: format!("test-{}", uuid_like()),
+        }
+    }
+}
+
+/// A unique-enough id for test resources (pid + time + counter).
+pub fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:x}{:x}{:x}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 impl AgentBuilder {
@@ -37,6 +88,12 @@ impl AgentBuilder {
     pub fn config(mut self, toml: &str) -> Self {
         self.config.push_str(toml);
         self.config.push('\n');
+        self
+    }
+
+    /// Sets `agent.instance_id` (a unique one is generated otherwise).
+    pub fn instance_id(mut self, id: &str) -> Self {
+        self.instance_id = id.into();
         self
     }
 
@@ -60,7 +117,8 @@ impl AgentBuilder {
         let config_path = dir.path().join("config.toml");
         let log_path = dir.path().join("agent.log");
         let config = format!(
-            "[agent]\nsocket = {:?}\nstate_dir = {:?}\nlogs_dir = {:?}\nruntime_dir = {:?}\n{}",
+            "[agent]\ninstance_id = {:?}\nsocket = {:?}\nstate_dir = {:?}\nlogs_dir = {:?}\nruntime_dir = {:?}\n{}",
+            self.instance_id,
             socket,
             state_dir,
             dir.path().join("logs"),
@@ -68,23 +126,11 @@ impl AgentBuilder {
             self.config
         );
         std::fs::write(&config_path, fix_tables(&config)).expect("write config");
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let mut command = Command::new(binary());
-        command
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info,instance_agent=debug")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in &self.env {
-            command.env(k, v);
-        }
-        let child = command.spawn().expect("spawn instance-agent");
+        let child = spawn_agent(&config_path, &log_path, &self.env);
         Agent {
             child,
+            instance_id: self.instance_id,
+            env: self.env,
             dir,
             socket,
             state_dir,
@@ -200,10 +246,42 @@ fn peek_exit(child: &Child) -> std::io::Result<Option<std::process::ExitStatus>>
     }
 }
 
+impl Agent {
+    /// SIGKILLs the agent (a crash) and starts it again on the same config,
+    /// state dir and socket; waits until it answers.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_agent(&self.config_path, &self.log_path, &self.env);
+        self.wait_ready(Duration::from_secs(20));
+    }
+}
+
+/// Removes every container labelled with `instance_id`.
+pub fn remove_containers(instance_id: &str) {
+    let filter = format!("label=io.instance-agent.instance={instance_id}");
+    if let Ok(out) = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &filter])
+        .output()
+    {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        remove_containers(&self.instance_id);
     }
 }
 

@@ -1,0 +1,387 @@
+//! `instance-agent jobs submit|list|get|cancel|logs`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use tokio_stream::StreamExt;
+
+use super::client;
+use super::format;
+use crate::api::proto::{self, job_service_client::JobServiceClient};
+
+/// `jobs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Queue a job: `jobs submit --image IMG -- CMD ARGS...`.
+    Submit(SubmitArgs),
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this state (queued, starting, running, succeeded, failed, cancelled, timed_out); repeatable.
+        #[arg(long = "state", value_name = "STATE")]
+        states: Vec<String>,
+        /// Only jobs with this label (KEY=VALUE); repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// At most this many jobs.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show one job.
+    Get {
+        /// The job id.
+        id: String,
+    },
+    /// Cancel a job (queued: removed from the queue; running: SIGTERM, then SIGKILL).
+    Cancel {
+        /// The job id.
+        id: String,
+    },
+    /// Print a job's output (stdout to stdout, stderr to stderr).
+    Logs {
+        /// The job id.
+        id: String,
+        /// Keep printing new output until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+/// `jobs submit` options.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Image reference (must be present on the instance or pullable).
+    #[arg(long)]
+    pub image: String,
+    /// Job id for idempotent submission; generated when absent.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Slots the job holds.
+    #[arg(long, default_value_t = 1)]
+    pub slots: u32,
+    /// Memory limit, e.g. 512M or 2G (1024-based).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// CPU limit in thousandths of a core (1500 = 1.5 cores).
+    #[arg(long, value_name = "MILLICORES")]
+    pub cpu_millis: Option<u32>,
+    /// GPUs for the job.
+    #[arg(long, default_value_t = 0)]
+    pub gpus: u32,
+    /// Seconds from running to kill.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u32>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0)]
+    pub priority: i32,
+    /// Environment variable KEY=VALUE; repeatable.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Label KEY=VALUE; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Host path (`/host/path:/in/container[:ro]`) or managed mount
+    /// (`mount:NAME:/in/container[:ro]`); repeatable.
+    #[arg(long = "mount", short = 'v', value_name = "SPEC")]
+    pub mounts: Vec<String>,
+    /// Docker network (must be allowed by config); none by default.
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Working directory in the container.
+    #[arg(long, short = 'w')]
+    pub workdir: Option<String>,
+    /// Wait until the job ends and exit with its status.
+    #[arg(long)]
+    pub wait: bool,
+    /// The command to run (after `--`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// Runs a `jobs` subcommand.
+pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    let channel = match client::connect_or_explain(&socket).await {
+        Ok(channel) => channel,
+        Err(code) => return Ok(code),
+    };
+    let mut jobs = JobServiceClient::new(channel);
+    match command {
+        JobsCommand::Submit(args) => {
+            let wait = args.wait;
+            let spec = spec_from_args(args)?;
+            let job = jobs
+                .submit_job(proto::SubmitJobRequest { spec: Some(spec) })
+                .await?
+                .into_inner();
+            if !wait {
+                print_job(&job, json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let id = job.id.clone();
+            let mut logs = jobs
+                .stream_job_logs(proto::StreamJobLogsRequest {
+                    id: id.clone(),
+                    follow: true,
+                })
+                .await?
+                .into_inner();
+            while let Some(chunk) = logs.next().await {
+                write_chunk(&chunk?)?;
+            }
+            let job = jobs
+                .get_job(proto::GetJobRequest { id })
+                .await?
+                .into_inner();
+            print_job(&job, json)?;
+            Ok(exit_of(&job))
+        }
+        JobsCommand::List {
+            states,
+            labels,
+            limit,
+        } => {
+            let states = states
+                .iter()
+                .map(|s| parse_state(s).map(|s| s as i32))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let labels = labels
+                .iter()
+                .map(|l| split_pair("--label", l))
+                .collect::<anyhow::Result<_>>()?;
+            let list = jobs
+                .list_jobs(proto::ListJobsRequest {
+                    states,
+                    labels,
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", table(&list.jobs));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Get { id } => {
+            let job = jobs
+                .get_job(proto::GetJobRequest { id })
+                .await?
+                .into_inner();
+            print_job(&job, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Cancel { id } => {
+            let job = jobs
+                .cancel_job(proto::CancelJobRequest { id })
+                .await?
+                .into_inner();
+            print_job(&job, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Logs { id, follow } => {
+            let mut logs = jobs
+                .stream_job_logs(proto::StreamJobLogsRequest { id, follow })
+                .await?
+                .into_inner();
+            while let Some(chunk) = logs.next().await {
+                let chunk = chunk?;
+                if json {
+                    println!("{}", serde_json::to_string(&chunk)?);
+                } else {
+                    write_chunk(&chunk)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn write_chunk(chunk: &proto::LogChunk) -> anyhow::Result<()> {
+    match chunk.stream() {
+        proto::LogStream::Stdout | proto::LogStream::Unspecified => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&chunk.data)?;
+            out.flush()?;
+        }
+        proto::LogStream::Stderr | proto::LogStream::Agent => {
+            std::io::stderr().lock().write_all(&chunk.data)?;
+        }
+    }
+    Ok(())
+}
+
+fn exit_of(job: &proto::Job) -> ExitCode {
+    match job.state() {
+        proto::JobState::Succeeded => ExitCode::SUCCESS,
+        _ => ExitCode::from(u8::try_from(job.exit_code.unwrap_or(1)).unwrap_or(1).max(1)),
+    }
+}
+
+fn spec_from_args(args: SubmitArgs) -> anyhow::Result<proto::JobSpec> {
+    let env = args
+        .env
+        .iter()
+        .map(|e| split_pair("--env", e))
+        .collect::<anyhow::Result<_>>()?;
+    let labels = args
+        .labels
+        .iter()
+        .map(|l| split_pair("--label", l))
+        .collect::<anyhow::Result<_>>()?;
+    let mounts = args
+        .mounts
+        .iter()
+        .map(|m| parse_mount(m))
+        .collect::<anyhow::Result<_>>()?;
+    let memory_bytes = match &args.memory {
+        Some(size) => format::parse_size(size).with_context(|| format!("--memory {size:?}"))?,
+        None => 0,
+    };
+    Ok(proto::JobSpec {
+        id: args.id.unwrap_or_default(),
+        image: args.image,
+        command: args.command,
+        env,
+        working_dir: args.workdir.unwrap_or_default(),
+        labels,
+        slots: args.slots,
+        memory_bytes,
+        cpu_millis: args.cpu_millis.unwrap_or(0),
+        gpus: args.gpus,
+        mounts,
+        timeout_seconds: args.timeout.unwrap_or(0),
+        priority: args.priority,
+        network: args.network.unwrap_or_default(),
+        kill_grace_seconds: 0,
+    })
+}
+
+fn split_pair(flag: &str, text: &str) -> anyhow::Result<(String, String)> {
+    match text.split_once('=') {
+        Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+        None => bail!("{flag} {text:?}: expected KEY=VALUE"),
+    }
+}
+
+fn parse_mount(text: &str) -> anyhow::Result<proto::JobMount> {
+    let (managed, rest) = match text.strip_prefix("mount:") {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let mut parts: Vec<&str> = rest.split(':').collect();
+    let read_only = match parts.last() {
+        Some(&"ro") => {
+            parts.pop();
+            true
+        }
+        Some(&"rw") => {
+            parts.pop();
+            false
+        }
+        _ => false,
+    };
+    let [source, target] = parts.as_slice() else {
+        bail!("--mount {text:?}: expected SOURCE:TARGET[:ro]");
+    };
+    Ok(proto::JobMount {
+        source: Some(if managed {
+            proto::job_mount::Source::Managed((*source).to_owned())
+        } else {
+            proto::job_mount::Source::HostPath((*source).to_owned())
+        }),
+        container_path: (*target).to_owned(),
+        read_only,
+    })
+}
+
+fn parse_state(text: &str) -> anyhow::Result<proto::JobState> {
+    let name = format!("JOB_STATE_{}", text.to_ascii_uppercase());
+    proto::JobState::from_str_name(&name).with_context(|| {
+        format!("--state {text:?}: expected queued, starting, running, succeeded, failed, cancelled or timed_out")
+    })
+}
+
+fn state_name(state: proto::JobState) -> &'static str {
+    match state {
+        proto::JobState::Unspecified => "?",
+        proto::JobState::Queued => "queued",
+        proto::JobState::Starting => "starting",
+        proto::JobState::Running => "running",
+        proto::JobState::Succeeded => "succeeded",
+        proto::JobState::Failed => "failed",
+        proto::JobState::Cancelled => "cancelled",
+        proto::JobState::TimedOut => "timed_out",
+    }
+}
+
+fn table(jobs: &[proto::Job]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<34} {:<10} {:>5} {:>4} {:<14} {:<24} REASON",
+        "ID", "STATE", "SLOTS", "EXIT", "AGE", "COMMAND"
+    );
+    for job in jobs {
+        let spec = job.spec.clone().unwrap_or_default();
+        let mut command = spec.command.join(" ");
+        if command.len() > 24 {
+            command.truncate(21);
+            command.push_str("...");
+        }
+        let _ = writeln!(
+            out,
+            "{:<34} {:<10} {:>5} {:>4} {:<14} {:<24} {}",
+            job.id,
+            state_name(job.state()),
+            spec.slots,
+            job.exit_code.map_or("-".into(), |c| c.to_string()),
+            format::age(job.queued_at.as_ref()),
+            command,
+            job.reason
+        );
+    }
+    out
+}
+
+fn print_job(job: &proto::Job, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(job)?);
+        return Ok(());
+    }
+    let spec = job.spec.clone().unwrap_or_default();
+    println!("job        {}", job.id);
+    println!("state      {}  ({})", state_name(job.state()), job.reason);
+    if job.state() == proto::JobState::Queued {
+        println!("queue      position {}", job.queue_position);
+    }
+    println!("image      {}", spec.image);
+    println!("command    {}", spec.command.join(" "));
+    println!(
+        "slots      {}   gpus {}   priority {}",
+        spec.slots, spec.gpus, spec.priority
+    );
+    if let Some(code) = job.exit_code {
+        println!(
+            "exit       {code}{}",
+            if job.oom_killed { " (OOM killed)" } else { "" }
+        );
+    }
+    println!("queued     {}", format::age(job.queued_at.as_ref()));
+    if job.running_at.is_some() {
+        println!("running    {}", format::age(job.running_at.as_ref()));
+    }
+    if job.finished_at.is_some() {
+        println!("finished   {}", format::age(job.finished_at.as_ref()));
+    }
+    if !job.container_id.is_empty() {
+        println!(
+            "container  {}",
+            &job.container_id[..job.container_id.len().min(12)]
+        );
+    }
+    Ok(())
+}

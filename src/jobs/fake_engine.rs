@@ -1,0 +1,250 @@
+//! An in-memory container engine for unit tests: containers "run" until the
+//! test makes them exit, every call is recorded, and the engine can be made
+//! unreachable to inject faults.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::engine::{
+    ContainerEngine, ContainerListing, ContainerSpec, ContainerStatus, EngineError, EngineVersion,
+    OutputStreamBox,
+};
+
+#[derive(Debug, Clone)]
+struct FakeContainer {
+    spec: ContainerSpec,
+    status: String,
+    exit: watch::Sender<Option<i64>>,
+    oom: bool,
+}
+
+/// A fake engine. All methods are safe to call from any task.
+#[derive(Default)]
+pub struct FakeEngine {
+    containers: Mutex<HashMap<String, FakeContainer>>,
+    calls: Mutex<Vec<String>>,
+    down: Mutex<bool>,
+    next_id: Mutex<u64>,
+}
+
+impl FakeEngine {
+    /// An empty engine that answers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes every call fail as unreachable (or answer again).
+    pub fn set_down(&self, down: bool) {
+        *Self::lock(&self.down) = down;
+    }
+
+    /// Makes a running container exit with `code` (and `oom` if set).
+    pub fn exit(&self, id: &str, code: i64, oom: bool) {
+        if let Some(c) = Self::lock(&self.containers).get_mut(id) {
+            c.status = "exited".into();
+            c.oom = oom;
+            c.exit.send_replace(Some(code));
+        }
+    }
+
+    /// Ids of containers currently running.
+    pub fn running(&self) -> Vec<String> {
+        Self::lock(&self.containers)
+            .iter()
+            .filter(|(_, c)| c.status == "running")
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Ids of all existing containers.
+    pub fn existing(&self) -> Vec<String> {
+        Self::lock(&self.containers).keys().cloned().collect()
+    }
+
+    /// The spec a container was created with.
+    pub fn spec_of(&self, id: &str) -> Option<ContainerSpec> {
+        Self::lock(&self.containers).get(id).map(|c| c.spec.clone())
+    }
+
+    /// Every call made, as "op id".
+    pub fn calls(&self) -> Vec<String> {
+        Self::lock(&self.calls).clone()
+    }
+
+    /// Adds a container as if left by an earlier agent.
+    pub fn insert(&self, id: &str, spec: ContainerSpec, status: &str, exit: Option<i64>) {
+        let (tx, _) = watch::channel(exit);
+        Self::lock(&self.containers).insert(
+            id.to_owned(),
+            FakeContainer {
+                spec,
+                status: status.into(),
+                exit: tx,
+                oom: false,
+            },
+        );
+    }
+
+    fn record(&self, call: String) -> Result<(), EngineError> {
+        Self::lock(&self.calls).push(call);
+        if *Self::lock(&self.down) {
+            return Err(EngineError::Unreachable {
+                socket: "/fake.sock".into(),
+                message: "fake engine is down".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn find(&self, id_or_name: &str) -> Option<String> {
+        let containers = Self::lock(&self.containers);
+        if containers.contains_key(id_or_name) {
+            return Some(id_or_name.to_owned());
+        }
+        containers
+            .iter()
+            .find(|(_, c)| c.spec.name == id_or_name)
+            .map(|(id, _)| id.clone())
+    }
+}
+
+#[async_trait]
+impl ContainerEngine for FakeEngine {
+    async fn version(&self) -> Result<EngineVersion, EngineError> {
+        self.record("version".into())?;
+        Ok(EngineVersion {
+            version: "fake".into(),
+            api_version: "1.41".into(),
+        })
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, EngineError> {
+        self.record(format!("create {}", spec.name))?;
+        if self.find(&spec.name).is_some() {
+            return Err(EngineError::NameInUse(spec.name.clone()));
+        }
+        let id = {
+            let mut n = Self::lock(&self.next_id);
+            *n += 1;
+            format!("c{n}")
+        };
+        self.insert(&id, spec.clone(), "created", None);
+        Ok(id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), EngineError> {
+        self.record(format!("start {id}"))?;
+        match Self::lock(&self.containers).get_mut(id) {
+            Some(c) => {
+                c.status = "running".into();
+                Ok(())
+            }
+            None => Err(EngineError::NotFound {
+                what: "container",
+                name: id.into(),
+            }),
+        }
+    }
+
+    async fn wait(&self, id: &str) -> Result<i64, EngineError> {
+        self.record(format!("wait {id}"))?;
+        let mut rx = match Self::lock(&self.containers).get(id) {
+            Some(c) => c.exit.subscribe(),
+            None => {
+                return Err(EngineError::NotFound {
+                    what: "container",
+                    name: id.into(),
+                });
+            }
+        };
+        loop {
+            if let Some(code) = *rx.borrow_and_update() {
+                return Ok(code);
+            }
+            if rx.changed().await.is_err() {
+                return Err(EngineError::NotFound {
+                    what: "container",
+                    name: id.into(),
+                });
+            }
+        }
+    }
+
+    async fn inspect(&self, id_or_name: &str) -> Result<Option<ContainerStatus>, EngineError> {
+        self.record(format!("inspect {id_or_name}"))?;
+        let Some(id) = self.find(id_or_name) else {
+            return Ok(None);
+        };
+        let containers = Self::lock(&self.containers);
+        let c = &containers[&id];
+        Ok(Some(ContainerStatus {
+            id: id.clone(),
+            status: c.status.clone(),
+            running: c.status == "running",
+            exit_code: *c.exit.borrow(),
+            oom_killed: c.oom,
+            labels: c.spec.labels.clone(),
+            error: String::new(),
+        }))
+    }
+
+    async fn stop(&self, id: &str, _grace: Duration) -> Result<(), EngineError> {
+        self.record(format!("stop {id}"))?;
+        self.exit(id, 143, false);
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), EngineError> {
+        self.record(format!("remove {id}"))?;
+        if let Some(c) = Self::lock(&self.containers).remove(id) {
+            c.exit.send_replace(Some(137));
+        }
+        Ok(())
+    }
+
+    async fn list(&self, label: &str, value: &str) -> Result<Vec<ContainerListing>, EngineError> {
+        self.record(format!("list {label}={value}"))?;
+        Ok(Self::lock(&self.containers)
+            .iter()
+            .filter(|(_, c)| c.spec.labels.get(label).map(String::as_str) == Some(value))
+            .map(|(id, c)| ContainerListing {
+                id: id.clone(),
+                state: c.status.clone(),
+                labels: c.spec.labels.clone(),
+            })
+            .collect())
+    }
+
+    async fn output(
+        &self,
+        id: &str,
+        _since_nanos: i64,
+        _follow: bool,
+    ) -> Result<OutputStreamBox, EngineError> {
+        self.record(format!("output {id}"))?;
+        let rx = Self::lock(&self.containers)
+            .get(id)
+            .map(|c| c.exit.subscribe());
+        let stream = async_stream::stream! {
+            if let Some(mut rx) = rx {
+                while rx.borrow_and_update().is_none() {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+            if false {
+                yield Err(EngineError::Api { operation: "output", message: String::new() });
+            }
+        };
+        Ok(Box::pin(stream))
+    }
+}

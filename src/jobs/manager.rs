@@ -1,0 +1,1379 @@
+//! The job manager: accepts jobs, keeps the queue and the slots, runs each
+//! job's container from creation to removal, and recovers after a crash.
+//!
+//! Invariants:
+//! - A job holds its slots (and GPUs) from the moment it is chosen to start
+//!   until its container is gone; the sum never exceeds the capacity.
+//! - The store is written before the engine is asked to act (the intent to
+//!   start is recorded before the container is created), and the container
+//!   name is derived from the job id, so a crash between any two steps is
+//!   recovered by looking the container up: no job is lost or run twice.
+//! - Only the job's own task moves a started job on; the API only asks it to
+//!   (through a cancellation token), so every transition has one writer.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::engine::{Bind, ContainerEngine, ContainerSpec, EngineError};
+use super::logs::{JobLogs, LogRecord};
+use super::record::{JobRecord, JobState};
+use super::scheduler::{self, Candidate, Free};
+use super::spec::{self, HostLimits, JobSpec, MountSource, SpecError};
+use super::{LABEL_INSTANCE, LABEL_JOB};
+use crate::admission::AdmissionGate;
+use crate::config::{Config, JobsConfig};
+use crate::events::{EventBus, EventPayload};
+use crate::host::Gpu;
+use crate::status::SlotUsage;
+use crate::store::{Store, StoreError, Table, Write};
+
+/// Job records, keyed by job id.
+const RECORDS: Table = Table("jobs.records");
+/// How long CancelJob waits for a running job to end before answering.
+const CANCEL_REPLY_WAIT: Duration = Duration::from_secs(2);
+/// Longest wait between retries while the engine or the store fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A job request or lookup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A field of the spec breaks a rule.
+    #[error("invalid job spec: {0}")]
+    InvalidSpec(#[from] SpecError),
+    /// The job asks for GPUs on a host that has none.
+    #[error("job {id} asks for {gpus} GPUs but this host has none")]
+    NoGpus {
+        /// Job id.
+        id: String,
+        /// GPUs asked for.
+        gpus: u32,
+    },
+    /// The queue is full.
+    #[error("the queue is full: {limit} jobs are waiting (jobs.max_queue)")]
+    QueueFull {
+        /// The limit.
+        limit: u32,
+    },
+    /// No job with that id.
+    #[error("no job with id {0:?}")]
+    NotFound(String),
+    /// A different job already has that id.
+    #[error("job {0:?} already exists with a different spec")]
+    IdConflict(String),
+    /// The store failed (for example, the state filesystem is full).
+    #[error("cannot record the job: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// How a job refers to a managed mount, as the mounts module answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MountResolution {
+    /// No mount with that name.
+    Unknown,
+    /// Known but not usable now (the job waits).
+    Unavailable(String),
+    /// Mounted at this host path.
+    Ready(PathBuf),
+}
+
+/// Looks managed mounts up by name. Must answer from memory (it is called
+/// while the scheduler holds its lock).
+pub trait MountResolver: Send + Sync + 'static {
+    /// The mount's state.
+    fn resolve(&self, name: &str) -> MountResolution;
+}
+
+/// A resolver for a build without managed mounts: every name is unknown.
+pub struct NoManagedMounts;
+
+impl MountResolver for NoManagedMounts {
+    fn resolve(&self, _: &str) -> MountResolution {
+        MountResolution::Unknown
+    }
+}
+
+/// What the manager needs from the rest of the agent.
+pub struct JobsDeps {
+    /// The container engine.
+    pub engine: Arc<dyn ContainerEngine>,
+    /// The shared store.
+    pub store: Store,
+    /// Where transitions are published.
+    pub events: EventBus,
+    /// Holds placed by disk guard and setup.
+    pub admission: AdmissionGate,
+    /// Managed mounts.
+    pub mounts: Arc<dyn MountResolver>,
+    /// Directory of job logs.
+    pub logs_dir: PathBuf,
+    /// Labels the containers.
+    pub instance_id: String,
+    /// Usable CPU cores.
+    pub usable_cores: f64,
+    /// Host memory.
+    pub memory_bytes: u64,
+    /// GPU inventory (filled once discovered).
+    pub gpus: watch::Receiver<Vec<Gpu>>,
+    /// Whether the engine answers (from the engine monitor).
+    pub engine_up: watch::Receiver<bool>,
+    /// The live config.
+    pub config: watch::Receiver<Arc<Config>>,
+}
+
+/// Filters for listing jobs.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only these states (all when empty).
+    pub states: Vec<JobState>,
+    /// Only jobs with all these labels.
+    pub labels: Vec<(String, String)>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// A job with its place in the queue.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    /// The record.
+    pub record: JobRecord,
+    /// Position in the queue (0 = next), while queued.
+    pub queue_position: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct QueueKey {
+    /// Negated so that higher priorities sort first.
+    neg_priority: i64,
+    seq: u64,
+    id: String,
+}
+
+impl QueueKey {
+    fn of(record: &JobRecord) -> Self {
+        Self {
+            neg_priority: -i64::from(record.spec.priority),
+            seq: record.seq,
+            id: record.spec.id.clone(),
+        }
+    }
+}
+
+struct Active {
+    slots: u32,
+    gpus: Vec<u32>,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: HashMap<String, JobRecord>,
+    queue: BTreeSet<QueueKey>,
+    queued_since: HashMap<String, tokio::time::Instant>,
+    active: HashMap<String, Active>,
+    slots_in_use: u32,
+    next_seq: u64,
+    reconciled: bool,
+}
+
+impl State {
+    fn gpus_in_use(&self) -> BTreeSet<u32> {
+        self.active
+            .values()
+            .flat_map(|a| a.gpus.iter().copied())
+            .collect()
+    }
+
+    fn enqueue(&mut self, record: &JobRecord) {
+        self.queue.insert(QueueKey::of(record));
+        self.queued_since
+            .entry(record.spec.id.clone())
+            .or_insert_with(tokio::time::Instant::now);
+    }
+
+    fn dequeue(&mut self, record: &JobRecord) {
+        self.queue.remove(&QueueKey::of(record));
+        self.queued_since.remove(record.id());
+    }
+
+    fn release(&mut self, id: &str) {
+        if let Some(active) = self.active.remove(id) {
+            self.slots_in_use = self.slots_in_use.saturating_sub(active.slots);
+        }
+    }
+
+    fn reserve(&mut self, id: &str, slots: u32, gpus: Vec<u32>) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        self.slots_in_use += slots;
+        self.active.insert(
+            id.to_owned(),
+            Active {
+                slots,
+                gpus,
+                cancel: cancel.clone(),
+            },
+        );
+        cancel
+    }
+}
+
+/// How a job's task begins.
+enum Launch {
+    /// Create and start a new container.
+    Fresh,
+    /// Start a container that was created but never started.
+    StartExisting(String),
+    /// Supervise a container that already ran or runs.
+    Adopt(String),
+}
+
+/// How supervision ended.
+enum Outcome {
+    Exited(i64),
+    Lost,
+    ShuttingDown,
+}
+
+/// The job manager. Cheap to clone.
+#[derive(Clone)]
+pub struct JobManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Arc<dyn ContainerEngine>,
+    store: Store,
+    events: EventBus,
+    admission: AdmissionGate,
+    mounts: Arc<dyn MountResolver>,
+    logs: JobLogs,
+    instance_id: String,
+    usable_cores: f64,
+    memory_bytes: u64,
+    gpus: watch::Receiver<Vec<Gpu>>,
+    engine_up: watch::Receiver<bool>,
+    config: watch::Receiver<Arc<Config>>,
+    state: Mutex<State>,
+    wake: Notify,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl JobManager {
+    /// Loads the records from the store and starts the scheduler and the
+    /// retention sweeper on `tasks`. Recovery with the engine happens as soon
+    /// as the engine answers; until then nothing starts.
+    pub fn start(
+        deps: JobsDeps,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Result<Self, JobError> {
+        let mut state = State::default();
+        for (id, record) in deps.store.scan::<JobRecord>(RECORDS)? {
+            state.next_seq = state.next_seq.max(record.seq + 1);
+            if record.state == JobState::Queued {
+                state.enqueue(&record);
+            }
+            state.jobs.insert(id, record);
+        }
+        let inner = Arc::new(Inner {
+            engine: deps.engine,
+            store: deps.store,
+            events: deps.events,
+            admission: deps.admission,
+            mounts: deps.mounts,
+            logs: JobLogs::new(deps.logs_dir),
+            instance_id: deps.instance_id,
+            usable_cores: deps.usable_cores,
+            memory_bytes: deps.memory_bytes,
+            gpus: deps.gpus,
+            engine_up: deps.engine_up,
+            config: deps.config,
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            shutdown,
+            tasks,
+        });
+        let manager = Self { inner };
+        manager.inner.tasks.spawn(manager.clone().schedule_loop());
+        manager.inner.tasks.spawn(manager.clone().retention_loop());
+        Ok(manager)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every critical section leaves State consistent before any call that
+        // could panic, so a poisoned lock is still safe to use.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn jobs_config(&self) -> JobsConfig {
+        self.inner.config.borrow().jobs.clone()
+    }
+
+    /// Slots in total under the live config.
+    pub fn capacity(&self) -> u32 {
+        let jobs = &self.inner.config.borrow().jobs;
+        scheduler::capacity(jobs.slots, jobs.slots_per_core, self.inner.usable_cores)
+    }
+
+    /// Slot usage for GetStatus.
+    pub fn slot_usage(&self) -> SlotUsage {
+        let state = self.lock();
+        SlotUsage {
+            capacity: self.capacity(),
+            in_use: state.slots_in_use,
+            queued: u32::try_from(state.queue.len()).unwrap_or(u32::MAX),
+            running: u32::try_from(
+                state
+                    .active
+                    .keys()
+                    .filter(|id| {
+                        state
+                            .jobs
+                            .get(*id)
+                            .is_some_and(|r| r.state == JobState::Running)
+                    })
+                    .count(),
+            )
+            .unwrap_or(u32::MAX),
+            held_reason: self.inner.admission.held_reason().unwrap_or_default(),
+        }
+    }
+
+    /// Queues a job. Idempotent on the spec's id.
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobRecord, JobError> {
+        let config = self.jobs_config();
+        let gpu_count = u32::try_from(self.inner.gpus.borrow().len()).unwrap_or(u32::MAX);
+        if spec.gpus > 0 && gpu_count == 0 {
+            return Err(JobError::NoGpus {
+                id: spec.id.clone(),
+                gpus: spec.gpus,
+            });
+        }
+        let host = HostLimits {
+            capacity: self.capacity(),
+            usable_cores: self.inner.usable_cores,
+            memory_bytes: self.inner.memory_bytes,
+            gpus: gpu_count,
+        };
+        let spec = spec::validate(spec, &config, host)?;
+        self.check_mounts(&spec, &config).await?;
+
+        let record = {
+            let mut state = self.lock();
+            if let Some(existing) = state.jobs.get(&spec.id) {
+                return if existing.spec == spec {
+                    Ok(existing.clone())
+                } else {
+                    Err(JobError::IdConflict(spec.id))
+                };
+            }
+            if state.queue.len() >= config.max_queue as usize {
+                return Err(JobError::QueueFull {
+                    limit: config.max_queue,
+                });
+            }
+            let record = JobRecord::queued(spec, state.next_seq);
+            state.next_seq += 1;
+            // Visible at once so that a concurrent duplicate submit is
+            // answered from it; queued only once it is durable.
+            state.jobs.insert(record.id().to_owned(), record.clone());
+            record
+        };
+        if let Err(error) = self.persist(&record).await {
+            self.lock().jobs.remove(record.id());
+            return Err(error.into());
+        }
+        self.lock().enqueue(&record);
+        self.publish(&record);
+        self.inner.wake.notify_one();
+        Ok(record)
+    }
+
+    /// Host paths must resolve under an allowed root; managed mounts must exist.
+    async fn check_mounts(&self, spec: &JobSpec, config: &JobsConfig) -> Result<(), JobError> {
+        for (i, mount) in spec.mounts.iter().enumerate() {
+            match &mount.source {
+                MountSource::Managed(name) => {
+                    if self.inner.mounts.resolve(name) == MountResolution::Unknown {
+                        return Err(SpecError {
+                            field: format!("mounts[{i}].managed"),
+                            problem: format!("no managed mount named {name:?}"),
+                        }
+                        .into());
+                    }
+                }
+                MountSource::HostPath(path) => {
+                    let field = format!("mounts[{i}].host_path");
+                    let path = path.clone();
+                    let roots = config.allowed_host_roots.clone();
+                    tokio::task::spawn_blocking(move || {
+                        spec::confine_host_path(&field, &path, &roots)
+                    })
+                    .await
+                    .map_err(|e| SpecError {
+                        field: format!("mounts[{i}].host_path"),
+                        problem: format!("cannot be checked: {e}"),
+                    })??;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One job.
+    pub fn get(&self, id: &str) -> Result<JobView, JobError> {
+        let state = self.lock();
+        let record = state
+            .jobs
+            .get(id)
+            .ok_or_else(|| JobError::NotFound(id.to_owned()))?;
+        let queue_position = (record.state == JobState::Queued)
+            .then(|| state.queue.iter().position(|k| k.id == id))
+            .flatten()
+            .map(|p| u32::try_from(p).unwrap_or(u32::MAX));
+        Ok(JobView {
+            record: record.clone(),
+            queue_position,
+        })
+    }
+
+    /// Jobs matching `filter`, newest first.
+    pub fn list(&self, filter: &JobFilter) -> Vec<JobView> {
+        let state = self.lock();
+        let positions: HashMap<&str, u32> = state
+            .queue
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.id.as_str(), u32::try_from(i).unwrap_or(u32::MAX)))
+            .collect();
+        let mut matching: Vec<&JobRecord> = state
+            .jobs
+            .values()
+            .filter(|r| filter.states.is_empty() || filter.states.contains(&r.state))
+            .filter(|r| {
+                filter
+                    .labels
+                    .iter()
+                    .all(|(k, v)| r.spec.labels.get(k) == Some(v))
+            })
+            .collect();
+        matching.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        let limit = if filter.limit == 0 {
+            1000
+        } else {
+            filter.limit
+        };
+        matching
+            .into_iter()
+            .take(limit)
+            .map(|r| JobView {
+                record: r.clone(),
+                queue_position: positions.get(r.id()).copied(),
+            })
+            .collect()
+    }
+
+    /// True when the job exists and has reached a final state.
+    pub fn is_finished(&self, id: &str) -> bool {
+        self.lock().jobs.get(id).is_some_and(|r| r.state.is_final())
+    }
+
+    /// Cancels a job; idempotent. A running job is asked to stop and the
+    /// reply waits briefly for it, never for the engine.
+    pub async fn cancel(&self, id: &str) -> Result<JobRecord, JobError> {
+        enum Next {
+            Done(Box<JobRecord>),
+            Persist(Box<JobRecord>, Box<JobRecord>),
+            Signal(CancellationToken, Box<JobRecord>),
+        }
+        let next = {
+            let mut state = self.lock();
+            let record = state
+                .jobs
+                .get(id)
+                .cloned()
+                .ok_or_else(|| JobError::NotFound(id.to_owned()))?;
+            match record.state {
+                s if s.is_final() => Next::Done(Box::new(record)),
+                JobState::Queued => {
+                    let mut cancelled = record.clone();
+                    cancelled.transition(JobState::Cancelled, "cancelled while queued");
+                    state.dequeue(&record);
+                    state.jobs.insert(id.to_owned(), cancelled.clone());
+                    Next::Persist(Box::new(record), Box::new(cancelled))
+                }
+                _ => {
+                    let Some(active) = state.active.get(id) else {
+                        return Ok(record);
+                    };
+                    let token = active.cancel.clone();
+                    let mut record = record;
+                    record.cancel_requested = true;
+                    state.jobs.insert(id.to_owned(), record.clone());
+                    Next::Signal(token, Box::new(record))
+                }
+            }
+        };
+        match next {
+            Next::Done(record) => Ok(*record),
+            Next::Persist(before, cancelled) => {
+                if let Err(error) = self.persist(&cancelled).await {
+                    // Undo: a cancel that is not durable would be undone by a
+                    // crash and the job would run after all.
+                    let mut state = self.lock();
+                    state.jobs.insert(id.to_owned(), (*before).clone());
+                    state.enqueue(&before);
+                    return Err(error.into());
+                }
+                self.publish(&cancelled);
+                self.inner.wake.notify_one();
+                Ok(*cancelled)
+            }
+            Next::Signal(token, record) => {
+                // Durable so that a job adopted after a crash is still cancelled.
+                let _ = self.persist(&record).await;
+                token.cancel();
+                let deadline = tokio::time::Instant::now() + CANCEL_REPLY_WAIT;
+                loop {
+                    let current = self.get(id)?.record;
+                    if current.state.is_final() || tokio::time::Instant::now() >= deadline {
+                        return Ok(current);
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        }
+    }
+
+    /// A job's captured output; with `follow`, until the job has ended.
+    pub fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+    ) -> Result<impl Stream<Item = std::io::Result<LogRecord>> + Send + 'static, JobError> {
+        if !self.lock().jobs.contains_key(id) {
+            return Err(JobError::NotFound(id.to_owned()));
+        }
+        let manager = self.clone();
+        let job = id.to_owned();
+        let shutdown = self.inner.shutdown.clone();
+        Ok(self.inner.logs.read(id, follow, move || {
+            shutdown.is_cancelled()
+                || manager
+                    .lock()
+                    .jobs
+                    .get(&job)
+                    .is_none_or(|r| r.state.is_final())
+        }))
+    }
+
+    /// Bytes of logs of jobs that finished before `cutoff`, and removes them
+    /// unless `dry_run` (for the disk guard's reclaim step).
+    pub async fn reclaim_logs(&self, older_than: Duration, dry_run: bool) -> (u64, u32) {
+        let cutoff = SystemTime::now()
+            .checked_sub(older_than)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let ids: Vec<String> = self
+            .lock()
+            .jobs
+            .values()
+            .filter(|r| r.state.is_final() && r.finished_at.is_some_and(|t| t < cutoff))
+            .map(|r| r.id().to_owned())
+            .collect();
+        let (mut bytes, mut items) = (0, 0);
+        for id in ids {
+            let size = self.inner.logs.size(&id).await;
+            if size == 0 {
+                continue;
+            }
+            bytes += size;
+            items += 1;
+            if !dry_run {
+                self.inner.logs.remove(&id).await;
+            }
+        }
+        (bytes, items)
+    }
+
+    async fn persist(&self, record: &JobRecord) -> Result<(), StoreError> {
+        self.inner
+            .store
+            .apply(vec![Write::put(RECORDS, record.id(), record)])
+            .await
+    }
+
+    /// Persists, retrying with backoff until it works or the agent stops.
+    /// Used for transitions that must not be lost (the engine already acted).
+    async fn persist_until_done(&self, record: &JobRecord) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.persist(record).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    tracing::error!(job = record.id(), %error, "cannot record job state; retrying");
+                    tokio::select! {
+                        _ = self.inner.shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn publish(&self, record: &JobRecord) {
+        tracing::info!(job = record.id(), state = record.state.name(), reason = %record.reason, "job state");
+        self.inner
+            .events
+            .publish(EventPayload::Job(Box::new(record.clone())));
+    }
+
+    /// Applies a transition to the in-memory record and returns the result,
+    /// or `None` when the state machine forbids it.
+    fn transition(
+        &self,
+        id: &str,
+        next: JobState,
+        reason: impl Into<String>,
+        edit: impl FnOnce(&mut JobRecord),
+    ) -> Option<JobRecord> {
+        let mut state = self.lock();
+        let record = state.jobs.get_mut(id)?;
+        if !record.transition(next, reason) {
+            return None;
+        }
+        edit(record);
+        Some(record.clone())
+    }
+
+    fn container_name(&self, id: &str) -> String {
+        let short: String = self.inner.instance_id.chars().take(12).collect();
+        format!("ia-{short}-{id}")
+    }
+
+    async fn schedule_loop(self) {
+        let mut admission = self.inner.admission.subscribe();
+        let mut engine_up = self.inner.engine_up.clone();
+        let mut config = self.inner.config.clone();
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            if !self.lock().reconciled && *engine_up.borrow() {
+                match self.reconcile().await {
+                    Ok(()) => backoff = Duration::from_secs(1),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot reconcile jobs with the engine yet");
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+            if self.lock().reconciled {
+                self.schedule();
+            }
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = self.inner.wake.notified() => {}
+                Ok(()) = admission.changed() => {}
+                Ok(()) = engine_up.changed() => {}
+                Ok(()) = config.changed() => {}
+                // Starvation bounds and retries are time-based.
+                _ = tokio::time::sleep(backoff) => {}
+            }
+        }
+    }
+
+    /// Starts every queued job that may start now.
+    fn schedule(&self) {
+        if self.inner.admission.held_reason().is_some() || !*self.inner.engine_up.borrow() {
+            return;
+        }
+        let config = self.jobs_config();
+        let capacity = self.capacity();
+        let reserve_after = Duration::from_secs(config.reserve_after_seconds.into());
+        let all_gpus: Vec<u32> = self.inner.gpus.borrow().iter().map(|g| g.index).collect();
+        let launches = {
+            let mut state = self.lock();
+            let free_slots = capacity.saturating_sub(state.slots_in_use);
+            if free_slots == 0 || state.queue.is_empty() {
+                return;
+            }
+            let busy = state.gpus_in_use();
+            let free = Free {
+                slots: free_slots,
+                gpus: all_gpus
+                    .iter()
+                    .copied()
+                    .filter(|g| !busy.contains(g))
+                    .collect(),
+            };
+            let now = tokio::time::Instant::now();
+            let candidates: Vec<Candidate> = state
+                .queue
+                .iter()
+                .filter_map(|key| state.jobs.get(&key.id))
+                .map(|r| Candidate {
+                    id: r.id().to_owned(),
+                    slots: r.spec.slots,
+                    gpus: r.spec.gpus,
+                    waited: state
+                        .queued_since
+                        .get(r.id())
+                        .map_or(Duration::ZERO, |t| now - *t),
+                    mounts_ready: r.spec.mounts.iter().all(|m| match &m.source {
+                        MountSource::Managed(name) => {
+                            matches!(self.inner.mounts.resolve(name), MountResolution::Ready(_))
+                        }
+                        MountSource::HostPath(_) => true,
+                    }),
+                })
+                .collect();
+            let starts = scheduler::select(&candidates, free, reserve_after);
+            let mut launches = Vec::new();
+            for start in starts {
+                let Some(record) = state.jobs.get(&start.id).cloned() else {
+                    continue;
+                };
+                state.dequeue(&record);
+                let cancel = state.reserve(&start.id, record.spec.slots, start.gpus.clone());
+                if let Some(r) = state.jobs.get_mut(&start.id) {
+                    r.transition(JobState::Starting, "creating the container");
+                    r.gpu_indices = start.gpus;
+                }
+                launches.push((start.id, cancel));
+            }
+            launches
+        };
+        for (id, cancel) in launches {
+            self.inner
+                .tasks
+                .spawn(self.clone().run(id, Launch::Fresh, cancel));
+        }
+    }
+
+    /// Drives one job from its launch to its final state and the removal of
+    /// its container.
+    async fn run(self, id: String, launch: Launch, cancel: CancellationToken) {
+        let container = match launch {
+            Launch::Fresh => match self.create_and_start(&id, &cancel).await {
+                Some(container) => container,
+                None => return,
+            },
+            Launch::StartExisting(container) => {
+                if let Err(error) = self.inner.engine.start(&container).await {
+                    self.fail_before_running(
+                        &id,
+                        &container,
+                        format!("cannot start the container: {error}"),
+                    )
+                    .await;
+                    return;
+                }
+                container
+            }
+            Launch::Adopt(container) => container,
+        };
+        let running = self.transition(&id, JobState::Running, "running", |r| {
+            r.container_id = container.clone()
+        });
+        if let Some(record) = running {
+            if !self.persist_until_done(&record).await {
+                return;
+            }
+            self.publish(&record);
+        }
+        self.supervise(&id, &container, &cancel).await;
+    }
+
+    /// Records the intent, then creates and starts the container. `None`
+    /// when the job ended or went back to the queue instead.
+    async fn create_and_start(&self, id: &str, cancel: &CancellationToken) -> Option<String> {
+        let record = self.get(id).ok().map(|v| v.record)?;
+        if let Err(error) = self.persist(&record).await {
+            tracing::warn!(job = id, %error, "cannot record the start; job goes back to the queue");
+            self.requeue(id, format!("waiting: cannot record the start: {error}"))
+                .await;
+            return None;
+        }
+        self.publish(&record);
+        let spec = match self.container_spec(&record).await {
+            Ok(spec) => spec,
+            Err(reason) => {
+                self.requeue(id, reason).await;
+                return None;
+            }
+        };
+        if cancel.is_cancelled() {
+            self.cancelled_before_start(id).await;
+            return None;
+        }
+        let container = match self.inner.engine.create(&spec).await {
+            Ok(container) => container,
+            Err(EngineError::NameInUse(name)) => {
+                // Left by an earlier run of this agent that crashed after
+                // recording the intent: look at it instead of running twice.
+                match self.inner.engine.inspect(&name).await {
+                    Ok(Some(status)) if status.status == "created" => status.id,
+                    // It already started: supervise it, never start it again.
+                    Ok(Some(status)) => return Some(status.id),
+                    Ok(None) | Err(_) => {
+                        self.requeue(id, "waiting: container name in use, retrying".into())
+                            .await;
+                        return None;
+                    }
+                }
+            }
+            Err(error) if error.is_unreachable() => {
+                self.requeue(id, format!("waiting for the engine: {error}"))
+                    .await;
+                return None;
+            }
+            Err(error) => {
+                self.finish(
+                    id,
+                    "",
+                    Some(JobState::Failed),
+                    format!("cannot create the container: {error}"),
+                    None,
+                    false,
+                )
+                .await;
+                return None;
+            }
+        };
+        if cancel.is_cancelled() {
+            let _ = self.inner.engine.remove(&container).await;
+            self.cancelled_before_start(id).await;
+            return None;
+        }
+        if let Err(error) = self.inner.engine.start(&container).await {
+            if error.is_unreachable() {
+                // Whether it started is unknown: supervision finds out.
+                return Some(container);
+            }
+            self.fail_before_running(
+                id,
+                &container,
+                format!("cannot start the container: {error}"),
+            )
+            .await;
+            return None;
+        }
+        Some(container)
+    }
+
+    async fn cancelled_before_start(&self, id: &str) {
+        self.finish(
+            id,
+            "",
+            Some(JobState::Cancelled),
+            "cancelled before its container started".into(),
+            None,
+            false,
+        )
+        .await;
+    }
+
+    async fn fail_before_running(&self, id: &str, container: &str, reason: String) {
+        self.finish(id, container, Some(JobState::Failed), reason, None, false)
+            .await;
+    }
+
+    /// Puts a job that never got a container back in the queue.
+    async fn requeue(&self, id: &str, reason: String) {
+        let record = {
+            let mut state = self.lock();
+            state.release(id);
+            let Some(r) = state.jobs.get_mut(id) else {
+                return;
+            };
+            if !r.transition(JobState::Queued, reason) {
+                return;
+            }
+            let r = r.clone();
+            state.enqueue(&r);
+            r
+        };
+        let _ = self.persist(&record).await;
+        self.publish(&record);
+        // Let the cause (engine, store) settle before the next attempt.
+        tokio::select! {
+            _ = self.inner.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => self.inner.wake.notify_one(),
+        }
+    }
+
+    async fn container_spec(&self, record: &JobRecord) -> Result<ContainerSpec, String> {
+        let s = &record.spec;
+        let config = self.jobs_config();
+        let mut binds = Vec::new();
+        for (i, mount) in s.mounts.iter().enumerate() {
+            let source = match &mount.source {
+                MountSource::Managed(name) => match self.inner.mounts.resolve(name) {
+                    MountResolution::Ready(path) => path,
+                    MountResolution::Unavailable(why) => {
+                        return Err(format!("waiting for mount {name}: {why}"));
+                    }
+                    MountResolution::Unknown => {
+                        return Err(format!("waiting: mount {name} is not known"));
+                    }
+                },
+                MountSource::HostPath(path) => {
+                    let (field, path, roots) = (
+                        format!("mounts[{i}].host_path"),
+                        path.clone(),
+                        config.allowed_host_roots.clone(),
+                    );
+                    match tokio::task::spawn_blocking(move || {
+                        spec::confine_host_path(&field, &path, &roots)
+                    })
+                    .await
+                    {
+                        Ok(Ok(real)) => real,
+                        Ok(Err(e)) => return Err(format!("waiting: {e}")),
+                        Err(e) => return Err(format!("waiting: {e}")),
+                    }
+                }
+            };
+            binds.push(Bind {
+                source,
+                target: mount.container_path.clone(),
+                read_only: mount.read_only,
+            });
+        }
+        let mut labels: HashMap<String, String> = s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.insert(LABEL_INSTANCE.into(), self.inner.instance_id.clone());
+        labels.insert(LABEL_JOB.into(), s.id.clone());
+        Ok(ContainerSpec {
+            name: self.container_name(&s.id),
+            image: s.image.clone(),
+            command: s.command.clone(),
+            env: s.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            working_dir: s.working_dir.clone(),
+            labels,
+            memory_bytes: s.memory_bytes,
+            nano_cpus: u64::from(s.cpu_millis) * 1_000_000,
+            pids_limit: config.pids_limit,
+            network: s.network.clone(),
+            binds,
+            gpus: record.gpu_indices.clone(),
+            log_max_bytes: config.log_max_bytes,
+        })
+    }
+
+    /// Captures output, enforces the timeout, honours cancel, and records the
+    /// end. Returns without recording anything when the agent shuts down:
+    /// the container keeps running and the next start adopts it.
+    async fn supervise(&self, id: &str, container: &str, cancel: &CancellationToken) {
+        let capture = self
+            .inner
+            .tasks
+            .spawn(self.clone().capture(id.to_owned(), container.to_owned()));
+        let Some(record) = self.get(id).ok().map(|v| v.record) else {
+            return;
+        };
+        let grace = Duration::from_secs(record.spec.kill_grace_seconds.into());
+        let mut deadline = (record.spec.timeout_seconds > 0).then(|| {
+            let limit = Duration::from_secs(record.spec.timeout_seconds.into());
+            let ran = record
+                .running_at
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .unwrap_or_default();
+            tokio::time::Instant::now() + limit.saturating_sub(ran)
+        });
+        let mut ending: Option<(JobState, String)> = None;
+        if record.cancel_requested {
+            cancel.cancel();
+        }
+        let mut backoff = Duration::from_millis(200);
+        let outcome = loop {
+            let timed_out = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => break Outcome::ShuttingDown,
+                result = self.inner.engine.wait(container) => match result {
+                    Ok(code) => break Outcome::Exited(code),
+                    Err(EngineError::NotFound { .. }) => break Outcome::Lost,
+                    Err(error) => {
+                        tracing::debug!(job = id, %error, "waiting for the container failed; checking it");
+                        tokio::select! {
+                            _ = self.inner.shutdown.cancelled() => break Outcome::ShuttingDown,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        match self.inner.engine.inspect(container).await {
+                            Ok(None) => break Outcome::Lost,
+                            Ok(Some(s)) if !s.running && s.status != "created" => break Outcome::Exited(s.exit_code.unwrap_or(-1)),
+                            _ => continue,
+                        }
+                    }
+                },
+                _ = timed_out, if ending.is_none() => {
+                    deadline = None;
+                    ending = Some((JobState::TimedOut, format!("killed after its {} s timeout", record.spec.timeout_seconds)));
+                    self.stop(id, container, grace).await;
+                }
+                _ = cancel.cancelled(), if ending.is_none() => {
+                    ending = Some((JobState::Cancelled, "cancelled".into()));
+                    self.stop(id, container, grace).await;
+                }
+            }
+        };
+        let exit = match outcome {
+            Outcome::ShuttingDown => return,
+            Outcome::Lost => None,
+            Outcome::Exited(code) => Some(code),
+        };
+        // The output stream ends with the container; give it a moment to
+        // drain so that the log is complete when the final state is visible.
+        if tokio::time::timeout(Duration::from_secs(10), capture)
+            .await
+            .is_err()
+        {
+            tracing::warn!(job = id, "log capture did not finish within 10 s of exit");
+        }
+        let oom = match exit {
+            Some(_) => {
+                matches!(self.inner.engine.inspect(container).await, Ok(Some(s)) if s.oom_killed)
+            }
+            None => false,
+        };
+        let (state, reason) = match (ending, exit) {
+            (Some((state, reason)), _) => (Some(state), reason),
+            (None, None) => (
+                Some(JobState::Failed),
+                "container lost: it disappeared while the job ran".into(),
+            ),
+            (None, Some(_)) if oom => (
+                Some(JobState::Failed),
+                format!(
+                    "killed by the OOM killer (memory limit {} bytes)",
+                    record.spec.memory_bytes
+                ),
+            ),
+            (None, Some(0)) => (Some(JobState::Succeeded), "exited with status 0".into()),
+            (None, Some(code)) => (Some(JobState::Failed), format!("exited with status {code}")),
+        };
+        self.finish(id, container, state, reason, exit, oom).await;
+    }
+
+    /// SIGTERM, then SIGKILL after the grace period, retried while the
+    /// engine does not answer.
+    async fn stop(&self, id: &str, container: &str, grace: Duration) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.inner.engine.stop(container, grace).await {
+                Ok(()) | Err(EngineError::NotFound { .. }) => return,
+                Err(error) => {
+                    tracing::warn!(job = id, %error, "cannot stop the container; retrying");
+                    tokio::select! {
+                        _ = self.inner.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Copies the container's output into the job's log until the container
+    /// exits, resuming where the log ends after an agent restart or an
+    /// engine outage.
+    async fn capture(self, id: String, container: String) {
+        let cap = self.jobs_config().log_max_bytes;
+        let (mut writer, mut last) = match self.inner.logs.writer(&id, cap).await {
+            Ok(w) => w,
+            Err(error) => {
+                tracing::error!(job = %id, %error, "cannot open the job's log; output is not captured");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(200);
+        // Followed while the container runs; once it has exited, one last
+        // unfollowed read picks up what a follow stream may have missed (the
+        // engine can end a follow early when a container exits quickly).
+        let mut follow = true;
+        loop {
+            let mut stream = match self.inner.engine.output(&container, last, follow).await {
+                Ok(stream) => stream,
+                Err(EngineError::NotFound { .. }) => break,
+                Err(_) => {
+                    tokio::select! {
+                        _ = self.inner.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            let mut failed = false;
+            loop {
+                let item = tokio::select! {
+                    _ = self.inner.shutdown.cancelled() => None,
+                    item = stream.next() => item,
+                };
+                match item {
+                    Some(Ok(frame)) => {
+                        if let Err(error) = writer
+                            .write(frame.stream, frame.time_nanos, &frame.data)
+                            .await
+                        {
+                            tracing::warn!(job = %id, %error, "cannot write the job's log");
+                        }
+                        last = last.max(frame.time_nanos);
+                    }
+                    Some(Err(EngineError::NotFound { .. })) | None => break,
+                    Some(Err(_)) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            let _ = writer.flush().await;
+            if self.inner.shutdown.is_cancelled() {
+                break;
+            }
+            if !failed {
+                if !follow {
+                    break;
+                }
+                // A follow stream also ends when the engine rotates its log
+                // file; only a container that no longer runs has no more output.
+                match self.inner.engine.inspect(&container).await {
+                    Ok(Some(status)) if status.running => continue,
+                    Ok(Some(_)) => {
+                        follow = false;
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+            }
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        let _ = writer.flush().await;
+    }
+
+    /// Records the final state, removes the container, frees the slots.
+    async fn finish(
+        &self,
+        id: &str,
+        container: &str,
+        state: Option<JobState>,
+        reason: String,
+        exit: Option<i64>,
+        oom: bool,
+    ) {
+        let Some(state) = state else { return };
+        let record = self.transition(id, state, reason, |r| {
+            r.exit_code = exit;
+            r.oom_killed = oom;
+            if !container.is_empty() {
+                r.container_id = container.to_owned();
+            }
+        });
+        if let Some(record) = &record {
+            if !self.persist_until_done(record).await {
+                return;
+            }
+            self.publish(record);
+        }
+        let keep = self.jobs_config().keep_containers;
+        if !container.is_empty() && !keep {
+            // The slots stay held until the container is gone, so a container
+            // that still exists never counts outside the capacity.
+            let mut backoff = Duration::from_millis(200);
+            while let Err(error) = self.inner.engine.remove(container).await {
+                tracing::warn!(job = id, %error, "cannot remove the container; retrying");
+                tokio::select! {
+                    _ = self.inner.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+        self.lock().release(id);
+        self.inner.wake.notify_one();
+    }
+
+    /// Matches the records with the engine's containers after a start (or a
+    /// failed removal): adopts what runs, records what ended, re-queues what
+    /// never started, fails what vanished, removes what nobody owns.
+    async fn reconcile(&self) -> Result<(), EngineError> {
+        let containers = self
+            .inner
+            .engine
+            .list(LABEL_INSTANCE, &self.inner.instance_id)
+            .await?;
+        let mut by_job: HashMap<String, (String, String)> = HashMap::new();
+        let mut orphans = Vec::new();
+        for c in containers {
+            match c.labels.get(LABEL_JOB) {
+                Some(job) => {
+                    by_job.insert(job.clone(), (c.id, c.state));
+                }
+                None => orphans.push(c.id),
+            }
+        }
+        let mut launches = Vec::new();
+        let mut changed = Vec::new();
+        {
+            let mut state = self.lock();
+            let unfinished: Vec<JobRecord> = state
+                .jobs
+                .values()
+                .filter(|r| {
+                    matches!(r.state, JobState::Starting | JobState::Running)
+                        && !state.active.contains_key(r.id())
+                })
+                .cloned()
+                .collect();
+            for record in unfinished {
+                let id = record.id().to_owned();
+                match by_job.remove(&id) {
+                    Some((container, status)) => {
+                        let cancel =
+                            state.reserve(&id, record.spec.slots, record.gpu_indices.clone());
+                        let launch = if status == "created" {
+                            Launch::StartExisting(container)
+                        } else {
+                            Launch::Adopt(container)
+                        };
+                        launches.push((id, launch, cancel));
+                    }
+                    None if record.state == JobState::Starting => {
+                        // The intent was recorded but no container exists: it
+                        // never ran, so it may run now.
+                        if let Some(r) = state.jobs.get_mut(&id) {
+                            r.transition(
+                                JobState::Queued,
+                                "re-queued after an agent restart: its container was never created",
+                            );
+                            changed.push(r.clone());
+                        }
+                        if let Some(r) = state.jobs.get(&id).cloned() {
+                            state.enqueue(&r);
+                        }
+                    }
+                    None => {
+                        if let Some(r) = state.jobs.get_mut(&id) {
+                            r.transition(JobState::Failed, "container lost: it no longer exists");
+                            changed.push(r.clone());
+                        }
+                    }
+                }
+            }
+            // Containers of finished or unknown jobs: their exit is recorded
+            // (or they belong to nothing), so they only take space.
+            for (job, (container, _)) in by_job {
+                if !state.active.contains_key(&job) {
+                    orphans.push(container);
+                }
+            }
+            state.reconciled = true;
+        }
+        for record in &changed {
+            if self.persist_until_done(record).await {
+                self.publish(record);
+            }
+        }
+        if !self.jobs_config().keep_containers {
+            for container in orphans {
+                if let Err(error) = self.inner.engine.remove(&container).await {
+                    tracing::warn!(%container, %error, "cannot remove a leftover container");
+                }
+            }
+        }
+        let adopted = launches.len();
+        for (id, launch, cancel) in launches {
+            self.inner.tasks.spawn(self.clone().run(id, launch, cancel));
+        }
+        if adopted > 0 || !changed.is_empty() {
+            tracing::info!(
+                adopted,
+                recovered = changed.len(),
+                "reconciled jobs with the engine"
+            );
+        }
+        Ok(())
+    }
+
+    async fn retention_loop(self) {
+        loop {
+            self.sweep().await;
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+        }
+    }
+
+    /// Removes finished jobs past the retention age or count, with their logs.
+    pub async fn sweep(&self) {
+        let config = self.jobs_config();
+        let cutoff = SystemTime::now()
+            .checked_sub(Duration::from_secs(config.retention_seconds))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let expired: Vec<String> = {
+            let mut state = self.lock();
+            let mut finished: Vec<(SystemTime, String)> = state
+                .jobs
+                .values()
+                .filter(|r| r.state.is_final())
+                .map(|r| (r.finished_at.unwrap_or(r.queued_at), r.id().to_owned()))
+                .collect();
+            finished.sort();
+            let excess = finished
+                .len()
+                .saturating_sub(config.retention_count as usize);
+            let expired: Vec<String> = finished
+                .into_iter()
+                .enumerate()
+                .filter(|(i, (t, _))| *i < excess || *t < cutoff)
+                .map(|(_, (_, id))| id)
+                .collect();
+            for id in &expired {
+                state.jobs.remove(id);
+            }
+            expired
+        };
+        if expired.is_empty() {
+            return;
+        }
+        let writes = expired
+            .iter()
+            .map(|id| Write::Delete(RECORDS, id.clone()))
+            .collect();
+        if let Err(error) = self.inner.store.apply(writes).await {
+            tracing::warn!(%error, "cannot remove expired job records");
+        }
+        for id in &expired {
+            self.inner.logs.remove(id).await;
+        }
+        tracing::info!(
+            removed = expired.len(),
+            "removed finished jobs past retention"
+        );
+    }
+}
+
+#[cfg(test)]
+#[path = "manager_tests.rs"]
+mod tests;

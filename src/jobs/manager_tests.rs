@@ -1,0 +1,442 @@
+//! Unit tests of the job manager against the fake engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::*;
+use crate::jobs::engine::ContainerSpec;
+use crate::jobs::fake_engine::FakeEngine;
+
+struct Harness {
+    manager: JobManager,
+    engine: Arc<FakeEngine>,
+    store: Store,
+    admission: AdmissionGate,
+    engine_up: watch::Sender<bool>,
+    config: watch::Sender<Arc<Config>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    _dir: tempfile::TempDir,
+    dir_path: PathBuf,
+}
+
+fn config(slots: u32) -> Config {
+    let mut c = Config::default();
+    c.jobs.slots = slots;
+    c.jobs.kill_grace_seconds = 1;
+    c
+}
+
+impl Harness {
+    fn new(slots: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        Self::with(dir, store, Arc::new(FakeEngine::new()), config(slots))
+    }
+
+    fn with(dir: tempfile::TempDir, store: Store, engine: Arc<FakeEngine>, config: Config) -> Self {
+        let (engine_up, engine_up_rx) = watch::channel(true);
+        let (config_tx, config_rx) = watch::channel(Arc::new(config));
+        let (_gpus_tx, gpus_rx) = watch::channel(Vec::new());
+        let admission = AdmissionGate::new();
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let dir_path = dir.path().to_owned();
+        let manager = JobManager::start(
+            JobsDeps {
+                engine: engine.clone(),
+                store: store.clone(),
+                events: EventBus::new(1024),
+                admission: admission.clone(),
+                mounts: Arc::new(NoManagedMounts),
+                logs_dir: dir.path().join("logs"),
+                instance_id: "inst".into(),
+                usable_cores: 2.0,
+                memory_bytes: 8 << 30,
+                gpus: gpus_rx,
+                engine_up: engine_up_rx,
+                config: config_rx,
+            },
+            shutdown.clone(),
+            tasks.clone(),
+        )
+        .unwrap();
+        Self {
+            manager,
+            engine,
+            store,
+            admission,
+            engine_up,
+            config: config_tx,
+            shutdown,
+            tasks,
+            _dir: dir,
+            dir_path,
+        }
+    }
+
+    /// Simulates an agent crash: stops every task without recording anything
+    /// and reopens the same store with a new manager.
+    async fn restart(self) -> Self {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        let Harness {
+            engine,
+            store,
+            _dir,
+            config,
+            manager,
+            ..
+        } = self;
+        let config = (**config.borrow()).clone();
+        drop(manager);
+        drop(store);
+        let store = Store::open(_dir.path()).unwrap();
+        Self::with(_dir, store, engine, config)
+    }
+
+    async fn submit(&self, id: &str) -> JobRecord {
+        self.manager.submit(spec(id)).await.unwrap()
+    }
+
+    fn state(&self, id: &str) -> JobState {
+        self.manager.get(id).unwrap().record.state
+    }
+
+    async fn wait_for(&self, what: &str, check: impl Fn(&Self) -> bool) {
+        for _ in 0..500 {
+            if check(self) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "timed out waiting for {what}; calls: {:?}",
+            self.engine.calls()
+        );
+    }
+
+    fn container_of(&self, id: &str) -> String {
+        self.manager.get(id).unwrap().record.container_id
+    }
+}
+
+fn spec(id: &str) -> JobSpec {
+    JobSpec {
+        id: id.into(),
+        image: "busybox".into(),
+        command: vec!["true".into()],
+        ..JobSpec::default()
+    }
+}
+
+#[tokio::test]
+async fn never_more_running_than_capacity() {
+    let h = Harness::new(2);
+    for i in 0..6 {
+        h.submit(&format!("j{i}")).await;
+    }
+    h.wait_for("two running", |h| h.engine.running().len() == 2)
+        .await;
+    assert_eq!(h.manager.slot_usage().queued, 4);
+    for _ in 0..3 {
+        for c in h.engine.running() {
+            assert!(h.engine.running().len() <= 2);
+            h.engine.exit(&c, 0, false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(h.engine.running().len() <= 2);
+    }
+    h.wait_for("all succeeded", |h| {
+        (0..6).all(|i| h.state(&format!("j{i}")) == JobState::Succeeded)
+    })
+    .await;
+    h.wait_for("containers removed", |h| h.engine.existing().is_empty())
+        .await;
+    assert_eq!(h.manager.slot_usage().in_use, 0);
+}
+
+#[tokio::test]
+async fn priority_then_fifo() {
+    let h = Harness::new(1);
+    h.admission.hold("test", "hold");
+    h.submit("low1").await;
+    let mut high = spec("high");
+    high.priority = 5;
+    h.manager.submit(high).await.unwrap();
+    h.submit("low2").await;
+    let queued: Vec<(String, Option<u32>)> = ["low1", "high", "low2"]
+        .iter()
+        .map(|id| (id.to_string(), h.manager.get(id).unwrap().queue_position))
+        .collect();
+    assert_eq!(queued[1].1, Some(0));
+    assert_eq!(queued[0].1, Some(1));
+    assert_eq!(queued[2].1, Some(2));
+    h.admission.release("test");
+    h.wait_for("high runs first", |h| h.state("high") == JobState::Running)
+        .await;
+    assert_eq!(h.state("low1"), JobState::Queued);
+}
+
+#[tokio::test]
+async fn submit_is_idempotent_on_id() {
+    let h = Harness::new(1);
+    let a = h.submit("same").await;
+    let b = h.submit("same").await;
+    assert_eq!(a.seq, b.seq);
+    let mut other = spec("same");
+    other.command = vec!["false".into()];
+    assert!(matches!(
+        h.manager.submit(other).await,
+        Err(JobError::IdConflict(_))
+    ));
+}
+
+#[tokio::test]
+async fn queue_full_is_refused() {
+    let h = Harness::new(1);
+    h.admission.hold("test", "hold");
+    let mut c = config(1);
+    c.jobs.max_queue = 2;
+    h.config.send_replace(Arc::new(c));
+    h.submit("a").await;
+    h.submit("b").await;
+    assert!(matches!(
+        h.manager.submit(spec("c")).await,
+        Err(JobError::QueueFull { limit: 2 })
+    ));
+}
+
+#[tokio::test]
+async fn held_queue_starts_nothing_until_released() {
+    let h = Harness::new(2);
+    h.admission.hold("disk", "/ is critical");
+    h.submit("a").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.state("a"), JobState::Queued);
+    assert!(h.manager.slot_usage().held_reason.contains("/ is critical"));
+    h.admission.release("disk");
+    h.wait_for("a running", |h| h.state("a") == JobState::Running)
+        .await;
+}
+
+#[tokio::test]
+async fn engine_down_keeps_jobs_queued() {
+    let h = Harness::new(2);
+    h.engine_up.send_replace(false);
+    h.engine.set_down(true);
+    h.submit("a").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.state("a"), JobState::Queued);
+    h.engine.set_down(false);
+    h.engine_up.send_replace(true);
+    h.wait_for("a running", |h| h.state("a") == JobState::Running)
+        .await;
+}
+
+#[tokio::test]
+async fn cancel_queued_and_running() {
+    let h = Harness::new(1);
+    h.submit("run").await;
+    h.submit("wait").await;
+    h.wait_for("running", |h| h.state("run") == JobState::Running)
+        .await;
+    let cancelled = h.manager.cancel("wait").await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    let again = h.manager.cancel("wait").await.unwrap();
+    assert_eq!(again.state, JobState::Cancelled, "idempotent");
+    let running = h.manager.cancel("run").await.unwrap();
+    assert_eq!(running.state, JobState::Cancelled);
+    assert!(h.engine.calls().iter().any(|c| c.starts_with("stop")));
+    assert!(matches!(
+        h.manager.cancel("nope").await,
+        Err(JobError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn exit_codes_and_oom() {
+    let h = Harness::new(2);
+    h.submit("bad").await;
+    h.submit("oom").await;
+    h.wait_for("both running", |h| h.engine.running().len() == 2)
+        .await;
+    let bad = h.container_of("bad");
+    let oom = h.container_of("oom");
+    h.engine.exit(&bad, 3, false);
+    h.engine.exit(&oom, 137, true);
+    h.wait_for("both finished", |h| {
+        h.state("bad").is_final() && h.state("oom").is_final()
+    })
+    .await;
+    let bad = h.manager.get("bad").unwrap().record;
+    assert_eq!((bad.state, bad.exit_code), (JobState::Failed, Some(3)));
+    let oom = h.manager.get("oom").unwrap().record;
+    assert!(oom.oom_killed);
+    assert!(oom.reason.contains("OOM"), "{}", oom.reason);
+}
+
+#[tokio::test]
+async fn timeout_stops_the_container() {
+    let h = Harness::new(1);
+    let mut s = spec("slow");
+    s.timeout_seconds = 1;
+    h.manager.submit(s).await.unwrap();
+    h.wait_for("timed out", |h| h.state("slow") == JobState::TimedOut)
+        .await;
+    assert!(h.engine.calls().iter().any(|c| c.starts_with("stop")));
+}
+
+#[tokio::test]
+async fn records_survive_a_restart_and_running_jobs_are_adopted() {
+    let h = Harness::new(2);
+    h.submit("a").await;
+    h.submit("b").await;
+    h.submit("c").await;
+    h.wait_for("two running", |h| h.engine.running().len() == 2)
+        .await;
+    let a = h.container_of("a");
+    let h = h.restart().await;
+    let waits_on_a = |h: &Harness| {
+        h.engine
+            .calls()
+            .iter()
+            .filter(|c| **c == format!("wait {a}"))
+            .count()
+    };
+    h.wait_for("adopted: waiting on a again", |h| waits_on_a(h) == 2)
+        .await;
+    assert_eq!(h.state("a"), JobState::Running);
+    let creates = h
+        .engine
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("create"))
+        .count();
+    assert_eq!(
+        creates,
+        2,
+        "no container created twice: {:?}",
+        h.engine.calls()
+    );
+    h.engine.exit(&a, 0, false);
+    h.wait_for("a done", |h| h.state("a") == JobState::Succeeded)
+        .await;
+    h.wait_for("c runs", |h| h.state("c") == JobState::Running)
+        .await;
+}
+
+#[tokio::test]
+async fn reconcile_handles_every_crash_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let engine = Arc::new(FakeEngine::new());
+    let labels = |job: &str| {
+        HashMap::from([
+            (LABEL_INSTANCE.to_owned(), "inst".to_owned()),
+            (LABEL_JOB.to_owned(), job.to_owned()),
+        ])
+    };
+    let mut writes = Vec::new();
+    for (i, (id, state)) in [
+        ("exited", JobState::Running),
+        ("created", JobState::Starting),
+        ("intent", JobState::Starting),
+        ("vanished", JobState::Running),
+        ("done", JobState::Succeeded),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = JobRecord::queued(spec(id), i as u64);
+        r.state = state;
+        writes.push(Write::put(RECORDS, id, &r));
+    }
+    store.apply(writes).await.unwrap();
+    let spec_for = |job: &str| ContainerSpec {
+        name: format!("ia-inst-{job}"),
+        labels: labels(job),
+        ..ContainerSpec::default()
+    };
+    engine.insert("cx", spec_for("exited"), "exited", Some(7));
+    engine.insert("cc", spec_for("created"), "created", None);
+    engine.insert("cd", spec_for("done"), "exited", Some(0));
+    engine.insert("orphan", spec_for("unknown-job"), "exited", Some(0));
+
+    let h = Harness::with(dir, store, engine, config(4));
+    h.wait_for("exited recorded", |h| h.state("exited") == JobState::Failed)
+        .await;
+    assert_eq!(h.manager.get("exited").unwrap().record.exit_code, Some(7));
+    h.wait_for("created started", |h| {
+        h.state("created") == JobState::Running
+    })
+    .await;
+    h.wait_for("vanished failed", |h| {
+        h.state("vanished") == JobState::Failed
+    })
+    .await;
+    assert!(
+        h.manager
+            .get("vanished")
+            .unwrap()
+            .record
+            .reason
+            .contains("container lost")
+    );
+    h.wait_for("intent re-run", |h| h.state("intent") == JobState::Running)
+        .await;
+    h.wait_for("leftovers removed", |h| {
+        let existing = h.engine.existing();
+        !existing.contains(&"cd".to_string()) && !existing.contains(&"orphan".to_string())
+    })
+    .await;
+    let calls = h.engine.calls();
+    assert!(
+        !calls.iter().any(|c| c == "start cx"),
+        "an exited container is never restarted"
+    );
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("create")).count(),
+        1,
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_is_persisted_before_the_reply() {
+    let h = Harness::new(1);
+    h.admission.hold("test", "hold");
+    h.submit("q").await;
+    h.manager.cancel("q").await.unwrap();
+    let stored: JobRecord = h.store.get(RECORDS, "q").unwrap().unwrap();
+    assert_eq!(stored.state, JobState::Cancelled);
+}
+
+#[tokio::test]
+async fn retention_removes_old_finished_jobs_and_their_logs() {
+    let h = Harness::new(4);
+    let mut c = config(4);
+    c.jobs.retention_count = 1;
+    h.config.send_replace(Arc::new(c));
+    for id in ["old", "new"] {
+        h.submit(id).await;
+        h.wait_for("running", |h| h.state(id) == JobState::Running)
+            .await;
+        let container = h.container_of(id);
+        h.engine.exit(&container, 0, false);
+        h.wait_for("done", |h| h.state(id) == JobState::Succeeded)
+            .await;
+    }
+    std::fs::create_dir_all(h.dir_path.join("logs")).unwrap();
+    std::fs::write(h.dir_path.join("logs/old.0.log"), b"x").unwrap();
+    h.manager.sweep().await;
+    assert!(matches!(h.manager.get("old"), Err(JobError::NotFound(_))));
+    assert!(h.manager.get("new").is_ok());
+    assert!(!h.dir_path.join("logs/old.0.log").exists());
+    assert!(h.store.get::<JobRecord>(RECORDS, "old").unwrap().is_none());
+}

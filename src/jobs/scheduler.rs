@@ -1,0 +1,179 @@
+//! Which queued jobs start now: priority, then submission order, with
+//! backfill and a bound on starvation.
+//!
+//! Pure decision logic over a snapshot (no I/O, no clock of its own), so the
+//! rules are tested exhaustively without an engine.
+
+use std::time::Duration;
+
+/// A queued job as the scheduler sees it, in queue order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Job id.
+    pub id: String,
+    /// Slots it needs.
+    pub slots: u32,
+    /// GPUs it needs.
+    pub gpus: u32,
+    /// How long it has waited.
+    pub waited: Duration,
+    /// Its managed mounts are healthy (a job waiting for a mount does not
+    /// block others).
+    pub mounts_ready: bool,
+}
+
+/// A decision to start a job with these GPUs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Start {
+    /// Job id.
+    pub id: String,
+    /// GPU indices assigned.
+    pub gpus: Vec<u32>,
+}
+
+/// What is free right now.
+#[derive(Debug, Clone)]
+pub struct Free {
+    /// Free slots.
+    pub slots: u32,
+    /// Free GPU indices, ascending.
+    pub gpus: Vec<u32>,
+}
+
+/// Picks the jobs to start, in order. A job that does not fit lets smaller
+/// ones behind it start (backfill) until it has waited `reserve_after`; from
+/// then on it reserves what it needs: nothing behind it starts until it has.
+pub fn select(candidates: &[Candidate], mut free: Free, reserve_after: Duration) -> Vec<Start> {
+    let mut starts = Vec::new();
+    for c in candidates {
+        if !c.mounts_ready {
+            continue;
+        }
+        let fits = c.slots <= free.slots && c.gpus as usize <= free.gpus.len();
+        if fits {
+            free.slots -= c.slots;
+            let gpus: Vec<u32> = free.gpus.drain(..c.gpus as usize).collect();
+            starts.push(Start {
+                id: c.id.clone(),
+                gpus,
+            });
+        } else if c.waited >= reserve_after {
+            break;
+        }
+        if free.slots == 0 {
+            break;
+        }
+    }
+    starts
+}
+
+/// Slot capacity: the absolute `slots` when set, else `slots_per_core` per
+/// usable core (at least one).
+pub fn capacity(slots: u32, slots_per_core: u32, usable_cores: f64) -> u32 {
+    if slots > 0 {
+        slots
+    } else {
+        ((usable_cores * f64::from(slots_per_core)).floor() as u32).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(id: &str, slots: u32, waited_s: u64) -> Candidate {
+        Candidate {
+            id: id.into(),
+            slots,
+            gpus: 0,
+            waited: Duration::from_secs(waited_s),
+            mounts_ready: true,
+        }
+    }
+
+    fn ids(starts: &[Start]) -> Vec<&str> {
+        starts.iter().map(|s| s.id.as_str()).collect()
+    }
+
+    fn free(slots: u32) -> Free {
+        Free {
+            slots,
+            gpus: vec![],
+        }
+    }
+
+    #[test]
+    fn fills_free_slots_in_order() {
+        let q = [c("a", 1, 0), c("b", 1, 0), c("c", 1, 0)];
+        assert_eq!(
+            ids(&select(&q, free(2), Duration::from_secs(60))),
+            ["a", "b"]
+        );
+    }
+
+    #[test]
+    fn small_jobs_backfill_around_a_big_one_until_it_has_waited() {
+        let q = [c("big", 4, 10), c("small", 1, 0)];
+        assert_eq!(
+            ids(&select(&q, free(2), Duration::from_secs(60))),
+            ["small"]
+        );
+        let q = [c("big", 4, 61), c("small", 1, 0)];
+        assert!(
+            select(&q, free(2), Duration::from_secs(60)).is_empty(),
+            "big now reserves"
+        );
+    }
+
+    #[test]
+    fn big_job_starts_once_enough_slots_are_free() {
+        let q = [c("big", 4, 61), c("small", 1, 0)];
+        assert_eq!(ids(&select(&q, free(4), Duration::from_secs(60))), ["big"]);
+    }
+
+    #[test]
+    fn gpus_are_distinct_and_waited_for() {
+        let mut q = [c("two", 1, 0), c("one", 1, 0), c("another", 1, 0)];
+        q[0].gpus = 2;
+        q[1].gpus = 1;
+        q[2].gpus = 1;
+        let starts = select(
+            &q,
+            Free {
+                slots: 8,
+                gpus: vec![0, 1, 2],
+            },
+            Duration::from_secs(60),
+        );
+        assert_eq!(starts[0].gpus, vec![0, 1]);
+        assert_eq!(starts[1].gpus, vec![2]);
+        assert_eq!(starts.len(), 2, "the third waits for a GPU");
+    }
+
+    #[test]
+    fn a_job_waiting_for_a_mount_does_not_block() {
+        let mut q = [c("mounting", 1, 1000), c("next", 1, 0)];
+        q[0].mounts_ready = false;
+        assert_eq!(ids(&select(&q, free(1), Duration::from_secs(60))), ["next"]);
+    }
+
+    #[test]
+    fn never_more_than_free() {
+        for slots in 0..6 {
+            let q: Vec<Candidate> = (0..10).map(|i| c(&i.to_string(), 1 + i % 3, 0)).collect();
+            let used: u32 = select(&q, free(slots), Duration::from_secs(60))
+                .iter()
+                .map(|s| q.iter().find(|c| c.id == s.id).unwrap().slots)
+                .sum();
+            assert!(used <= slots);
+        }
+    }
+
+    #[test]
+    fn capacity_rules() {
+        assert_eq!(capacity(0, 2, 2.0), 4);
+        assert_eq!(capacity(0, 2, 1.5), 3);
+        assert_eq!(capacity(0, 2, 0.25), 1);
+        assert_eq!(capacity(7, 2, 2.0), 7);
+    }
+}

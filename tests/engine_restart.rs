@@ -1,0 +1,196 @@
+//! The Docker engine stopped and started again while jobs are queued and
+//! running. In its own test binary (cargo runs test binaries one at a time)
+//! because it takes the engine away from every other test.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Agent;
+use instance_agent::api::proto::{
+    self, agent_service_client::AgentServiceClient, job_service_client::JobServiceClient,
+};
+
+/// Makes sure an engine runs again when the test ends, even if it failed.
+struct EngineGuard;
+
+impl Drop for EngineGuard {
+    fn drop(&mut self) {
+        start_engine();
+    }
+}
+
+fn engine_answers() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ID}}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn dockerd_pid() -> Option<i32> {
+    let out = Command::new("pidof").arg("dockerd").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn stop_engine() {
+    let pid = dockerd_pid().expect("a dockerd runs (scripts/prepare-host.sh starts one)");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM dockerd");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dockerd_pid() == Some(pid) {
+        assert!(Instant::now() < deadline, "dockerd did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_engine() {
+    if engine_answers() {
+        return;
+    }
+    let _ = Command::new("sh")
+        .args([
+            "-c",
+            "setsid nohup dockerd --bridge=none --iptables=false >>/var/log/instance-agent-test-dockerd.log 2>&1 </dev/null &",
+        ])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !engine_answers() {
+        assert!(Instant::now() < deadline, "dockerd did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn marked(id: &str, sleep: &str, markers: &Path) -> proto::JobSpec {
+    proto::JobSpec {
+        id: id.into(),
+        image: "instance-agent/busybox:test".into(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo run >> /markers/{id}; sleep {sleep}"),
+        ],
+        mounts: vec![proto::JobMount {
+            source: Some(proto::job_mount::Source::HostPath(
+                markers.display().to_string(),
+            )),
+            container_path: "/markers".into(),
+            read_only: false,
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn engine_restart_while_jobs_are_queued_and_running() {
+    let _guard = EngineGuard;
+    let markers = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[docker]\ncheck_interval_seconds = 1\n[jobs]\nslots = 2\nkill_grace_seconds = 1\nallowed_host_roots = [{:?}]\n",
+        markers.path().display().to_string()
+    );
+    let agent = Agent::builder().config(&config).start();
+    let mut jobs = JobServiceClient::new(agent.channel().await);
+    let ids: Vec<String> = (0..6).map(|i| format!("eng-{i}")).collect();
+    for id in &ids {
+        jobs.submit_job(proto::SubmitJobRequest {
+            spec: Some(marked(id, "5", markers.path())),
+        })
+        .await
+        .unwrap();
+    }
+    // Two running, four queued.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let running = jobs
+            .list_jobs(proto::ListJobsRequest {
+                states: vec![proto::JobState::Running as i32],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .len();
+        if running == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "two jobs never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tokio::task::spawn_blocking(stop_engine).await.unwrap();
+    // The agent keeps answering, and says the engine is gone.
+    let mut agent_api = AgentServiceClient::new(agent.channel().await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = tokio::time::timeout(
+            Duration::from_secs(2),
+            agent_api.get_status(proto::GetStatusRequest {}),
+        )
+        .await
+        .expect("GetStatus answers while the engine is down")
+        .unwrap()
+        .into_inner();
+        let docker = status
+            .conditions
+            .iter()
+            .find(|c| c.r#type == "docker")
+            .unwrap();
+        if docker.state() == proto::ConditionState::Failed {
+            assert!(docker.message.contains("unreachable"), "{docker:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "docker condition never turned failed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::task::spawn_blocking(start_engine).await.unwrap();
+
+    // Every job reaches exactly one final state and ran at most once; the
+    // ones that were only queued run after the engine is back.
+    let mut succeeded = 0;
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let job = loop {
+            let job = jobs
+                .get_job(proto::GetJobRequest { id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if matches!(
+                job.state(),
+                proto::JobState::Succeeded | proto::JobState::Failed
+            ) {
+                break job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never finished: {job:?}\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let runs = std::fs::read_to_string(markers.path().join(id))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        assert_eq!(runs, 1, "{id} ran once: {job:?}");
+        if job.state() == proto::JobState::Succeeded {
+            succeeded += 1;
+        }
+    }
+    assert!(
+        succeeded >= 4,
+        "the queued jobs ran after the engine came back ({succeeded} succeeded)"
+    );
+}

@@ -1,0 +1,618 @@
+//! Jobs against the real Docker engine (started by scripts/test.sh) with the
+//! local image instance-agent/busybox:test.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Agent, cli};
+use instance_agent::api::proto::{self, job_service_client::JobServiceClient};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const IMAGE: &str = "instance-agent/busybox:test";
+
+fn jobs_config(slots: u32, markers: &Path) -> String {
+    format!(
+        "[jobs]\nslots = {slots}\nkill_grace_seconds = 1\nallowed_host_roots = [{:?}]\n",
+        markers.display().to_string()
+    )
+}
+
+fn spec(id: &str, command: &[&str]) -> proto::JobSpec {
+    proto::JobSpec {
+        id: id.into(),
+        image: IMAGE.into(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A job that appends one line to /markers/<id> (so runs are counted by the
+/// test, independently of the agent) and then sleeps.
+fn marked(id: &str, sleep: &str, markers: &Path) -> proto::JobSpec {
+    let mut s = spec(
+        id,
+        &[
+            "sh",
+            "-c",
+            &format!("echo run >> /markers/{id}; sleep {sleep}"),
+        ],
+    );
+    s.mounts.push(proto::JobMount {
+        source: Some(proto::job_mount::Source::HostPath(
+            markers.display().to_string(),
+        )),
+        container_path: "/markers".into(),
+        read_only: false,
+    });
+    s
+}
+
+async fn client(agent: &Agent) -> JobServiceClient<tonic::transport::Channel> {
+    JobServiceClient::new(agent.channel().await)
+}
+
+async fn submit(
+    c: &mut JobServiceClient<tonic::transport::Channel>,
+    spec: proto::JobSpec,
+) -> proto::Job {
+    c.submit_job(proto::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .expect("submit")
+        .into_inner()
+}
+
+async fn get(c: &mut JobServiceClient<tonic::transport::Channel>, id: &str) -> proto::Job {
+    c.get_job(proto::GetJobRequest { id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+fn is_final(state: proto::JobState) -> bool {
+    matches!(
+        state,
+        proto::JobState::Succeeded
+            | proto::JobState::Failed
+            | proto::JobState::Cancelled
+            | proto::JobState::TimedOut
+    )
+}
+
+async fn wait_final(
+    c: &mut JobServiceClient<tonic::transport::Channel>,
+    id: &str,
+    timeout: Duration,
+) -> proto::Job {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let job = get(c, id).await;
+        if is_final(job.state()) {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} not final in {timeout:?}: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_state(
+    c: &mut JobServiceClient<tonic::transport::Channel>,
+    id: &str,
+    state: proto::JobState,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = get(c, id).await;
+        if job.state() == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} never reached {state:?}: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Containers of this agent that the engine says are running.
+fn running_containers(instance_id: &str) -> usize {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=io.instance-agent.instance={instance_id}"),
+        ])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .count()
+}
+
+fn all_containers(instance_id: &str) -> usize {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=io.instance-agent.instance={instance_id}"),
+        ])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .count()
+}
+
+/// Containers are removed once the exit is recorded (just after the final
+/// state is visible).
+async fn wait_removed(instance_id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while all_containers(instance_id) > 0 {
+        assert!(Instant::now() < deadline, "containers left behind");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn runs(markers: &Path, id: &str) -> usize {
+    std::fs::read_to_string(markers.join(id))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn concurrency_never_exceeds_capacity_as_seen_by_the_engine() {
+    let markers = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .config(&jobs_config(2, markers.path()))
+        .start();
+    let mut c = client(&agent).await;
+    let ids: Vec<String> = (0..8).map(|i| format!("cap-{i}")).collect();
+    for id in &ids {
+        submit(&mut c, marked(id, "0.5", markers.path())).await;
+    }
+    let watcher_id = agent.instance_id.clone();
+    let watcher = std::thread::spawn(move || {
+        let mut max = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = running_containers(&watcher_id);
+            max = max.max(n);
+            if Instant::now() > deadline || all_containers(&watcher_id) == 0 && n == 0 && max > 0 {
+                return max;
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    });
+    for id in &ids {
+        let job = wait_final(&mut c, id, Duration::from_secs(60)).await;
+        assert_eq!(job.state(), proto::JobState::Succeeded, "{job:?}");
+    }
+    let max = watcher.join().unwrap();
+    assert!(
+        max <= 2,
+        "the engine saw {max} running containers with capacity 2"
+    );
+    assert!(max >= 1);
+    for id in &ids {
+        assert_eq!(runs(markers.path(), id), 1, "{id} ran once");
+    }
+}
+
+#[tokio::test]
+async fn idempotent_submit_and_id_conflict() {
+    let markers = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .config(&jobs_config(2, markers.path()))
+        .start();
+    let mut c = client(&agent).await;
+    let first = submit(&mut c, marked("idem", "0", markers.path())).await;
+    let second = submit(&mut c, marked("idem", "0", markers.path())).await;
+    assert_eq!(first.queued_at, second.queued_at);
+    wait_final(&mut c, "idem", Duration::from_secs(30)).await;
+    let third = submit(&mut c, marked("idem", "0", markers.path())).await;
+    assert_eq!(
+        third.state(),
+        proto::JobState::Succeeded,
+        "a finished job is returned, not re-run"
+    );
+    assert_eq!(runs(markers.path(), "idem"), 1);
+    let conflict = c
+        .submit_job(proto::SubmitJobRequest {
+            spec: Some(spec("idem", &["false"])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn cancel_queued_and_running_and_timeout() {
+    let markers = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .config(&jobs_config(1, markers.path()))
+        .start();
+    let mut c = client(&agent).await;
+    submit(&mut c, spec("long", &["sleep", "60"])).await;
+    submit(&mut c, spec("waiting", &["true"])).await;
+    wait_state(&mut c, "long", proto::JobState::Running).await;
+
+    let queued = c
+        .cancel_job(proto::CancelJobRequest {
+            id: "waiting".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(queued.state(), proto::JobState::Cancelled);
+
+    let started = Instant::now();
+    c.cancel_job(proto::CancelJobRequest { id: "long".into() })
+        .await
+        .unwrap();
+    let long = wait_final(&mut c, "long", Duration::from_secs(30)).await;
+    assert_eq!(long.state(), proto::JobState::Cancelled, "{long:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let again = c
+        .cancel_job(proto::CancelJobRequest { id: "long".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.state(),
+        proto::JobState::Cancelled,
+        "cancel is idempotent"
+    );
+
+    let mut slow = spec("slow", &["sleep", "60"]);
+    slow.timeout_seconds = 1;
+    submit(&mut c, slow).await;
+    let slow = wait_final(&mut c, "slow", Duration::from_secs(30)).await;
+    assert_eq!(slow.state(), proto::JobState::TimedOut, "{slow:?}");
+    wait_removed(&agent.instance_id).await;
+}
+
+#[tokio::test]
+async fn exit_status_oom_and_logs_after_removal() {
+    let markers = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .config(&jobs_config(2, markers.path()))
+        .start();
+    let mut c = client(&agent).await;
+    submit(
+        &mut c,
+        spec(
+            "three",
+            &["sh", "-c", "echo to-out; echo to-err >&2; exit 3"],
+        ),
+    )
+    .await;
+    let mut oom = spec(
+        "oom",
+        &["sh", "-c", "a=$(yes | head -c 200000000); echo survived"],
+    );
+    oom.memory_bytes = 16 << 20;
+    submit(&mut c, oom).await;
+
+    let three = wait_final(&mut c, "three", Duration::from_secs(30)).await;
+    assert_eq!(three.state(), proto::JobState::Failed);
+    assert_eq!(three.exit_code, Some(3));
+    let oom = wait_final(&mut c, "oom", Duration::from_secs(60)).await;
+    assert_eq!(oom.state(), proto::JobState::Failed, "{oom:?}");
+    assert!(oom.oom_killed, "{oom:?}");
+
+    // The container is gone, the log is not.
+    wait_removed(&agent.instance_id).await;
+    let inspect = Command::new("docker")
+        .args(["inspect", &three.container_id])
+        .output()
+        .unwrap();
+    assert!(
+        !inspect.status.success(),
+        "container removed after the exit was recorded"
+    );
+    let chunks: Vec<proto::LogChunk> = c
+        .stream_job_logs(proto::StreamJobLogsRequest {
+            id: "three".into(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|c| c.unwrap())
+        .collect()
+        .await;
+    let out: Vec<u8> = chunks
+        .iter()
+        .filter(|c| c.stream() == proto::LogStream::Stdout)
+        .flat_map(|c| c.data.clone())
+        .collect();
+    let err: Vec<u8> = chunks
+        .iter()
+        .filter(|c| c.stream() == proto::LogStream::Stderr)
+        .flat_map(|c| c.data.clone())
+        .collect();
+    assert_eq!(out, b"to-out\n");
+    assert_eq!(err, b"to-err\n");
+    let cli_out = cli(&agent.socket, &["jobs", "logs", "three"]);
+    assert_eq!(cli_out.stdout, b"to-out\n");
+}
+
+#[tokio::test]
+async fn logs_over_the_cap_keep_the_newest_part_with_a_marker() {
+    let markers = tempfile::tempdir().unwrap();
+    let config = format!("{}log_max_bytes = 65536\n", jobs_config(1, markers.path()));
+    let agent = Agent::builder().config(&config).start();
+    let mut c = client(&agent).await;
+    submit(
+        &mut c,
+        spec("chatty", &["sh", "-c", "seq 1 100000; echo THE-END"]),
+    )
+    .await;
+    let job = wait_final(&mut c, "chatty", Duration::from_secs(60)).await;
+    assert_eq!(job.state(), proto::JobState::Succeeded);
+    let chunks: Vec<proto::LogChunk> = c
+        .stream_job_logs(proto::StreamJobLogsRequest {
+            id: "chatty".into(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|c| c.unwrap())
+        .collect()
+        .await;
+    assert_eq!(chunks[0].stream(), proto::LogStream::Agent);
+    assert!(String::from_utf8_lossy(&chunks[0].data).contains("dropped"));
+    let text: String = chunks[1..]
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect();
+    assert!(
+        text.ends_with("THE-END\n"),
+        "tail: {:?}",
+        &text[text.len().saturating_sub(200)..]
+    );
+    assert!(!text.starts_with("1\n"), "the oldest output was dropped");
+    assert!(text.len() <= 65536, "{} bytes kept", text.len());
+}
+
+#[tokio::test]
+async fn follow_streams_output_until_the_job_ends() {
+    let markers = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .config(&jobs_config(1, markers.path()))
+        .start();
+    let mut c = client(&agent).await;
+    submit(
+        &mut c,
+        spec(
+            "ticker",
+            &[
+                "sh",
+                "-c",
+                "for i in 1 2 3 4 5; do echo tick $i; sleep 0.2; done",
+            ],
+        ),
+    )
+    .await;
+    let mut stream = c
+        .stream_job_logs(proto::StreamJobLogsRequest {
+            id: "ticker".into(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = String::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("stream ends")
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap().data));
+    }
+    assert_eq!(text, "tick 1\ntick 2\ntick 3\ntick 4\ntick 5\n");
+    assert!(is_final(get(&mut c, "ticker").await.state()));
+}
+
+#[tokio::test]
+async fn watch_events_shows_each_transition_in_order() {
+    let markers = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .config(&jobs_config(1, markers.path()))
+        .start();
+    let mut events = proto::agent_service_client::AgentServiceClient::new(agent.channel().await)
+        .watch_events(proto::WatchEventsRequest { since: None })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = client(&agent).await;
+    submit(&mut c, spec("evented", &["true"])).await;
+    let mut states = Vec::new();
+    let mut last_seq = 0;
+    while states.last() != Some(&proto::JobState::Succeeded) {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            last_seq == 0 || event.sequence == last_seq + 1,
+            "sequence increases by one"
+        );
+        last_seq = event.sequence;
+        if let Some(proto::event::Kind::Job(j)) = event.kind {
+            let job = j.job.unwrap();
+            if job.id == "evented" {
+                states.push(job.state());
+            }
+        }
+    }
+    assert_eq!(
+        states,
+        [
+            proto::JobState::Queued,
+            proto::JobState::Starting,
+            proto::JobState::Running,
+            proto::JobState::Succeeded
+        ]
+    );
+}
+
+#[tokio::test]
+async fn bad_specs_name_the_field() {
+    let markers = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .config(&jobs_config(2, markers.path()))
+        .start();
+    let mut c = client(&agent).await;
+    let mounted = |source: proto::job_mount::Source| {
+        let mut s = spec("", &["true"]);
+        s.mounts.push(proto::JobMount {
+            source: Some(source),
+            container_path: "/data".into(),
+            read_only: true,
+        });
+        s
+    };
+    let many_env = {
+        let mut s = spec("", &["true"]);
+        s.env = (0..1000)
+            .map(|i| (format!("V{i}"), "x".to_string()))
+            .collect::<HashMap<_, _>>();
+        s
+    };
+    let cases: Vec<(&str, proto::JobSpec, &str)> = vec![
+        (
+            "empty image",
+            {
+                let mut s = spec("", &["true"]);
+                s.image.clear();
+                s
+            },
+            "image",
+        ),
+        (
+            "malformed image",
+            {
+                let mut s = spec("", &["true"]);
+                s.image = "bad image!".into();
+                s
+            },
+            "image",
+        ),
+        ("empty command", spec("", &[]), "command"),
+        (
+            "unknown mount",
+            mounted(proto::job_mount::Source::Managed("nope".into())),
+            "mounts[0].managed",
+        ),
+        (
+            "outside roots",
+            mounted(proto::job_mount::Source::HostPath("/etc".into())),
+            "mounts[0].host_path",
+        ),
+        (
+            "dot-dot",
+            mounted(proto::job_mount::Source::HostPath(format!(
+                "{}/../etc",
+                markers.path().display()
+            ))),
+            "mounts[0].host_path",
+        ),
+        (
+            "slots",
+            {
+                let mut s = spec("", &["true"]);
+                s.slots = 99;
+                s
+            },
+            "slots",
+        ),
+        (
+            "memory",
+            {
+                let mut s = spec("", &["true"]);
+                s.memory_bytes = u64::MAX;
+                s
+            },
+            "memory_bytes",
+        ),
+        (
+            "tiny memory",
+            {
+                let mut s = spec("", &["true"]);
+                s.memory_bytes = 1;
+                s
+            },
+            "memory_bytes",
+        ),
+        (
+            "timeout",
+            {
+                let mut s = spec("", &["true"]);
+                s.timeout_seconds = u32::MAX;
+                s
+            },
+            "timeout_seconds",
+        ),
+        ("env", many_env, "env"),
+    ];
+    for (name, spec, field) in cases {
+        let error = c
+            .submit_job(proto::SubmitJobRequest { spec: Some(spec) })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{name}: {error:?}");
+        assert!(
+            error.message().contains(field),
+            "{name}: {:?} should name {field}",
+            error.message()
+        );
+    }
+    let mut gpu = spec("", &["true"]);
+    gpu.gpus = 1;
+    let error = c
+        .submit_job(proto::SubmitJobRequest { spec: Some(gpu) })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(all_containers(&agent.instance_id), 0);
+}
+
+#[tokio::test]
+async fn kill_9_during_many_jobs_loses_none_and_runs_none_twice() {
+    let markers = tempfile::tempdir().unwrap();
+    let mut agent = Agent::builder()
+        .config(&jobs_config(4, markers.path()))
+        .start();
+    let mut c = client(&agent).await;
+    let ids: Vec<String> = (0..24).map(|i| format!("crash-{i}")).collect();
+    for id in &ids {
+        submit(&mut c, marked(id, "0.3", markers.path())).await;
+    }
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400 + 150 * round)).await;
+        agent.crash_and_restart();
+        c = client(&agent).await;
+    }
+    for id in &ids {
+        let job = wait_final(&mut c, id, Duration::from_secs(120)).await;
+        assert_eq!(
+            job.state(),
+            proto::JobState::Succeeded,
+            "{job:?}\n{}",
+            agent.log()
+        );
+        assert_eq!(runs(markers.path(), id), 1, "{id} ran exactly once");
+    }
+    wait_removed(&agent.instance_id).await;
+}
