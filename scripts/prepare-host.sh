@@ -11,7 +11,7 @@
 # It prints one short line per step. Must run as root.
 set -euo pipefail
 
-readonly PACKAGES=(docker.io fuse3 busybox-static e2fsprogs util-linux procps)
+readonly PACKAGES=(docker.io fuse3 busybox-static e2fsprogs util-linux procps systemd)
 readonly TEST_IMAGE="instance-agent/busybox:test"
 readonly DOCKERD_LOG="/var/log/instance-agent-test-dockerd.log"
 readonly DOCKERD_WAIT_SECS=60

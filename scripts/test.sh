@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Full test entry point: prepare the host (packages, Docker engine, test image,
 # FUSE, Rust components), then run rustfmt check, clippy (warnings are errors)
-# and the test suite. Extra arguments are passed through to `cargo test`.
+# and the test suite, then a Python client generated from proto/ alone.
+# Extra arguments are passed through to `cargo test`.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,3 +22,6 @@ cargo clippy --all-targets --all-features -- -D warnings
 
 echo "[test] cargo test --all-features $*"
 cargo test --all-features "$@"
+
+echo "[test] scripts/python-client-check.sh (a client generated from proto/ alone)"
+scripts/python-client-check.sh
