@@ -64,6 +64,9 @@ pub struct StatusProvider {
     events: EventBus,
     admission: AdmissionGate,
     jobs: Option<crate::jobs::JobManager>,
+    /// Available memory, read at most once a second: GetStatus is meant to
+    /// be cheap enough to poll hard.
+    memory: Arc<std::sync::Mutex<(Option<tokio::time::Instant>, u64)>>,
 }
 
 impl StatusProvider {
@@ -86,6 +89,7 @@ impl StatusProvider {
             events,
             admission,
             jobs: None,
+            memory: Arc::new(std::sync::Mutex::new((None, 0))),
         }
     }
 
@@ -117,6 +121,15 @@ impl StatusProvider {
         self.health.summary()
     }
 
+    fn memory_available(&self) -> u64 {
+        let now = tokio::time::Instant::now();
+        let mut cached = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.0.is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1)) {
+            *cached = (Some(now), crate::host::memory_available_bytes());
+        }
+        cached.1
+    }
+
     /// A full report, from memory.
     pub fn report(&self) -> StatusReport {
         let mut host = (*self.host).clone();
@@ -127,7 +140,7 @@ impl StatusProvider {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             instance_id: self.instance_id.to_string(),
             host,
-            memory_available_bytes: crate::host::memory_available_bytes(),
+            memory_available_bytes: self.memory_available(),
             conditions: self.health.all(),
             slots: match &self.jobs {
                 Some(jobs) => jobs.slot_usage(),
