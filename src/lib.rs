@@ -14,7 +14,11 @@
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
 //! - [`jobs`]: the container engine and, later, the job queue.
-//! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
+//! - [`paths`]: confinement of client-given paths to allowed roots.
+//! - [`secret`]: the redacting `Secret` wrapper and permission-checked secret files.
+//! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping), and in
+//!   front of it the security of every call: peer identity (SO_PEERCRED,
+//!   mutual TLS), roles, limits and the audit log.
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
 //! Flows: control plane / CLI → gRPC (Unix socket or TCP) → `api` → domain
@@ -30,7 +34,9 @@ pub mod events;
 pub mod health;
 pub mod host;
 pub mod jobs;
+pub mod paths;
 pub mod reload;
+pub mod secret;
 pub mod status;
 pub mod store;
 pub mod systemd;
