@@ -7,7 +7,9 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use common::{BenchAgent, binary, cpu_ticks, percentile, rss_kib, spawn, ticks_per_second, write_config};
+use common::{
+    BenchAgent, binary, cpu_ticks, percentile, rss_kib, spawn, ticks_per_second, write_config,
+};
 
 fn main() {
     let runs = 20;
@@ -17,9 +19,14 @@ fn main() {
         let (_, config) = write_config(dir.path(), "");
         let notify_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
-        notify.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        notify
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let started = Instant::now();
-        let mut child = spawn(&config, &[("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8"))]);
+        let mut child = spawn(
+            &config,
+            &[("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8"))],
+        );
         let mut buf = [0u8; 4096];
         loop {
             let n = notify.recv(&mut buf).expect("READY=1 within 10 s");
@@ -43,9 +50,21 @@ fn main() {
     let cpu_percent = ticks as f64 / ticks_per_second() as f64 / idle.as_secs_f64() * 100.0;
     let size = std::fs::metadata(binary()).map(|m| m.len()).unwrap_or(0);
 
-    println!("start to READY=1 (median of {runs}) | {:.1} ms", percentile(&ready, 50.0).as_secs_f64() * 1000.0);
-    println!("start to READY=1 (p90 of {runs}) | {:.1} ms", percentile(&ready, 90.0).as_secs_f64() * 1000.0);
+    println!(
+        "start to READY=1 (median of {runs}) | {:.1} ms",
+        percentile(&ready, 50.0).as_secs_f64() * 1000.0
+    );
+    println!(
+        "start to READY=1 (p90 of {runs}) | {:.1} ms",
+        percentile(&ready, 90.0).as_secs_f64() * 1000.0
+    );
     println!("idle RSS (after 23 s) | {:.1} MiB", rss as f64 / 1024.0);
-    println!("idle CPU (over {} s) | {cpu_percent:.2} % of one core", idle.as_secs());
-    println!("release binary size | {:.1} MiB", size as f64 / (1 << 20) as f64);
+    println!(
+        "idle CPU (over {} s) | {cpu_percent:.2} % of one core",
+        idle.as_secs()
+    );
+    println!(
+        "release binary size | {:.1} MiB",
+        size as f64 / (1 << 20) as f64
+    );
 }

@@ -124,7 +124,10 @@ impl StatusProvider {
     fn memory_available(&self) -> u64 {
         let now = tokio::time::Instant::now();
         let mut cached = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.0.is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1)) {
+        if cached
+            .0
+            .is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1))
+        {
             *cached = (Some(now), crate::host::memory_available_bytes());
         }
         cached.1

@@ -31,7 +31,12 @@ impl BenchAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let (socket, config) = write_config(dir.path(), extra);
         let child = spawn(&config, &[]);
-        let agent = Self { child, dir, socket, config };
+        let agent = Self {
+            child,
+            dir,
+            socket,
+            config,
+        };
         agent.wait_ready();
         agent
     }
@@ -98,7 +103,9 @@ pub async fn connect(socket: &Path) -> Channel {
         .expect("endpoint")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
         }))
         .await
         .expect("connect")
