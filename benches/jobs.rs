@@ -192,10 +192,9 @@ async fn overhead() {
                 .await
                 .expect("get")
                 .into_inner();
-            if job.running_at.is_some() {
+            if let Some(running) = job.running_at {
                 // running_at is stamped by the agent right after start returns.
                 let queued = job.queued_at.expect("queued_at");
-                let running = job.running_at.expect("running_at");
                 let nanos = (running.seconds - queued.seconds) * 1_000_000_000
                     + i64::from(running.nanos - queued.nanos);
                 through_agent.push(Duration::from_nanos(nanos.max(0) as u64));
