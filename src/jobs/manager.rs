@@ -853,8 +853,13 @@ impl JobManager {
         }
         if let Err(error) = self.inner.engine.start(&container).await {
             if error.is_unreachable() {
-                // Whether it started is unknown: supervision finds out.
-                return Some(container);
+                // Whether it started is unknown; a created container must be
+                // started before it is waited for (the engine reports a
+                // never-started container as exited with status 0).
+                return self
+                    .ensure_started(id, &container)
+                    .await
+                    .then_some(container);
             }
             self.fail_before_running(
                 id,
@@ -865,6 +870,48 @@ impl JobManager {
             return None;
         }
         Some(container)
+    }
+
+    /// Starts `container` if the engine says it is only created, retrying
+    /// while the engine is unreachable. False when the job ended instead.
+    async fn ensure_started(&self, id: &str, container: &str) -> bool {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            match self.inner.engine.inspect(container).await {
+                Ok(Some(status)) if status.status == "created" => {
+                    match self.inner.engine.start(container).await {
+                        Ok(()) => return true,
+                        Err(error) if error.is_unreachable() => continue,
+                        Err(error) => {
+                            self.fail_before_running(
+                                id,
+                                container,
+                                format!("cannot start the container: {error}"),
+                            )
+                            .await;
+                            return false;
+                        }
+                    }
+                }
+                Ok(Some(_)) => return true,
+                Ok(None) => {
+                    // Never started (it would carry our record otherwise), so
+                    // it may be created again.
+                    self.requeue(
+                        id,
+                        "waiting: the container vanished before it started".into(),
+                    )
+                    .await;
+                    return false;
+                }
+                Err(_) => continue,
+            }
+        }
     }
 
     async fn cancelled_before_start(&self, id: &str) {
