@@ -38,6 +38,8 @@ use crate::store::{Store, StoreError, Table, Write};
 const RECORDS: Table = Table("jobs.records");
 /// How long CancelJob waits for a running job to end before answering.
 const CANCEL_REPLY_WAIT: Duration = Duration::from_secs(2);
+/// How long the final state waits for the output capture to drain.
+const CAPTURE_DRAIN: Duration = Duration::from_secs(60);
 /// Longest wait between retries while the engine or the store fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -1084,13 +1086,14 @@ impl JobManager {
             Outcome::Lost => None,
             Outcome::Exited(code) => Some(code),
         };
-        // The output stream ends with the container; give it a moment to
-        // drain so that the log is complete when the final state is visible.
-        if tokio::time::timeout(Duration::from_secs(10), capture)
-            .await
-            .is_err()
-        {
-            tracing::warn!(job = id, "log capture did not finish within 10 s of exit");
+        // The output stream ends with the container; let it drain so that
+        // the log is complete when the final state is visible (bounded, in
+        // case the engine keeps the stream open).
+        if tokio::time::timeout(CAPTURE_DRAIN, capture).await.is_err() {
+            tracing::warn!(
+                job = id,
+                "log capture did not finish within {CAPTURE_DRAIN:?} of exit"
+            );
         }
         let oom = match exit {
             Some(_) => {
