@@ -96,8 +96,26 @@ async fn engine_create_start(docker: &bollard::Docker, name: &str) -> Duration {
     took
 }
 
+/// Sections to run: all, or those named in `BENCH_SECTIONS`
+/// (throughput,overhead,queued).
+fn want(section: &str) -> bool {
+    std::env::var("BENCH_SECTIONS").map_or(true, |s| s.split(',').any(|x| x == section))
+}
+
 #[tokio::main]
 async fn main() {
+    if want("throughput") {
+        throughput().await;
+    }
+    if want("overhead") {
+        overhead().await;
+    }
+    if want("queued") {
+        queued().await;
+    }
+}
+
+async fn throughput() {
     let n: usize = std::env::var("BENCH_JOBS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -136,6 +154,22 @@ async fn main() {
         .expect("xargs docker run");
     assert!(status.success());
     let cli_secs = started.elapsed().as_secs_f64();
+    println!(
+        "jobs through the agent ({n} x `true`, {capacity} slots) | {:.1} jobs/s",
+        n as f64 / agent_secs
+    );
+    println!(
+        "jobs through `xargs -P{capacity} docker run --rm` | {:.1} jobs/s",
+        n as f64 / cli_secs
+    );
+    println!(
+        "agent / docker CLI throughput ratio | {:.2}",
+        cli_secs / agent_secs
+    );
+}
+
+async fn overhead() {
+    let capacity = 4;
 
     // 3. Overhead per job: submit→running through the agent, one job at a
     // time (no queueing), minus create+start through bollard directly.
@@ -158,10 +192,9 @@ async fn main() {
                 .await
                 .expect("get")
                 .into_inner();
-            if job.running_at.is_some() {
+            if let Some(running) = job.running_at {
                 // running_at is stamped by the agent right after start returns.
                 let queued = job.queued_at.expect("queued_at");
-                let running = job.running_at.expect("running_at");
                 let nanos = (running.seconds - queued.seconds) * 1_000_000_000
                     + i64::from(running.nanos - queued.nanos);
                 through_agent.push(Duration::from_nanos(nanos.max(0) as u64));
@@ -189,7 +222,12 @@ async fn main() {
     let mean = |v: &[Duration]| v.iter().sum::<Duration>().as_secs_f64() / v.len() as f64 * 1000.0;
     let agent_ms = mean(&through_agent);
     let direct_ms = mean(&direct);
+    println!("submit→running through the agent (mean of {samples}) | {agent_ms:.1} ms");
+    println!("create+start through bollard directly (mean of {samples}) | {direct_ms:.1} ms");
+    println!("agent overhead per job | {:.1} ms", agent_ms - direct_ms);
+}
 
+async fn queued() {
     // 4. RSS with 10,000 jobs queued (engine unreachable, so none starts).
     let queued = 10_000;
     let agent = BenchAgent::start(
@@ -217,21 +255,6 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_queued = rss_kib(agent.pid());
 
-    println!(
-        "jobs through the agent ({n} x `true`, {capacity} slots) | {:.1} jobs/s",
-        n as f64 / agent_secs
-    );
-    println!(
-        "jobs through `xargs -P{capacity} docker run --rm` | {:.1} jobs/s",
-        n as f64 / cli_secs
-    );
-    println!(
-        "agent / docker CLI throughput ratio | {:.2}",
-        cli_secs / agent_secs
-    );
-    println!("submit→running through the agent (mean of {samples}) | {agent_ms:.1} ms");
-    println!("create+start through bollard directly (mean of {samples}) | {direct_ms:.1} ms");
-    println!("agent overhead per job | {:.1} ms", agent_ms - direct_ms);
     println!("SubmitJob rate, sequential, fsync per job | {submit_rate:.0} jobs/s");
     println!(
         "RSS idle → with {queued} jobs queued | {:.1} MiB → {:.1} MiB",

@@ -14,6 +14,9 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// Page cache of the store.
+const STORE_CACHE_BYTES: usize = 4 << 20;
+
 /// A table: its name is its identity on disk, never reuse one for another shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Table(pub &'static str);
@@ -88,7 +91,12 @@ impl Store {
     /// from `spawn_blocking`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("agent.redb");
-        let db = redb::Database::create(&path).map_err(|e| classify(&path, e.into()))?;
+        // The working set is small (records are also held in memory by their
+        // domains); redb's default cache would grow to 1 GiB.
+        let db = redb::Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| classify(&path, e.into()))?;
         Ok(Self {
             db: Arc::new(db),
             path: Arc::new(path),

@@ -354,7 +354,7 @@ async fn logs_over_the_cap_keep_the_newest_part_with_a_marker() {
     let mut c = client(&agent).await;
     submit(
         &mut c,
-        spec("chatty", &["sh", "-c", "seq 1 100000; echo THE-END"]),
+        spec("chatty", &["sh", "-c", "seq 1 30000; echo THE-END"]),
     )
     .await;
     let job = wait_final(&mut c, "chatty", Duration::from_secs(60)).await;
