@@ -122,6 +122,7 @@ impl Daemon {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
 
+        let hangup = crate::reload::listen_for_hangup();
         prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
         let instance_id = instance_id(&config)?;
         // Read before anything binds: a bad key or CA stops the start.
@@ -129,6 +130,19 @@ impl Daemon {
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
         let unix = bind_unix(&config.agent.socket, &config.operator.group)?;
+        let tcp = match config.control_plane_addr() {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| DaemonError::Bind {
+                            address: addr.to_string(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let store = Store::open(&config.agent.state_dir).map_err(DaemonError::Store)?;
         let admission = AdmissionGate::new();
 
@@ -174,19 +188,6 @@ impl Daemon {
         )
         .with_jobs(jobs.clone());
 
-        let tcp = match config.control_plane_addr() {
-            Some(addr) => {
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| DaemonError::Bind {
-                            address: addr.to_string(),
-                            source,
-                        })?,
-                )
-            }
-            None => None,
-        };
         let (routes, health_reporter) = api::routes(api::ApiParts {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
             jobs: api::jobs::JobApi::new(jobs.clone()),
@@ -254,7 +255,12 @@ impl Daemon {
             engine_up_tx,
             config_rx,
         );
-        tasks.spawn(crate::reload::run(source, config_tx, cancel.clone()));
+        tasks.spawn(crate::reload::run(
+            source,
+            config_tx,
+            hangup,
+            cancel.clone(),
+        ));
         tasks.close();
 
         shutdown.await;

@@ -20,19 +20,27 @@ use crate::daemon::{ConfigSource, describe_changes};
 /// window cause one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Runs until `cancel` fires.
-pub async fn run(
-    source: ConfigSource,
-    config: watch::Sender<Arc<Config>>,
-    cancel: CancellationToken,
-) {
-    let mut hangup = match signal(SignalKind::hangup()) {
+/// Listens for SIGHUP. Called by the daemon before its socket exists:
+/// SIGHUP's default action kills the process, and a client may take the
+/// socket as "started" and send one at once; from this call on it is queued
+/// for [`run`] instead.
+pub fn listen_for_hangup() -> Option<tokio::signal::unix::Signal> {
+    match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(error) => {
             tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change");
             None
         }
-    };
+    }
+}
+
+/// Runs until `cancel` fires; `hangup` comes from [`listen_for_hangup`].
+pub async fn run(
+    source: ConfigSource,
+    config: watch::Sender<Arc<Config>>,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+    cancel: CancellationToken,
+) {
     let (file_tx, mut file_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_file(&source, file_tx);
 

@@ -146,36 +146,41 @@ impl GuardState {
         if let Err(status) = self.limiter.take_request(&key, &config.limits) {
             return Ok(refuse(status, audit));
         }
-        let decision = auth::authorize(peer.role, &path, config.operator.allow_cancel_job);
-        if let Decision::Deny(status) = decision {
-            return Ok(refuse(status, audit));
-        }
-
-        let request = match method {
+        // The message is read before the decision so that a refused
+        // mutation is audited with its key fields (e.g. the job id); it is
+        // bounded by limits.max_message_bytes whoever sends it.
+        let (request, message) = match method {
             // Outside the contract (health, reflection — a bidi stream):
             // passed through as is.
-            None => request,
+            None => (request, None),
             Some(_) => {
                 let (parts, body) = request.into_parts();
                 let bytes = match read_message(body, self.max_message_bytes).await {
                     Ok(bytes) => bytes,
                     Err(status) => return Ok(refuse(status, audit)),
                 };
-                let message = grpc_message(&bytes);
-                if let Decision::AllowIfDryRun = decision {
-                    let dry_run = message
-                        .and_then(|m| proto::ReclaimSpaceRequest::decode(m).ok())
-                        .is_some_and(|r| r.dry_run);
-                    if !dry_run {
-                        return Ok(refuse(auth::dry_run_required(peer.role, &path), audit));
-                    }
-                }
-                if let (Some(audit), Some(message)) = (audit.as_mut(), message) {
-                    audit.set_request(message);
-                }
-                http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)))
+                let message = grpc_message(&bytes).map(|m| bytes.slice_ref(m));
+                let request =
+                    http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
+                (request, message)
             }
         };
+        if let (Some(audit), Some(message)) = (audit.as_mut(), message.as_deref()) {
+            audit.set_request(message);
+        }
+        match auth::authorize(peer.role, &path, config.operator.allow_cancel_job) {
+            Decision::Allow => {}
+            Decision::Deny(status) => return Ok(refuse(status, audit)),
+            Decision::AllowIfDryRun => {
+                let dry_run = message
+                    .as_deref()
+                    .and_then(|m| proto::ReclaimSpaceRequest::decode(m).ok())
+                    .is_some_and(|r| r.dry_run);
+                if !dry_run {
+                    return Ok(refuse(auth::dry_run_required(peer.role, &path), audit));
+                }
+            }
+        }
 
         let slot = match method {
             Some(m) if m.streaming => match self.limiter.open_stream(&key, &config.limits) {
