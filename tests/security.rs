@@ -317,8 +317,7 @@ async fn control_plane_needs_a_verified_allowed_client_certificate() {
             });
             let line = log
                 .lines()
-                .filter(|l| l.contains("TLS handshake failed"))
-                .last()
+                .rfind(|l| l.contains("TLS handshake failed"))
                 .expect("refusal line");
             assert!(line.contains("incompatible"), "{line}");
         }
