@@ -10,7 +10,7 @@
 //! cap on how many are pending), so a slow client cannot hold up others.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,9 @@ use crate::config::Config;
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections being identified at once; further accepts wait.
 const MAX_PENDING: usize = 64;
+/// TLS handshakes pending from one source address; more are closed at once,
+/// so one host cannot hold every handshake slot.
+const MAX_PENDING_PER_ADDRESS: u32 = 8;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -165,13 +168,21 @@ pub fn tls(
 ) -> Incoming<TlsStream<TcpStream>> {
     let acceptor = TlsAcceptor::from(config);
     let allowed_names = Arc::new(allowed_names);
+    let pending = Arc::new(PendingByAddress::default());
     accept_loop(
         listener,
         move |stream: TcpStream| {
             let acceptor = acceptor.clone();
             let allowed_names = allowed_names.clone();
+            let pending = pending.clone();
             async move {
                 let addr = stream.peer_addr().ok()?;
+                let Some(_pending) = pending.enter(addr.ip()) else {
+                    tracing::warn!(target: "audit", %addr, "control-plane connection refused: {MAX_PENDING_PER_ADDRESS} handshakes from this address are already pending");
+                    return None;
+                };
+                // gRPC sends many small frames: no Nagle delay.
+                let _ = stream.set_nodelay(true);
                 let tls = match tokio::time::timeout(IDENTIFY_TIMEOUT, acceptor.accept(stream))
                     .await
                 {
@@ -223,6 +234,7 @@ pub fn plaintext(listener: TcpListener, cancel: CancellationToken) -> Incoming<T
         listener,
         |stream: TcpStream| async move {
             let addr: SocketAddr = stream.peer_addr().ok()?;
+            let _ = stream.set_nodelay(true);
             Some(Authenticated::new(
                 stream,
                 Peer {
@@ -233,4 +245,68 @@ pub fn plaintext(listener: TcpListener, cancel: CancellationToken) -> Incoming<T
         },
         cancel,
     )
+}
+
+/// Handshakes in progress per source address.
+#[derive(Default)]
+struct PendingByAddress(std::sync::Mutex<std::collections::HashMap<IpAddr, u32>>);
+
+/// One pending handshake; counted until dropped.
+struct PendingHandshake {
+    table: Arc<PendingByAddress>,
+    ip: IpAddr,
+}
+
+impl PendingByAddress {
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<PendingHandshake> {
+        let mut table = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = table.entry(ip).or_insert(0);
+        if *count >= MAX_PENDING_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(PendingHandshake {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        let mut table = self
+            .table
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = table.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                table.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_handshakes_are_capped_per_address() {
+        let table = Arc::new(PendingByAddress::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let held: Vec<_> = (0..MAX_PENDING_PER_ADDRESS)
+            .map(|_| table.enter(a).unwrap())
+            .collect();
+        assert!(table.enter(a).is_none());
+        assert!(table.enter(b).is_some());
+        drop(held);
+        assert!(table.enter(a).is_some());
+        assert!(table.0.lock().unwrap().get(&a).is_none_or(|c| *c == 0));
+    }
 }
