@@ -349,7 +349,11 @@ fn plaintext_only_on_loopback_and_key_must_be_private() {
     let status = agent
         .wait_exit(Duration::from_secs(20))
         .expect("agent exits");
-    assert!(!status.success());
+    assert_eq!(
+        status.code(),
+        Some(78),
+        "a bad key is a configuration error"
+    );
     let log = agent.log();
     assert!(log.contains("control_plane.tls_key"), "{log}");
     assert!(log.contains("chmod 600"), "{log}");

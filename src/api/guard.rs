@@ -386,6 +386,29 @@ mod tests {
         GuardLayer::new(rx)
     }
 
+    async fn call<S>(
+        guard: &mut Guard<S>,
+        path: &str,
+        body: Bytes,
+        peer: Option<Peer>,
+    ) -> http::Response<Body>
+    where
+        S: tower::Service<
+                http::Request<Body>,
+                Response = http::Response<Body>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send,
+    {
+        let ready = guard.ready().await.expect("infallible");
+        ready
+            .call(request(path, body, peer))
+            .await
+            .expect("infallible")
+    }
+
     async fn status_of(response: http::Response<Body>) -> Code {
         Status::from_header_map(response.headers())
             .map(|s| s.code())
@@ -398,17 +421,13 @@ mod tests {
         let mut guard = layer("").layer(inner);
         let operator = peer(Role::Operator, 1000);
         let cancel = framed(&proto::CancelJobRequest { id: "j".into() });
-        let response = guard
-            .ready()
-            .await
-            .unwrap()
-            .call(request(
-                "/instance_agent.v1.JobService/CancelJob",
-                cancel,
-                Some(operator.clone()),
-            ))
-            .await
-            .unwrap();
+        let response = call(
+            &mut guard,
+            "/instance_agent.v1.JobService/CancelJob",
+            cancel,
+            Some(operator.clone()),
+        )
+        .await;
         assert_eq!(status_of(response).await, Code::PermissionDenied);
 
         let reclaim = "/instance_agent.v1.DiskService/ReclaimSpace";
@@ -416,26 +435,14 @@ mod tests {
             dry_run: false,
             ..Default::default()
         });
-        let response = guard
-            .ready()
-            .await
-            .unwrap()
-            .call(request(reclaim, real, Some(operator.clone())))
-            .await
-            .unwrap();
+        let response = call(&mut guard, reclaim, real, Some(operator.clone())).await;
         assert_eq!(status_of(response).await, Code::PermissionDenied);
 
         let dry = framed(&proto::ReclaimSpaceRequest {
             dry_run: true,
             ..Default::default()
         });
-        let response = guard
-            .ready()
-            .await
-            .unwrap()
-            .call(request(reclaim, dry.clone(), Some(operator.clone())))
-            .await
-            .unwrap();
+        let response = call(&mut guard, reclaim, dry.clone(), Some(operator.clone())).await;
         assert_eq!(status_of(response).await, Code::Ok);
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 1, "only the dry run reached the service");
@@ -446,17 +453,13 @@ mod tests {
     async fn missing_peer_is_unauthenticated() {
         let (_seen, inner) = recording();
         let mut guard = layer("").layer(inner);
-        let response = guard
-            .ready()
-            .await
-            .unwrap()
-            .call(request(
-                "/instance_agent.v1.AgentService/GetStatus",
-                Bytes::new(),
-                None,
-            ))
-            .await
-            .unwrap();
+        let response = call(
+            &mut guard,
+            "/instance_agent.v1.AgentService/GetStatus",
+            Bytes::new(),
+            None,
+        )
+        .await;
         assert_eq!(status_of(response).await, Code::Unauthenticated);
     }
 
@@ -467,17 +470,13 @@ mod tests {
         let mut spec = proto::JobSpec::default();
         spec.labels.insert("big".into(), "x".repeat(20_000));
         let big = framed(&proto::SubmitJobRequest { spec: Some(spec) });
-        let response = guard
-            .ready()
-            .await
-            .unwrap()
-            .call(request(
-                "/instance_agent.v1.JobService/SubmitJob",
-                big,
-                Some(peer(Role::Admin, 0)),
-            ))
-            .await
-            .unwrap();
+        let response = call(
+            &mut guard,
+            "/instance_agent.v1.JobService/SubmitJob",
+            big,
+            Some(peer(Role::Admin, 0)),
+        )
+        .await;
         let status = Status::from_header_map(response.headers()).unwrap();
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert!(
@@ -493,17 +492,13 @@ mod tests {
     async fn cancel_job_grant_applies() {
         let (_seen, inner) = recording();
         let mut guard = layer("[operator]\nallow_cancel_job = true\n").layer(inner);
-        let response = guard
-            .ready()
-            .await
-            .unwrap()
-            .call(request(
-                "/instance_agent.v1.JobService/CancelJob",
-                framed(&proto::CancelJobRequest { id: "j".into() }),
-                Some(peer(Role::Operator, 1000)),
-            ))
-            .await
-            .unwrap();
+        let response = call(
+            &mut guard,
+            "/instance_agent.v1.JobService/CancelJob",
+            framed(&proto::CancelJobRequest { id: "j".into() }),
+            Some(peer(Role::Operator, 1000)),
+        )
+        .await;
         assert_eq!(status_of(response).await, Code::Ok);
     }
 }

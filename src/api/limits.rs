@@ -7,7 +7,8 @@
 //! Time comes from `tokio::time`, so tests pause and advance it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::time::Instant;
 use tonic::Status;
@@ -29,7 +30,7 @@ struct Bucket {
 #[derive(Debug, Default)]
 pub struct PeerLimiter {
     buckets: Mutex<HashMap<String, Bucket>>,
-    streams: Mutex<HashMap<String, u32>>,
+    streams: Arc<KeyedCounter<String>>,
 }
 
 impl PeerLimiter {
@@ -44,10 +45,7 @@ impl PeerLimiter {
         let rate = f64::from(limits.requests_per_second_per_peer);
         let burst = f64::from(limits.request_burst_per_peer.max(1));
         let now = Instant::now();
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if buckets.len() > PRUNE_ABOVE {
             buckets
                 .retain(|_, b| now.duration_since(b.refilled).as_secs_f64() < IDLE_BUCKET_SECONDS);
@@ -74,59 +72,83 @@ impl PeerLimiter {
     /// Opens one streaming RPC for `key`, or answers RESOURCE_EXHAUSTED
     /// naming the limit. The slot is given back when the returned value is
     /// dropped (the stream ended or the client went away).
-    pub fn open_stream(
-        self: &Arc<Self>,
-        key: &str,
-        limits: &LimitsConfig,
-    ) -> Result<StreamSlot, Status> {
-        let mut streams = self
-            .streams
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let open = streams.entry(key.to_owned()).or_insert(0);
-        if *open >= limits.max_streams_per_peer {
-            return Err(Status::resource_exhausted(format!(
-                "{key} already holds {open} open streams: limits.max_streams_per_peer = {}; \
-                 close one first",
-                limits.max_streams_per_peer
-            )));
-        }
-        *open += 1;
-        Ok(StreamSlot {
-            limiter: self.clone(),
-            key: key.to_owned(),
-        })
+    pub fn open_stream(&self, key: &str, limits: &LimitsConfig) -> Result<StreamSlot, Status> {
+        self.streams
+            .enter(key.to_owned(), limits.max_streams_per_peer)
+            .map_err(|open| {
+                Status::resource_exhausted(format!(
+                    "{key} already holds {open} open streams: limits.max_streams_per_peer = {}; \
+                     close one first",
+                    limits.max_streams_per_peer
+                ))
+            })
     }
 
     /// Streams currently open for `key`.
     pub fn open_streams(&self, key: &str) -> u32 {
-        self.streams
+        self.streams.count(&key.to_owned())
+    }
+}
+
+/// One open streaming RPC; counted until dropped.
+pub type StreamSlot = Held<String>;
+
+/// Things in progress per key (open streams per peer, pending handshakes
+/// per address), each capped.
+#[derive(Debug)]
+pub struct KeyedCounter<K>(Mutex<HashMap<K, u32>>);
+
+impl<K> Default for KeyedCounter<K> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: Hash + Eq + Clone> KeyedCounter<K> {
+    /// Counts one more for `key` unless `max` are already held; then the
+    /// count held is returned as the error.
+    pub fn enter(self: &Arc<Self>, key: K, max: u32) -> Result<Held<K>, u32> {
+        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(key.clone()).or_insert(0);
+        if *count >= max {
+            return Err(*count);
+        }
+        *count += 1;
+        Ok(Held {
+            counter: self.clone(),
+            key,
+        })
+    }
+
+    /// How many are held for `key`.
+    pub fn count(&self, key: &K) -> u32 {
+        self.0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .get(key)
             .copied()
             .unwrap_or(0)
     }
 }
 
-/// One open streaming RPC; counted until dropped.
+/// One unit counted by a [`KeyedCounter`] until dropped.
 #[derive(Debug)]
-pub struct StreamSlot {
-    limiter: Arc<PeerLimiter>,
-    key: String,
+pub struct Held<K: Hash + Eq> {
+    counter: Arc<KeyedCounter<K>>,
+    key: K,
 }
 
-impl Drop for StreamSlot {
+impl<K: Hash + Eq> Drop for Held<K> {
     fn drop(&mut self) {
-        let mut streams = self
-            .limiter
-            .streams
+        let mut counts = self
+            .counter
+            .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(open) = streams.get_mut(&self.key) {
-            *open = open.saturating_sub(1);
-            if *open == 0 {
-                streams.remove(&self.key);
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.key);
             }
         }
     }

@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Role;
+use super::limits::KeyedCounter;
 use super::peer::{Authenticated, Peer, UserDirectory, Who, local_peer};
 use super::tls::{allowed_name, certificate_names};
 use crate::config::Config;
@@ -168,7 +169,7 @@ pub fn tls(
 ) -> Incoming<TlsStream<TcpStream>> {
     let acceptor = TlsAcceptor::from(config);
     let allowed_names = Arc::new(allowed_names);
-    let pending = Arc::new(PendingByAddress::default());
+    let pending = Arc::new(KeyedCounter::<IpAddr>::default());
     accept_loop(
         listener,
         move |stream: TcpStream| {
@@ -177,7 +178,7 @@ pub fn tls(
             let pending = pending.clone();
             async move {
                 let addr = stream.peer_addr().ok()?;
-                let Some(_pending) = pending.enter(addr.ip()) else {
+                let Ok(_pending) = pending.enter(addr.ip(), MAX_PENDING_PER_ADDRESS) else {
                     tracing::warn!(target: "audit", %addr, "control-plane connection refused: {MAX_PENDING_PER_ADDRESS} handshakes from this address are already pending");
                     return None;
                 };
@@ -247,66 +248,25 @@ pub fn plaintext(listener: TcpListener, cancel: CancellationToken) -> Incoming<T
     )
 }
 
-/// Handshakes in progress per source address.
-#[derive(Default)]
-struct PendingByAddress(std::sync::Mutex<std::collections::HashMap<IpAddr, u32>>);
-
-/// One pending handshake; counted until dropped.
-struct PendingHandshake {
-    table: Arc<PendingByAddress>,
-    ip: IpAddr,
-}
-
-impl PendingByAddress {
-    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<PendingHandshake> {
-        let mut table = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = table.entry(ip).or_insert(0);
-        if *count >= MAX_PENDING_PER_ADDRESS {
-            return None;
-        }
-        *count += 1;
-        Some(PendingHandshake {
-            table: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for PendingHandshake {
-    fn drop(&mut self) {
-        let mut table = self
-            .table
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = table.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                table.remove(&self.ip);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn pending_handshakes_are_capped_per_address() {
-        let table = Arc::new(PendingByAddress::default());
+        let table = Arc::new(KeyedCounter::<IpAddr>::default());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let held: Vec<_> = (0..MAX_PENDING_PER_ADDRESS)
-            .map(|_| table.enter(a).unwrap())
+            .map(|_| table.enter(a, MAX_PENDING_PER_ADDRESS).unwrap())
             .collect();
-        assert!(table.enter(a).is_none());
-        assert!(table.enter(b).is_some());
+        assert_eq!(
+            table.enter(a, MAX_PENDING_PER_ADDRESS).unwrap_err(),
+            MAX_PENDING_PER_ADDRESS
+        );
+        assert!(table.enter(b, MAX_PENDING_PER_ADDRESS).is_ok());
         drop(held);
-        assert!(table.enter(a).is_some());
-        assert!(table.0.lock().unwrap().get(&a).is_none_or(|c| *c == 0));
+        assert_eq!(table.count(&a), 0);
+        assert!(table.enter(a, MAX_PENDING_PER_ADDRESS).is_ok());
     }
 }
