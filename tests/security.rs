@@ -111,6 +111,16 @@ fn write_file(dir: &Path, name: &str, content: &str, mode: u32) -> PathBuf {
     path
 }
 
+/// Waits until the agent's TCP listener accepts (it is bound just after
+/// the Unix socket, which is what `start` waits for).
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -254,6 +264,7 @@ async fn control_plane_needs_a_verified_allowed_client_certificate() {
         ))
         .start();
     let server_ca_pem = server_ca.pem();
+    wait_listening(port);
 
     let status = tls_status(port, &server_ca_pem, Some(&good))
         .await
@@ -272,10 +283,11 @@ async fn control_plane_needs_a_verified_allowed_client_certificate() {
         let result = tls_status(port, &server_ca_pem, identity).await;
         assert!(result.is_err(), "{case}: the call went through: {result:?}");
     }
-    let log = wait_log(&agent, "the refusals", |log| {
-        log.matches("control-plane connection refused").count() >= 4
+    // Four refusals, plus the probe of wait_listening.
+    wait_log(&agent, "the refusals", |log| {
+        log.matches("control-plane connection refused").count() >= 5
+            && log.contains("in control_plane.allowed_client_names")
     });
-    assert!(log.contains("allowed_client_names"), "{log}");
 
     // A verified client is admin: a mutation reaches the service, and is audited.
     let mut tls = ClientTlsConfig::new()
