@@ -56,6 +56,9 @@ for target in "${targets[@]}"; do
     say "$target: FAILED; see $work.log and fuzz/artifacts/$target/"
     tail -n 30 "$work.log" >&2
   fi
+  # path_confine builds its symlink tree here (libFuzzer exits without
+  # running destructors, so the target cannot remove it itself).
+  rm -rf "${TMPDIR:-/tmp}"/instance-agent-fuzz-*
 done
 
 if ((${#failed[@]})); then
