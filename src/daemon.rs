@@ -22,6 +22,8 @@ use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::host::HostFacts;
 use crate::jobs::engine::ContainerEngine;
+use crate::mounts::system::FuseMounter;
+use crate::mounts::{MountService, MountSettings};
 use crate::status::StatusProvider;
 use crate::store::Store;
 use crate::systemd::Notifier;
@@ -64,6 +66,8 @@ pub enum DaemonError {
 pub struct Adapters {
     /// The container engine.
     pub engine: Arc<dyn ContainerEngine>,
+    /// blobfuse2 processes, mountinfo, FUSE probes and fusermount3.
+    pub mounter: Arc<dyn FuseMounter>,
 }
 
 /// Where the config came from, so it can be reloaded.
@@ -124,7 +128,7 @@ impl Daemon {
         let admission = AdmissionGate::new();
 
         let health = Health::new();
-        for subsystem in [Subsystem::Disk, Subsystem::Mounts, Subsystem::Setup] {
+        for subsystem in [Subsystem::Disk, Subsystem::Setup] {
             health.set(
                 subsystem,
                 ConditionState::Disabled,
@@ -141,7 +145,7 @@ impl Daemon {
             events.clone(),
             admission.clone(),
         );
-        // Handed to the domains as they land (jobs, setup, mounts).
+        // Handed to the domains as they land (jobs, setup).
         let _ = &store;
 
         let tcp = match config.control_plane_addr() {
@@ -159,8 +163,24 @@ impl Daemon {
             None => None,
         };
 
+        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+        let mounts = MountService::new(
+            MountSettings::from_config(&config),
+            adapters.mounter.clone(),
+            store.clone(),
+            events.clone(),
+            health.clone(),
+            derive(&config_rx, |c| {
+                Duration::from_secs(c.mounts.health_interval_seconds.into())
+            }),
+            cancel.clone(),
+            tasks.clone(),
+        );
+        mounts.restore(&config.mounts.mount).await;
+
         let (routes, health_reporter) = api::routes(api::ApiParts {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
+            mounts: api::mounts::MountApi::new(mounts),
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
         for name in api::SERVICE_NAMES {
@@ -191,7 +211,6 @@ impl Daemon {
             "instance-agent ready"
         );
 
-        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         spawn_background(
             &tasks, &cancel, &adapters, &health, &status, &events, gpus_tx, config_rx,
         );

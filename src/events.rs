@@ -20,6 +20,8 @@ pub enum EventPayload {
         /// "started" or "stopping".
         phase: &'static str,
     },
+    /// A mount's state or message changed (never carries a secret).
+    Mount(crate::mounts::MountStatus),
 }
 
 /// One recorded event.

@@ -10,6 +10,7 @@ use clap::Parser;
 use instance_agent::cli::{self, Cli, Command, LogFormat, ServeArgs};
 use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
 use instance_agent::jobs::engine::DockerEngine;
+use instance_agent::mounts::system::SystemMounter;
 use instance_agent::{Adapters, ConfigSource, Daemon};
 
 /// sysexits.h: configuration error.
@@ -63,6 +64,7 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
                 &config.docker.socket,
                 Duration::from_secs(config.docker.request_timeout_seconds.into()),
             )),
+            mounter: Arc::new(SystemMounter::new()),
         };
         Daemon::new(config, source, adapters)
             .run(stop_signal())

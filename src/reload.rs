@@ -73,6 +73,7 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.agent.status_interval_seconds = new.agent.status_interval_seconds;
     running.docker.check_interval_seconds = new.docker.check_interval_seconds;
     running.events.backlog = new.events.backlog;
+    running.mounts.health_interval_seconds = new.mounts.health_interval_seconds;
 }
 
 /// Watches the config file's directory; `None` when it cannot (then SIGHUP
@@ -116,6 +117,7 @@ mod tests {
         new.agent.status_interval_seconds = 7;
         new.docker.check_interval_seconds = 3;
         new.events.backlog = 100;
+        new.mounts.health_interval_seconds = 2;
         new.agent.socket = "/tmp/x.sock".into();
         let changes = ConfigChanges::between(&old, &new);
         let mut running = old.clone();

@@ -160,6 +160,9 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
             phase: (*phase).to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }),
+        EventPayload::Mount(status) => proto::event::Kind::Mount(proto::MountEvent {
+            mount: Some(super::mounts::info_to_proto(status)),
+        }),
     };
     proto::Event {
         sequence: event.sequence,

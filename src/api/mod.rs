@@ -54,6 +54,8 @@ pub(crate) fn not_yet(rpc: &str, capability: &str) -> tonic::Status {
 pub struct ApiParts {
     /// Status and events.
     pub agent: agent::AgentApi,
+    /// File share mounts.
+    pub mounts: mounts::MountApi,
 }
 
 /// Builds the routes of all services plus health and reflection, and returns
@@ -83,6 +85,6 @@ pub fn routes(
         .add_service(JobServiceServer::new(jobs::JobApi))
         .add_service(DiskServiceServer::new(disk::DiskApi))
         .add_service(SetupServiceServer::new(setup::SetupApi))
-        .add_service(MountServiceServer::new(mounts::MountApi));
+        .add_service(MountServiceServer::new(parts.mounts));
     Ok((routes, reporter))
 }
