@@ -703,9 +703,10 @@ impl MountService {
         first: Option<oneshot::Sender<Result<(), MountError>>>,
     ) {
         let mut mounts = self.inner.lock();
-        self.insert(&mut mounts, spec, start, first);
+        let initial = self.insert(&mut mounts, spec, start, first);
         drop(mounts);
         self.inner.refresh_cache_dirs();
+        self.inner.publish(&initial);
     }
 
     fn insert(
@@ -714,10 +715,10 @@ impl MountService {
         spec: MountSpec,
         start: Start,
         first: Option<oneshot::Sender<Result<(), MountError>>>,
-    ) {
+    ) -> MountStatus {
         let spec = Arc::new(spec);
         let initial = MountStatus::new(&spec, MountState::Mounting);
-        let (status, _) = watch::channel(initial);
+        let (status, _) = watch::channel(initial.clone());
         let stop = self.inner.shutdown.child_token();
         let (done_tx, done_rx) = watch::channel(false);
         mounts.insert(
@@ -734,12 +735,13 @@ impl MountService {
             supervisor::run(inner, spec, status, stop, start, first).await;
             let _ = done_tx.send(true);
         });
+        initial
     }
 
     /// A mount that cannot even be supervised (bad path, unreadable
     /// record): shown as failed, never retried.
     fn add_failed(&self, spec: MountSpec, message: String) {
-        tracing::error!(mount = %spec.name, %message, "mount cannot be restored");
+        tracing::error!(mount = %spec.name, detail = %message, "mount cannot be restored");
         let mut status = MountStatus::new(&spec, MountState::Failed);
         status.message = message;
         let (status_tx, _) = watch::channel(status.clone());
