@@ -382,7 +382,7 @@ impl MountService {
         self.stop_supervisor(name).await;
         let launch = self.inner.settings.launch(&spec);
         let mounter = &self.inner.mounter;
-        let mut message = String::from("unmounted");
+        let mut message = String::from("cleanly unmounted");
         let mounted = mounter
             .mount_entry(&spec.mount_path)
             .await
