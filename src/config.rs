@@ -235,6 +235,9 @@ pub struct DeclaredMount {
     pub subdirectory: String,
 }
 
+/// Checks that a key's value lies in `min..=max`.
+type RangeCheck<'a> = &'a dyn Fn(&str, u64, u64, u64) -> Result<(), ConfigError>;
+
 /// Command-line flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -384,7 +387,7 @@ impl Config {
     fn validate_mounts(
         &self,
         invalid: &dyn Fn(&str, String) -> ConfigError,
-        in_range: &dyn Fn(&str, u64, u64, u64) -> Result<(), ConfigError>,
+        in_range: RangeCheck<'_>,
     ) -> Result<(), ConfigError> {
         use crate::mounts::spec;
         let m = &self.mounts;

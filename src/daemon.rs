@@ -124,6 +124,9 @@ impl Daemon {
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
         let unix = bind_unix(&config.agent.socket)?;
+        // Installs the SIGHUP handler now: the socket already answers.
+        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+        let reload = crate::reload::run(source, config_tx, cancel.clone());
         let store = Store::open(&config.agent.state_dir).map_err(DaemonError::Store)?;
         let admission = AdmissionGate::new();
 
@@ -163,7 +166,6 @@ impl Daemon {
             None => None,
         };
 
-        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         let mounts = MountService::new(
             MountSettings::from_config(&config),
             adapters.mounter.clone(),
@@ -214,7 +216,7 @@ impl Daemon {
         spawn_background(
             &tasks, &cancel, &adapters, &health, &status, &events, gpus_tx, config_rx,
         );
-        tasks.spawn(crate::reload::run(source, config_tx, cancel.clone()));
+        tasks.spawn(reload);
         tasks.close();
 
         shutdown.await;

@@ -80,19 +80,24 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
     }
 }
 
-/// Resolves at the first SIGTERM or SIGINT.
-async fn stop_signal() {
+/// Resolves at the first SIGTERM or SIGINT. The handlers are installed at
+/// once, not at the first poll, so that a signal sent as soon as the socket
+/// answers (before the daemon awaits this) is not fatal.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; the agent can only be killed");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; the agent can only be killed");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 

@@ -20,19 +20,30 @@ use crate::daemon::{ConfigSource, describe_changes};
 /// window cause one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Runs until `cancel` fires.
-pub async fn run(
+/// Runs until `cancel` fires. The SIGHUP handler is installed when this is
+/// called, not when the future is first polled, so that a SIGHUP sent as soon
+/// as the socket answers does not kill the agent (SIGHUP's default action).
+pub fn run(
     source: ConfigSource,
     config: watch::Sender<Arc<Config>>,
     cancel: CancellationToken,
-) {
-    let mut hangup = match signal(SignalKind::hangup()) {
+) -> impl std::future::Future<Output = ()> {
+    let hangup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(error) => {
             tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change");
             None
         }
     };
+    watch_and_reload(source, config, cancel, hangup)
+}
+
+async fn watch_and_reload(
+    source: ConfigSource,
+    config: watch::Sender<Arc<Config>>,
+    cancel: CancellationToken,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+) {
     let (file_tx, mut file_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_file(&source, file_tx);
 

@@ -124,17 +124,13 @@ async fn instance_id_is_generated_once_and_kept() {
 #[tokio::test]
 async fn unimplemented_rpc_names_the_capability() {
     let agent = Agent::builder().start();
-    let mut client = proto::mount_service_client::MountServiceClient::new(agent.channel().await);
+    let mut client = proto::job_service_client::JobServiceClient::new(agent.channel().await);
     let error = client
-        .list_mounts(proto::ListMountsRequest {})
+        .list_jobs(proto::ListJobsRequest::default())
         .await
         .expect_err("not implemented yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
-    assert!(
-        error.message().contains("file share mounts"),
-        "{}",
-        error.message()
-    );
+    assert!(error.message().contains("jobs"), "{}", error.message());
 }
 
 #[tokio::test]

@@ -116,8 +116,11 @@ fn parse(args: &[String]) -> Result<Settings, String> {
             config_file = rest.next().map(PathBuf::from);
         } else if arg == "-o" {
             options.extend(rest.next().into_iter().flat_map(|o| o.split(',')));
-        } else if arg == "--foreground" || arg.starts_with("--foreground=") {
-        } else if arg.starts_with("--disable-version-check") {
+        } else if arg == "--foreground"
+            || arg.starts_with("--foreground=")
+            || arg.starts_with("--disable-version-check")
+        {
+            // Always in the foreground; never checks for a newer version.
         } else if arg.starts_with('-') {
             return Err(format!("unknown flag: {arg}"));
         } else if mount_path.is_none() {

@@ -19,7 +19,7 @@ pub enum MountsCommand {
     /// List managed mounts and their health.
     List,
     /// Mount a blob container and supervise it.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Unmount (lazily when busy), stop blobfuse2 and forget the mount.
     Unmount {
         /// The mount's name.
@@ -107,7 +107,7 @@ pub async fn run(command: MountsCommand, socket: PathBuf, json: bool) -> anyhow:
             })
         }
         MountsCommand::Mount(args) => {
-            let request = request(args)?;
+            let request = request(*args)?;
             let info = client.mount(request).await?.into_inner();
             print_one(&info, json)?;
             Ok(ExitCode::SUCCESS)

@@ -201,7 +201,7 @@ mod tests {
         let root = dir.path().join("mnt");
         std::fs::create_dir(&root).unwrap();
         let rules = PathRules::new(
-            &[root.clone()],
+            std::slice::from_ref(&root),
             &dir.path().join("cache"),
             &[dir.path().join("state")],
         );

@@ -273,6 +273,7 @@ pub struct MountService {
 impl MountService {
     /// A service with no mounts yet. Its supervisors run on `tasks` and stop
     /// (leaving their mounts running) when `shutdown` fires.
+    #[allow(clippy::too_many_arguments)] // each is a distinct shared handle of the daemon
     pub fn new(
         settings: MountSettings,
         mounter: Arc<dyn FuseMounter>,
