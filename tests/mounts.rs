@@ -166,6 +166,15 @@ async fn mounts_client(agent: &Agent) -> MountServiceClient<tonic::transport::Ch
     MountServiceClient::new(agent.channel().await)
 }
 
+async fn mount_with_key(agent: &Agent, site: &Site, name: &str) -> proto::MountInfo {
+    mounts_client(agent)
+        .await
+        .mount(request(site, name, Auth::AccountKey(KEY.into())))
+        .await
+        .expect("mount")
+        .into_inner()
+}
+
 async fn list(agent: &Agent) -> Vec<proto::MountInfo> {
     mounts_client(agent)
         .await
@@ -221,12 +230,7 @@ async fn a_mount_appears_in_mountinfo_and_files_round_trip() {
         "hello from storage",
     )
     .unwrap();
-    let info = mounts_client(&agent)
-        .await
-        .mount(request(&site, "data", Auth::AccountKey(KEY.into())))
-        .await
-        .expect("mount")
-        .into_inner();
+    let info = mount_with_key(&agent, &site, "data").await;
     assert_eq!(info.state(), proto::MountState::Mounted);
     assert_eq!(info.auth_mode, "key");
     assert_eq!(info.origin, "api");
@@ -344,12 +348,7 @@ async fn a_killed_blobfuse2_leaves_a_stale_mount_that_the_agent_repairs() {
 async fn a_restarted_agent_adopts_the_healthy_mount_without_remounting() {
     let site = Site::new();
     let mut agent = site.agent();
-    let info = mounts_client(&agent)
-        .await
-        .mount(request(&site, "data", Auth::AccountKey(KEY.into())))
-        .await
-        .expect("mount")
-        .into_inner();
+    let info = mount_with_key(&agent, &site, "data").await;
     let path = site.mnt("data");
     // Open a file through the mount: a remount would break it.
     std::fs::write(path.join("held.txt"), "held").unwrap();
@@ -420,12 +419,7 @@ fn restart(agent: &mut Agent, site: &Site) {
 async fn unmount_with_a_file_held_open_is_lazy_and_stops_blobfuse2() {
     let site = Site::new();
     let agent = site.agent();
-    let info = mounts_client(&agent)
-        .await
-        .mount(request(&site, "data", Auth::AccountKey(KEY.into())))
-        .await
-        .expect("mount")
-        .into_inner();
+    let info = mount_with_key(&agent, &site, "data").await;
     let path = site.mnt("data");
     std::fs::write(path.join("open.txt"), "x").unwrap();
     let held = std::fs::File::open(path.join("open.txt")).unwrap();

@@ -61,4 +61,8 @@ echo "\$ cat $MOUNT/hello.txt"; cat "$MOUNT/hello.txt"
 
 step "instance-agent mounts unmount data"
 "${AGENT[@]}" mounts unmount data
-grep -c " $MOUNT " /proc/self/mountinfo || echo "no longer in mountinfo; $MOUNT is empty: [$(ls -A "$MOUNT")]"
+if grep -q " $MOUNT " /proc/self/mountinfo; then
+  echo "still mounted!"
+else
+  echo "no longer in mountinfo; $MOUNT is empty: [$(ls -A "$MOUNT")]"
+fi

@@ -394,6 +394,22 @@ impl Passthrough {
         })
     }
 
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        how: fn(&Path) -> std::io::Result<()>,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .child(parent, name)
+            .and_then(|p| how(&self.root.join(p)).map_err(|e| errno(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn keep(&self, file: File) -> u64 {
         let mut next = self.next_handle.lock().unwrap_or_else(|p| p.into_inner());
         *next += 1;
@@ -497,23 +513,11 @@ impl Filesystem for Passthrough {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .child(parent, name)
-            .and_then(|p| std::fs::remove_file(self.root.join(p)).map_err(|e| errno(&e)))
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, |p| std::fs::remove_file(p), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .child(parent, name)
-            .and_then(|p| std::fs::remove_dir(self.root.join(p)).map_err(|e| errno(&e)))
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, |p| std::fs::remove_dir(p), reply);
     }
 
     fn rename(

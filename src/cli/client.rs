@@ -42,6 +42,21 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
     Ok(channel)
 }
 
+/// Connects for a CLI command: `Err(exit code 69)` after printing one line
+/// when the daemon cannot be reached.
+pub async fn connect_or_exit(
+    socket: &Path,
+) -> anyhow::Result<Result<Channel, std::process::ExitCode>> {
+    match connect(socket).await {
+        Ok(channel) => Ok(Ok(channel)),
+        Err(error) if error.is::<Unreachable>() => {
+            eprintln!("instance-agent: {error}");
+            Ok(Err(std::process::ExitCode::from(EX_UNAVAILABLE)))
+        }
+        Err(error) => Err(error),
+    }
+}
+
 fn explain(socket: &Path, error: &std::io::Error) -> String {
     use std::io::ErrorKind;
     let path = socket.display();

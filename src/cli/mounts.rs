@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::client::{self, Unreachable};
+use super::client;
 use super::format;
 use crate::api::proto::{self, mount_service_client::MountServiceClient};
 
@@ -76,13 +76,9 @@ pub struct MountArgs {
 
 /// Runs a `mounts` subcommand; exits 69 when the daemon cannot be reached.
 pub async fn run(command: MountsCommand, socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
-    let channel = match client::connect(&socket).await {
+    let channel = match client::connect_or_exit(&socket).await? {
         Ok(channel) => channel,
-        Err(error) if error.is::<Unreachable>() => {
-            eprintln!("instance-agent: {error}");
-            return Ok(ExitCode::from(client::EX_UNAVAILABLE));
-        }
-        Err(error) => return Err(error),
+        Err(code) => return Ok(code),
     };
     let mut client = MountServiceClient::new(channel);
     match command {

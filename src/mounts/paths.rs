@@ -109,16 +109,7 @@ impl PathRules {
                 list(&self.allowed_roots)
             ));
         }
-        if let Ok(meta) = resolved.metadata()
-            && !meta.is_dir()
-        {
-            return Err(format!(
-                "{} exists and is not a directory",
-                resolved.display()
-            ));
-        }
-        self.not_agent_dir(path, &resolved)?;
-        Ok(resolved)
+        self.directory_of_its_own(path, resolved)
     }
 
     /// Checks and resolves a cache dir. Blocking.
@@ -137,6 +128,12 @@ impl PathRules {
                 list(&self.allowed_roots)
             ));
         }
+        self.directory_of_its_own(path, resolved)
+    }
+
+    /// A resolved path must be a directory (or not exist yet) and must not
+    /// overlap the agent's own directories.
+    fn directory_of_its_own(&self, path: &Path, resolved: PathBuf) -> Result<PathBuf, String> {
         if let Ok(meta) = resolved.symlink_metadata()
             && !meta.is_dir()
         {
@@ -145,18 +142,13 @@ impl PathRules {
                 resolved.display()
             ));
         }
-        self.not_agent_dir(path, &resolved)?;
-        Ok(resolved)
-    }
-
-    fn not_agent_dir(&self, path: &Path, resolved: &Path) -> Result<(), String> {
-        match self.agent_dirs.iter().find(|d| overlaps(resolved, d)) {
+        match self.agent_dirs.iter().find(|d| overlaps(&resolved, d)) {
             Some(dir) => Err(format!(
                 "{} overlaps the agent's own directory {}",
-                describe(path, resolved),
+                describe(path, &resolved),
                 dir.display()
             )),
-            None => Ok(()),
+            None => Ok(resolved),
         }
     }
 }
