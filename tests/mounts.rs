@@ -345,6 +345,36 @@ async fn a_killed_blobfuse2_leaves_a_stale_mount_that_the_agent_repairs() {
 }
 
 #[tokio::test]
+async fn a_hung_blobfuse2_times_out_the_health_check_without_blocking_the_agent() {
+    let site = Site::new();
+    let agent = site.agent();
+    let info = mount_with_key(&agent, &site, "data").await;
+    // A stopped daemon leaves every request to the mount hanging.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(info.pid as i32), Signal::SIGSTOP).unwrap();
+    let stale = eventually("the stale state", Duration::from_secs(30), async || {
+        // The API keeps answering while a health check hangs in the kernel.
+        mount_state(&agent, "data")
+            .await
+            .filter(|m| m.state() == proto::MountState::Stale)
+    })
+    .await;
+    assert!(
+        stale.message.contains("did not answer within 2 s"),
+        "{}",
+        stale.message
+    );
+    let repaired = eventually("the repair", Duration::from_secs(60), async || {
+        mount_state(&agent, "data")
+            .await
+            .filter(|m| m.state() == proto::MountState::Mounted && m.remount_count == 1)
+    })
+    .await;
+    assert_ne!(repaired.pid, info.pid);
+    assert!(dead(info.pid), "the hung blobfuse2 was killed");
+    std::fs::write(site.mnt("data").join("after.txt"), "ok").unwrap();
+}
+
+#[tokio::test]
 async fn a_restarted_agent_adopts_the_healthy_mount_without_remounting() {
     let site = Site::new();
     let mut agent = site.agent();
