@@ -280,10 +280,13 @@ fn under_systemd() -> bool {
 }
 
 fn spawn_detached(launch: &Launch) -> std::io::Result<u32> {
+    use std::os::unix::fs::OpenOptionsExt;
     use std::process::{Command, Stdio};
+    // 0600: blobfuse2's own messages may quote a request URL with its SAS.
     let output = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&launch.output_file)?;
     let mut command = if under_systemd() {
         let mut c = Command::new("systemd-run");
