@@ -25,6 +25,7 @@ const LIVE_KEYS: &[&str] = &[
     "docker.check_interval_seconds",
     "events.backlog",
     "jobs.",
+    "mounts.health_interval_seconds",
 ];
 
 /// A config that failed to load. Each variant names the file; `Invalid` also
@@ -74,6 +75,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// The job queue.
     pub jobs: JobsConfig,
+    /// File share mounts (blobfuse2).
+    pub mounts: MountsConfig,
 }
 
 /// `[agent]`: identity, paths and timings of the daemon.
@@ -227,6 +230,88 @@ impl Default for JobsConfig {
     }
 }
 
+/// `[mounts]`: file share mounts with blobfuse2.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MountsConfig {
+    /// The blobfuse2 program (looked up in PATH when not absolute).
+    pub blobfuse2_path: PathBuf,
+    /// Mount paths must lie strictly below one of these.
+    pub allowed_roots: Vec<PathBuf>,
+    /// Per-mount cache dirs go below this by default (the temp disk).
+    pub cache_root: PathBuf,
+    /// `file_cache.max-size-mb` of a mount that does not set its own, in bytes.
+    pub default_cache_max_bytes: u64,
+    /// How often each mount's health is checked.
+    pub health_interval_seconds: u32,
+    /// How long a health check may take before the mount counts as stale.
+    pub health_timeout_seconds: u32,
+    /// How long a new mount may take to appear in mountinfo.
+    pub mount_timeout_seconds: u32,
+    /// First delay before mounting again after a failure (doubles each time).
+    pub backoff_initial_seconds: u32,
+    /// Longest delay between mount attempts.
+    pub backoff_max_seconds: u32,
+    /// Mounts declared here (`[[mounts.mount]]`), mounted at every start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mount: Vec<DeclaredMount>,
+}
+
+impl Default for MountsConfig {
+    fn default() -> Self {
+        Self {
+            blobfuse2_path: PathBuf::from("blobfuse2"),
+            allowed_roots: vec![PathBuf::from("/mnt"), PathBuf::from("/home")],
+            cache_root: PathBuf::from("/mnt/instance-agent/cache"),
+            default_cache_max_bytes: 4 << 30,
+            health_interval_seconds: 10,
+            health_timeout_seconds: 5,
+            mount_timeout_seconds: 30,
+            backoff_initial_seconds: 1,
+            backoff_max_seconds: 300,
+            mount: Vec::new(),
+        }
+    }
+}
+
+/// `[[mounts.mount]]`: a mount declared in config. Secrets are never inline:
+/// `secret_file` names a file (mode 0600) holding the key or SAS token.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeclaredMount {
+    /// Unique name ([A-Za-z0-9_.-], at most 64 characters).
+    pub name: String,
+    /// Storage account.
+    pub account: String,
+    /// Blob container.
+    pub container: String,
+    /// Absolute path below one of `mounts.allowed_roots`.
+    pub mount_path: PathBuf,
+    /// "key", "sas" or "msi".
+    pub auth: String,
+    /// For "key" and "sas": the file holding the secret.
+    pub secret_file: PathBuf,
+    /// For "msi": a user-assigned identity's client id (all empty: system-assigned).
+    pub client_id: String,
+    /// For "msi": a user-assigned identity's resource id.
+    pub resource_id: String,
+    /// For "msi": a user-assigned identity's object id.
+    pub object_id: String,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// Cache dir; `<cache_root>/<name>` when empty.
+    pub cache_dir: PathBuf,
+    /// Cache cap in bytes; `default_cache_max_bytes` when 0.
+    pub cache_max_bytes: u64,
+    /// Blob endpoint; `https://<account>.blob.core.windows.net` when empty.
+    pub endpoint: String,
+    /// Mount only this virtual directory of the container.
+    pub subdirectory: String,
+}
+
+/// Checks that a key's value lies in `min..=max`.
+type RangeCheck<'a> = &'a dyn Fn(&str, u64, u64, u64) -> Result<(), ConfigError>;
+
 /// Command-line flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -334,6 +419,7 @@ impl Config {
         )?;
         in_range("events.backlog", self.events.backlog.into(), 16, 1_000_000)?;
         self.validate_jobs(path)?;
+        self.validate_mounts(&invalid, &in_range)?;
         if !self.control_plane.listen.is_empty() {
             let addr: SocketAddr = self.control_plane.listen.parse().map_err(|_| {
                 invalid(
@@ -426,6 +512,130 @@ impl Config {
                 return Err(invalid(
                     &format!("allowed_networks[{i}]"),
                     format!("{net:?} is not a Docker network name ([A-Za-z0-9_.-], at most 128)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_mounts(
+        &self,
+        invalid: &dyn Fn(&str, String) -> ConfigError,
+        in_range: RangeCheck<'_>,
+    ) -> Result<(), ConfigError> {
+        use crate::mounts::spec;
+        let m = &self.mounts;
+        in_range(
+            "mounts.health_interval_seconds",
+            m.health_interval_seconds.into(),
+            1,
+            3600,
+        )?;
+        in_range(
+            "mounts.health_timeout_seconds",
+            m.health_timeout_seconds.into(),
+            1,
+            600,
+        )?;
+        in_range(
+            "mounts.mount_timeout_seconds",
+            m.mount_timeout_seconds.into(),
+            1,
+            600,
+        )?;
+        in_range(
+            "mounts.backoff_initial_seconds",
+            m.backoff_initial_seconds.into(),
+            1,
+            3600,
+        )?;
+        in_range(
+            "mounts.backoff_max_seconds",
+            m.backoff_max_seconds.into(),
+            m.backoff_initial_seconds.into(),
+            86_400,
+        )?;
+        in_range(
+            "mounts.default_cache_max_bytes",
+            m.default_cache_max_bytes,
+            1 << 20,
+            1 << 50,
+        )?;
+        if m.blobfuse2_path.as_os_str().is_empty() {
+            return Err(invalid("mounts.blobfuse2_path", "must not be empty".into()));
+        }
+        if m.allowed_roots.is_empty() {
+            return Err(invalid(
+                "mounts.allowed_roots",
+                "must name at least one directory".into(),
+            ));
+        }
+        for root in m.allowed_roots.iter().chain([&m.cache_root]) {
+            if let Err(problem) = crate::mounts::paths::normalise(root) {
+                return Err(invalid("mounts.allowed_roots / mounts.cache_root", problem));
+            }
+            if root.as_path() == Path::new("/") {
+                return Err(invalid(
+                    "mounts.allowed_roots / mounts.cache_root",
+                    "\"/\" is too wide: name the directories mounts may go under".into(),
+                ));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, d) in m.mount.iter().enumerate() {
+            let key = |field: &str| format!("mounts.mount[{i}].{field}");
+            let check = |field: &str, result: Result<(), String>| {
+                result.map_err(|problem| invalid(&key(field), problem))
+            };
+            check("name", spec::check_name(&d.name))?;
+            if !names.insert(d.name.as_str()) {
+                return Err(invalid(
+                    &key("name"),
+                    format!("{:?} is declared twice", d.name),
+                ));
+            }
+            check("account", spec::check_account(&d.account))?;
+            check("container", spec::check_container(&d.container))?;
+            check("endpoint", spec::check_endpoint(&d.endpoint))?;
+            check("subdirectory", spec::check_subdirectory(&d.subdirectory))?;
+            check(
+                "mount_path",
+                crate::mounts::paths::normalise(&d.mount_path).map(|_| ()),
+            )?;
+            match d.auth.as_str() {
+                "key" | "sas" => {
+                    if !d.secret_file.is_absolute() {
+                        return Err(invalid(
+                            &key("secret_file"),
+                            format!(
+                                "auth = {:?} needs secret_file, an absolute path to a 0600 file holding the secret (secrets are never inline)",
+                                d.auth
+                            ),
+                        ));
+                    }
+                }
+                "msi" => {
+                    if !d.secret_file.as_os_str().is_empty() {
+                        return Err(invalid(
+                            &key("secret_file"),
+                            "is not used with auth = \"msi\"".into(),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(invalid(
+                        &key("auth"),
+                        format!("{other:?} must be \"key\", \"sas\" or \"msi\""),
+                    ));
+                }
+            }
+            if d.cache_max_bytes != 0 && d.cache_max_bytes < 1 << 20 {
+                return Err(invalid(
+                    &key("cache_max_bytes"),
+                    format!(
+                        "{} is below the minimum of 1 MiB (0 means the default)",
+                        d.cache_max_bytes
+                    ),
                 ));
             }
         }

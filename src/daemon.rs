@@ -22,7 +22,9 @@ use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::host::HostFacts;
 use crate::jobs::engine::ContainerEngine;
-use crate::jobs::{JobManager, JobsDeps, NoManagedMounts};
+use crate::jobs::{JobManager, JobsDeps};
+use crate::mounts::system::FuseMounter;
+use crate::mounts::{MountService, MountSettings};
 use crate::status::StatusProvider;
 use crate::store::Store;
 use crate::systemd::Notifier;
@@ -68,6 +70,8 @@ pub enum DaemonError {
 pub struct Adapters {
     /// The container engine.
     pub engine: Arc<dyn ContainerEngine>,
+    /// blobfuse2 processes, mountinfo, FUSE probes and fusermount3.
+    pub mounter: Arc<dyn FuseMounter>,
 }
 
 /// Where the config came from, so it can be reloaded.
@@ -124,11 +128,14 @@ impl Daemon {
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
         let unix = bind_unix(&config.agent.socket)?;
+        // Installs the SIGHUP handler now: the socket already answers.
+        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+        let reload = crate::reload::run(source, config_tx, cancel.clone());
         let store = Store::open(&config.agent.state_dir).map_err(DaemonError::Store)?;
         let admission = AdmissionGate::new();
 
         let health = Health::new();
-        for subsystem in [Subsystem::Disk, Subsystem::Mounts, Subsystem::Setup] {
+        for subsystem in [Subsystem::Disk, Subsystem::Setup] {
             health.set(
                 subsystem,
                 ConditionState::Disabled,
@@ -137,16 +144,29 @@ impl Daemon {
         }
         let events = EventBus::new(config.events.backlog as usize);
         let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
-        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         let (engine_up_tx, engine_up_rx) = watch::channel(false);
         let host = HostFacts::discover();
+        let mounts = MountService::new(
+            MountSettings::from_config(&config),
+            adapters.mounter.clone(),
+            store.clone(),
+            events.clone(),
+            health.clone(),
+            derive(&config_rx, |c| {
+                Duration::from_secs(c.mounts.health_interval_seconds.into())
+            }),
+            cancel.clone(),
+            tasks.clone(),
+        );
+        mounts.restore(&config.mounts.mount).await;
+
         let jobs = JobManager::start(
             JobsDeps {
                 engine: adapters.engine.clone(),
                 store: store.clone(),
                 events: events.clone(),
                 admission: admission.clone(),
-                mounts: Arc::new(NoManagedMounts),
+                mounts: Arc::new(mounts.clone()),
                 logs_dir: config.agent.state_dir.join("job-logs"),
                 instance_id: instance_id.clone(),
                 usable_cores: host.usable_cores,
@@ -187,6 +207,7 @@ impl Daemon {
         let (routes, health_reporter) = api::routes(api::ApiParts {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
             jobs: api::jobs::JobApi::new(jobs.clone()),
+            mounts: api::mounts::MountApi::new(mounts),
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
         for name in api::SERVICE_NAMES {
@@ -228,7 +249,7 @@ impl Daemon {
             engine_up_tx,
             config_rx,
         );
-        tasks.spawn(crate::reload::run(source, config_tx, cancel.clone()));
+        tasks.spawn(reload);
         tasks.close();
 
         shutdown.await;

@@ -22,6 +22,8 @@ pub enum EventPayload {
     },
     /// A job changed state (the record after the change).
     Job(Box<crate::jobs::JobRecord>),
+    /// A mount's state or message changed (never carries a secret).
+    Mount(crate::mounts::MountStatus),
 }
 
 /// One recorded event.

@@ -14,6 +14,7 @@
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
 //! - [`jobs`]: the container engine and, later, the job queue.
+//! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
@@ -30,6 +31,7 @@ pub mod events;
 pub mod health;
 pub mod host;
 pub mod jobs;
+pub mod mounts;
 pub mod reload;
 pub mod status;
 pub mod store;

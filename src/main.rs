@@ -10,6 +10,7 @@ use clap::Parser;
 use instance_agent::cli::{self, Cli, Command, LogFormat, ServeArgs};
 use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
 use instance_agent::jobs::engine::DockerEngine;
+use instance_agent::mounts::system::SystemMounter;
 use instance_agent::{Adapters, ConfigSource, Daemon};
 
 /// sysexits.h: configuration error.
@@ -63,6 +64,7 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
                 &config.docker.socket,
                 Duration::from_secs(config.docker.request_timeout_seconds.into()),
             )),
+            mounter: Arc::new(SystemMounter::new()),
         };
         Daemon::new(config, source, adapters)
             .run(stop_signal())
@@ -78,19 +80,24 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
     }
 }
 
-/// Resolves at the first SIGTERM or SIGINT.
-async fn stop_signal() {
+/// Resolves at the first SIGTERM or SIGINT. The handlers are installed at
+/// once, not at the first poll, so that a signal sent as soon as the socket
+/// answers (before the daemon awaits this) is not fatal.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; the agent can only be killed");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; the agent can only be killed");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 

@@ -20,19 +20,30 @@ use crate::daemon::{ConfigSource, describe_changes};
 /// window cause one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Runs until `cancel` fires.
-pub async fn run(
+/// Runs until `cancel` fires. The SIGHUP handler is installed when this is
+/// called, not when the future is first polled, so that a SIGHUP sent as soon
+/// as the socket answers does not kill the agent (SIGHUP's default action).
+pub fn run(
     source: ConfigSource,
     config: watch::Sender<Arc<Config>>,
     cancel: CancellationToken,
-) {
-    let mut hangup = match signal(SignalKind::hangup()) {
+) -> impl std::future::Future<Output = ()> {
+    let hangup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(error) => {
             tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change");
             None
         }
     };
+    watch_and_reload(source, config, cancel, hangup)
+}
+
+async fn watch_and_reload(
+    source: ConfigSource,
+    config: watch::Sender<Arc<Config>>,
+    cancel: CancellationToken,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+) {
     let (file_tx, mut file_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_file(&source, file_tx);
 
@@ -74,6 +85,7 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.docker.check_interval_seconds = new.docker.check_interval_seconds;
     running.events.backlog = new.events.backlog;
     running.jobs = new.jobs.clone();
+    running.mounts.health_interval_seconds = new.mounts.health_interval_seconds;
 }
 
 /// Watches the config file's directory; `None` when it cannot (then SIGHUP
@@ -117,6 +129,7 @@ mod tests {
         new.agent.status_interval_seconds = 7;
         new.docker.check_interval_seconds = 3;
         new.events.backlog = 100;
+        new.mounts.health_interval_seconds = 2;
         new.agent.socket = "/tmp/x.sock".into();
         let changes = ConfigChanges::between(&old, &new);
         let mut running = old.clone();

@@ -122,14 +122,14 @@ async fn instance_id_is_generated_once_and_kept() {
 #[tokio::test]
 async fn unimplemented_rpc_names_the_capability() {
     let agent = Agent::builder().start();
-    let mut client = proto::mount_service_client::MountServiceClient::new(agent.channel().await);
+    let mut client = proto::disk_service_client::DiskServiceClient::new(agent.channel().await);
     let error = client
-        .list_mounts(proto::ListMountsRequest {})
+        .get_disk_usage(proto::GetDiskUsageRequest::default())
         .await
         .expect_err("not implemented yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
     assert!(
-        error.message().contains("file share mounts"),
+        error.message().contains("disk guard"),
         "{}",
         error.message()
     );

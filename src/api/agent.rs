@@ -166,6 +166,9 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
                 queue_position: None,
             })),
         }),
+        EventPayload::Mount(status) => proto::event::Kind::Mount(proto::MountEvent {
+            mount: Some(super::mounts::info_to_proto(status)),
+        }),
     };
     proto::Event {
         sequence: event.sequence,

@@ -56,6 +56,8 @@ pub struct ApiParts {
     pub agent: agent::AgentApi,
     /// Jobs.
     pub jobs: jobs::JobApi,
+    /// File share mounts.
+    pub mounts: mounts::MountApi,
 }
 
 /// Builds the routes of all services plus health and reflection, and returns
@@ -85,6 +87,6 @@ pub fn routes(
         .add_service(JobServiceServer::new(parts.jobs))
         .add_service(DiskServiceServer::new(disk::DiskApi))
         .add_service(SetupServiceServer::new(setup::SetupApi))
-        .add_service(MountServiceServer::new(mounts::MountApi));
+        .add_service(MountServiceServer::new(parts.mounts));
     Ok((routes, reporter))
 }

@@ -8,6 +8,7 @@ mod completions;
 mod config_cmd;
 mod format;
 mod jobs;
+mod mounts;
 mod status;
 
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ pub enum Command {
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// File share mounts (blobfuse2): list, mount, unmount.
+    #[command(subcommand)]
+    Mounts(mounts::MountsCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -101,6 +105,7 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
         }
         Command::Status => with_runtime(status::run(socket, json)),
         Command::Jobs(cmd) => with_runtime(jobs::run(cmd, socket, json)),
+        Command::Mounts(cmd) => with_runtime(mounts::run(cmd, socket, json)),
     };
     match result {
         Ok(code) => code,
