@@ -22,6 +22,7 @@ use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::host::HostFacts;
 use crate::jobs::engine::ContainerEngine;
+use crate::setup::SetupScripts;
 use crate::status::StatusProvider;
 use crate::store::Store;
 use crate::systemd::Notifier;
@@ -55,6 +56,9 @@ pub enum DaemonError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[source] crate::store::StoreError),
+    /// The setup scripts' records could not be loaded.
+    #[error("cannot load setup runs: {0}")]
+    Setup(#[source] crate::setup::SetupError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Server(String),
@@ -64,6 +68,8 @@ pub enum DaemonError {
 pub struct Adapters {
     /// The container engine.
     pub engine: Arc<dyn ContainerEngine>,
+    /// Starts setup scripts.
+    pub setup_runner: Arc<dyn crate::setup::ProcessRunner>,
 }
 
 /// Where the config came from, so it can be reloaded.
@@ -124,7 +130,7 @@ impl Daemon {
         let admission = AdmissionGate::new();
 
         let health = Health::new();
-        for subsystem in [Subsystem::Disk, Subsystem::Mounts, Subsystem::Setup] {
+        for subsystem in [Subsystem::Disk, Subsystem::Mounts] {
             health.set(
                 subsystem,
                 ConditionState::Disabled,
@@ -141,8 +147,18 @@ impl Daemon {
             events.clone(),
             admission.clone(),
         );
-        // Handed to the domains as they land (jobs, setup, mounts).
-        let _ = &store;
+        // Opened before serving: it holds the job queue until the creation
+        // script has succeeded, and marks runs cut short by a crash.
+        let setup = SetupScripts::open(
+            crate::setup::Settings::from_config(&config, &status.report().host.hostname),
+            store.clone(),
+            events.clone(),
+            health.clone(),
+            admission.clone(),
+            adapters.setup_runner.clone(),
+            Arc::new(crate::setup::SystemAccounts),
+        )
+        .map_err(DaemonError::Setup)?;
 
         let tcp = match config.control_plane_addr() {
             Some(addr) => {
@@ -161,6 +177,7 @@ impl Daemon {
 
         let (routes, health_reporter) = api::routes(api::ApiParts {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
+            setup: api::setup::SetupApi::new(setup.clone(), cancel.clone()),
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
         for name in api::SERVICE_NAMES {
@@ -195,6 +212,7 @@ impl Daemon {
         spawn_background(
             &tasks, &cancel, &adapters, &health, &status, &events, gpus_tx, config_rx,
         );
+        tasks.spawn(setup.run(cancel.clone()));
         tasks.spawn(crate::reload::run(source, config_tx, cancel.clone()));
         tasks.close();
 

@@ -20,6 +20,8 @@ pub enum EventPayload {
         /// "started" or "stopping".
         phase: &'static str,
     },
+    /// A setup run changed state.
+    Setup(Box<crate::setup::SetupRun>),
 }
 
 /// One recorded event.

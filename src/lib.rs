@@ -14,6 +14,7 @@
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
 //! - [`jobs`]: the container engine and, later, the job queue.
+//! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
@@ -31,6 +32,7 @@ pub mod health;
 pub mod host;
 pub mod jobs;
 pub mod reload;
+pub mod setup;
 pub mod status;
 pub mod store;
 pub mod systemd;

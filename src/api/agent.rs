@@ -160,6 +160,9 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
             phase: (*phase).to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }),
+        EventPayload::Setup(run) => proto::event::Kind::Setup(proto::SetupEvent {
+            run: Some(super::setup::run_to_proto(run)),
+        }),
     };
     proto::Event {
         sequence: event.sequence,

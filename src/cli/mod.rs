@@ -7,6 +7,7 @@ mod client;
 mod completions;
 mod config_cmd;
 mod format;
+mod setup;
 mod status;
 
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ pub enum Command {
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Setup scripts: list runs, run a script, show its logs.
+    #[command(subcommand)]
+    Setup(setup::SetupCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -96,6 +100,7 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Status => with_runtime(status::run(socket, json)),
+        Command::Setup(cmd) => with_runtime(setup::run(cmd, socket, json)),
     };
     match result {
         Ok(code) => code,
