@@ -723,7 +723,16 @@ impl SetupScripts {
                 return;
             }
         };
-        self.lock().live.insert(id.to_owned(), writer.live());
+        let rerun_note = {
+            let mut state = self.lock();
+            state.live.insert(id.to_owned(), writer.live());
+            // "re-run after run X was interrupted" stays in the final message.
+            state
+                .runs
+                .get(id)
+                .filter(|r| r.attempt > 1)
+                .map(|r| r.message.clone())
+        };
         let timeout = request.timeout();
         self.update(id, |run| {
             run.state = RunState::Running;
@@ -761,7 +770,7 @@ impl SetupScripts {
                     stop_capture.clone(),
                 ));
                 let outcome = self
-                    .supervise(process.as_mut(), &notes, timeout, cancel)
+                    .supervise(id, process.as_mut(), &notes, timeout, cancel)
                     .await;
                 (outcome, capture_task)
             }
@@ -814,6 +823,9 @@ impl SetupScripts {
             }
         }
         let log_tail = finished.map(|f| f.log_tail).unwrap_or_default();
+        if let Some(why) = &rerun_note {
+            message = format!("{why}: {message}");
+        }
         self.lock().live.remove(id);
         let run = self
             .conclude(id, |run| {
@@ -853,6 +865,7 @@ impl SetupScripts {
     /// Waits for the script's end, enforcing the timeout and the agent's stop.
     async fn supervise(
         &self,
+        id: &str,
         process: &mut dyn ScriptProcess,
         notes: &mpsc::Sender<String>,
         timeout: Duration,
@@ -900,8 +913,15 @@ impl SetupScripts {
                 _ = cancel.cancelled(), if !stopping => {
                     stopping = true;
                     outcome.interrupted = true;
-                    note("the agent is stopping: stopping the script's process tree".into()).await;
                     process.terminate();
+                    note("the agent is stopping: stopping the script's process tree".into()).await;
+                    // Recorded now: the agent's shutdown grace may end before
+                    // the tree is gone (the supervisor finishes the job).
+                    self.update(id, |run| {
+                        run.state = RunState::Interrupted;
+                        run.finished_at = Some(now());
+                        run.message = "interrupted: the agent stopped while the script was running".into();
+                    }).await;
                     backstop.as_mut().reset(tokio::time::Instant::now() + grace + SUPERVISOR_SLACK);
                 }
                 _ = &mut backstop => {

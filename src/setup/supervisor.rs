@@ -239,7 +239,10 @@ fn script_command(launch: &Launch, cgroup_procs: Option<&std::fs::File>) -> Comm
                 }
             }
             nix::unistd::setsid()?;
-            std::fs::write("/proc/self/oom_score_adj", b"0")?;
+            // Best effort: 0 is a raise from the unit's -500 (always allowed);
+            // from a positive value it needs CAP_SYS_RESOURCE, and a script
+            // must not fail to start over its OOM priority.
+            let _ = std::fs::write("/proc/self/oom_score_adj", b"0");
             if let Some(fd) = procs_fd {
                 // Joining before exec: the script's first instruction
                 // already runs inside the run's cgroup.
