@@ -118,7 +118,13 @@ impl Token {
             .filter(|pid| {
                 // Zombies are gone already; they only wait for their reaper.
                 std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+                    .map(|s| {
+                        !s.rsplit(')')
+                            .next()
+                            .unwrap_or("")
+                            .trim_start()
+                            .starts_with('Z')
+                    })
                     .unwrap_or(false)
             })
             .collect()
@@ -178,10 +184,11 @@ async fn a_script_gets_its_args_env_and_ci_variables_but_not_the_agents_notify_s
     let dir = tempfile::tempdir().unwrap();
     let notify = std::os::unix::net::UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
     let agent = Agent::builder()
-        .config(
-            "[setup]\nci_name = \"box-1\"\nci_workspace = \"ws\"\nci_resource_group = \"rg\"\n",
+        .config("[setup]\nci_name = \"box-1\"\nci_workspace = \"ws\"\nci_resource_group = \"rg\"\n")
+        .env(
+            "NOTIFY_SOCKET",
+            dir.path().join("notify.sock").to_str().unwrap(),
         )
-        .env("NOTIFY_SOCKET", dir.path().join("notify.sock").to_str().unwrap())
         .env("WATCHDOG_USEC", "60000000")
         .start();
     // The unit sets OOMScoreAdjust=-500, which children would inherit. This
@@ -215,11 +222,21 @@ async fn a_script_gets_its_args_env_and_ci_variables_but_not_the_agents_notify_s
     assert!(stdout.contains("ci=box-1/ws/rg/azureuser"), "{stdout}");
     assert!(stdout.contains("notify=unset watchdog=unset"), "{stdout}");
     assert!(stdout.contains("oom=0"), "{stdout}");
-    assert!(stdout.contains("user=root home=/root pwd=/root"), "{stdout}");
+    assert!(
+        stdout.contains("user=root home=/root pwd=/root"),
+        "{stdout}"
+    );
     assert_eq!(out[&proto::LogStream::Stderr], b"to-stderr\n");
     let agent_lines = String::from_utf8_lossy(&out[&proto::LogStream::Agent]).into_owned();
-    assert!(agent_lines.contains("exited with status 0"), "{agent_lines}");
-    assert!(run.log_tail.iter().any(|l| l == "to-stderr"), "{:?}", run.log_tail);
+    assert!(
+        agent_lines.contains("exited with status 0"),
+        "{agent_lines}"
+    );
+    assert!(
+        run.log_tail.iter().any(|l| l == "to-stderr"),
+        "{:?}",
+        run.log_tail
+    );
 
     // The log file: one timestamped record per line, under logs_dir/setup.
     let log_path = PathBuf::from(&run.log_path);
@@ -303,24 +320,39 @@ exec -a "{t}-main" sleep 1000
     while token.processes().len() < 8 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(token.processes().len(), 8, "the script did not start everything");
+    assert_eq!(
+        token.processes().len(),
+        8,
+        "the script did not start everything"
+    );
     let cgroup = cgroup_of(token.processes()[0]);
 
     let run = finished(&mut c, &run.id).await;
     assert_eq!(run.state(), proto::SetupRunState::TimedOut, "{run:?}");
     assert!(run.message.contains("3 s timeout"), "{}", run.message);
-    assert!(run.message.contains("SIGKILL"), "the TERM-ignoring one needed SIGKILL: {}", run.message);
+    assert!(
+        run.message.contains("SIGKILL"),
+        "the TERM-ignoring one needed SIGKILL: {}",
+        run.message
+    );
     let survivors = token.processes();
     assert!(survivors.is_empty(), "survivors: {survivors:?}");
     let marked = processes_with_env(&format!("INSTANCE_AGENT_SETUP_RUN={}", run.id));
     assert!(marked.is_empty(), "marked survivors: {marked:?}");
     if let Some(dir) = cgroup {
-        assert!(!dir.exists(), "the run's cgroup {} is removed", dir.display());
+        assert!(
+            !dir.exists(),
+            "the run's cgroup {} is removed",
+            dir.display()
+        );
     }
 }
 
 async fn client_run(c: &mut Client, request: proto::RunSetupScriptRequest) -> proto::SetupRun {
-    c.run_setup_script(request).await.expect("accepted").into_inner()
+    c.run_setup_script(request)
+        .await
+        .expect("accepted")
+        .into_inner()
 }
 
 /// The cgroup v2 directory of a process, when it is in one of ours.
@@ -402,7 +434,10 @@ async fn printing_100_mb_keeps_the_agent_small_and_the_log_capped() {
         after < before + 64 * 1024,
         "peak RSS grew from {before} KiB to {after} KiB"
     );
-    assert_eq!(run.log_tail.last().map(String::as_str), Some("the-last-line"));
+    assert_eq!(
+        run.log_tail.last().map(String::as_str),
+        Some("the-last-line")
+    );
     assert!(run.message.contains("log truncated"), "{}", run.message);
     let size = std::fs::metadata(&run.log_path).unwrap().len();
     // Defaults: 4 MiB head + 1 MiB tail, plus the agent's own lines.
@@ -417,9 +452,16 @@ async fn printing_100_mb_keeps_the_agent_small_and_the_log_capped() {
 async fn bytes_that_are_not_utf8_are_kept_exactly() {
     let agent = Agent::builder().start();
     let mut c = client(&agent).await;
-    let run = run_to_end(&mut c, inline("printf 'a\\377\\376\\000b\\n'\nprintf 'no newline'")).await;
+    let run = run_to_end(
+        &mut c,
+        inline("printf 'a\\377\\376\\000b\\n'\nprintf 'no newline'"),
+    )
+    .await;
     let out = output(&mut c, &run.id).await;
-    assert_eq!(out[&proto::LogStream::Stdout], b"a\xff\xfe\x00b\nno newline");
+    assert_eq!(
+        out[&proto::LogStream::Stdout],
+        b"a\xff\xfe\x00b\nno newline"
+    );
 
     let shown = cli(&agent.socket, &["setup", "logs", &run.id]);
     assert!(shown.status.success());
@@ -485,7 +527,11 @@ impl TestUser {
         };
         let ok = |cmd: &mut Command| {
             let out = cmd.output().expect("run");
-            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         ok(Command::new("groupadd").arg(&user.group));
         ok(Command::new("useradd")
@@ -498,7 +544,11 @@ impl TestUser {
     }
 
     fn id(&self, flag: &str) -> String {
-        let out = Command::new("id").arg(flag).arg(&self.name).output().unwrap();
+        let out = Command::new("id")
+            .arg(flag)
+            .arg(&self.name)
+            .output()
+            .unwrap();
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 }
@@ -544,7 +594,10 @@ async fn run_as_drops_to_the_user_with_its_groups_home_and_env() {
         )),
         "{stdout} (expected groups {groups})"
     );
-    assert!(groups.split(' ').count() >= 2, "a supplementary group: {groups}");
+    assert!(
+        groups.split(' ').count() >= 2,
+        "a supplementary group: {groups}"
+    );
     assert!(
         stdout.contains(&format!(
             "env={}|{}|{} pwd={}",
@@ -596,7 +649,10 @@ async fn wait_for_runs(agent: &Agent, kind: proto::SetupKind, n: usize) -> Vec<p
         if done.count() >= n {
             return runs;
         }
-        assert!(Instant::now() < deadline, "{n} {kind:?} runs never finished: {runs:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{n} {kind:?} runs never finished: {runs:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -638,14 +694,22 @@ async fn creation_runs_once_while_startup_runs_at_every_start() {
     let status = status(&agent).await;
     assert_eq!(status.slots.clone().unwrap().held_reason, "");
     let condition = setup_condition(&status);
-    assert_eq!(condition.state(), proto::ConditionState::Ok, "{condition:?}");
+    assert_eq!(
+        condition.state(),
+        proto::ConditionState::Ok,
+        "{condition:?}"
+    );
 
     let mut c = client(&agent).await;
     let mut again = inline("true");
     again.kind = proto::SetupKind::Creation as i32;
     let refused = c.run_setup_script(again).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(refused.message().contains("already succeeded"), "{}", refused.message());
+    assert!(
+        refused.message().contains("already succeeded"),
+        "{}",
+        refused.message()
+    );
 }
 
 #[tokio::test]
@@ -665,7 +729,11 @@ async fn jobs_are_held_until_the_creation_script_succeeds() {
     assert!(held.starts_with("setup: "), "{held}");
     assert!(held.contains("creation script"), "{held}");
     let condition = setup_condition(&running);
-    assert_eq!(condition.state(), proto::ConditionState::Unknown, "{condition:?}");
+    assert_eq!(
+        condition.state(),
+        proto::ConditionState::Unknown,
+        "{condition:?}"
+    );
     std::fs::write(&go, "").unwrap();
     wait_for_runs(&agent, proto::SetupKind::Creation, 1).await;
     let done = status(&agent).await;
@@ -688,9 +756,23 @@ async fn a_failed_creation_script_fails_the_condition_with_its_exit_code_and_out
     let status = status(&agent).await;
     let condition = setup_condition(&status);
     assert_eq!(condition.state(), proto::ConditionState::Failed);
-    assert!(condition.message.contains("exited with status 100"), "{}", condition.message);
-    assert!(condition.message.contains("Unable to locate package cuda-99"), "{}", condition.message);
-    assert!(condition.message.contains(".log"), "names the log: {}", condition.message);
+    assert!(
+        condition.message.contains("exited with status 100"),
+        "{}",
+        condition.message
+    );
+    assert!(
+        condition
+            .message
+            .contains("Unable to locate package cuda-99"),
+        "{}",
+        condition.message
+    );
+    assert!(
+        condition.message.contains(".log"),
+        "names the log: {}",
+        condition.message
+    );
     assert!(status.slots.clone().unwrap().held_reason.contains("setup"));
 }
 
@@ -730,14 +812,23 @@ async fn a_creation_run_cut_short_by_a_crash_is_interrupted_and_re_run_once() {
     let (second, first) = (&runs[0], &runs[1]);
     assert_eq!(first.state(), proto::SetupRunState::Interrupted);
     assert!(first.message.contains("crashed"), "{}", first.message);
-    assert_eq!(second.state(), proto::SetupRunState::Succeeded, "{second:?}");
+    assert_eq!(
+        second.state(),
+        proto::SetupRunState::Succeeded,
+        "{second:?}"
+    );
     assert_eq!(second.attempt, 2);
     assert!(
-        second.message.contains(&format!("re-run after run {} was interrupted", first.id)),
+        second
+            .message
+            .contains(&format!("re-run after run {} was interrupted", first.id)),
         "{}",
         second.message
     );
-    assert_eq!(setup_condition(&status(&agent).await).state(), proto::ConditionState::Ok);
+    assert_eq!(
+        setup_condition(&status(&agent).await).state(),
+        proto::ConditionState::Ok
+    );
 }
 
 #[tokio::test]
@@ -832,9 +923,21 @@ async fn cli_runs_lists_shows_and_prints_logs() {
     let agent = Agent::builder().start();
     let ok = cli(
         &agent.socket,
-        &["setup", "run", "-c", "echo from-cli $1", "--follow", "--", "arg1"],
+        &[
+            "setup",
+            "run",
+            "-c",
+            "echo from-cli $1",
+            "--follow",
+            "--",
+            "arg1",
+        ],
     );
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("from-cli arg1"));
 
     let failed = cli(&agent.socket, &["setup", "run", "-c", "exit 4", "-f"]);
@@ -842,7 +945,10 @@ async fn cli_runs_lists_shows_and_prints_logs() {
 
     let listed = cli(&agent.socket, &["setup", "list"]);
     let table = String::from_utf8_lossy(&listed.stdout).into_owned();
-    assert!(table.contains("succeeded") && table.contains("FAILED"), "{table}");
+    assert!(
+        table.contains("succeeded") && table.contains("FAILED"),
+        "{table}"
+    );
 
     let json = cli(&agent.socket, &["--json", "setup", "list"]);
     let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
@@ -854,7 +960,10 @@ async fn cli_runs_lists_shows_and_prints_logs() {
     assert!(String::from_utf8_lossy(&logs.stdout).contains("from-cli arg1"));
     let shown = cli(&agent.socket, &["setup", "show", first_id]);
     let text = String::from_utf8_lossy(&shown.stdout).into_owned();
-    assert!(text.contains("succeeded") && text.contains(".log"), "{text}");
+    assert!(
+        text.contains("succeeded") && text.contains(".log"),
+        "{text}"
+    );
 
     let background = cli(&agent.socket, &["setup", "run", "-c", "true"]);
     assert!(String::from_utf8_lossy(&background.stdout).starts_with("run "));
@@ -876,9 +985,14 @@ async fn stopping_the_agent_stops_the_script_and_records_it_interrupted() {
     drop(c);
     tokio::time::sleep(Duration::from_millis(200)).await;
     agent.signal(Signal::SIGTERM);
-    let exit = agent.wait_exit(Duration::from_secs(20)).expect("stops within its grace");
+    let exit = agent
+        .wait_exit(Duration::from_secs(20))
+        .expect("stops within its grace");
     assert!(exit.success(), "{exit}");
-    assert!(token.processes().is_empty(), "the script outlived the agent");
+    assert!(
+        token.processes().is_empty(),
+        "the script outlived the agent"
+    );
     agent.respawn();
     let mut c = client(&agent).await;
     let run = c
@@ -887,5 +1001,9 @@ async fn stopping_the_agent_stops_the_script_and_records_it_interrupted() {
         .unwrap()
         .into_inner();
     assert_eq!(run.state(), proto::SetupRunState::Interrupted);
-    assert!(run.message.contains("agent stopped while"), "{}", run.message);
+    assert!(
+        run.message.contains("agent stopped while"),
+        "{}",
+        run.message
+    );
 }
