@@ -256,6 +256,9 @@ impl SetupScriptConfig {
     }
 }
 
+/// Checks that a key's value is within a range (key, value, min, max).
+type RangeCheck<'a> = &'a dyn Fn(&str, u64, u64, u64) -> Result<(), ConfigError>;
+
 /// Longest timeout a setup script may have (7 days).
 pub const MAX_SETUP_TIMEOUT_SECONDS: u64 = 7 * 86_400;
 
@@ -436,7 +439,7 @@ impl Config {
     fn validate_setup(
         &self,
         invalid: &dyn Fn(&str, String) -> ConfigError,
-        in_range: &dyn Fn(&str, u64, u64, u64) -> Result<(), ConfigError>,
+        in_range: RangeCheck<'_>,
     ) -> Result<(), ConfigError> {
         let setup = &self.setup;
         in_range(

@@ -150,7 +150,7 @@ impl Daemon {
         // Opened before serving: it holds the job queue until the creation
         // script has succeeded, and marks runs cut short by a crash.
         let setup = SetupScripts::open(
-            crate::setup::Settings::from_config(&config, &status.report().host.hostname),
+            crate::setup::Settings::from_config(&config, &hostname()),
             store.clone(),
             events.clone(),
             health.clone(),
@@ -397,6 +397,13 @@ fn instance_id(config: &Config) -> Result<String, DaemonError> {
             Ok(id)
         }
     }
+}
+
+/// The host name, the default `CI_NAME` of setup scripts.
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Binds the Unix socket with mode 0660. A socket file left by a crashed

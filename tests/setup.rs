@@ -145,7 +145,7 @@ fn uuid_like() -> String {
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
+            .expect("test setup")
             .as_nanos()
     )
     .chars()
@@ -154,7 +154,7 @@ fn uuid_like() -> String {
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("test setup");
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -538,7 +538,7 @@ impl TestUser {
             .args(["-M", "-s", "/bin/bash", "-G", &user.group, "-d"])
             .arg(home)
             .arg(&user.name));
-        std::fs::create_dir_all(home).unwrap();
+        std::fs::create_dir_all(home).expect("test setup");
         ok(Command::new("chown").arg(&user.name).arg(home));
         user
     }
@@ -548,8 +548,11 @@ impl TestUser {
             .arg(flag)
             .arg(&self.name)
             .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+            .expect("test setup");
+        String::from_utf8(out.stdout)
+            .expect("test setup")
+            .trim()
+            .to_owned()
     }
 }
 
@@ -619,7 +622,7 @@ async fn run_as_drops_to_the_user_with_its_groups_home_and_env() {
 
 fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, body).unwrap();
+    std::fs::write(&path, body).expect("test setup");
     path
 }
 
@@ -637,7 +640,7 @@ async fn wait_for_runs(agent: &Agent, kind: proto::SetupKind, n: usize) -> Vec<p
                 limit: 0,
             })
             .await
-            .unwrap()
+            .expect("list runs")
             .into_inner()
             .runs;
         let done = runs.iter().filter(|r| {

@@ -193,7 +193,7 @@ fn chunk_to_proto(piece: LogPiece) -> proto::LogChunk {
     };
     proto::LogChunk {
         stream: stream as i32,
-        data: piece.data.into(),
+        data: piece.data,
         time: Some(timestamp(piece.time)),
     }
 }

@@ -165,8 +165,8 @@ impl LiveLog {
                         s.ring.iter().filter(|p| p.seq >= next).cloned().collect();
                     (batch, s.finished)
                 };
-                if let Some(first) = batch.first() {
-                    if first.seq > next {
+                if let Some(first) = batch.first()
+                    && first.seq > next {
                         yield LogPiece {
                             stream: LogStream::Agent,
                             data: b"[agent] output skipped: it is no longer held in memory; \
@@ -175,7 +175,6 @@ impl LiveLog {
                             time: first.time,
                         };
                     }
-                }
                 for piece in &batch {
                     next = piece.seq + 1;
                     yield LogPiece {
@@ -374,10 +373,10 @@ impl LogWriter {
         if !self.buf.is_empty() {
             self.write(0).await;
         }
-        if let Some(file) = self.file.take() {
-            if let Err(error) = file.sync_all().await {
-                self.write_error.get_or_insert(error.to_string());
-            }
+        if let Some(file) = self.file.take()
+            && let Err(error) = file.sync_all().await
+        {
+            self.write_error.get_or_insert(error.to_string());
         }
         let log_tail = self.live.tail_lines();
         self.live.lock().finished = true;

@@ -226,11 +226,12 @@ fn coalesce(
     time: SystemTime,
     data: Vec<u8>,
 ) -> Option<LogPiece> {
-    if let Some(piece) = pending {
-        if piece.stream == stream && piece.data.len() + data.len() <= CHUNK_BYTES {
-            piece.data.extend_from_slice(&data);
-            return None;
-        }
+    if let Some(piece) = pending
+        && piece.stream == stream
+        && piece.data.len() + data.len() <= CHUNK_BYTES
+    {
+        piece.data.extend_from_slice(&data);
+        return None;
     }
     pending.replace(LogPiece { stream, data, time })
 }

@@ -148,24 +148,24 @@ pub fn check_shape(request: &RunRequest, max_script_bytes: u64) -> Result<(), Se
             ));
         }
     }
-    if let Some(timeout) = request.timeout {
-        if timeout.is_zero() || timeout.as_secs() > MAX_SETUP_TIMEOUT_SECONDS {
-            return Err(invalid(
-                "timeout_seconds",
-                format!(
-                    "{} s is out of range: allowed 1 to {MAX_SETUP_TIMEOUT_SECONDS} (0 means 900)",
-                    timeout.as_secs()
-                ),
-            ));
-        }
+    if let Some(timeout) = request.timeout
+        && (timeout.is_zero() || timeout.as_secs() > MAX_SETUP_TIMEOUT_SECONDS)
+    {
+        return Err(invalid(
+            "timeout_seconds",
+            format!(
+                "{} s is out of range: allowed 1 to {MAX_SETUP_TIMEOUT_SECONDS} (0 means 900)",
+                timeout.as_secs()
+            ),
+        ));
     }
-    if let Some(dir) = &request.working_dir {
-        if !dir.is_absolute() {
-            return Err(invalid(
-                "working_dir",
-                format!("{} must be an absolute path", dir.display()),
-            ));
-        }
+    if let Some(dir) = &request.working_dir
+        && !dir.is_absolute()
+    {
+        return Err(invalid(
+            "working_dir",
+            format!("{} must be an absolute path", dir.display()),
+        ));
     }
     if request.run_as.contains(['\0', '/', ':']) || request.run_as.len() > 256 {
         return Err(invalid(

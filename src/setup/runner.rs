@@ -422,10 +422,10 @@ async fn read_reports(
     }
     let status = child.wait().await;
     exited.store(true, Ordering::SeqCst);
-    if let Ok(status) = status {
-        if !status.success() {
-            tracing::warn!(%status, "setup supervisor exited abnormally");
-        }
+    if let Ok(status) = status
+        && !status.success()
+    {
+        tracing::warn!(%status, "setup supervisor exited abnormally");
     }
 }
 

@@ -532,21 +532,20 @@ impl SetupScripts {
             if state.stopping {
                 return Err(SetupError::ShuttingDown);
             }
-            if !request.idempotency_key.is_empty() {
-                if let Some(existing) = state
+            if !request.idempotency_key.is_empty()
+                && let Some(existing) = state
                     .keys
                     .get(&request.idempotency_key)
                     .and_then(|id| state.runs.get(id))
-                {
-                    return if existing.fingerprint == run.fingerprint {
-                        Ok(existing.clone())
-                    } else {
-                        Err(SetupError::IdempotencyConflict {
-                            key: request.idempotency_key.clone(),
-                            run_id: existing.id.clone(),
-                        })
-                    };
-                }
+            {
+                return if existing.fingerprint == run.fingerprint {
+                    Ok(existing.clone())
+                } else {
+                    Err(SetupError::IdempotencyConflict {
+                        key: request.idempotency_key.clone(),
+                        run_id: existing.id.clone(),
+                    })
+                };
             }
             if request.kind == SetupKind::Creation {
                 if let Some(done) = state.succeeded_creation() {

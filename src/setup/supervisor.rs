@@ -198,10 +198,10 @@ fn supervise(reporter: &mut Reporter) -> Result<(), String> {
             tree.reporter.send(&report);
         }
     }
-    if let Some(cgroup) = &tree.cgroup {
-        if cgroup.members().is_empty() {
-            let _ = cgroup.remove();
-        }
+    if let Some(cgroup) = &tree.cgroup
+        && cgroup.members().is_empty()
+    {
+        let _ = cgroup.remove();
     }
     drop(child);
     Ok(())

@@ -119,10 +119,10 @@ async fn wait_until(
     done: impl Fn(&SetupRun) -> bool,
 ) -> SetupRun {
     for _ in 0..100_000 {
-        if let Ok(run) = service.get(id) {
-            if done(&run) {
-                return run;
-            }
+        if let Ok(run) = service.get(id)
+            && done(&run)
+        {
+            return run;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -163,10 +163,10 @@ fn setup_events(events: &EventBus) -> Vec<(String, RunState)> {
     let mut sub = events.subscribe(Some(0));
     let mut out = Vec::new();
     while let Some(delivery) = sub.try_next() {
-        if let Delivery::Event(event) = delivery {
-            if let EventPayload::Setup(run) = &event.payload {
-                out.push((run.id.clone(), run.state));
-            }
+        if let Delivery::Event(event) = delivery
+            && let EventPayload::Setup(run) = &event.payload
+        {
+            out.push((run.id.clone(), run.state));
         }
     }
     out
