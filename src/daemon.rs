@@ -123,6 +123,7 @@ impl Daemon {
 
         prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
         let instance_id = instance_id(&config)?;
+        let hangup = crate::reload::listen_hangup();
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
         let unix = bind_unix(&config.agent.socket)?;
@@ -213,7 +214,12 @@ impl Daemon {
             &tasks, &cancel, &adapters, &health, &status, &events, gpus_tx, config_rx,
         );
         tasks.spawn(setup.run(cancel.clone()));
-        tasks.spawn(crate::reload::run(source, config_tx, cancel.clone()));
+        tasks.spawn(crate::reload::run(
+            source,
+            config_tx,
+            hangup,
+            cancel.clone(),
+        ));
         tasks.close();
 
         shutdown.await;

@@ -92,19 +92,25 @@ fn agent_binary() -> std::path::PathBuf {
     std::path::PathBuf::from("/proc/self/exe")
 }
 
-/// Resolves at the first SIGTERM or SIGINT.
-async fn stop_signal() {
+/// Resolves at the first SIGTERM or SIGINT. The handlers are installed when
+/// this is called, not when the future is first polled: the daemon binds its
+/// socket before it awaits the future, and a SIGTERM in between would
+/// otherwise kill the process with the default action.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; the agent can only be killed");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; the agent can only be killed");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
