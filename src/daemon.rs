@@ -152,12 +152,14 @@ impl Daemon {
         // script has succeeded, and marks runs cut short by a crash.
         let setup = SetupScripts::open(
             crate::setup::Settings::from_config(&config, &hostname()),
-            store.clone(),
-            events.clone(),
-            health.clone(),
-            admission.clone(),
-            adapters.setup_runner.clone(),
-            Arc::new(crate::setup::SystemAccounts),
+            crate::setup::Wiring {
+                store: store.clone(),
+                events: events.clone(),
+                health: health.clone(),
+                admission: admission.clone(),
+                runner: adapters.setup_runner.clone(),
+                accounts: Arc::new(crate::setup::SystemAccounts),
+            },
         )
         .map_err(DaemonError::Setup)?;
 

@@ -61,3 +61,18 @@ fn explain(socket: &Path, error: &std::io::Error) -> String {
 
 /// Exit status for "daemon unreachable" (sysexits.h EX_UNAVAILABLE).
 pub const EX_UNAVAILABLE: u8 = 69;
+
+/// Connects for a command: `Ok(Err(69))` after printing one line when the
+/// daemon cannot be reached, so that commands exit with EX_UNAVAILABLE.
+pub async fn connect_or_unavailable(
+    socket: &Path,
+) -> anyhow::Result<Result<Channel, std::process::ExitCode>> {
+    match connect(socket).await {
+        Ok(channel) => Ok(Ok(channel)),
+        Err(error) if error.is::<Unreachable>() => {
+            eprintln!("instance-agent: {error}");
+            Ok(Err(std::process::ExitCode::from(EX_UNAVAILABLE)))
+        }
+        Err(error) => Err(error),
+    }
+}

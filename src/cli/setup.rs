@@ -10,7 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use super::client::{self, Unreachable};
+use super::client;
 use super::format;
 use crate::api::proto::{self, setup_service_client::SetupServiceClient};
 
@@ -107,13 +107,9 @@ pub struct RunArgs {
 
 /// Runs a `setup` subcommand.
 pub async fn run(command: SetupCommand, socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
-    let channel = match client::connect(&socket).await {
+    let channel = match client::connect_or_unavailable(&socket).await? {
         Ok(channel) => channel,
-        Err(error) if error.is::<Unreachable>() => {
-            eprintln!("instance-agent: {error}");
-            return Ok(ExitCode::from(client::EX_UNAVAILABLE));
-        }
-        Err(error) => return Err(error),
+        Err(unavailable) => return Ok(unavailable),
     };
     let mut client = SetupServiceClient::new(channel);
     match command {

@@ -26,6 +26,21 @@ pub struct Account {
     pub shell: PathBuf,
 }
 
+impl Account {
+    /// Root as it is on every Linux host, for when the user database has no
+    /// entry (and for fakes).
+    pub fn root() -> Self {
+        Self {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+            groups: vec![0],
+            home: PathBuf::from("/root"),
+            shell: PathBuf::from("/bin/sh"),
+        }
+    }
+}
+
 /// Looks users up by name.
 pub trait Accounts: Send + Sync {
     /// The user named `name`; `Ok(None)` when there is none. Blocking.

@@ -412,6 +412,21 @@ impl LineSplitter {
         }
     }
 
+    /// Handles the result of a read into `buf`; returns whether the stream
+    /// is still open (end of file and errors close it, flushing the rest).
+    fn take(&mut self, read: std::io::Result<usize>, buf: &[u8], out: &mut Vec<Vec<u8>>) -> bool {
+        match read {
+            Ok(n) if n > 0 => {
+                self.feed(&buf[..n], out);
+                true
+            }
+            _ => {
+                self.flush(out);
+                false
+            }
+        }
+    }
+
     /// Emits the partial line as fragments.
     fn flush(&mut self, out: &mut Vec<Vec<u8>>) {
         for chunk in self.pending.chunks(MAX_LINE) {
@@ -479,23 +494,11 @@ pub async fn capture(
                 None => notes_open = false,
             },
             read = stdout.read(&mut out_buf), if out_open => {
-                match read {
-                    Ok(n) if n > 0 => out_split.feed(&out_buf[..n], &mut pieces),
-                    _ => {
-                        out_open = false;
-                        out_split.flush(&mut pieces);
-                    }
-                }
+                out_open = out_split.take(read, &out_buf, &mut pieces);
                 push_all(&mut writer, LogStream::Stdout, &mut pieces).await;
             }
             read = stderr.read(&mut err_buf), if err_open => {
-                match read {
-                    Ok(n) if n > 0 => err_split.feed(&err_buf[..n], &mut pieces),
-                    _ => {
-                        err_open = false;
-                        err_split.flush(&mut pieces);
-                    }
-                }
+                err_open = err_split.take(read, &err_buf, &mut pieces);
                 push_all(&mut writer, LogStream::Stderr, &mut pieces).await;
             }
             _ = tokio::time::sleep(IDLE_FLUSH), if idle => {

@@ -2,7 +2,6 @@
 //! scripted behaviours on virtual time, and a user database.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -275,17 +274,7 @@ pub struct FakeAccounts {
 impl Default for FakeAccounts {
     fn default() -> Self {
         let mut users = HashMap::new();
-        users.insert(
-            "root".to_owned(),
-            Account {
-                name: "root".into(),
-                uid: 0,
-                gid: 0,
-                groups: vec![0],
-                home: PathBuf::from("/root"),
-                shell: PathBuf::from("/bin/bash"),
-            },
-        );
+        users.insert("root".to_owned(), Account::root());
         Self { users }
     }
 }

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 pub use accounts::{Account, Accounts, SystemAccounts};
 pub use logfile::{LogPiece, LogStream};
 pub use runner::{ProcessRunner, SupervisedRunner};
-pub use service::{Settings, SetupScripts};
+pub use service::{Settings, SetupScripts, Wiring};
 
 /// The environment variable that marks every process of a run with its id,
 /// so that stragglers can be found in `/proc` even outside the process tree.

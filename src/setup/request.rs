@@ -207,7 +207,7 @@ pub fn resolve(
     };
     let account = match accounts.lookup(user_name) {
         Ok(Some(account)) => account,
-        Ok(None) if request.run_as.is_empty() => fallback_root(),
+        Ok(None) if request.run_as.is_empty() => Account::root(),
         Ok(None) => {
             return Err(SetupError::UnknownUser {
                 user: request.run_as.clone(),
@@ -284,17 +284,6 @@ pub fn resolve(
         script_file,
         user_name: account.name,
     })
-}
-
-fn fallback_root() -> Account {
-    Account {
-        name: "root".into(),
-        uid: 0,
-        gid: 0,
-        groups: vec![0],
-        home: PathBuf::from("/root"),
-        shell: PathBuf::from("/bin/sh"),
-    }
 }
 
 /// The script's complete environment; later entries win.

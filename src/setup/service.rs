@@ -195,14 +195,27 @@ impl State {
     }
 }
 
+/// What the setup service works with: the agent's shared parts and the
+/// outside world.
+#[derive(Clone)]
+pub struct Wiring {
+    /// Durable results.
+    pub store: Store,
+    /// `WatchEvents`.
+    pub events: EventBus,
+    /// The setup condition.
+    pub health: Health,
+    /// The job queue's gate.
+    pub admission: AdmissionGate,
+    /// Starts scripts.
+    pub runner: Arc<dyn ProcessRunner>,
+    /// Looks up `run_as` users.
+    pub accounts: Arc<dyn Accounts>,
+}
+
 struct Inner {
     settings: Settings,
-    store: Store,
-    events: EventBus,
-    health: Health,
-    admission: AdmissionGate,
-    runner: Arc<dyn ProcessRunner>,
-    accounts: Arc<dyn Accounts>,
+    wiring: Wiring,
     state: Mutex<State>,
     work: Notify,
     /// Bumped on every change of any run, for readers waiting on a pending run.
@@ -232,18 +245,9 @@ impl SetupScripts {
     /// Loads past runs, marks the ones cut short by the last agent as
     /// interrupted, plans the creation script and sets the condition and the
     /// job queue hold. Reads the store inline (call before serving).
-    #[allow(clippy::too_many_arguments)]
-    pub fn open(
-        settings: Settings,
-        store: Store,
-        events: EventBus,
-        health: Health,
-        admission: AdmissionGate,
-        runner: Arc<dyn ProcessRunner>,
-        accounts: Arc<dyn Accounts>,
-    ) -> Result<Self, SetupError> {
+    pub fn open(settings: Settings, wiring: Wiring) -> Result<Self, SetupError> {
         let mut state = State::default();
-        for (id, mut run) in store.scan::<SetupRun>(RUNS)? {
+        for (id, mut run) in wiring.store.scan::<SetupRun>(RUNS)? {
             if !run.state.is_terminal() {
                 run.message = match run.state {
                     RunState::Running => {
@@ -261,18 +265,13 @@ impl SetupScripts {
             }
             state.runs.insert(id, run);
         }
-        let (planned, blocked) = plan_creation(&state, &settings, &store);
+        let (planned, blocked) = plan_creation(&state, &settings, &wiring.store);
         state.planned_creation = planned;
         state.creation_blocked = blocked;
         let service = Self {
             inner: Arc::new(Inner {
                 settings,
-                store,
-                events,
-                health,
-                admission,
-                runner,
-                accounts,
+                wiring,
                 state: Mutex::new(state),
                 work: Notify::new(),
                 changes: watch::channel(0).0,
@@ -332,7 +331,7 @@ impl SetupScripts {
         };
         if !stale.is_empty() {
             let writes = stale.iter().map(|r| Write::put(RUNS, &r.id, r)).collect();
-            if let Err(error) = self.inner.store.apply(writes).await {
+            if let Err(error) = self.inner.wiring.store.apply(writes).await {
                 tracing::error!(%error, "cannot record interrupted setup runs");
             }
             for run in &stale {
@@ -340,7 +339,7 @@ impl SetupScripts {
                 self.publish(run);
             }
             let ids = stale.iter().map(|r| r.id.clone()).collect();
-            let killed = self.inner.runner.kill_orphans(ids).await;
+            let killed = self.inner.wiring.runner.kill_orphans(ids).await;
             if killed > 0 {
                 tracing::warn!(
                     processes = killed,
@@ -422,7 +421,7 @@ impl SetupScripts {
                 if run.kind == SetupKind::Creation {
                     writes.push(Write::put(REQUESTS, &run.id, &request));
                 }
-                self.inner.store.apply(writes).await?;
+                self.inner.wiring.store.apply(writes).await?;
                 self.publish(&run);
                 self.refresh_condition();
                 Ok(run)
@@ -474,7 +473,7 @@ impl SetupScripts {
         request: RunRequest,
         run_id: Option<String>,
     ) -> Result<Resolved, SetupError> {
-        let accounts = self.inner.accounts.clone();
+        let accounts = self.inner.wiring.accounts.clone();
         let context = self.inner.settings.launch.clone();
         let task = tokio::task::spawn_blocking(move || {
             request::resolve(&request, accounts.as_ref(), &context, run_id.as_deref())
@@ -582,7 +581,7 @@ impl SetupScripts {
         if run.kind == SetupKind::Creation {
             writes.push(Write::put(REQUESTS, &run.id, &request));
         }
-        if let Err(error) = self.inner.store.apply(writes).await {
+        if let Err(error) = self.inner.wiring.store.apply(writes).await {
             let mut state = self.lock();
             state.runs.remove(&run.id);
             state.keys.remove(&run.idempotency_key);
@@ -756,7 +755,13 @@ impl SetupScripts {
                 timeout.as_secs()
             ))
             .await;
-        let (outcome, capture_task) = match self.inner.runner.start(resolved.launch.clone()).await {
+        let (outcome, capture_task) = match self
+            .inner
+            .wiring
+            .runner
+            .start(resolved.launch.clone())
+            .await
+        {
             Ok(mut process) => {
                 let (stdout, stderr) = process.take_output().unwrap_or_else(|| {
                     (Box::new(tokio::io::empty()), Box::new(tokio::io::empty()))
@@ -953,6 +958,7 @@ impl SetupScripts {
         };
         if let Err(error) = self
             .inner
+            .wiring
             .store
             .apply(vec![Write::put(RUNS, &run.id, &run)])
             .await
@@ -1024,7 +1030,7 @@ impl SetupScripts {
                 ]
             })
             .collect();
-        if let Err(error) = self.inner.store.apply(writes).await {
+        if let Err(error) = self.inner.wiring.store.apply(writes).await {
             tracing::warn!(%error, "cannot delete old setup runs");
         }
         let logs: Vec<PathBuf> = victims.into_iter().map(|r| r.log_path).collect();
@@ -1038,6 +1044,7 @@ impl SetupScripts {
 
     fn publish(&self, run: &SetupRun) {
         self.inner
+            .wiring
             .events
             .publish(EventPayload::Setup(Box::new(run.clone())));
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
@@ -1047,10 +1054,13 @@ impl SetupScripts {
     fn refresh_condition(&self) {
         let state = self.lock();
         let (condition, message) = condition(&state, &self.inner.settings);
-        self.inner.health.set(Subsystem::Setup, condition, message);
+        self.inner
+            .wiring
+            .health
+            .set(Subsystem::Setup, condition, message);
         match gate_reason(&state, &self.inner.settings) {
-            Some(reason) => self.inner.admission.hold(GATE_HOLDER, reason),
-            None => self.inner.admission.release(GATE_HOLDER),
+            Some(reason) => self.inner.wiring.admission.hold(GATE_HOLDER, reason),
+            None => self.inner.wiring.admission.release(GATE_HOLDER),
         }
     }
 }

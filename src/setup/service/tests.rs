@@ -81,12 +81,14 @@ impl Rig {
     fn open(&self) -> SetupScripts {
         SetupScripts::open(
             self.settings(),
-            self.store.clone(),
-            self.events.clone(),
-            self.health.clone(),
-            self.admission.clone(),
-            Arc::new(self.runner.clone()),
-            Arc::new(FakeAccounts::default()),
+            Wiring {
+                store: self.store.clone(),
+                events: self.events.clone(),
+                health: self.health.clone(),
+                admission: self.admission.clone(),
+                runner: Arc::new(self.runner.clone()),
+                accounts: Arc::new(FakeAccounts::default()),
+            },
         )
         .expect("opens")
     }
