@@ -808,7 +808,7 @@ impl SetupScripts {
         if let Some(mut writer) = writer {
             if stop_capture.is_cancelled() {
                 writer
-                    .note("output capture stopped 5 s after the script ended: a process outside its tree still holds its output")
+                    .note("output capture stopped 5 s after the script ended: a process it started still holds its stdout or stderr")
                     .await;
             }
             writer.note(&message).await;
