@@ -1010,3 +1010,60 @@ async fn stopping_the_agent_stops_the_script_and_records_it_interrupted() {
         run.message
     );
 }
+
+#[tokio::test]
+async fn if_the_supervisor_dies_the_agent_still_kills_the_scripts_processes() {
+    let token = Token::new("orphaned");
+    let agent = Agent::builder().start();
+    let mut c = client(&agent).await;
+    let run = client_run(
+        &mut c,
+        inline(&format!(
+            "( exec -a {t}-child sleep 1000 ) &\nexec -a {t}-main sleep 1000\n",
+            t = token.0
+        )),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while token.processes().len() < 2 {
+        assert!(Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The main process's parent is the supervisor.
+    let main = token
+        .processes()
+        .into_iter()
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("-main"))
+                .unwrap_or(false)
+        })
+        .expect("main process");
+    let stat = std::fs::read_to_string(format!("/proc/{main}/stat")).expect("stat");
+    let supervisor: i32 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|ppid| ppid.parse().ok())
+        .expect("ppid");
+    let cmdline = std::fs::read(format!("/proc/{supervisor}/cmdline")).expect("cmdline");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("__setup-supervisor"),
+        "the script's parent is its supervisor"
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor), Signal::SIGKILL)
+        .expect("kill the supervisor");
+
+    let run = finished(&mut c, &run.id).await;
+    assert_eq!(run.state(), proto::SetupRunState::Failed, "{run:?}");
+    assert!(run.message.contains("supervisor died"), "{}", run.message);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !token.processes().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left running: {:?}",
+            token.processes()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

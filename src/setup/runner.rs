@@ -344,33 +344,41 @@ impl ProcessRunner for SupervisedRunner {
         if run_ids.is_empty() {
             return 0;
         }
-        let cgroups: Vec<RunCgroup> = run_ids.iter().filter_map(|id| self.cgroup_of(id)).collect();
-        let task = tokio::task::spawn_blocking(move || {
-            let mut hit = 0;
-            for cgroup in &cgroups {
-                hit += cgroup.kill_all();
+        let cgroups = run_ids.iter().filter_map(|id| self.cgroup_of(id)).collect();
+        kill_runs(cgroups, run_ids).await
+    }
+}
+
+/// SIGKILLs every member of `cgroups` and every process marked with one of
+/// `run_ids`, then removes the cgroups; off the runtime, within 30 s.
+/// Returns how many processes it hit.
+async fn kill_runs(cgroups: Vec<RunCgroup>, run_ids: Vec<String>) -> usize {
+    let task = tokio::task::spawn_blocking(move || {
+        let mut hit: usize = cgroups.iter().map(RunCgroup::kill_all).sum();
+        for pid in process_tree::processes_with_marker(RUN_MARKER_ENV, &run_ids) {
+            if process_tree::send(pid, Signal::SIGKILL) {
+                hit += 1;
             }
-            for pid in process_tree::processes_with_marker(RUN_MARKER_ENV, &run_ids) {
-                if process_tree::send(pid, Signal::SIGKILL) {
-                    hit += 1;
-                }
-            }
+        }
+        if !cgroups.is_empty() {
+            // SIGKILLed members leave their cgroup within moments; nobody
+            // else would remove it.
             std::thread::sleep(Duration::from_millis(100));
             for cgroup in &cgroups {
                 let _ = cgroup.remove();
             }
-            hit
-        });
-        match tokio::time::timeout(Duration::from_secs(30), task).await {
-            Ok(Ok(hit)) => hit,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "orphan scan failed");
-                0
-            }
-            Err(_) => {
-                tracing::warn!("orphan scan did not finish within 30 s");
-                0
-            }
+        }
+        hit
+    });
+    match tokio::time::timeout(Duration::from_secs(30), task).await {
+        Ok(Ok(hit)) => hit,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "setup process sweep failed");
+            0
+        }
+        Err(_) => {
+            tracing::warn!("setup process sweep did not finish within 30 s");
+            0
         }
     }
 }
@@ -467,21 +475,10 @@ impl ScriptProcess for SupervisedProcess {
     async fn kill(&mut self) -> usize {
         self.signal_supervisor(Signal::SIGKILL);
         self.lifeline.take();
-        let run_ids = vec![self.run_id.clone()];
-        let cgroup = self.cgroup.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let mut hit = cgroup.as_ref().map_or(0, RunCgroup::kill_all);
-            for pid in process_tree::processes_with_marker(RUN_MARKER_ENV, &run_ids) {
-                if process_tree::send(pid, Signal::SIGKILL) {
-                    hit += 1;
-                }
-            }
-            hit
-        });
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(0)
+        kill_runs(
+            self.cgroup.clone().into_iter().collect(),
+            vec![self.run_id.clone()],
+        )
+        .await
     }
 }
