@@ -741,6 +741,64 @@ impl SetupScripts {
         })
         .await;
 
+        let (outcome, writer, capture_cut) = self
+            .run_process(id, &request, &resolved, writer, cancel)
+            .await;
+        let (state, exit_code, signal, mut message) = outcome.conclusion(timeout);
+        let mut finished = None;
+        if let Some(mut writer) = writer {
+            if capture_cut {
+                writer
+                    .note("output capture stopped 5 s after the script ended: a process it started still holds its stdout or stderr")
+                    .await;
+            }
+            writer.note(&message).await;
+            finished = Some(writer.finish().await);
+        }
+        remove_script_file(resolved.script_file.clone()).await;
+        if let Some(finished) = &finished {
+            if finished.dropped_bytes > 0 {
+                message.push_str(&format!(
+                    "; log truncated: {} bytes of output dropped from the middle",
+                    finished.dropped_bytes
+                ));
+            }
+            if let Some(error) = &finished.write_error {
+                message.push_str(&format!("; the log file is incomplete: {error}"));
+            }
+        }
+        let log_tail = finished.map(|f| f.log_tail).unwrap_or_default();
+        if let Some(why) = &rerun_note {
+            message = format!("{why}: {message}");
+        }
+        self.lock().live.remove(id);
+        let run = self
+            .conclude(id, |run| {
+                run.state = state;
+                run.exit_code = exit_code;
+                run.signal = signal;
+                run.log_tail = log_tail;
+                run.message = message;
+            })
+            .await;
+        if run.is_some_and(|r| r.kind == SetupKind::Creation && r.state == RunState::Succeeded) {
+            self.queue_startup_if_ready().await;
+        }
+    }
+
+    /// Starts the script, captures its output, waits for its end (timeout
+    /// and agent stop included), and drains the output. Returns what
+    /// happened, the log writer (unless capture panicked) and whether the
+    /// drain had to be cut.
+    async fn run_process(
+        &self,
+        id: &str,
+        request: &RunRequest,
+        resolved: &Resolved,
+        writer: LogWriter,
+        cancel: &CancellationToken,
+    ) -> (Outcome, Option<LogWriter>, bool) {
+        let timeout = request.timeout();
         let (notes, notes_rx) = mpsc::channel(32);
         let stop_capture = CancellationToken::new();
         let _ = notes
@@ -803,46 +861,7 @@ impl SetupScripts {
                 capture_task.await.ok()
             }
         };
-        let (state, exit_code, signal, mut message) = outcome.conclusion(timeout);
-        let mut finished = None;
-        if let Some(mut writer) = writer {
-            if stop_capture.is_cancelled() {
-                writer
-                    .note("output capture stopped 5 s after the script ended: a process it started still holds its stdout or stderr")
-                    .await;
-            }
-            writer.note(&message).await;
-            finished = Some(writer.finish().await);
-        }
-        remove_script_file(resolved.script_file.clone()).await;
-        if let Some(finished) = &finished {
-            if finished.dropped_bytes > 0 {
-                message.push_str(&format!(
-                    "; log truncated: {} bytes of output dropped from the middle",
-                    finished.dropped_bytes
-                ));
-            }
-            if let Some(error) = &finished.write_error {
-                message.push_str(&format!("; the log file is incomplete: {error}"));
-            }
-        }
-        let log_tail = finished.map(|f| f.log_tail).unwrap_or_default();
-        if let Some(why) = &rerun_note {
-            message = format!("{why}: {message}");
-        }
-        self.lock().live.remove(id);
-        let run = self
-            .conclude(id, |run| {
-                run.state = state;
-                run.exit_code = exit_code;
-                run.signal = signal;
-                run.log_tail = log_tail;
-                run.message = message;
-            })
-            .await;
-        if run.is_some_and(|r| r.kind == SetupKind::Creation && r.state == RunState::Succeeded) {
-            self.queue_startup_if_ready().await;
-        }
+        (outcome, writer, stop_capture.is_cancelled())
     }
 
     async fn create_log(&self, path: &std::path::Path) -> Result<LogWriter, SetupError> {
