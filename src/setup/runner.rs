@@ -175,6 +175,10 @@ pub trait ProcessRunner: Send + Sync {
     /// SIGKILLs whatever is left of runs of an earlier agent life (their
     /// cgroups and marked processes). Returns how many processes were found.
     async fn kill_orphans(&self, run_ids: Vec<String>) -> usize;
+
+    /// Removes what finished runs left behind once it is empty (the cgroup
+    /// of a run whose leftovers were allowed to outlive it). Best effort.
+    async fn tidy(&self, _run_ids: Vec<String>) {}
 }
 
 /// A started script.
@@ -346,6 +350,21 @@ impl ProcessRunner for SupervisedRunner {
         }
         let cgroups = run_ids.iter().filter_map(|id| self.cgroup_of(id)).collect();
         kill_runs(cgroups, run_ids).await
+    }
+
+    async fn tidy(&self, run_ids: Vec<String>) {
+        let cgroups: Vec<RunCgroup> = run_ids.iter().filter_map(|id| self.cgroup_of(id)).collect();
+        if cgroups.is_empty() {
+            return;
+        }
+        // rmdir fails (EBUSY) while processes remain; then a later start
+        // tries again.
+        let _ = tokio::task::spawn_blocking(move || {
+            for cgroup in cgroups {
+                let _ = cgroup.remove();
+            }
+        })
+        .await;
     }
 }
 

@@ -347,6 +347,18 @@ impl SetupScripts {
                 );
             }
         }
+        // Runs whose leftovers were allowed to outlive them (kill_leftovers =
+        // false) leave their cgroup behind; remove the ones now empty.
+        let finished = {
+            let state = self.lock();
+            state
+                .runs
+                .values()
+                .filter(|r| r.state.is_terminal())
+                .map(|r| r.id.clone())
+                .collect()
+        };
+        self.inner.wiring.runner.tidy(finished).await;
         let planned = self.lock().planned_creation.take();
         match planned {
             Some(plan) => {
