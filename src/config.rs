@@ -77,6 +77,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// File share mounts (blobfuse2).
     pub mounts: MountsConfig,
+    /// Setup scripts.
+    pub setup: SetupConfig,
 }
 
 /// `[agent]`: identity, paths and timings of the daemon.
@@ -312,6 +314,137 @@ pub struct DeclaredMount {
 /// Checks that a key's value lies in `min..=max`.
 type RangeCheck<'a> = &'a dyn Fn(&str, u64, u64, u64) -> Result<(), ConfigError>;
 
+/// `[setup]`: creation and startup scripts and how scripts are run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SetupConfig {
+    /// Hold the job queue until the creation script has succeeded.
+    pub gate_jobs: bool,
+    /// Seconds between SIGTERM and SIGKILL when a script's tree is stopped.
+    pub kill_grace_seconds: u32,
+    /// Stop what a script left running when it exits.
+    pub kill_leftovers: bool,
+    /// Bytes of a run's log file kept from its start.
+    pub log_head_bytes: u64,
+    /// Bytes of a run's log kept from its end (also the memory held per running script).
+    pub log_tail_bytes: u64,
+    /// Lines kept in a run's `log_tail`.
+    pub log_tail_lines: u32,
+    /// Largest inline script accepted over the API.
+    pub max_script_bytes: u64,
+    /// Runs accepted but not started yet, at most.
+    pub max_pending_runs: u32,
+    /// Finished runs kept (records and logs); the latest creation run is always kept.
+    pub keep_runs: u32,
+    /// `CI_NAME` for scripts; the host name when empty.
+    pub ci_name: String,
+    /// `CI_WORKSPACE` for scripts.
+    pub ci_workspace: String,
+    /// `CI_RESOURCE_GROUP` for scripts.
+    pub ci_resource_group: String,
+    /// `CI_LOCAL_UBUNTU_USER` for scripts.
+    pub ci_local_ubuntu_user: String,
+    /// Scripts declared here: at most one creation script, any number of startup scripts.
+    pub scripts: Vec<SetupScriptConfig>,
+}
+
+impl Default for SetupConfig {
+    fn default() -> Self {
+        Self {
+            gate_jobs: true,
+            kill_grace_seconds: 10,
+            kill_leftovers: true,
+            log_head_bytes: 4 << 20,
+            log_tail_bytes: 1 << 20,
+            log_tail_lines: 20,
+            max_script_bytes: 1 << 20,
+            max_pending_runs: 32,
+            keep_runs: 100,
+            ci_name: String::new(),
+            ci_workspace: String::new(),
+            ci_resource_group: String::new(),
+            ci_local_ubuntu_user: "azureuser".into(),
+            scripts: Vec::new(),
+        }
+    }
+}
+
+/// When a configured script runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetupScriptKind {
+    /// Once in the instance's life.
+    Creation,
+    /// At every agent start.
+    Startup,
+}
+
+/// One `[[setup.scripts]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetupScriptConfig {
+    /// `creation` or `startup`.
+    pub kind: SetupScriptKind,
+    /// Absolute path of the script.
+    pub path: PathBuf,
+    /// Arguments, seen as $1, $2, ...
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// A duration with suffix s, m, h or d (e.g. "15m").
+    #[serde(default = "default_setup_timeout")]
+    pub timeout: String,
+    /// User to run as; root when empty.
+    #[serde(default)]
+    pub run_as: String,
+    /// Working directory (absolute); the user's home when empty.
+    #[serde(default)]
+    pub working_dir: PathBuf,
+}
+
+fn default_setup_timeout() -> String {
+    "15m".into()
+}
+
+impl SetupScriptConfig {
+    /// The timeout; validated at load, so the fallback (15 minutes) is never used.
+    pub fn timeout(&self) -> std::time::Duration {
+        parse_duration(&self.timeout).unwrap_or(std::time::Duration::from_secs(900))
+    }
+}
+
+/// Longest timeout a setup script may have (7 days).
+pub const MAX_SETUP_TIMEOUT_SECONDS: u64 = 7 * 86_400;
+
+/// Parses a duration such as `90s`, `15m`, `2h` or `1d` (a whole number and
+/// one suffix); `None` when it is not one.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text.len().checked_sub(1)?;
+    let (number, suffix) = text.split_at(split);
+    let unit = match suffix {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seconds = number.parse::<u64>().ok()?.checked_mul(unit)?;
+    Some(std::time::Duration::from_secs(seconds))
+}
+
+/// Whether `name` is a POSIX environment variable name.
+pub fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// Command-line flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -420,6 +553,7 @@ impl Config {
         in_range("events.backlog", self.events.backlog.into(), 16, 1_000_000)?;
         self.validate_jobs(path)?;
         self.validate_mounts(&invalid, &in_range)?;
+        self.validate_setup(&invalid, &in_range)?;
         if !self.control_plane.listen.is_empty() {
             let addr: SocketAddr = self.control_plane.listen.parse().map_err(|_| {
                 invalid(
@@ -642,6 +776,83 @@ impl Config {
         Ok(())
     }
 
+    /// Checks `[setup]` and every `[[setup.scripts]]` entry.
+    fn validate_setup(
+        &self,
+        invalid: &dyn Fn(&str, String) -> ConfigError,
+        in_range: RangeCheck<'_>,
+    ) -> Result<(), ConfigError> {
+        let setup = &self.setup;
+        in_range(
+            "setup.kill_grace_seconds",
+            setup.kill_grace_seconds.into(),
+            1,
+            300,
+        )?;
+        in_range("setup.log_head_bytes", setup.log_head_bytes, 4096, 1 << 30)?;
+        in_range("setup.log_tail_bytes", setup.log_tail_bytes, 4096, 64 << 20)?;
+        in_range("setup.log_tail_lines", setup.log_tail_lines.into(), 1, 1000)?;
+        in_range(
+            "setup.max_script_bytes",
+            setup.max_script_bytes,
+            1,
+            16 << 20,
+        )?;
+        in_range(
+            "setup.max_pending_runs",
+            setup.max_pending_runs.into(),
+            1,
+            1000,
+        )?;
+        in_range("setup.keep_runs", setup.keep_runs.into(), 1, 10_000)?;
+        let creations = setup
+            .scripts
+            .iter()
+            .filter(|s| s.kind == SetupScriptKind::Creation)
+            .count();
+        if creations > 1 {
+            return Err(invalid(
+                "setup.scripts",
+                format!("{creations} creation scripts are declared: at most one is allowed"),
+            ));
+        }
+        for (index, script) in setup.scripts.iter().enumerate() {
+            let key = |field: &str| format!("setup.scripts[{index}].{field}");
+            if !script.path.is_absolute() {
+                return Err(invalid(
+                    &key("path"),
+                    format!("{} must be an absolute path", script.path.display()),
+                ));
+            }
+            match parse_duration(&script.timeout) {
+                Some(d) if (1..=MAX_SETUP_TIMEOUT_SECONDS).contains(&d.as_secs()) => {}
+                _ => {
+                    return Err(invalid(
+                        &key("timeout"),
+                        format!(
+                            "{:?} must be a duration with suffix s, m, h or d (e.g. \"15m\"), \
+                             from 1s to 7d",
+                            script.timeout
+                        ),
+                    ));
+                }
+            }
+            if let Some(name) = script.env.keys().find(|name| !is_env_name(name)) {
+                return Err(invalid(
+                    &key("env"),
+                    format!("{name:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+                ));
+            }
+            if !script.working_dir.as_os_str().is_empty() && !script.working_dir.is_absolute() {
+                return Err(invalid(
+                    &key("working_dir"),
+                    format!("{} must be an absolute path", script.working_dir.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The control plane's TCP address, when configured.
     pub fn control_plane_addr(&self) -> Option<SocketAddr> {
         self.control_plane.listen.parse().ok()
@@ -843,5 +1054,54 @@ mod tests {
         });
         assert_eq!(config.agent.socket, PathBuf::from("/tmp/a.sock"));
         assert_eq!(config.agent.state_dir, PathBuf::from("/tmp/state"));
+    }
+
+    #[test]
+    fn setup_scripts_are_parsed_and_checked() {
+        let ok = "[[setup.scripts]]\nkind = \"creation\"\npath = \"/opt/a.sh\"\ntimeout = \"2h\"\n\
+                  [[setup.scripts]]\nkind = \"startup\"\npath = \"/opt/b.sh\"\nargs = [\"x\"]\n";
+        let config = Config::parse(ok, p()).expect("parses");
+        assert_eq!(config.setup.scripts.len(), 2);
+        assert_eq!(config.setup.scripts[0].timeout().as_secs(), 7200);
+        assert_eq!(config.setup.scripts[1].timeout().as_secs(), 900);
+
+        let two = "[[setup.scripts]]\nkind = \"creation\"\npath = \"/a\"\n\
+                   [[setup.scripts]]\nkind = \"creation\"\npath = \"/b\"\n";
+        let msg = Config::parse(two, p()).unwrap_err().to_string();
+        assert!(msg.contains("at most one"), "{msg}");
+
+        let relative = "[[setup.scripts]]\nkind = \"startup\"\npath = \"a.sh\"\n";
+        let msg = Config::parse(relative, p()).unwrap_err().to_string();
+        assert!(msg.contains("setup.scripts[0].path"), "{msg}");
+
+        let bad_timeout =
+            "[[setup.scripts]]\nkind = \"startup\"\npath = \"/a\"\ntimeout = \"15x\"\n";
+        let msg = Config::parse(bad_timeout, p()).unwrap_err().to_string();
+        assert!(msg.contains("setup.scripts[0].timeout"), "{msg}");
+
+        let bad_env =
+            "[[setup.scripts]]\nkind = \"startup\"\npath = \"/a\"\nenv = { \"1X\" = \"v\" }\n";
+        let msg = Config::parse(bad_env, p()).unwrap_err().to_string();
+        assert!(msg.contains("setup.scripts[0].env"), "{msg}");
+    }
+
+    #[test]
+    fn durations_take_one_suffix() {
+        assert_eq!(
+            parse_duration("90s"),
+            Some(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_duration("15m"),
+            Some(std::time::Duration::from_secs(900))
+        );
+        assert_eq!(
+            parse_duration("1d"),
+            Some(std::time::Duration::from_secs(86_400))
+        );
+        assert_eq!(parse_duration("15"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration(""), None);
     }
 }

@@ -25,6 +25,7 @@ use crate::jobs::engine::ContainerEngine;
 use crate::jobs::{JobManager, JobsDeps};
 use crate::mounts::system::FuseMounter;
 use crate::mounts::{MountService, MountSettings};
+use crate::setup::SetupScripts;
 use crate::status::StatusProvider;
 use crate::store::Store;
 use crate::systemd::Notifier;
@@ -61,6 +62,9 @@ pub enum DaemonError {
     /// The job store could not be loaded.
     #[error("cannot load jobs: {0}")]
     Jobs(#[source] crate::jobs::JobError),
+    /// The setup scripts' records could not be loaded.
+    #[error("cannot load setup runs: {0}")]
+    Setup(#[source] crate::setup::SetupError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Server(String),
@@ -72,6 +76,8 @@ pub struct Adapters {
     pub engine: Arc<dyn ContainerEngine>,
     /// blobfuse2 processes, mountinfo, FUSE probes and fusermount3.
     pub mounter: Arc<dyn FuseMounter>,
+    /// Starts setup scripts.
+    pub setup_runner: Arc<dyn crate::setup::ProcessRunner>,
 }
 
 /// Where the config came from, so it can be reloaded.
@@ -125,23 +131,21 @@ impl Daemon {
 
         prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
         let instance_id = instance_id(&config)?;
+        let hangup = crate::reload::listen_hangup();
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
         let unix = bind_unix(&config.agent.socket)?;
-        // Installs the SIGHUP handler now: the socket already answers.
         let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
-        let reload = crate::reload::run(source, config_tx, cancel.clone());
         let store = Store::open(&config.agent.state_dir).map_err(DaemonError::Store)?;
         let admission = AdmissionGate::new();
 
         let health = Health::new();
-        for subsystem in [Subsystem::Disk, Subsystem::Setup] {
-            health.set(
-                subsystem,
-                ConditionState::Disabled,
-                "not available in this build yet",
-            );
-        }
+        // Until the disk guard lands in this build.
+        health.set(
+            Subsystem::Disk,
+            ConditionState::Disabled,
+            "not available in this build yet",
+        );
         let events = EventBus::new(config.events.backlog as usize);
         let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
         let (engine_up_tx, engine_up_rx) = watch::channel(false);
@@ -188,6 +192,20 @@ impl Daemon {
             admission.clone(),
         )
         .with_jobs(jobs.clone());
+        // Opened before serving: it holds the job queue until the creation
+        // script has succeeded, and marks runs cut short by a crash.
+        let setup = SetupScripts::open(
+            crate::setup::Settings::from_config(&config, &hostname()),
+            crate::setup::Wiring {
+                store: store.clone(),
+                events: events.clone(),
+                health: health.clone(),
+                admission: admission.clone(),
+                runner: adapters.setup_runner.clone(),
+                accounts: Arc::new(crate::setup::SystemAccounts),
+            },
+        )
+        .map_err(DaemonError::Setup)?;
 
         let tcp = match config.control_plane_addr() {
             Some(addr) => {
@@ -208,6 +226,7 @@ impl Daemon {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
             jobs: api::jobs::JobApi::new(jobs.clone()),
             mounts: api::mounts::MountApi::new(mounts),
+            setup: api::setup::SetupApi::new(setup.clone(), cancel.clone()),
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
         for name in api::SERVICE_NAMES {
@@ -249,7 +268,13 @@ impl Daemon {
             engine_up_tx,
             config_rx,
         );
-        tasks.spawn(reload);
+        tasks.spawn(setup.run(cancel.clone()));
+        tasks.spawn(crate::reload::run(
+            source,
+            config_tx,
+            hangup,
+            cancel.clone(),
+        ));
         tasks.close();
 
         shutdown.await;
@@ -435,6 +460,13 @@ fn instance_id(config: &Config) -> Result<String, DaemonError> {
             Ok(id)
         }
     }
+}
+
+/// The host name, the default `CI_NAME` of setup scripts.
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Binds the Unix socket with mode 0660. A socket file left by a crashed

@@ -24,6 +24,8 @@ pub enum EventPayload {
     Job(Box<crate::jobs::JobRecord>),
     /// A mount's state or message changed (never carries a secret).
     Mount(crate::mounts::MountStatus),
+    /// A setup run changed state.
+    Setup(Box<crate::setup::SetupRun>),
 }
 
 /// One recorded event.

@@ -15,6 +15,7 @@
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
 //! - [`jobs`]: the container engine and, later, the job queue.
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
+//! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
@@ -33,6 +34,7 @@ pub mod host;
 pub mod jobs;
 pub mod mounts;
 pub mod reload;
+pub mod setup;
 pub mod status;
 pub mod store;
 pub mod systemd;

@@ -11,6 +11,8 @@ use instance_agent::cli::{self, Cli, Command, LogFormat, ServeArgs};
 use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
 use instance_agent::jobs::engine::DockerEngine;
 use instance_agent::mounts::system::SystemMounter;
+use instance_agent::setup::SupervisedRunner;
+use instance_agent::setup::supervisor::{self, SUPERVISOR_ARG};
 use instance_agent::{Adapters, ConfigSource, Daemon};
 
 /// sysexits.h: configuration error.
@@ -19,6 +21,11 @@ const EX_CONFIG: u8 = 78;
 const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
+    // The setup script supervisor is this binary re-executed by the agent
+    // (see `setup::runner`); it is not a user command.
+    if std::env::args_os().nth(1).as_deref() == Some(SUPERVISOR_ARG.as_ref()) {
+        return supervisor::main();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args, cli.socket),
@@ -65,6 +72,7 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
                 Duration::from_secs(config.docker.request_timeout_seconds.into()),
             )),
             mounter: Arc::new(SystemMounter::new()),
+            setup_runner: Arc::new(SupervisedRunner::detect(agent_binary())),
         };
         Daemon::new(config, source, adapters)
             .run(stop_signal())
@@ -80,9 +88,16 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
     }
 }
 
-/// Resolves at the first SIGTERM or SIGINT. The handlers are installed at
-/// once, not at the first poll, so that a signal sent as soon as the socket
-/// answers (before the daemon awaits this) is not fatal.
+/// This binary, for re-executing it as the setup supervisor. `/proc/self/exe`
+/// opens the running binary even after a package upgrade replaced the file.
+fn agent_binary() -> std::path::PathBuf {
+    std::path::PathBuf::from("/proc/self/exe")
+}
+
+/// Resolves at the first SIGTERM or SIGINT. The handlers are installed when
+/// this is called, not when the future is first polled: the daemon binds its
+/// socket before it awaits the future, and a SIGTERM in between would
+/// otherwise kill the process with the default action.
 fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let handlers = (

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::Watcher;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -20,29 +20,23 @@ use crate::daemon::{ConfigSource, describe_changes};
 /// window cause one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Runs until `cancel` fires. The SIGHUP handler is installed when this is
-/// called, not when the future is first polled, so that a SIGHUP sent as soon
-/// as the socket answers does not kill the agent (SIGHUP's default action).
-pub fn run(
-    source: ConfigSource,
-    config: watch::Sender<Arc<Config>>,
-    cancel: CancellationToken,
-) -> impl std::future::Future<Output = ()> {
-    let hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change");
-            None
-        }
-    };
-    watch_and_reload(source, config, cancel, hangup)
+/// Starts listening for SIGHUP. Called before the socket is bound: from then
+/// on a SIGHUP is queued for [`run`] instead of killing the process (the
+/// default action), and none sent once the agent answers is lost.
+pub fn listen_hangup() -> Option<Signal> {
+    signal(SignalKind::hangup())
+        .map_err(
+            |error| tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change"),
+        )
+        .ok()
 }
 
-async fn watch_and_reload(
+/// Runs until `cancel` fires.
+pub async fn run(
     source: ConfigSource,
     config: watch::Sender<Arc<Config>>,
+    mut hangup: Option<Signal>,
     cancel: CancellationToken,
-    mut hangup: Option<tokio::signal::unix::Signal>,
 ) {
     let (file_tx, mut file_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_file(&source, file_tx);
@@ -84,8 +78,6 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.agent.status_interval_seconds = new.agent.status_interval_seconds;
     running.docker.check_interval_seconds = new.docker.check_interval_seconds;
     running.events.backlog = new.events.backlog;
-    running.jobs = new.jobs.clone();
-    running.mounts.health_interval_seconds = new.mounts.health_interval_seconds;
 }
 
 /// Watches the config file's directory; `None` when it cannot (then SIGHUP
@@ -129,7 +121,6 @@ mod tests {
         new.agent.status_interval_seconds = 7;
         new.docker.check_interval_seconds = 3;
         new.events.backlog = 100;
-        new.mounts.health_interval_seconds = 2;
         new.agent.socket = "/tmp/x.sock".into();
         let changes = ConfigChanges::between(&old, &new);
         let mut running = old.clone();

@@ -169,6 +169,9 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
         EventPayload::Mount(status) => proto::event::Kind::Mount(proto::MountEvent {
             mount: Some(super::mounts::info_to_proto(status)),
         }),
+        EventPayload::Setup(run) => proto::event::Kind::Setup(proto::SetupEvent {
+            run: Some(super::setup::run_to_proto(run)),
+        }),
     };
     proto::Event {
         sequence: event.sequence,

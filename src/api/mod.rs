@@ -58,6 +58,8 @@ pub struct ApiParts {
     pub jobs: jobs::JobApi,
     /// File share mounts.
     pub mounts: mounts::MountApi,
+    /// Setup scripts.
+    pub setup: setup::SetupApi,
 }
 
 /// Builds the routes of all services plus health and reflection, and returns
@@ -86,7 +88,7 @@ pub fn routes(
         .add_service(AgentServiceServer::new(parts.agent))
         .add_service(JobServiceServer::new(parts.jobs))
         .add_service(DiskServiceServer::new(disk::DiskApi))
-        .add_service(SetupServiceServer::new(setup::SetupApi))
+        .add_service(SetupServiceServer::new(parts.setup))
         .add_service(MountServiceServer::new(parts.mounts));
     Ok((routes, reporter))
 }

@@ -9,6 +9,7 @@ mod config_cmd;
 mod format;
 mod jobs;
 mod mounts;
+mod setup;
 mod status;
 
 use std::path::PathBuf;
@@ -51,6 +52,9 @@ pub enum Command {
     /// File share mounts (blobfuse2): list, mount, unmount.
     #[command(subcommand)]
     Mounts(mounts::MountsCommand),
+    /// Setup scripts: list runs, run a script, show its logs.
+    #[command(subcommand)]
+    Setup(setup::SetupCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -106,6 +110,7 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
         Command::Status => with_runtime(status::run(socket, json)),
         Command::Jobs(cmd) => with_runtime(jobs::run(cmd, socket, json)),
         Command::Mounts(cmd) => with_runtime(mounts::run(cmd, socket, json)),
+        Command::Setup(cmd) => with_runtime(setup::run(cmd, socket, json)),
     };
     match result {
         Ok(code) => code,

@@ -309,3 +309,29 @@ pub fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
         .output()
         .expect("run cli")
 }
+
+impl Agent {
+    /// Starts the agent again on the same config, state dir and socket (after
+    /// a stop or a crash), appending to the same log. Kills it first if it
+    /// still runs.
+    pub fn respawn(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        self.child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,instance_agent=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("respawn instance-agent");
+        self.wait_ready(Duration::from_secs(20));
+    }
+}
