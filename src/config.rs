@@ -24,6 +24,7 @@ const LIVE_KEYS: &[&str] = &[
     "agent.status_interval_seconds",
     "docker.check_interval_seconds",
     "events.backlog",
+    "disk.",
 ];
 
 /// A config that failed to load. Each variant names the file; `Invalid` also
@@ -71,6 +72,8 @@ pub struct Config {
     pub docker: DockerConfig,
     /// The event stream.
     pub events: EventsConfig,
+    /// The disk guard.
+    pub disk: DiskConfig,
 }
 
 /// `[agent]`: identity, paths and timings of the daemon.
@@ -151,6 +154,79 @@ impl Default for EventsConfig {
     fn default() -> Self {
         Self { backlog: 4096 }
     }
+}
+
+/// `[disk]`: the disk guard's levels, timings and extra paths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    /// Milliseconds between samples of every watched filesystem.
+    pub interval_ms: u32,
+    /// Milliseconds a sample may take before its filesystem is reported unresponsive.
+    pub sample_timeout_ms: u32,
+    /// Free bytes below which a filesystem is critical (the recovery floor).
+    pub critical_free_bytes: u64,
+    /// Free bytes below which a filesystem is in warning.
+    pub warning_free_bytes: u64,
+    /// Free inodes, in percent of all inodes, below which a filesystem is critical.
+    pub critical_free_inodes_percent: f64,
+    /// Free inodes, in percent of all inodes, below which a filesystem is in warning.
+    pub warning_free_inodes_percent: f64,
+    /// Free bytes needed above a level before the state may improve.
+    pub clear_margin_bytes: u64,
+    /// Free inodes (percent) needed above a level before the state may improve.
+    pub clear_margin_inodes_percent: f64,
+    /// Seconds the improvement must hold before the state improves.
+    pub transition_seconds: u32,
+    /// Extra paths to watch, besides /, /tmp, /mnt, the Docker data root,
+    /// the state dir and the mount caches.
+    pub paths: Vec<PathBuf>,
+    /// Levels for the filesystem holding a path, by path (each path is also watched).
+    pub overrides: BTreeMap<String, DiskOverride>,
+    /// Reclaim space by itself when a watched filesystem turns critical.
+    pub auto_reclaim: bool,
+    /// Bytes preallocated in the state dir and released when its filesystem
+    /// turns critical, so that the agent's own writes still succeed; 0 turns it off.
+    pub reserve_bytes: u64,
+}
+
+const GIB: u64 = 1 << 30;
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1000,
+            sample_timeout_ms: 3000,
+            critical_free_bytes: 5 * GIB,
+            warning_free_bytes: 10 * GIB,
+            critical_free_inodes_percent: 5.0,
+            warning_free_inodes_percent: 10.0,
+            clear_margin_bytes: GIB,
+            clear_margin_inodes_percent: 1.0,
+            transition_seconds: 30,
+            paths: Vec::new(),
+            overrides: BTreeMap::new(),
+            auto_reclaim: true,
+            reserve_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `[disk.overrides."PATH"]`: levels for the filesystem holding PATH; an
+/// absent key keeps the `[disk]` value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskOverride {
+    /// Replaces `disk.critical_free_bytes`.
+    pub critical_free_bytes: Option<u64>,
+    /// Replaces `disk.warning_free_bytes`.
+    pub warning_free_bytes: Option<u64>,
+    /// Replaces `disk.critical_free_inodes_percent`.
+    pub critical_free_inodes_percent: Option<f64>,
+    /// Replaces `disk.warning_free_inodes_percent`.
+    pub warning_free_inodes_percent: Option<f64>,
+    /// Replaces `disk.clear_margin_bytes`.
+    pub clear_margin_bytes: Option<u64>,
 }
 
 /// Command-line flags that override the file.
@@ -270,6 +346,7 @@ impl Config {
             600,
         )?;
         in_range("events.backlog", self.events.backlog.into(), 16, 1_000_000)?;
+        self.validate_disk(path)?;
         if !self.control_plane.listen.is_empty() {
             let addr: SocketAddr = self.control_plane.listen.parse().map_err(|_| {
                 invalid(
@@ -294,6 +371,113 @@ impl Config {
                     format!("plaintext is allowed only on a loopback address, not {addr}"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the `[disk]` table: ranges, levels in order, absolute paths.
+    fn validate_disk(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            problem,
+        };
+        let disk = &self.disk;
+        for (key, value, min, max) in [
+            ("disk.interval_ms", u64::from(disk.interval_ms), 100, 60_000),
+            (
+                "disk.sample_timeout_ms",
+                u64::from(disk.sample_timeout_ms),
+                100,
+                600_000,
+            ),
+            (
+                "disk.transition_seconds",
+                u64::from(disk.transition_seconds),
+                0,
+                3600,
+            ),
+            ("disk.reserve_bytes", disk.reserve_bytes, 0, GIB),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("{value} is out of range: allowed {min} to {max}"),
+                ));
+            }
+        }
+        let mut levels = vec![(
+            "disk".to_owned(),
+            disk.critical_free_bytes,
+            disk.warning_free_bytes,
+            disk.critical_free_inodes_percent,
+            disk.warning_free_inodes_percent,
+        )];
+        for (key, p) in disk
+            .paths
+            .iter()
+            .map(|p| ("disk.paths", p.as_path()))
+            .chain(
+                disk.overrides
+                    .keys()
+                    .map(|p| ("disk.overrides", Path::new(p))),
+            )
+        {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} must be an absolute path", p.display()),
+                ));
+            }
+        }
+        for (p, o) in &disk.overrides {
+            levels.push((
+                format!("disk.overrides.\"{p}\""),
+                o.critical_free_bytes.unwrap_or(disk.critical_free_bytes),
+                o.warning_free_bytes.unwrap_or(disk.warning_free_bytes),
+                o.critical_free_inodes_percent
+                    .unwrap_or(disk.critical_free_inodes_percent),
+                o.warning_free_inodes_percent
+                    .unwrap_or(disk.warning_free_inodes_percent),
+            ));
+        }
+        for (table, critical, warning, critical_inodes, warning_inodes) in levels {
+            if warning < critical {
+                return Err(invalid(
+                    &format!("{table}.warning_free_bytes"),
+                    format!(
+                        "{warning} is below critical_free_bytes ({critical}): the warning level must be at or above the floor"
+                    ),
+                ));
+            }
+            for (key, value) in [
+                ("critical_free_inodes_percent", critical_inodes),
+                ("warning_free_inodes_percent", warning_inodes),
+            ] {
+                if !(0.0..=100.0).contains(&value) {
+                    return Err(invalid(
+                        &format!("{table}.{key}"),
+                        format!("{value} is out of range: allowed 0 to 100"),
+                    ));
+                }
+            }
+            if warning_inodes < critical_inodes {
+                return Err(invalid(
+                    &format!("{table}.warning_free_inodes_percent"),
+                    format!(
+                        "{warning_inodes} is below critical_free_inodes_percent ({critical_inodes})"
+                    ),
+                ));
+            }
+        }
+        if !(0.0..=100.0).contains(&disk.clear_margin_inodes_percent) {
+            return Err(invalid(
+                "disk.clear_margin_inodes_percent",
+                format!(
+                    "{} is out of range: allowed 0 to 100",
+                    disk.clear_margin_inodes_percent
+                ),
+            ));
         }
         Ok(())
     }
@@ -460,6 +644,47 @@ mod tests {
         let changes = ConfigChanges::between(&old, &new);
         assert_eq!(changes.live, vec!["docker.check_interval_seconds"]);
         assert_eq!(changes.need_restart, vec!["agent.socket"]);
+    }
+
+    #[test]
+    fn disk_levels_must_be_in_order() {
+        let msg = Config::parse(
+            "[disk]\ncritical_free_bytes = 100\nwarning_free_bytes = 50\n",
+            p(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("disk.warning_free_bytes"), "{msg}");
+        let msg = Config::parse(
+            "[disk.overrides.\"/mnt\"]\ncritical_free_bytes = 20000000000\n",
+            p(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("disk.overrides.\"/mnt\""), "{msg}");
+        let ok = "[disk]\npaths = [\"/data\"]\n[disk.overrides.\"/mnt\"]\ncritical_free_bytes = 1073741824\nwarning_free_bytes = 2147483648\n";
+        let config = Config::parse(ok, p()).expect("valid overrides");
+        assert_eq!(
+            config.disk.overrides["/mnt"].critical_free_bytes,
+            Some(1 << 30)
+        );
+        let msg = Config::parse("[disk]\npaths = [\"data\"]\n", p())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("disk.paths"), "{msg}");
+    }
+
+    #[test]
+    fn disk_keys_are_live() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.disk.critical_free_bytes = 1;
+        new.disk.interval_ms = 500;
+        let changes = ConfigChanges::between(&old, &new);
+        assert_eq!(
+            changes.live,
+            vec!["disk.critical_free_bytes", "disk.interval_ms"]
+        );
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub enum DaemonError {
 pub struct Adapters {
     /// The container engine.
     pub engine: Arc<dyn ContainerEngine>,
+    /// The engine as the disk guard sees it (data root, reclaimable data).
+    pub disk_docker: Arc<dyn crate::disk::docker::DockerSpace>,
+    /// Filesystems as the disk guard sees them.
+    pub disk_probe: Arc<dyn crate::disk::probe::FsProbe>,
 }
 
 /// Where the config came from, so it can be reloaded.
@@ -124,7 +128,7 @@ impl Daemon {
         let admission = AdmissionGate::new();
 
         let health = Health::new();
-        for subsystem in [Subsystem::Disk, Subsystem::Mounts, Subsystem::Setup] {
+        for subsystem in [Subsystem::Mounts, Subsystem::Setup] {
             health.set(
                 subsystem,
                 ConditionState::Disabled,
@@ -141,8 +145,6 @@ impl Daemon {
             events.clone(),
             admission.clone(),
         );
-        // Handed to the domains as they land (jobs, setup, mounts).
-        let _ = &store;
 
         let tcp = match config.control_plane_addr() {
             Some(addr) => {
@@ -159,8 +161,23 @@ impl Daemon {
             None => None,
         };
 
+        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+        let disk = start_disk_guard(
+            &config,
+            &instance_id,
+            &adapters,
+            &store,
+            &health,
+            &events,
+            &admission,
+            &config_rx,
+            &tasks,
+            &cancel,
+        );
+
         let (routes, health_reporter) = api::routes(api::ApiParts {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
+            disk: api::disk::DiskApi::new(disk, cancel.clone()),
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
         for name in api::SERVICE_NAMES {
@@ -191,7 +208,6 @@ impl Daemon {
             "instance-agent ready"
         );
 
-        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         spawn_background(
             &tasks, &cancel, &adapters, &health, &status, &events, gpus_tx, config_rx,
         );
@@ -230,6 +246,44 @@ impl Daemon {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Starts the disk guard with the Docker-side reclaim steps. The job queue
+/// and mounts add their steps ("expired_job_logs", "mount_caches") to
+/// `steps`, and the queue replaces `job_finished`.
+#[allow(clippy::too_many_arguments)]
+fn start_disk_guard(
+    config: &Config,
+    instance_id: &str,
+    adapters: &Adapters,
+    store: &Store,
+    health: &Health,
+    events: &EventBus,
+    admission: &AdmissionGate,
+    config_rx: &watch::Receiver<Arc<Config>>,
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+) -> crate::disk::DiskGuard {
+    // Until the job queue lands, no job is known to be finished, so no
+    // container is removed.
+    let job_finished: crate::disk::docker::JobFinished = Arc::new(|_job: &str| false);
+    let steps =
+        crate::disk::docker::docker_steps(adapters.disk_docker.clone(), instance_id, job_finished);
+    crate::disk::DiskGuard::start(
+        crate::disk::DiskParts {
+            config: derive(config_rx, |c| c.disk.clone()),
+            state_dir: config.agent.state_dir.clone(),
+            probe: adapters.disk_probe.clone(),
+            docker: adapters.disk_docker.clone(),
+            steps,
+            store: store.clone(),
+            health: health.clone(),
+            events: events.clone(),
+            admission: admission.clone(),
+        },
+        tasks,
+        cancel,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -20,6 +20,8 @@ pub enum EventPayload {
         /// "started" or "stopping".
         phase: &'static str,
     },
+    /// A watched filesystem changed state.
+    DiskAlert(Box<crate::disk::DiskAlert>),
 }
 
 /// One recorded event.

@@ -14,6 +14,7 @@
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
 //! - [`jobs`]: the container engine and, later, the job queue.
+//! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
@@ -26,6 +27,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod disk;
 pub mod events;
 pub mod health;
 pub mod host;

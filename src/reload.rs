@@ -73,6 +73,7 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.agent.status_interval_seconds = new.agent.status_interval_seconds;
     running.docker.check_interval_seconds = new.docker.check_interval_seconds;
     running.events.backlog = new.events.backlog;
+    running.disk = new.disk.clone();
 }
 
 /// Watches the config file's directory; `None` when it cannot (then SIGHUP

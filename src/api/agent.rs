@@ -160,6 +160,9 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
             phase: (*phase).to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }),
+        EventPayload::DiskAlert(alert) => {
+            proto::event::Kind::DiskAlert(super::disk::alert_to_proto(alert))
+        }
     };
     proto::Event {
         sequence: event.sequence,

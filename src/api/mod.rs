@@ -54,6 +54,8 @@ pub(crate) fn not_yet(rpc: &str, capability: &str) -> tonic::Status {
 pub struct ApiParts {
     /// Status and events.
     pub agent: agent::AgentApi,
+    /// The disk guard.
+    pub disk: disk::DiskApi,
 }
 
 /// Builds the routes of all services plus health and reflection, and returns
@@ -81,7 +83,7 @@ pub fn routes(
         .add_service(reflection_v1alpha)
         .add_service(AgentServiceServer::new(parts.agent))
         .add_service(JobServiceServer::new(jobs::JobApi))
-        .add_service(DiskServiceServer::new(disk::DiskApi))
+        .add_service(DiskServiceServer::new(parts.disk))
         .add_service(SetupServiceServer::new(setup::SetupApi))
         .add_service(MountServiceServer::new(mounts::MountApi));
     Ok((routes, reporter))
