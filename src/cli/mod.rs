@@ -6,6 +6,7 @@
 mod client;
 mod completions;
 mod config_cmd;
+mod disk;
 mod format;
 mod status;
 
@@ -40,6 +41,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Show the instance's health: version, uptime, conditions, slots.
     Status,
+    /// Show every watched filesystem like `df -h` with its state and levels;
+    /// find what fills a disk (--top), follow alerts (--watch), reclaim space.
+    Disk(disk::DiskArgs),
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -96,6 +100,7 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Status => with_runtime(status::run(socket, json)),
+        Command::Disk(args) => with_runtime(disk::run(socket, json, args)),
     };
     match result {
         Ok(code) => code,

@@ -1440,7 +1440,7 @@ fn transition_message(usage: &FilesystemUsage, transition: &Transition) -> Strin
         .stats
         .and_then(|s| s.free_inodes_percent())
         .unwrap_or(100.0);
-    let worse = rank(transition.new) > rank(transition.old);
+    let worse = transition.new > transition.old;
     match (transition.old, transition.new, transition.cause) {
         (_, DiskState::Unknown, _) => format!("{mount_point} is no longer watched"),
         (_, DiskState::Unresponsive, _) => format!(
@@ -1476,16 +1476,6 @@ fn transition_message(usage: &FilesystemUsage, transition: &Transition) -> Strin
             "{mount_point} is back above the {} warning level with {free} free",
             human_bytes(t.warning_free_bytes)
         ),
-    }
-}
-
-fn rank(state: DiskState) -> u8 {
-    match state {
-        DiskState::Unknown => 0,
-        DiskState::Ok => 1,
-        DiskState::Warning => 2,
-        DiskState::Critical => 3,
-        DiskState::Unresponsive => 4,
     }
 }
 
@@ -1581,5 +1571,495 @@ async fn discover_docker_root(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::docker::fake::FakeDocker;
+    use crate::disk::probe::fake::FakeProbe;
+    use crate::disk::reclaim::fake::FakeStep;
+
+    const MIB: u64 = 1 << 20;
+    const ROOT: u64 = 1;
+    const MNT: u64 = 2;
+    const STATE: u64 = 3;
+
+    fn config() -> DiskConfig {
+        DiskConfig {
+            interval_ms: 1000,
+            sample_timeout_ms: 3000,
+            critical_free_bytes: 8 * MIB,
+            warning_free_bytes: 16 * MIB,
+            clear_margin_bytes: 2 * MIB,
+            transition_seconds: 30,
+            reserve_bytes: MIB,
+            ..DiskConfig::default()
+        }
+    }
+
+    fn stats(free: u64) -> FsStats {
+        FsStats {
+            total_bytes: 64 * MIB,
+            free_bytes: free,
+            total_inodes: 10_000,
+            free_inodes: 9_000,
+        }
+    }
+
+    struct Rig {
+        guard: DiskGuard,
+        probe: FakeProbe,
+        docker: Arc<FakeDocker>,
+        health: Health,
+        admission: AdmissionGate,
+        events: EventBus,
+        step: Arc<FakeStep>,
+        config: watch::Sender<DiskConfig>,
+        cancel: CancellationToken,
+        state_dir: tempfile::TempDir,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            self.cancel.cancel();
+        }
+    }
+
+    fn rig(config: DiskConfig) -> Rig {
+        let state_dir = tempfile::tempdir().expect("tempdir");
+        let probe = FakeProbe::new();
+        probe.add_fs(ROOT, "/", stats(40 * MIB));
+        probe.add_path("/tmp", ROOT);
+        probe.add_path("/var/lib/docker", ROOT);
+        probe.add_fs(MNT, "/mnt", stats(40 * MIB));
+        probe.add_fs(
+            STATE,
+            state_dir.path().to_str().expect("utf-8"),
+            stats(40 * MIB),
+        );
+        let docker = Arc::new(FakeDocker::default());
+        docker.state.lock().unwrap().data_root = Some("/var/lib/docker".into());
+        let step = Arc::new(FakeStep::freeing("fake_step", 0));
+        let (config_tx, config_rx) = watch::channel(config);
+        let health = Health::new();
+        let admission = AdmissionGate::new();
+        let events = EventBus::new(1024);
+        let cancel = CancellationToken::new();
+        let guard = DiskGuard::start(
+            DiskParts {
+                config: config_rx,
+                state_dir: state_dir.path().to_owned(),
+                probe: Arc::new(probe.clone()),
+                docker: docker.clone(),
+                steps: vec![step.clone() as Arc<dyn ReclaimStep>],
+                store: Store::open(state_dir.path()).expect("store"),
+                health: health.clone(),
+                events: events.clone(),
+                admission: admission.clone(),
+            },
+            &TaskTracker::new(),
+            &cancel,
+        );
+        Rig {
+            guard,
+            probe,
+            docker,
+            health,
+            admission,
+            events,
+            step,
+            config: config_tx,
+            cancel,
+            state_dir,
+        }
+    }
+
+    type Seen = (String, DiskState, DiskState);
+
+    async fn next(sub: &mut AlertSubscription) -> Seen {
+        let alert = tokio::time::timeout(Duration::from_secs(600), sub.next())
+            .await
+            .expect("an alert within 10 minutes")
+            .expect("guard running");
+        (
+            alert.usage.mount.mount_point.display().to_string(),
+            alert.old_state,
+            alert.new_state,
+        )
+    }
+
+    /// Alerts until every one of `mount_points` has been seen once.
+    async fn discovered(sub: &mut AlertSubscription, mount_points: &[&str]) -> Vec<Seen> {
+        let mut seen = Vec::new();
+        while !mount_points
+            .iter()
+            .all(|m| seen.iter().any(|(s, _, _): &Seen| s == m))
+        {
+            seen.push(next(sub).await);
+        }
+        seen
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exact_alert_sequence_across_the_levels() {
+        let rig = rig(config());
+        let state = rig.state_dir.path().to_str().unwrap().to_owned();
+        let mut sub = rig.guard.subscribe();
+        let first = discovered(&mut sub, &["/", "/mnt", &state]).await;
+        assert!(
+            first
+                .iter()
+                .all(|(_, old, new)| *old == DiskState::Unknown && *new == DiskState::Ok),
+            "{first:?}"
+        );
+        let mnt = |old, new| ("/mnt".to_owned(), old, new);
+
+        rig.probe.set_free(MNT, 15 * MIB);
+        assert_eq!(next(&mut sub).await, mnt(DiskState::Ok, DiskState::Warning));
+        rig.probe.set_free(MNT, 7 * MIB);
+        let crossed = Instant::now();
+        assert_eq!(
+            next(&mut sub).await,
+            mnt(DiskState::Warning, DiskState::Critical)
+        );
+        assert!(
+            crossed.elapsed() <= Duration::from_secs(1),
+            "one interval at most"
+        );
+        // Inside the margin: nothing for two minutes.
+        rig.probe.set_free(MNT, 9 * MIB);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(120), sub.next())
+                .await
+                .is_err(),
+            "no alert inside the margin"
+        );
+        rig.probe.set_free(MNT, 11 * MIB);
+        let above = Instant::now();
+        assert_eq!(
+            next(&mut sub).await,
+            mnt(DiskState::Critical, DiskState::Warning)
+        );
+        assert!(above.elapsed() >= Duration::from_secs(30));
+        rig.probe.set_free(MNT, 30 * MIB);
+        assert_eq!(next(&mut sub).await, mnt(DiskState::Warning, DiskState::Ok));
+        let usage = rig.guard.usage();
+        let mnt_usage = usage
+            .filesystems
+            .iter()
+            .find(|f| f.mount.mount_point == Path::new("/mnt"))
+            .unwrap();
+        assert_eq!(mnt_usage.alerts, 5, "discovered + four transitions");
+        assert_eq!(usage.alerts_total, 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_subscriber_gets_current_states_first() {
+        let rig = rig(config());
+        let state = rig.state_dir.path().to_str().unwrap().to_owned();
+        let mut first = rig.guard.subscribe();
+        discovered(&mut first, &["/", "/mnt", &state]).await;
+        rig.probe.set_free(MNT, 7 * MIB);
+        assert_eq!(next(&mut first).await.2, DiskState::Critical);
+        let mut late = rig.guard.subscribe();
+        let mut current = Vec::new();
+        for _ in 0..3 {
+            current.push(next(&mut late).await);
+        }
+        current.sort();
+        assert!(current.contains(&("/mnt".into(), DiskState::Critical, DiskState::Critical)));
+        assert!(current.contains(&("/".into(), DiskState::Ok, DiskState::Ok)));
+        rig.probe.set_free(MNT, 4 * MIB);
+        rig.probe.set_free(ROOT, 15 * MIB);
+        assert_eq!(
+            next(&mut late).await,
+            ("/".into(), DiskState::Ok, DiskState::Warning)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paths_are_deduplicated_and_absent_ones_reported() {
+        let mut cfg = config();
+        cfg.paths = vec!["/data".into()];
+        let rig = rig(cfg);
+        let state = rig.state_dir.path().to_str().unwrap().to_owned();
+        let mut sub = rig.guard.subscribe();
+        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let usage = rig.guard.usage();
+        assert_eq!(usage.filesystems.len(), 3, "{usage:#?}");
+        let root = &usage.filesystems[0];
+        let paths: Vec<&Path> = root.paths.iter().map(|p| p.path.as_path()).collect();
+        assert_eq!(
+            paths,
+            [
+                Path::new("/"),
+                Path::new("/tmp"),
+                Path::new("/var/lib/docker")
+            ]
+        );
+        assert!(root.guards_admission, "docker data root lives on /");
+        assert_eq!(usage.skipped.len(), 1);
+        assert_eq!(usage.skipped[0].path, Path::new("/data"));
+        assert_eq!(usage.skipped[0].reasons, ["disk.paths"]);
+        // It appears: it joins its filesystem at the next tick.
+        rig.probe.add_path("/data", MNT);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let usage = rig.guard.usage();
+        assert!(usage.skipped.is_empty());
+        let mnt = usage
+            .filesystems
+            .iter()
+            .find(|f| f.mount.mount_point == Path::new("/mnt"))
+            .unwrap();
+        assert!(mnt.paths.iter().any(|p| p.path == Path::new("/data")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_is_held_while_the_state_filesystem_is_critical() {
+        let rig = rig(config());
+        let state = rig.state_dir.path().to_str().unwrap().to_owned();
+        let mut sub = rig.guard.subscribe();
+        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        // /mnt holds neither the engine's data nor the state dir.
+        rig.probe.set_free(MNT, 4 * MIB);
+        next(&mut sub).await;
+        assert_eq!(rig.admission.held_reason(), None);
+        rig.probe.set_free(STATE, 4 * MIB);
+        assert_eq!(next(&mut sub).await.2, DiskState::Critical);
+        let reason = rig.admission.held_reason().expect("held");
+        assert!(reason.contains("state dir"), "{reason}");
+        assert!(reason.contains("below the 8.0 MiB floor"), "{reason}");
+        let condition = rig.health.get(Subsystem::Disk);
+        assert_eq!(condition.state, ConditionState::Failed);
+        assert!(
+            condition.message.contains("jobs held"),
+            "{}",
+            condition.message
+        );
+        rig.probe.set_free(STATE, 30 * MIB);
+        let (_, old, new) = next(&mut sub).await;
+        assert_eq!((old, new), (DiskState::Critical, DiskState::Ok));
+        assert_eq!(rig.admission.held_reason(), None);
+        // /mnt is still critical: the condition still says so.
+        assert_eq!(
+            rig.health.get(Subsystem::Disk).state,
+            ConditionState::Failed
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn docker_root_is_asked_until_the_engine_answers() {
+        let rig = rig(config());
+        rig.docker.state.lock().unwrap().data_root = None;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = rig.guard.usage();
+        rig.docker.state.lock().unwrap().data_root = Some("/var/lib/docker".into());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let usage = rig.guard.usage();
+        let root = &usage.filesystems[0];
+        assert!(
+            root.paths
+                .iter()
+                .any(|p| p.reasons.contains(&"docker data root".to_owned())),
+            "{root:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn register_and_unregister_a_cache_dir() {
+        let rig = rig(config());
+        let state = rig.state_dir.path().to_str().unwrap().to_owned();
+        let mut sub = rig.guard.subscribe();
+        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        rig.probe.add_fs(9, "/cache", stats(40 * MIB));
+        rig.guard.register("/cache/data", "cache of mount data");
+        rig.probe.add_path("/cache/data", 9);
+        assert_eq!(
+            next(&mut sub).await,
+            ("/cache".into(), DiskState::Unknown, DiskState::Ok)
+        );
+        rig.guard.unregister("/cache/data", "cache of mount data");
+        assert_eq!(
+            next(&mut sub).await,
+            ("/cache".into(), DiskState::Ok, DiskState::Unknown)
+        );
+        assert_eq!(rig.guard.usage().filesystems.len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reserve_is_released_when_critical_and_recreated_after() {
+        let rig = rig(config());
+        let reserve = rig
+            .state_dir
+            .path()
+            .join(crate::disk::reserve::RESERVE_FILE_NAME);
+        let state = rig.state_dir.path().to_str().unwrap().to_owned();
+        let mut sub = rig.guard.subscribe();
+        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(std::fs::metadata(&reserve).map(|m| m.len()).ok(), Some(MIB));
+        rig.probe.set_free(STATE, 4 * MIB);
+        next(&mut sub).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!reserve.exists(), "released under pressure");
+        // Back above the floor but without room for the reserve on top of
+        // floor + margin: it stays released.
+        rig.probe.set_free(STATE, 10 * MIB + MIB / 2);
+        next(&mut sub).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!reserve.exists());
+        rig.probe.set_free(STATE, 30 * MIB);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(reserve.exists(), "recreated once space returned");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn turning_critical_reclaims_automatically() {
+        let rig = rig(config());
+        let state = rig.state_dir.path().to_str().unwrap().to_owned();
+        let mut sub = rig.guard.subscribe();
+        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        assert_eq!(rig.step.calls(), (0, 0));
+        rig.probe.set_free(MNT, 4 * MIB);
+        next(&mut sub).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(rig.step.calls(), (0, 1));
+        // A dry run of everything estimates and deletes nothing.
+        let report = rig
+            .guard
+            .reclaim(ReclaimRequest {
+                path: None,
+                mode: ReclaimMode {
+                    dry_run: true,
+                    all_steps: true,
+                },
+            })
+            .await
+            .unwrap();
+        assert!(report.dry_run);
+        assert_eq!(report.steps[0].name, "fake_step");
+        assert_eq!(rig.step.calls(), (1, 1));
+        // Turned off: no reclaim on the next crossing.
+        let mut cfg = config();
+        cfg.auto_reclaim = false;
+        rig.config.send_replace(cfg);
+        rig.probe.set_free(ROOT, 4 * MIB);
+        next(&mut sub).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(rig.step.calls(), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn alerts_reach_the_event_log_and_lowered_levels_apply_live() {
+        let rig = rig(config());
+        let mut events = rig.events.subscribe(Some(0));
+        let state = rig.state_dir.path().to_str().unwrap().to_owned();
+        let mut sub = rig.guard.subscribe();
+        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        // 40 MiB free everywhere: raising the warning level to 50 MiB puts
+        // every filesystem in warning at the next sample.
+        let mut cfg = config();
+        cfg.warning_free_bytes = 50 * MIB;
+        rig.config.send_replace(cfg);
+        let warned = discovered(&mut sub, &["/", "/mnt", &state]).await;
+        assert!(warned.iter().all(|(_, _, new)| *new == DiskState::Warning));
+        let mut disk_events = 0;
+        while let Some(crate::events::Delivery::Event(event)) = events.try_next() {
+            if let EventPayload::DiskAlert(_) = event.payload {
+                disk_events += 1;
+            }
+        }
+        assert_eq!(disk_events, 6);
+        assert_eq!(
+            rig.health.get(Subsystem::Disk).state,
+            ConditionState::Degraded
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hung_filesystem_is_unresponsive_without_stalling_the_others() {
+        let mut cfg = config();
+        cfg.interval_ms = 100;
+        cfg.sample_timeout_ms = 300;
+        let rig = rig(cfg);
+        let state = rig.state_dir.path().to_str().unwrap().to_owned();
+        let mut sub = rig.guard.subscribe();
+        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        rig.probe.hang(MNT);
+        assert_eq!(
+            next(&mut sub).await,
+            ("/mnt".into(), DiskState::Ok, DiskState::Unresponsive)
+        );
+        let before = rig.probe.calls("/");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(rig.probe.calls("/") >= before + 5, "/ is still sampled");
+        assert_eq!(
+            rig.probe.blocked(),
+            1,
+            "one probe outstanding, not one per tick"
+        );
+        rig.probe.set_free(ROOT, 15 * MIB);
+        assert_eq!(
+            next(&mut sub).await,
+            ("/".into(), DiskState::Ok, DiskState::Warning)
+        );
+        let usage = rig.guard.usage();
+        let mnt = usage
+            .filesystems
+            .iter()
+            .find(|f| f.mount.mount_point == Path::new("/mnt"))
+            .unwrap();
+        assert!(
+            mnt.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("no answer within 300 ms")
+        );
+        rig.probe.release(MNT);
+        assert_eq!(
+            next(&mut sub).await,
+            ("/mnt".into(), DiskState::Unresponsive, DiskState::Ok)
+        );
+    }
+
+    #[tokio::test]
+    async fn watched_paths_added_over_the_api_are_kept_in_the_store() {
+        let rig = rig(config());
+        rig.guard
+            .add_watched_path("/datasets".into(), "training data".into())
+            .await
+            .unwrap();
+        let err = rig
+            .guard
+            .add_watched_path("datasets".into(), String::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            DiskError::InvalidRequest { field: "path", .. }
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let skipped = rig.guard.usage().skipped;
+        assert_eq!(skipped[0].reasons, ["added by operator: training data"]);
+        let store = rig.guard.inner.store.clone();
+        let saved: Vec<(String, SavedPath)> = store.scan(WATCHED_PATHS).unwrap();
+        assert_eq!(saved[0].0, "/datasets");
+        assert!(
+            rig.guard
+                .remove_watched_path("/datasets".into())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !rig.guard
+                .remove_watched_path("/datasets".into())
+                .await
+                .unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(rig.guard.usage().skipped.is_empty());
     }
 }

@@ -26,8 +26,8 @@ use crate::store::StoreError;
 
 pub use guard::{DiskGuard, DiskParts};
 
-/// The state of one watched filesystem.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The state of one watched filesystem, ordered from least to most severe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DiskState {
     /// Not sampled yet, or no longer watched.
     Unknown,
