@@ -298,6 +298,7 @@ fn reclaim_to_proto(r: ReclaimReport) -> proto::ReclaimSpaceResponse {
                 items: s.freed.items,
                 ran: s.ran,
                 error: s.error.unwrap_or_default(),
+                skipped_reason: s.skipped.unwrap_or_default(),
             })
             .collect(),
     }

@@ -284,7 +284,7 @@ fn render_reclaim(report: &proto::ReclaimSpaceResponse) -> String {
         "RAN".into(),
         "ITEMS".into(),
         verb.to_uppercase(),
-        "ERROR".into(),
+        "NOTE".into(),
     ]];
     for step in &report.steps {
         rows.push([
@@ -296,7 +296,11 @@ fn render_reclaim(report: &proto::ReclaimSpaceResponse) -> String {
             },
             step.items.to_string(),
             format::bytes(step.bytes),
-            step.error.clone(),
+            if step.error.is_empty() {
+                step.skipped_reason.clone()
+            } else {
+                step.error.clone()
+            },
         ]);
     }
     let mut out = table(&rows);

@@ -253,6 +253,10 @@ impl ReclaimStep for ExitedContainers {
         Ok(freed)
     }
 
+    async fn location(&self) -> Option<PathBuf> {
+        self.docker.data_root().await.ok()
+    }
+
     async fn run(&self) -> Result<Freed, ReclaimError> {
         let mut freed = Freed::default();
         let mut failed = 0;
@@ -310,6 +314,10 @@ impl ReclaimStep for DanglingImages {
             });
         }
         Ok(freed)
+    }
+
+    async fn location(&self) -> Option<PathBuf> {
+        self.docker.data_root().await.ok()
     }
 
     async fn run(&self) -> Result<Freed, ReclaimError> {

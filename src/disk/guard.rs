@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use super::docker::DockerSpace;
 use super::hysteresis::{Cause, PressureMachine, Transition};
 use super::probe::{FsProbe, PathSample};
-use super::reclaim::{ReclaimMode, ReclaimReport, ReclaimStep, Reclaimer};
+use super::reclaim::{ReclaimMode, ReclaimReport, ReclaimStep, Reclaimer, Relevance};
 use super::reserve::ReserveFile;
 use super::top::{TopProgress, TopReport, TopRequest};
 use super::{
@@ -221,6 +221,23 @@ impl AlertSubscription {
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
+        }
+    }
+}
+
+/// A step helps when its location is on one of the target filesystems (or
+/// cannot be examined: then it runs, rather than be skipped on a guess).
+struct OnTargets {
+    probe: Arc<dyn FsProbe>,
+    timeout: Duration,
+    devs: BTreeSet<u64>,
+}
+
+impl Relevance for OnTargets {
+    async fn helps(&mut self, location: PathBuf) -> bool {
+        match probe_with_timeout(&self.probe, &location, self.timeout).await {
+            Ok(sample) => self.devs.contains(&sample.dev),
+            Err(_) => true,
         }
     }
 }
@@ -490,29 +507,44 @@ impl DiskGuard {
     ) -> ReclaimReport {
         let probe = self.inner.probe.clone();
         let timeout = self.sample_timeout();
+        let mut devs = BTreeSet::new();
+        for (path, _) in &targets {
+            if let Ok(sample) = probe_with_timeout(&probe, path, timeout).await {
+                devs.insert(sample.dev);
+            }
+        }
+        let relevance = OnTargets {
+            probe: probe.clone(),
+            timeout,
+            devs,
+        };
         let targets = Arc::new(targets);
         let report = self
             .inner
             .reclaimer
-            .run(mode, move || {
-                let probe = probe.clone();
-                let targets = targets.clone();
-                async move {
-                    let mut need = 0;
-                    for (path, thresholds) in targets.iter() {
-                        // A target that does not answer cannot be helped by
-                        // deleting elsewhere: it needs nothing from reclaim.
-                        if let Ok(sample) = probe_with_timeout(&probe, path, timeout).await {
-                            need = need.max(
-                                thresholds
-                                    .reclaim_target_bytes()
-                                    .saturating_sub(sample.stats.free_bytes),
-                            );
+            .run(
+                mode,
+                move || {
+                    let probe = probe.clone();
+                    let targets = targets.clone();
+                    async move {
+                        let mut need = 0;
+                        for (path, thresholds) in targets.iter() {
+                            // A target that does not answer cannot be helped
+                            // by deleting elsewhere: it needs nothing.
+                            if let Ok(sample) = probe_with_timeout(&probe, path, timeout).await {
+                                need = need.max(
+                                    thresholds
+                                        .reclaim_target_bytes()
+                                        .saturating_sub(sample.stats.free_bytes),
+                                );
+                            }
                         }
+                        need
                     }
-                    need
-                }
-            })
+                },
+                relevance,
+            )
             .await;
         tracing::info!(
             dry_run = report.dry_run,

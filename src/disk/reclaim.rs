@@ -74,6 +74,18 @@ pub trait ReclaimStep: Send + Sync + 'static {
     async fn estimate(&self) -> Result<Freed, ReclaimError>;
     /// Frees what it can.
     async fn run(&self) -> Result<Freed, ReclaimError>;
+    /// A path on the filesystem whose space this step frees, so that it is
+    /// skipped when that filesystem is not short of space (pruning images
+    /// cannot help a full /mnt). `None`: it may free space anywhere.
+    async fn location(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+/// Whether a step's location is on a filesystem that needs space.
+pub trait Relevance {
+    /// True when freeing space at `location` helps.
+    fn helps(&mut self, location: PathBuf) -> impl Future<Output = bool> + Send;
 }
 
 /// What one step did in a reclaim.
@@ -83,8 +95,11 @@ pub struct StepReport {
     pub name: &'static str,
     /// Freed (or, in a dry run, would free).
     pub freed: Freed,
-    /// False when skipped because enough space was free.
+    /// False when skipped (see `skipped`).
     pub ran: bool,
+    /// Why it was skipped: enough space free, or it frees space on a
+    /// filesystem that is not short of it.
+    pub skipped: Option<String>,
     /// Set when it failed.
     pub error: Option<String>,
 }
@@ -132,8 +147,14 @@ impl Reclaimer {
     /// Runs the steps. `still_needed` measures, before each step, how many
     /// bytes the target filesystems still lack to be above the floor plus
     /// the margin (0: enough). A dry run measures once and subtracts the
-    /// estimates instead.
-    pub async fn run<F, Fut>(&self, mode: ReclaimMode, mut still_needed: F) -> ReclaimReport
+    /// estimates instead. Unless `all_steps`, a step whose location does not
+    /// help (`relevance`) is skipped.
+    pub async fn run<F, Fut>(
+        &self,
+        mode: ReclaimMode,
+        mut still_needed: F,
+        mut relevance: impl Relevance,
+    ) -> ReclaimReport
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = u64>,
@@ -152,11 +173,25 @@ impl Reclaimer {
                 Some(need) => need,
                 None => still_needed().await,
             };
-            if need == 0 && !mode.all_steps {
+            let skipped = if mode.all_steps {
+                None
+            } else if need == 0 {
+                Some("enough space is free".to_owned())
+            } else {
+                match step.location().await {
+                    Some(location) if !relevance.helps(location.clone()).await => Some(format!(
+                        "it frees space on the filesystem of {}, which is not short of space",
+                        location.display()
+                    )),
+                    _ => None,
+                }
+            };
+            if skipped.is_some() {
                 steps.push(StepReport {
                     name: step.name(),
                     freed: Freed::default(),
                     ran: false,
+                    skipped,
                     error: None,
                 });
                 continue;
@@ -188,6 +223,7 @@ impl Reclaimer {
                 name: step.name(),
                 freed,
                 ran: true,
+                skipped: None,
                 error,
             });
         }
@@ -215,6 +251,8 @@ pub mod fake {
         pub calls: Mutex<(u32, u32)>,
         /// Called on each run, e.g. to give the fake filesystem its space back.
         pub on_run: Box<dyn Fn() + Send + Sync>,
+        /// Where it frees space.
+        pub location: Option<PathBuf>,
     }
 
     impl FakeStep {
@@ -226,6 +264,7 @@ pub mod fake {
                 fail: false,
                 calls: Mutex::new((0, 0)),
                 on_run: Box::new(|| {}),
+                location: None,
             }
         }
 
@@ -265,6 +304,9 @@ pub mod fake {
             (self.on_run)();
             self.result()
         }
+        async fn location(&self) -> Option<PathBuf> {
+            self.location.clone()
+        }
     }
 }
 
@@ -275,6 +317,15 @@ mod tests {
 
     use super::fake::FakeStep;
     use super::*;
+
+    /// Locations under /full help; others do not.
+    struct OnlyFull;
+
+    impl Relevance for OnlyFull {
+        async fn helps(&mut self, location: PathBuf) -> bool {
+            location.starts_with("/full")
+        }
+    }
 
     fn reclaimer(steps: &[Arc<FakeStep>]) -> Reclaimer {
         Reclaimer::new(
@@ -306,10 +357,14 @@ mod tests {
         ];
         let r = reclaimer(&steps);
         let report = r
-            .run(ReclaimMode::default(), || {
-                let need = need.clone();
-                async move { need.load(Ordering::SeqCst) }
-            })
+            .run(
+                ReclaimMode::default(),
+                || {
+                    let need = need.clone();
+                    async move { need.load(Ordering::SeqCst) }
+                },
+                OnlyFull,
+            )
             .await;
         let ran: Vec<bool> = report.steps.iter().map(|s| s.ran).collect();
         assert_eq!(ran, [true, true, false]);
@@ -324,7 +379,7 @@ mod tests {
             Arc::new(FakeStep::freeing("ok", 10)),
         ];
         let report = reclaimer(&steps)
-            .run(ReclaimMode::default(), || async { 1_000 })
+            .run(ReclaimMode::default(), || async { 1_000 }, OnlyFull)
             .await;
         assert_eq!(report.steps[0].error.as_deref(), Some("broken broke"));
         assert!(report.steps[0].ran);
@@ -351,6 +406,7 @@ mod tests {
                     *count.lock().unwrap() += 1;
                     async { 150 }
                 },
+                OnlyFull,
             )
             .await;
         assert!(report.dry_run);
@@ -373,12 +429,39 @@ mod tests {
                     all_steps: true,
                 },
                 || async { 0 },
+                OnlyFull,
             )
             .await;
         assert!(report.steps.iter().all(|s| s.ran));
         let skipped = reclaimer(&steps)
-            .run(ReclaimMode::default(), || async { 0 })
+            .run(ReclaimMode::default(), || async { 0 }, OnlyFull)
             .await;
         assert!(skipped.steps.iter().all(|s| !s.ran));
+        assert_eq!(
+            skipped.steps[0].skipped.as_deref(),
+            Some("enough space is free")
+        );
+    }
+
+    #[tokio::test]
+    async fn steps_for_another_filesystem_are_skipped() {
+        let mut elsewhere = FakeStep::freeing("elsewhere", 100);
+        elsewhere.location = Some("/var/lib/docker".into());
+        let mut here = FakeStep::freeing("here", 100);
+        here.location = Some("/full/cache".into());
+        let steps = [Arc::new(elsewhere), Arc::new(here)];
+        let report = reclaimer(&steps)
+            .run(ReclaimMode::default(), || async { 1_000 }, OnlyFull)
+            .await;
+        assert!(!report.steps[0].ran);
+        assert!(
+            report.steps[0]
+                .skipped
+                .as_deref()
+                .unwrap()
+                .contains("/var/lib/docker")
+        );
+        assert_eq!(steps[0].calls(), (0, 0));
+        assert!(report.steps[1].ran);
     }
 }
