@@ -30,6 +30,7 @@ pub struct Agent {
 pub struct AgentBuilder {
     config: String,
     env: Vec<(String, String)>,
+    state_dir: Option<PathBuf>,
 }
 
 impl AgentBuilder {
@@ -37,6 +38,12 @@ impl AgentBuilder {
     pub fn config(mut self, toml: &str) -> Self {
         self.config.push_str(toml);
         self.config.push('\n');
+        self
+    }
+
+    /// Puts the state dir somewhere else (e.g. on a filesystem the test made).
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_owned());
         self
     }
 
@@ -56,7 +63,10 @@ impl AgentBuilder {
     pub fn spawn(self) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
-        let state_dir = dir.path().join("state");
+        let state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         let config_path = dir.path().join("config.toml");
         let log_path = dir.path().join("agent.log");
         let config = format!(
