@@ -68,9 +68,9 @@ impl LoopExt4 {
             .expect("image");
         run(
             "mkfs.ext4",
-            &["-q", "-F", "-m", "0", image.to_str().unwrap()],
+            &["-q", "-F", "-m", "0", image.to_str().expect("utf-8 path")],
         );
-        let device = run("losetup", &["-f", "--show", image.to_str().unwrap()])
+        let device = run("losetup", &["-f", "--show", image.to_str().expect("utf-8 path")])
             .trim()
             .to_owned();
         let path = dir.path().join("ext4");
