@@ -13,6 +13,7 @@
 //! - [`store`]: the embedded crash-safe store (redb) shared by the domains.
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
+//! - [`units`]: byte sizes for people (messages and the CLI).
 //! - [`jobs`]: the container engine and, later, the job queue.
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
@@ -36,5 +37,6 @@ pub mod reload;
 pub mod status;
 pub mod store;
 pub mod systemd;
+pub mod units;
 
 pub use daemon::{Adapters, ConfigSource, Daemon, DaemonError};

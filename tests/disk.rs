@@ -70,9 +70,12 @@ impl LoopExt4 {
             "mkfs.ext4",
             &["-q", "-F", "-m", "0", image.to_str().expect("utf-8 path")],
         );
-        let device = run("losetup", &["-f", "--show", image.to_str().expect("utf-8 path")])
-            .trim()
-            .to_owned();
+        let device = run(
+            "losetup",
+            &["-f", "--show", image.to_str().expect("utf-8 path")],
+        )
+        .trim()
+        .to_owned();
         let path = dir.path().join("ext4");
         std::fs::create_dir(&path).expect("mount point");
         let fs = Self {
@@ -237,6 +240,17 @@ fn disk_config(interval_ms: u32, paths: &[&Path], extra: &str) -> String {
     )
 }
 
+/// A 64 MiB tmpfs, its filler, and an agent watching it with the small levels.
+async fn agent_on_tmpfs(interval_ms: u32) -> (Tmpfs, Filler, Agent, DiskServiceClient<Channel>) {
+    let tmpfs = Tmpfs::new(64);
+    let filler = Filler::new(&tmpfs.path);
+    let agent = Agent::builder()
+        .config(&disk_config(interval_ms, &[&tmpfs.path], ""))
+        .start();
+    let disk = disk_client(&agent).await;
+    (tmpfs, filler, agent, disk)
+}
+
 async fn disk_client(agent: &Agent) -> DiskServiceClient<Channel> {
     DiskServiceClient::new(agent.channel().await)
 }
@@ -292,12 +306,7 @@ fn states(alert: &proto::DiskAlert) -> (proto::DiskState, proto::DiskState) {
 #[tokio::test]
 async fn exact_alert_sequence_latency_and_no_flapping_on_a_real_tmpfs() {
     use proto::DiskState::{Critical, Ok as Fine, Warning};
-    let tmpfs = Tmpfs::new(64);
-    let filler = Filler::new(&tmpfs.path);
-    let agent = Agent::builder()
-        .config(&disk_config(1000, &[&tmpfs.path], ""))
-        .start();
-    let mut disk = disk_client(&agent).await;
+    let (tmpfs, filler, agent, mut disk) = agent_on_tmpfs(1000).await;
     wait_for_fs(&mut disk, &tmpfs.path, "tmpfs watched and ok", |f| {
         f.state() == Fine
     })
@@ -338,16 +347,7 @@ async fn exact_alert_sequence_latency_and_no_flapping_on_a_real_tmpfs() {
     assert_eq!(usage.fs_type, "tmpfs");
     assert!(usage.free_bytes < 8 * MIB);
 
-    let status = AgentServiceClient::new(agent.channel().await)
-        .get_status(proto::GetStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
-    let condition = status
-        .conditions
-        .iter()
-        .find(|c| c.r#type == "disk")
-        .expect("disk condition");
+    let (status, condition) = disk_condition(&agent).await;
     assert_eq!(condition.state(), proto::ConditionState::Failed);
     assert!(
         condition
@@ -473,16 +473,7 @@ async fn a_hung_fuse_mount_is_unresponsive_and_does_not_stall_the_others() {
         "latency with a hung mount beside it: {:?}",
         crossed.elapsed()
     );
-    let status = AgentServiceClient::new(agent.channel().await)
-        .get_status(proto::GetStatusRequest {})
-        .await
-        .expect("status answers while a mount hangs")
-        .into_inner();
-    let condition = status
-        .conditions
-        .iter()
-        .find(|c| c.r#type == "disk")
-        .expect("disk condition");
+    let (_, condition) = disk_condition(&agent).await;
     assert_eq!(condition.state(), proto::ConditionState::Degraded);
     assert!(
         condition.message.contains("does not answer"),
@@ -531,11 +522,9 @@ async fn the_agent_survives_a_full_state_filesystem() {
     })
     .await;
     eventually("reserve released", || !reserve.exists()).await;
-    let held = status_client
-        .get_status(proto::GetStatusRequest {})
+    let held = disk_condition(&agent)
         .await
-        .expect("status")
-        .into_inner()
+        .0
         .slots
         .expect("slots")
         .held_reason;
@@ -577,11 +566,9 @@ async fn the_agent_survives_a_full_state_filesystem() {
         f.state() == Fine
     })
     .await;
-    let held = status_client
-        .get_status(proto::GetStatusRequest {})
+    let held = disk_condition(&agent)
         .await
-        .expect("status")
-        .into_inner()
+        .0
         .slots
         .expect("slots")
         .held_reason;
@@ -622,6 +609,22 @@ async fn the_agent_survives_a_full_state_filesystem() {
     }
 }
 
+/// GetStatus and its disk condition.
+async fn disk_condition(agent: &Agent) -> (proto::GetStatusResponse, proto::Condition) {
+    let status = AgentServiceClient::new(agent.channel().await)
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .expect("GetStatus answers")
+        .into_inner();
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "disk")
+        .cloned()
+        .expect("disk condition");
+    (status, condition)
+}
+
 async fn add_path(disk: &mut DiskServiceClient<Channel>, path: &str) -> Result<(), tonic::Status> {
     disk.add_watched_path(proto::AddWatchedPathRequest {
         path: path.into(),
@@ -641,12 +644,7 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn reclaim_space_reports_steps_and_skips_docker_for_another_filesystem() {
-    let tmpfs = Tmpfs::new(64);
-    let filler = Filler::new(&tmpfs.path);
-    let agent = Agent::builder()
-        .config(&disk_config(200, &[&tmpfs.path], ""))
-        .start();
-    let mut disk = disk_client(&agent).await;
+    let (tmpfs, filler, _agent, mut disk) = agent_on_tmpfs(200).await;
     filler.set_free(5 * MIB);
     wait_for_fs(&mut disk, &tmpfs.path, "critical", |f| {
         f.state() == proto::DiskState::Critical

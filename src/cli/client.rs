@@ -59,5 +59,20 @@ fn explain(socket: &Path, error: &std::io::Error) -> String {
     }
 }
 
+/// A channel to the daemon, or the exit code to leave with when it cannot be
+/// reached (after saying why on stderr).
+pub async fn connect_or_exit(
+    socket: &Path,
+) -> anyhow::Result<Result<Channel, std::process::ExitCode>> {
+    match connect(socket).await {
+        Ok(channel) => Ok(Ok(channel)),
+        Err(error) if error.is::<Unreachable>() => {
+            eprintln!("instance-agent: {error}");
+            Ok(Err(std::process::ExitCode::from(EX_UNAVAILABLE)))
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Exit status for "daemon unreachable" (sysexits.h EX_UNAVAILABLE).
 pub const EX_UNAVAILABLE: u8 = 69;

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Args};
 use tokio_stream::StreamExt;
 
-use super::client::{self, Unreachable};
+use super::client;
 use super::format;
 use crate::api::proto::{self, disk_service_client::DiskServiceClient};
 
@@ -63,13 +63,9 @@ pub struct DiskArgs {
 /// Runs `disk`. Exits 1 when a filesystem is critical (plain `disk`), 69
 /// when the daemon cannot be reached.
 pub async fn run(socket: PathBuf, json: bool, args: DiskArgs) -> anyhow::Result<ExitCode> {
-    let channel = match client::connect(&socket).await {
+    let channel = match client::connect_or_exit(&socket).await? {
         Ok(channel) => channel,
-        Err(error) if error.is::<Unreachable>() => {
-            eprintln!("instance-agent: {error}");
-            return Ok(ExitCode::from(client::EX_UNAVAILABLE));
-        }
-        Err(error) => return Err(error),
+        Err(code) => return Ok(code),
     };
     let mut client = DiskServiceClient::new(channel);
     if let Some(path) = args.top {

@@ -4,20 +4,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::client::{self, Unreachable};
+use super::client;
 use super::format;
 use crate::api::proto::{self, agent_service_client::AgentServiceClient};
 
 /// Prints the status; exits 0 when healthy, 1 when any condition failed, 69
 /// when the daemon cannot be reached.
 pub async fn run(socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
-    let channel = match client::connect(&socket).await {
+    let channel = match client::connect_or_exit(&socket).await? {
         Ok(channel) => channel,
-        Err(error) if error.is::<Unreachable>() => {
-            eprintln!("instance-agent: {error}");
-            return Ok(ExitCode::from(client::EX_UNAVAILABLE));
-        }
-        Err(error) => return Err(error),
+        Err(code) => return Ok(code),
     };
     let status = AgentServiceClient::new(channel)
         .get_status(proto::GetStatusRequest {})

@@ -33,13 +33,14 @@ use super::reserve::ReserveFile;
 use super::top::{TopProgress, TopReport, TopRequest};
 use super::{
     DiskAlert, DiskError, DiskState, DiskUsage, FilesystemUsage, FsStats, MountInfo, SkippedPath,
-    Thresholds, WatchedPath, human_bytes,
+    Thresholds, WatchedPath,
 };
 use crate::admission::AdmissionGate;
 use crate::config::DiskConfig;
 use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::store::{Store, Table, Write};
+use crate::units::bytes;
 
 /// The table of paths added with `AddWatchedPath`: key path, value [`SavedPath`].
 pub const WATCHED_PATHS: Table = Table("disk.watched_paths");
@@ -125,6 +126,21 @@ struct FsEntry {
     in_flight: Option<(PathBuf, Instant)>,
     thresholds: Thresholds,
     mount: MountInfo,
+}
+
+impl FsEntry {
+    fn new(mount: MountInfo, thresholds: Thresholds) -> Self {
+        Self {
+            machine: PressureMachine::new(),
+            stats: None,
+            sampled_at: None,
+            error: None,
+            alerts: 0,
+            in_flight: None,
+            thresholds,
+            mount,
+        }
+    }
 }
 
 /// What the loop asks to be done outside the lock.
@@ -548,7 +564,7 @@ impl DiskGuard {
             .await;
         tracing::info!(
             dry_run = report.dry_run,
-            total = %human_bytes(report.total_bytes),
+            total = %bytes(report.total_bytes),
             steps = ?report.steps.iter().map(|s| (s.name, s.ran, s.freed.bytes)).collect::<Vec<_>>(),
             "reclaim finished"
         );
@@ -996,20 +1012,7 @@ impl GuardState {
         let fs = self
             .filesystems
             .entry(key.clone())
-            .or_insert_with(|| FsEntry {
-                machine: PressureMachine::new(),
-                stats: None,
-                sampled_at: None,
-                error: None,
-                alerts: 0,
-                in_flight: None,
-                thresholds,
-                mount: MountInfo {
-                    mount_point: path.to_owned(),
-                    device: "unknown".into(),
-                    fs_type: "unknown".into(),
-                },
-            });
+            .or_insert_with(|| FsEntry::new(MountInfo::unknown(path), thresholds));
         fs.error = Some(error);
         fs.sampled_at = Some(SystemTime::now());
         if let Some(transition) = fs.machine.unresponsive() {
@@ -1043,24 +1046,13 @@ impl GuardState {
                 }
                 let key = FsKey::Dev(sample.dev);
                 if !self.filesystems.contains_key(&key) {
-                    let mount = entry.mount.clone().unwrap_or_else(|| MountInfo {
-                        mount_point: path.clone(),
-                        device: "unknown".into(),
-                        fs_type: "unknown".into(),
-                    });
-                    self.filesystems.insert(
-                        key.clone(),
-                        FsEntry {
-                            machine: PressureMachine::new(),
-                            stats: None,
-                            sampled_at: None,
-                            error: None,
-                            alerts: 0,
-                            in_flight: None,
-                            thresholds: Thresholds::for_paths(&self.config, [path.as_path()]),
-                            mount,
-                        },
-                    );
+                    let mount = entry
+                        .mount
+                        .clone()
+                        .unwrap_or_else(|| MountInfo::unknown(&path));
+                    let thresholds = Thresholds::for_paths(&self.config, [path.as_path()]);
+                    self.filesystems
+                        .insert(key.clone(), FsEntry::new(mount, thresholds));
                 }
                 self.remove_empty(inner);
                 self.refresh_mount(&key);
@@ -1258,8 +1250,8 @@ impl GuardState {
                         .filter(|r| r == REASON_STATE || r == REASON_DOCKER)
                         .collect::<Vec<_>>()
                         .join(", "),
-                    human_bytes(usage.stats.map_or(0, |s| s.free_bytes)),
-                    human_bytes(usage.thresholds.critical_free_bytes)
+                    bytes(usage.stats.map_or(0, |s| s.free_bytes)),
+                    bytes(usage.thresholds.critical_free_bytes)
                 )
             })
             .collect();
@@ -1337,7 +1329,7 @@ impl GuardState {
                     "{} filesystem(s) ok; least free: {} ({})",
                     self.filesystems.len(),
                     mount_point.display(),
-                    human_bytes(free)
+                    bytes(free)
                 ),
                 None => format!("{} filesystem(s) ok", self.filesystems.len()),
             };
@@ -1447,18 +1439,14 @@ fn current_message(usage: &FilesystemUsage) -> String {
                 .unwrap_or_default();
             let level = match state {
                 DiskState::Critical => {
-                    format!(", below the {} floor", human_bytes(t.critical_free_bytes))
+                    format!(", below the {} floor", bytes(t.critical_free_bytes))
                 }
-                DiskState::Warning => format!(
-                    ", below the {} warning level",
-                    human_bytes(t.warning_free_bytes)
-                ),
+                DiskState::Warning => {
+                    format!(", below the {} warning level", bytes(t.warning_free_bytes))
+                }
                 _ => String::new(),
             };
-            format!(
-                "{mount_point} has {} free{inodes}{level}",
-                human_bytes(free)
-            )
+            format!("{mount_point} has {} free{inodes}{level}", bytes(free))
         }
     }
 }
@@ -1467,7 +1455,7 @@ fn current_message(usage: &FilesystemUsage) -> String {
 fn transition_message(usage: &FilesystemUsage, transition: &Transition) -> String {
     let mount_point = usage.mount.mount_point.display();
     let t = &usage.thresholds;
-    let free = human_bytes(usage.stats.map_or(0, |s| s.free_bytes));
+    let free = bytes(usage.stats.map_or(0, |s| s.free_bytes));
     let inodes = usage
         .stats
         .and_then(|s| s.free_inodes_percent())
@@ -1493,20 +1481,20 @@ fn transition_message(usage: &FilesystemUsage, transition: &Transition) -> Strin
         ),
         (_, DiskState::Critical, _) => format!(
             "{mount_point} has {free} free, below the {} floor",
-            human_bytes(t.critical_free_bytes)
+            bytes(t.critical_free_bytes)
         ),
         (_, DiskState::Warning, _) if worse => format!(
             "{mount_point} has {free} free, below the {} warning level",
-            human_bytes(t.warning_free_bytes)
+            bytes(t.warning_free_bytes)
         ),
         (_, DiskState::Warning, _) => format!(
             "{mount_point} is back above the {} floor with {free} free; still below the {} warning level",
-            human_bytes(t.critical_free_bytes),
-            human_bytes(t.warning_free_bytes)
+            bytes(t.critical_free_bytes),
+            bytes(t.warning_free_bytes)
         ),
         (_, DiskState::Ok, _) => format!(
             "{mount_point} is back above the {} warning level with {free} free",
-            human_bytes(t.warning_free_bytes)
+            bytes(t.warning_free_bytes)
         ),
     }
 }
@@ -1708,6 +1696,32 @@ mod tests {
         }
     }
 
+    impl Rig {
+        /// The fake mount point of the state dir's filesystem.
+        fn state_mount(&self) -> String {
+            self.state_dir.path().to_str().unwrap().to_owned()
+        }
+
+        /// The latest usage of the filesystem mounted at `mount`.
+        fn fs_usage(&self, mount: &str) -> FilesystemUsage {
+            self.guard
+                .usage()
+                .filesystems
+                .into_iter()
+                .find(|f| f.mount.mount_point == Path::new(mount))
+                .unwrap()
+        }
+    }
+
+    /// A rig whose three filesystems have been sampled once, with a
+    /// subscription that has seen their first alerts.
+    async fn started(config: DiskConfig) -> (Rig, AlertSubscription, Vec<Seen>) {
+        let rig = rig(config);
+        let mut sub = rig.guard.subscribe();
+        let first = discovered(&mut sub, &["/", "/mnt", &rig.state_mount()]).await;
+        (rig, sub, first)
+    }
+
     type Seen = (String, DiskState, DiskState);
 
     async fn next(sub: &mut AlertSubscription) -> Seen {
@@ -1736,10 +1750,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn exact_alert_sequence_across_the_levels() {
-        let rig = rig(config());
-        let state = rig.state_dir.path().to_str().unwrap().to_owned();
-        let mut sub = rig.guard.subscribe();
-        let first = discovered(&mut sub, &["/", "/mnt", &state]).await;
+        let (rig, mut sub, first) = started(config()).await;
         assert!(
             first
                 .iter()
@@ -1778,21 +1789,14 @@ mod tests {
         rig.probe.set_free(MNT, 30 * MIB);
         assert_eq!(next(&mut sub).await, mnt(DiskState::Warning, DiskState::Ok));
         let usage = rig.guard.usage();
-        let mnt_usage = usage
-            .filesystems
-            .iter()
-            .find(|f| f.mount.mount_point == Path::new("/mnt"))
-            .unwrap();
+        let mnt_usage = rig.fs_usage("/mnt");
         assert_eq!(mnt_usage.alerts, 5, "discovered + four transitions");
         assert_eq!(usage.alerts_total, 7);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_subscriber_gets_current_states_first() {
-        let rig = rig(config());
-        let state = rig.state_dir.path().to_str().unwrap().to_owned();
-        let mut first = rig.guard.subscribe();
-        discovered(&mut first, &["/", "/mnt", &state]).await;
+        let (rig, mut first, _) = started(config()).await;
         rig.probe.set_free(MNT, 7 * MIB);
         assert_eq!(next(&mut first).await.2, DiskState::Critical);
         let mut late = rig.guard.subscribe();
@@ -1815,10 +1819,7 @@ mod tests {
     async fn paths_are_deduplicated_and_absent_ones_reported() {
         let mut cfg = config();
         cfg.paths = vec!["/data".into()];
-        let rig = rig(cfg);
-        let state = rig.state_dir.path().to_str().unwrap().to_owned();
-        let mut sub = rig.guard.subscribe();
-        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        let (rig, _sub, _) = started(cfg).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let usage = rig.guard.usage();
         assert_eq!(usage.filesystems.len(), 3, "{usage:#?}");
@@ -1841,20 +1842,13 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let usage = rig.guard.usage();
         assert!(usage.skipped.is_empty());
-        let mnt = usage
-            .filesystems
-            .iter()
-            .find(|f| f.mount.mount_point == Path::new("/mnt"))
-            .unwrap();
+        let mnt = rig.fs_usage("/mnt");
         assert!(mnt.paths.iter().any(|p| p.path == Path::new("/data")));
     }
 
     #[tokio::test(start_paused = true)]
     async fn admission_is_held_while_the_state_filesystem_is_critical() {
-        let rig = rig(config());
-        let state = rig.state_dir.path().to_str().unwrap().to_owned();
-        let mut sub = rig.guard.subscribe();
-        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        let (rig, mut sub, _) = started(config()).await;
         // /mnt holds neither the engine's data nor the state dir.
         rig.probe.set_free(MNT, 4 * MIB);
         next(&mut sub).await;
@@ -1902,10 +1896,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn register_and_unregister_a_cache_dir() {
-        let rig = rig(config());
-        let state = rig.state_dir.path().to_str().unwrap().to_owned();
-        let mut sub = rig.guard.subscribe();
-        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        let (rig, mut sub, _) = started(config()).await;
         rig.probe.add_fs(9, "/cache", stats(40 * MIB));
         rig.guard.register("/cache/data", "cache of mount data");
         rig.probe.add_path("/cache/data", 9);
@@ -1923,14 +1914,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reserve_is_released_when_critical_and_recreated_after() {
-        let rig = rig(config());
+        let (rig, mut sub, _) = started(config()).await;
         let reserve = rig
             .state_dir
             .path()
             .join(crate::disk::reserve::RESERVE_FILE_NAME);
-        let state = rig.state_dir.path().to_str().unwrap().to_owned();
-        let mut sub = rig.guard.subscribe();
-        discovered(&mut sub, &["/", "/mnt", &state]).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(std::fs::metadata(&reserve).map(|m| m.len()).ok(), Some(MIB));
         rig.probe.set_free(STATE, 4 * MIB);
@@ -1950,10 +1938,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn turning_critical_reclaims_automatically() {
-        let rig = rig(config());
-        let state = rig.state_dir.path().to_str().unwrap().to_owned();
-        let mut sub = rig.guard.subscribe();
-        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        let (rig, mut sub, _) = started(config()).await;
         assert_eq!(rig.step.calls(), (0, 0));
         rig.probe.set_free(MNT, 4 * MIB);
         next(&mut sub).await;
@@ -1978,6 +1963,7 @@ mod tests {
         let mut cfg = config();
         cfg.auto_reclaim = false;
         rig.config.send_replace(cfg);
+        tokio::time::sleep(Duration::from_millis(10)).await;
         rig.probe.set_free(ROOT, 4 * MIB);
         next(&mut sub).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1986,17 +1972,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn alerts_reach_the_event_log_and_lowered_levels_apply_live() {
-        let rig = rig(config());
+        let (rig, mut sub, _) = started(config()).await;
         let mut events = rig.events.subscribe(Some(0));
-        let state = rig.state_dir.path().to_str().unwrap().to_owned();
-        let mut sub = rig.guard.subscribe();
-        discovered(&mut sub, &["/", "/mnt", &state]).await;
         // 40 MiB free everywhere: raising the warning level to 50 MiB puts
         // every filesystem in warning at the next sample.
         let mut cfg = config();
         cfg.warning_free_bytes = 50 * MIB;
         rig.config.send_replace(cfg);
-        let warned = discovered(&mut sub, &["/", "/mnt", &state]).await;
+        let warned = discovered(&mut sub, &["/", "/mnt", &rig.state_mount()]).await;
         assert!(warned.iter().all(|(_, _, new)| *new == DiskState::Warning));
         let mut disk_events = 0;
         while let Some(crate::events::Delivery::Event(event)) = events.try_next() {
@@ -2016,10 +1999,7 @@ mod tests {
         let mut cfg = config();
         cfg.interval_ms = 100;
         cfg.sample_timeout_ms = 300;
-        let rig = rig(cfg);
-        let state = rig.state_dir.path().to_str().unwrap().to_owned();
-        let mut sub = rig.guard.subscribe();
-        discovered(&mut sub, &["/", "/mnt", &state]).await;
+        let (rig, mut sub, _) = started(cfg).await;
         rig.probe.hang(MNT);
         assert_eq!(
             next(&mut sub).await,
@@ -2038,12 +2018,7 @@ mod tests {
             next(&mut sub).await,
             ("/".into(), DiskState::Ok, DiskState::Warning)
         );
-        let usage = rig.guard.usage();
-        let mnt = usage
-            .filesystems
-            .iter()
-            .find(|f| f.mount.mount_point == Path::new("/mnt"))
-            .unwrap();
+        let mnt = rig.fs_usage("/mnt");
         assert!(
             mnt.error
                 .as_deref()

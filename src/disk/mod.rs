@@ -166,6 +166,17 @@ pub struct MountInfo {
     pub fs_type: String,
 }
 
+impl MountInfo {
+    /// What is known of a path whose mount could not be found: the path.
+    pub fn unknown(path: &std::path::Path) -> Self {
+        Self {
+            mount_point: path.to_owned(),
+            device: "unknown".into(),
+            fs_type: "unknown".into(),
+        }
+    }
+}
+
 /// A watched path and why it is watched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchedPath {
@@ -279,22 +290,6 @@ pub enum DiskError {
     /// The guard has stopped (the agent is shutting down).
     #[error("the disk guard has stopped: the agent is shutting down")]
     Stopped,
-}
-
-/// Bytes as `df -h` shows them (1024-based, one decimal), for messages.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 #[cfg(test)]

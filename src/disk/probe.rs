@@ -53,11 +53,7 @@ impl FsProbe for SystemProbe {
     fn mount_of(&self, path: &Path, dev: u64) -> io::Result<MountInfo> {
         let table = std::fs::read_to_string("/proc/self/mountinfo")?;
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-        Ok(mount_for(&table, &path, dev).unwrap_or_else(|| MountInfo {
-            mount_point: path.clone(),
-            device: "unknown".into(),
-            fs_type: "unknown".into(),
-        }))
+        Ok(mount_for(&table, &path, dev).unwrap_or_else(|| MountInfo::unknown(&path)))
     }
 }
 
