@@ -641,11 +641,13 @@ impl DiskGuard {
             let deadline = self.lock().next_deadline();
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = ticker.tick() => {
+                scheduled = ticker.tick() => {
                     let mut state = self.lock();
                     let now = Instant::now();
                     state.check_timeouts(&self.inner, now);
-                    state.tick(now);
+                    // Samples are dated by their tick, so that holds measured
+                    // between them are whole intervals, free of jitter.
+                    state.tick(scheduled);
                     state.react(&self.inner, now);
                 }
                 Some(result) = results.recv() => {
@@ -1032,7 +1034,7 @@ impl GuardState {
             self.remove_empty(inner);
             return;
         };
-        entry.in_flight = None;
+        let taken_at = entry.in_flight.take().unwrap_or(now);
         entry.last_probe = Some(now);
         match outcome {
             Ok((sample, mount)) => {
@@ -1063,7 +1065,9 @@ impl GuardState {
                 fs.stats = Some(sample.stats);
                 fs.sampled_at = Some(SystemTime::now());
                 fs.error = None;
-                if let Some(transition) = fs.machine.observe(&sample.stats, &fs.thresholds, now) {
+                if let Some(transition) =
+                    fs.machine.observe(&sample.stats, &fs.thresholds, taken_at)
+                {
                     self.emit(inner, &key, transition);
                 }
             }
@@ -1432,21 +1436,46 @@ fn current_message(usage: &FilesystemUsage) -> String {
         ),
         DiskState::Unknown => format!("{mount_point} is not watched"),
         state => {
-            let inodes = usage
-                .stats
-                .and_then(|s| s.free_inodes_percent())
-                .map(|p| format!(", {p:.1}% inodes free"))
-                .unwrap_or_default();
-            let level = match state {
-                DiskState::Critical => {
-                    format!(", below the {} floor", bytes(t.critical_free_bytes))
-                }
-                DiskState::Warning => {
-                    format!(", below the {} warning level", bytes(t.warning_free_bytes))
-                }
-                _ => String::new(),
+            let (level_bytes, level_inodes, name) = match state {
+                DiskState::Critical => (
+                    t.critical_free_bytes,
+                    t.critical_free_inodes_percent,
+                    "floor",
+                ),
+                _ => (
+                    t.warning_free_bytes,
+                    t.warning_free_inodes_percent,
+                    "warning level",
+                ),
             };
-            format!("{mount_point} has {} free{inodes}{level}", bytes(free))
+            let inodes = usage.stats.and_then(|s| s.free_inodes_percent());
+            let mut line = format!("{mount_point} has {} free", bytes(free));
+            if state == DiskState::Ok {
+                return line;
+            }
+            let mut below = Vec::new();
+            if free < level_bytes {
+                below.push(format!("below the {} {name}", bytes(level_bytes)));
+            }
+            if let Some(percent) = inodes.filter(|p| *p < level_inodes) {
+                below.push(format!(
+                    "{percent:.1}% inodes free, below the {level_inodes}% {name}"
+                ));
+            }
+            if below.is_empty() {
+                // Back above the level, inside the margin or the hold.
+                line.push_str(&format!(
+                    "; {} until it holds {} above the {} {name} for {}s",
+                    state.name(),
+                    bytes(t.clear_margin_bytes),
+                    bytes(level_bytes),
+                    t.transition.as_secs()
+                ));
+            } else {
+                line.push_str(", ");
+                line.push_str(&below.join("; "));
+            }
+            line
         }
     }
 }
