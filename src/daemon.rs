@@ -119,6 +119,7 @@ impl Daemon {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
 
+        let hangup = crate::reload::listen_for_hangup();
         prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
         let instance_id = instance_id(&config)?;
         // Bound before the store is opened, so that a second agent is told
@@ -162,7 +163,7 @@ impl Daemon {
         };
 
         let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
-        let disk = start_disk_guard(
+        let (disk, disk_runner) = build_disk_guard(
             &config,
             &instance_id,
             &adapters,
@@ -171,8 +172,6 @@ impl Daemon {
             &events,
             &admission,
             &config_rx,
-            &tasks,
-            &cancel,
         );
 
         let (routes, health_reporter) = api::routes(api::ApiParts {
@@ -211,7 +210,14 @@ impl Daemon {
         spawn_background(
             &tasks, &cancel, &adapters, &health, &status, &events, gpus_tx, config_rx,
         );
-        tasks.spawn(crate::reload::run(source, config_tx, cancel.clone()));
+        tasks.spawn(crate::reload::run(
+            source,
+            config_tx,
+            hangup,
+            cancel.clone(),
+        ));
+        // After "started": the first disk alerts follow it in the event log.
+        disk_runner.start(&tasks, &cancel);
         tasks.close();
 
         shutdown.await;
@@ -248,11 +254,11 @@ impl Daemon {
     }
 }
 
-/// Starts the disk guard with the Docker-side reclaim steps. The job queue
+/// Builds the disk guard with the Docker-side reclaim steps. The job queue
 /// and mounts add their steps ("expired_job_logs", "mount_caches") to
 /// `steps`, and the queue replaces `job_finished`.
 #[allow(clippy::too_many_arguments)]
-fn start_disk_guard(
+fn build_disk_guard(
     config: &Config,
     instance_id: &str,
     adapters: &Adapters,
@@ -261,29 +267,23 @@ fn start_disk_guard(
     events: &EventBus,
     admission: &AdmissionGate,
     config_rx: &watch::Receiver<Arc<Config>>,
-    tasks: &TaskTracker,
-    cancel: &CancellationToken,
-) -> crate::disk::DiskGuard {
+) -> (crate::disk::DiskGuard, crate::disk::guard::DiskRunner) {
     // Until the job queue lands, no job is known to be finished, so no
     // container is removed.
     let job_finished: crate::disk::docker::JobFinished = Arc::new(|_job: &str| false);
     let steps =
         crate::disk::docker::docker_steps(adapters.disk_docker.clone(), instance_id, job_finished);
-    crate::disk::DiskGuard::start(
-        crate::disk::DiskParts {
-            config: derive(config_rx, |c| c.disk.clone()),
-            state_dir: config.agent.state_dir.clone(),
-            probe: adapters.disk_probe.clone(),
-            docker: adapters.disk_docker.clone(),
-            steps,
-            store: store.clone(),
-            health: health.clone(),
-            events: events.clone(),
-            admission: admission.clone(),
-        },
-        tasks,
-        cancel,
-    )
+    crate::disk::DiskGuard::new(crate::disk::DiskParts {
+        config: derive(config_rx, |c| c.disk.clone()),
+        state_dir: config.agent.state_dir.clone(),
+        probe: adapters.disk_probe.clone(),
+        docker: adapters.disk_docker.clone(),
+        steps,
+        store: store.clone(),
+        health: health.clone(),
+        events: events.clone(),
+        admission: admission.clone(),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::Watcher;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -20,19 +20,26 @@ use crate::daemon::{ConfigSource, describe_changes};
 /// window cause one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Runs until `cancel` fires.
-pub async fn run(
-    source: ConfigSource,
-    config: watch::Sender<Arc<Config>>,
-    cancel: CancellationToken,
-) {
-    let mut hangup = match signal(SignalKind::hangup()) {
+/// Starts listening for SIGHUP. Call before the socket is bound, so that a
+/// SIGHUP sent as soon as the agent answers is neither fatal (the default
+/// action) nor lost.
+pub fn listen_for_hangup() -> Option<Signal> {
+    match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(error) => {
             tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change");
             None
         }
-    };
+    }
+}
+
+/// Runs until `cancel` fires, reloading on each SIGHUP seen by `hangup`.
+pub async fn run(
+    source: ConfigSource,
+    config: watch::Sender<Arc<Config>>,
+    mut hangup: Option<Signal>,
+    cancel: CancellationToken,
+) {
     let (file_tx, mut file_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_file(&source, file_tx);
 

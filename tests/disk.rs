@@ -703,8 +703,15 @@ fn cli_disk_table_json_top_and_watched_paths() {
         std::fs::write(dir.join("data"), vec![7u8; (mib * MIB) as usize]).expect("write");
     }
     let absent = tmpfs.path.join("not-there-yet");
+    // Its own levels for the tmpfs, through a path on it.
+    let overrides = format!(
+        "[disk.overrides.{:?}]\ncritical_free_bytes = {}\nwarning_free_bytes = {}\n",
+        tmpfs.path.join("datasets"),
+        4 * MIB,
+        5 * MIB
+    );
     let agent = Agent::builder()
-        .config(&disk_config(200, &[&tmpfs.path, &absent], ""))
+        .config(&disk_config(200, &[&tmpfs.path, &absent], &overrides))
         .start();
     let mount = tmpfs.path.display().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -720,7 +727,17 @@ fn cli_disk_table_json_top_and_watched_paths() {
     };
     assert!(table.starts_with("MOUNTED ON"), "{table}");
     assert!(table.contains("tmpfs"), "{table}");
-    assert!(table.contains("8.0 MiB"), "floor shown: {table}");
+    let tmpfs_row = table
+        .lines()
+        .find(|l| l.starts_with(&mount))
+        .expect("tmpfs row");
+    assert!(
+        tmpfs_row.contains("4.0 MiB  5.0 MiB"),
+        "override: {tmpfs_row}"
+    );
+    assert!(tmpfs_row.contains("disk.overrides"), "{tmpfs_row}");
+    let root_row = table.lines().find(|l| l.starts_with("/*")).expect("/ row");
+    assert!(root_row.contains("8.0 MiB  16.0 MiB"), "{root_row}");
     assert!(table.contains("(root filesystem"), "{table}");
     assert!(table.contains("state dir"), "{table}");
     assert!(

@@ -207,6 +207,32 @@ pub struct DiskGuard {
     inner: Arc<Inner>,
 }
 
+/// The guard's work, not started yet (see [`DiskGuard::new`]).
+pub struct DiskRunner {
+    guard: DiskGuard,
+    config: watch::Receiver<DiskConfig>,
+    docker: Arc<dyn DockerSpace>,
+    results_tx: mpsc::UnboundedSender<ProbeResult>,
+    results_rx: mpsc::UnboundedReceiver<ProbeResult>,
+    commands_rx: mpsc::UnboundedReceiver<Command>,
+}
+
+impl DiskRunner {
+    /// Starts sampling and the discovery of the Docker data root on `tasks`,
+    /// until `cancel` fires.
+    pub fn start(self, tasks: &TaskTracker, cancel: &CancellationToken) {
+        let commands = self.guard.inner.commands.clone();
+        tasks.spawn(self.guard.run(
+            self.config,
+            self.results_tx,
+            self.results_rx,
+            self.commands_rx,
+            cancel.clone(),
+        ));
+        tasks.spawn(discover_docker_root(self.docker, commands, cancel.clone()));
+    }
+}
+
 /// A subscription to alerts: the current state of every watched filesystem
 /// (as alerts with `old_state == new_state`), then every transition.
 pub struct AlertSubscription {
@@ -281,6 +307,15 @@ impl DiskGuard {
     /// Starts the guard: its sampling loop and the discovery of the Docker
     /// data root run on `tasks` until `cancel` fires.
     pub fn start(parts: DiskParts, tasks: &TaskTracker, cancel: &CancellationToken) -> Self {
+        let (guard, runner) = Self::new(parts);
+        runner.start(tasks, cancel);
+        guard
+    }
+
+    /// Builds the guard without sampling yet: the handle serves the API at
+    /// once (empty usage), the runner starts the work when the agent is
+    /// ready for it.
+    pub fn new(parts: DiskParts) -> (Self, DiskRunner) {
         let DiskParts {
             config,
             state_dir,
@@ -348,17 +383,15 @@ impl DiskGuard {
             top_busy: Arc::new(AtomicBool::new(false)),
         });
         let guard = DiskGuard { inner };
-        tasks.spawn(
-            guard
-                .clone()
-                .run(config, results_tx, results_rx, commands_rx, cancel.clone()),
-        );
-        tasks.spawn(discover_docker_root(
+        let runner = DiskRunner {
+            guard: guard.clone(),
+            config,
             docker,
-            guard.inner.commands.clone(),
-            cancel.clone(),
-        ));
-        guard
+            results_tx,
+            results_rx,
+            commands_rx,
+        };
+        (guard, runner)
     }
 
     fn lock(&self) -> MutexGuard<'_, GuardState> {
@@ -1215,9 +1248,17 @@ impl GuardState {
             self.want_reclaim(key);
         }
         let _ = inner.alerts.send(alert.clone());
-        inner
-            .events
-            .publish(EventPayload::DiskAlert(Box::new(alert)));
+        // The event log carries news: a filesystem that starts or stops being
+        // watched while ok is not (GetDiskUsage and WatchDiskAlerts show it).
+        let routine = matches!(
+            (alert.old_state, alert.new_state),
+            (DiskState::Unknown, DiskState::Ok) | (DiskState::Ok, DiskState::Unknown)
+        );
+        if !routine {
+            inner
+                .events
+                .publish(EventPayload::DiskAlert(Box::new(alert)));
+        }
     }
 
     fn want_reclaim(&mut self, key: &FsKey) {
@@ -2016,7 +2057,10 @@ mod tests {
                 disk_events += 1;
             }
         }
-        assert_eq!(disk_events, 6);
+        assert_eq!(
+            disk_events, 3,
+            "the three warnings; ok discoveries are not news"
+        );
         assert_eq!(
             rig.health.get(Subsystem::Disk).state,
             ConditionState::Degraded
