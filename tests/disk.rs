@@ -985,3 +985,43 @@ async fn dangling_images_are_estimated_and_pruned() {
     let left = engine.dangling_images().await.expect("list");
     assert!(!left.iter().any(|i| i.id == first), "{left:?}");
 }
+
+#[test]
+fn a_critical_filesystem_shows_in_systemds_status_line() {
+    let tmpfs = Tmpfs::new(64);
+    let filler = Filler::new(&tmpfs.path);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let _agent = Agent::builder()
+        .config(&format!(
+            "[agent]\nstatus_interval_seconds = 1\n{}",
+            disk_config(200, &[&tmpfs.path], "")
+        ))
+        .env("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8 path"))
+        .start();
+    filler.set_free(5 * MIB);
+    let wanted = format!(
+        "{} has 5.0 MiB free, below the 8.0 MiB floor",
+        tmpfs.path.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    loop {
+        assert!(Instant::now() < deadline, "no STATUS= naming {wanted}");
+        let Ok(n) = notify.recv(&mut buf) else {
+            continue;
+        };
+        let message = String::from_utf8_lossy(&buf[..n]);
+        if let Some(status) = message.lines().find_map(|l| l.strip_prefix("STATUS="))
+            && status.contains("disk failed")
+            && status.contains(&wanted)
+        {
+            break;
+        }
+    }
+    filler.empty();
+}
