@@ -56,9 +56,10 @@ const REASON_OVERRIDE: &str = "disk.overrides";
 /// Prefix of the reason of paths added over the API.
 const REASON_OPERATOR: &str = "added by operator";
 
-/// Paths that are not a filesystem's representative are probed this often,
-/// to notice that something was mounted on them (or unmounted).
-const RESOLVE_EVERY: Duration = Duration::from_secs(10);
+/// Paths that are not a filesystem's representative are probed every this
+/// many intervals (10 s at the default interval), to notice that something
+/// was mounted on them (or unmounted).
+const RESOLVE_EVERY_TICKS: u32 = 10;
 /// A failed reserve allocation is retried this much later.
 const RESERVE_RETRY: Duration = Duration::from_secs(10);
 /// Alerts kept for a subscriber that reads slowly; one that falls further
@@ -335,7 +336,7 @@ impl DiskGuard {
             config: current.clone(),
             paths: BTreeMap::new(),
             filesystems: BTreeMap::new(),
-            state_dir: state_dir.clone(),
+            state_dir: normalise(&state_dir),
             docker_root: None,
             alerts_total: 0,
             reserve: ReserveState {
@@ -950,7 +951,14 @@ impl GuardState {
         let keys: Vec<FsKey> = self.filesystems.keys().cloned().collect();
         for key in keys {
             let FsKey::Dev(_) = key else { continue };
-            let Some(representative) = self.members(&key).first().map(|p| p.to_path_buf()) else {
+            // The first member without a probe of its own outstanding: a
+            // path stuck elsewhere must not stop its filesystem's samples.
+            let Some(representative) = self
+                .members(&key)
+                .into_iter()
+                .find(|p| self.paths.get(*p).is_some_and(|e| e.in_flight.is_none()))
+                .map(Path::to_path_buf)
+            else {
                 continue;
             };
             let Some(fs) = self.filesystems.get_mut(&key) else {
@@ -960,9 +968,7 @@ impl GuardState {
                 continue;
             }
             fs.in_flight = Some((representative.clone(), now));
-            if let Some(entry) = self.paths.get_mut(&representative)
-                && entry.in_flight.is_none()
-            {
+            if let Some(entry) = self.paths.get_mut(&representative) {
                 entry.in_flight = Some(now);
                 self.actions.push(Action::Probe {
                     want_mount: entry.mount.is_none(),
@@ -970,6 +976,7 @@ impl GuardState {
                 });
             }
         }
+        let resolve_every = interval_of(&self.config) * RESOLVE_EVERY_TICKS;
         let responsive: BTreeSet<u64> = self
             .filesystems
             .iter()
@@ -988,7 +995,7 @@ impl GuardState {
                     responsive.contains(&dev)
                         && entry
                             .last_probe
-                            .is_none_or(|last| now.duration_since(last) >= RESOLVE_EVERY)
+                            .is_none_or(|last| now.duration_since(last) >= resolve_every)
                 }
             };
             if due {
@@ -1022,14 +1029,20 @@ impl GuardState {
                 }
             }
         }
-        // New paths that never answered: they become their own entry.
+        // Paths that never answered, or stopped answering on their own (a
+        // hung mount appeared on them): each becomes its own entry.
+        let probing: BTreeSet<PathBuf> = self
+            .filesystems
+            .values()
+            .filter_map(|fs| fs.in_flight.as_ref().map(|(p, _)| p.clone()))
+            .collect();
         let stuck: Vec<PathBuf> = self
             .paths
             .iter()
             .filter(|(p, e)| {
-                e.dev.is_none()
-                    && e.in_flight
-                        .is_some_and(|since| now.duration_since(since) >= timeout)
+                e.in_flight
+                    .is_some_and(|since| now.duration_since(since) >= timeout)
+                    && !probing.contains(*p)
                     && !self
                         .filesystems
                         .contains_key(&FsKey::Unresolved((*p).clone()))
@@ -1037,7 +1050,13 @@ impl GuardState {
             .map(|(p, _)| p.clone())
             .collect();
         for path in stuck {
+            if let Some(entry) = self.paths.get_mut(&path) {
+                entry.dev = None;
+                entry.mount = None;
+            }
             self.mark_unresolved(inner, &path, message.clone());
+            self.remove_empty(inner);
+            self.refresh_thresholds();
         }
     }
 
@@ -2102,6 +2121,38 @@ mod tests {
         assert_eq!(
             next(&mut sub).await,
             ("/mnt".into(), DiskState::Unresponsive, DiskState::Ok)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_path_that_hangs_on_its_own_does_not_stop_its_old_filesystem() {
+        let mut cfg = config();
+        cfg.interval_ms = 50;
+        cfg.sample_timeout_ms = 300;
+        let (rig, mut sub, _) = started(cfg).await;
+        // Something that hangs gets mounted on /tmp, which was on /.
+        rig.probe.add_fs(9, "/tmp", stats(40 * MIB));
+        rig.probe.hang(9);
+        assert_eq!(
+            next(&mut sub).await,
+            ("/tmp".into(), DiskState::Unknown, DiskState::Unresponsive)
+        );
+        rig.probe.set_free(ROOT, 15 * MIB);
+        assert_eq!(
+            next(&mut sub).await,
+            ("/".into(), DiskState::Ok, DiskState::Warning)
+        );
+        let root = rig.fs_usage("/");
+        assert!(root.paths.iter().all(|p| p.path != Path::new("/tmp")));
+        rig.probe.release(9);
+        let mut seen = vec![next(&mut sub).await, next(&mut sub).await];
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("/tmp".into(), DiskState::Unknown, DiskState::Ok),
+                ("/tmp".into(), DiskState::Unresponsive, DiskState::Unknown),
+            ]
         );
     }
 
