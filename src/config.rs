@@ -26,6 +26,7 @@ const LIVE_KEYS: &[&str] = &[
     "events.backlog",
     "jobs.",
     "mounts.health_interval_seconds",
+    "disk.",
 ];
 
 /// A config that failed to load. Each variant names the file; `Invalid` also
@@ -79,6 +80,8 @@ pub struct Config {
     pub mounts: MountsConfig,
     /// Setup scripts.
     pub setup: SetupConfig,
+    /// The disk guard.
+    pub disk: DiskConfig,
 }
 
 /// `[agent]`: identity, paths and timings of the daemon.
@@ -194,6 +197,9 @@ pub struct JobsConfig {
     pub retention_seconds: u64,
     /// At most this many finished jobs are kept; the oldest go first.
     pub retention_count: u32,
+    /// Under disk pressure, the logs of jobs finished longer ago than this
+    /// are deleted first (their records stay).
+    pub log_retention_seconds: u64,
     /// Environment entries per job.
     pub max_env_entries: u32,
     /// Total bytes of environment names and values per job.
@@ -223,6 +229,7 @@ impl Default for JobsConfig {
             log_max_bytes: 16 << 20,
             retention_seconds: 7 * 86_400,
             retention_count: 10_000,
+            log_retention_seconds: 86_400,
             max_env_entries: 256,
             max_env_bytes: 64 << 10,
             max_labels: 64,
@@ -445,6 +452,79 @@ pub fn is_env_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// `[disk]`: the disk guard's levels, timings and extra paths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    /// Milliseconds between samples of every watched filesystem.
+    pub interval_ms: u32,
+    /// Milliseconds a sample may take before its filesystem is reported unresponsive.
+    pub sample_timeout_ms: u32,
+    /// Free bytes below which a filesystem is critical (the recovery floor).
+    pub critical_free_bytes: u64,
+    /// Free bytes below which a filesystem is in warning.
+    pub warning_free_bytes: u64,
+    /// Free inodes, in percent of all inodes, below which a filesystem is critical.
+    pub critical_free_inodes_percent: f64,
+    /// Free inodes, in percent of all inodes, below which a filesystem is in warning.
+    pub warning_free_inodes_percent: f64,
+    /// Free bytes needed above a level before the state may improve.
+    pub clear_margin_bytes: u64,
+    /// Free inodes (percent) needed above a level before the state may improve.
+    pub clear_margin_inodes_percent: f64,
+    /// Seconds the improvement must hold before the state improves.
+    pub transition_seconds: u32,
+    /// Extra paths to watch, besides /, /tmp, /mnt, the Docker data root,
+    /// the state dir and the mount caches.
+    pub paths: Vec<PathBuf>,
+    /// Levels for the filesystem holding a path, by path (each path is also watched).
+    pub overrides: BTreeMap<String, DiskOverride>,
+    /// Reclaim space by itself when a watched filesystem turns critical.
+    pub auto_reclaim: bool,
+    /// Bytes preallocated in the state dir and released when its filesystem
+    /// turns critical, so that the agent's own writes still succeed; 0 turns it off.
+    pub reserve_bytes: u64,
+}
+
+const GIB: u64 = 1 << 30;
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1000,
+            sample_timeout_ms: 3000,
+            critical_free_bytes: 5 * GIB,
+            warning_free_bytes: 10 * GIB,
+            critical_free_inodes_percent: 5.0,
+            warning_free_inodes_percent: 10.0,
+            clear_margin_bytes: GIB,
+            clear_margin_inodes_percent: 1.0,
+            transition_seconds: 30,
+            paths: Vec::new(),
+            overrides: BTreeMap::new(),
+            auto_reclaim: true,
+            reserve_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `[disk.overrides."PATH"]`: levels for the filesystem holding PATH; an
+/// absent key keeps the `[disk]` value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskOverride {
+    /// Replaces `disk.critical_free_bytes`.
+    pub critical_free_bytes: Option<u64>,
+    /// Replaces `disk.warning_free_bytes`.
+    pub warning_free_bytes: Option<u64>,
+    /// Replaces `disk.critical_free_inodes_percent`.
+    pub critical_free_inodes_percent: Option<f64>,
+    /// Replaces `disk.warning_free_inodes_percent`.
+    pub warning_free_inodes_percent: Option<f64>,
+    /// Replaces `disk.clear_margin_bytes`.
+    pub clear_margin_bytes: Option<u64>,
+}
+
 /// Command-line flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -554,6 +634,7 @@ impl Config {
         self.validate_jobs(path)?;
         self.validate_mounts(&invalid, &in_range)?;
         self.validate_setup(&invalid, &in_range)?;
+        self.validate_disk(path)?;
         if !self.control_plane.listen.is_empty() {
             let addr: SocketAddr = self.control_plane.listen.parse().map_err(|_| {
                 invalid(
@@ -849,6 +930,112 @@ impl Config {
                     format!("{} must be an absolute path", script.working_dir.display()),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_disk(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            problem,
+        };
+        let disk = &self.disk;
+        for (key, value, min, max) in [
+            ("disk.interval_ms", u64::from(disk.interval_ms), 100, 60_000),
+            (
+                "disk.sample_timeout_ms",
+                u64::from(disk.sample_timeout_ms),
+                100,
+                600_000,
+            ),
+            (
+                "disk.transition_seconds",
+                u64::from(disk.transition_seconds),
+                0,
+                3600,
+            ),
+            ("disk.reserve_bytes", disk.reserve_bytes, 0, GIB),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("{value} is out of range: allowed {min} to {max}"),
+                ));
+            }
+        }
+        let mut levels = vec![(
+            "disk".to_owned(),
+            disk.critical_free_bytes,
+            disk.warning_free_bytes,
+            disk.critical_free_inodes_percent,
+            disk.warning_free_inodes_percent,
+        )];
+        for (key, p) in disk
+            .paths
+            .iter()
+            .map(|p| ("disk.paths", p.as_path()))
+            .chain(
+                disk.overrides
+                    .keys()
+                    .map(|p| ("disk.overrides", Path::new(p))),
+            )
+        {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} must be an absolute path", p.display()),
+                ));
+            }
+        }
+        for (p, o) in &disk.overrides {
+            levels.push((
+                format!("disk.overrides.\"{p}\""),
+                o.critical_free_bytes.unwrap_or(disk.critical_free_bytes),
+                o.warning_free_bytes.unwrap_or(disk.warning_free_bytes),
+                o.critical_free_inodes_percent
+                    .unwrap_or(disk.critical_free_inodes_percent),
+                o.warning_free_inodes_percent
+                    .unwrap_or(disk.warning_free_inodes_percent),
+            ));
+        }
+        for (table, critical, warning, critical_inodes, warning_inodes) in levels {
+            if warning < critical {
+                return Err(invalid(
+                    &format!("{table}.warning_free_bytes"),
+                    format!(
+                        "{warning} is below critical_free_bytes ({critical}): the warning level must be at or above the floor"
+                    ),
+                ));
+            }
+            for (key, value) in [
+                ("critical_free_inodes_percent", critical_inodes),
+                ("warning_free_inodes_percent", warning_inodes),
+            ] {
+                if !(0.0..=100.0).contains(&value) {
+                    return Err(invalid(
+                        &format!("{table}.{key}"),
+                        format!("{value} is out of range: allowed 0 to 100"),
+                    ));
+                }
+            }
+            if warning_inodes < critical_inodes {
+                return Err(invalid(
+                    &format!("{table}.warning_free_inodes_percent"),
+                    format!(
+                        "{warning_inodes} is below critical_free_inodes_percent ({critical_inodes})"
+                    ),
+                ));
+            }
+        }
+        if !(0.0..=100.0).contains(&disk.clear_margin_inodes_percent) {
+            return Err(invalid(
+                "disk.clear_margin_inodes_percent",
+                format!(
+                    "{} is out of range: allowed 0 to 100",
+                    disk.clear_margin_inodes_percent
+                ),
+            ));
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use crate::admission::AdmissionGate;
 use crate::api;
 use crate::config::{Config, ConfigChanges, ConfigError, Overrides};
 use crate::events::{EventBus, EventPayload};
-use crate::health::{ConditionState, Health, Subsystem};
+use crate::health::Health;
 use crate::host::HostFacts;
 use crate::jobs::engine::ContainerEngine;
 use crate::jobs::{JobManager, JobsDeps};
@@ -76,6 +76,10 @@ pub struct Adapters {
     pub engine: Arc<dyn ContainerEngine>,
     /// blobfuse2 processes, mountinfo, FUSE probes and fusermount3.
     pub mounter: Arc<dyn FuseMounter>,
+    /// The engine as the disk guard sees it (data root, reclaimable data).
+    pub disk_docker: Arc<dyn crate::disk::docker::DockerSpace>,
+    /// Filesystems as the disk guard sees them.
+    pub disk_probe: Arc<dyn crate::disk::probe::FsProbe>,
     /// Starts setup scripts.
     pub setup_runner: Arc<dyn crate::setup::ProcessRunner>,
 }
@@ -140,12 +144,6 @@ impl Daemon {
         let admission = AdmissionGate::new();
 
         let health = Health::new();
-        // Until the disk guard lands in this build.
-        health.set(
-            Subsystem::Disk,
-            ConditionState::Disabled,
-            "not available in this build yet",
-        );
         let events = EventBus::new(config.events.backlog as usize);
         let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
         let (engine_up_tx, engine_up_rx) = watch::channel(false);
@@ -222,10 +220,29 @@ impl Daemon {
             None => None,
         };
 
+        let (disk, disk_runner) = build_disk_guard(
+            &config,
+            &instance_id,
+            &adapters,
+            &store,
+            &health,
+            &events,
+            &admission,
+            &config_rx,
+            &jobs,
+            &mounts,
+        );
+        tasks.spawn(watch_cache_dirs(
+            mounts.clone(),
+            disk.clone(),
+            cancel.clone(),
+        ));
+
         let (routes, health_reporter) = api::routes(api::ApiParts {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
             jobs: api::jobs::JobApi::new(jobs.clone()),
             mounts: api::mounts::MountApi::new(mounts),
+            disk: api::disk::DiskApi::new(disk, cancel.clone()),
             setup: api::setup::SetupApi::new(setup.clone(), cancel.clone()),
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
@@ -269,6 +286,8 @@ impl Daemon {
             config_rx,
         );
         tasks.spawn(setup.run(cancel.clone()));
+        // After "started": the first disk alerts follow it in the event log.
+        disk_runner.start(&tasks, &cancel);
         tasks.spawn(crate::reload::run(
             source,
             config_tx,
@@ -308,6 +327,79 @@ impl Daemon {
         let _ = std::fs::remove_file(&config.agent.socket);
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Builds the disk guard with every reclaim step, in order: exited job
+/// containers, dangling images, expired job logs, mount caches.
+#[allow(clippy::too_many_arguments)]
+fn build_disk_guard(
+    config: &Config,
+    instance_id: &str,
+    adapters: &Adapters,
+    store: &Store,
+    health: &Health,
+    events: &EventBus,
+    admission: &AdmissionGate,
+    config_rx: &watch::Receiver<Arc<Config>>,
+    jobs: &JobManager,
+    mounts: &MountService,
+) -> (crate::disk::DiskGuard, crate::disk::guard::DiskRunner) {
+    let finished = jobs.clone();
+    let job_finished: crate::disk::docker::JobFinished =
+        Arc::new(move |job: &str| finished.is_finished(job));
+    let mut steps =
+        crate::disk::docker::docker_steps(adapters.disk_docker.clone(), instance_id, job_finished);
+    steps.push(Arc::new(crate::jobs::reclaim::ExpiredJobLogs::new(
+        jobs.clone(),
+        config.agent.state_dir.clone(),
+    )));
+    steps.push(Arc::new(crate::mounts::reclaim::MountCaches::new(
+        mounts.clone(),
+        config.mounts.cache_root.clone(),
+    )));
+    crate::disk::DiskGuard::new(crate::disk::DiskParts {
+        config: derive(config_rx, |c| c.disk.clone()),
+        state_dir: config.agent.state_dir.clone(),
+        probe: adapters.disk_probe.clone(),
+        docker: adapters.disk_docker.clone(),
+        steps,
+        store: store.clone(),
+        health: health.clone(),
+        events: events.clone(),
+        admission: admission.clone(),
+    })
+}
+
+/// Keeps the disk guard watching the file cache of every managed mount.
+async fn watch_cache_dirs(
+    mounts: MountService,
+    disk: crate::disk::DiskGuard,
+    cancel: CancellationToken,
+) {
+    let mut dirs = mounts.watch_cache_dirs();
+    let mut watched: Vec<std::path::PathBuf> = Vec::new();
+    loop {
+        let now: Vec<(std::path::PathBuf, String)> = dirs
+            .borrow_and_update()
+            .iter()
+            .map(|d| (d.path.clone(), format!("cache of mount {}", d.name)))
+            .collect();
+        for path in &watched {
+            if !now.iter().any(|(p, _)| p == path) {
+                disk.unregister(path.clone(), "mount cache");
+            }
+        }
+        for (path, reason) in &now {
+            if !watched.contains(path) {
+                disk.register(path.clone(), reason.clone());
+            }
+        }
+        watched = now.into_iter().map(|(p, _)| p).collect();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = dirs.changed() => if changed.is_err() { return },
+        }
     }
 }
 

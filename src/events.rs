@@ -26,6 +26,8 @@ pub enum EventPayload {
     Mount(crate::mounts::MountStatus),
     /// A setup run changed state.
     Setup(Box<crate::setup::SetupRun>),
+    /// A watched filesystem changed state.
+    DiskAlert(Box<crate::disk::DiskAlert>),
 }
 
 /// One recorded event.

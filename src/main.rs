@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use instance_agent::cli::{self, Cli, Command, LogFormat, ServeArgs};
 use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
+use instance_agent::disk::probe::SystemProbe;
 use instance_agent::jobs::engine::DockerEngine;
 use instance_agent::mounts::system::SystemMounter;
 use instance_agent::setup::SupervisedRunner;
@@ -66,11 +67,14 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let engine = Arc::new(DockerEngine::new(
+            &config.docker.socket,
+            Duration::from_secs(config.docker.request_timeout_seconds.into()),
+        ));
         let adapters = Adapters {
-            engine: Arc::new(DockerEngine::new(
-                &config.docker.socket,
-                Duration::from_secs(config.docker.request_timeout_seconds.into()),
-            )),
+            engine: engine.clone(),
+            disk_docker: engine,
+            disk_probe: Arc::new(SystemProbe),
             mounter: Arc::new(SystemMounter::new()),
             setup_runner: Arc::new(SupervisedRunner::detect(agent_binary())),
         };
@@ -78,6 +82,9 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
             .run(stop_signal())
             .await
     });
+    // A blocking call stuck on a hung filesystem (statvfs on a dead FUSE
+    // mount) must not keep the process from exiting.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

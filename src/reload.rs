@@ -78,6 +78,9 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.agent.status_interval_seconds = new.agent.status_interval_seconds;
     running.docker.check_interval_seconds = new.docker.check_interval_seconds;
     running.events.backlog = new.events.backlog;
+    running.jobs = new.jobs.clone();
+    running.mounts.health_interval_seconds = new.mounts.health_interval_seconds;
+    running.disk = new.disk.clone();
 }
 
 /// Watches the config file's directory; `None` when it cannot (then SIGHUP

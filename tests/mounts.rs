@@ -279,7 +279,7 @@ async fn a_mount_appears_in_mountinfo_and_files_round_trip() {
 async fn a_killed_blobfuse2_leaves_a_stale_mount_that_the_agent_repairs() {
     // Long enough to look at the stale mount before the agent repairs it.
     let mut site = Site::new();
-    site.health_interval_seconds = 4;
+    site.health_interval_seconds = 8;
     let agent = site.agent();
     std::fs::write(site.storage("data").join("f.txt"), "still here").unwrap();
     let mut events = AgentServiceClient::new(agent.channel().await)
@@ -306,7 +306,7 @@ async fn a_killed_blobfuse2_leaves_a_stale_mount_that_the_agent_repairs() {
     assert_eq!(error.raw_os_error(), Some(nix::libc::ENOTCONN), "{error}");
     assert!(mountinfo_at(&path).is_some());
 
-    // Health interval 4 s plus backoff 1 s: repaired well within 30 s.
+    // Health interval 8 s plus backoff 1 s: repaired well within 30 s.
     let repaired = eventually("the repair", Duration::from_secs(30), async || {
         mount_state(&agent, "data")
             .await

@@ -172,6 +172,9 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
         EventPayload::Setup(run) => proto::event::Kind::Setup(proto::SetupEvent {
             run: Some(super::setup::run_to_proto(run)),
         }),
+        EventPayload::DiskAlert(alert) => {
+            proto::event::Kind::DiskAlert(super::disk::alert_to_proto(alert))
+        }
     };
     proto::Event {
         sequence: event.sequence,

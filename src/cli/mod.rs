@@ -6,6 +6,7 @@
 mod client;
 mod completions;
 mod config_cmd;
+mod disk;
 mod format;
 mod jobs;
 mod mounts;
@@ -46,6 +47,9 @@ pub enum Command {
     /// Submit, list, inspect, cancel jobs and read their logs.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Show every watched filesystem like `df -h` with its state and levels;
+    /// find what fills a disk (--top), follow alerts (--watch), reclaim space.
+    Disk(disk::DiskArgs),
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -111,6 +115,7 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
         Command::Jobs(cmd) => with_runtime(jobs::run(cmd, socket, json)),
         Command::Mounts(cmd) => with_runtime(mounts::run(cmd, socket, json)),
         Command::Setup(cmd) => with_runtime(setup::run(cmd, socket, json)),
+        Command::Disk(args) => with_runtime(disk::run(socket, json, args)),
     };
     match result {
         Ok(code) => code,

@@ -17,6 +17,7 @@
 
 pub mod mountinfo;
 pub mod paths;
+pub mod reclaim;
 pub mod render;
 pub mod secrets;
 mod service;

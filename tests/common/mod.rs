@@ -55,6 +55,7 @@ pub struct AgentBuilder {
     config: String,
     env: Vec<(String, String)>,
     instance_id: String,
+    state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentBuilder {
@@ -63,6 +64,7 @@ impl Default for AgentBuilder {
             config: String::new(),
             env: Vec::new(),
             instance_id: format!("test-{}", uuid_like()),
+            state_dir: None,
         }
     }
 }
@@ -97,6 +99,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Puts the state dir somewhere else (e.g. on a filesystem the test made).
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_owned());
+        self
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
         self
@@ -113,7 +121,10 @@ impl AgentBuilder {
     pub fn spawn(self) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
-        let state_dir = dir.path().join("state");
+        let state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         let config_path = dir.path().join("config.toml");
         let log_path = dir.path().join("agent.log");
         let config = format!(
