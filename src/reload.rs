@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::Watcher;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -20,25 +20,22 @@ use crate::daemon::{ConfigSource, describe_changes};
 /// window cause one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Listens for SIGHUP. Called by the daemon before its socket exists:
-/// SIGHUP's default action kills the process, and a client may take the
-/// socket as "started" and send one at once; from this call on it is queued
-/// for [`run`] instead.
-pub fn listen_for_hangup() -> Option<tokio::signal::unix::Signal> {
-    match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change");
-            None
-        }
-    }
+/// Starts listening for SIGHUP. Called before the socket is bound: from then
+/// on a SIGHUP is queued for [`run`] instead of killing the process (the
+/// default action), and none sent once the agent answers is lost.
+pub fn listen_hangup() -> Option<Signal> {
+    signal(SignalKind::hangup())
+        .map_err(
+            |error| tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change"),
+        )
+        .ok()
 }
 
-/// Runs until `cancel` fires; `hangup` comes from [`listen_for_hangup`].
+/// Runs until `cancel` fires.
 pub async fn run(
     source: ConfigSource,
     config: watch::Sender<Arc<Config>>,
-    mut hangup: Option<tokio::signal::unix::Signal>,
+    mut hangup: Option<Signal>,
     cancel: CancellationToken,
 ) {
     let (file_tx, mut file_rx) = mpsc::channel::<()>(1);
@@ -87,6 +84,8 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.limits.max_streams_per_peer = new.limits.max_streams_per_peer;
     running.limits.requests_per_second_per_peer = new.limits.requests_per_second_per_peer;
     running.limits.request_burst_per_peer = new.limits.request_burst_per_peer;
+    running.mounts.health_interval_seconds = new.mounts.health_interval_seconds;
+    running.disk = new.disk.clone();
 }
 
 /// Watches the config file's directory; `None` when it cannot (then SIGHUP

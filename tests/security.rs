@@ -731,6 +731,23 @@ async fn operator_calls_over_grpc() {
             .map(drop),
         "CancelJob",
     );
+    denied(
+        disk.add_watched_path(proto::AddWatchedPathRequest {
+            path: "/tmp".into(),
+            reason: "operator".into(),
+        })
+        .await
+        .map(drop),
+        "AddWatchedPath",
+    );
+    denied(
+        disk.remove_watched_path(proto::RemoveWatchedPathRequest {
+            path: "/tmp".into(),
+        })
+        .await
+        .map(drop),
+        "RemoveWatchedPath",
+    );
     let mut mounts = MountServiceClient::new(channel.clone());
     denied(
         mounts

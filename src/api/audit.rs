@@ -100,6 +100,17 @@ pub fn request_fields(path: &str, message: &[u8]) -> Vec<(&'static str, String)>
                 fields.push(("auth", auth.into()));
             }
         }
+        "AddWatchedPath" => {
+            if let Ok(req) = proto::AddWatchedPathRequest::decode(message) {
+                fields.push(("path", shown(&req.path)));
+                fields.push(("reason", shown(&req.reason)));
+            }
+        }
+        "RemoveWatchedPath" => {
+            if let Ok(req) = proto::RemoveWatchedPathRequest::decode(message) {
+                fields.push(("path", shown(&req.path)));
+            }
+        }
         "Unmount" => {
             if let Ok(req) = proto::UnmountRequest::decode(message) {
                 fields.push(("name", shown(&req.name)));

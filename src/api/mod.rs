@@ -54,19 +54,18 @@ pub fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {
     }
 }
 
-/// The answer of an RPC whose capability has not landed yet.
-pub(crate) fn not_yet(rpc: &str, capability: &str) -> tonic::Status {
-    tonic::Status::unimplemented(format!(
-        "{rpc} is not implemented yet: it arrives with the {capability} capability"
-    ))
-}
-
 /// Everything the services need, built by the daemon.
 pub struct ApiParts {
     /// Status and events.
     pub agent: agent::AgentApi,
     /// Jobs.
     pub jobs: jobs::JobApi,
+    /// File share mounts.
+    pub mounts: mounts::MountApi,
+    /// Setup scripts.
+    pub setup: setup::SetupApi,
+    /// The disk guard.
+    pub disk: disk::DiskApi,
     /// `limits.max_message_bytes`: the largest request message each service decodes.
     pub max_message_bytes: usize,
 }
@@ -97,8 +96,8 @@ pub fn routes(
         .add_service(reflection_v1alpha)
         .add_service(AgentServiceServer::new(parts.agent).max_decoding_message_size(max))
         .add_service(JobServiceServer::new(parts.jobs).max_decoding_message_size(max))
-        .add_service(DiskServiceServer::new(disk::DiskApi).max_decoding_message_size(max))
-        .add_service(SetupServiceServer::new(setup::SetupApi).max_decoding_message_size(max))
-        .add_service(MountServiceServer::new(mounts::MountApi).max_decoding_message_size(max));
+        .add_service(DiskServiceServer::new(parts.disk).max_decoding_message_size(max))
+        .add_service(SetupServiceServer::new(parts.setup).max_decoding_message_size(max))
+        .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max));
     Ok((routes, reporter))
 }

@@ -318,6 +318,11 @@ impl JobManager {
         self.inner.config.borrow().jobs.clone()
     }
 
+    /// Under disk pressure, logs of jobs finished longer ago than this go.
+    pub fn log_retention_seconds(&self) -> u64 {
+        self.inner.config.borrow().jobs.log_retention_seconds
+    }
+
     /// Slots in total under the live config.
     pub fn capacity(&self) -> u32 {
         let jobs = &self.inner.config.borrow().jobs;
