@@ -20,7 +20,7 @@ if [[ -d $HOME/.cargo/bin && ":$PATH:" != *":$HOME/.cargo/bin:"* ]]; then
   PATH="$HOME/.cargo/bin:$PATH"
 fi
 
-readonly ALL_TARGETS=(config_parse job_spec path_confine)
+readonly ALL_TARGETS=(config_parse job_spec path_confine mount_yaml)
 seconds=${FUZZ_SECONDS:-60}
 targets=("${ALL_TARGETS[@]}")
 if (($# >= 1)); then targets=("$1"); fi

@@ -811,6 +811,7 @@ async fn each_limit_is_hit_once() {
     let agent = Agent::builder()
         .config(
             "[limits]\nmax_message_bytes = 65536\nmax_streams_per_peer = 2\n\
+             [setup]\nmax_script_bytes = 4096\n\
              [jobs]\nslots = 1\nmax_queue = 1\nkill_grace_seconds = 1\nmax_env_entries = 2\n\
              max_env_bytes = 64\nmax_labels = 1\nmax_command_args = 3\nmax_command_bytes = 32\n",
         )
@@ -855,6 +856,23 @@ async fn each_limit_is_hit_once() {
         Code::InvalidArgument,
         "jobs.max_command_bytes",
         "32",
+    );
+
+    // The inline setup script limit (the setup module's own).
+    let status = SetupServiceClient::new(channel.clone())
+        .run_setup_script(proto::RunSetupScriptRequest {
+            source: Some(proto::run_setup_script_request::Source::Script(
+                "#".repeat(5000),
+            )),
+            ..Default::default()
+        })
+        .await
+        .expect_err("script over the limit");
+    assert_names(
+        &status,
+        Code::InvalidArgument,
+        "setup.max_script_bytes",
+        "4096",
     );
 
     // Queue: one job holds the only slot, one waits, the next is refused.
