@@ -9,4 +9,4 @@ if id nobody >/dev/null 2>&1 && command -v setpriv >/dev/null; then
     "${AGENT[@]}" status 2>&1 || true
 fi
 echo "audit lines so far: $(grep -c 'audit: /' "$DEMO_DIR/agent.log" || true); the last two:"
-grep 'audit: /' "$DEMO_DIR/agent.log" | tail -n 2 | sed 's/^.*audit: \(audit: .*-> [A-Za-z]*\).*$/  \1/'
+grep 'audit: /' "$DEMO_DIR/agent.log" | tail -n 2 | sed "s/^.*\\(audit: \/.* -> [A-Za-z]*\\).*$/  \\1/"
