@@ -1033,3 +1033,110 @@ fn a_critical_filesystem_shows_in_systemds_status_line() {
     }
     filler.empty();
 }
+
+#[tokio::test]
+async fn a_critical_state_filesystem_holds_real_queued_jobs_and_releases_them() {
+    use instance_agent::api::proto::job_service_client::JobServiceClient;
+    let tmpfs = Tmpfs::new(64);
+    let state_dir = tmpfs.path.join("state");
+    let filler = Filler::new(&tmpfs.path);
+    let config = format!(
+        "{}[jobs]\nslots = 2\n",
+        disk_config(250, &[], &format!("reserve_bytes = {}", MIB))
+    );
+    let agent = Agent::builder()
+        .config(&config)
+        .state_dir(&state_dir)
+        .start();
+    let mut disk = disk_client(&agent).await;
+    let mut jobs = JobServiceClient::new(agent.channel().await);
+    let mut status_client = AgentServiceClient::new(agent.channel().await);
+
+    // A running job goes on; queued jobs are held while the state fs is critical.
+    let job = |id: &str, command: &[&str]| proto::SubmitJobRequest {
+        spec: Some(proto::JobSpec {
+            id: id.into(),
+            image: "instance-agent/busybox:test".into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+    };
+    jobs.submit_job(job("running", &["sleep", "3"]))
+        .await
+        .expect("submit");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while jobs
+        .get_job(proto::GetJobRequest {
+            id: "running".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state()
+        != proto::JobState::Running
+    {
+        assert!(Instant::now() < deadline, "the first job never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    filler.set_free(5 * MIB);
+    wait_for_fs(&mut disk, &tmpfs.path, "state fs critical", |f| {
+        f.state() == proto::DiskState::Critical
+    })
+    .await;
+    for id in ["held-1", "held-2"] {
+        jobs.submit_job(job(id, &["true"]))
+            .await
+            .expect("submit while critical");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for id in ["held-1", "held-2"] {
+        let held = jobs
+            .get_job(proto::GetJobRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(held.state(), proto::JobState::Queued, "{held:?}");
+    }
+    let status = status_client
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let slots = status.slots.expect("slots");
+    assert!(slots.held_reason.contains("disk"), "{slots:?}");
+    let running = jobs
+        .get_job(proto::GetJobRequest {
+            id: "running".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(
+            running.state(),
+            proto::JobState::Running | proto::JobState::Succeeded
+        ),
+        "a running job goes on: {running:?}"
+    );
+
+    // Space returns: the held jobs start by themselves.
+    filler.set_free(40 * MIB);
+    for id in ["held-1", "held-2"] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let j = jobs
+                .get_job(proto::GetJobRequest { id: id.into() })
+                .await
+                .unwrap()
+                .into_inner();
+            if j.state() == proto::JobState::Succeeded {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never ran after space returned: {j:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -445,10 +445,21 @@ impl JobManager {
             .then(|| state.queue.iter().position(|k| k.id == id))
             .flatten()
             .map(|p| u32::try_from(p).unwrap_or(u32::MAX));
-        Ok(JobView {
-            record: record.clone(),
+        Ok(self.view(record.clone(), queue_position))
+    }
+
+    /// A record as clients see it: a queued job held by the admission gate
+    /// says why instead of "waiting for slots".
+    fn view(&self, mut record: JobRecord, queue_position: Option<u32>) -> JobView {
+        if record.state == JobState::Queued
+            && let Some(held) = self.inner.admission.held_reason()
+        {
+            record.reason = format!("held: {held}");
+        }
+        JobView {
+            record,
             queue_position,
-        })
+        }
     }
 
     /// Jobs matching `filter`, newest first.
@@ -480,10 +491,7 @@ impl JobManager {
         matching
             .into_iter()
             .take(limit)
-            .map(|r| JobView {
-                record: r.clone(),
-                queue_position: positions.get(r.id()).copied(),
-            })
+            .map(|r| self.view(r.clone(), positions.get(r.id()).copied()))
             .collect()
     }
 
