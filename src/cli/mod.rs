@@ -6,6 +6,7 @@
 mod client;
 mod completions;
 mod config_cmd;
+mod doctor;
 mod format;
 mod jobs;
 mod status;
@@ -44,6 +45,8 @@ pub enum Command {
     /// Submit, list, inspect, cancel jobs and read their logs.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Check the agent and the host, print PASS/WARN/FAIL with fixes (exit 0/1/2); `--bundle FILE` writes a support bundle.
+    Doctor(doctor::DoctorArgs),
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -101,6 +104,7 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
         }
         Command::Status => with_runtime(status::run(socket, json)),
         Command::Jobs(cmd) => with_runtime(jobs::run(cmd, socket, json)),
+        Command::Doctor(args) => with_runtime(doctor::run(args, socket, json)),
     };
     match result {
         Ok(code) => code,
