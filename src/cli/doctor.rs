@@ -560,9 +560,7 @@ async fn mount_checks(channel: Channel) -> Vec<Check> {
                 "{} at {} ({}/{}, {} remounts)",
                 m.name, m.mount_path, m.account, m.container, m.remount_count
             );
-            let details = format!(
-                "`instance-agent mounts list`; check the storage account, the credentials and the network; the agent retries with backoff"
-            );
+            let details = "see `instance-agent mounts list`; check the storage account, the credentials and the network; the agent retries with backoff";
             match m.state() {
                 proto::MountState::Mounted => Check::pass("mounts", format!("{what}: mounted")),
                 proto::MountState::Mounting | proto::MountState::Remounting => Check::warn(
