@@ -218,9 +218,8 @@ fn with_the_daemon_down_it_fails_naming_the_socket_and_the_fix() {
     );
     assert_eq!(out.status.code(), Some(2));
     let entries = read_bundle(&bundle);
-    let names: Vec<&str> = entries.keys().map(String::as_str).collect();
     assert_eq!(
-        names,
+        entries.keys().collect::<Vec<_>>(),
         [
             "README.txt",
             "agent-log.txt",
@@ -339,9 +338,8 @@ async fn the_bundle_holds_status_events_config_and_logs_without_secrets() {
     );
 
     let entries = read_bundle(&bundle);
-    let names: Vec<&str> = entries.keys().map(String::as_str).collect();
     assert_eq!(
-        names,
+        entries.keys().collect::<Vec<_>>(),
         [
             "README.txt",
             "agent.log",

@@ -447,39 +447,64 @@ fn blobfuse2_check() -> Check {
     }
 }
 
-/// Whether an RPC's capability is missing from the running agent.
-fn unimplemented(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unimplemented
+/// A capability the running agent may not have (it answers UNIMPLEMENTED).
+struct Capability {
+    /// The check's name.
+    check: &'static str,
+    /// The RPC asked.
+    rpc: &'static str,
+    /// What it is, e.g. "the disk guard".
+    what: &'static str,
 }
 
-fn rpc_failed(name: &'static str, rpc: &str, status: &tonic::Status) -> Check {
-    Check::fail(
-        name,
-        format!("{rpc} failed: {:?}: {}", status.code(), status.message()),
-        "restart the agent; if it persists, report it with `doctor --bundle`",
-    )
+/// The RPC's reply, or the check that says why there is none: WARN when the
+/// capability is not in this agent (`note` adds context), FAIL on any other
+/// error.
+fn capability_reply<T>(
+    capability: Capability,
+    reply: Result<tonic::Response<T>, tonic::Status>,
+    note: &str,
+) -> Result<T, Check> {
+    match reply {
+        Ok(reply) => Ok(reply.into_inner()),
+        Err(status) if status.code() == tonic::Code::Unimplemented => Err(Check::warn(
+            capability.check,
+            format!("{} is not available in this agent{note}", capability.what),
+            format!(
+                "upgrade instance-agent to a build with {} (needed only if you use it)",
+                capability.what
+            ),
+        )),
+        Err(status) => Err(Check::fail(
+            capability.check,
+            format!(
+                "{} failed: {:?}: {}",
+                capability.rpc,
+                status.code(),
+                status.message()
+            ),
+            "restart the agent; if it persists, report it with `doctor --bundle`",
+        )),
+    }
 }
 
 async fn disk_checks(channel: Channel, status: Option<&proto::GetStatusResponse>) -> Vec<Check> {
     let reply = DiskServiceClient::new(channel)
         .get_disk_usage(deadline(proto::GetDiskUsageRequest {}))
         .await;
-    let filesystems = match reply {
-        Ok(reply) => reply.into_inner().filesystems,
-        Err(error) if unimplemented(&error) => {
-            let condition = status
-                .and_then(|s| condition(s, "disk"))
-                .map(|c| format!(" (disk condition: {})", c.message))
-                .unwrap_or_default();
-            return vec![Check::warn(
-                "disk",
-                format!(
-                    "disk guard not available in this agent{condition}: free space is not watched"
-                ),
-                "upgrade instance-agent to a build with the disk guard; meanwhile watch `df -h`",
-            )];
-        }
-        Err(error) => return vec![rpc_failed("disk", "DiskService.GetDiskUsage", &error)],
+    let condition = status
+        .and_then(|s| condition(s, "disk"))
+        .map(|c| format!(" (disk condition: {})", c.message))
+        .unwrap_or_default();
+    let capability = Capability {
+        check: "disk",
+        rpc: "DiskService.GetDiskUsage",
+        what: "the disk guard",
+    };
+    let note = format!("{condition}: free space is not watched, check `df -h` by hand");
+    let filesystems = match capability_reply(capability, reply, &note) {
+        Ok(reply) => reply.filesystems,
+        Err(check) => return vec![check],
     };
     if filesystems.is_empty() {
         return vec![Check::warn(
@@ -535,16 +560,14 @@ async fn mount_checks(channel: Channel) -> Vec<Check> {
     let reply = MountServiceClient::new(channel)
         .list_mounts(deadline(proto::ListMountsRequest {}))
         .await;
-    let mounts = match reply {
-        Ok(reply) => reply.into_inner().mounts,
-        Err(error) if unimplemented(&error) => {
-            return vec![Check::warn(
-                "mounts",
-                "file share mounts not available in this agent",
-                "upgrade instance-agent to a build with file share mounts (needed only for mounts)",
-            )];
-        }
-        Err(error) => return vec![rpc_failed("mounts", "MountService.ListMounts", &error)],
+    let capability = Capability {
+        check: "mounts",
+        rpc: "MountService.ListMounts",
+        what: "file share mounts",
+    };
+    let mounts = match capability_reply(capability, reply, "") {
+        Ok(reply) => reply.mounts,
+        Err(check) => return vec![check],
     };
     let managed: Vec<_> = mounts
         .iter()
@@ -603,16 +626,14 @@ async fn setup_checks(channel: Channel) -> Vec<Check> {
             limit: 1000,
         }))
         .await;
-    let runs = match reply {
-        Ok(reply) => reply.into_inner().runs,
-        Err(error) if unimplemented(&error) => {
-            return vec![Check::warn(
-                "setup",
-                "setup scripts not available in this agent",
-                "upgrade instance-agent to a build with setup scripts (needed only for them)",
-            )];
-        }
-        Err(error) => return vec![rpc_failed("setup", "SetupService.ListSetupRuns", &error)],
+    let capability = Capability {
+        check: "setup",
+        rpc: "SetupService.ListSetupRuns",
+        what: "setup scripts",
+    };
+    let runs = match capability_reply(capability, reply, "") {
+        Ok(reply) => reply.runs,
+        Err(check) => return vec![check],
     };
     // Runs come newest first: the first run of each (kind, source) is the
     // one that counts; earlier failures were retried or superseded.
