@@ -32,7 +32,7 @@ use crate::api::proto::{
 };
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 
-/// The group whose members may use the socket.
+/// The group whose members may use the socket (what the package creates).
 const OPERATOR_GROUP: &str = "instance-operators";
 /// How long the socket may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -183,7 +183,7 @@ pub async fn run(args: DoctorArgs, socket: PathBuf, json: bool) -> anyhow::Resul
             }
         }
     }
-    checks.push(socket_check(&socket));
+    checks.push(socket_check(&socket, OPERATOR_GROUP));
     checks.push(systemd_check(under_systemd, agent.status.is_ok()).await);
 
     let report = Report {
@@ -469,7 +469,7 @@ fn capability_reply<T>(
         Ok(reply) => Ok(reply.into_inner()),
         Err(status) if status.code() == tonic::Code::Unimplemented => Err(Check::warn(
             capability.check,
-            format!("{} is not available in this agent{note}", capability.what),
+            format!("not available in this agent: {}{note}", capability.what),
             format!(
                 "upgrade instance-agent to a build with {} (needed only if you use it)",
                 capability.what
@@ -494,14 +494,14 @@ async fn disk_checks(channel: Channel, status: Option<&proto::GetStatusResponse>
         .await;
     let condition = status
         .and_then(|s| condition(s, "disk"))
-        .map(|c| format!(" (disk condition: {})", c.message))
+        .map(|c| format!(" (its condition: {})", c.message))
         .unwrap_or_default();
     let capability = Capability {
         check: "disk",
         rpc: "DiskService.GetDiskUsage",
         what: "the disk guard",
     };
-    let note = format!("{condition}: free space is not watched, check `df -h` by hand");
+    let note = format!("; free space is not watched, check `df -h` by hand{condition}");
     let filesystems = match capability_reply(capability, reply, &note) {
         Ok(reply) => reply.filesystems,
         Err(check) => return vec![check],
@@ -712,7 +712,7 @@ fn setup_state_name(state: proto::SetupRunState) -> &'static str {
 }
 
 /// The socket must be 0660: root and the operator group, nobody else.
-fn socket_check(socket: &Path) -> Check {
+fn socket_check(socket: &Path, operator_group: &str) -> Check {
     let path = socket.display();
     let meta = match std::fs::metadata(socket) {
         Ok(meta) => meta,
@@ -732,13 +732,14 @@ fn socket_check(socket: &Path) -> Check {
         );
     }
     let mode = meta.mode() & 0o7777;
-    let group = nix::unistd::Group::from_name(OPERATOR_GROUP).ok().flatten();
+    let group = nix::unistd::Group::from_name(operator_group).ok().flatten();
     let socket_group = nix::unistd::Group::from_gid(meta.gid().into())
         .ok()
         .flatten()
         .map_or_else(|| meta.gid().to_string(), |g| g.name);
     let what = format!("{path}: mode {mode:04o}, group {socket_group}");
-    let restart = "restart the agent: it sets mode 0660 and the group instance-operators at start";
+    let restart =
+        format!("restart the agent: it sets mode 0660 and the group {operator_group} at start");
     if mode & 0o007 != 0 {
         return Check::fail(
             "socket",
@@ -753,13 +754,13 @@ fn socket_check(socket: &Path) -> Check {
         None => Check::warn(
             "socket",
             format!(
-                "{what}; the group {OPERATOR_GROUP} does not exist, so only root can use the CLI"
+                "{what}; the group {operator_group} does not exist, so only root can use the CLI"
             ),
             "create it (`systemd-sysusers`, the package ships /usr/lib/sysusers.d/instance-agent.conf), then restart the agent",
         ),
         Some(g) if g.gid.as_raw() != meta.gid() => Check::warn(
             "socket",
-            format!("{what}: members of {OPERATOR_GROUP} cannot use the CLI"),
+            format!("{what}: members of {operator_group} cannot use the CLI"),
             restart,
         ),
         Some(_) => Check::pass("socket", what),
