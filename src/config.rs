@@ -25,6 +25,8 @@ const LIVE_KEYS: &[&str] = &[
     "docker.check_interval_seconds",
     "events.backlog",
     "jobs.",
+    "mounts.health_interval_seconds",
+    "disk.",
 ];
 
 /// A config that failed to load. Each variant names the file; `Invalid` also
@@ -74,6 +76,12 @@ pub struct Config {
     pub events: EventsConfig,
     /// The job queue.
     pub jobs: JobsConfig,
+    /// File share mounts (blobfuse2).
+    pub mounts: MountsConfig,
+    /// Setup scripts.
+    pub setup: SetupConfig,
+    /// The disk guard.
+    pub disk: DiskConfig,
 }
 
 /// `[agent]`: identity, paths and timings of the daemon.
@@ -189,6 +197,9 @@ pub struct JobsConfig {
     pub retention_seconds: u64,
     /// At most this many finished jobs are kept; the oldest go first.
     pub retention_count: u32,
+    /// Under disk pressure, the logs of jobs finished longer ago than this
+    /// are deleted first (their records stay).
+    pub log_retention_seconds: u64,
     /// Environment entries per job.
     pub max_env_entries: u32,
     /// Total bytes of environment names and values per job.
@@ -218,6 +229,7 @@ impl Default for JobsConfig {
             log_max_bytes: 16 << 20,
             retention_seconds: 7 * 86_400,
             retention_count: 10_000,
+            log_retention_seconds: 86_400,
             max_env_entries: 256,
             max_env_bytes: 64 << 10,
             max_labels: 64,
@@ -225,6 +237,292 @@ impl Default for JobsConfig {
             max_command_bytes: 128 << 10,
         }
     }
+}
+
+/// `[mounts]`: file share mounts with blobfuse2.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MountsConfig {
+    /// The blobfuse2 program (looked up in PATH when not absolute).
+    pub blobfuse2_path: PathBuf,
+    /// Mount paths must lie strictly below one of these.
+    pub allowed_roots: Vec<PathBuf>,
+    /// Per-mount cache dirs go below this by default (the temp disk).
+    pub cache_root: PathBuf,
+    /// `file_cache.max-size-mb` of a mount that does not set its own, in bytes.
+    pub default_cache_max_bytes: u64,
+    /// How often each mount's health is checked.
+    pub health_interval_seconds: u32,
+    /// How long a health check may take before the mount counts as stale.
+    pub health_timeout_seconds: u32,
+    /// How long a new mount may take to appear in mountinfo.
+    pub mount_timeout_seconds: u32,
+    /// First delay before mounting again after a failure (doubles each time).
+    pub backoff_initial_seconds: u32,
+    /// Longest delay between mount attempts.
+    pub backoff_max_seconds: u32,
+    /// Mounts declared here (`[[mounts.mount]]`), mounted at every start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mount: Vec<DeclaredMount>,
+}
+
+impl Default for MountsConfig {
+    fn default() -> Self {
+        Self {
+            blobfuse2_path: PathBuf::from("blobfuse2"),
+            allowed_roots: vec![PathBuf::from("/mnt"), PathBuf::from("/home")],
+            cache_root: PathBuf::from("/mnt/instance-agent/cache"),
+            default_cache_max_bytes: 4 << 30,
+            health_interval_seconds: 10,
+            health_timeout_seconds: 5,
+            mount_timeout_seconds: 30,
+            backoff_initial_seconds: 1,
+            backoff_max_seconds: 300,
+            mount: Vec::new(),
+        }
+    }
+}
+
+/// `[[mounts.mount]]`: a mount declared in config. Secrets are never inline:
+/// `secret_file` names a file (mode 0600) holding the key or SAS token.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeclaredMount {
+    /// Unique name ([A-Za-z0-9_.-], at most 64 characters).
+    pub name: String,
+    /// Storage account.
+    pub account: String,
+    /// Blob container.
+    pub container: String,
+    /// Absolute path below one of `mounts.allowed_roots`.
+    pub mount_path: PathBuf,
+    /// "key", "sas" or "msi".
+    pub auth: String,
+    /// For "key" and "sas": the file holding the secret.
+    pub secret_file: PathBuf,
+    /// For "msi": a user-assigned identity's client id (all empty: system-assigned).
+    pub client_id: String,
+    /// For "msi": a user-assigned identity's resource id.
+    pub resource_id: String,
+    /// For "msi": a user-assigned identity's object id.
+    pub object_id: String,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// Cache dir; `<cache_root>/<name>` when empty.
+    pub cache_dir: PathBuf,
+    /// Cache cap in bytes; `default_cache_max_bytes` when 0.
+    pub cache_max_bytes: u64,
+    /// Blob endpoint; `https://<account>.blob.core.windows.net` when empty.
+    pub endpoint: String,
+    /// Mount only this virtual directory of the container.
+    pub subdirectory: String,
+}
+
+/// Checks that a key's value lies in `min..=max`.
+type RangeCheck<'a> = &'a dyn Fn(&str, u64, u64, u64) -> Result<(), ConfigError>;
+
+/// `[setup]`: creation and startup scripts and how scripts are run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SetupConfig {
+    /// Hold the job queue until the creation script has succeeded.
+    pub gate_jobs: bool,
+    /// Seconds between SIGTERM and SIGKILL when a script's tree is stopped.
+    pub kill_grace_seconds: u32,
+    /// Stop what a script left running when it exits.
+    pub kill_leftovers: bool,
+    /// Bytes of a run's log file kept from its start.
+    pub log_head_bytes: u64,
+    /// Bytes of a run's log kept from its end (also the memory held per running script).
+    pub log_tail_bytes: u64,
+    /// Lines kept in a run's `log_tail`.
+    pub log_tail_lines: u32,
+    /// Largest inline script accepted over the API.
+    pub max_script_bytes: u64,
+    /// Runs accepted but not started yet, at most.
+    pub max_pending_runs: u32,
+    /// Finished runs kept (records and logs); the latest creation run is always kept.
+    pub keep_runs: u32,
+    /// `CI_NAME` for scripts; the host name when empty.
+    pub ci_name: String,
+    /// `CI_WORKSPACE` for scripts.
+    pub ci_workspace: String,
+    /// `CI_RESOURCE_GROUP` for scripts.
+    pub ci_resource_group: String,
+    /// `CI_LOCAL_UBUNTU_USER` for scripts.
+    pub ci_local_ubuntu_user: String,
+    /// Scripts declared here: at most one creation script, any number of startup scripts.
+    pub scripts: Vec<SetupScriptConfig>,
+}
+
+impl Default for SetupConfig {
+    fn default() -> Self {
+        Self {
+            gate_jobs: true,
+            kill_grace_seconds: 10,
+            kill_leftovers: true,
+            log_head_bytes: 4 << 20,
+            log_tail_bytes: 1 << 20,
+            log_tail_lines: 20,
+            max_script_bytes: 1 << 20,
+            max_pending_runs: 32,
+            keep_runs: 100,
+            ci_name: String::new(),
+            ci_workspace: String::new(),
+            ci_resource_group: String::new(),
+            ci_local_ubuntu_user: "azureuser".into(),
+            scripts: Vec::new(),
+        }
+    }
+}
+
+/// When a configured script runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetupScriptKind {
+    /// Once in the instance's life.
+    Creation,
+    /// At every agent start.
+    Startup,
+}
+
+/// One `[[setup.scripts]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetupScriptConfig {
+    /// `creation` or `startup`.
+    pub kind: SetupScriptKind,
+    /// Absolute path of the script.
+    pub path: PathBuf,
+    /// Arguments, seen as $1, $2, ...
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// A duration with suffix s, m, h or d (e.g. "15m").
+    #[serde(default = "default_setup_timeout")]
+    pub timeout: String,
+    /// User to run as; root when empty.
+    #[serde(default)]
+    pub run_as: String,
+    /// Working directory (absolute); the user's home when empty.
+    #[serde(default)]
+    pub working_dir: PathBuf,
+}
+
+fn default_setup_timeout() -> String {
+    "15m".into()
+}
+
+impl SetupScriptConfig {
+    /// The timeout; validated at load, so the fallback (15 minutes) is never used.
+    pub fn timeout(&self) -> std::time::Duration {
+        parse_duration(&self.timeout).unwrap_or(std::time::Duration::from_secs(900))
+    }
+}
+
+/// Longest timeout a setup script may have (7 days).
+pub const MAX_SETUP_TIMEOUT_SECONDS: u64 = 7 * 86_400;
+
+/// Parses a duration such as `90s`, `15m`, `2h` or `1d` (a whole number and
+/// one suffix); `None` when it is not one.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text.len().checked_sub(1)?;
+    let (number, suffix) = text.split_at(split);
+    let unit = match suffix {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seconds = number.parse::<u64>().ok()?.checked_mul(unit)?;
+    Some(std::time::Duration::from_secs(seconds))
+}
+
+/// Whether `name` is a POSIX environment variable name.
+pub fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `[disk]`: the disk guard's levels, timings and extra paths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    /// Milliseconds between samples of every watched filesystem.
+    pub interval_ms: u32,
+    /// Milliseconds a sample may take before its filesystem is reported unresponsive.
+    pub sample_timeout_ms: u32,
+    /// Free bytes below which a filesystem is critical (the recovery floor).
+    pub critical_free_bytes: u64,
+    /// Free bytes below which a filesystem is in warning.
+    pub warning_free_bytes: u64,
+    /// Free inodes, in percent of all inodes, below which a filesystem is critical.
+    pub critical_free_inodes_percent: f64,
+    /// Free inodes, in percent of all inodes, below which a filesystem is in warning.
+    pub warning_free_inodes_percent: f64,
+    /// Free bytes needed above a level before the state may improve.
+    pub clear_margin_bytes: u64,
+    /// Free inodes (percent) needed above a level before the state may improve.
+    pub clear_margin_inodes_percent: f64,
+    /// Seconds the improvement must hold before the state improves.
+    pub transition_seconds: u32,
+    /// Extra paths to watch, besides /, /tmp, /mnt, the Docker data root,
+    /// the state dir and the mount caches.
+    pub paths: Vec<PathBuf>,
+    /// Levels for the filesystem holding a path, by path (each path is also watched).
+    pub overrides: BTreeMap<String, DiskOverride>,
+    /// Reclaim space by itself when a watched filesystem turns critical.
+    pub auto_reclaim: bool,
+    /// Bytes preallocated in the state dir and released when its filesystem
+    /// turns critical, so that the agent's own writes still succeed; 0 turns it off.
+    pub reserve_bytes: u64,
+}
+
+const GIB: u64 = 1 << 30;
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1000,
+            sample_timeout_ms: 3000,
+            critical_free_bytes: 5 * GIB,
+            warning_free_bytes: 10 * GIB,
+            critical_free_inodes_percent: 5.0,
+            warning_free_inodes_percent: 10.0,
+            clear_margin_bytes: GIB,
+            clear_margin_inodes_percent: 1.0,
+            transition_seconds: 30,
+            paths: Vec::new(),
+            overrides: BTreeMap::new(),
+            auto_reclaim: true,
+            reserve_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `[disk.overrides."PATH"]`: levels for the filesystem holding PATH; an
+/// absent key keeps the `[disk]` value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskOverride {
+    /// Replaces `disk.critical_free_bytes`.
+    pub critical_free_bytes: Option<u64>,
+    /// Replaces `disk.warning_free_bytes`.
+    pub warning_free_bytes: Option<u64>,
+    /// Replaces `disk.critical_free_inodes_percent`.
+    pub critical_free_inodes_percent: Option<f64>,
+    /// Replaces `disk.warning_free_inodes_percent`.
+    pub warning_free_inodes_percent: Option<f64>,
+    /// Replaces `disk.clear_margin_bytes`.
+    pub clear_margin_bytes: Option<u64>,
 }
 
 /// Command-line flags that override the file.
@@ -334,6 +632,9 @@ impl Config {
         )?;
         in_range("events.backlog", self.events.backlog.into(), 16, 1_000_000)?;
         self.validate_jobs(path)?;
+        self.validate_mounts(&invalid, &in_range)?;
+        self.validate_setup(&invalid, &in_range)?;
+        self.validate_disk(path)?;
         if !self.control_plane.listen.is_empty() {
             let addr: SocketAddr = self.control_plane.listen.parse().map_err(|_| {
                 invalid(
@@ -428,6 +729,313 @@ impl Config {
                     format!("{net:?} is not a Docker network name ([A-Za-z0-9_.-], at most 128)"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_mounts(
+        &self,
+        invalid: &dyn Fn(&str, String) -> ConfigError,
+        in_range: RangeCheck<'_>,
+    ) -> Result<(), ConfigError> {
+        use crate::mounts::spec;
+        let m = &self.mounts;
+        in_range(
+            "mounts.health_interval_seconds",
+            m.health_interval_seconds.into(),
+            1,
+            3600,
+        )?;
+        in_range(
+            "mounts.health_timeout_seconds",
+            m.health_timeout_seconds.into(),
+            1,
+            600,
+        )?;
+        in_range(
+            "mounts.mount_timeout_seconds",
+            m.mount_timeout_seconds.into(),
+            1,
+            600,
+        )?;
+        in_range(
+            "mounts.backoff_initial_seconds",
+            m.backoff_initial_seconds.into(),
+            1,
+            3600,
+        )?;
+        in_range(
+            "mounts.backoff_max_seconds",
+            m.backoff_max_seconds.into(),
+            m.backoff_initial_seconds.into(),
+            86_400,
+        )?;
+        in_range(
+            "mounts.default_cache_max_bytes",
+            m.default_cache_max_bytes,
+            1 << 20,
+            1 << 50,
+        )?;
+        if m.blobfuse2_path.as_os_str().is_empty() {
+            return Err(invalid("mounts.blobfuse2_path", "must not be empty".into()));
+        }
+        if m.allowed_roots.is_empty() {
+            return Err(invalid(
+                "mounts.allowed_roots",
+                "must name at least one directory".into(),
+            ));
+        }
+        for root in m.allowed_roots.iter().chain([&m.cache_root]) {
+            if let Err(problem) = crate::mounts::paths::normalise(root) {
+                return Err(invalid("mounts.allowed_roots / mounts.cache_root", problem));
+            }
+            if root.as_path() == Path::new("/") {
+                return Err(invalid(
+                    "mounts.allowed_roots / mounts.cache_root",
+                    "\"/\" is too wide: name the directories mounts may go under".into(),
+                ));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, d) in m.mount.iter().enumerate() {
+            let key = |field: &str| format!("mounts.mount[{i}].{field}");
+            let check = |field: &str, result: Result<(), String>| {
+                result.map_err(|problem| invalid(&key(field), problem))
+            };
+            check("name", spec::check_name(&d.name))?;
+            if !names.insert(d.name.as_str()) {
+                return Err(invalid(
+                    &key("name"),
+                    format!("{:?} is declared twice", d.name),
+                ));
+            }
+            check("account", spec::check_account(&d.account))?;
+            check("container", spec::check_container(&d.container))?;
+            check("endpoint", spec::check_endpoint(&d.endpoint))?;
+            check("subdirectory", spec::check_subdirectory(&d.subdirectory))?;
+            check(
+                "mount_path",
+                crate::mounts::paths::normalise(&d.mount_path).map(|_| ()),
+            )?;
+            match d.auth.as_str() {
+                "key" | "sas" => {
+                    if !d.secret_file.is_absolute() {
+                        return Err(invalid(
+                            &key("secret_file"),
+                            format!(
+                                "auth = {:?} needs secret_file, an absolute path to a 0600 file holding the secret (secrets are never inline)",
+                                d.auth
+                            ),
+                        ));
+                    }
+                }
+                "msi" => {
+                    if !d.secret_file.as_os_str().is_empty() {
+                        return Err(invalid(
+                            &key("secret_file"),
+                            "is not used with auth = \"msi\"".into(),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(invalid(
+                        &key("auth"),
+                        format!("{other:?} must be \"key\", \"sas\" or \"msi\""),
+                    ));
+                }
+            }
+            if d.cache_max_bytes != 0 && d.cache_max_bytes < 1 << 20 {
+                return Err(invalid(
+                    &key("cache_max_bytes"),
+                    format!(
+                        "{} is below the minimum of 1 MiB (0 means the default)",
+                        d.cache_max_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `[setup]` and every `[[setup.scripts]]` entry.
+    fn validate_setup(
+        &self,
+        invalid: &dyn Fn(&str, String) -> ConfigError,
+        in_range: RangeCheck<'_>,
+    ) -> Result<(), ConfigError> {
+        let setup = &self.setup;
+        in_range(
+            "setup.kill_grace_seconds",
+            setup.kill_grace_seconds.into(),
+            1,
+            300,
+        )?;
+        in_range("setup.log_head_bytes", setup.log_head_bytes, 4096, 1 << 30)?;
+        in_range("setup.log_tail_bytes", setup.log_tail_bytes, 4096, 64 << 20)?;
+        in_range("setup.log_tail_lines", setup.log_tail_lines.into(), 1, 1000)?;
+        in_range(
+            "setup.max_script_bytes",
+            setup.max_script_bytes,
+            1,
+            16 << 20,
+        )?;
+        in_range(
+            "setup.max_pending_runs",
+            setup.max_pending_runs.into(),
+            1,
+            1000,
+        )?;
+        in_range("setup.keep_runs", setup.keep_runs.into(), 1, 10_000)?;
+        let creations = setup
+            .scripts
+            .iter()
+            .filter(|s| s.kind == SetupScriptKind::Creation)
+            .count();
+        if creations > 1 {
+            return Err(invalid(
+                "setup.scripts",
+                format!("{creations} creation scripts are declared: at most one is allowed"),
+            ));
+        }
+        for (index, script) in setup.scripts.iter().enumerate() {
+            let key = |field: &str| format!("setup.scripts[{index}].{field}");
+            if !script.path.is_absolute() {
+                return Err(invalid(
+                    &key("path"),
+                    format!("{} must be an absolute path", script.path.display()),
+                ));
+            }
+            match parse_duration(&script.timeout) {
+                Some(d) if (1..=MAX_SETUP_TIMEOUT_SECONDS).contains(&d.as_secs()) => {}
+                _ => {
+                    return Err(invalid(
+                        &key("timeout"),
+                        format!(
+                            "{:?} must be a duration with suffix s, m, h or d (e.g. \"15m\"), \
+                             from 1s to 7d",
+                            script.timeout
+                        ),
+                    ));
+                }
+            }
+            if let Some(name) = script.env.keys().find(|name| !is_env_name(name)) {
+                return Err(invalid(
+                    &key("env"),
+                    format!("{name:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+                ));
+            }
+            if !script.working_dir.as_os_str().is_empty() && !script.working_dir.is_absolute() {
+                return Err(invalid(
+                    &key("working_dir"),
+                    format!("{} must be an absolute path", script.working_dir.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_disk(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            problem,
+        };
+        let disk = &self.disk;
+        for (key, value, min, max) in [
+            ("disk.interval_ms", u64::from(disk.interval_ms), 100, 60_000),
+            (
+                "disk.sample_timeout_ms",
+                u64::from(disk.sample_timeout_ms),
+                100,
+                600_000,
+            ),
+            (
+                "disk.transition_seconds",
+                u64::from(disk.transition_seconds),
+                0,
+                3600,
+            ),
+            ("disk.reserve_bytes", disk.reserve_bytes, 0, GIB),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("{value} is out of range: allowed {min} to {max}"),
+                ));
+            }
+        }
+        let mut levels = vec![(
+            "disk".to_owned(),
+            disk.critical_free_bytes,
+            disk.warning_free_bytes,
+            disk.critical_free_inodes_percent,
+            disk.warning_free_inodes_percent,
+        )];
+        for (key, p) in disk
+            .paths
+            .iter()
+            .map(|p| ("disk.paths", p.as_path()))
+            .chain(
+                disk.overrides
+                    .keys()
+                    .map(|p| ("disk.overrides", Path::new(p))),
+            )
+        {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} must be an absolute path", p.display()),
+                ));
+            }
+        }
+        for (p, o) in &disk.overrides {
+            levels.push((
+                format!("disk.overrides.\"{p}\""),
+                o.critical_free_bytes.unwrap_or(disk.critical_free_bytes),
+                o.warning_free_bytes.unwrap_or(disk.warning_free_bytes),
+                o.critical_free_inodes_percent
+                    .unwrap_or(disk.critical_free_inodes_percent),
+                o.warning_free_inodes_percent
+                    .unwrap_or(disk.warning_free_inodes_percent),
+            ));
+        }
+        for (table, critical, warning, critical_inodes, warning_inodes) in levels {
+            if warning < critical {
+                return Err(invalid(
+                    &format!("{table}.warning_free_bytes"),
+                    format!(
+                        "{warning} is below critical_free_bytes ({critical}): the warning level must be at or above the floor"
+                    ),
+                ));
+            }
+            for (key, value) in [
+                ("critical_free_inodes_percent", critical_inodes),
+                ("warning_free_inodes_percent", warning_inodes),
+            ] {
+                if !(0.0..=100.0).contains(&value) {
+                    return Err(invalid(
+                        &format!("{table}.{key}"),
+                        format!("{value} is out of range: allowed 0 to 100"),
+                    ));
+                }
+            }
+            if warning_inodes < critical_inodes {
+                return Err(invalid(
+                    &format!("{table}.warning_free_inodes_percent"),
+                    format!(
+                        "{warning_inodes} is below critical_free_inodes_percent ({critical_inodes})"
+                    ),
+                ));
+            }
+        }
+        if !(0.0..=100.0).contains(&disk.clear_margin_inodes_percent) {
+            return Err(invalid(
+                "disk.clear_margin_inodes_percent",
+                format!(
+                    "{} is out of range: allowed 0 to 100",
+                    disk.clear_margin_inodes_percent
+                ),
+            ));
         }
         Ok(())
     }
@@ -633,5 +1241,54 @@ mod tests {
         });
         assert_eq!(config.agent.socket, PathBuf::from("/tmp/a.sock"));
         assert_eq!(config.agent.state_dir, PathBuf::from("/tmp/state"));
+    }
+
+    #[test]
+    fn setup_scripts_are_parsed_and_checked() {
+        let ok = "[[setup.scripts]]\nkind = \"creation\"\npath = \"/opt/a.sh\"\ntimeout = \"2h\"\n\
+                  [[setup.scripts]]\nkind = \"startup\"\npath = \"/opt/b.sh\"\nargs = [\"x\"]\n";
+        let config = Config::parse(ok, p()).expect("parses");
+        assert_eq!(config.setup.scripts.len(), 2);
+        assert_eq!(config.setup.scripts[0].timeout().as_secs(), 7200);
+        assert_eq!(config.setup.scripts[1].timeout().as_secs(), 900);
+
+        let two = "[[setup.scripts]]\nkind = \"creation\"\npath = \"/a\"\n\
+                   [[setup.scripts]]\nkind = \"creation\"\npath = \"/b\"\n";
+        let msg = Config::parse(two, p()).unwrap_err().to_string();
+        assert!(msg.contains("at most one"), "{msg}");
+
+        let relative = "[[setup.scripts]]\nkind = \"startup\"\npath = \"a.sh\"\n";
+        let msg = Config::parse(relative, p()).unwrap_err().to_string();
+        assert!(msg.contains("setup.scripts[0].path"), "{msg}");
+
+        let bad_timeout =
+            "[[setup.scripts]]\nkind = \"startup\"\npath = \"/a\"\ntimeout = \"15x\"\n";
+        let msg = Config::parse(bad_timeout, p()).unwrap_err().to_string();
+        assert!(msg.contains("setup.scripts[0].timeout"), "{msg}");
+
+        let bad_env =
+            "[[setup.scripts]]\nkind = \"startup\"\npath = \"/a\"\nenv = { \"1X\" = \"v\" }\n";
+        let msg = Config::parse(bad_env, p()).unwrap_err().to_string();
+        assert!(msg.contains("setup.scripts[0].env"), "{msg}");
+    }
+
+    #[test]
+    fn durations_take_one_suffix() {
+        assert_eq!(
+            parse_duration("90s"),
+            Some(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_duration("15m"),
+            Some(std::time::Duration::from_secs(900))
+        );
+        assert_eq!(
+            parse_duration("1d"),
+            Some(std::time::Duration::from_secs(86_400))
+        );
+        assert_eq!(parse_duration("15"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration(""), None);
     }
 }

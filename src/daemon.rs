@@ -19,10 +19,13 @@ use crate::admission::AdmissionGate;
 use crate::api;
 use crate::config::{Config, ConfigChanges, ConfigError, Overrides};
 use crate::events::{EventBus, EventPayload};
-use crate::health::{ConditionState, Health, Subsystem};
+use crate::health::Health;
 use crate::host::HostFacts;
 use crate::jobs::engine::ContainerEngine;
-use crate::jobs::{JobManager, JobsDeps, NoManagedMounts};
+use crate::jobs::{JobManager, JobsDeps};
+use crate::mounts::system::FuseMounter;
+use crate::mounts::{MountService, MountSettings};
+use crate::setup::SetupScripts;
 use crate::status::StatusProvider;
 use crate::store::Store;
 use crate::systemd::Notifier;
@@ -59,6 +62,9 @@ pub enum DaemonError {
     /// The job store could not be loaded.
     #[error("cannot load jobs: {0}")]
     Jobs(#[source] crate::jobs::JobError),
+    /// The setup scripts' records could not be loaded.
+    #[error("cannot load setup runs: {0}")]
+    Setup(#[source] crate::setup::SetupError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Server(String),
@@ -68,6 +74,14 @@ pub enum DaemonError {
 pub struct Adapters {
     /// The container engine.
     pub engine: Arc<dyn ContainerEngine>,
+    /// blobfuse2 processes, mountinfo, FUSE probes and fusermount3.
+    pub mounter: Arc<dyn FuseMounter>,
+    /// The engine as the disk guard sees it (data root, reclaimable data).
+    pub disk_docker: Arc<dyn crate::disk::docker::DockerSpace>,
+    /// Filesystems as the disk guard sees them.
+    pub disk_probe: Arc<dyn crate::disk::probe::FsProbe>,
+    /// Starts setup scripts.
+    pub setup_runner: Arc<dyn crate::setup::ProcessRunner>,
 }
 
 /// Where the config came from, so it can be reloaded.
@@ -121,32 +135,40 @@ impl Daemon {
 
         prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
         let instance_id = instance_id(&config)?;
+        let hangup = crate::reload::listen_hangup();
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
         let unix = bind_unix(&config.agent.socket)?;
+        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         let store = Store::open(&config.agent.state_dir).map_err(DaemonError::Store)?;
         let admission = AdmissionGate::new();
 
         let health = Health::new();
-        for subsystem in [Subsystem::Disk, Subsystem::Mounts, Subsystem::Setup] {
-            health.set(
-                subsystem,
-                ConditionState::Disabled,
-                "not available in this build yet",
-            );
-        }
         let events = EventBus::new(config.events.backlog as usize);
         let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
-        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         let (engine_up_tx, engine_up_rx) = watch::channel(false);
         let host = HostFacts::discover();
+        let mounts = MountService::new(
+            MountSettings::from_config(&config),
+            adapters.mounter.clone(),
+            store.clone(),
+            events.clone(),
+            health.clone(),
+            derive(&config_rx, |c| {
+                Duration::from_secs(c.mounts.health_interval_seconds.into())
+            }),
+            cancel.clone(),
+            tasks.clone(),
+        );
+        mounts.restore(&config.mounts.mount).await;
+
         let jobs = JobManager::start(
             JobsDeps {
                 engine: adapters.engine.clone(),
                 store: store.clone(),
                 events: events.clone(),
                 admission: admission.clone(),
-                mounts: Arc::new(NoManagedMounts),
+                mounts: Arc::new(mounts.clone()),
                 logs_dir: config.agent.state_dir.join("job-logs"),
                 instance_id: instance_id.clone(),
                 usable_cores: host.usable_cores,
@@ -168,6 +190,20 @@ impl Daemon {
             admission.clone(),
         )
         .with_jobs(jobs.clone());
+        // Opened before serving: it holds the job queue until the creation
+        // script has succeeded, and marks runs cut short by a crash.
+        let setup = SetupScripts::open(
+            crate::setup::Settings::from_config(&config, &hostname()),
+            crate::setup::Wiring {
+                store: store.clone(),
+                events: events.clone(),
+                health: health.clone(),
+                admission: admission.clone(),
+                runner: adapters.setup_runner.clone(),
+                accounts: Arc::new(crate::setup::SystemAccounts),
+            },
+        )
+        .map_err(DaemonError::Setup)?;
 
         let tcp = match config.control_plane_addr() {
             Some(addr) => {
@@ -184,9 +220,30 @@ impl Daemon {
             None => None,
         };
 
+        let (disk, disk_runner) = build_disk_guard(
+            &config,
+            &instance_id,
+            &adapters,
+            &store,
+            &health,
+            &events,
+            &admission,
+            &config_rx,
+            &jobs,
+            &mounts,
+        );
+        tasks.spawn(watch_cache_dirs(
+            mounts.clone(),
+            disk.clone(),
+            cancel.clone(),
+        ));
+
         let (routes, health_reporter) = api::routes(api::ApiParts {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
             jobs: api::jobs::JobApi::new(jobs.clone()),
+            mounts: api::mounts::MountApi::new(mounts),
+            disk: api::disk::DiskApi::new(disk, cancel.clone()),
+            setup: api::setup::SetupApi::new(setup.clone(), cancel.clone()),
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
         for name in api::SERVICE_NAMES {
@@ -228,7 +285,15 @@ impl Daemon {
             engine_up_tx,
             config_rx,
         );
-        tasks.spawn(crate::reload::run(source, config_tx, cancel.clone()));
+        tasks.spawn(setup.run(cancel.clone()));
+        // After "started": the first disk alerts follow it in the event log.
+        disk_runner.start(&tasks, &cancel);
+        tasks.spawn(crate::reload::run(
+            source,
+            config_tx,
+            hangup,
+            cancel.clone(),
+        ));
         tasks.close();
 
         shutdown.await;
@@ -262,6 +327,79 @@ impl Daemon {
         let _ = std::fs::remove_file(&config.agent.socket);
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Builds the disk guard with every reclaim step, in order: exited job
+/// containers, dangling images, expired job logs, mount caches.
+#[allow(clippy::too_many_arguments)]
+fn build_disk_guard(
+    config: &Config,
+    instance_id: &str,
+    adapters: &Adapters,
+    store: &Store,
+    health: &Health,
+    events: &EventBus,
+    admission: &AdmissionGate,
+    config_rx: &watch::Receiver<Arc<Config>>,
+    jobs: &JobManager,
+    mounts: &MountService,
+) -> (crate::disk::DiskGuard, crate::disk::guard::DiskRunner) {
+    let finished = jobs.clone();
+    let job_finished: crate::disk::docker::JobFinished =
+        Arc::new(move |job: &str| finished.is_finished(job));
+    let mut steps =
+        crate::disk::docker::docker_steps(adapters.disk_docker.clone(), instance_id, job_finished);
+    steps.push(Arc::new(crate::jobs::reclaim::ExpiredJobLogs::new(
+        jobs.clone(),
+        config.agent.state_dir.clone(),
+    )));
+    steps.push(Arc::new(crate::mounts::reclaim::MountCaches::new(
+        mounts.clone(),
+        config.mounts.cache_root.clone(),
+    )));
+    crate::disk::DiskGuard::new(crate::disk::DiskParts {
+        config: derive(config_rx, |c| c.disk.clone()),
+        state_dir: config.agent.state_dir.clone(),
+        probe: adapters.disk_probe.clone(),
+        docker: adapters.disk_docker.clone(),
+        steps,
+        store: store.clone(),
+        health: health.clone(),
+        events: events.clone(),
+        admission: admission.clone(),
+    })
+}
+
+/// Keeps the disk guard watching the file cache of every managed mount.
+async fn watch_cache_dirs(
+    mounts: MountService,
+    disk: crate::disk::DiskGuard,
+    cancel: CancellationToken,
+) {
+    let mut dirs = mounts.watch_cache_dirs();
+    let mut watched: Vec<std::path::PathBuf> = Vec::new();
+    loop {
+        let now: Vec<(std::path::PathBuf, String)> = dirs
+            .borrow_and_update()
+            .iter()
+            .map(|d| (d.path.clone(), format!("cache of mount {}", d.name)))
+            .collect();
+        for path in &watched {
+            if !now.iter().any(|(p, _)| p == path) {
+                disk.unregister(path.clone(), "mount cache");
+            }
+        }
+        for (path, reason) in &now {
+            if !watched.contains(path) {
+                disk.register(path.clone(), reason.clone());
+            }
+        }
+        watched = now.into_iter().map(|(p, _)| p).collect();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = dirs.changed() => if changed.is_err() { return },
+        }
     }
 }
 
@@ -414,6 +552,13 @@ fn instance_id(config: &Config) -> Result<String, DaemonError> {
             Ok(id)
         }
     }
+}
+
+/// The host name, the default `CI_NAME` of setup scripts.
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Binds the Unix socket with mode 0660. A socket file left by a crashed

@@ -22,6 +22,12 @@ pub enum EventPayload {
     },
     /// A job changed state (the record after the change).
     Job(Box<crate::jobs::JobRecord>),
+    /// A mount's state or message changed (never carries a secret).
+    Mount(crate::mounts::MountStatus),
+    /// A setup run changed state.
+    Setup(Box<crate::setup::SetupRun>),
+    /// A watched filesystem changed state.
+    DiskAlert(Box<crate::disk::DiskAlert>),
 }
 
 /// One recorded event.

@@ -13,7 +13,11 @@
 //! - [`store`]: the embedded crash-safe store (redb) shared by the domains.
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
+//! - [`units`]: byte sizes for people (messages and the CLI).
 //! - [`jobs`]: the container engine and, later, the job queue.
+//! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
+//! - [`setup`]: creation, startup and ad-hoc scripts.
+//! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
@@ -26,13 +30,17 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod disk;
 pub mod events;
 pub mod health;
 pub mod host;
 pub mod jobs;
+pub mod mounts;
 pub mod reload;
+pub mod setup;
 pub mod status;
 pub mod store;
 pub mod systemd;
+pub mod units;
 
 pub use daemon::{Adapters, ConfigSource, Daemon, DaemonError};

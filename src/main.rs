@@ -9,7 +9,11 @@ use std::time::Duration;
 use clap::Parser;
 use instance_agent::cli::{self, Cli, Command, LogFormat, ServeArgs};
 use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
+use instance_agent::disk::probe::SystemProbe;
 use instance_agent::jobs::engine::DockerEngine;
+use instance_agent::mounts::system::SystemMounter;
+use instance_agent::setup::SupervisedRunner;
+use instance_agent::setup::supervisor::{self, SUPERVISOR_ARG};
 use instance_agent::{Adapters, ConfigSource, Daemon};
 
 /// sysexits.h: configuration error.
@@ -18,6 +22,11 @@ const EX_CONFIG: u8 = 78;
 const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
+    // The setup script supervisor is this binary re-executed by the agent
+    // (see `setup::runner`); it is not a user command.
+    if std::env::args_os().nth(1).as_deref() == Some(SUPERVISOR_ARG.as_ref()) {
+        return supervisor::main();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args, cli.socket),
@@ -58,16 +67,24 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let engine = Arc::new(DockerEngine::new(
+            &config.docker.socket,
+            Duration::from_secs(config.docker.request_timeout_seconds.into()),
+        ));
         let adapters = Adapters {
-            engine: Arc::new(DockerEngine::new(
-                &config.docker.socket,
-                Duration::from_secs(config.docker.request_timeout_seconds.into()),
-            )),
+            engine: engine.clone(),
+            disk_docker: engine,
+            disk_probe: Arc::new(SystemProbe),
+            mounter: Arc::new(SystemMounter::new()),
+            setup_runner: Arc::new(SupervisedRunner::detect(agent_binary())),
         };
         Daemon::new(config, source, adapters)
             .run(stop_signal())
             .await
     });
+    // A blocking call stuck on a hung filesystem (statvfs on a dead FUSE
+    // mount) must not keep the process from exiting.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -78,19 +95,31 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
     }
 }
 
-/// Resolves at the first SIGTERM or SIGINT.
-async fn stop_signal() {
+/// This binary, for re-executing it as the setup supervisor. `/proc/self/exe`
+/// opens the running binary even after a package upgrade replaced the file.
+fn agent_binary() -> std::path::PathBuf {
+    std::path::PathBuf::from("/proc/self/exe")
+}
+
+/// Resolves at the first SIGTERM or SIGINT. The handlers are installed when
+/// this is called, not when the future is first polled: the daemon binds its
+/// socket before it awaits the future, and a SIGTERM in between would
+/// otherwise kill the process with the default action.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; the agent can only be killed");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; the agent can only be killed");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::Watcher;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -20,19 +20,24 @@ use crate::daemon::{ConfigSource, describe_changes};
 /// window cause one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// Starts listening for SIGHUP. Called before the socket is bound: from then
+/// on a SIGHUP is queued for [`run`] instead of killing the process (the
+/// default action), and none sent once the agent answers is lost.
+pub fn listen_hangup() -> Option<Signal> {
+    signal(SignalKind::hangup())
+        .map_err(
+            |error| tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change"),
+        )
+        .ok()
+}
+
 /// Runs until `cancel` fires.
 pub async fn run(
     source: ConfigSource,
     config: watch::Sender<Arc<Config>>,
+    mut hangup: Option<Signal>,
     cancel: CancellationToken,
 ) {
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGHUP; reload only on file change");
-            None
-        }
-    };
     let (file_tx, mut file_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_file(&source, file_tx);
 
@@ -74,6 +79,8 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.docker.check_interval_seconds = new.docker.check_interval_seconds;
     running.events.backlog = new.events.backlog;
     running.jobs = new.jobs.clone();
+    running.mounts.health_interval_seconds = new.mounts.health_interval_seconds;
+    running.disk = new.disk.clone();
 }
 
 /// Watches the config file's directory; `None` when it cannot (then SIGHUP

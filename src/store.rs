@@ -6,9 +6,14 @@
 //! `#[serde(default)]`). Writes are fsynced transactions run off the async
 //! runtime; a write that fails for lack of space says so, so that the API can
 //! answer RESOURCE_EXHAUSTED while reads keep working.
+//!
+//! After a failed write redb refuses every later write ("previous I/O error")
+//! until the database is opened again, so the store reopens it before the
+//! next write: once space returns, writes succeed again by themselves.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -82,7 +87,10 @@ impl Write {
 /// The store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<redb::Database>,
+    /// `None` only while a reopen failed; the next write tries again.
+    db: Arc<RwLock<Option<redb::Database>>>,
+    /// Set when a write failed on I/O: redb then needs a reopen.
+    needs_reopen: Arc<AtomicBool>,
     path: Arc<PathBuf>,
 }
 
@@ -98,9 +106,55 @@ impl Store {
             .create(&path)
             .map_err(|e| classify(&path, e.into()))?;
         Ok(Self {
-            db: Arc::new(db),
+            db: Arc::new(RwLock::new(Some(db))),
+            needs_reopen: Arc::new(AtomicBool::new(false)),
             path: Arc::new(path),
         })
+    }
+
+    /// Runs one operation on the open database. Readers and writers share
+    /// the lock; only a reopen takes it exclusively. An I/O error marks the
+    /// database for a reopen before the next write.
+    fn with_db<R>(
+        &self,
+        op: impl FnOnce(&redb::Database) -> Result<R, redb::Error>,
+    ) -> Result<R, StoreError> {
+        // Every holder only reads or swaps the whole value; a poisoned lock
+        // still holds a consistent Option.
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = guard.as_ref() else {
+            return Err(StoreError::Storage {
+                path: self.path.to_path_buf(),
+                detail: "the database is closed after an I/O error; the next write reopens it"
+                    .into(),
+            });
+        };
+        let result = op(db);
+        if let Err(redb::Error::Io(_) | redb::Error::PreviousIo) = &result {
+            self.needs_reopen.store(true, Ordering::Release);
+        }
+        result.map_err(|e| classify(&self.path, e))
+    }
+
+    /// Closes and reopens the database after a failed write (redb latches
+    /// I/O errors). Runs before a write, never on the async runtime.
+    fn reopen_if_needed(&self) -> Result<(), StoreError> {
+        if !self.needs_reopen.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if !self.needs_reopen.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // The old handle holds the file lock: it must be closed before the
+        // file can be opened again.
+        drop(slot.take());
+        let db = redb::Database::create(self.path.as_path())
+            .map_err(|e| classify(&self.path, e.into()))?;
+        *slot = Some(db);
+        self.needs_reopen.store(false, Ordering::Release);
+        tracing::info!(path = %self.path.display(), "store reopened after a failed write");
+        Ok(())
     }
 
     /// The database file.
@@ -121,8 +175,9 @@ impl Store {
 
     /// Applies all writes in one durable transaction, on this thread.
     pub fn apply_blocking(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let run = || -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
+        self.reopen_if_needed()?;
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
             for write in &writes {
                 match write {
                     Write::Put(table, key, value) => {
@@ -136,8 +191,7 @@ impl Store {
             }
             txn.commit()?;
             Ok(())
-        };
-        run().map_err(|e| classify(&self.path, e))
+        })
     }
 
     /// One record. Reads are served from the page cache and do not fsync, so
@@ -147,8 +201,8 @@ impl Store {
         table: Table,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let read = || -> Result<Option<Vec<u8>>, redb::Error> {
-            let txn = self.db.begin_read()?;
+        let read = |db: &redb::Database| -> Result<Option<Vec<u8>>, redb::Error> {
+            let txn = db.begin_read()?;
             let t = match txn.open_table(table.def()) {
                 Ok(t) => t,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -156,7 +210,7 @@ impl Store {
             };
             Ok(t.get(key)?.map(|v| v.value().to_vec()))
         };
-        match read().map_err(|e| classify(&self.path, e))? {
+        match self.with_db(read)? {
             Some(bytes) => self.decode(table, key, &bytes).map(Some),
             None => Ok(None),
         }
@@ -164,8 +218,8 @@ impl Store {
 
     /// Every record of a table in key order.
     pub fn scan<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>, StoreError> {
-        let read = || -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
-            let txn = self.db.begin_read()?;
+        let read = |db: &redb::Database| -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
+            let txn = db.begin_read()?;
             let t = match txn.open_table(table.def()) {
                 Ok(t) => t,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -178,8 +232,7 @@ impl Store {
             }
             Ok(out)
         };
-        read()
-            .map_err(|e| classify(&self.path, e))?
+        self.with_db(read)?
             .into_iter()
             .map(|(k, v)| {
                 let value = self.decode(table, &k, &v)?;

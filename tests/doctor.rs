@@ -408,3 +408,112 @@ async fn the_bundle_holds_status_events_config_and_logs_without_secrets() {
     assert_eq!(report["result"], "FAIL");
     assert!(entries["README.txt"].contains("support bundle"));
 }
+
+/// Runs doctor until `name`'s check has `result` (runs and mounts settle
+/// asynchronously), returning the JSON of that check.
+fn wait_for_check(agent: &Agent, name: &str, result: &str) -> serde_json::Value {
+    let config = agent.config_path.to_str().expect("utf-8");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = cli(&agent.socket, &["--json", "doctor", "--config", config]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let found = report["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["name"] == name && c["result"] == result)
+            .cloned();
+        if let Some(check) = found {
+            return check;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never became {result}: {report:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_failed_creation_script_and_a_failing_mount_fail_with_their_fixes() {
+    let scripts = tempfile::tempdir().expect("tempdir");
+    let script = scripts.path().join("create.sh");
+    std::fs::write(&script, "#!/bin/sh\necho preparing\nexit 3\n").expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let secret = scripts.path().join("data.key");
+    std::fs::write(&secret, "a2V5").expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mnt = scripts.path().join("mnt");
+    std::fs::create_dir_all(mnt.join("data")).expect("mount dir");
+    // blobfuse2 is /bin/false: the configured mount fails and is retried.
+    let agent = Agent::builder()
+        .config(&format!(
+            "[mounts]\nblobfuse2_path = \"/bin/false\"\nallowed_roots = [{mnt:?}]\ncache_root = {:?}\n\
+             [[mounts.mount]]\nname = \"data\"\naccount = \"acct\"\ncontainer = \"data\"\n\
+             mount_path = {:?}\nauth = \"key\"\nsecret_file = {secret:?}\n\
+             [[setup.scripts]]\nkind = \"creation\"\npath = {script:?}\n",
+            scripts.path().join("cache"),
+            mnt.join("data"),
+        ))
+        .start();
+
+    let setup = wait_for_check(&agent, "setup", "FAIL");
+    let message = setup["message"].as_str().expect("message");
+    assert!(message.contains("creation script"), "{setup}");
+    assert!(message.contains(script.to_str().expect("utf-8")), "{setup}");
+    assert!(message.contains('3'), "exit status: {setup}");
+    assert!(
+        setup["fix"]
+            .as_str()
+            .expect("fix")
+            .contains("instance-agent setup logs "),
+        "{setup}"
+    );
+
+    let mount = wait_for_check(&agent, "mounts", "FAIL");
+    assert!(
+        mount["message"]
+            .as_str()
+            .expect("message")
+            .contains("data at "),
+        "{mount}"
+    );
+    assert!(
+        mount["fix"].as_str().expect("fix").contains("mounts list"),
+        "{mount}"
+    );
+    // blobfuse2_path is a path here, and it exists.
+    let out = cli(
+        &agent.socket,
+        &[
+            "doctor",
+            "--config",
+            agent.config_path.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stdout(&out).contains("PASS  blobfuse2  found at /bin/false"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_filesystem_below_the_floor_fails_with_the_reclaim_fix() {
+    // Levels no real disk meets: every watched filesystem is critical.
+    let agent = Agent::builder()
+        .config("[disk]\ncritical_free_bytes = 1125899906842624\nwarning_free_bytes = 2251799813685248\n")
+        .start();
+    let disk = wait_for_check(&agent, "disk", "FAIL");
+    let message = disk["message"].as_str().expect("message");
+    assert!(message.contains("below the floor"), "{disk}");
+    assert!(message.contains("floor 1.0 PiB"), "{disk}");
+    assert!(
+        disk["fix"]
+            .as_str()
+            .expect("fix")
+            .contains("instance-agent disk --reclaim"),
+        "{disk}"
+    );
+}

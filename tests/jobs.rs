@@ -354,7 +354,7 @@ async fn logs_over_the_cap_keep_the_newest_part_with_a_marker() {
     let mut c = client(&agent).await;
     submit(
         &mut c,
-        spec("chatty", &["sh", "-c", "seq 1 100000; echo THE-END"]),
+        spec("chatty", &["sh", "-c", "seq 1 30000; echo THE-END"]),
     )
     .await;
     let job = wait_final(&mut c, "chatty", Duration::from_secs(60)).await;
@@ -615,4 +615,46 @@ async fn kill_9_during_many_jobs_loses_none_and_runs_none_twice() {
         assert_eq!(runs(markers.path(), id), 1, "{id} ran exactly once");
     }
     wait_removed(&agent.instance_id).await;
+}
+
+#[tokio::test]
+async fn jobs_wait_for_the_creation_script() {
+    let markers = tempfile::tempdir().unwrap();
+    let script = markers.path().join("create.sh");
+    std::fs::write(&script, "#!/bin/sh\nsleep 3\n").unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&script).unwrap().permissions(),
+        0o755,
+    );
+    Command::new("chmod")
+        .arg("755")
+        .arg(&script)
+        .status()
+        .unwrap();
+    let config = format!(
+        "{}[[setup.scripts]]\nkind = \"creation\"\npath = {:?}\n",
+        jobs_config(2, markers.path()),
+        script.display().to_string()
+    );
+    let agent = Agent::builder().config(&config).start();
+    let mut c = client(&agent).await;
+    submit(&mut c, spec("gated", &["true"])).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let job = get(&mut c, "gated").await;
+    assert_eq!(
+        job.state(),
+        proto::JobState::Queued,
+        "held until the creation script succeeds: {job:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !is_final(get(&mut c, "gated").await.state()) {
+        assert!(
+            Instant::now() < deadline,
+            "never ran; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = get(&mut c, "gated").await;
+    assert_eq!(job.state(), proto::JobState::Succeeded, "{job:?}");
 }

@@ -166,6 +166,15 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
                 queue_position: None,
             })),
         }),
+        EventPayload::Mount(status) => proto::event::Kind::Mount(proto::MountEvent {
+            mount: Some(super::mounts::info_to_proto(status)),
+        }),
+        EventPayload::Setup(run) => proto::event::Kind::Setup(proto::SetupEvent {
+            run: Some(super::setup::run_to_proto(run)),
+        }),
+        EventPayload::DiskAlert(alert) => {
+            proto::event::Kind::DiskAlert(super::disk::alert_to_proto(alert))
+        }
     };
     proto::Event {
         sequence: event.sequence,

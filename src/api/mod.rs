@@ -43,19 +43,18 @@ pub fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {
     }
 }
 
-/// The answer of an RPC whose capability has not landed yet.
-pub(crate) fn not_yet(rpc: &str, capability: &str) -> tonic::Status {
-    tonic::Status::unimplemented(format!(
-        "{rpc} is not implemented yet: it arrives with the {capability} capability"
-    ))
-}
-
 /// Everything the services need, built by the daemon.
 pub struct ApiParts {
     /// Status and events.
     pub agent: agent::AgentApi,
     /// Jobs.
     pub jobs: jobs::JobApi,
+    /// File share mounts.
+    pub mounts: mounts::MountApi,
+    /// Setup scripts.
+    pub setup: setup::SetupApi,
+    /// The disk guard.
+    pub disk: disk::DiskApi,
 }
 
 /// Builds the routes of all services plus health and reflection, and returns
@@ -83,8 +82,8 @@ pub fn routes(
         .add_service(reflection_v1alpha)
         .add_service(AgentServiceServer::new(parts.agent))
         .add_service(JobServiceServer::new(parts.jobs))
-        .add_service(DiskServiceServer::new(disk::DiskApi))
-        .add_service(SetupServiceServer::new(setup::SetupApi))
-        .add_service(MountServiceServer::new(mounts::MountApi));
+        .add_service(DiskServiceServer::new(parts.disk))
+        .add_service(SetupServiceServer::new(parts.setup))
+        .add_service(MountServiceServer::new(parts.mounts));
     Ok((routes, reporter))
 }

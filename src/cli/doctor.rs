@@ -15,7 +15,7 @@
 mod bundle;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -170,7 +170,7 @@ pub async fn run(args: DoctorArgs, socket: PathBuf, json: bool) -> anyhow::Resul
     ];
     checks.push(docker_check(&agent, &local_config));
     checks.push(fuse_check());
-    checks.push(blobfuse2_check());
+    checks.push(blobfuse2_check(&local_config));
     match &agent.channel {
         Some(channel) => {
             checks.extend(disk_checks(channel.clone(), agent.status.as_ref().ok()).await);
@@ -401,7 +401,6 @@ fn docker_check(agent: &AgentAnswer, config: &Result<Config, ConfigError>) -> Ch
 
 /// Looks a program up in PATH, as a shell would.
 fn find_in_path(program: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
@@ -436,12 +435,28 @@ fn fuse_check() -> Check {
     }
 }
 
-fn blobfuse2_check() -> Check {
-    match find_in_path("blobfuse2") {
+/// The program `mounts.blobfuse2_path` names: a path, or a name looked up
+/// in PATH like the agent does.
+fn blobfuse2_check(config: &Result<Config, ConfigError>) -> Check {
+    let program = config
+        .as_ref()
+        .map(|c| c.mounts.blobfuse2_path.clone())
+        .unwrap_or_else(|_| Config::default().mounts.blobfuse2_path);
+    let found = if program.components().count() > 1 {
+        std::fs::metadata(&program)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .then(|| program.clone())
+    } else {
+        find_in_path(&program.to_string_lossy())
+    };
+    match found {
         Some(path) => Check::pass("blobfuse2", format!("found at {}", path.display())),
         None => Check::warn(
             "blobfuse2",
-            "blobfuse2 not found in PATH: file share mounts cannot work",
+            format!(
+                "{} (mounts.blobfuse2_path) not found: file share mounts cannot work",
+                program.display()
+            ),
             "install the blobfuse2 package from packages.microsoft.com (needed only for mounts)",
         ),
     }
@@ -535,11 +550,9 @@ fn filesystem_check(fs: &proto::FilesystemUsage) -> Check {
         proto::DiskState::Warning => {
             Check::warn("disk", format!("{what}: below the warning level"), reclaim)
         }
-        proto::DiskState::Critical => Check::fail(
-            "disk",
-            format!("{what}: below the floor, new jobs do not start"),
-            reclaim,
-        ),
+        proto::DiskState::Critical => {
+            Check::fail("disk", format!("{what}: below the floor"), reclaim)
+        }
         proto::DiskState::Unresponsive => Check::fail(
             "disk",
             format!("{} does not answer: {}", fs.mount_point, fs.error),
@@ -660,10 +673,12 @@ fn setup_run_check(run: &proto::SetupRun) -> Check {
         "{kind} script {} (run {}, attempt {})",
         run.source, run.id, run.attempt
     );
-    let exit = run
-        .exit_code
-        .map(|c| format!(", exit status {c}"))
-        .unwrap_or_default();
+    // The agent's message usually names the exit status already.
+    let detail = match (&run.message, run.exit_code) {
+        (message, _) if !message.is_empty() => message.clone(),
+        (_, Some(code)) => format!("exit status {code}"),
+        (_, None) => "no detail".to_owned(),
+    };
     let see = format!(
         "see `instance-agent setup logs {}`, fix the script, then {}",
         run.id,
@@ -689,11 +704,7 @@ fn setup_run_check(run: &proto::SetupRun) -> Check {
         | proto::SetupRunState::TimedOut
         | proto::SetupRunState::Unspecified => Check::fail(
             "setup",
-            format!(
-                "{what}: {}{exit}: {}",
-                setup_state_name(run.state()),
-                run.message
-            ),
+            format!("{what}: {}: {detail}", setup_state_name(run.state())),
             see,
         ),
     }

@@ -4,18 +4,7 @@ use std::time::{Duration, SystemTime};
 
 /// Bytes as `df -h` shows them (1024-based, one decimal).
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    crate::units::bytes(n)
 }
 
 /// A duration as `3d 4h`, `5m 12s` or `800ms`: the two largest units.
@@ -78,6 +67,29 @@ pub fn parse_size(text: &str) -> Option<u64> {
     (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
+/// A protobuf timestamp as `2024-05-01 12:34:56Z` (UTC, no time zone database needed).
+pub fn utc(ts: Option<&pbjson_types::Timestamp>) -> String {
+    let Some(ts) = ts else { return "-".into() };
+    let days = ts.seconds.div_euclid(86_400);
+    let secs = ts.seconds.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +108,14 @@ mod tests {
         assert_eq!(parse_size("1.5K"), Some(1536));
         assert_eq!(parse_size("100"), Some(100));
         assert_eq!(parse_size("10X"), None);
+    }
+
+    #[test]
+    fn utc_times() {
+        let ts = |seconds| pbjson_types::Timestamp { seconds, nanos: 0 };
+        assert_eq!(utc(Some(&ts(0))), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(Some(&ts(1_714_566_896))), "2024-05-01 12:34:56Z");
+        assert_eq!(utc(Some(&ts(951_782_400))), "2000-02-29 00:00:00Z");
     }
 
     #[test]

@@ -6,9 +6,12 @@
 mod client;
 mod completions;
 mod config_cmd;
+mod disk;
 mod doctor;
 mod format;
 mod jobs;
+mod mounts;
+mod setup;
 mod status;
 
 use std::path::PathBuf;
@@ -45,11 +48,20 @@ pub enum Command {
     /// Submit, list, inspect, cancel jobs and read their logs.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Show every watched filesystem like `df -h` with its state and levels;
+    /// find what fills a disk (--top), follow alerts (--watch), reclaim space.
+    Disk(disk::DiskArgs),
     /// Check the agent and the host, print PASS/WARN/FAIL with fixes (exit 0/1/2); `--bundle FILE` writes a support bundle.
     Doctor(doctor::DoctorArgs),
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// File share mounts (blobfuse2): list, mount, unmount.
+    #[command(subcommand)]
+    Mounts(mounts::MountsCommand),
+    /// Setup scripts: list runs, run a script, show its logs.
+    #[command(subcommand)]
+    Setup(setup::SetupCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -104,6 +116,9 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
         }
         Command::Status => with_runtime(status::run(socket, json)),
         Command::Jobs(cmd) => with_runtime(jobs::run(cmd, socket, json)),
+        Command::Mounts(cmd) => with_runtime(mounts::run(cmd, socket, json)),
+        Command::Setup(cmd) => with_runtime(setup::run(cmd, socket, json)),
+        Command::Disk(args) => with_runtime(disk::run(socket, json, args)),
         Command::Doctor(args) => with_runtime(doctor::run(args, socket, json)),
     };
     match result {

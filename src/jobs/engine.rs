@@ -248,7 +248,7 @@ impl DockerEngine {
 
     /// Maps a bollard error; a transport failure drops the client so the next
     /// call reconnects and renegotiates (the engine may have been upgraded).
-    async fn map_error(
+    pub async fn map_error(
         &self,
         operation: &'static str,
         name: &str,

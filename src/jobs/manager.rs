@@ -38,6 +38,8 @@ use crate::store::{Store, StoreError, Table, Write};
 const RECORDS: Table = Table("jobs.records");
 /// How long CancelJob waits for a running job to end before answering.
 const CANCEL_REPLY_WAIT: Duration = Duration::from_secs(2);
+/// How long the final state waits for the output capture to drain.
+const CAPTURE_DRAIN: Duration = Duration::from_secs(60);
 /// Longest wait between retries while the engine or the store fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -316,6 +318,11 @@ impl JobManager {
         self.inner.config.borrow().jobs.clone()
     }
 
+    /// Under disk pressure, logs of jobs finished longer ago than this go.
+    pub fn log_retention_seconds(&self) -> u64 {
+        self.inner.config.borrow().jobs.log_retention_seconds
+    }
+
     /// Slots in total under the live config.
     pub fn capacity(&self) -> u32 {
         let jobs = &self.inner.config.borrow().jobs;
@@ -438,10 +445,21 @@ impl JobManager {
             .then(|| state.queue.iter().position(|k| k.id == id))
             .flatten()
             .map(|p| u32::try_from(p).unwrap_or(u32::MAX));
-        Ok(JobView {
-            record: record.clone(),
+        Ok(self.view(record.clone(), queue_position))
+    }
+
+    /// A record as clients see it: a queued job held by the admission gate
+    /// says why instead of "waiting for slots".
+    fn view(&self, mut record: JobRecord, queue_position: Option<u32>) -> JobView {
+        if record.state == JobState::Queued
+            && let Some(held) = self.inner.admission.held_reason()
+        {
+            record.reason = format!("held: {held}");
+        }
+        JobView {
+            record,
             queue_position,
-        })
+        }
     }
 
     /// Jobs matching `filter`, newest first.
@@ -473,10 +491,7 @@ impl JobManager {
         matching
             .into_iter()
             .take(limit)
-            .map(|r| JobView {
-                record: r.clone(),
-                queue_position: positions.get(r.id()).copied(),
-            })
+            .map(|r| self.view(r.clone(), positions.get(r.id()).copied()))
             .collect()
     }
 
@@ -853,8 +868,13 @@ impl JobManager {
         }
         if let Err(error) = self.inner.engine.start(&container).await {
             if error.is_unreachable() {
-                // Whether it started is unknown: supervision finds out.
-                return Some(container);
+                // Whether it started is unknown; a created container must be
+                // started before it is waited for (the engine reports a
+                // never-started container as exited with status 0).
+                return self
+                    .ensure_started(id, &container)
+                    .await
+                    .then_some(container);
             }
             self.fail_before_running(
                 id,
@@ -865,6 +885,48 @@ impl JobManager {
             return None;
         }
         Some(container)
+    }
+
+    /// Starts `container` if the engine says it is only created, retrying
+    /// while the engine is unreachable. False when the job ended instead.
+    async fn ensure_started(&self, id: &str, container: &str) -> bool {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            match self.inner.engine.inspect(container).await {
+                Ok(Some(status)) if status.status == "created" => {
+                    match self.inner.engine.start(container).await {
+                        Ok(()) => return true,
+                        Err(error) if error.is_unreachable() => continue,
+                        Err(error) => {
+                            self.fail_before_running(
+                                id,
+                                container,
+                                format!("cannot start the container: {error}"),
+                            )
+                            .await;
+                            return false;
+                        }
+                    }
+                }
+                Ok(Some(_)) => return true,
+                Ok(None) => {
+                    // Never started (it would carry our record otherwise), so
+                    // it may be created again.
+                    self.requeue(
+                        id,
+                        "waiting: the container vanished before it started".into(),
+                    )
+                    .await;
+                    return false;
+                }
+                Err(_) => continue,
+            }
+        }
     }
 
     async fn cancelled_before_start(&self, id: &str) {
@@ -1037,13 +1099,14 @@ impl JobManager {
             Outcome::Lost => None,
             Outcome::Exited(code) => Some(code),
         };
-        // The output stream ends with the container; give it a moment to
-        // drain so that the log is complete when the final state is visible.
-        if tokio::time::timeout(Duration::from_secs(10), capture)
-            .await
-            .is_err()
-        {
-            tracing::warn!(job = id, "log capture did not finish within 10 s of exit");
+        // The output stream ends with the container; let it drain so that
+        // the log is complete when the final state is visible (bounded, in
+        // case the engine keeps the stream open).
+        if tokio::time::timeout(CAPTURE_DRAIN, capture).await.is_err() {
+            tracing::warn!(
+                job = id,
+                "log capture did not finish within {CAPTURE_DRAIN:?} of exit"
+            );
         }
         let oom = match exit {
             Some(_) => {

@@ -109,7 +109,8 @@ impl Harness {
     }
 
     async fn wait_for(&self, what: &str, check: impl Fn(&Self) -> bool) {
-        for _ in 0..500 {
+        // Generous: the machine may be busy; a pass is usually a few ms.
+        for _ in 0..3000 {
             if check(self) {
                 return;
             }

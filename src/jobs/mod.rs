@@ -14,6 +14,7 @@ pub mod engine_monitor;
 pub mod fake_engine;
 pub mod logs;
 pub mod manager;
+pub mod reclaim;
 pub mod record;
 pub mod scheduler;
 pub mod spec;

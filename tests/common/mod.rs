@@ -55,6 +55,7 @@ pub struct AgentBuilder {
     config: String,
     env: Vec<(String, String)>,
     instance_id: String,
+    state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentBuilder {
@@ -63,6 +64,7 @@ impl Default for AgentBuilder {
             config: String::new(),
             env: Vec::new(),
             instance_id: format!("test-{}", uuid_like()),
+            state_dir: None,
         }
     }
 }
@@ -97,6 +99,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Puts the state dir somewhere else (e.g. on a filesystem the test made).
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_owned());
+        self
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
         self
@@ -113,7 +121,10 @@ impl AgentBuilder {
     pub fn spawn(self) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
-        let state_dir = dir.path().join("state");
+        let state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         let config_path = dir.path().join("config.toml");
         let log_path = dir.path().join("agent.log");
         let config = format!(
@@ -308,4 +319,30 @@ pub fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("run cli")
+}
+
+impl Agent {
+    /// Starts the agent again on the same config, state dir and socket (after
+    /// a stop or a crash), appending to the same log. Kills it first if it
+    /// still runs.
+    pub fn respawn(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        self.child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,instance_agent=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("respawn instance-agent");
+        self.wait_ready(Duration::from_secs(20));
+    }
 }

@@ -15,9 +15,10 @@
 //! What could not be collected is replaced by a `<name>.txt` note saying why,
 //! so the bundle is always written. Secrets: every value under a key that
 //! looks secret (key, sas, token, password, secret, private, credential) is
-//! replaced in the config, the status and the events, and so is every job
-//! environment value (the usual carrier of credentials); a config that does
-//! not parse is left out entirely rather than risk quoting one.
+//! replaced in the config, the status and the events, and so is every value
+//! of an `env` table (jobs, setup scripts: the usual carrier of credentials,
+//! under any name); a config that does not parse is left out entirely rather
+//! than risk quoting one.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -141,7 +142,7 @@ fn readme(inputs: &Inputs<'_>) -> String {
          config.toml  the config file, secret-looking values replaced by {REDACTED}\n\
          agent.log    the agent's last {LOG_LINES} log lines\n\
          A <name>.txt file instead of one of these says why it could not be collected.\n\
-         Job environment values and secret-looking fields are replaced by {REDACTED}.\n",
+         Environment values (jobs, setup scripts) and secret-looking fields are replaced by {REDACTED}.\n",
         env!("CARGO_PKG_VERSION"),
         inputs.config_path.display(),
         inputs.report.result,
@@ -299,7 +300,9 @@ fn redacted_config(path: &Path) -> Result<String, String> {
 
 fn redact_toml(table: &mut toml::Table) {
     for (key, value) in table.iter_mut() {
-        if looks_secret(key) {
+        // `env` tables (setup scripts' environment) carry credentials under
+        // any name.
+        if looks_secret(key) || key == "env" {
             blank_toml(value);
         } else {
             match value {
@@ -447,6 +450,9 @@ mod tests {
             account_key = """
             multi
             line"""
+            [[setup.scripts]]
+            path = "/opt/setup.sh"
+            env = { CONNECTION_STRING = "hunter2-env" }
             [extra]
             api_token = "hunter2"
             password = 1234
@@ -461,6 +467,7 @@ mod tests {
         assert!(!text.contains("key.pem"), "{text}");
         assert!(text.contains("127.0.0.1:7000"), "{text}");
         assert!(text.contains("name = \"data\""), "{text}");
+        assert!(text.contains("/opt/setup.sh"), "{text}");
     }
 
     #[test]

@@ -1,0 +1,225 @@
+//! `instance-agent mounts list|mount|unmount`: file share mounts through the
+//! `MountService` API. Secrets are read from a file or stdin, never taken as
+//! arguments (which any user can read in `ps`).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use super::client;
+use super::format;
+use crate::api::proto::{self, mount_service_client::MountServiceClient};
+
+/// `mounts` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MountsCommand {
+    /// List managed mounts and their health.
+    List,
+    /// Mount a blob container and supervise it.
+    Mount(Box<MountArgs>),
+    /// Unmount (lazily when busy), stop blobfuse2 and forget the mount.
+    Unmount {
+        /// The mount's name.
+        name: String,
+    },
+}
+
+/// `mounts mount` options.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Unique name ([A-Za-z0-9_.-], at most 64 characters); jobs refer to it.
+    pub name: String,
+    /// Storage account.
+    #[arg(long)]
+    pub account: String,
+    /// Blob container.
+    #[arg(long)]
+    pub container: String,
+    /// Where to mount (below mounts.allowed_roots).
+    #[arg(long = "path", value_name = "PATH")]
+    pub mount_path: PathBuf,
+    /// File holding the account key ("-" for stdin).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["sas_token_file", "client_id", "resource_id", "object_id"])]
+    pub account_key_file: Option<PathBuf>,
+    /// File holding the SAS token ("-" for stdin).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["client_id", "resource_id", "object_id"])]
+    pub sas_token_file: Option<PathBuf>,
+    /// Managed identity: a user-assigned identity's client id. Without any
+    /// secret or identity option, the system-assigned identity is used.
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// Managed identity: resource id.
+    #[arg(long)]
+    pub resource_id: Option<String>,
+    /// Managed identity: object id.
+    #[arg(long)]
+    pub object_id: Option<String>,
+    /// Mount read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Cache dir [default: <mounts.cache_root>/<name>].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Cache cap in bytes [default: mounts.default_cache_max_bytes].
+    #[arg(long, value_name = "BYTES")]
+    pub cache_max_bytes: Option<u64>,
+    /// Blob endpoint [default: https://<account>.blob.core.windows.net].
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Mount only this virtual directory of the container.
+    #[arg(long)]
+    pub subdirectory: Option<String>,
+}
+
+/// Runs a `mounts` subcommand; exits 69 when the daemon cannot be reached.
+pub async fn run(command: MountsCommand, socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    let channel = match client::connect_or_explain(&socket).await {
+        Ok(channel) => channel,
+        Err(code) => return Ok(code),
+    };
+    let mut client = MountServiceClient::new(channel);
+    match command {
+        MountsCommand::List => {
+            let reply = client
+                .list_mounts(proto::ListMountsRequest {})
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else {
+                print!("{}", render_list(&reply.mounts));
+            }
+            let unhealthy = reply
+                .mounts
+                .iter()
+                .any(|m| m.state() != proto::MountState::Mounted);
+            Ok(if unhealthy {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        MountsCommand::Mount(args) => {
+            let request = request(*args)?;
+            let info = client.mount(request).await?.into_inner();
+            print_one(&info, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        MountsCommand::Unmount { name } => {
+            let info = client
+                .unmount(proto::UnmountRequest { name })
+                .await?
+                .into_inner();
+            print_one(&info, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_one(info: &proto::MountInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(info)?);
+    } else {
+        println!(
+            "{} {} at {}{}",
+            info.name,
+            state_name(info.state()),
+            info.mount_path,
+            if info.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", info.message)
+            }
+        );
+    }
+    Ok(())
+}
+
+fn read_secret(path: &PathBuf) -> anyhow::Result<String> {
+    let mut text = String::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the secret from stdin")?;
+    } else {
+        text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+    }
+    Ok(text.trim().to_owned())
+}
+
+fn request(args: MountArgs) -> anyhow::Result<proto::MountRequest> {
+    use proto::mount_request::Auth;
+    let auth = if let Some(file) = &args.account_key_file {
+        Some(Auth::AccountKey(read_secret(file)?))
+    } else if let Some(file) = &args.sas_token_file {
+        Some(Auth::SasToken(read_secret(file)?))
+    } else if args.client_id.is_some() || args.resource_id.is_some() || args.object_id.is_some() {
+        Some(Auth::ManagedIdentity(proto::ManagedIdentity {
+            client_id: args.client_id.unwrap_or_default(),
+            resource_id: args.resource_id.unwrap_or_default(),
+            object_id: args.object_id.unwrap_or_default(),
+        }))
+    } else {
+        None
+    };
+    Ok(proto::MountRequest {
+        name: args.name,
+        account: args.account,
+        container: args.container,
+        mount_path: args.mount_path.display().to_string(),
+        auth,
+        read_only: args.read_only,
+        cache_dir: args
+            .cache_dir
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+        cache_max_bytes: args.cache_max_bytes.unwrap_or(0),
+        endpoint: args.endpoint.unwrap_or_default(),
+        subdirectory: args.subdirectory.unwrap_or_default(),
+    })
+}
+
+fn state_name(state: proto::MountState) -> &'static str {
+    match state {
+        proto::MountState::Unspecified => "unknown",
+        proto::MountState::Mounting => "mounting",
+        proto::MountState::Mounted => "mounted",
+        proto::MountState::Stale => "STALE",
+        proto::MountState::Remounting => "remounting",
+        proto::MountState::Failed => "FAILED",
+        proto::MountState::Unmounted => "unmounted",
+    }
+}
+
+fn render_list(mounts: &[proto::MountInfo]) -> String {
+    use std::fmt::Write;
+    if mounts.is_empty() {
+        return "no mounts\n".into();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<10} {:<28} {:<24} {:<4} {:>8} {:<8} {:<12} MESSAGE",
+        "NAME", "STATE", "PATH", "ACCOUNT/CONTAINER", "AUTH", "CACHE", "REPAIRS", "CHECKED"
+    );
+    for m in mounts {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<10} {:<28} {:<24} {:<4} {:>8} {:<8} {:<12} {}",
+            m.name,
+            state_name(m.state()),
+            m.mount_path,
+            format!("{}/{}", m.account, m.container),
+            m.auth_mode,
+            format::bytes(m.cache_max_bytes),
+            m.remount_count,
+            format::age(m.last_checked.as_ref()),
+            m.message
+        );
+    }
+    out
+}

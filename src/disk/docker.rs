@@ -1,0 +1,536 @@
+//! The disk guard's narrow interface to the container engine
+//! ([`DockerSpace`]: where the engine keeps its data, the agent's exited
+//! containers, dangling images), its implementation on
+//! [`DockerEngine`](crate::jobs::engine::DockerEngine) through bollard, and
+//! the two reclaim steps built on it: "exited_containers" and
+//! "dangling_images".
+//!
+//! Only containers labelled with this instance's id whose job has finished
+//! are removed; containers without a job label, and every other container,
+//! are never touched.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::reclaim::{Freed, ReclaimError, ReclaimStep};
+use crate::jobs::engine::{DockerEngine, EngineError};
+use crate::jobs::{LABEL_INSTANCE, LABEL_JOB};
+
+/// An exited container of this instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitedContainer {
+    /// Container id.
+    pub id: String,
+    /// The job it ran (its `io.instance-agent.job` label), if labelled.
+    pub job_id: Option<String>,
+    /// Bytes in its writable layer (freed by removing it).
+    pub size_bytes: u64,
+}
+
+/// A dangling (untagged, unused) image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DanglingImage {
+    /// Image id.
+    pub id: String,
+    /// Its size in bytes (layers shared with other images are counted too).
+    pub size_bytes: u64,
+}
+
+/// What the disk guard needs from the engine.
+#[async_trait]
+pub trait DockerSpace: Send + Sync + 'static {
+    /// Where the engine keeps images and containers (`docker info`'s DockerRootDir).
+    async fn data_root(&self) -> Result<PathBuf, EngineError>;
+    /// Exited (or dead) containers labelled with `instance_id`.
+    async fn exited_containers(
+        &self,
+        instance_id: &str,
+    ) -> Result<Vec<ExitedContainer>, EngineError>;
+    /// Removes one container (not its named volumes).
+    async fn remove_container(&self, id: &str) -> Result<(), EngineError>;
+    /// Dangling images.
+    async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError>;
+    /// Removes every dangling image; returns what the engine reclaimed.
+    async fn prune_dangling_images(&self) -> Result<Freed, EngineError>;
+}
+
+/// Is the job with this id finished (so its container may go)? Supplied by
+/// the job queue.
+pub type JobFinished = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Runs one engine call with the engine's deadline, mapping errors.
+async fn call<T>(
+    engine: &DockerEngine,
+    operation: &'static str,
+    timeout: std::time::Duration,
+    future: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<T, EngineError> {
+    match tokio::time::timeout(timeout, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(engine.map_error(operation, "", e).await),
+        Err(_) => Err(EngineError::Api {
+            operation,
+            message: format!("no answer within {timeout:?}"),
+        }),
+    }
+}
+
+/// Deadline for engine calls made by the disk guard. Pruning images can
+/// take a while on a large image store.
+const ENGINE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+#[async_trait]
+impl DockerSpace for DockerEngine {
+    async fn data_root(&self) -> Result<PathBuf, EngineError> {
+        let client = self.client().await?;
+        let info = call(self, "info", ENGINE_CALL_TIMEOUT, client.info()).await?;
+        info.docker_root_dir
+            .filter(|dir| !dir.is_empty())
+            .map(PathBuf::from)
+            .ok_or(EngineError::Api {
+                operation: "info",
+                message: "the engine did not report DockerRootDir".into(),
+            })
+    }
+
+    async fn exited_containers(
+        &self,
+        instance_id: &str,
+    ) -> Result<Vec<ExitedContainer>, EngineError> {
+        use bollard::query_parameters::ListContainersOptionsBuilder;
+        let client = self.client().await?;
+        let filters: HashMap<&str, Vec<String>> = HashMap::from([
+            ("label", vec![format!("{LABEL_INSTANCE}={instance_id}")]),
+            ("status", vec!["exited".to_owned(), "dead".to_owned()]),
+        ]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .size(true)
+            .filters(&filters)
+            .build();
+        let list = call(
+            self,
+            "list containers",
+            ENGINE_CALL_TIMEOUT,
+            client.list_containers(Some(options)),
+        )
+        .await?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                Some(ExitedContainer {
+                    job_id: c
+                        .labels
+                        .as_ref()
+                        .and_then(|labels| labels.get(LABEL_JOB).cloned()),
+                    size_bytes: c.size_rw.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                    id: c.id?,
+                })
+            })
+            .collect())
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), EngineError> {
+        use bollard::query_parameters::RemoveContainerOptions;
+        let client = self.client().await?;
+        call(
+            self,
+            "remove container",
+            ENGINE_CALL_TIMEOUT,
+            client.remove_container(id, Some(RemoveContainerOptions::default())),
+        )
+        .await
+    }
+
+    async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError> {
+        use bollard::query_parameters::ListImagesOptions;
+        let client = self.client().await?;
+        let options = ListImagesOptions {
+            filters: Some(HashMap::from([(
+                "dangling".to_owned(),
+                vec!["true".to_owned()],
+            )])),
+            ..Default::default()
+        };
+        let list = call(
+            self,
+            "list images",
+            ENGINE_CALL_TIMEOUT,
+            client.list_images(Some(options)),
+        )
+        .await?;
+        Ok(list
+            .into_iter()
+            .map(|i| DanglingImage {
+                id: i.id,
+                size_bytes: u64::try_from(i.size).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn prune_dangling_images(&self) -> Result<Freed, EngineError> {
+        use bollard::query_parameters::PruneImagesOptions;
+        let client = self.client().await?;
+        let options = PruneImagesOptions {
+            filters: Some(HashMap::from([(
+                "dangling".to_owned(),
+                vec!["true".to_owned()],
+            )])),
+        };
+        let pruned = call(
+            self,
+            "prune images",
+            ENGINE_CALL_TIMEOUT,
+            client.prune_images(Some(options)),
+        )
+        .await?;
+        let items = pruned
+            .images_deleted
+            .unwrap_or_default()
+            .iter()
+            .filter(|d| d.deleted.is_some())
+            .count();
+        Ok(Freed {
+            bytes: pruned
+                .space_reclaimed
+                .and_then(|b| u64::try_from(b).ok())
+                .unwrap_or(0),
+            items: u32::try_from(items).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+/// Reclaim step "exited_containers": removes this instance's exited
+/// containers whose job has finished.
+pub struct ExitedContainers {
+    docker: Arc<dyn DockerSpace>,
+    instance_id: String,
+    job_finished: JobFinished,
+}
+
+impl ExitedContainers {
+    /// The step for `instance_id`'s containers.
+    pub fn new(docker: Arc<dyn DockerSpace>, instance_id: &str, job_finished: JobFinished) -> Self {
+        Self {
+            docker,
+            instance_id: instance_id.to_owned(),
+            job_finished,
+        }
+    }
+
+    async fn removable(&self) -> Result<Vec<ExitedContainer>, ReclaimError> {
+        Ok(self
+            .docker
+            .exited_containers(&self.instance_id)
+            .await?
+            .into_iter()
+            .filter(|c| {
+                c.job_id
+                    .as_deref()
+                    .is_some_and(|job| (self.job_finished)(job))
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl ReclaimStep for ExitedContainers {
+    fn name(&self) -> &'static str {
+        "exited_containers"
+    }
+
+    async fn estimate(&self) -> Result<Freed, ReclaimError> {
+        let mut freed = Freed::default();
+        for c in self.removable().await? {
+            freed.add(Freed {
+                bytes: c.size_bytes,
+                items: 1,
+            });
+        }
+        Ok(freed)
+    }
+
+    async fn location(&self) -> Option<PathBuf> {
+        self.docker.data_root().await.ok()
+    }
+
+    async fn run(&self) -> Result<Freed, ReclaimError> {
+        let mut freed = Freed::default();
+        let mut failed = 0;
+        let mut first = None;
+        for c in self.removable().await? {
+            match self.docker.remove_container(&c.id).await {
+                Ok(()) => {
+                    tracing::info!(container = %c.id, job = ?c.job_id, bytes = c.size_bytes, "reclaim: removed exited job container");
+                    freed.add(Freed {
+                        bytes: c.size_bytes,
+                        items: 1,
+                    });
+                }
+                Err(e) => {
+                    failed += 1;
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        match first {
+            None => Ok(freed),
+            Some(first) => Err(ReclaimError::Partial {
+                freed,
+                failed,
+                first: Box::new(first.into()),
+            }),
+        }
+    }
+}
+
+/// Reclaim step "dangling_images": prunes untagged, unused images.
+pub struct DanglingImages {
+    docker: Arc<dyn DockerSpace>,
+}
+
+impl DanglingImages {
+    /// The step.
+    pub fn new(docker: Arc<dyn DockerSpace>) -> Self {
+        Self { docker }
+    }
+}
+
+#[async_trait]
+impl ReclaimStep for DanglingImages {
+    fn name(&self) -> &'static str {
+        "dangling_images"
+    }
+
+    async fn estimate(&self) -> Result<Freed, ReclaimError> {
+        let mut freed = Freed::default();
+        for image in self.docker.dangling_images().await? {
+            freed.add(Freed {
+                bytes: image.size_bytes,
+                items: 1,
+            });
+        }
+        Ok(freed)
+    }
+
+    async fn location(&self) -> Option<PathBuf> {
+        self.docker.data_root().await.ok()
+    }
+
+    async fn run(&self) -> Result<Freed, ReclaimError> {
+        let freed = self.docker.prune_dangling_images().await?;
+        if freed.items > 0 {
+            tracing::info!(
+                images = freed.items,
+                bytes = freed.bytes,
+                "reclaim: pruned dangling images"
+            );
+        }
+        Ok(freed)
+    }
+}
+
+/// The Docker-side steps in the order they run.
+pub fn docker_steps(
+    docker: Arc<dyn DockerSpace>,
+    instance_id: &str,
+    job_finished: JobFinished,
+) -> Vec<Arc<dyn ReclaimStep>> {
+    vec![
+        Arc::new(ExitedContainers::new(
+            docker.clone(),
+            instance_id,
+            job_finished,
+        )),
+        Arc::new(DanglingImages::new(docker)),
+    ]
+}
+
+/// An engine with scripted containers and images, for tests.
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// The fake engine's contents.
+    #[derive(Default)]
+    pub struct FakeDockerState {
+        /// Data root; `None` makes `data_root` fail as if unreachable.
+        pub data_root: Option<PathBuf>,
+        /// (instance id, container).
+        pub containers: Vec<(String, ExitedContainer)>,
+        /// Dangling images.
+        pub images: Vec<DanglingImage>,
+        /// Container ids whose removal fails.
+        pub fail_removal: Vec<String>,
+        /// Calls of `data_root`.
+        pub data_root_calls: u32,
+    }
+
+    /// The fake engine.
+    #[derive(Default)]
+    pub struct FakeDocker {
+        /// Its contents, for the test to arrange and inspect.
+        pub state: Mutex<FakeDockerState>,
+    }
+
+    impl FakeDocker {
+        fn lock(&self) -> std::sync::MutexGuard<'_, FakeDockerState> {
+            self.state.lock().unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    fn unreachable() -> EngineError {
+        EngineError::Unreachable {
+            socket: "/fake/docker.sock".into(),
+            message: "fake engine is down".into(),
+        }
+    }
+
+    #[async_trait]
+    impl DockerSpace for FakeDocker {
+        async fn data_root(&self) -> Result<PathBuf, EngineError> {
+            let mut state = self.lock();
+            state.data_root_calls += 1;
+            state.data_root.clone().ok_or_else(unreachable)
+        }
+        async fn exited_containers(
+            &self,
+            instance_id: &str,
+        ) -> Result<Vec<ExitedContainer>, EngineError> {
+            Ok(self
+                .lock()
+                .containers
+                .iter()
+                .filter(|(instance, _)| instance == instance_id)
+                .map(|(_, c)| c.clone())
+                .collect())
+        }
+        async fn remove_container(&self, id: &str) -> Result<(), EngineError> {
+            let mut state = self.lock();
+            if state.fail_removal.iter().any(|f| f == id) {
+                return Err(EngineError::Api {
+                    operation: "remove container",
+                    message: format!("{id} is busy"),
+                });
+            }
+            state.containers.retain(|(_, c)| c.id != id);
+            Ok(())
+        }
+        async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError> {
+            Ok(self.lock().images.clone())
+        }
+        async fn prune_dangling_images(&self) -> Result<Freed, EngineError> {
+            let images = std::mem::take(&mut self.lock().images);
+            Ok(Freed {
+                bytes: images.iter().map(|i| i.size_bytes).sum(),
+                items: u32::try_from(images.len()).unwrap_or(u32::MAX),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeDocker;
+    use super::*;
+
+    fn container(id: &str, job: Option<&str>, size: u64) -> ExitedContainer {
+        ExitedContainer {
+            id: id.into(),
+            job_id: job.map(Into::into),
+            size_bytes: size,
+        }
+    }
+
+    fn docker() -> Arc<FakeDocker> {
+        let docker = Arc::new(FakeDocker::default());
+        {
+            let mut s = docker.state.lock().unwrap();
+            s.containers = vec![
+                ("me".into(), container("c1", Some("done"), 100)),
+                ("me".into(), container("c2", Some("running"), 200)),
+                ("me".into(), container("c3", None, 300)),
+                ("other".into(), container("c4", Some("done"), 400)),
+            ];
+            s.images = vec![DanglingImage {
+                id: "sha256:1".into(),
+                size_bytes: 1000,
+            }];
+        }
+        docker
+    }
+
+    fn finished_is_done() -> JobFinished {
+        Arc::new(|job: &str| job == "done")
+    }
+
+    #[tokio::test]
+    async fn only_finished_jobs_of_this_instance_are_removed() {
+        let docker = docker();
+        let step = ExitedContainers::new(docker.clone(), "me", finished_is_done());
+        assert_eq!(
+            step.estimate().await.unwrap(),
+            Freed {
+                bytes: 100,
+                items: 1
+            }
+        );
+        assert_eq!(
+            docker.state.lock().unwrap().containers.len(),
+            4,
+            "estimate deletes nothing"
+        );
+        assert_eq!(step.run().await.unwrap().bytes, 100);
+        let left: Vec<String> = docker
+            .state
+            .lock()
+            .unwrap()
+            .containers
+            .iter()
+            .map(|(_, c)| c.id.clone())
+            .collect();
+        assert_eq!(left, ["c2", "c3", "c4"]);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_removed_until_jobs_say_so() {
+        let docker = docker();
+        let step = ExitedContainers::new(docker.clone(), "me", Arc::new(|_: &str| false));
+        assert_eq!(step.run().await.unwrap(), Freed::default());
+        assert_eq!(docker.state.lock().unwrap().containers.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_failed_removal_keeps_what_was_freed() {
+        let docker = docker();
+        docker
+            .state
+            .lock()
+            .unwrap()
+            .containers
+            .push(("me".into(), container("c5", Some("done"), 50)));
+        docker.state.lock().unwrap().fail_removal = vec!["c1".into()];
+        let step = ExitedContainers::new(docker.clone(), "me", finished_is_done());
+        match step.run().await {
+            Err(ReclaimError::Partial { freed, failed, .. }) => {
+                assert_eq!(freed.bytes, 50);
+                assert_eq!(failed, 1);
+            }
+            other => panic!("expected a partial failure, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn dangling_images_are_estimated_then_pruned() {
+        let docker = docker();
+        let step = DanglingImages::new(docker.clone());
+        assert_eq!(step.estimate().await.unwrap().bytes, 1000);
+        assert_eq!(step.run().await.unwrap().items, 1);
+        assert!(docker.state.lock().unwrap().images.is_empty());
+    }
+}

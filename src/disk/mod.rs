@@ -1,0 +1,342 @@
+//! Disk guard: free space and inodes on every filesystem that matters, a
+//! recovery floor with hysteresis, alerts, admission holds, safe reclaim and
+//! operator diagnostics.
+//!
+//! Owns which paths are watched and why ([`guard`]), the pressure state
+//! machine ([`hysteresis`]), the reserve file in the state dir ([`reserve`]),
+//! the reclaim driver and its steps ([`reclaim`], [`docker`]) and the walk
+//! behind `disk --top` ([`top`]). Reaches the outside world only through
+//! [`probe::FsProbe`] (statvfs, stat, mountinfo) and [`docker::DockerSpace`]
+//! (the engine). Knows nothing of gRPC; must not touch user files: the only
+//! files it deletes are its own reserve file and what reclaim steps own.
+
+pub mod docker;
+pub mod guard;
+pub mod hysteresis;
+pub mod probe;
+pub mod reclaim;
+pub mod reserve;
+pub mod top;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use crate::config::DiskConfig;
+use crate::store::StoreError;
+
+pub use guard::{DiskGuard, DiskParts};
+
+/// The state of one watched filesystem, ordered from least to most severe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DiskState {
+    /// Not sampled yet, or no longer watched.
+    Unknown,
+    /// Above the warning level.
+    Ok,
+    /// Below the warning level.
+    Warning,
+    /// Below the critical level (the recovery floor).
+    Critical,
+    /// The last sample did not answer within its timeout, or failed.
+    Unresponsive,
+}
+
+impl DiskState {
+    /// Lowercase name for logs and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskState::Unknown => "unknown",
+            DiskState::Ok => "ok",
+            DiskState::Warning => "warning",
+            DiskState::Critical => "critical",
+            DiskState::Unresponsive => "unresponsive",
+        }
+    }
+}
+
+/// The levels applied to one filesystem.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Thresholds {
+    /// Free bytes below which the state is warning.
+    pub warning_free_bytes: u64,
+    /// Free bytes below which the state is critical.
+    pub critical_free_bytes: u64,
+    /// Free inodes (percent) below which the state is warning.
+    pub warning_free_inodes_percent: f64,
+    /// Free inodes (percent) below which the state is critical.
+    pub critical_free_inodes_percent: f64,
+    /// Free bytes needed above a level before the state may improve.
+    pub clear_margin_bytes: u64,
+    /// Free inodes (percent) needed above a level before the state may improve.
+    pub clear_margin_inodes_percent: f64,
+    /// How long an improvement must hold.
+    pub transition: Duration,
+}
+
+impl Thresholds {
+    /// The `[disk]` levels, without per-path overrides.
+    pub fn from_config(config: &DiskConfig) -> Self {
+        Self {
+            warning_free_bytes: config.warning_free_bytes,
+            critical_free_bytes: config.critical_free_bytes,
+            warning_free_inodes_percent: config.warning_free_inodes_percent,
+            critical_free_inodes_percent: config.critical_free_inodes_percent,
+            clear_margin_bytes: config.clear_margin_bytes,
+            clear_margin_inodes_percent: config.clear_margin_inodes_percent,
+            transition: Duration::from_secs(config.transition_seconds.into()),
+        }
+    }
+
+    /// The levels for a filesystem that holds `paths`: the `[disk]` levels
+    /// with the overrides of those paths applied, the strictest winning.
+    pub fn for_paths<'a>(
+        config: &DiskConfig,
+        paths: impl IntoIterator<Item = &'a std::path::Path>,
+    ) -> Self {
+        let mut overridden: Option<Self> = None;
+        for path in paths {
+            let Some(o) = path.to_str().and_then(|p| config.overrides.get(p)) else {
+                continue;
+            };
+            let mut mine = Self::from_config(config);
+            mine.critical_free_bytes = o.critical_free_bytes.unwrap_or(mine.critical_free_bytes);
+            mine.warning_free_bytes = o.warning_free_bytes.unwrap_or(mine.warning_free_bytes);
+            mine.critical_free_inodes_percent = o
+                .critical_free_inodes_percent
+                .unwrap_or(mine.critical_free_inodes_percent);
+            mine.warning_free_inodes_percent = o
+                .warning_free_inodes_percent
+                .unwrap_or(mine.warning_free_inodes_percent);
+            mine.clear_margin_bytes = o.clear_margin_bytes.unwrap_or(mine.clear_margin_bytes);
+            overridden = Some(match overridden {
+                None => mine,
+                Some(acc) => Self {
+                    warning_free_bytes: acc.warning_free_bytes.max(mine.warning_free_bytes),
+                    critical_free_bytes: acc.critical_free_bytes.max(mine.critical_free_bytes),
+                    warning_free_inodes_percent: acc
+                        .warning_free_inodes_percent
+                        .max(mine.warning_free_inodes_percent),
+                    critical_free_inodes_percent: acc
+                        .critical_free_inodes_percent
+                        .max(mine.critical_free_inodes_percent),
+                    clear_margin_bytes: acc.clear_margin_bytes.max(mine.clear_margin_bytes),
+                    ..acc
+                },
+            });
+        }
+        overridden.unwrap_or_else(|| Self::from_config(config))
+    }
+
+    /// Free bytes the filesystem needs before reclaim may stop: the floor
+    /// plus the margin.
+    pub fn reclaim_target_bytes(&self) -> u64 {
+        self.critical_free_bytes
+            .saturating_add(self.clear_margin_bytes)
+    }
+}
+
+/// Space and inodes of a filesystem, as statvfs reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FsStats {
+    /// Total size in bytes.
+    pub total_bytes: u64,
+    /// Bytes available to unprivileged users (`df`'s Avail).
+    pub free_bytes: u64,
+    /// Total inodes (0 when the filesystem does not count them).
+    pub total_inodes: u64,
+    /// Free inodes.
+    pub free_inodes: u64,
+}
+
+impl FsStats {
+    /// Free inodes in percent, `None` when the filesystem has no inode count.
+    pub fn free_inodes_percent(&self) -> Option<f64> {
+        (self.total_inodes > 0).then(|| self.free_inodes as f64 * 100.0 / self.total_inodes as f64)
+    }
+}
+
+/// Where a filesystem is mounted and what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MountInfo {
+    /// Its mount point.
+    pub mount_point: PathBuf,
+    /// The device or source (e.g. /dev/sda1, tmpfs).
+    pub device: String,
+    /// The filesystem type.
+    pub fs_type: String,
+}
+
+impl MountInfo {
+    /// What is known of a path whose mount could not be found: the path.
+    pub fn unknown(path: &std::path::Path) -> Self {
+        Self {
+            mount_point: path.to_owned(),
+            device: "unknown".into(),
+            fs_type: "unknown".into(),
+        }
+    }
+}
+
+/// A watched path and why it is watched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchedPath {
+    /// The path.
+    pub path: PathBuf,
+    /// Why ("root filesystem", "docker data root", "cache of mount data", ...).
+    pub reasons: Vec<String>,
+}
+
+/// One watched filesystem as last sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilesystemUsage {
+    /// Where it is mounted.
+    pub mount: MountInfo,
+    /// The watched paths that live on it.
+    pub paths: Vec<WatchedPath>,
+    /// The latest numbers, once sampled.
+    pub stats: Option<FsStats>,
+    /// Its state.
+    pub state: DiskState,
+    /// The levels applied.
+    pub thresholds: Thresholds,
+    /// When the latest sample was taken.
+    pub sampled_at: Option<SystemTime>,
+    /// Why the latest sample failed or timed out.
+    pub error: Option<String>,
+    /// Alerts raised for it since the agent started.
+    pub alerts: u64,
+    /// True when it holds the Docker data root or the state dir, so that its
+    /// being critical holds the job queue.
+    pub guards_admission: bool,
+}
+
+/// A watched path that could not be placed on a filesystem (it does not
+/// exist, or is not a directory): reported, not an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedPath {
+    /// The path.
+    pub path: PathBuf,
+    /// Why it is watched.
+    pub reasons: Vec<String>,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Everything `GetDiskUsage` returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskUsage {
+    /// One entry per watched filesystem.
+    pub filesystems: Vec<FilesystemUsage>,
+    /// Watched paths that are absent.
+    pub skipped: Vec<SkippedPath>,
+    /// Alerts raised since the agent started.
+    pub alerts_total: u64,
+}
+
+/// A change of a filesystem's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskAlert {
+    /// The state before ([`DiskState::Unknown`] when the filesystem was just
+    /// added to the watch; equal to `new_state` in the current-state alerts a
+    /// new subscriber first receives).
+    pub old_state: DiskState,
+    /// The state now ([`DiskState::Unknown`] when it is no longer watched).
+    pub new_state: DiskState,
+    /// The level that was crossed, in free bytes (0 when the cause is inodes
+    /// or unresponsiveness).
+    pub threshold_bytes: u64,
+    /// When the transition was decided.
+    pub time: SystemTime,
+    /// One line for people, e.g. "/ has 4.2 GiB free, below the 5.0 GiB floor".
+    pub message: String,
+    /// The filesystem at the time of the alert.
+    pub usage: FilesystemUsage,
+}
+
+/// A disk guard operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// A request field is out of range or malformed.
+    #[error("{field}: {problem}")]
+    InvalidRequest {
+        /// The field.
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        problem: String,
+    },
+    /// A path could not be examined.
+    #[error("cannot examine {path}: {source}")]
+    Path {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path's filesystem did not answer in time.
+    #[error("{path} did not answer within {timeout:?} (a hung network or FUSE filesystem?)")]
+    Timeout {
+        /// The path.
+        path: PathBuf,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// A directory walk is still running (possibly stuck on a hung filesystem).
+    #[error("another `disk --top` walk is still running; try again when it ends")]
+    Busy,
+    /// The store refused a write or read.
+    #[error("cannot save the disk guard's settings: {0}")]
+    Store(#[source] StoreError),
+    /// The guard has stopped (the agent is shutting down).
+    #[error("the disk guard has stopped: the agent is shutting down")]
+    Stopped,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strictest_override_wins() {
+        let mut config = DiskConfig::default();
+        config.overrides.insert(
+            "/a".into(),
+            crate::config::DiskOverride {
+                critical_free_bytes: Some(1),
+                ..Default::default()
+            },
+        );
+        config.overrides.insert(
+            "/b".into(),
+            crate::config::DiskOverride {
+                critical_free_bytes: Some(7 << 30),
+                ..Default::default()
+            },
+        );
+        let none = Thresholds::for_paths(&config, [std::path::Path::new("/c")]);
+        assert_eq!(none, Thresholds::from_config(&config));
+        let one = Thresholds::for_paths(&config, [std::path::Path::new("/a")]);
+        assert_eq!(one.critical_free_bytes, 1);
+        let both = Thresholds::for_paths(
+            &config,
+            [std::path::Path::new("/a"), std::path::Path::new("/b")],
+        );
+        assert_eq!(both.critical_free_bytes, 7 << 30);
+        assert_eq!(both.warning_free_bytes, 10 << 30);
+    }
+
+    #[test]
+    fn inode_percent_ignores_filesystems_without_inodes() {
+        let stats = FsStats {
+            total_inodes: 0,
+            ..FsStats::default()
+        };
+        assert_eq!(stats.free_inodes_percent(), None);
+        let stats = FsStats {
+            total_inodes: 200,
+            free_inodes: 50,
+            ..FsStats::default()
+        };
+        assert_eq!(stats.free_inodes_percent(), Some(25.0));
+    }
+}

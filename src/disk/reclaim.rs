@@ -1,0 +1,467 @@
+//! Reclaiming space in safe steps: the [`ReclaimStep`] trait that each
+//! owner of reclaimable data implements (exited job containers and dangling
+//! images here; expired job logs by jobs; mount caches by mounts), and the
+//! [`Reclaimer`] that runs the registered steps in order and stops as soon as
+//! the target filesystems are back above the floor plus the margin.
+//!
+//! A step that fails is reported and the next one still runs. One reclaim
+//! runs at a time. Never user files: each step deletes only what its owner
+//! created.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::jobs::engine::EngineError;
+
+/// What a step freed, or would free.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Freed {
+    /// Bytes.
+    pub bytes: u64,
+    /// Items removed (containers, images, files, caches).
+    pub items: u32,
+}
+
+impl Freed {
+    /// Adds another amount.
+    pub fn add(&mut self, other: Freed) {
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.items = self.items.saturating_add(other.items);
+    }
+}
+
+/// A reclaim step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReclaimError {
+    /// The container engine refused or did not answer.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A file or directory could not be removed.
+    #[error("cannot remove {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Some items were removed, then others failed.
+    #[error("{failed} item(s) could not be removed; first error: {first}")]
+    Partial {
+        /// What was freed before and after the failures.
+        freed: Freed,
+        /// How many items failed.
+        failed: u32,
+        /// The first failure.
+        #[source]
+        first: Box<ReclaimError>,
+    },
+    /// A step's own error (for steps owned by other modules).
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// One kind of reclaimable data.
+#[async_trait]
+pub trait ReclaimStep: Send + Sync + 'static {
+    /// Its name in reports: "exited_containers", "dangling_images",
+    /// "expired_job_logs", "mount_caches".
+    fn name(&self) -> &'static str;
+    /// What [`ReclaimStep::run`] would free now, deleting nothing.
+    async fn estimate(&self) -> Result<Freed, ReclaimError>;
+    /// Frees what it can.
+    async fn run(&self) -> Result<Freed, ReclaimError>;
+    /// A path on the filesystem whose space this step frees, so that it is
+    /// skipped when that filesystem is not short of space (pruning images
+    /// cannot help a full /mnt). `None`: it may free space anywhere.
+    async fn location(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+/// Whether a step's location is on a filesystem that needs space.
+pub trait Relevance {
+    /// True when freeing space at `location` helps.
+    fn helps(&mut self, location: PathBuf) -> impl Future<Output = bool> + Send;
+}
+
+/// What one step did in a reclaim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepReport {
+    /// The step's name.
+    pub name: &'static str,
+    /// Freed (or, in a dry run, would free).
+    pub freed: Freed,
+    /// False when skipped (see `skipped`).
+    pub ran: bool,
+    /// Why it was skipped: enough space free, or it frees space on a
+    /// filesystem that is not short of it.
+    pub skipped: Option<String>,
+    /// Set when it failed.
+    pub error: Option<String>,
+}
+
+/// The result of one reclaim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReclaimReport {
+    /// Whether nothing was deleted.
+    pub dry_run: bool,
+    /// The steps in order.
+    pub steps: Vec<StepReport>,
+    /// Sum of the steps' bytes.
+    pub total_bytes: u64,
+}
+
+/// How a reclaim should run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReclaimMode {
+    /// Estimate only.
+    pub dry_run: bool,
+    /// Run every step even when enough space is free.
+    pub all_steps: bool,
+}
+
+/// Runs the registered steps in order.
+pub struct Reclaimer {
+    steps: Vec<Arc<dyn ReclaimStep>>,
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Reclaimer {
+    /// A reclaimer with these steps, run in this order.
+    pub fn new(steps: Vec<Arc<dyn ReclaimStep>>) -> Self {
+        Self {
+            steps,
+            running: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The step names in order.
+    pub fn step_names(&self) -> Vec<&'static str> {
+        self.steps.iter().map(|s| s.name()).collect()
+    }
+
+    /// Runs the steps. `still_needed` measures, before each step, how many
+    /// bytes the target filesystems still lack to be above the floor plus
+    /// the margin (0: enough). A dry run measures once and subtracts the
+    /// estimates instead. Unless `all_steps`, a step whose location does not
+    /// help (`relevance`) is skipped.
+    pub async fn run<F, Fut>(
+        &self,
+        mode: ReclaimMode,
+        mut still_needed: F,
+        mut relevance: impl Relevance,
+    ) -> ReclaimReport
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = u64>,
+    {
+        // One reclaim at a time: a second one waits and then measures what
+        // the first left to do.
+        let _running = self.running.lock().await;
+        let mut steps = Vec::with_capacity(self.steps.len());
+        let mut simulated_need = if mode.dry_run {
+            Some(still_needed().await)
+        } else {
+            None
+        };
+        for step in &self.steps {
+            let need = match simulated_need {
+                Some(need) => need,
+                None => still_needed().await,
+            };
+            let skipped = if mode.all_steps {
+                None
+            } else if need == 0 {
+                Some("enough space is free".to_owned())
+            } else {
+                match step.location().await {
+                    Some(location) if !relevance.helps(location.clone()).await => Some(format!(
+                        "it frees space on the filesystem of {}, which is not short of space",
+                        location.display()
+                    )),
+                    _ => None,
+                }
+            };
+            if skipped.is_some() {
+                steps.push(StepReport {
+                    name: step.name(),
+                    freed: Freed::default(),
+                    ran: false,
+                    skipped,
+                    error: None,
+                });
+                continue;
+            }
+            let result = if mode.dry_run {
+                step.estimate().await
+            } else {
+                step.run().await
+            };
+            let (freed, error) = match result {
+                Ok(freed) => (freed, None),
+                Err(ReclaimError::Partial {
+                    freed,
+                    failed,
+                    first,
+                }) => {
+                    let error = format!("{failed} item(s) could not be removed: {first}");
+                    (freed, Some(error))
+                }
+                Err(e) => (Freed::default(), Some(e.to_string())),
+            };
+            if let Some(error) = &error {
+                tracing::warn!(step = step.name(), %error, "reclaim step failed; going on with the next");
+            }
+            if let Some(need) = simulated_need.as_mut() {
+                *need = need.saturating_sub(freed.bytes);
+            }
+            steps.push(StepReport {
+                name: step.name(),
+                freed,
+                ran: true,
+                skipped: None,
+                error,
+            });
+        }
+        ReclaimReport {
+            dry_run: mode.dry_run,
+            total_bytes: steps.iter().map(|s| s.freed.bytes).sum(),
+            steps,
+        }
+    }
+}
+
+/// A step with scripted results, for tests.
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A step that frees a fixed amount or fails, and counts its calls.
+    pub struct FakeStep {
+        name: &'static str,
+        freed: Freed,
+        fail: bool,
+        /// (estimates, runs).
+        pub calls: Mutex<(u32, u32)>,
+        /// Called on each run, e.g. to give the fake filesystem its space back.
+        pub on_run: Box<dyn Fn() + Send + Sync>,
+        /// Where it frees space.
+        pub location: Option<PathBuf>,
+    }
+
+    impl FakeStep {
+        /// A step that frees `bytes` in one item.
+        pub fn freeing(name: &'static str, bytes: u64) -> Self {
+            Self {
+                name,
+                freed: Freed { bytes, items: 1 },
+                fail: false,
+                calls: Mutex::new((0, 0)),
+                on_run: Box::new(|| {}),
+                location: None,
+            }
+        }
+
+        /// A step that always fails.
+        pub fn failing(name: &'static str) -> Self {
+            Self {
+                fail: true,
+                ..Self::freeing(name, 0)
+            }
+        }
+
+        /// (estimates, runs) so far.
+        pub fn calls(&self) -> (u32, u32) {
+            *self.calls.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        fn result(&self) -> Result<Freed, ReclaimError> {
+            if self.fail {
+                Err(ReclaimError::Other(format!("{} broke", self.name).into()))
+            } else {
+                Ok(self.freed)
+            }
+        }
+    }
+
+    #[async_trait]
+    impl ReclaimStep for FakeStep {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        async fn estimate(&self) -> Result<Freed, ReclaimError> {
+            self.calls.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+            self.result()
+        }
+        async fn run(&self) -> Result<Freed, ReclaimError> {
+            self.calls.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
+            (self.on_run)();
+            self.result()
+        }
+        async fn location(&self) -> Option<PathBuf> {
+            self.location.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::fake::FakeStep;
+    use super::*;
+
+    /// Locations under /full help; others do not.
+    struct OnlyFull;
+
+    impl Relevance for OnlyFull {
+        async fn helps(&mut self, location: PathBuf) -> bool {
+            location.starts_with("/full")
+        }
+    }
+
+    fn reclaimer(steps: &[Arc<FakeStep>]) -> Reclaimer {
+        Reclaimer::new(
+            steps
+                .iter()
+                .map(|s| s.clone() as Arc<dyn ReclaimStep>)
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn stops_once_enough_is_free() {
+        let need = Arc::new(AtomicU64::new(150));
+        let mut a = FakeStep::freeing("a", 100);
+        let mut b = FakeStep::freeing("b", 100);
+        for step in [&mut a, &mut b] {
+            let need = need.clone();
+            let bytes = 100;
+            step.on_run = Box::new(move || {
+                let _ = need.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    Some(n.saturating_sub(bytes))
+                });
+            });
+        }
+        let steps = [
+            Arc::new(a),
+            Arc::new(b),
+            Arc::new(FakeStep::freeing("c", 100)),
+        ];
+        let r = reclaimer(&steps);
+        let report = r
+            .run(
+                ReclaimMode::default(),
+                || {
+                    let need = need.clone();
+                    async move { need.load(Ordering::SeqCst) }
+                },
+                OnlyFull,
+            )
+            .await;
+        let ran: Vec<bool> = report.steps.iter().map(|s| s.ran).collect();
+        assert_eq!(ran, [true, true, false]);
+        assert_eq!(report.total_bytes, 200);
+        assert_eq!(steps[2].calls(), (0, 0), "third step never touched");
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_does_not_stop_the_others() {
+        let steps = [
+            Arc::new(FakeStep::failing("broken")),
+            Arc::new(FakeStep::freeing("ok", 10)),
+        ];
+        let report = reclaimer(&steps)
+            .run(ReclaimMode::default(), || async { 1_000 }, OnlyFull)
+            .await;
+        assert_eq!(report.steps[0].error.as_deref(), Some("broken broke"));
+        assert!(report.steps[0].ran);
+        assert_eq!(report.steps[1].freed.bytes, 10);
+        assert_eq!(report.steps[1].error, None);
+    }
+
+    #[tokio::test]
+    async fn dry_run_estimates_without_running() {
+        let steps = [
+            Arc::new(FakeStep::freeing("a", 100)),
+            Arc::new(FakeStep::freeing("b", 100)),
+            Arc::new(FakeStep::freeing("c", 100)),
+        ];
+        let measured = Arc::new(Mutex::new(0));
+        let count = measured.clone();
+        let report = reclaimer(&steps)
+            .run(
+                ReclaimMode {
+                    dry_run: true,
+                    all_steps: false,
+                },
+                move || {
+                    *count.lock().unwrap() += 1;
+                    async { 150 }
+                },
+                OnlyFull,
+            )
+            .await;
+        assert!(report.dry_run);
+        let ran: Vec<bool> = report.steps.iter().map(|s| s.ran).collect();
+        assert_eq!(ran, [true, true, false], "two estimates cover the need");
+        assert!(steps.iter().all(|s| s.calls().1 == 0), "nothing ran");
+        assert_eq!(*measured.lock().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn all_steps_runs_even_when_nothing_is_needed() {
+        let steps = [
+            Arc::new(FakeStep::freeing("a", 1)),
+            Arc::new(FakeStep::freeing("b", 1)),
+        ];
+        let report = reclaimer(&steps)
+            .run(
+                ReclaimMode {
+                    dry_run: false,
+                    all_steps: true,
+                },
+                || async { 0 },
+                OnlyFull,
+            )
+            .await;
+        assert!(report.steps.iter().all(|s| s.ran));
+        let skipped = reclaimer(&steps)
+            .run(ReclaimMode::default(), || async { 0 }, OnlyFull)
+            .await;
+        assert!(skipped.steps.iter().all(|s| !s.ran));
+        assert_eq!(
+            skipped.steps[0].skipped.as_deref(),
+            Some("enough space is free")
+        );
+    }
+
+    #[tokio::test]
+    async fn steps_for_another_filesystem_are_skipped() {
+        let mut elsewhere = FakeStep::freeing("elsewhere", 100);
+        elsewhere.location = Some("/var/lib/docker".into());
+        let mut here = FakeStep::freeing("here", 100);
+        here.location = Some("/full/cache".into());
+        let steps = [Arc::new(elsewhere), Arc::new(here)];
+        let report = reclaimer(&steps)
+            .run(ReclaimMode::default(), || async { 1_000 }, OnlyFull)
+            .await;
+        assert!(!report.steps[0].ran);
+        assert!(
+            report.steps[0]
+                .skipped
+                .as_deref()
+                .unwrap()
+                .contains("/var/lib/docker")
+        );
+        assert_eq!(steps[0].calls(), (0, 0));
+        assert!(report.steps[1].ran);
+    }
+}

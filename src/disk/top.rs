@@ -1,0 +1,338 @@
+//! The walk behind `instance-agent disk --top PATH`: the largest directories
+//! below PATH, by allocated bytes (what `du -x` counts), staying on PATH's
+//! filesystem, bounded in time and in entries, reporting progress as it goes.
+//!
+//! Blocking: runs in `spawn_blocking`. Memory stays small whatever the tree:
+//! a depth-first walk keeps one frame per level and a heap of the current
+//! top N. Reads only metadata; never opens or changes a file.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// What to walk and how far.
+#[derive(Debug, Clone)]
+pub struct TopRequest {
+    /// The directory to start from.
+    pub path: PathBuf,
+    /// How many directories to report.
+    pub limit: usize,
+    /// How long the walk may take.
+    pub timeout: Duration,
+    /// How many entries it may examine.
+    pub max_entries: u64,
+}
+
+/// How far a walk has got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopProgress {
+    /// Entries examined.
+    pub entries: u64,
+    /// Bytes counted.
+    pub bytes: u64,
+    /// The directory being read.
+    pub current: PathBuf,
+}
+
+/// A directory and the bytes below it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DirectorySize {
+    /// Bytes allocated to it and everything below it on the same filesystem.
+    pub bytes: u64,
+    /// The directory.
+    pub path: PathBuf,
+}
+
+/// The result of a walk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopReport {
+    /// Where the walk started.
+    pub path: PathBuf,
+    /// Bytes below it (complete or not).
+    pub total_bytes: u64,
+    /// Entries examined.
+    pub entries: u64,
+    /// Entries that could not be read (permission, vanished).
+    pub unreadable: u64,
+    /// The largest directories, largest first (the start included).
+    pub directories: Vec<DirectorySize>,
+    /// Why the walk stopped early, if it did; then the sizes are lower bounds.
+    pub stopped: Option<String>,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+struct Frame {
+    path: PathBuf,
+    entries: std::fs::ReadDir,
+    bytes: u64,
+}
+
+/// How often progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Walks `request.path`. `progress` is called about every 250 ms; `cancel`
+/// stops the walk early (the caller gave up waiting). Errors only when the
+/// start itself cannot be read.
+pub fn walk(
+    request: &TopRequest,
+    cancel: &Arc<AtomicBool>,
+    mut progress: impl FnMut(TopProgress),
+) -> std::io::Result<TopReport> {
+    let started = Instant::now();
+    let deadline = started + request.timeout;
+    let root = std::fs::symlink_metadata(&request.path)?;
+    if !root.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            "not a directory",
+        ));
+    }
+    let dev = root.dev();
+    let mut top = TopHeap::new(request.limit);
+    let mut seen_links: HashSet<(u64, u64)> = HashSet::new();
+    let mut entries: u64 = 0;
+    let mut unreadable: u64 = 0;
+    let mut total: u64 = 0;
+    let mut stopped = None;
+    let mut last_progress = started;
+    let mut stack = vec![Frame {
+        path: request.path.clone(),
+        entries: std::fs::read_dir(&request.path)?,
+        bytes: allocated(&root),
+    }];
+    total += allocated(&root);
+
+    while let Some(frame) = stack.last_mut() {
+        if stopped.is_none() && entries.is_multiple_of(256) {
+            let now = Instant::now();
+            if cancel.load(Ordering::Relaxed) {
+                stopped = Some("cancelled".to_owned());
+            } else if now >= deadline {
+                stopped = Some(format!(
+                    "time limit of {}s reached",
+                    request.timeout.as_secs()
+                ));
+            } else if now.duration_since(last_progress) >= PROGRESS_EVERY {
+                last_progress = now;
+                progress(TopProgress {
+                    entries,
+                    bytes: total,
+                    current: frame.path.clone(),
+                });
+            }
+        }
+        if stopped.is_none() && entries >= request.max_entries {
+            stopped = Some(format!("entry limit of {} reached", request.max_entries));
+        }
+        // When stopped, unwind: finish every open frame without reading more.
+        let next = if stopped.is_some() {
+            None
+        } else {
+            frame.entries.next()
+        };
+        let Some(entry) = next else {
+            let Some(done) = stack.pop() else { break };
+            if let Some(parent) = stack.last_mut() {
+                parent.bytes += done.bytes;
+            }
+            top.push(DirectorySize {
+                bytes: done.bytes,
+                path: done.path,
+            });
+            continue;
+        };
+        entries += 1;
+        let Ok(entry) = entry else {
+            unreadable += 1;
+            continue;
+        };
+        let path = entry.path();
+        // lstat: symlinks are counted as themselves, never followed.
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            unreadable += 1;
+            continue;
+        };
+        if meta.dev() != dev {
+            // Another filesystem mounted below: not ours to count.
+            continue;
+        }
+        if meta.nlink() > 1 && !meta.is_dir() && !seen_links.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let bytes = allocated(&meta);
+        total += bytes;
+        if meta.is_dir() {
+            match std::fs::read_dir(&path) {
+                Ok(children) => stack.push(Frame {
+                    path,
+                    entries: children,
+                    bytes,
+                }),
+                Err(_) => {
+                    unreadable += 1;
+                    frame_add(&mut stack, bytes);
+                }
+            }
+        } else {
+            frame_add(&mut stack, bytes);
+        }
+    }
+    Ok(TopReport {
+        path: request.path.clone(),
+        total_bytes: total,
+        entries,
+        unreadable,
+        directories: top.into_sorted(),
+        stopped,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn frame_add(stack: &mut [Frame], bytes: u64) {
+    if let Some(frame) = stack.last_mut() {
+        frame.bytes += bytes;
+    }
+}
+
+/// Bytes allocated on disk (`st_blocks` counts 512-byte units).
+fn allocated(meta: &std::fs::Metadata) -> u64 {
+    meta.blocks().saturating_mul(512)
+}
+
+/// The N largest directories seen so far.
+struct TopHeap {
+    limit: usize,
+    heap: BinaryHeap<Reverse<DirectorySize>>,
+}
+
+impl TopHeap {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            heap: BinaryHeap::new(),
+        }
+    }
+
+    fn push(&mut self, dir: DirectorySize) {
+        if self.heap.len() < self.limit {
+            self.heap.push(Reverse(dir));
+        } else if self.heap.peek().is_some_and(|smallest| dir > smallest.0) {
+            self.heap.pop();
+            self.heap.push(Reverse(dir));
+        }
+    }
+
+    fn into_sorted(self) -> Vec<DirectorySize> {
+        let mut dirs: Vec<DirectorySize> = self.heap.into_iter().map(|r| r.0).collect();
+        dirs.sort_by(|a, b| b.cmp(a));
+        dirs
+    }
+}
+
+/// Whether `path` is a usable start for a walk: absolute and normalised
+/// (no `..`), so the answer names exactly what was asked.
+pub fn check_start(path: &Path) -> Result<(), String> {
+    if !path.is_absolute() {
+        return Err(format!("{} must be an absolute path", path.display()));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(format!("{} must not contain `..`", path.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, bytes: usize) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, vec![1u8; bytes]).unwrap();
+    }
+
+    fn request(path: &Path) -> TopRequest {
+        TopRequest {
+            path: path.to_owned(),
+            limit: 3,
+            timeout: Duration::from_secs(30),
+            max_entries: 1_000_000,
+        }
+    }
+
+    #[test]
+    fn largest_directories_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(&root.join("big/a/file"), 3 << 20);
+        write(&root.join("big/b/file"), 1 << 20);
+        write(&root.join("small/file"), 64 << 10);
+        let report = walk(&request(root), &Arc::new(AtomicBool::new(false)), |_| {}).unwrap();
+        assert_eq!(report.stopped, None);
+        let names: Vec<PathBuf> = report.directories.iter().map(|d| d.path.clone()).collect();
+        assert_eq!(
+            names,
+            [root.to_owned(), root.join("big"), root.join("big/a")]
+        );
+        assert!(report.directories[2].bytes >= 3 << 20);
+        assert!(report.total_bytes >= 4 << 20);
+        assert_eq!(report.total_bytes, report.directories[0].bytes);
+    }
+
+    #[test]
+    fn entry_limit_stops_early_with_partial_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..50 {
+            write(&dir.path().join(format!("d{i}/f")), 4096);
+        }
+        let mut req = request(dir.path());
+        req.max_entries = 10;
+        let report = walk(&req, &Arc::new(AtomicBool::new(false)), |_| {}).unwrap();
+        assert!(report.stopped.unwrap().contains("entry limit of 10"));
+        assert!(report.entries <= 11);
+    }
+
+    #[test]
+    fn cancel_stops_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("a/f"), 10);
+        let report = walk(
+            &request(dir.path()),
+            &Arc::new(AtomicBool::new(true)),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(report.stopped.as_deref(), Some("cancelled"));
+    }
+
+    #[test]
+    fn hard_links_count_once() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("a/f"), 1 << 20);
+        std::fs::create_dir(dir.path().join("b")).unwrap();
+        std::fs::hard_link(dir.path().join("a/f"), dir.path().join("b/f")).unwrap();
+        let report = walk(
+            &request(dir.path()),
+            &Arc::new(AtomicBool::new(false)),
+            |_| {},
+        )
+        .unwrap();
+        assert!(report.total_bytes < 2 << 20, "{}", report.total_bytes);
+    }
+
+    #[test]
+    fn start_must_be_absolute_and_normal() {
+        assert!(check_start(Path::new("/var/lib")).is_ok());
+        assert!(check_start(Path::new("var")).is_err());
+        assert!(check_start(Path::new("/var/../etc")).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! Parsing `/proc/self/mountinfo`: the only proof that a mount is up, and how
+//! an already-used mount path is recognised.
+
+use std::path::{Path, PathBuf};
+
+/// One line of mountinfo, the fields the agent needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// Filesystem type, e.g. "fuse" or "ext4".
+    pub fs_type: String,
+    /// Source, e.g. "blobfuse2" or "/dev/sda1".
+    pub source: String,
+}
+
+impl MountEntry {
+    /// Whether this is a FUSE mount ("fuse" or "fuse.<subtype>").
+    pub fn is_fuse(&self) -> bool {
+        self.fs_type == "fuse" || self.fs_type.starts_with("fuse.")
+    }
+}
+
+/// Parses mountinfo text; malformed lines are skipped.
+pub fn parse(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+/// Reads `/proc/self/mountinfo`. Blocking but never touches a FUSE mount.
+pub fn read() -> std::io::Result<Vec<MountEntry>> {
+    Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
+}
+
+/// The topmost entry mounted exactly at `path`, if any.
+pub fn find<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    entries.iter().rev().find(|e| e.mount_point == path)
+}
+
+fn parse_line(line: &str) -> Option<MountEntry> {
+    // id parent major:minor root mount_point options [optional...] - type source super_options
+    let (before, after) = line.split_once(" - ")?;
+    let mount_point = before.split(' ').nth(4)?;
+    let mut after = after.split(' ');
+    let fs_type = after.next()?;
+    let source = after.next()?;
+    Some(MountEntry {
+        mount_point: PathBuf::from(unescape(mount_point)),
+        fs_type: unescape(fs_type),
+        source: unescape(source),
+    })
+}
+
+/// Undoes the kernel's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+98 22 0:50 / /mnt/data rw,nosuid,nodev,relatime shared:60 - fuse blobfuse2 rw,user_id=0,group_id=0,allow_other
+99 22 0:51 / /mnt/my\\040data rw,nosuid,nodev - fuse.sshfs host:/x rw
+bad line
+";
+
+    #[test]
+    fn parses_fields_and_escapes() {
+        let entries = parse(SAMPLE);
+        assert_eq!(entries.len(), 3);
+        let data = find(&entries, Path::new("/mnt/data")).unwrap();
+        assert_eq!(data.fs_type, "fuse");
+        assert_eq!(data.source, "blobfuse2");
+        assert!(data.is_fuse());
+        let spaced = find(&entries, Path::new("/mnt/my data")).unwrap();
+        assert!(spaced.is_fuse());
+        assert!(!find(&entries, Path::new("/")).unwrap().is_fuse());
+        assert!(find(&entries, Path::new("/mnt/dat")).is_none());
+    }
+
+    #[test]
+    fn real_mountinfo_has_root() {
+        let entries = read().unwrap();
+        assert!(find(&entries, Path::new("/")).is_some());
+    }
+}

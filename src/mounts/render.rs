@@ -1,0 +1,266 @@
+//! Renders the blobfuse2 YAML config of a mount from typed structs through
+//! serde (never by string templating, so a value cannot break the YAML).
+//!
+//! The shape follows blobfuse2's documented config: top-level `allow-other`
+//! and `read-only`, `logging` to a file under the logs dir, and the
+//! components `libfuse`, `file_cache`, `attr_cache`, `azstorage` in that
+//! order. `file_cache.max-size-mb` is always set: blobfuse2's own default
+//! (80% of the free space at mount time) could push the disk under its floor.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::spec::{Auth, MountSpec, Secret};
+
+/// Seconds blobfuse2 keeps attributes and closed files cached.
+const CACHE_TIMEOUT_SECONDS: u32 = 120;
+
+/// Renders the config. `secret` is the account key or SAS token for those
+/// modes (ignored for managed identity); `log_file` is blobfuse2's own log.
+pub fn render(spec: &MountSpec, secret: Option<&Secret>, log_file: &Path) -> String {
+    let secret = secret.map(Secret::expose).unwrap_or_default();
+    let (mode, account_key, sas, identity) = match &spec.auth {
+        Auth::AccountKey(_) => ("key", Some(secret), None, None),
+        Auth::SasToken(_) => ("sas", None, Some(secret), None),
+        Auth::ManagedIdentity(id) => ("msi", None, None, Some(id)),
+    };
+    let config = Blobfuse2Config {
+        allow_other: true,
+        read_only: spec.read_only,
+        logging: Logging {
+            kind: "base",
+            level: "log_warning",
+            file_path: log_file,
+        },
+        components: ["libfuse", "file_cache", "attr_cache", "azstorage"],
+        libfuse: Libfuse {
+            attribute_expiration_sec: CACHE_TIMEOUT_SECONDS,
+            entry_expiration_sec: CACHE_TIMEOUT_SECONDS,
+            negative_entry_expiration_sec: CACHE_TIMEOUT_SECONDS,
+        },
+        file_cache: FileCache {
+            path: &spec.cache_dir,
+            timeout_sec: CACHE_TIMEOUT_SECONDS,
+            max_size_mb: cache_megabytes(spec.cache_max_bytes),
+            cleanup_on_start: true,
+            allow_non_empty_temp: true,
+        },
+        attr_cache: AttrCache {
+            timeout_sec: CACHE_TIMEOUT_SECONDS,
+        },
+        azstorage: AzStorage {
+            kind: "block",
+            account_name: &spec.account,
+            container: &spec.container,
+            endpoint: non_empty(&spec.endpoint),
+            subdirectory: non_empty(&spec.subdirectory),
+            mode,
+            account_key,
+            sas,
+            appid: identity.and_then(|i| non_empty(&i.client_id)),
+            resid: identity.and_then(|i| non_empty(&i.resource_id)),
+            objid: identity.and_then(|i| non_empty(&i.object_id)),
+        },
+    };
+    // Plain structs of strings, numbers and booleans always serialise.
+    serde_norway::to_string(&config).unwrap_or_default()
+}
+
+/// blobfuse2's `max-size-mb` is in MiB; rounded down, at least 1.
+pub fn cache_megabytes(bytes: u64) -> u64 {
+    (bytes / (1024 * 1024)).max(1)
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Serialize)]
+struct Blobfuse2Config<'a> {
+    #[serde(rename = "allow-other")]
+    allow_other: bool,
+    #[serde(rename = "read-only", skip_serializing_if = "is_false")]
+    read_only: bool,
+    logging: Logging<'a>,
+    components: [&'static str; 4],
+    libfuse: Libfuse,
+    file_cache: FileCache<'a>,
+    attr_cache: AttrCache,
+    azstorage: AzStorage<'a>,
+}
+
+#[derive(Serialize)]
+struct Logging<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    level: &'static str,
+    #[serde(rename = "file-path")]
+    file_path: &'a Path,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Libfuse {
+    attribute_expiration_sec: u32,
+    entry_expiration_sec: u32,
+    negative_entry_expiration_sec: u32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct FileCache<'a> {
+    path: &'a Path,
+    timeout_sec: u32,
+    max_size_mb: u64,
+    cleanup_on_start: bool,
+    allow_non_empty_temp: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct AttrCache {
+    timeout_sec: u32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct AzStorage<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    account_name: &'a str,
+    container: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoint: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subdirectory: Option<&'a str>,
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account_key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sas: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    appid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    objid: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mounts::spec::{ManagedIdentity, Origin, SecretSource};
+
+    fn spec(auth: Auth) -> MountSpec {
+        MountSpec {
+            name: "data".into(),
+            account: "myacct".into(),
+            container: "data".into(),
+            mount_path: "/mnt/data".into(),
+            auth,
+            read_only: false,
+            cache_dir: "/mnt/instance-agent/cache/data".into(),
+            cache_max_bytes: 4 << 30,
+            endpoint: String::new(),
+            subdirectory: String::new(),
+            origin: Origin::Api,
+        }
+    }
+
+    const LOG: &str = "/var/log/instance-agent/mounts/data.log";
+
+    const HEAD: &str = "\
+allow-other: true
+logging:
+  type: base
+  level: log_warning
+  file-path: /var/log/instance-agent/mounts/data.log
+components:
+- libfuse
+- file_cache
+- attr_cache
+- azstorage
+libfuse:
+  attribute-expiration-sec: 120
+  entry-expiration-sec: 120
+  negative-entry-expiration-sec: 120
+file_cache:
+  path: /mnt/instance-agent/cache/data
+  timeout-sec: 120
+  max-size-mb: 4096
+  cleanup-on-start: true
+  allow-non-empty-temp: true
+attr_cache:
+  timeout-sec: 120
+";
+
+    #[test]
+    fn golden_account_key() {
+        let key = Secret::new("bXlrZXk=+/x==");
+        let s = spec(Auth::AccountKey(SecretSource::Given(key.clone())));
+        let expected = format!(
+            "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: key\n  account-key: bXlrZXk=+/x==\n"
+        );
+        assert_eq!(render(&s, Some(&key), Path::new(LOG)), expected);
+    }
+
+    #[test]
+    fn golden_sas_read_only_with_endpoint_and_subdirectory() {
+        let sas = Secret::new("?sv=2022-11-02&ss=b&sig=abc%2Bdef%3D");
+        let mut s = spec(Auth::SasToken(SecretSource::Given(sas.clone())));
+        s.read_only = true;
+        s.endpoint = "https://myacct.blob.core.windows.net".into();
+        s.subdirectory = "team/a".into();
+        let expected = format!(
+            "allow-other: true\nread-only: true\n{}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  endpoint: https://myacct.blob.core.windows.net\n  subdirectory: team/a\n  mode: sas\n  sas: ?sv=2022-11-02&ss=b&sig=abc%2Bdef%3D\n",
+            HEAD.strip_prefix("allow-other: true\n").unwrap()
+        );
+        assert_eq!(render(&s, Some(&sas), Path::new(LOG)), expected);
+    }
+
+    #[test]
+    fn golden_managed_identity() {
+        let system = spec(Auth::ManagedIdentity(ManagedIdentity::default()));
+        assert_eq!(
+            render(&system, None, Path::new(LOG)),
+            format!(
+                "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n"
+            )
+        );
+        let user = spec(Auth::ManagedIdentity(ManagedIdentity {
+            client_id: "11111111-2222-3333-4444-555555555555".into(),
+            ..Default::default()
+        }));
+        assert_eq!(
+            render(&user, None, Path::new(LOG)),
+            format!(
+                "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n  appid: 11111111-2222-3333-4444-555555555555\n"
+            )
+        );
+    }
+
+    #[test]
+    fn hostile_values_stay_values() {
+        // A secret that looks like YAML must come back as the same string.
+        let key = Secret::new("a: b\n- c # d");
+        let s = spec(Auth::AccountKey(SecretSource::Given(key.clone())));
+        let yaml = render(&s, Some(&key), Path::new(LOG));
+        let parsed: serde_norway::Value = serde_norway::from_str(&yaml).unwrap();
+        assert_eq!(
+            parsed["azstorage"]["account-key"].as_str(),
+            Some(key.expose())
+        );
+    }
+
+    #[test]
+    fn cache_size_is_mebibytes_at_least_one() {
+        assert_eq!(cache_megabytes(0), 1);
+        assert_eq!(cache_megabytes(5 << 20), 5);
+        assert_eq!(cache_megabytes((5 << 20) + 1), 5);
+    }
+}

@@ -1,0 +1,461 @@
+//! The mount state machine against the fake mounter, with paused time.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, DeclaredMount};
+use crate::events::{Delivery, EventBus, EventPayload, Subscription};
+use crate::health::{ConditionState, Health, Subsystem};
+use crate::mounts::fake::FakeMounter;
+use crate::mounts::spec::{Auth, ManagedIdentity, MountSpec, Origin, Secret, SecretSource};
+use crate::mounts::{
+    MountError, MountService, MountSettings, MountState, MountStatus, ResolveError,
+};
+use crate::store::Store;
+
+const KEY: &str = "S3cr3tAccountKeyValue0123456789==";
+
+struct World {
+    dir: tempfile::TempDir,
+    fake: Arc<FakeMounter>,
+    service: MountService,
+    events: EventBus,
+    health: Health,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    store: Store,
+    config: Config,
+}
+
+impl World {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::in_dir(dir, Arc::new(FakeMounter::new()))
+    }
+
+    fn in_dir(dir: tempfile::TempDir, fake: Arc<FakeMounter>) -> Self {
+        let base = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("mnt")).unwrap();
+        let mut config = Config::default();
+        config.agent.state_dir = base.join("state");
+        config.agent.runtime_dir = base.join("run");
+        config.agent.logs_dir = base.join("logs");
+        config.mounts.allowed_roots = vec![base.join("mnt")];
+        config.mounts.cache_root = base.join("cache");
+        config.mounts.health_interval_seconds = 10;
+        std::fs::create_dir_all(&config.agent.state_dir).unwrap();
+        let store = Store::open(&config.agent.state_dir).unwrap();
+        let events = EventBus::new(1000);
+        let health = Health::new();
+        let cancel = CancellationToken::new();
+        let (_, interval) = watch::channel(Duration::from_secs(10));
+        let tasks = TaskTracker::new();
+        let service = MountService::new(
+            MountSettings::from_config(&config),
+            fake.clone(),
+            store.clone(),
+            events.clone(),
+            health.clone(),
+            interval,
+            cancel.clone(),
+            tasks.clone(),
+        );
+        Self {
+            dir,
+            fake,
+            service,
+            events,
+            health,
+            cancel,
+            tasks,
+            store,
+            config,
+        }
+    }
+
+    fn base(&self) -> PathBuf {
+        self.dir.path().canonicalize().unwrap()
+    }
+
+    fn spec(&self, name: &str) -> MountSpec {
+        MountSpec {
+            name: name.into(),
+            account: "myacct".into(),
+            container: "data".into(),
+            mount_path: self.base().join("mnt").join(name),
+            auth: Auth::AccountKey(SecretSource::Given(Secret::new(KEY))),
+            read_only: false,
+            cache_dir: PathBuf::new(),
+            cache_max_bytes: 0,
+            endpoint: String::new(),
+            subdirectory: String::new(),
+            origin: Origin::Api,
+        }
+    }
+
+    /// Restarts the service on the same dirs and fake (an agent restart).
+    async fn restart(self) -> Self {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        let World {
+            dir,
+            fake,
+            service,
+            store,
+            ..
+        } = self;
+        drop(service);
+        drop(store);
+        Self::in_dir(dir, fake)
+    }
+}
+
+/// The states of mount events published so far, after `sub`'s position.
+fn states(sub: &mut Subscription) -> Vec<MountState> {
+    let mut out = Vec::new();
+    while let Some(Delivery::Event(e)) = sub.try_next() {
+        if let EventPayload::Mount(s) = &e.payload {
+            out.push(s.state);
+        }
+    }
+    out
+}
+
+/// Waits for the next event on `sub` saying `name` became `state`, and
+/// returns that status.
+async fn wait_for(sub: &mut Subscription, name: &str, state: MountState) -> MountStatus {
+    let wait = async {
+        loop {
+            match sub.next().await {
+                Some(Delivery::Event(e)) => {
+                    if let EventPayload::Mount(s) = &e.payload
+                        && s.name == name
+                        && s.state == state
+                    {
+                        return s.clone();
+                    }
+                }
+                Some(Delivery::Truncated { .. }) => {}
+                None => panic!("event bus closed"),
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(3600), wait).await {
+        Ok(status) => status,
+        Err(_) => panic!("{name} never became {state:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn mount_writes_a_private_config_and_reports_mounted() {
+    let w = World::new();
+    let mut sub = w.events.subscribe(None);
+    let status = w.service.mount(w.spec("data")).await.unwrap();
+    assert_eq!(status.state, MountState::Mounted);
+    assert_eq!(status.auth_mode, "key");
+    assert_eq!(status.cache_dir, w.base().join("cache/data"));
+    assert_eq!(status.cache_max_bytes, 4 << 30);
+    assert_eq!(
+        states(&mut sub),
+        [MountState::Mounting, MountState::Mounted]
+    );
+    let config = w.base().join("run/mounts/data.yaml");
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&config).unwrap().contains(KEY));
+    assert!(!format!("{status:?}").contains(KEY));
+    assert_eq!(w.health.get(Subsystem::Mounts).state, ConditionState::Ok);
+    assert_eq!(
+        w.service.resolve("data").unwrap().host_path,
+        w.base().join("mnt/data")
+    );
+    assert_eq!(w.service.cache_dirs()[0].path, w.base().join("cache/data"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_killed_blobfuse2_is_detected_and_repaired() {
+    let w = World::new();
+    let status = w.service.mount(w.spec("data")).await.unwrap();
+    let mut sub = w.events.subscribe(None);
+    let mut waiter = w.events.subscribe(None);
+    let pid = status.pid.unwrap();
+    // Something left in the cache must not block the remount.
+    std::fs::write(w.base().join("cache/data/leftover"), "x").unwrap();
+    w.fake.kill(pid);
+    let killed_at = tokio::time::Instant::now();
+    let stale = wait_for(&mut waiter, "data", MountState::Stale).await;
+    assert!(
+        stale.message.contains("killed by SIGKILL"),
+        "{}",
+        stale.message
+    );
+    wait_for(&mut waiter, "data", MountState::Mounted).await;
+    assert!(killed_at.elapsed() <= Duration::from_secs(11));
+    assert_eq!(
+        states(&mut sub),
+        [
+            MountState::Stale,
+            MountState::Remounting,
+            MountState::Mounted
+        ]
+    );
+    let after = w.service.status("data").unwrap();
+    assert_eq!(after.remount_count, 1);
+    assert_ne!(after.pid, Some(pid));
+    let path = w.base().join("mnt/data");
+    assert!(
+        w.fake
+            .calls()
+            .contains(&format!("unmount -z {}", path.display()))
+    );
+    assert!(!w.base().join("cache/data/leftover").exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_remounts_back_off_exponentially() {
+    let w = World::new();
+    let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
+    for _ in 0..3 {
+        w.fake
+            .fail_next_spawn("Error: failed to authenticate azstorage credentials");
+    }
+    let mut sub = w.events.subscribe(None);
+    w.fake.kill(pid);
+    let mut failed_at = Vec::new();
+    let mut retried_at = Vec::new();
+    loop {
+        let Some(Delivery::Event(e)) = sub.next().await else {
+            panic!("event stream ended");
+        };
+        let EventPayload::Mount(s) = &e.payload else {
+            continue;
+        };
+        match s.state {
+            MountState::Failed => {
+                assert!(
+                    s.message.contains("Error: failed to authenticate"),
+                    "{}",
+                    s.message
+                );
+                failed_at.push(tokio::time::Instant::now());
+            }
+            MountState::Remounting if !failed_at.is_empty() => {
+                retried_at.push(tokio::time::Instant::now())
+            }
+            MountState::Mounted => break,
+            _ => {}
+        }
+    }
+    let gaps: Vec<u64> = failed_at
+        .iter()
+        .zip(&retried_at)
+        .map(|(f, r)| (*r - *f).as_secs())
+        .collect();
+    assert_eq!(gaps, [1, 2, 4]);
+    assert_eq!(w.fake.spawns(), 5);
+    assert_eq!(w.health.get(Subsystem::Mounts).state, ConditionState::Ok);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_mount_root_counts_as_stale() {
+    let w = World::new();
+    w.service.mount(w.spec("data")).await.unwrap();
+    let mut sub = w.events.subscribe(None);
+    w.fake.set_hung(&w.base().join("mnt/data"), true);
+    let stale = wait_for(&mut sub, "data", MountState::Stale).await;
+    assert!(
+        stale.message.contains("did not answer"),
+        "{}",
+        stale.message
+    );
+    w.fake.set_hung(&w.base().join("mnt/data"), false);
+    wait_for(&mut sub, "data", MountState::Mounted).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_failure_is_returned_scrubbed_and_forgotten() {
+    let w = World::new();
+    w.fake.fail_next_spawn(&format!(
+        "some log line\nError: failed to authenticate azstorage credentials with error [key {KEY} refused]"
+    ));
+    let err = w.service.mount(w.spec("data")).await.unwrap_err();
+    let MountError::Blobfuse2 {
+        message, status, ..
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!(status, "exit status 1");
+    assert_eq!(
+        message,
+        "Error: failed to authenticate azstorage credentials with error [key *** refused]"
+    );
+    assert!(!err.to_string().contains(KEY));
+    assert!(w.service.list().is_empty());
+    assert!(!w.base().join("state/mounts/secrets/data").exists());
+    assert!(!w.base().join("run/mounts/data.yaml").exists());
+    // A later request with the same name is accepted.
+    w.service.mount(w.spec("data")).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn names_and_paths_in_use_are_refused() {
+    let w = World::new();
+    w.service.mount(w.spec("data")).await.unwrap();
+    let same_name = w.service.mount(w.spec("data")).await.unwrap_err();
+    assert!(matches!(same_name, MountError::InUse { .. }), "{same_name}");
+    let mut nested = w.spec("other");
+    nested.mount_path = w.base().join("mnt/data/inner");
+    let err = w.service.mount(nested).await.unwrap_err();
+    assert!(err.to_string().contains("overlaps"), "{err}");
+    let mut outside = w.spec("outside");
+    outside.mount_path = "/etc/outside".into();
+    let err = w.service.mount(outside).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MountError::Invalid {
+                field: "mount_path",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut bad_cache = w.spec("badcache");
+    bad_cache.cache_dir = "/var".into();
+    let err = w.service.mount(bad_cache).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MountError::Invalid {
+                field: "cache_dir",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_adopts_a_healthy_mount() {
+    let w = World::new();
+    let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
+    let w = w.restart().await;
+    let mut sub = w.events.subscribe(None);
+    w.service.restore(&[]).await;
+    let status = wait_for(&mut sub, "data", MountState::Mounted).await;
+    assert_eq!(status.pid, Some(pid));
+    assert!(status.message.contains("adopted"), "{}", status.message);
+    assert_eq!(w.fake.spawns(), 1, "no second blobfuse2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_repairs_a_mount_that_died_meanwhile() {
+    let w = World::new();
+    let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
+    let w = w.restart().await;
+    w.fake.kill(pid);
+    let mut sub = w.events.subscribe(None);
+    w.service.restore(&[]).await;
+    let status = wait_for(&mut sub, "data", MountState::Mounted).await;
+    assert_ne!(status.pid, Some(pid));
+    assert_eq!(status.remount_count, 1);
+    assert_eq!(w.fake.spawns(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn declared_mounts_read_their_secret_file_and_fail_clearly_without_it() {
+    let w = World::new();
+    let key_file = w.base().join("data.key");
+    std::fs::write(&key_file, KEY).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let declared = |name: &str, secret_file: &Path| DeclaredMount {
+        name: name.into(),
+        account: "myacct".into(),
+        container: "data".into(),
+        mount_path: w.base().join("mnt").join(name),
+        auth: "key".into(),
+        secret_file: secret_file.to_owned(),
+        ..DeclaredMount::default()
+    };
+    let mut good = w.events.subscribe(None);
+    let mut bad = w.events.subscribe(None);
+    w.service
+        .restore(&[
+            declared("good", &key_file),
+            declared("nokey", &w.base().join("missing.key")),
+        ])
+        .await;
+    wait_for(&mut good, "good", MountState::Mounted).await;
+    let failed = wait_for(&mut bad, "nokey", MountState::Failed).await;
+    assert!(failed.message.contains("missing.key"), "{}", failed.message);
+    let condition = w.health.get(Subsystem::Mounts);
+    assert_eq!(condition.state, ConditionState::Failed);
+    assert!(
+        condition.message.contains("nokey failed"),
+        "{}",
+        condition.message
+    );
+    assert!(matches!(
+        w.service.resolve("nokey"),
+        Err(ResolveError::Unhealthy { .. })
+    ));
+    assert!(matches!(
+        w.service.resolve("nope"),
+        Err(ResolveError::Unknown(_))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn busy_unmount_is_lazy_and_says_so() {
+    let w = World::new();
+    let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
+    let path = w.base().join("mnt/data");
+    w.fake.set_busy(&path, true);
+    let status = w.service.unmount("data").await.unwrap();
+    assert_eq!(status.state, MountState::Unmounted);
+    assert!(
+        status.message.starts_with("lazily unmounted: busy"),
+        "{}",
+        status.message
+    );
+    assert!(w.fake.calls().contains(&format!("stop {pid}")));
+    assert!(w.service.list().is_empty());
+    assert!(
+        w.store
+            .scan::<serde_json::Value>(super::super::service::REQUESTED)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!w.base().join("state/mounts/secrets/data").exists());
+    assert!(matches!(
+        w.service.unmount("data").await,
+        Err(MountError::NotFound(_))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn empty_cache_frees_bytes_and_managed_identity_needs_no_secret() {
+    let w = World::new();
+    let mut spec = w.spec("msi");
+    spec.auth = Auth::ManagedIdentity(ManagedIdentity::default());
+    let status = w.service.mount(spec).await.unwrap();
+    assert_eq!(status.auth_mode, "msi");
+    std::fs::create_dir_all(status.cache_dir.join("a/b")).unwrap();
+    std::fs::write(status.cache_dir.join("a/b/blob"), vec![0u8; 1000]).unwrap();
+    assert_eq!(w.service.empty_cache("msi").await.unwrap(), 1000);
+    assert!(
+        std::fs::read_dir(&status.cache_dir)
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    let _ = &w.config;
+}

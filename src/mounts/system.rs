@@ -1,0 +1,441 @@
+//! The outside world of mounts: starting blobfuse2 in its own session,
+//! watching its process, reading `/proc/self/mountinfo`, probing a mount
+//! root off the async runtime, and `fusermount3 -u`. [`FuseMounter`] is the
+//! narrow interface the supervisor uses; [`SystemMounter`] is the real one.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use super::mountinfo::{self, MountEntry};
+
+/// How to start blobfuse2 for one mount.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    /// The mount's name (names the systemd scope).
+    pub name: String,
+    /// `mounts.blobfuse2_path`.
+    pub program: PathBuf,
+    /// Where to mount.
+    pub mount_path: PathBuf,
+    /// The rendered 0600 YAML config.
+    pub config_file: PathBuf,
+    /// Where the process's stdout and stderr go (never a pipe to the agent,
+    /// which would break when the agent restarts).
+    pub output_file: PathBuf,
+}
+
+impl Launch {
+    /// blobfuse2's arguments after the program name.
+    pub fn args(&self) -> Vec<OsString> {
+        let mut config = OsString::from("--config-file=");
+        config.push(&self.config_file);
+        vec![
+            "mount".into(),
+            self.mount_path.clone().into_os_string(),
+            config,
+            "--foreground".into(),
+            "--disable-version-check=true".into(),
+        ]
+    }
+
+    /// Whether a command line is this launch's blobfuse2: `mount` then
+    /// exactly this path (not a substring: `/mnt/a` must not match
+    /// `/mnt/ab`), and this config file.
+    pub fn matches(&self, argv: &[OsString]) -> bool {
+        let args = self.args();
+        argv.len() >= 3 && argv[1] == args[0] && argv[2] == args[1] && argv.contains(&args[2])
+    }
+}
+
+/// What became of a supervised process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessState {
+    /// Still running.
+    Running,
+    /// Gone; how it ended, e.g. "exit status 1" or "killed by SIGKILL".
+    Exited(String),
+}
+
+/// What a health probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The mount root answered.
+    Healthy,
+    /// It did not; why (e.g. "Transport endpoint is not connected (os error 107)").
+    Stale(String),
+}
+
+/// Why an unmount failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnmountFailure {
+    /// Files are open or a process has its working directory there.
+    Busy(String),
+    /// Anything else.
+    Other(String),
+}
+
+/// The operations the mount supervisor needs from the system.
+#[async_trait]
+pub trait FuseMounter: Send + Sync + 'static {
+    /// Starts blobfuse2 in its own session (and systemd scope, under
+    /// systemd), detached from the agent so that an agent restart leaves it
+    /// running. Returns its pid.
+    async fn spawn(&self, launch: &Launch) -> std::io::Result<u32>;
+    /// Whether `pid` still runs as `launch`'s blobfuse2; reaps it when it is
+    /// the agent's own child. Non-blocking.
+    fn process_state(&self, pid: u32, launch: &Launch) -> ProcessState;
+    /// A running blobfuse2 serving `launch` (found by its command line).
+    async fn find_process(&self, launch: &Launch) -> Option<u32>;
+    /// The mountinfo entry at `path`, if anything is mounted there.
+    async fn mount_entry(&self, path: &Path) -> std::io::Result<Option<MountEntry>>;
+    /// Checks that the mount root answers within `timeout`, off the runtime.
+    async fn probe(&self, path: &Path, timeout: Duration) -> Probe;
+    /// `fusermount3 -u` (`-z` when `lazy`).
+    async fn unmount(&self, path: &Path, lazy: bool) -> Result<(), UnmountFailure>;
+    /// SIGTERM, then SIGKILL after `grace`; returns once it is gone.
+    async fn stop(&self, pid: u32, launch: &Launch, grace: Duration);
+}
+
+/// The real system: processes, `/proc`, FUSE and `fusermount3`.
+#[derive(Debug, Default)]
+pub struct SystemMounter {
+    /// Mount roots whose last probe is still blocked in the kernel (a hung
+    /// FUSE daemon): no second probe is started for them, so hung probes
+    /// cannot pile up in the blocking pool.
+    probing: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+impl SystemMounter {
+    /// The real mounter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Deadline for `fusermount3` itself.
+const FUSERMOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[async_trait]
+impl FuseMounter for SystemMounter {
+    async fn spawn(&self, launch: &Launch) -> std::io::Result<u32> {
+        let launch = launch.clone();
+        blocking(move || spawn_detached(&launch)).await?
+    }
+
+    fn process_state(&self, pid: u32, launch: &Launch) -> ProcessState {
+        let Ok(raw) = i32::try_from(pid) else {
+            return ProcessState::Exited("invalid pid".into());
+        };
+        match waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => ProcessState::Running,
+            Ok(WaitStatus::Exited(_, code)) => ProcessState::Exited(format!("exit status {code}")),
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                ProcessState::Exited(format!("killed by {}", signal.as_str()))
+            }
+            Ok(_) => ProcessState::Running,
+            // Not our child (adopted after an agent restart): look at /proc,
+            // and check the command line in case the pid was reused.
+            Err(_) => {
+                if is_zombie_or_gone(pid) {
+                    ProcessState::Exited("exited".into())
+                } else if read_cmdline(pid).is_some_and(|argv| launch.matches(&argv)) {
+                    ProcessState::Running
+                } else {
+                    ProcessState::Exited("exited (its pid now belongs to another process)".into())
+                }
+            }
+        }
+    }
+
+    async fn find_process(&self, launch: &Launch) -> Option<u32> {
+        let launch = launch.clone();
+        blocking(move || find_process(&launch)).await.ok().flatten()
+    }
+
+    async fn mount_entry(&self, path: &Path) -> std::io::Result<Option<MountEntry>> {
+        let path = path.to_owned();
+        blocking(move || Ok(mountinfo::find(&mountinfo::read()?, &path).cloned())).await?
+    }
+
+    async fn probe(&self, path: &Path, timeout: Duration) -> Probe {
+        {
+            let mut probing = lock(&self.probing);
+            if probing.contains(path) {
+                return Probe::Stale("the previous health check is still blocked".into());
+            }
+            probing.insert(path.to_owned());
+        }
+        let probing = self.probing.clone();
+        let owned = path.to_owned();
+        // statfs always reaches the FUSE daemon (stat may be answered from
+        // the kernel's attribute cache while the daemon is dead).
+        let task = tokio::task::spawn_blocking(move || {
+            let result = nix::sys::statvfs::statvfs(&owned);
+            lock(&probing).remove(&owned);
+            result
+        });
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(Ok(_))) => Probe::Healthy,
+            Ok(Ok(Err(errno))) => Probe::Stale(std::io::Error::from(errno).to_string()),
+            Ok(Err(join)) => Probe::Stale(format!("health check failed: {join}")),
+            Err(_) => Probe::Stale(format!(
+                "the mount root did not answer within {} s",
+                timeout.as_secs_f32()
+            )),
+        }
+    }
+
+    async fn unmount(&self, path: &Path, lazy: bool) -> Result<(), UnmountFailure> {
+        let owned = path.to_owned();
+        let run = blocking(move || {
+            let mut command = std::process::Command::new("fusermount3");
+            command.arg("-u");
+            if lazy {
+                command.arg("-z");
+            }
+            command.arg("--").arg(&owned);
+            command.stdin(std::process::Stdio::null()).output()
+        });
+        let output = match tokio::time::timeout(FUSERMOUNT_TIMEOUT, run).await {
+            Ok(Ok(Ok(output))) => output,
+            Ok(Ok(Err(e))) if e.kind() == std::io::ErrorKind::NotFound => {
+                // No fusermount3: the agent is root and can detach directly.
+                let flags = if lazy {
+                    nix::mount::MntFlags::MNT_DETACH
+                } else {
+                    nix::mount::MntFlags::empty()
+                };
+                return nix::mount::umount2(path, flags).map_err(|errno| match errno {
+                    nix::errno::Errno::EBUSY => UnmountFailure::Busy(errno.desc().into()),
+                    other => UnmountFailure::Other(other.desc().into()),
+                });
+            }
+            Ok(Ok(Err(e))) => return Err(UnmountFailure::Other(format!("fusermount3: {e}"))),
+            Ok(Err(e)) => return Err(UnmountFailure::Other(e.to_string())),
+            Err(_) => {
+                return Err(UnmountFailure::Other(format!(
+                    "fusermount3 did not finish within {} s",
+                    FUSERMOUNT_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        if output.status.success() {
+            return Ok(());
+        }
+        let message = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        if message.contains("busy") {
+            Err(UnmountFailure::Busy(message))
+        } else {
+            Err(UnmountFailure::Other(message))
+        }
+    }
+
+    async fn stop(&self, pid: u32, launch: &Launch, grace: Duration) {
+        let Ok(raw) = i32::try_from(pid) else { return };
+        for (signal, wait) in [
+            (Signal::SIGTERM, grace),
+            (Signal::SIGKILL, Duration::from_secs(5)),
+        ] {
+            if self.process_state(pid, launch) != ProcessState::Running {
+                return;
+            }
+            let _ = kill(Pid::from_raw(raw), signal);
+            let deadline = tokio::time::Instant::now() + wait;
+            while tokio::time::Instant::now() < deadline {
+                if self.process_state(pid, launch) != ProcessState::Running {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        tracing::warn!(pid, "blobfuse2 did not stop after SIGKILL");
+    }
+}
+
+/// Runs a blocking closure on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only inserts and removes happen under this lock; a poisoned set is consistent.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether systemd runs this machine (then blobfuse2 goes in its own scope,
+/// out of the agent's cgroup, which systemd kills on a restart).
+fn under_systemd() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+fn spawn_detached(launch: &Launch) -> std::io::Result<u32> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::process::{Command, Stdio};
+    // 0600: blobfuse2's own messages may quote a request URL with its SAS.
+    let output = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&launch.output_file)?;
+    let mut command = if under_systemd() {
+        let mut c = Command::new("systemd-run");
+        let unit = format!(
+            "instance-agent-mount-{}-{}",
+            launch.name.replace(['.', '_'], "-"),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        c.args(["--scope", "--quiet", "--collect", "--unit", &unit, "--"])
+            .arg(&launch.program);
+        c
+    } else {
+        Command::new(&launch.program)
+    };
+    command
+        .args(launch.args())
+        .stdin(Stdio::null())
+        .stdout(output.try_clone()?)
+        .stderr(output)
+        // The agent's own systemd protocol variables are not blobfuse2's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID");
+    new_session(&mut command);
+    let child = command.spawn()?;
+    Ok(child.id())
+}
+
+/// Makes the child a session leader, so that signals to the agent's process
+/// group or a closed terminal never reach blobfuse2.
+#[allow(unsafe_code)]
+fn new_session(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and calls only
+    // setsid(2), which is async-signal-safe and allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+}
+
+fn read_cmdline(pid: u32) -> Option<Vec<OsString>> {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        bytes
+            .split(|b| *b == 0)
+            .filter(|part| !part.is_empty())
+            .map(|part| std::ffi::OsStr::from_bytes(part).to_owned())
+            .collect(),
+    )
+}
+
+fn is_zombie_or_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself
+        // contain spaces or parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_none_or(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => true,
+    }
+}
+
+fn find_process(launch: &Launch) -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .find(|pid| {
+            !is_zombie_or_gone(*pid) && read_cmdline(*pid).is_some_and(|argv| launch.matches(&argv))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(path: &str) -> Launch {
+        Launch {
+            name: "data".into(),
+            program: "blobfuse2".into(),
+            mount_path: path.into(),
+            config_file: "/run/instance-agent/mounts/data.yaml".into(),
+            output_file: "/tmp/x".into(),
+        }
+    }
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn command_line_matches_exact_path_only() {
+        let l = launch("/mnt/a");
+        let cfg = "--config-file=/run/instance-agent/mounts/data.yaml";
+        assert!(l.matches(&argv(&[
+            "blobfuse2",
+            "mount",
+            "/mnt/a",
+            cfg,
+            "--foreground"
+        ])));
+        assert!(!l.matches(&argv(&["blobfuse2", "mount", "/mnt/ab", cfg])));
+        assert!(!l.matches(&argv(&[
+            "blobfuse2",
+            "mount",
+            "/mnt/a",
+            "--config-file=/other"
+        ])));
+        assert!(!l.matches(&argv(&["vi", "/mnt/a", cfg])));
+    }
+
+    #[tokio::test]
+    async fn detached_process_is_found_stopped_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in with blobfuse2's command line: `sh -c 'sleep' mount PATH ...`
+        // puts "mount" and the path in argv[1] and argv[2].
+        let script = dir.path().join("fake-blobfuse2");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut l = launch(&dir.path().join("m").display().to_string());
+        l.program = script;
+        l.output_file = dir.path().join("out");
+        let m = SystemMounter::new();
+        let pid = m.spawn(&l).await.unwrap();
+        // `exec sleep` replaces the command line; the process is still ours.
+        assert_eq!(m.process_state(pid, &l), ProcessState::Running);
+        let sid = nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).unwrap();
+        assert_eq!(sid.as_raw(), pid as i32, "blobfuse2 leads its own session");
+        m.stop(pid, &l, Duration::from_secs(2)).await;
+        assert!(matches!(m.process_state(pid, &l), ProcessState::Exited(_)));
+    }
+
+    #[tokio::test]
+    async fn probe_of_a_plain_directory_is_healthy_and_of_nothing_is_stale() {
+        let m = SystemMounter::new();
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            m.probe(dir.path(), Duration::from_secs(5)).await,
+            Probe::Healthy
+        );
+        assert!(matches!(
+            m.probe(&dir.path().join("missing"), Duration::from_secs(5))
+                .await,
+            Probe::Stale(_)
+        ));
+    }
+}

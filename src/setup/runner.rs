@@ -1,0 +1,503 @@
+//! Starting scripts: the [`ProcessRunner`] trait (the outside world of the
+//! setup domain) and its real implementation, [`SupervisedRunner`].
+//!
+//! # Containment
+//! Each script runs under a **supervisor**: the agent's own binary started
+//! with [`SUPERVISOR_ARG`] (see [`super::supervisor`]). The supervisor is a
+//! child subreaper (`PR_SET_CHILD_SUBREAPER`), so every process the script
+//! starts stays in the supervisor's process tree even when its parent exits
+//! (`nohup cmd &`, `setsid cmd`, double forks): orphans are re-parented to
+//! the supervisor, not to PID 1. The script itself gets a new session and
+//! process group. To stop a run, the supervisor signals its whole tree
+//! (SIGTERM, then SIGKILL after the grace period, until nothing is left) and
+//! reaps everything.
+//!
+//! Why a separate process rather than making the agent the subreaper: a
+//! subreaper must reap the orphans it adopts, and the only way to reap a pid
+//! one did not fork is `waitpid(-1)` (or a scan for zombie children), which
+//! would steal the exit statuses of the agent's other children (tokio's
+//! `Child::wait` reaps by pid: Docker helpers, `nvidia-smi`, `blobfuse2`).
+//! The supervisor has no other children, so it may call `waitpid(-1)` freely.
+//!
+//! Two more nets catch what could escape the tree:
+//! - a cgroup v2 directory per run (`<unified mount>/instance-agent-setup/<run
+//!   id>`, joined by the script before exec; killed with `cgroup.kill`) when
+//!   a v2 hierarchy is mounted and the host is not run by systemd;
+//! - the environment marker `INSTANCE_AGENT_SETUP_RUN=<run id>`, found by
+//!   scanning `/proc/*/environ`, used when the supervisor itself is gone
+//!   (killed, or from an earlier agent life).
+//!
+//! Under systemd (`/run/systemd/system` exists) the supervisor is started
+//! with `systemd-run --scope --unit=instance-agent-setup-<run id>`, so the
+//! script's tree lives in its own transient scope, outside the agent's unit
+//! (a restart of the agent does not take it down, and systemd accounts and
+//! can kill it separately). `systemd-run --scope` execs the supervisor in
+//! place, so the pid the agent holds is the supervisor's. That path is not
+//! exercised by the tests (the test host has no systemd); the tree and marker
+//! nets work the same under it.
+//!
+//! The supervisor also watches its stdin, a pipe whose only writer is the
+//! agent: when the agent dies, the pipe closes and the supervisor stops the
+//! script's tree, so a crashed agent never leaves a creation script running
+//! while the next agent re-runs it.
+//!
+//! # Protocol
+//! - stdin: one JSON line, the [`SupervisorSpec`]; then kept open as the
+//!   lifeline.
+//! - stdout, stderr: handed to the script; the agent reads them.
+//! - fd 3: [`Report`]s, one JSON line each, from the supervisor.
+//! - SIGTERM to the supervisor: stop the script's tree.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::RUN_MARKER_ENV;
+use super::process_tree::{self, RunCgroup};
+
+/// The hidden first argument that turns the agent's binary into a supervisor.
+pub const SUPERVISOR_ARG: &str = "__setup-supervisor";
+
+/// The cgroup directory, under the v2 mount, that holds one cgroup per run.
+pub const CGROUP_PARENT: &str = "instance-agent-setup";
+
+/// The ids a script runs as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserIds {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+/// Everything needed to start one script, resolved and checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    /// The run (also the value of the environment marker).
+    pub run_id: String,
+    /// The program to exec: the interpreter.
+    pub program: PathBuf,
+    /// Its arguments: interpreter option, script path, then the script's own.
+    pub args: Vec<String>,
+    /// The complete environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub working_dir: PathBuf,
+    /// Drop to this user; stay root when `None`.
+    pub user: Option<UserIds>,
+    /// Between SIGTERM and SIGKILL when the tree is stopped.
+    pub kill_grace: Duration,
+    /// Stop what the script leaves running when it exits.
+    pub kill_leftovers: bool,
+}
+
+/// What the supervisor tells the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "report", rename_all = "snake_case")]
+pub enum Report {
+    /// The script is running.
+    Started {
+        /// Its pid.
+        pid: u32,
+    },
+    /// The script could not be started (exec failed, bad user...).
+    SpawnFailed {
+        /// Why.
+        message: String,
+    },
+    /// The script's main process ended.
+    Exited {
+        /// Exit status when it exited.
+        code: Option<i32>,
+        /// Signal when one killed it.
+        signal: Option<i32>,
+    },
+    /// The tree was stopped (at the agent's request, or leftovers after the
+    /// script exited).
+    Stopped {
+        /// Processes sent SIGTERM.
+        sigterm: u32,
+        /// Processes sent SIGKILL after the grace period.
+        sigkill: u32,
+        /// Processes still alive after everything (stuck in the kernel).
+        survivors: u32,
+    },
+    /// Something degraded but not fatal (e.g. no cgroup).
+    Warning {
+        /// What.
+        message: String,
+    },
+}
+
+/// The supervisor's instructions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorSpec {
+    /// The script.
+    pub launch: Launch,
+    /// A cgroup v2 directory to create and put the script in, if any.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// A script's output stream.
+pub type OutputStream = Box<dyn AsyncRead + Send + Unpin>;
+
+/// The runner could not start the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// Spawning failed.
+    #[error("cannot start the script supervisor {program}: {source}")]
+    Spawn {
+        /// What was started.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Starts scripts. The real one is [`SupervisedRunner`]; tests use
+/// `fake::FakeRunner`.
+#[async_trait::async_trait]
+pub trait ProcessRunner: Send + Sync {
+    /// Starts a script.
+    async fn start(&self, launch: Launch) -> Result<Box<dyn ScriptProcess>, RunnerError>;
+
+    /// SIGKILLs whatever is left of runs of an earlier agent life (their
+    /// cgroups and marked processes). Returns how many processes were found.
+    async fn kill_orphans(&self, run_ids: Vec<String>) -> usize;
+
+    /// Removes what finished runs left behind once it is empty (the cgroup
+    /// of a run whose leftovers were allowed to outlive it). Best effort.
+    async fn tidy(&self, _run_ids: Vec<String>) {}
+}
+
+/// A started script.
+#[async_trait::async_trait]
+pub trait ScriptProcess: Send {
+    /// Its stdout and stderr; `None` after the first call.
+    fn take_output(&mut self) -> Option<(OutputStream, OutputStream)>;
+
+    /// The next report; `None` once the supervisor has exited. Cancel-safe.
+    async fn next_report(&mut self) -> Option<Report>;
+
+    /// Asks for the whole tree to be stopped: SIGTERM, then SIGKILL after the
+    /// grace period. Reports follow.
+    fn terminate(&mut self);
+
+    /// SIGKILLs the supervisor and everything of the run it can find, for
+    /// when the supervisor does not answer. Returns how many processes it hit.
+    async fn kill(&mut self) -> usize;
+}
+
+/// How scripts are contained on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Containment {
+    /// Under systemd: a transient scope per run.
+    SystemdScope,
+    /// A cgroup v2 directory per run under this parent.
+    Cgroup(PathBuf),
+    /// Only the supervisor's tree and the environment marker.
+    TreeOnly,
+}
+
+/// Runs each script under a supervisor process (see the module docs).
+#[derive(Debug, Clone)]
+pub struct SupervisedRunner {
+    /// What the agent execs: `/proc/self/exe` in production, so that the
+    /// running binary is used even after an upgrade replaced the file.
+    exe: PathBuf,
+    /// The binary's path by name, for `systemd-run`, which would otherwise
+    /// resolve `/proc/self/exe` to itself.
+    exe_path: PathBuf,
+    containment: Containment,
+}
+
+impl SupervisedRunner {
+    /// Detects the containment available here; `exe` is the agent's binary.
+    pub fn detect(exe: PathBuf) -> Self {
+        let containment = if std::path::Path::new("/run/systemd/system").is_dir() {
+            Containment::SystemdScope
+        } else if let Some(mount) = process_tree::cgroup_v2_mount() {
+            Containment::Cgroup(mount.join(CGROUP_PARENT))
+        } else {
+            Containment::TreeOnly
+        };
+        tracing::info!(?containment, "setup scripts containment");
+        Self::new(exe, containment)
+    }
+
+    /// A runner with explicit containment.
+    pub fn new(exe: PathBuf, containment: Containment) -> Self {
+        let exe_path = std::fs::read_link(&exe)
+            .map(|target| {
+                let text = target.to_string_lossy();
+                PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text))
+            })
+            .unwrap_or_else(|_| exe.clone());
+        Self {
+            exe,
+            exe_path,
+            containment,
+        }
+    }
+
+    fn cgroup_of(&self, run_id: &str) -> Option<RunCgroup> {
+        match &self.containment {
+            Containment::Cgroup(parent) => Some(RunCgroup::at(parent.join(run_id))),
+            Containment::SystemdScope | Containment::TreeOnly => None,
+        }
+    }
+
+    fn command(&self, run_id: &str) -> tokio::process::Command {
+        let mut command = match self.containment {
+            Containment::SystemdScope => {
+                let mut c = tokio::process::Command::new("systemd-run");
+                c.args([
+                    "--scope",
+                    "--quiet",
+                    "--collect",
+                    &format!("--unit=instance-agent-setup-{run_id}"),
+                    "--description=instance-agent setup script",
+                    "--property=KillMode=control-group",
+                    "--",
+                ])
+                .arg(&self.exe_path);
+                c
+            }
+            Containment::Cgroup(_) | Containment::TreeOnly => {
+                tokio::process::Command::new(&self.exe)
+            }
+        };
+        command
+            .arg(SUPERVISOR_ARG)
+            // The supervisor needs nothing from the agent's environment; the
+            // script's environment travels in the spec.
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        command
+    }
+}
+
+#[async_trait::async_trait]
+impl ProcessRunner for SupervisedRunner {
+    async fn start(&self, launch: Launch) -> Result<Box<dyn ScriptProcess>, RunnerError> {
+        let spawn_err = |source| RunnerError::Spawn {
+            program: self.exe.clone(),
+            source,
+        };
+        let run_id = launch.run_id.clone();
+        let cgroup = self.cgroup_of(&run_id);
+        let spec = SupervisorSpec {
+            launch,
+            cgroup: cgroup.as_ref().map(|c| c.dir().to_owned()),
+        };
+        let mut line = serde_json::to_vec(&spec).map_err(|e| spawn_err(e.into()))?;
+        line.push(b'\n');
+
+        let (report_read, report_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?;
+        let mut command = self.command(&run_id);
+        give_fd_3(&mut command, report_write.as_raw_fd());
+        let mut child = command.spawn().map_err(spawn_err)?;
+        drop(report_write);
+
+        let pid = child.id().unwrap_or(0);
+        let mut lifeline = child.stdin.take();
+        if let Some(stdin) = lifeline.as_mut() {
+            // A supervisor that died at once shows up as a missing report.
+            let _ = stdin.write_all(&line).await;
+        }
+        let output = match (child.stdout.take(), child.stderr.take()) {
+            (Some(out), Some(err)) => {
+                Some((Box::new(out) as OutputStream, Box::new(err) as OutputStream))
+            }
+            _ => None,
+        };
+        let exited = Arc::new(AtomicBool::new(false));
+        let (tx, reports) = mpsc::channel(16);
+        tokio::spawn(read_reports(report_read, child, tx, exited.clone()));
+        Ok(Box::new(SupervisedProcess {
+            run_id,
+            pid,
+            lifeline,
+            output,
+            reports,
+            exited,
+            cgroup,
+        }))
+    }
+
+    async fn kill_orphans(&self, run_ids: Vec<String>) -> usize {
+        if run_ids.is_empty() {
+            return 0;
+        }
+        let cgroups = run_ids.iter().filter_map(|id| self.cgroup_of(id)).collect();
+        kill_runs(cgroups, run_ids).await
+    }
+
+    async fn tidy(&self, run_ids: Vec<String>) {
+        let cgroups: Vec<RunCgroup> = run_ids.iter().filter_map(|id| self.cgroup_of(id)).collect();
+        if cgroups.is_empty() {
+            return;
+        }
+        // rmdir fails (EBUSY) while processes remain; then a later start
+        // tries again.
+        let _ = tokio::task::spawn_blocking(move || {
+            for cgroup in cgroups {
+                let _ = cgroup.remove();
+            }
+        })
+        .await;
+    }
+}
+
+/// SIGKILLs every member of `cgroups` and every process marked with one of
+/// `run_ids`, then removes the cgroups; off the runtime, within 30 s.
+/// Returns how many processes it hit.
+async fn kill_runs(cgroups: Vec<RunCgroup>, run_ids: Vec<String>) -> usize {
+    let task = tokio::task::spawn_blocking(move || {
+        let mut hit: usize = cgroups.iter().map(RunCgroup::kill_all).sum();
+        for pid in process_tree::processes_with_marker(RUN_MARKER_ENV, &run_ids) {
+            if process_tree::send(pid, Signal::SIGKILL) {
+                hit += 1;
+            }
+        }
+        if !cgroups.is_empty() {
+            // SIGKILLed members leave their cgroup within moments; nobody
+            // else would remove it.
+            std::thread::sleep(Duration::from_millis(100));
+            for cgroup in &cgroups {
+                let _ = cgroup.remove();
+            }
+        }
+        hit
+    });
+    match tokio::time::timeout(Duration::from_secs(30), task).await {
+        Ok(Ok(hit)) => hit,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "setup process sweep failed");
+            0
+        }
+        Err(_) => {
+            tracing::warn!("setup process sweep did not finish within 30 s");
+            0
+        }
+    }
+}
+
+/// Makes the report pipe's write end the child's fd 3.
+#[allow(unsafe_code)]
+fn give_fd_3(command: &mut tokio::process::Command, fd: i32) {
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // dup2 and fcntl, which are async-signal-safe; it allocates nothing and
+    // touches no lock. `fd` is open in the parent (and therefore in the
+    // child) until after spawn returns.
+    unsafe {
+        command.pre_exec(move || {
+            use nix::libc;
+            if fd == 3 {
+                // dup2 onto itself would keep FD_CLOEXEC; clear it instead.
+                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Forwards the supervisor's reports, then reaps it.
+async fn read_reports(
+    read: OwnedFd,
+    mut child: tokio::process::Child,
+    tx: mpsc::Sender<Report>,
+    exited: Arc<AtomicBool>,
+) {
+    if let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
+        let mut lines = tokio::io::BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match serde_json::from_str::<Report>(&line) {
+                Ok(report) => {
+                    if tx.send(report).await.is_err() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, line, "unreadable report from a setup supervisor")
+                }
+            }
+        }
+    }
+    let status = child.wait().await;
+    exited.store(true, Ordering::SeqCst);
+    if let Ok(status) = status
+        && !status.success()
+    {
+        tracing::warn!(%status, "setup supervisor exited abnormally");
+    }
+}
+
+struct SupervisedProcess {
+    run_id: String,
+    pid: u32,
+    /// Held open, never written after the spec: its closing tells the
+    /// supervisor that the agent is gone.
+    lifeline: Option<tokio::process::ChildStdin>,
+    output: Option<(OutputStream, OutputStream)>,
+    reports: mpsc::Receiver<Report>,
+    exited: Arc<AtomicBool>,
+    cgroup: Option<RunCgroup>,
+}
+
+impl SupervisedProcess {
+    fn signal_supervisor(&self, signal: Signal) {
+        // Once reaped, the pid may belong to someone else.
+        if self.pid != 0 && !self.exited.load(Ordering::SeqCst) {
+            process_tree::send(self.pid as i32, signal);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ScriptProcess for SupervisedProcess {
+    fn take_output(&mut self) -> Option<(OutputStream, OutputStream)> {
+        self.output.take()
+    }
+
+    async fn next_report(&mut self) -> Option<Report> {
+        self.reports.recv().await
+    }
+
+    fn terminate(&mut self) {
+        self.signal_supervisor(Signal::SIGTERM);
+    }
+
+    async fn kill(&mut self) -> usize {
+        self.signal_supervisor(Signal::SIGKILL);
+        self.lifeline.take();
+        kill_runs(
+            self.cgroup.clone().into_iter().collect(),
+            vec![self.run_id.clone()],
+        )
+        .await
+    }
+}

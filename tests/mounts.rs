@@ -1,0 +1,832 @@
+//! Black-box tests of file share mounts: the real agent drives the
+//! blobfuse2 stand-in (same command line and config, a real FUSE mount of a
+//! local directory) through the real kernel FUSE, `/proc/self/mountinfo` and
+//! `fusermount3`. Every test cleans up its mounts and stand-ins in `Drop`.
+#![cfg(feature = "test-util")]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Agent, cli};
+use instance_agent::api::proto::{
+    self, agent_service_client::AgentServiceClient, mount_request::Auth,
+    mount_service_client::MountServiceClient,
+};
+use nix::sys::signal::Signal;
+use tokio_stream::StreamExt;
+
+const KEY: &str = "QUNDT1VOVEtFWS1uZXZlci1pbi1hbnktbG9nLTAxMjM0NTY3ODk=";
+const SAS: &str =
+    "?sv=2022-11-02&ss=b&srt=co&sp=rwdl&se=2031-01-01&sig=U0lHTkFUVVJFbmV2ZXJsb2dnZWQ%3D";
+const WRONG_SAS: &str = "?sv=2022-11-02&ss=b&sp=r&sig=V1JPTkdzaWduYXR1cmVuZXZlcmxvZ2dlZA%3D%3D";
+
+fn standin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_blobfuse2-standin"))
+}
+
+/// A directory with mount points, fake storage and caches; on drop it kills
+/// every stand-in serving a path below it and lazily unmounts what is left.
+struct Site {
+    dir: tempfile::TempDir,
+    health_interval_seconds: u32,
+}
+
+impl Site {
+    fn new() -> Self {
+        let site = Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            health_interval_seconds: 1,
+        };
+        for d in ["mnt", "storage/data", "storage/other", "cache"] {
+            std::fs::create_dir_all(site.path().join(d)).expect("site dirs");
+        }
+        site
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().canonicalize().expect("canonical tempdir")
+    }
+
+    fn mnt(&self, name: &str) -> PathBuf {
+        self.path().join("mnt").join(name)
+    }
+
+    fn storage(&self, container: &str) -> PathBuf {
+        self.path().join("storage").join(container)
+    }
+
+    /// Config for an agent that uses the stand-in on this site.
+    fn config(&self) -> String {
+        format!(
+            "[mounts]\nblobfuse2_path = {:?}\nallowed_roots = [{:?}]\ncache_root = {:?}\n\
+             health_interval_seconds = {}\nhealth_timeout_seconds = 2\nbackoff_initial_seconds = 1\n\
+             backoff_max_seconds = 2\nmount_timeout_seconds = 20\n",
+            standin(),
+            self.path().join("mnt"),
+            self.path().join("cache"),
+            self.health_interval_seconds,
+        )
+    }
+
+    fn agent(&self) -> Agent {
+        self.agent_with("")
+    }
+
+    fn agent_with(&self, extra: &str) -> Agent {
+        Agent::builder()
+            .config(&format!("{}{extra}", self.config()))
+            .env(
+                "STANDIN_STORAGE_ROOT",
+                &self.path().join("storage").display().to_string(),
+            )
+            .start()
+    }
+
+    /// Stand-ins serving a path below this site.
+    fn standins(&self) -> Vec<(u32, PathBuf)> {
+        let root = self.path();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.len() > 2
+                && args[0].ends_with("blobfuse2-standin")
+                && Path::new(&args[2]).starts_with(&root)
+            {
+                found.push((pid, PathBuf::from(&args[2])));
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for (pid, _) in self.standins() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        for mount in mounts_below(&self.path()) {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&mount)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn mounts_below(root: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root))
+        .collect()
+}
+
+/// The mountinfo line at `path`: (type, source).
+fn mountinfo_at(path: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        (before.split(' ').nth(4)? == path.to_str()?).then(|| {
+            let mut f = after.split(' ');
+            (
+                f.next().unwrap_or_default().to_owned(),
+                f.next().unwrap_or_default().to_owned(),
+            )
+        })
+    })
+}
+
+fn request(site: &Site, name: &str, auth: Auth) -> proto::MountRequest {
+    proto::MountRequest {
+        name: name.into(),
+        account: "myacct".into(),
+        container: "data".into(),
+        mount_path: site.mnt(name).display().to_string(),
+        auth: Some(auth),
+        ..Default::default()
+    }
+}
+
+async fn mounts_client(agent: &Agent) -> MountServiceClient<tonic::transport::Channel> {
+    MountServiceClient::new(agent.channel().await)
+}
+
+async fn mount_with_key(agent: &Agent, site: &Site, name: &str) -> proto::MountInfo {
+    mounts_client(agent)
+        .await
+        .mount(request(site, name, Auth::AccountKey(KEY.into())))
+        .await
+        .expect("mount")
+        .into_inner()
+}
+
+async fn list(agent: &Agent) -> Vec<proto::MountInfo> {
+    mounts_client(agent)
+        .await
+        .list_mounts(proto::ListMountsRequest {})
+        .await
+        .expect("list mounts")
+        .into_inner()
+        .mounts
+}
+
+/// Polls until `check` holds, up to a generous timeout.
+async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn mount_state(agent: &Agent, name: &str) -> Option<proto::MountInfo> {
+    list(agent).await.into_iter().find(|m| m.name == name)
+}
+
+/// Asserts that no form of the secrets is in `text`.
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in [
+        KEY,
+        SAS,
+        WRONG_SAS,
+        "U0lHTkFUVVJFbmV2ZXJsb2dnZWQ",
+        "V1JPTkdzaWduYXR1cmVuZXZlcmxvZ2dlZA",
+    ] {
+        assert!(
+            !text.contains(secret),
+            "a secret appears in {what}:\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_mount_appears_in_mountinfo_and_files_round_trip() {
+    let site = Site::new();
+    let agent = site.agent();
+    std::fs::write(
+        site.storage("data").join("from-storage.txt"),
+        "hello from storage",
+    )
+    .unwrap();
+    let info = mount_with_key(&agent, &site, "data").await;
+    assert_eq!(info.state(), proto::MountState::Mounted);
+    assert_eq!(info.auth_mode, "key");
+    assert_eq!(info.origin, "api");
+    assert!(info.pid > 0);
+    let path = site.mnt("data");
+    assert_eq!(
+        mountinfo_at(&path),
+        Some(("fuse".into(), "blobfuse2".into()))
+    );
+
+    // Files go both ways through the FUSE mount.
+    assert_eq!(
+        std::fs::read_to_string(path.join("from-storage.txt")).unwrap(),
+        "hello from storage"
+    );
+    std::fs::create_dir(path.join("dir")).unwrap();
+    std::fs::write(path.join("dir/from-mount.txt"), "hello from the mount").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(site.storage("data").join("dir/from-mount.txt")).unwrap(),
+        "hello from the mount"
+    );
+
+    // The rendered config is private and in the runtime dir; blobfuse2's
+    // log goes under the logs dir.
+    let config = agent.path().join("run/mounts/data.yaml");
+    assert_eq!(
+        std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(agent.path().join("logs/mounts/data.log").exists());
+
+    // The CLI lists it, as a table and as JSON.
+    let table = cli(&agent.socket, &["mounts", "list"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("data") && table.contains("mounted"),
+        "{table}"
+    );
+    let json = cli(&agent.socket, &["--json", "mounts", "list"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json list");
+    assert_eq!(json["mounts"][0]["state"], "MOUNT_STATE_MOUNTED");
+    assert_no_secret("the agent log", &agent.log());
+}
+
+#[tokio::test]
+async fn a_killed_blobfuse2_leaves_a_stale_mount_that_the_agent_repairs() {
+    // Long enough to look at the stale mount before the agent repairs it.
+    let mut site = Site::new();
+    site.health_interval_seconds = 8;
+    let agent = site.agent();
+    std::fs::write(site.storage("data").join("f.txt"), "still here").unwrap();
+    let mut events = AgentServiceClient::new(agent.channel().await)
+        .watch_events(proto::WatchEventsRequest { since: None })
+        .await
+        .expect("watch")
+        .into_inner();
+    let info = mounts_client(&agent)
+        .await
+        .mount(request(&site, "data", Auth::SasToken(SAS.into())))
+        .await
+        .expect("mount")
+        .into_inner();
+    let path = site.mnt("data");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(info.pid as i32), Signal::SIGKILL).unwrap();
+    // Once the process is gone (requests in flight at its death end with
+    // ECONNABORTED), it is a real stale mount: still in mountinfo, and every
+    // access fails with ENOTCONN.
+    while !dead(info.pid) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let error = std::fs::read_dir(&path).expect_err("stale mount");
+    assert_eq!(error.raw_os_error(), Some(nix::libc::ENOTCONN), "{error}");
+    assert!(mountinfo_at(&path).is_some());
+
+    // Health interval 8 s plus backoff 1 s: repaired well within 30 s.
+    let repaired = eventually("the repair", Duration::from_secs(30), async || {
+        mount_state(&agent, "data")
+            .await
+            .filter(|m| m.state() == proto::MountState::Mounted && m.remount_count == 1)
+    })
+    .await;
+    assert_ne!(repaired.pid, info.pid);
+    assert_eq!(
+        std::fs::read_to_string(path.join("f.txt")).unwrap(),
+        "still here"
+    );
+
+    // Every state change was an event.
+    let mut seen = Vec::new();
+    while seen.last() != Some(&proto::MountState::Mounted) || seen.len() < 4 {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("event");
+        if let Some(proto::event::Kind::Mount(m)) = event.kind {
+            seen.push(m.mount.expect("mount info").state());
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            proto::MountState::Mounting,
+            proto::MountState::Mounted,
+            proto::MountState::Stale,
+            proto::MountState::Remounting,
+            proto::MountState::Mounted,
+        ][..seen.len()]
+    );
+    assert_no_secret("the agent log", &agent.log());
+}
+
+#[tokio::test]
+async fn a_hung_blobfuse2_times_out_the_health_check_without_blocking_the_agent() {
+    let site = Site::new();
+    let agent = site.agent();
+    let info = mount_with_key(&agent, &site, "data").await;
+    // A stopped daemon leaves every request to the mount hanging.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(info.pid as i32), Signal::SIGSTOP).unwrap();
+    let stale = eventually("the stale state", Duration::from_secs(30), async || {
+        // The API keeps answering while a health check hangs in the kernel.
+        mount_state(&agent, "data")
+            .await
+            .filter(|m| m.state() == proto::MountState::Stale)
+    })
+    .await;
+    assert!(
+        stale.message.contains("did not answer within 2 s"),
+        "{}",
+        stale.message
+    );
+    let repaired = eventually("the repair", Duration::from_secs(60), async || {
+        mount_state(&agent, "data")
+            .await
+            .filter(|m| m.state() == proto::MountState::Mounted && m.remount_count == 1)
+    })
+    .await;
+    assert_ne!(repaired.pid, info.pid);
+    assert!(dead(info.pid), "the hung blobfuse2 was killed");
+    std::fs::write(site.mnt("data").join("after.txt"), "ok").unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_agent_adopts_the_healthy_mount_without_remounting() {
+    let site = Site::new();
+    let mut agent = site.agent();
+    let info = mount_with_key(&agent, &site, "data").await;
+    let path = site.mnt("data");
+    // Open a file through the mount: a remount would break it.
+    std::fs::write(path.join("held.txt"), "held").unwrap();
+    let held = std::fs::File::open(path.join("held.txt")).unwrap();
+
+    agent.signal(Signal::SIGKILL);
+    agent.child.wait().unwrap();
+    assert!(
+        site.standins().iter().any(|(pid, _)| *pid == info.pid),
+        "blobfuse2 survives the agent"
+    );
+    restart(&mut agent, &site);
+
+    let adopted = eventually("adoption", Duration::from_secs(20), async || {
+        mount_state(&agent, "data")
+            .await
+            .filter(|m| m.state() == proto::MountState::Mounted)
+    })
+    .await;
+    assert_eq!(adopted.pid, info.pid, "the same blobfuse2 process");
+    assert_eq!(adopted.remount_count, 0);
+    assert!(adopted.message.contains("adopted"), "{}", adopted.message);
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &held, &mut text).unwrap();
+    assert_eq!(text, "held");
+    // The new agent still watches it: a kill is repaired.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(info.pid as i32), Signal::SIGKILL).unwrap();
+    eventually("the repair", Duration::from_secs(30), async || {
+        mount_state(&agent, "data")
+            .await
+            .filter(|m| m.state() == proto::MountState::Mounted && m.remount_count == 1)
+    })
+    .await;
+    drop(held);
+}
+
+/// Whether a process is gone (or a zombie).
+fn dead(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit_once(") ")
+                .is_none_or(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// Kills nothing; starts a new agent on the same config, state and log.
+fn restart(agent: &mut Agent, site: &Site) {
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&agent.log_path)
+        .expect("log");
+    agent.child = Command::new(common::binary())
+        .args(["serve", "--config"])
+        .arg(&agent.config_path)
+        .env("RUST_LOG", "info,instance_agent=debug")
+        .env("STANDIN_STORAGE_ROOT", site.path().join("storage"))
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("restart the agent");
+    agent.wait_ready(Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn unmount_with_a_file_held_open_is_lazy_and_stops_blobfuse2() {
+    let site = Site::new();
+    let agent = site.agent();
+    let info = mount_with_key(&agent, &site, "data").await;
+    let path = site.mnt("data");
+    std::fs::write(path.join("open.txt"), "x").unwrap();
+    let held = std::fs::File::open(path.join("open.txt")).unwrap();
+
+    let reply = mounts_client(&agent)
+        .await
+        .unmount(proto::UnmountRequest {
+            name: "data".into(),
+        })
+        .await
+        .expect("unmount")
+        .into_inner();
+    assert_eq!(reply.state(), proto::MountState::Unmounted);
+    assert!(
+        reply.message.contains("lazily unmounted: busy"),
+        "{}",
+        reply.message
+    );
+    assert_eq!(mountinfo_at(&path), None);
+    assert!(
+        !site.standins().iter().any(|(pid, _)| *pid == info.pid),
+        "blobfuse2 stopped"
+    );
+    assert_eq!(
+        std::fs::read_dir(&path).unwrap().count(),
+        0,
+        "mount dir left empty"
+    );
+    assert!(list(&agent).await.is_empty());
+    assert!(!agent.path().join("run/mounts/data.yaml").exists());
+    drop(held);
+
+    // Without open files it is a clean unmount.
+    mounts_client(&agent)
+        .await
+        .mount(request(&site, "data", Auth::AccountKey(KEY.into())))
+        .await
+        .expect("mount again");
+    let out = cli(&agent.socket, &["mounts", "unmount", "data"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("unmounted at")
+            && text.contains(": cleanly unmounted"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn paths_outside_the_roots_or_in_use_are_refused_clearly() {
+    let site = Site::new();
+    let agent = site.agent();
+    let mut client = mounts_client(&agent).await;
+    let key = || Auth::AccountKey(KEY.into());
+
+    let mut outside = request(&site, "outside", key());
+    outside.mount_path = "/var/tmp/instance-agent-test-outside".into();
+    let err = client.mount(outside).await.expect_err("outside the roots");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("outside the allowed roots"),
+        "{}",
+        err.message()
+    );
+
+    let mut dotdot = request(&site, "dotdot", key());
+    dotdot.mount_path = format!("{}/../../etc", site.mnt("x").display());
+    let err = client.mount(dotdot).await.expect_err("dotdot");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains(".."), "{}", err.message());
+
+    std::os::unix::fs::symlink("/var/tmp", site.mnt("link")).unwrap();
+    let mut escape = request(&site, "escape", key());
+    escape.mount_path = site.mnt("link/escape").display().to_string();
+    let err = client.mount(escape).await.expect_err("symlink escape");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("resolves to /var/tmp/escape"),
+        "{}",
+        err.message()
+    );
+
+    // A path something else already mounted (a stand-in started by hand).
+    let foreign = site.mnt("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    let config = site.path().join("foreign.yaml");
+    std::fs::write(
+        &config,
+        "azstorage: {account-name: myacct, container: other, mode: msi}\n",
+    )
+    .unwrap();
+    let mut child = Command::new(standin())
+        .arg("mount")
+        .arg(&foreign)
+        .arg(format!("--config-file={}", config.display()))
+        .env("STANDIN_STORAGE_ROOT", site.path().join("storage"))
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while mountinfo_at(&foreign).is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "foreign mount never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = client
+        .mount(request(&site, "foreign", key()))
+        .await
+        .expect_err("in use");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    assert!(
+        err.message()
+            .contains("already mounted (fuse from blobfuse2)"),
+        "{}",
+        err.message()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A managed mount's name and path.
+    client
+        .mount(request(&site, "data", key()))
+        .await
+        .expect("mount");
+    let err = client
+        .mount(request(&site, "data", key()))
+        .await
+        .expect_err("same name");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    let mut same_path = request(&site, "data2", key());
+    same_path.mount_path = site.mnt("data").display().to_string();
+    let err = client.mount(same_path).await.expect_err("same path");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    assert!(err.message().contains("overlaps"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn blobfuse2_errors_reach_the_reply_and_the_condition_verbatim_and_scrubbed() {
+    let site = Site::new();
+    // The "container" accepts only the right SAS.
+    std::fs::write(site.path().join("storage/data.credential"), SAS).unwrap();
+    let key_file = site.path().join("data.key");
+    std::fs::write(&key_file, KEY).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let declared = format!(
+        "[[mounts.mount]]\nname = \"declared\"\naccount = \"myacct\"\ncontainer = \"data\"\n\
+         mount_path = {:?}\nauth = \"key\"\nsecret_file = {:?}\n",
+        site.mnt("declared"),
+        key_file
+    );
+    let agent = site.agent_with(&declared);
+    let mut client = mounts_client(&agent).await;
+
+    let err = client
+        .mount(request(&site, "wrong", Auth::SasToken(WRONG_SAS.into())))
+        .await
+        .expect_err("wrong SAS");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains(
+            "blobfuse2 failed (exit status 1): Error: failed to authenticate azstorage credentials with error [GET https://myacct.blob.core.windows.net/data?restype=container&sv=2022-11-02&ss=b&sp=r&sig=***: 403 AuthenticationFailed"
+        ),
+        "{}",
+        err.message()
+    );
+    assert!(
+        list(&agent).await.iter().all(|m| m.name != "wrong"),
+        "a failed request is forgotten"
+    );
+
+    // The declared mount (wrong credential for this container) fails and is retried;
+    // the condition carries blobfuse2's message.
+    let condition = eventually(
+        "the failed condition",
+        Duration::from_secs(20),
+        async || {
+            let status = AgentServiceClient::new(agent.channel().await)
+                .get_status(proto::GetStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.r#type == "mounts" && c.state() == proto::ConditionState::Failed)
+        },
+    )
+    .await;
+    assert!(
+        condition
+            .message
+            .contains("declared failed: blobfuse2 failed (exit status 1): Error: failed to authenticate azstorage credentials"),
+        "{}",
+        condition.message
+    );
+    let status = cli(&agent.socket, &["status"]);
+    assert_eq!(status.status.code(), Some(1));
+
+    // Bad config: blobfuse2's own message for an empty container name cannot
+    // happen (the agent checks it first) but an invalid one is refused by the agent.
+    let mut bad = request(&site, "bad", Auth::SasToken(SAS.into()));
+    bad.container = "Bad_Container".into();
+    let err = client.mount(bad).await.expect_err("bad container");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("container"), "{}", err.message());
+
+    // With the right SAS the same container mounts.
+    client
+        .mount(request(&site, "right", Auth::SasToken(SAS.into())))
+        .await
+        .expect("right SAS");
+    assert_no_secret("the agent log", &agent.log());
+    assert_no_secret("the condition", &condition.message);
+}
+
+#[tokio::test]
+async fn no_secret_appears_in_any_log_reply_event_or_the_store() {
+    let site = Site::new();
+    let agent = site.agent();
+    let mut captured = String::new();
+    let mut events = AgentServiceClient::new(agent.channel().await)
+        .watch_events(proto::WatchEventsRequest { since: Some(0) })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut client = mounts_client(&agent).await;
+    std::fs::write(site.path().join("storage/other.credential"), SAS).unwrap();
+    let mut other = request(&site, "sas", Auth::SasToken(SAS.into()));
+    other.container = "other".into();
+    captured += &format!(
+        "{:?}",
+        client
+            .mount(request(&site, "key", Auth::AccountKey(KEY.into())))
+            .await
+    );
+    captured += &format!("{:?}", client.mount(other).await);
+    let mut wrong = request(&site, "wrong", Auth::SasToken(WRONG_SAS.into()));
+    wrong.container = "other".into();
+    captured += &format!("{:?}", client.mount(wrong).await);
+    let mut empty = request(&site, "empty", Auth::AccountKey(String::new()));
+    empty.container = "data".into();
+    captured += &format!("{:?}", client.mount(empty).await);
+    captured += &format!(
+        "{:?}",
+        client.list_mounts(proto::ListMountsRequest {}).await
+    );
+    for args in [
+        &["mounts", "list"][..],
+        &["--json", "mounts", "list"],
+        &["status"],
+        &["--json", "status"],
+    ] {
+        let out = cli(&agent.socket, args);
+        captured += &String::from_utf8_lossy(&out.stdout);
+        captured += &String::from_utf8_lossy(&out.stderr);
+    }
+    // Mount and unmount through the CLI too, the key read from a file.
+    let key_file = site.path().join("cli.key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let mount_path = site.mnt("cli").display().to_string();
+    for args in [
+        &[
+            "mounts",
+            "mount",
+            "cli",
+            "--account",
+            "myacct",
+            "--container",
+            "data",
+            "--path",
+            &mount_path,
+            "--account-key-file",
+            &key_file.display().to_string(),
+        ][..],
+        &["--json", "mounts", "unmount", "cli"],
+        &["mounts", "unmount", "key"],
+    ] {
+        let out = cli(&agent.socket, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        captured += &String::from_utf8_lossy(&out.stdout);
+        captured += &String::from_utf8_lossy(&out.stderr);
+    }
+    // Every event so far.
+    while let Ok(Some(Ok(event))) =
+        tokio::time::timeout(Duration::from_millis(500), events.next()).await
+    {
+        captured += &format!("{event:?}");
+    }
+    assert!(
+        captured.contains("MOUNT_STATE_MOUNTED") || captured.contains("Mounted"),
+        "{captured}"
+    );
+    assert!(
+        captured.contains("sig=***"),
+        "the wrong SAS's error is scrubbed, not lost: {captured}"
+    );
+    assert_no_secret("the replies and events", &captured);
+    assert_no_secret("the agent log", &agent.log());
+    let store = std::fs::read(agent.state_dir.join("agent.redb")).unwrap();
+    assert_no_secret("the store", &String::from_utf8_lossy(&store));
+    // The one durable copy of an API secret is the 0600 file in the state dir.
+    let secret = agent.state_dir.join("mounts/secrets/sas");
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), SAS);
+}
+
+#[tokio::test]
+async fn mounts_are_restored_after_a_reboot_from_config_and_from_the_store() {
+    let site = Site::new();
+    let key_file = site.path().join("declared.key");
+    std::fs::write(&key_file, KEY).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let declared = format!(
+        "[[mounts.mount]]\nname = \"declared\"\naccount = \"myacct\"\ncontainer = \"other\"\n\
+         mount_path = {:?}\nauth = \"key\"\nsecret_file = {:?}\nread_only = true\n",
+        site.mnt("declared"),
+        key_file
+    );
+    let mut agent = site.agent_with(&declared);
+    let declared_info = eventually("the declared mount", Duration::from_secs(20), async || {
+        mount_state(&agent, "declared")
+            .await
+            .filter(|m| m.state() == proto::MountState::Mounted)
+    })
+    .await;
+    assert_eq!(declared_info.origin, "config");
+    assert!(declared_info.read_only);
+    let err = std::fs::write(site.mnt("declared").join("x"), "x").expect_err("read-only");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS));
+    mounts_client(&agent)
+        .await
+        .mount(request(&site, "api", Auth::SasToken(SAS.into())))
+        .await
+        .expect("mount");
+
+    // "Reboot": the agent and every blobfuse2 die, the mounts go, the
+    // runtime dir (a tmpfs) is emptied.
+    agent.signal(Signal::SIGKILL);
+    agent.child.wait().unwrap();
+    drop(
+        Site::standins(&site)
+            .into_iter()
+            .map(|(pid, _)| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL)
+            })
+            .collect::<Vec<_>>(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    for mount in mounts_below(&site.path()) {
+        Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&mount)
+            .status()
+            .unwrap();
+    }
+    std::fs::remove_dir_all(agent.path().join("run")).unwrap();
+    restart(&mut agent, &site);
+
+    for name in ["declared", "api"] {
+        eventually(name, Duration::from_secs(20), async || {
+            mount_state(&agent, name)
+                .await
+                .filter(|m| m.state() == proto::MountState::Mounted)
+        })
+        .await;
+        assert!(
+            mountinfo_at(&site.mnt(name)).is_some(),
+            "{name} mounted again"
+        );
+    }
+    assert_no_secret("the agent log", &agent.log());
+}
