@@ -3,7 +3,7 @@
 # one table of `name | value` rows with the date and the machine. Figures are
 # reported, never asserted (machines are shared and noisy).
 #   scripts/bench.sh            all benches
-#   scripts/bench.sh footprint  one bench (footprint, jobs, ...)
+#   scripts/bench.sh footprint  one bench (footprint, jobs, grpc_load, ...)
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,7 +16,7 @@ fi
 cargo build --release --quiet
 benches=("$@")
 if ((${#benches[@]} == 0)); then
-  benches=(footprint jobs)
+  benches=(footprint jobs grpc_load)
 fi
 
 echo "instance-agent benchmarks, $(date -u +%Y-%m-%d), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/{print $2}') GiB, docker $(docker version --format '{{.Server.Version}}' 2>/dev/null)"

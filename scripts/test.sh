@@ -20,6 +20,10 @@ cargo fmt --all -- --check
 echo "[test] cargo clippy --all-targets --all-features -- -D warnings"
 cargo clippy --all-targets --all-features -- -D warnings
 
+# tests/deb_package.rs builds and installs the .deb; here it must not skip.
+scripts/build-deb.sh --install-tool
+export INSTANCE_AGENT_REQUIRE_DEB_TEST=1
+
 echo "[test] cargo test --all-features $*"
 cargo test --all-features "$@"
 

@@ -159,27 +159,15 @@ impl Health {
     /// One line for systemd's STATUS= and the CLI: the worst state first, then
     /// every subsystem that is not ok with its message.
     pub fn summary(&self) -> String {
+        summarize(&self.all())
+    }
+
+    /// All conditions and the summary made from them, read under one lock so
+    /// that the two agree (GetStatus returns both).
+    pub fn snapshot(&self) -> (Vec<(Subsystem, Condition)>, String) {
         let all = self.all();
-        let worst = all
-            .iter()
-            .map(|(_, c)| c.state)
-            .max()
-            .unwrap_or(ConditionState::Ok);
-        let problems: Vec<String> = all
-            .iter()
-            .filter(|(_, c)| c.state > ConditionState::Ok)
-            .map(|(s, c)| format!("{} {}: {}", s.name(), c.state.name(), c.message))
-            .collect();
-        if problems.is_empty() {
-            "healthy".to_owned()
-        } else {
-            let overall = if worst >= ConditionState::Degraded {
-                worst.name()
-            } else {
-                "starting"
-            };
-            format!("{overall}: {}", problems.join("; "))
-        }
+        let summary = summarize(&all);
+        (all, summary)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Subsystem, Condition>> {
@@ -187,6 +175,30 @@ impl Health {
         self.conditions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The summary line of a set of conditions.
+fn summarize(all: &[(Subsystem, Condition)]) -> String {
+    let worst = all
+        .iter()
+        .map(|(_, c)| c.state)
+        .max()
+        .unwrap_or(ConditionState::Ok);
+    let problems: Vec<String> = all
+        .iter()
+        .filter(|(_, c)| c.state > ConditionState::Ok)
+        .map(|(s, c)| format!("{} {}: {}", s.name(), c.state.name(), c.message))
+        .collect();
+    if problems.is_empty() {
+        "healthy".to_owned()
+    } else {
+        let overall = if worst >= ConditionState::Degraded {
+            worst.name()
+        } else {
+            "starting"
+        };
+        format!("{overall}: {}", problems.join("; "))
     }
 }
 

@@ -53,13 +53,13 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
         }
     };
     // Two workers are plenty for an agent whose work is waiting on sockets;
-    // fewer threads keep its memory small on large hosts.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(16)
-        .enable_all()
-        .build()
-    {
+    // fewer threads keep its memory small on large hosts. TOKIO_WORKER_THREADS
+    // (tokio's own variable) overrides it, for measurements.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(2);
+    }
+    let runtime = match builder.max_blocking_threads(16).enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("instance-agent: cannot start the async runtime: {error}");

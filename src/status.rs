@@ -137,6 +137,7 @@ impl StatusProvider {
     pub fn report(&self) -> StatusReport {
         let mut host = (*self.host).clone();
         host.gpus = self.gpus.borrow().clone();
+        let (conditions, summary) = self.health.snapshot();
         StatusReport {
             version: env!("CARGO_PKG_VERSION"),
             started_at: self.started_at,
@@ -144,7 +145,7 @@ impl StatusProvider {
             instance_id: self.instance_id.to_string(),
             host,
             memory_available_bytes: self.memory_available(),
-            conditions: self.health.all(),
+            conditions,
             slots: match &self.jobs {
                 Some(jobs) => jobs.slot_usage(),
                 None => SlotUsage {
@@ -152,7 +153,7 @@ impl StatusProvider {
                     ..SlotUsage::default()
                 },
             },
-            summary: self.health.summary(),
+            summary,
             last_event_sequence: self.events.last_sequence(),
         }
     }

@@ -28,9 +28,14 @@ pub struct BenchAgent {
 impl BenchAgent {
     /// Starts the agent with `extra` TOML and waits for its socket.
     pub fn start(extra: &str) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// Starts the agent with `extra` TOML and extra environment.
+    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (socket, config) = write_config(dir.path(), extra);
-        let child = spawn(&config, &[]);
+        let child = spawn(&config, env);
         let agent = Self {
             child,
             dir,

@@ -7,6 +7,7 @@ mod client;
 mod completions;
 mod config_cmd;
 mod disk;
+mod doctor;
 mod format;
 mod jobs;
 mod mounts;
@@ -50,6 +51,8 @@ pub enum Command {
     /// Show every watched filesystem like `df -h` with its state and levels;
     /// find what fills a disk (--top), follow alerts (--watch), reclaim space.
     Disk(disk::DiskArgs),
+    /// Check the agent and the host, print PASS/WARN/FAIL with fixes (exit 0/1/2); `--bundle FILE` writes a support bundle.
+    Doctor(doctor::DoctorArgs),
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -117,6 +120,7 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
         Command::Mounts(cmd) => with_runtime(mounts::run(cmd, socket, json)),
         Command::Setup(cmd) => with_runtime(setup::run(cmd, socket, json)),
         Command::Disk(args) => with_runtime(disk::run(socket, json, args)),
+        Command::Doctor(args) => with_runtime(doctor::run(args, socket, json)),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,249 @@
+//! The Debian package, end to end: `scripts/build-deb.sh` packages the binary
+//! under test (the debug build cargo has just made, stripped, fast
+//! compression: about 6 s instead of a release build's minutes), `dpkg`
+//! installs it into a scratch root (`--root` with `--force-script-chrootless`,
+//! so the maintainer scripts run on the host with DPKG_ROOT set and must
+//! honour it; the host's own dpkg database, groups and units are never
+//! touched), and the installed unit must pass `systemd-analyze verify`.
+//!
+//! Needs cargo-deb, dpkg and systemd-analyze. Without cargo-deb the test says
+//! so and passes, unless INSTANCE_AGENT_REQUIRE_DEB_TEST=1 (scripts/test.sh
+//! installs cargo-deb and sets it), so the full suite always runs it.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+fn run(command: &mut Command) -> Output {
+    let output = command.output().expect("spawn");
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}:\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Whether the tools are there; panics when they must be.
+fn tools_available() -> bool {
+    let required = std::env::var("INSTANCE_AGENT_REQUIRE_DEB_TEST").as_deref() == Ok("1");
+    let have = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<&str> = [
+        ("cargo-deb", have("cargo", &["deb", "--version"])),
+        ("dpkg", have("dpkg", &["--version"])),
+        ("systemd-analyze", have("systemd-analyze", &["--version"])),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(name, _)| name)
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        !required,
+        "missing {missing:?}: run `scripts/build-deb.sh --install-tool` (cargo-deb) or install them"
+    );
+    eprintln!(
+        "SKIPPED: {missing:?} not installed (scripts/test.sh installs cargo-deb and requires this test)"
+    );
+    false
+}
+
+/// A usr-merged root with an empty dpkg database, and the host's systemd
+/// units so that `systemd-analyze verify` can resolve the unit's
+/// dependencies (docker.service, network-online.target, ...).
+fn scratch_root(root: &Path) {
+    for dir in [
+        "usr/bin",
+        "usr/sbin",
+        "usr/lib/systemd",
+        "etc",
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/log",
+        "run",
+        "tmp",
+    ] {
+        std::fs::create_dir_all(root.join(dir)).expect("mkdir");
+    }
+    for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib")] {
+        std::os::unix::fs::symlink(target, root.join(link)).expect("symlink");
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").expect("dpkg status");
+    run(Command::new("cp")
+        .arg("-a")
+        .arg("/usr/lib/systemd/system")
+        .arg(root.join("usr/lib/systemd/")));
+    // ExecReload=/bin/kill must exist for verify.
+    std::fs::copy("/usr/bin/kill", root.join("usr/bin/kill")).expect("copy kill");
+}
+
+fn dpkg(root: &Path, args: &[&str]) -> Output {
+    run(Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .arg(format!("--log={}", root.join("var/log/dpkg.log").display()))
+        // Maintainer scripts run on the host with DPKG_ROOT=root instead of
+        // chrooted into a root that has no shell; libc6 and fuse3 are not
+        // "installed" in the empty database.
+        .args(["--force-script-chrootless", "--force-depends"])
+        .args(args)
+        .env_remove("DPKG_ROOT"))
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn build_deb(out: &Path) -> PathBuf {
+    run(Command::new(Path::new(REPO).join("scripts/build-deb.sh"))
+        .arg("--binary")
+        .arg(env!("CARGO_BIN_EXE_instance-agent"))
+        .arg("--output")
+        .arg(out)
+        .arg("--fast"));
+    std::fs::read_dir(out)
+        .expect("output dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb in the output dir")
+}
+
+#[test]
+fn deb_installs_into_a_scratch_root_with_a_clean_unit_and_purges() {
+    if !tools_available() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let deb = build_deb(&work.path().join("out"));
+    let root = work.path().join("root");
+    scratch_root(&root);
+
+    dpkg(&root, &["-i", deb.to_str().expect("utf-8")]);
+
+    // Files and modes.
+    for (path, expected) in [
+        ("usr/bin/instance-agent", 0o755),
+        ("lib/systemd/system/instance-agent.service", 0o644),
+        ("etc/instance-agent", 0o750),
+        ("etc/instance-agent/config.toml", 0o640),
+        ("usr/lib/sysusers.d/instance-agent.conf", 0o644),
+        ("usr/lib/tmpfiles.d/instance-agent.conf", 0o644),
+        // Made by systemd-tmpfiles in postinst.
+        ("var/lib/instance-agent", 0o700),
+        ("var/log/instance-agent", 0o750),
+        ("run/instance-agent", 0o711),
+    ] {
+        assert_eq!(mode(&root.join(path)), expected, "mode of /{path}");
+        assert_eq!(
+            std::fs::metadata(root.join(path)).expect("stat").uid(),
+            0,
+            "/{path} is owned by root"
+        );
+    }
+    assert_eq!(
+        std::fs::read(root.join("lib/systemd/system/instance-agent.service")).expect("unit"),
+        std::fs::read(Path::new(REPO).join("systemd/instance-agent.service")).expect("repo unit"),
+        "the unit is shipped unchanged"
+    );
+
+    // The default config, generated by the packaged binary, is a conffile.
+    let default_config =
+        run(Command::new(env!("CARGO_BIN_EXE_instance-agent")).args(["config", "default"])).stdout;
+    let config_path = root.join("etc/instance-agent/config.toml");
+    assert_eq!(std::fs::read(&config_path).expect("config"), default_config);
+    let conffiles =
+        std::fs::read_to_string(root.join("var/lib/dpkg/info/instance-agent.conffiles"))
+            .expect("conffiles list");
+    assert_eq!(conffiles.trim(), "/etc/instance-agent/config.toml");
+    let status = String::from_utf8(dpkg(&root, &["-s", "instance-agent"]).stdout).expect("utf-8");
+    assert!(status.contains("Status: install ok installed"), "{status}");
+    assert!(
+        status.contains(" /etc/instance-agent/config.toml "),
+        "conffile with its checksum in the status:\n{status}"
+    );
+
+    // sysusers made the operator group in the root, not on the host.
+    let group = std::fs::read_to_string(root.join("etc/group")).expect("root's /etc/group");
+    assert!(
+        group.lines().any(|l| l.starts_with("instance-operators:")),
+        "{group}"
+    );
+    // Enabled for the next boot under systemd (deb-systemd-helper honours
+    // DPKG_ROOT); there is no systemd here, so nothing was started.
+    let wants = root.join("etc/systemd/system/multi-user.target.wants/instance-agent.service");
+    assert!(
+        std::fs::symlink_metadata(&wants).is_ok(),
+        "{} missing",
+        wants.display()
+    );
+
+    // The installed unit verifies with no output at all.
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.display()))
+        .arg("instance-agent.service")
+        .output()
+        .expect("systemd-analyze");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(
+        verify.status.success() && printed.is_empty(),
+        "systemd-analyze verify printed:\n{printed}"
+    );
+
+    // An administrator's edit survives a reinstall (the upgrade path of the
+    // maintainer scripts), and so does the directory's mode.
+    let edited = format!(
+        "{}\n# edited by the administrator\n",
+        String::from_utf8_lossy(&default_config)
+    );
+    std::fs::write(&config_path, &edited).expect("edit config");
+    let config_dir = root.join("etc/instance-agent");
+    std::fs::set_permissions(&config_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    dpkg(&root, &["-i", deb.to_str().expect("utf-8")]);
+    assert_eq!(
+        std::fs::read_to_string(&config_path).expect("config"),
+        edited
+    );
+    assert_eq!(mode(&config_dir), 0o700, "the administrator's mode is kept");
+
+    // Purge removes the files, the conffile, the state and the enablement,
+    // and keeps the group.
+    std::fs::write(root.join("var/lib/instance-agent/agent.redb"), "state").expect("state");
+    dpkg(&root, &["--purge", "instance-agent"]);
+    for gone in [
+        "usr/bin/instance-agent",
+        "lib/systemd/system/instance-agent.service",
+        "etc/instance-agent/config.toml",
+        "etc/instance-agent",
+        "var/lib/instance-agent",
+        "var/log/instance-agent",
+        "usr/lib/sysusers.d/instance-agent.conf",
+    ] {
+        assert!(
+            std::fs::symlink_metadata(root.join(gone)).is_err(),
+            "/{gone} is still there after purge"
+        );
+    }
+    assert!(std::fs::symlink_metadata(&wants).is_err(), "still enabled");
+    let group = std::fs::read_to_string(root.join("etc/group")).expect("root's /etc/group");
+    assert!(group.contains("instance-operators:"), "{group}");
+}
