@@ -27,6 +27,11 @@ const LIVE_KEYS: &[&str] = &[
     "jobs.",
     "mounts.health_interval_seconds",
     "disk.",
+    "control_plane.uids",
+    "operator.allow_cancel_job",
+    "limits.max_streams_per_peer",
+    "limits.requests_per_second_per_peer",
+    "limits.request_burst_per_peer",
 ];
 
 /// A config that failed to load. Each variant names the file; `Invalid` also
@@ -82,6 +87,10 @@ pub struct Config {
     pub setup: SetupConfig,
     /// The disk guard.
     pub disk: DiskConfig,
+    /// Local operators on the Unix socket.
+    pub operator: OperatorConfig,
+    /// Limits on every client, whatever the RPC.
+    pub limits: LimitsConfig,
 }
 
 /// `[agent]`: identity, paths and timings of the daemon.
@@ -118,12 +127,24 @@ impl Default for AgentConfig {
     }
 }
 
-/// `[control_plane]`: the TCP listener the control plane calls.
+/// `[control_plane]`: the TCP listener the control plane calls (mutual TLS),
+/// and which local uids count as the control plane on the Unix socket.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlPlaneConfig {
     /// `host:port` to listen on; off when empty.
     pub listen: String,
+    /// The listener's certificate chain (PEM).
+    pub tls_cert: PathBuf,
+    /// The listener's private key (PEM); refused if group or others can read it.
+    pub tls_key: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub client_ca: PathBuf,
+    /// Client certificate names (subject CN or DNS SAN) allowed; any name
+    /// signed by `client_ca` when empty.
+    pub allowed_client_names: Vec<String>,
+    /// Local uids that are admin on the Unix socket (root always is).
+    pub uids: Vec<u32>,
     /// Serve plain HTTP/2 without TLS. Allowed only on a loopback address.
     pub insecure_plaintext: bool,
 }
@@ -525,6 +546,51 @@ pub struct DiskOverride {
     pub clear_margin_bytes: Option<u64>,
 }
 
+/// `[operator]`: the local operators' group and what it may do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OperatorConfig {
+    /// Members of this group get the operator role on the Unix socket, which
+    /// is owned by it (mode 0660).
+    pub group: String,
+    /// Let operators cancel jobs.
+    pub allow_cancel_job: bool,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            group: "instance-operators".into(),
+            allow_cancel_job: false,
+        }
+    }
+}
+
+/// `[limits]`: bounds applied to every client before any service runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request message, in bytes.
+    pub max_message_bytes: u32,
+    /// Streaming RPCs (WatchEvents, Stream*, Watch*) one peer may hold open.
+    pub max_streams_per_peer: u32,
+    /// Requests per second one peer may sustain (token bucket refill).
+    pub requests_per_second_per_peer: u32,
+    /// Requests one peer may send in a burst (token bucket size).
+    pub request_burst_per_peer: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 << 20,
+            max_streams_per_peer: 32,
+            requests_per_second_per_peer: 200,
+            request_burst_per_peer: 400,
+        }
+    }
+}
+
 /// Command-line flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -635,31 +701,131 @@ impl Config {
         self.validate_mounts(&invalid, &in_range)?;
         self.validate_setup(&invalid, &in_range)?;
         self.validate_disk(path)?;
-        if !self.control_plane.listen.is_empty() {
-            let addr: SocketAddr = self.control_plane.listen.parse().map_err(|_| {
-                invalid(
-                    "control_plane.listen",
-                    format!(
-                        "{:?} is not an address of the form host:port (e.g. 127.0.0.1:7443)",
-                        self.control_plane.listen
-                    ),
-                )
-            })?;
-            if !self.control_plane.insecure_plaintext {
+        self.validate_control_plane(path)?;
+        self.validate_operator(path)?;
+        self.validate_limits(path)?;
+        Ok(())
+    }
+
+    fn validate_control_plane(&self, path: &Path) -> Result<(), ConfigError> {
+        let cp = &self.control_plane;
+        let check = Checker {
+            path,
+            table: "control_plane.",
+        };
+        let invalid = |key: &str, problem: String| check.invalid(key, problem);
+        for (i, name) in cp.allowed_client_names.iter().enumerate() {
+            if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
                 return Err(invalid(
-                    "control_plane.listen",
-                    "TLS is not available in this build: set control_plane.insecure_plaintext = true \
-                     on a loopback address, or leave listen empty"
-                        .into(),
-                ));
-            }
-            if !addr.ip().is_loopback() {
-                return Err(invalid(
-                    "control_plane.insecure_plaintext",
-                    format!("plaintext is allowed only on a loopback address, not {addr}"),
+                    &format!("allowed_client_names[{i}]"),
+                    format!("{name:?} must be 1 to 255 printable characters"),
                 ));
             }
         }
+        if cp.listen.is_empty() {
+            return Ok(());
+        }
+        let addr: SocketAddr = cp.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!(
+                    "{:?} is not an address of the form host:port (e.g. 0.0.0.0:7443)",
+                    cp.listen
+                ),
+            )
+        })?;
+        let tls_files = [
+            ("tls_cert", &cp.tls_cert),
+            ("tls_key", &cp.tls_key),
+            ("client_ca", &cp.client_ca),
+        ];
+        if cp.insecure_plaintext {
+            if !addr.ip().is_loopback() {
+                return Err(invalid(
+                    "insecure_plaintext",
+                    format!("plaintext is allowed only on a loopback address, not {addr}"),
+                ));
+            }
+            if let Some((key, _)) = tls_files.iter().find(|(_, p)| !p.as_os_str().is_empty()) {
+                return Err(invalid(
+                    key,
+                    "must be empty when insecure_plaintext = true (TLS and plaintext exclude each other)"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        for (key, file) in tls_files {
+            if file.as_os_str().is_empty() {
+                return Err(invalid(
+                    key,
+                    "must be set when listen is set: the control plane is served only over \
+                     mutual TLS (or set insecure_plaintext = true on a loopback address for testing)"
+                        .into(),
+                ));
+            }
+            if !file.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} must be an absolute path", file.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_operator(&self, path: &Path) -> Result<(), ConfigError> {
+        let group = &self.operator.group;
+        let valid = !group.is_empty()
+            && group.len() <= 32
+            && !group.starts_with('-')
+            && group
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if valid {
+            Ok(())
+        } else {
+            Err(Checker {
+                path,
+                table: "operator.",
+            }
+            .invalid(
+                "group",
+                format!("{group:?} is not a group name ([A-Za-z0-9_.-], at most 32)"),
+            ))
+        }
+    }
+
+    fn validate_limits(&self, path: &Path) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let check = Checker {
+            path,
+            table: "limits.",
+        };
+        check.in_range(
+            "max_message_bytes",
+            l.max_message_bytes.into(),
+            16 << 10,
+            256 << 20,
+        )?;
+        check.in_range(
+            "max_streams_per_peer",
+            l.max_streams_per_peer.into(),
+            1,
+            10_000,
+        )?;
+        check.in_range(
+            "requests_per_second_per_peer",
+            l.requests_per_second_per_peer.into(),
+            1,
+            1_000_000,
+        )?;
+        check.in_range(
+            "request_burst_per_peer",
+            l.request_burst_per_peer.into(),
+            1,
+            1_000_000,
+        )?;
         Ok(())
     }
 
@@ -1210,7 +1376,32 @@ mod tests {
         let msg = Config::parse(remote, p()).unwrap_err().to_string();
         assert!(msg.contains("loopback"), "{msg}");
         let no_tls = "[control_plane]\nlisten = \"127.0.0.1:7443\"\n";
-        assert!(Config::parse(no_tls, p()).is_err());
+        let msg = Config::parse(no_tls, p()).unwrap_err().to_string();
+        assert!(msg.contains("control_plane.tls_cert"), "{msg}");
+        let mixed = "[control_plane]\nlisten = \"127.0.0.1:7443\"\ninsecure_plaintext = true\ntls_key = \"/k\"\n";
+        let msg = Config::parse(mixed, p()).unwrap_err().to_string();
+        assert!(msg.contains("control_plane.tls_key"), "{msg}");
+    }
+
+    #[test]
+    fn tls_listener_needs_absolute_files() {
+        let tls = "[control_plane]\nlisten = \"0.0.0.0:7443\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\nclient_ca = \"/ca.pem\"\n";
+        assert!(Config::parse(tls, p()).is_ok());
+        let relative = tls.replace("/ca.pem", "ca.pem");
+        let msg = Config::parse(&relative, p()).unwrap_err().to_string();
+        assert!(msg.contains("control_plane.client_ca"), "{msg}");
+    }
+
+    #[test]
+    fn limits_and_operator_group_are_checked() {
+        let msg = Config::parse("[limits]\nmax_message_bytes = 10\n", p())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("limits.max_message_bytes"), "{msg}");
+        let msg = Config::parse("[operator]\ngroup = \"a b\"\n", p())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("operator.group"), "{msg}");
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub enum DaemonError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Server(String),
+    /// The control plane's TLS material is unusable.
+    #[error("cannot set up TLS for the control plane: {0}")]
+    Tls(#[source] api::tls::TlsError),
 }
 
 /// The outside world, as real implementations or test fakes.
@@ -136,9 +139,24 @@ impl Daemon {
         prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
         let instance_id = instance_id(&config)?;
         let hangup = crate::reload::listen_hangup();
+        // Read before anything binds: a bad key or CA stops the start.
+        let tls = control_plane_tls(&config).await?;
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
-        let unix = bind_unix(&config.agent.socket)?;
+        let unix = bind_unix(&config.agent.socket, &config.operator.group)?;
+        let tcp = match config.control_plane_addr() {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| DaemonError::Bind {
+                            address: addr.to_string(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         let store = Store::open(&config.agent.state_dir).map_err(DaemonError::Store)?;
         let admission = AdmissionGate::new();
@@ -205,21 +223,6 @@ impl Daemon {
         )
         .map_err(DaemonError::Setup)?;
 
-        let tcp = match config.control_plane_addr() {
-            Some(addr) => {
-                tracing::warn!(%addr, "control-plane listener is plaintext (insecure_plaintext = true); use only for local testing");
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| DaemonError::Bind {
-                            address: addr.to_string(),
-                            source,
-                        })?,
-                )
-            }
-            None => None,
-        };
-
         let (disk, disk_runner) = build_disk_guard(
             &config,
             &instance_id,
@@ -244,6 +247,7 @@ impl Daemon {
             mounts: api::mounts::MountApi::new(mounts),
             disk: api::disk::DiskApi::new(disk, cancel.clone()),
             setup: api::setup::SetupApi::new(setup.clone(), cancel.clone()),
+            max_message_bytes: config.limits.max_message_bytes as usize,
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
         for name in api::SERVICE_NAMES {
@@ -255,14 +259,36 @@ impl Daemon {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
 
+        let guard = api::guard::GuardLayer::new(config_rx.clone());
         let mut servers = Vec::new();
-        servers.push(tokio::spawn(serve_unix(
-            routes.clone(),
+        let local = api::listen::unix(
             unix,
+            config_rx.clone(),
+            Arc::new(api::peer::SystemUsers),
+            cancel.clone(),
+        );
+        servers.push(tokio::spawn(serve(
+            routes.clone(),
+            guard.clone(),
+            local,
             cancel.clone(),
         )));
-        if let Some(tcp) = tcp {
-            servers.push(tokio::spawn(serve_tcp(routes, tcp, cancel.clone())));
+        match (tcp, tls) {
+            (Some(tcp), Some(tls)) => {
+                let names = config.control_plane.allowed_client_names.clone();
+                let remote = api::listen::tls(tcp, tls, names, cancel.clone());
+                servers.push(tokio::spawn(serve(routes, guard, remote, cancel.clone())));
+            }
+            (Some(tcp), None) => {
+                tracing::warn!(
+                    addr = %config.control_plane.listen,
+                    "control-plane listener is plaintext (insecure_plaintext = true): every local process \
+                     that connects to it is admin; use only for local testing"
+                );
+                let remote = api::listen::plaintext(tcp, cancel.clone());
+                servers.push(tokio::spawn(serve(routes, guard, remote, cancel.clone())));
+            }
+            (None, _) => {}
         }
 
         notifier.ready(&status.status_line());
@@ -561,9 +587,25 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Binds the Unix socket with mode 0660. A socket file left by a crashed
-/// agent is replaced; one that still answers belongs to a running agent.
-fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
+/// The control plane's TLS configuration, when it listens over TLS.
+async fn control_plane_tls(
+    config: &Config,
+) -> Result<Option<Arc<tokio_rustls::rustls::ServerConfig>>, DaemonError> {
+    if config.control_plane.listen.is_empty() || config.control_plane.insecure_plaintext {
+        return Ok(None);
+    }
+    let cp = config.control_plane.clone();
+    tokio::task::spawn_blocking(move || api::tls::server_config(&cp))
+        .await
+        .map_err(|e| DaemonError::Server(format!("TLS setup task failed: {e}")))?
+        .map(Some)
+        .map_err(DaemonError::Tls)
+}
+
+/// Binds the Unix socket, owned by root and the operator group with mode
+/// 0660 (root-only when the group does not exist). A socket file left by a
+/// crashed agent is replaced; one that still answers belongs to a running agent.
+fn bind_unix(path: &Path, operator_group: &str) -> Result<UnixListener, DaemonError> {
     let bind_err = |source| DaemonError::Bind {
         address: path.display().to_string(),
         source,
@@ -579,29 +621,41 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
     }
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
+    match nix::unistd::Group::from_name(operator_group) {
+        Ok(Some(group)) => {
+            // Only root may give a file away; an unprivileged agent (tests,
+            // development) keeps its own group and says so.
+            if let Err(error) = nix::unistd::chown(path, None, Some(group.gid)) {
+                tracing::warn!(
+                    socket = %path.display(),
+                    group = operator_group,
+                    %error,
+                    "cannot give the socket to the operator group; operators cannot connect"
+                );
+            }
+        }
+        Ok(None) | Err(_) => tracing::warn!(
+            socket = %path.display(),
+            group = operator_group,
+            "operator group does not exist: the socket is root-only (create the group or set operator.group)"
+        ),
+    }
     Ok(listener)
 }
 
-async fn serve_unix(
+/// Serves the routes behind the guard on an identified incoming stream
+/// until `cancel`.
+async fn serve<S>(
     routes: tonic::service::Routes,
-    listener: UnixListener,
+    guard: api::guard::GuardLayer,
+    incoming: api::listen::Incoming<S>,
     cancel: CancellationToken,
-) -> Result<(), DaemonError> {
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+) -> Result<(), DaemonError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
-        .await
-        .map_err(|e| DaemonError::Server(e.to_string()))
-}
-
-async fn serve_tcp(
-    routes: tonic::service::Routes,
-    listener: TcpListener,
-    cancel: CancellationToken,
-) -> Result<(), DaemonError> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+        .layer(guard)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await

@@ -18,7 +18,11 @@
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
-//! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
+//! - [`paths`]: confinement of client-given paths to allowed roots.
+//! - [`secret`]: the redacting `Secret` wrapper and permission-checked secret files.
+//! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping), and in
+//!   front of it the security of every call: peer identity (SO_PEERCRED,
+//!   mutual TLS), roles, limits and the audit log.
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
 //! Flows: control plane / CLI → gRPC (Unix socket or TCP) → `api` → domain
@@ -36,7 +40,9 @@ pub mod health;
 pub mod host;
 pub mod jobs;
 pub mod mounts;
+pub mod paths;
 pub mod reload;
+pub mod secret;
 pub mod setup;
 pub mod status;
 pub mod store;

@@ -87,6 +87,12 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Unusable TLS files are a configuration error, like a bad key.
+        Err(error @ instance_agent::DaemonError::Tls(_)) => {
+            tracing::error!(%error, "invalid configuration");
+            eprintln!("instance-agent: {error}");
+            ExitCode::from(EX_CONFIG)
+        }
         Err(error) => {
             tracing::error!(%error, "instance-agent failed");
             eprintln!("instance-agent: {error}");

@@ -79,6 +79,11 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.docker.check_interval_seconds = new.docker.check_interval_seconds;
     running.events.backlog = new.events.backlog;
     running.jobs = new.jobs.clone();
+    running.control_plane.uids = new.control_plane.uids.clone();
+    running.operator.allow_cancel_job = new.operator.allow_cancel_job;
+    running.limits.max_streams_per_peer = new.limits.max_streams_per_peer;
+    running.limits.requests_per_second_per_peer = new.limits.requests_per_second_per_peer;
+    running.limits.request_burst_per_peer = new.limits.request_burst_per_peer;
     running.mounts.health_interval_seconds = new.mounts.health_interval_seconds;
     running.disk = new.disk.clone();
 }

@@ -75,7 +75,10 @@ pub fn write_config(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
     let socket = dir.join("agent.sock");
     let config = dir.join("config.toml");
     let text = format!(
-        "[agent]\ninstance_id = \"bench-{}\"\nsocket = {:?}\nstate_dir = {:?}\nlogs_dir = {:?}\nruntime_dir = {:?}\n{extra}",
+        // Benches measure the agent's own capacity: the per-peer request
+        // rate limit is lifted ([limits] must then not appear in `extra`).
+        "[agent]\ninstance_id = \"bench-{}\"\nsocket = {:?}\nstate_dir = {:?}\nlogs_dir = {:?}\nruntime_dir = {:?}\n\
+         [limits]\nrequests_per_second_per_peer = 1000000\nrequest_burst_per_peer = 1000000\n{extra}",
         std::process::id(),
         socket,
         dir.join("state"),

@@ -1,12 +1,23 @@
 //! The gRPC surface: converts protobuf to domain types and back, calls the
 //! domain, and maps domain errors to status codes. Prost types never leave
 //! this module (and the CLI, which is a client of it).
+//!
+//! Security sits in front of the services: [`listen`] identifies each
+//! connection's peer ([`peer`], [`tls`]), and the [`guard`] layer applies the
+//! per-peer [`limits`], the [`auth`] table and the [`audit`] log to every call.
 
 pub mod agent;
+pub mod audit;
+pub mod auth;
 pub mod disk;
+pub mod guard;
 pub mod jobs;
+pub mod limits;
+pub mod listen;
 pub mod mounts;
+pub mod peer;
 pub mod setup;
+pub mod tls;
 
 use std::time::SystemTime;
 
@@ -55,6 +66,8 @@ pub struct ApiParts {
     pub setup: setup::SetupApi,
     /// The disk guard.
     pub disk: disk::DiskApi,
+    /// `limits.max_message_bytes`: the largest request message each service decodes.
+    pub max_message_bytes: usize,
 }
 
 /// Builds the routes of all services plus health and reflection, and returns
@@ -77,13 +90,14 @@ pub fn routes(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let max = parts.max_message_bytes;
     let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AgentServiceServer::new(parts.agent))
-        .add_service(JobServiceServer::new(parts.jobs))
-        .add_service(DiskServiceServer::new(parts.disk))
-        .add_service(SetupServiceServer::new(parts.setup))
-        .add_service(MountServiceServer::new(parts.mounts));
+        .add_service(AgentServiceServer::new(parts.agent).max_decoding_message_size(max))
+        .add_service(JobServiceServer::new(parts.jobs).max_decoding_message_size(max))
+        .add_service(DiskServiceServer::new(parts.disk).max_decoding_message_size(max))
+        .add_service(SetupServiceServer::new(parts.setup).max_decoding_message_size(max))
+        .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max));
     Ok((routes, reporter))
 }

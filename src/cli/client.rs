@@ -59,6 +59,39 @@ fn explain(socket: &Path, error: &std::io::Error) -> String {
     }
 }
 
+/// When `error` is the agent closing the connection without answering —
+/// what it does to a caller that is not root, not in `control_plane.uids`
+/// and not in the operator group — one line saying so.
+pub fn closed_by_agent(error: &anyhow::Error, socket: &Path) -> Option<String> {
+    use std::io::ErrorKind;
+    let status = error.downcast_ref::<tonic::Status>()?;
+    if !matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable
+    ) {
+        return None;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    let mut closed = false;
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            closed |= matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
+            );
+        }
+        closed |= e.to_string().contains("connection closed");
+        source = e.source();
+    }
+    closed.then(|| {
+        format!(
+            "the agent at {} closed the connection: only root, the uids in control_plane.uids and \
+             members of the operator group (operator.group, default instance-operators) may use it",
+            socket.display()
+        )
+    })
+}
+
 /// Exit status for "daemon unreachable" (sysexits.h EX_UNAVAILABLE).
 pub const EX_UNAVAILABLE: u8 = 69;
 

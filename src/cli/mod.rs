@@ -107,6 +107,7 @@ pub enum ConfigCommand {
 /// Runs a client command and returns the process exit code.
 pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
     let socket = client::socket_path(socket);
+    let shown_socket = socket.clone();
     let result = match command {
         Command::Serve(_) => unreachable_serve(),
         Command::Config(cmd) => return config_cmd::run(cmd),
@@ -124,7 +125,10 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("instance-agent: {error:#}");
+            match client::closed_by_agent(&error, &shown_socket) {
+                Some(explained) => eprintln!("instance-agent: {explained}"),
+                None => eprintln!("instance-agent: {error:#}"),
+            }
             ExitCode::FAILURE
         }
     }

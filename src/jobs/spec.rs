@@ -5,7 +5,7 @@
 //! Every refusal names the field and the limit.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -322,7 +322,7 @@ pub fn validate(
                 if !config
                     .allowed_host_roots
                     .iter()
-                    .any(|root| path.starts_with(root))
+                    .any(|root| crate::paths::is_under(path, root))
                 {
                     return Err(bad(
                         format!("{field}.host_path"),
@@ -340,51 +340,18 @@ pub fn validate(
 }
 
 /// Resolves a host path and checks that it stays under an allowed root once
-/// symlinks are followed. Blocking (it stats the filesystem).
+/// symlinks are followed (the shared rule of [`crate::paths::confine`]).
+/// Blocking (it stats the filesystem).
 pub fn confine_host_path(
     field: &str,
     path: &Path,
     roots: &[PathBuf],
 ) -> Result<PathBuf, SpecError> {
-    check_clean_absolute(field, path)?;
-    let real = std::fs::canonicalize(path)
-        .map_err(|e| bad(field, format!("{} cannot be used: {e}", path.display())))?;
-    let inside = roots.iter().any(|root| {
-        std::fs::canonicalize(root)
-            .map(|real_root| real.starts_with(real_root))
-            .unwrap_or(false)
-    });
-    if inside {
-        Ok(real)
-    } else {
-        Err(bad(
-            field,
-            format!(
-                "{} resolves to {}, outside the allowed roots {roots:?}",
-                path.display(),
-                real.display()
-            ),
-        ))
-    }
+    crate::paths::confine(path, roots).map_err(|e| bad(field, e.to_string()))
 }
 
 fn check_clean_absolute(field: &str, path: &Path) -> Result<(), SpecError> {
-    if !path.is_absolute() {
-        return Err(bad(
-            field,
-            format!("{} must be an absolute path", path.display()),
-        ));
-    }
-    if path
-        .components()
-        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-    {
-        return Err(bad(
-            field,
-            format!("{} must not contain `..` or `.`", path.display()),
-        ));
-    }
-    Ok(())
+    crate::paths::check_clean_absolute(path).map_err(|e| bad(field, e.to_string()))
 }
 
 fn check_container_path(field: &str, path: &str) -> Result<(), SpecError> {

@@ -263,4 +263,89 @@ attr_cache:
         assert_eq!(cache_megabytes(5 << 20), 5);
         assert_eq!(cache_megabytes((5 << 20) + 1), 5);
     }
+
+    mod properties {
+        //! Property test (proptest): whatever the values — YAML syntax,
+        //! quotes, newlines, keywords like `null` or `true`, any Unicode —
+        //! they come back from the rendered YAML as the same strings, in the
+        //! same places, and add no key.
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                ".{0,24}",
+                "[:#\\-\n'\"{}\\[\\],&*!|>%@` ?~]{0,16}",
+                Just("null".to_string()),
+                Just("true".to_string()),
+                Just("0x1F".to_string()),
+                Just("---".to_string()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn values_round_trip(
+                account in text(),
+                container in text(),
+                endpoint in text(),
+                subdirectory in text(),
+                secret in text(),
+                cache in text(),
+                sas in any::<bool>(),
+                read_only in any::<bool>(),
+            ) {
+                let given = Secret::new(&secret);
+                let auth = if sas {
+                    Auth::SasToken(SecretSource::Given(given.clone()))
+                } else {
+                    Auth::AccountKey(SecretSource::Given(given.clone()))
+                };
+                let mut s = spec(auth);
+                s.account = account.clone();
+                s.container = container.clone();
+                s.endpoint = endpoint.clone();
+                s.subdirectory = subdirectory.clone();
+                s.read_only = read_only;
+                s.cache_dir = format!("/mnt/cache/{cache}").into();
+                let yaml = render(&s, Some(&given), Path::new(LOG));
+                let parsed: serde_norway::Value = serde_norway::from_str(&yaml)
+                    .map_err(|e| TestCaseError::fail(format!("{e}: {yaml}")))?;
+                let mut keys: Vec<&str> = parsed
+                    .as_mapping()
+                    .expect("a mapping")
+                    .keys()
+                    .filter_map(|k| k.as_str())
+                    .collect();
+                keys.sort_unstable();
+                let mut expected = vec![
+                    "allow-other", "attr_cache", "azstorage", "components", "file_cache",
+                    "libfuse", "logging",
+                ];
+                if read_only {
+                    expected.push("read-only");
+                }
+                expected.sort_unstable();
+                prop_assert_eq!(keys, expected);
+                let az = &parsed["azstorage"];
+                prop_assert_eq!(az["account-name"].as_str(), Some(account.as_str()));
+                prop_assert_eq!(az["container"].as_str(), Some(container.as_str()));
+                let (field, other) = if sas { ("sas", "account-key") } else { ("account-key", "sas") };
+                // Secret::new trims what a file or a shell may add.
+                prop_assert_eq!(az[field].as_str(), Some(given.expose()));
+                prop_assert!(az.get(other).is_none());
+                if !endpoint.is_empty() {
+                    prop_assert_eq!(az["endpoint"].as_str(), Some(endpoint.as_str()));
+                }
+                if !subdirectory.is_empty() {
+                    prop_assert_eq!(az["subdirectory"].as_str(), Some(subdirectory.as_str()));
+                }
+                let cache_dir = s.cache_dir.to_str().expect("utf-8");
+                prop_assert_eq!(parsed["file_cache"]["path"].as_str(), Some(cache_dir));
+                prop_assert_eq!(parsed["logging"]["file-path"].as_str(), Some(LOG));
+            }
+        }
+    }
 }

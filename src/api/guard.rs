@@ -1,0 +1,504 @@
+//! The guard in front of every service: a tower layer that, for each
+//! request, reads the caller ([`Peer`], put in the request's extensions by
+//! the listener), applies the per-peer limits, authorizes the call by its
+//! full method name ([`super::auth`]), bounds and buffers the request
+//! message, and writes the audit line of every mutating RPC.
+//!
+//! Why a layer rather than checks in each service: one place covers every
+//! RPC of the five services, including those of modules written later,
+//! which need not know about roles at all. `ReclaimSpace` is allowed to
+//! operators only as a dry run, so for that call the layer decodes the
+//! request message itself (every RPC of the contract is unary on the
+//! request side, so the body is one gRPC frame, bounded by
+//! `limits.max_message_bytes`) instead of asking the disk service to check
+//! a role.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use prost::Message;
+use tokio::sync::watch;
+use tonic::body::Body;
+use tonic::{Code, Status};
+
+use super::audit::{AuditRecord, grpc_message};
+use super::auth::{self, Decision};
+use super::limits::{PeerLimiter, StreamSlot};
+use super::peer::Peer;
+use super::proto;
+use crate::config::Config;
+
+/// How long a client may take to send its request message.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The layer; cheap to clone.
+#[derive(Clone)]
+pub struct GuardLayer {
+    state: Arc<GuardState>,
+}
+
+struct GuardState {
+    config: watch::Receiver<Arc<Config>>,
+    max_message_bytes: usize,
+    limiter: Arc<PeerLimiter>,
+}
+
+impl GuardLayer {
+    /// A guard reading the live limits and grants from `config`;
+    /// `max_message_bytes` is fixed at start (tonic's decoders use it too).
+    pub fn new(config: watch::Receiver<Arc<Config>>) -> Self {
+        let max_message_bytes = config.borrow().limits.max_message_bytes as usize;
+        Self {
+            state: Arc::new(GuardState {
+                config,
+                max_message_bytes,
+                limiter: PeerLimiter::new(),
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The guarded service.
+#[derive(Clone)]
+pub struct Guard<S> {
+    inner: S,
+    state: Arc<GuardState>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> tower::Service<http::Request<Body>> for Guard<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    S::Error: Send,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // The clone is not ready; the one polled ready is used for this call.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let state = self.state.clone();
+        Box::pin(async move { state.handle(request, inner).await })
+    }
+}
+
+/// Why a request was stopped in the guard, and the status to answer.
+fn refuse(status: Status, audit: Option<AuditRecord>) -> http::Response<Body> {
+    if let Some(audit) = audit {
+        audit.finish(status.code());
+    }
+    status.into_http()
+}
+
+impl GuardState {
+    async fn handle<S>(
+        &self,
+        request: http::Request<Body>,
+        mut inner: S,
+    ) -> Result<http::Response<Body>, S::Error>
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    {
+        let path = request.uri().path().to_owned();
+        let Some(peer) = request.extensions().get::<Peer>().cloned() else {
+            return Ok(refuse(
+                Status::unauthenticated(format!(
+                    "{path}: the connection carries no credentials (no peer identity)"
+                )),
+                None,
+            ));
+        };
+        let method = auth::lookup(&path);
+        let config = self.config.borrow().clone();
+        let mut audit = method
+            .filter(|m| m.access.is_mutating())
+            .map(|_| AuditRecord::new(&peer, &path));
+        let key = peer.who.limit_key();
+
+        if let Err(status) = self.limiter.take_request(&key, &config.limits) {
+            return Ok(refuse(status, audit));
+        }
+        // The message is read before the decision so that a refused
+        // mutation is audited with its key fields (e.g. the job id); it is
+        // bounded by limits.max_message_bytes whoever sends it.
+        let (request, message) = match method {
+            // Outside the contract (health, reflection — a bidi stream):
+            // passed through as is.
+            None => (request, None),
+            Some(_) => {
+                let (parts, body) = request.into_parts();
+                let bytes = match read_message(body, self.max_message_bytes).await {
+                    Ok(bytes) => bytes,
+                    Err(status) => return Ok(refuse(status, audit)),
+                };
+                let message = grpc_message(&bytes).map(|m| bytes.slice_ref(m));
+                let request =
+                    http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
+                (request, message)
+            }
+        };
+        if let (Some(audit), Some(message)) = (audit.as_mut(), message.as_deref()) {
+            audit.set_request(message);
+        }
+        match auth::authorize(peer.role, &path, config.operator.allow_cancel_job) {
+            Decision::Allow => {}
+            Decision::Deny(status) => return Ok(refuse(status, audit)),
+            Decision::AllowIfDryRun => {
+                let dry_run = message
+                    .as_deref()
+                    .and_then(|m| proto::ReclaimSpaceRequest::decode(m).ok())
+                    .is_some_and(|r| r.dry_run);
+                if !dry_run {
+                    return Ok(refuse(auth::dry_run_required(peer.role, &path), audit));
+                }
+            }
+        }
+
+        let slot = match method {
+            Some(m) if m.streaming => match self.limiter.open_stream(&key, &config.limits) {
+                Ok(slot) => Some(slot),
+                Err(status) => return Ok(refuse(status, audit)),
+            },
+            _ => None,
+        };
+
+        let response = match inner.call(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let Some(audit) = audit {
+                    audit.finish(Code::Internal);
+                }
+                return Err(error);
+            }
+        };
+        // A trailers-only reply (every error) carries its status in the headers.
+        if let Some(status) = Status::from_header_map(response.headers())
+            && let Some(audit) = audit.take()
+        {
+            audit.finish(status.code());
+        }
+        if audit.is_none() && slot.is_none() {
+            return Ok(response);
+        }
+        let (parts, body) = response.into_parts();
+        let body = GuardedBody {
+            inner: body,
+            audit,
+            _slot: slot,
+        };
+        Ok(http::Response::from_parts(parts, Body::new(body)))
+    }
+}
+
+/// Reads a request body of at most one message of `limit` bytes (plus the
+/// 5-byte gRPC frame header), refusing a bigger one as soon as its declared
+/// length or its bytes exceed the limit.
+async fn read_message(mut body: Body, limit: usize) -> Result<Bytes, Status> {
+    let too_big = |size: usize| {
+        Status::resource_exhausted(format!(
+            "request message of {size} bytes is over limits.max_message_bytes = {limit}"
+        ))
+    };
+    let read = async {
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            if buf.len() >= 5 {
+                let declared = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                if declared > limit {
+                    return Err(too_big(declared));
+                }
+            }
+            if buf.len() > limit + 5 {
+                return Err(too_big(buf.len() - 5));
+            }
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "the request message did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+/// A reply body that finishes the audit record when the status arrives in
+/// the trailers, and holds the peer's stream slot until it is dropped.
+struct GuardedBody {
+    inner: Body,
+    audit: Option<AuditRecord>,
+    _slot: Option<StreamSlot>,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some(audit) = this.audit.as_mut() {
+                        audit.observe_reply(data);
+                    }
+                } else if let Some(trailers) = frame.trailers_ref()
+                    && let Some(audit) = this.audit.take()
+                {
+                    let code = Status::from_header_map(trailers)
+                        .map(|s| s.code())
+                        .unwrap_or(Code::Unknown);
+                    audit.finish(code);
+                }
+            }
+            Some(Err(status)) => {
+                if let Some(audit) = this.audit.take() {
+                    audit.finish(status.code());
+                }
+            }
+            None => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::auth::Role;
+    use crate::api::peer::Who;
+    use std::sync::Mutex;
+    use tower::{Layer, Service, ServiceExt};
+
+    fn framed(message: &impl Message) -> Bytes {
+        let body = message.encode_to_vec();
+        let mut out = vec![0u8];
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out.into()
+    }
+
+    fn request(path: &str, body: Bytes, peer: Option<Peer>) -> http::Request<Body> {
+        let mut request = http::Request::builder()
+            .uri(format!("http://agent{path}"))
+            .header("content-type", "application/grpc")
+            .body(Body::new(http_body_util::Full::new(body)))
+            .unwrap();
+        if let Some(peer) = peer {
+            request.extensions_mut().insert(peer);
+        }
+        request
+    }
+
+    fn peer(role: Role, uid: u32) -> Peer {
+        Peer {
+            role,
+            who: Who::Local {
+                uid,
+                user: None,
+                pid: None,
+            },
+        }
+    }
+
+    type Seen = Arc<Mutex<Vec<(String, Bytes)>>>;
+
+    /// An inner service that records the bodies it was given and answers OK.
+    fn recording() -> (
+        Seen,
+        impl tower::Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = std::convert::Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static,
+    ) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let service = tower::service_fn(move |req: http::Request<Body>| {
+            let seen = seen2.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                seen.lock().unwrap().push((path, bytes));
+                let mut response = http::Response::new(Body::empty());
+                response
+                    .headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static("0"));
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        (seen, service)
+    }
+
+    fn layer(toml: &str) -> GuardLayer {
+        let config = Config::parse(toml, std::path::Path::new("test.toml")).unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(config));
+        GuardLayer::new(rx)
+    }
+
+    async fn call<S>(
+        guard: &mut Guard<S>,
+        path: &str,
+        body: Bytes,
+        peer: Option<Peer>,
+    ) -> http::Response<Body>
+    where
+        S: tower::Service<
+                http::Request<Body>,
+                Response = http::Response<Body>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send,
+    {
+        let ready = guard.ready().await.expect("infallible");
+        ready
+            .call(request(path, body, peer))
+            .await
+            .expect("infallible")
+    }
+
+    async fn status_of(response: http::Response<Body>) -> Code {
+        Status::from_header_map(response.headers())
+            .map(|s| s.code())
+            .unwrap_or(Code::Unknown)
+    }
+
+    #[tokio::test]
+    async fn operator_is_refused_mutations_and_real_reclaims() {
+        let (seen, inner) = recording();
+        let mut guard = layer("").layer(inner);
+        let operator = peer(Role::Operator, 1000);
+        let cancel = framed(&proto::CancelJobRequest { id: "j".into() });
+        let response = call(
+            &mut guard,
+            "/instance_agent.v1.JobService/CancelJob",
+            cancel,
+            Some(operator.clone()),
+        )
+        .await;
+        assert_eq!(status_of(response).await, Code::PermissionDenied);
+
+        let reclaim = "/instance_agent.v1.DiskService/ReclaimSpace";
+        let real = framed(&proto::ReclaimSpaceRequest {
+            dry_run: false,
+            ..Default::default()
+        });
+        let response = call(&mut guard, reclaim, real, Some(operator.clone())).await;
+        assert_eq!(status_of(response).await, Code::PermissionDenied);
+
+        let dry = framed(&proto::ReclaimSpaceRequest {
+            dry_run: true,
+            ..Default::default()
+        });
+        let response = call(&mut guard, reclaim, dry.clone(), Some(operator.clone())).await;
+        assert_eq!(status_of(response).await, Code::Ok);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "only the dry run reached the service");
+        assert_eq!(seen[0], (reclaim.to_string(), dry), "body passed on intact");
+    }
+
+    #[tokio::test]
+    async fn missing_peer_is_unauthenticated() {
+        let (_seen, inner) = recording();
+        let mut guard = layer("").layer(inner);
+        let response = call(
+            &mut guard,
+            "/instance_agent.v1.AgentService/GetStatus",
+            Bytes::new(),
+            None,
+        )
+        .await;
+        assert_eq!(status_of(response).await, Code::Unauthenticated);
+    }
+
+    #[tokio::test]
+    async fn oversized_message_names_the_limit() {
+        let (seen, inner) = recording();
+        let mut guard = layer("[limits]\nmax_message_bytes = 16384\n").layer(inner);
+        let mut spec = proto::JobSpec::default();
+        spec.labels.insert("big".into(), "x".repeat(20_000));
+        let big = framed(&proto::SubmitJobRequest { spec: Some(spec) });
+        let response = call(
+            &mut guard,
+            "/instance_agent.v1.JobService/SubmitJob",
+            big,
+            Some(peer(Role::Admin, 0)),
+        )
+        .await;
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status
+                .message()
+                .contains("limits.max_message_bytes = 16384"),
+            "{status:?}"
+        );
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancel_job_grant_applies() {
+        let (_seen, inner) = recording();
+        let mut guard = layer("[operator]\nallow_cancel_job = true\n").layer(inner);
+        let response = call(
+            &mut guard,
+            "/instance_agent.v1.JobService/CancelJob",
+            framed(&proto::CancelJobRequest { id: "j".into() }),
+            Some(peer(Role::Operator, 1000)),
+        )
+        .await;
+        assert_eq!(status_of(response).await, Code::Ok);
+    }
+}

@@ -1,0 +1,272 @@
+//! The accept loops of the Unix socket and the control-plane TCP listener.
+//! Each turns raw connections into [`Authenticated`] streams for
+//! `serve_with_incoming`, identifying the peer first: SO_PEERCRED and group
+//! membership on the Unix socket, the TLS handshake and certificate names on
+//! TCP. A connection whose peer has no role, or whose handshake fails, is
+//! closed there and never reaches HTTP/2; the refusal is logged (target
+//! `audit`).
+//!
+//! Identification runs in its own task per connection (with a timeout and a
+//! cap on how many are pending), so a slow client cannot hold up others.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::Role;
+use super::limits::KeyedCounter;
+use super::peer::{Authenticated, Peer, UserDirectory, Who, local_peer};
+use super::tls::{allowed_name, certificate_names};
+use crate::config::Config;
+
+/// Longest a TLS handshake or a user lookup may take.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections being identified at once; further accepts wait.
+const MAX_PENDING: usize = 64;
+/// TLS handshakes pending from one source address; more are closed at once,
+/// so one host cannot hold every handshake slot.
+const MAX_PENDING_PER_ADDRESS: u32 = 8;
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop
+/// does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The stream of identified connections handed to tonic.
+pub type Incoming<S> = ReceiverStream<std::io::Result<Authenticated<S>>>;
+
+/// A listener that yields raw connections and a description for logs.
+trait Acceptor: Send + 'static {
+    type Stream: Send + 'static;
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Acceptor for UnixListener {
+    type Stream = UnixStream;
+    async fn accept_one(&self) -> std::io::Result<UnixStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Acceptor for TcpListener {
+    type Stream = TcpStream;
+    async fn accept_one(&self) -> std::io::Result<TcpStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts until `cancel`, identifying each connection in its own task.
+fn accept_loop<L, S, F, Fut>(listener: L, identify: F, cancel: CancellationToken) -> Incoming<S>
+where
+    L: Acceptor,
+    S: Send + 'static,
+    F: Fn(L::Stream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Option<Authenticated<S>>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(MAX_PENDING);
+    let pending = Arc::new(Semaphore::new(MAX_PENDING));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                permit = pending.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let stream = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept_one() => match accepted {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let identified = identify(stream);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Some(stream) = identified.await {
+                    // The server is gone when this fails; the stream closes.
+                    let _ = tx.send(Ok(stream)).await;
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The Unix socket: every connection's uid is read with SO_PEERCRED and
+/// given a role from the live config; others are closed.
+pub fn unix(
+    listener: UnixListener,
+    config: watch::Receiver<Arc<Config>>,
+    users: Arc<dyn UserDirectory>,
+    cancel: CancellationToken,
+) -> Incoming<UnixStream> {
+    accept_loop(
+        listener,
+        move |stream: UnixStream| {
+            let config = config.borrow().clone();
+            let users = users.clone();
+            async move {
+                let cred = match stream.peer_cred() {
+                    Ok(cred) => cred,
+                    Err(error) => {
+                        tracing::warn!(target: "audit", %error, "connection closed: cannot read its peer credentials");
+                        return None;
+                    }
+                };
+                let (uid, pid) = (cred.uid(), cred.pid());
+                let group = config.operator.group.clone();
+                let lookup = tokio::task::spawn_blocking(move || {
+                    local_peer(uid, pid, &config, users.as_ref())
+                });
+                match tokio::time::timeout(IDENTIFY_TIMEOUT, lookup).await {
+                    Ok(Ok(Some(peer))) => Some(Authenticated::new(stream, peer)),
+                    Ok(Ok(None)) => {
+                        tracing::warn!(
+                            target: "audit",
+                            uid,
+                            pid,
+                            "connection refused: uid {uid} is not root, not in control_plane.uids and not a member of group {group}"
+                        );
+                        None
+                    }
+                    Ok(Err(error)) => {
+                        tracing::error!(target: "audit", uid, %error, "connection closed: the user lookup failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::error!(target: "audit", uid, "connection closed: the user lookup took over {} s", IDENTIFY_TIMEOUT.as_secs());
+                        None
+                    }
+                }
+            }
+        },
+        cancel,
+    )
+}
+
+/// The control-plane listener over mutual TLS: a client must complete the
+/// handshake with a certificate that chains to `client_ca` and, when
+/// `allowed_names` is not empty, carries one of them. It is then admin.
+pub fn tls(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    allowed_names: Vec<String>,
+    cancel: CancellationToken,
+) -> Incoming<TlsStream<TcpStream>> {
+    let acceptor = TlsAcceptor::from(config);
+    let allowed_names = Arc::new(allowed_names);
+    let pending = Arc::new(KeyedCounter::<IpAddr>::default());
+    accept_loop(
+        listener,
+        move |stream: TcpStream| {
+            let acceptor = acceptor.clone();
+            let allowed_names = allowed_names.clone();
+            let pending = pending.clone();
+            async move {
+                let addr = stream.peer_addr().ok()?;
+                let Ok(_pending) = pending.enter(addr.ip(), MAX_PENDING_PER_ADDRESS) else {
+                    tracing::warn!(target: "audit", %addr, "control-plane connection refused: {MAX_PENDING_PER_ADDRESS} handshakes from this address are already pending");
+                    return None;
+                };
+                // gRPC sends many small frames: no Nagle delay.
+                let _ = stream.set_nodelay(true);
+                let tls = match tokio::time::timeout(IDENTIFY_TIMEOUT, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        tracing::warn!(target: "audit", %addr, %error, "control-plane connection refused: TLS handshake failed");
+                        return None;
+                    }
+                    Err(_) => {
+                        tracing::warn!(target: "audit", %addr, "control-plane connection refused: TLS handshake took over {} s", IDENTIFY_TIMEOUT.as_secs());
+                        return None;
+                    }
+                };
+                let names = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(certificate_names)
+                    .unwrap_or_default();
+                match allowed_name(&names, &allowed_names) {
+                    Some(name) => Some(Authenticated::new(
+                        tls,
+                        Peer {
+                            role: Role::Admin,
+                            who: Who::Certificate { name, addr },
+                        },
+                    )),
+                    None => {
+                        tracing::warn!(
+                            target: "audit",
+                            %addr,
+                            ?names,
+                            "control-plane connection refused: no certificate name is in control_plane.allowed_client_names"
+                        );
+                        None
+                    }
+                }
+            }
+        },
+        cancel,
+    )
+}
+
+/// The plaintext loopback listener (`insecure_plaintext`): every client is
+/// admin. For local testing only; the daemon warns at every start.
+pub fn plaintext(listener: TcpListener, cancel: CancellationToken) -> Incoming<TcpStream> {
+    accept_loop(
+        listener,
+        |stream: TcpStream| async move {
+            let addr: SocketAddr = stream.peer_addr().ok()?;
+            let _ = stream.set_nodelay(true);
+            Some(Authenticated::new(
+                stream,
+                Peer {
+                    role: Role::Admin,
+                    who: Who::Plaintext { addr },
+                },
+            ))
+        },
+        cancel,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_handshakes_are_capped_per_address() {
+        let table = Arc::new(KeyedCounter::<IpAddr>::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let held: Vec<_> = (0..MAX_PENDING_PER_ADDRESS)
+            .map(|_| table.enter(a, MAX_PENDING_PER_ADDRESS).unwrap())
+            .collect();
+        assert_eq!(
+            table.enter(a, MAX_PENDING_PER_ADDRESS).unwrap_err(),
+            MAX_PENDING_PER_ADDRESS
+        );
+        assert!(table.enter(b, MAX_PENDING_PER_ADDRESS).is_ok());
+        drop(held);
+        assert_eq!(table.count(&a), 0);
+        assert!(table.enter(a, MAX_PENDING_PER_ADDRESS).is_ok());
+    }
+}

@@ -1,0 +1,1027 @@
+//! Security against the real binary: mutual TLS on the control-plane
+//! listener (certificates made here with rcgen), roles on the Unix socket
+//! for real unprivileged users (created here, removed on drop), every limit
+//! hit once, and no secret in the agent's log.
+
+mod common;
+
+use std::ffi::OsString;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{Agent, binary, uuid_like};
+use instance_agent::api::proto::{
+    self, agent_service_client::AgentServiceClient, disk_service_client::DiskServiceClient,
+    job_service_client::JobServiceClient, mount_service_client::MountServiceClient,
+    setup_service_client::SetupServiceClient,
+};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+const IMAGE: &str = "instance-agent/busybox:test";
+
+/// Fails if any of `secrets` appears in `log`.
+fn assert_no_secrets(log: &str, secrets: &[&str]) {
+    for secret in secrets {
+        assert!(
+            !log.contains(secret),
+            "a secret ({}…) appears in the agent's log:\n{log}",
+            &secret[..secret.len().min(12)]
+        );
+    }
+}
+
+/// Waits until `check` holds for the agent's log.
+fn wait_log(agent: &Agent, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = agent.log();
+        if check(&log) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "{what} never logged:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// --- certificates --------------------------------------------------------
+
+/// A CA that signs leaves.
+struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().expect("key");
+        Self {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("CA"),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A leaf certificate: (certificate PEM, key PEM).
+    fn leaf(&self, cn: &str, sans: &[&str], client: bool, expired: bool) -> (String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        if !client {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        }
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// Writes `content` to `dir/name` with `mode`.
+fn write_file(dir: &Path, name: &str, content: &str, mode: u32) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, content).expect("write");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    path
+}
+
+/// Waits until the agent's TCP listener accepts (it is bound just after
+/// the Unix socket, which is what `start` waits for).
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The base64 body lines of a PEM key: what a leak would show.
+fn key_lines(pem: &str) -> Vec<&str> {
+    pem.lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 20)
+        .collect()
+}
+
+/// Calls GetStatus over TLS; `Err` carries the failure.
+async fn tls_status(
+    port: u16,
+    server_ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<proto::GetStatusResponse, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(server_ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    AgentServiceClient::new(channel)
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|e| format!("call: {e:?}"))
+}
+
+/// What a TLS 1.1-only client gets: `Some(true)` when it is refused,
+/// `Some(false)` when it gets through, `None` when no tool can speak 1.1.
+fn tls11_client_refused(port: u16, ca: &Path, cert: &Path, key: &Path) -> Option<bool> {
+    let connect = format!("127.0.0.1:{port}");
+    // SECLEVEL=0: OpenSSL 3 would otherwise refuse to offer TLS 1.1 at all,
+    // and the test would prove nothing about the agent.
+    let s_client = |version: &str| {
+        Command::new("openssl")
+            .args(["s_client", "-connect", &connect, version])
+            .args(["-cipher", "DEFAULT:@SECLEVEL=0", "-servername", "localhost"])
+            .arg("-CAfile")
+            .arg(ca)
+            .arg("-cert")
+            .arg(cert)
+            .arg("-key")
+            .arg(key)
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    if let Ok(old) = s_client("-tls1_1") {
+        let control = s_client("-tls1_2").expect("openssl ran once already");
+        let control_out = String::from_utf8_lossy(&control.stdout);
+        assert!(
+            control_out.contains("TLSv1.2"),
+            "openssl could not reach the agent with TLS 1.2 either, so the TLS 1.1 check proves nothing:\n{control_out}\n{}",
+            String::from_utf8_lossy(&control.stderr)
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&old.stdout),
+            String::from_utf8_lossy(&old.stderr)
+        );
+        // A session is established when openssl reports a cipher; a refused
+        // handshake shows "New, (NONE), Cipher is (NONE)" and an alert.
+        let negotiated = text
+            .lines()
+            .any(|l| l.starts_with("New, ") && !l.contains("(NONE)"));
+        return Some(!negotiated && !old.status.success());
+    }
+    let script = r#"
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.minimum_version = ssl.TLSVersion.TLSv1
+ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            print("NEGOTIATED", tls.version())
+except ssl.SSLError as e:
+    print("REFUSED", e)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, "127.0.0.1", &port.to_string()])
+        .arg(cert)
+        .arg(key)
+        .output()
+        .ok()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.contains("REFUSED") {
+        Some(true)
+    } else if stdout.contains("NEGOTIATED") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+#[tokio::test]
+async fn control_plane_needs_a_verified_allowed_client_certificate() {
+    let pki = tempfile::tempdir().expect("tempdir");
+    let server_ca = Ca::new("agent server CA");
+    let client_ca = Ca::new("control plane CA");
+    let other_ca = Ca::new("some other CA");
+    let server = server_ca.leaf("agent", &["localhost"], false, false);
+    let good = client_ca.leaf("control-plane", &["cp.example"], true, false);
+    let by_san = client_ca.leaf("something-else", &["cp-2.example"], true, false);
+    let foreign = other_ca.leaf("control-plane", &["cp.example"], true, false);
+    let expired = client_ca.leaf("control-plane", &["cp.example"], true, true);
+    let intruder = client_ca.leaf("intruder", &["intruder.example"], true, false);
+
+    let cert_path = write_file(pki.path(), "server.pem", &server.0, 0o644);
+    let key_path = write_file(pki.path(), "server.key", &server.1, 0o600);
+    let ca_path = write_file(pki.path(), "client-ca.pem", &client_ca.pem(), 0o644);
+    let server_ca_path = write_file(pki.path(), "server-ca.pem", &server_ca.pem(), 0o644);
+    let good_cert = write_file(pki.path(), "good.pem", &good.0, 0o644);
+    let good_key = write_file(pki.path(), "good.key", &good.1, 0o600);
+
+    let port = free_port();
+    let agent = Agent::builder()
+        .config(&format!(
+            "[control_plane]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert_path:?}\n\
+             tls_key = {key_path:?}\nclient_ca = {ca_path:?}\n\
+             allowed_client_names = [\"control-plane\", \"cp-2.example\"]\n"
+        ))
+        .start();
+    let server_ca_pem = server_ca.pem();
+    wait_listening(port);
+
+    let status = tls_status(port, &server_ca_pem, Some(&good))
+        .await
+        .expect("a good certificate works");
+    assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+    tls_status(port, &server_ca_pem, Some(&by_san))
+        .await
+        .expect("a DNS SAN in allowed_client_names works");
+
+    for (case, identity) in [
+        ("no client certificate", None),
+        ("another CA", Some(&foreign)),
+        ("expired", Some(&expired)),
+        ("name not allowed", Some(&intruder)),
+    ] {
+        let result = tls_status(port, &server_ca_pem, identity).await;
+        assert!(result.is_err(), "{case}: the call went through: {result:?}");
+    }
+    // Four refusals, plus the probe of wait_listening.
+    wait_log(&agent, "the refusals", |log| {
+        log.matches("control-plane connection refused").count() >= 5
+            && log.contains("in control_plane.allowed_client_names")
+    });
+
+    // A verified client is admin: a mutation reaches the service, and is audited.
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&server_ca_pem))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(&good.0, &good.1));
+    tls = tls.clone();
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    let error = JobServiceClient::new(channel)
+        .cancel_job(proto::CancelJobRequest {
+            id: "no-such-job".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    let log = wait_log(&agent, "the audit line", |log| {
+        log.contains("audit: /instance_agent.v1.JobService/CancelJob")
+    });
+    let line = log
+        .lines()
+        .find(|l| l.contains("audit: /instance_agent.v1.JobService/CancelJob"))
+        .expect("audit line");
+    assert!(line.contains("control-plane"), "{line}");
+    assert!(line.contains("no-such-job"), "{line}");
+    assert!(line.contains("NotFound"), "{line}");
+
+    let failures_before = agent.log().matches("TLS handshake failed").count();
+    match tls11_client_refused(port, &server_ca_path, &good_cert, &good_key) {
+        Some(refused) => {
+            assert!(refused, "a TLS 1.1 client got through");
+            let log = wait_log(&agent, "the TLS 1.1 refusal", |log| {
+                log.matches("TLS handshake failed").count() > failures_before
+            });
+            let line = log
+                .lines()
+                .rfind(|l| l.contains("TLS handshake failed"))
+                .expect("refusal line");
+            assert!(line.contains("incompatible"), "{line}");
+        }
+        None => eprintln!(
+            "SKIPPED the TLS 1.1 check: neither openssl nor python3 can speak TLS 1.1 here"
+        ),
+    }
+
+    let mut secrets = key_lines(&server.1);
+    secrets.extend(key_lines(&good.1));
+    assert_no_secrets(&agent.log(), &secrets);
+}
+
+#[test]
+fn plaintext_only_on_loopback_and_key_must_be_private() {
+    let pki = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("ca");
+    let server = ca.leaf("agent", &["localhost"], false, false);
+    let cert_path = write_file(pki.path(), "server.pem", &server.0, 0o644);
+    let key_path = write_file(pki.path(), "server.key", &server.1, 0o640);
+    let ca_path = write_file(pki.path(), "ca.pem", &ca.pem(), 0o644);
+    let port = free_port();
+    let mut agent = Agent::builder()
+        .config(&format!(
+            "[control_plane]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert_path:?}\n\
+             tls_key = {key_path:?}\nclient_ca = {ca_path:?}\n"
+        ))
+        .spawn();
+    let status = agent
+        .wait_exit(Duration::from_secs(20))
+        .expect("agent exits");
+    assert_eq!(
+        status.code(),
+        Some(78),
+        "a bad key is a configuration error"
+    );
+    let log = agent.log();
+    assert!(log.contains("control_plane.tls_key"), "{log}");
+    assert!(log.contains("chmod 600"), "{log}");
+    assert_no_secrets(&log, &key_lines(&server.1));
+
+    let mut agent = Agent::builder()
+        .config("[control_plane]\nlisten = \"0.0.0.0:7443\"\ninsecure_plaintext = true\n")
+        .spawn();
+    let status = agent
+        .wait_exit(Duration::from_secs(20))
+        .expect("agent exits");
+    assert_eq!(status.code(), Some(78));
+    assert!(agent.log().contains("loopback"), "{}", agent.log());
+
+    let port = free_port();
+    let agent = Agent::builder()
+        .config(&format!(
+            "[control_plane]\nlisten = \"127.0.0.1:{port}\"\ninsecure_plaintext = true\n"
+        ))
+        .start();
+    wait_log(&agent, "the plaintext warning", |log| {
+        log.contains("WARN") && log.contains("insecure_plaintext = true")
+    });
+}
+
+// --- users ---------------------------------------------------------------
+
+/// Runs a user-database command, retrying while another process holds the
+/// passwd/group lock (tests of other modules may add users in parallel).
+fn userdb(program: &str, args: &[&str]) {
+    for _ in 0..50 {
+        let out = Command::new(program).args(args).output().expect(program);
+        if out.status.success() {
+            return;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !stderr.contains("lock") {
+            panic!("{program} {args:?}: {stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{program} {args:?}: the user database stayed locked");
+}
+
+fn id_of(flag: &str, name: &str) -> u32 {
+    let out = Command::new("id").args([flag, name]).output().expect("id");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("numeric id")
+}
+
+/// An operator group with one member and one user outside it; removed on drop.
+struct TestUsers {
+    group: String,
+    gid: u32,
+    operator: String,
+    outsider: String,
+}
+
+impl TestUsers {
+    fn create() -> Self {
+        let tag = uuid_like();
+        let tag = &tag[tag.len().saturating_sub(12)..];
+        let users = TestUsers {
+            group: format!("iag{tag}"),
+            gid: 0,
+            operator: format!("iao{tag}"),
+            outsider: format!("iax{tag}"),
+        };
+        // Created one by one; Drop removes whatever exists.
+        let mut users = users;
+        userdb("groupadd", &[&users.group]);
+        users.gid = group_gid(&users.group);
+        userdb(
+            "useradd",
+            &[
+                "-M",
+                "-N",
+                "-s",
+                "/usr/sbin/nologin",
+                "-G",
+                &users.group,
+                &users.operator,
+            ],
+        );
+        userdb(
+            "useradd",
+            &["-M", "-N", "-s", "/usr/sbin/nologin", &users.outsider],
+        );
+        users
+    }
+
+    /// Runs `program args` as `user` with its groups.
+    fn run_as(&self, user: &str, program: &Path, args: &[OsString]) -> Output {
+        Command::new("setpriv")
+            .arg(format!("--reuid={}", id_of("-u", user)))
+            .arg(format!("--regid={}", id_of("-g", user)))
+            .arg("--init-groups")
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .env_remove("INSTANCE_AGENT_SOCKET")
+            .output()
+            .expect("setpriv")
+    }
+}
+
+fn group_gid(name: &str) -> u32 {
+    let out = Command::new("getent")
+        .args(["group", name])
+        .output()
+        .expect("getent");
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .nth(2)
+        .and_then(|g| g.trim().parse().ok())
+        .expect("gid")
+}
+
+impl Drop for TestUsers {
+    fn drop(&mut self) {
+        for user in [&self.operator, &self.outsider] {
+            let _ = Command::new("userdel").arg(user).output();
+        }
+        let _ = Command::new("groupdel").arg(&self.group).output();
+    }
+}
+
+/// `path` if every user can run it, else a copy in `dir` that they can
+/// (a worktree under a private home would not be reachable).
+fn runnable_by_all(path: &Path, dir: &Path) -> PathBuf {
+    let reachable = path.ancestors().skip(1).all(|d| {
+        std::fs::metadata(d)
+            .map(|m| m.mode() & 0o001 != 0)
+            .unwrap_or(false)
+    }) && std::fs::metadata(path)
+        .map(|m| m.mode() & 0o005 == 0o005)
+        .unwrap_or(false);
+    if reachable {
+        return path.to_owned();
+    }
+    let copy = dir.join(path.file_name().expect("file name"));
+    std::fs::copy(path, &copy).expect("copy binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    copy
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+#[test]
+fn unix_socket_roles_for_operators_and_outsiders() {
+    let users = TestUsers::create();
+    let agent = Agent::builder()
+        .config(&format!(
+            "[operator]\ngroup = {:?}\nallow_cancel_job = false\n",
+            users.group
+        ))
+        .start();
+    std::fs::set_permissions(agent.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod temp dir");
+    let meta = std::fs::metadata(&agent.socket).expect("socket");
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode");
+    assert_eq!(meta.uid(), 0, "socket owner");
+    assert_eq!(meta.gid(), users.gid, "socket group");
+
+    let tools = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(tools.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let cli = runnable_by_all(&binary(), tools.path());
+    let socket = agent.socket.display().to_string();
+    let as_operator = |args: &[&str]| {
+        users.run_as(
+            &users.operator,
+            &cli,
+            &os(&[&["--socket", &socket], args].concat()),
+        )
+    };
+
+    // Reads work.
+    let out = as_operator(&["status", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(env!("CARGO_PKG_VERSION")),
+        "operator status: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_operator(&["jobs", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Mutations are refused naming the role and the RPC.
+    for args in [
+        &["jobs", "cancel", "some-job"][..],
+        &["jobs", "submit", "--image", IMAGE, "--", "true"][..],
+    ] {
+        let out = as_operator(args);
+        assert!(!out.status.success(), "{args:?} went through");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("PermissionDenied") || stderr.contains("permission"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("role operator"), "{stderr}");
+    }
+
+    // The same user through the gRPC API: every read works, ReclaimSpace
+    // only as a dry run, every other mutation is refused.
+    let helper = runnable_by_all(&std::env::current_exe().expect("test binary"), tools.path());
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", id_of("-u", &users.operator)))
+        .arg(format!("--regid={}", id_of("-g", &users.operator)))
+        .arg("--init-groups")
+        .arg("--")
+        .arg(&helper)
+        .args([
+            "operator_calls_over_grpc",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("IA_SECURITY_HELPER_SOCKET", &agent.socket)
+        .output()
+        .expect("helper");
+    let helper_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "operator gRPC checks failed:\n{helper_out}"
+    );
+    assert!(helper_out.contains("1 passed"), "{helper_out}");
+
+    // Each refused mutation is audited with the uid and the result.
+    let uid = id_of("-u", &users.operator);
+    let log = wait_log(&agent, "audit lines", |log| {
+        log.contains("audit: /instance_agent.v1.JobService/CancelJob")
+            && log.contains("audit: /instance_agent.v1.DiskService/ReclaimSpace")
+    });
+    let line = log
+        .lines()
+        .find(|l| l.contains("audit: /instance_agent.v1.JobService/CancelJob"))
+        .expect("audit line");
+    assert!(line.contains(&format!("uid {uid}")), "{line}");
+    assert!(line.contains("PermissionDenied"), "{line}");
+    assert!(line.contains("some-job"), "{line}");
+
+    // A user outside the group: the socket's mode stops them...
+    let as_outsider = |args: &[&str]| {
+        users.run_as(
+            &users.outsider,
+            &cli,
+            &os(&[&["--socket", &socket], args].concat()),
+        )
+    };
+    let out = as_outsider(&["status"]);
+    assert_eq!(out.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    // ...and were the socket opened to everyone, the agent itself closes
+    // the connection after reading their credentials.
+    std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666))
+        .expect("chmod socket");
+    let out = as_outsider(&["status"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("closed the connection"), "{stderr}");
+    let outsider_uid = id_of("-u", &users.outsider);
+    wait_log(&agent, "the refused connection", |log| {
+        log.contains(&format!("connection refused: uid {outsider_uid}"))
+    });
+
+    // operator.allow_cancel_job is live: granted, the same cancel reaches the service.
+    let mut config = std::fs::read_to_string(&agent.config_path).expect("config");
+    config = config.replace("allow_cancel_job = false", "allow_cancel_job = true");
+    std::fs::write(&agent.config_path, config).expect("write config");
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_log(&agent, "the live reload", |log| {
+        log.contains("applied live") && log.contains("operator.allow_cancel_job")
+    });
+    let out = as_operator(&["jobs", "cancel", "some-job"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("role operator"), "{stderr}");
+    assert!(stderr.contains("no job"), "{stderr}");
+}
+
+/// Run by `unix_socket_roles_for_operators_and_outsiders` as the operator
+/// user (through setpriv); does nothing when run on its own.
+#[tokio::test]
+#[ignore = "run as an unprivileged operator by unix_socket_roles_for_operators_and_outsiders"]
+async fn operator_calls_over_grpc() {
+    let Some(socket) = std::env::var_os("IA_SECURITY_HELPER_SOCKET") else {
+        return;
+    };
+    assert_ne!(nix::unistd::geteuid().as_raw(), 0, "must run unprivileged");
+    let channel = common::connect(Path::new(&socket)).await;
+    let denied = |result: Result<(), tonic::Status>, rpc: &str| {
+        let status = result.expect_err(rpc);
+        assert_eq!(status.code(), Code::PermissionDenied, "{rpc}: {status:?}");
+        assert!(status.message().contains("role operator"), "{status:?}");
+        assert!(status.message().contains(rpc), "{status:?}");
+    };
+
+    AgentServiceClient::new(channel.clone())
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .expect("GetStatus");
+    let mut events = AgentServiceClient::new(channel.clone())
+        .watch_events(proto::WatchEventsRequest::default())
+        .await
+        .expect("WatchEvents")
+        .into_inner();
+    drop(events.next());
+    let mut jobs = JobServiceClient::new(channel.clone());
+    jobs.list_jobs(proto::ListJobsRequest::default())
+        .await
+        .expect("ListJobs");
+
+    let mut disk = DiskServiceClient::new(channel.clone());
+    let dry = disk
+        .reclaim_space(proto::ReclaimSpaceRequest {
+            dry_run: true,
+            ..Default::default()
+        })
+        .await;
+    if let Err(status) = &dry {
+        assert_ne!(
+            status.code(),
+            Code::PermissionDenied,
+            "dry run refused: {status:?}"
+        );
+    }
+    let real = disk
+        .reclaim_space(proto::ReclaimSpaceRequest {
+            dry_run: false,
+            ..Default::default()
+        })
+        .await
+        .map(drop);
+    denied(real, "ReclaimSpace");
+
+    denied(
+        jobs.submit_job(proto::SubmitJobRequest {
+            spec: Some(proto::JobSpec {
+                image: IMAGE.into(),
+                command: vec!["true".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .map(drop),
+        "SubmitJob",
+    );
+    denied(
+        jobs.cancel_job(proto::CancelJobRequest { id: "x".into() })
+            .await
+            .map(drop),
+        "CancelJob",
+    );
+    denied(
+        disk.add_watched_path(proto::AddWatchedPathRequest {
+            path: "/tmp".into(),
+            reason: "operator".into(),
+        })
+        .await
+        .map(drop),
+        "AddWatchedPath",
+    );
+    denied(
+        disk.remove_watched_path(proto::RemoveWatchedPathRequest {
+            path: "/tmp".into(),
+        })
+        .await
+        .map(drop),
+        "RemoveWatchedPath",
+    );
+    let mut mounts = MountServiceClient::new(channel.clone());
+    denied(
+        mounts
+            .mount(proto::MountRequest {
+                name: "m".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Mount",
+    );
+    denied(
+        mounts
+            .unmount(proto::UnmountRequest { name: "m".into() })
+            .await
+            .map(drop),
+        "Unmount",
+    );
+    denied(
+        SetupServiceClient::new(channel.clone())
+            .run_setup_script(proto::RunSetupScriptRequest::default())
+            .await
+            .map(drop),
+        "RunSetupScript",
+    );
+}
+
+// --- limits --------------------------------------------------------------
+
+fn spec(command: &[&str]) -> proto::JobSpec {
+    proto::JobSpec {
+        image: IMAGE.into(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+async fn refused(
+    jobs: &mut JobServiceClient<tonic::transport::Channel>,
+    spec: proto::JobSpec,
+) -> tonic::Status {
+    jobs.submit_job(proto::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .expect_err("over a limit")
+}
+
+fn assert_names(status: &tonic::Status, code: Code, limit: &str, value: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(limit),
+        "{status:?} should name {limit}"
+    );
+    assert!(
+        status.message().contains(value),
+        "{status:?} should name {value}"
+    );
+}
+
+#[tokio::test]
+async fn each_limit_is_hit_once() {
+    let agent = Agent::builder()
+        .config(
+            "[limits]\nmax_message_bytes = 65536\nmax_streams_per_peer = 2\n\
+             [setup]\nmax_script_bytes = 4096\n\
+             [jobs]\nslots = 1\nmax_queue = 1\nkill_grace_seconds = 1\nmax_env_entries = 2\n\
+             max_env_bytes = 64\nmax_labels = 1\nmax_command_args = 3\nmax_command_bytes = 32\n",
+        )
+        .start();
+    let channel = agent.channel().await;
+    let mut jobs = JobServiceClient::new(channel.clone());
+
+    let mut big = spec(&["true"]);
+    big.labels.insert("big".into(), "x".repeat(100_000));
+    let status = refused(&mut jobs, big).await;
+    assert_names(
+        &status,
+        Code::ResourceExhausted,
+        "limits.max_message_bytes",
+        "65536",
+    );
+
+    let mut env = spec(&["true"]);
+    for k in ["A", "B", "C"] {
+        env.env.insert(k.into(), "1".into());
+    }
+    let status = refused(&mut jobs, env).await;
+    assert_names(&status, Code::InvalidArgument, "jobs.max_env_entries", "2");
+
+    let mut env = spec(&["true"]);
+    env.env.insert("A".into(), "v".repeat(100));
+    let status = refused(&mut jobs, env).await;
+    assert_names(&status, Code::InvalidArgument, "jobs.max_env_bytes", "64");
+
+    let mut labels = spec(&["true"]);
+    labels.labels.insert("a".into(), "1".into());
+    labels.labels.insert("b".into(), "2".into());
+    let status = refused(&mut jobs, labels).await;
+    assert_names(&status, Code::InvalidArgument, "jobs.max_labels", "1");
+
+    let status = refused(&mut jobs, spec(&["echo", "a", "b", "c"])).await;
+    assert_names(&status, Code::InvalidArgument, "jobs.max_command_args", "3");
+
+    let status = refused(&mut jobs, spec(&["echo", &"y".repeat(40)])).await;
+    assert_names(
+        &status,
+        Code::InvalidArgument,
+        "jobs.max_command_bytes",
+        "32",
+    );
+
+    // The inline setup script limit (the setup module's own).
+    let status = SetupServiceClient::new(channel.clone())
+        .run_setup_script(proto::RunSetupScriptRequest {
+            source: Some(proto::run_setup_script_request::Source::Script(
+                "#".repeat(5000),
+            )),
+            ..Default::default()
+        })
+        .await
+        .expect_err("script over the limit");
+    assert_names(
+        &status,
+        Code::InvalidArgument,
+        "setup.max_script_bytes",
+        "4096",
+    );
+
+    // Queue: one job holds the only slot, one waits, the next is refused.
+    for _ in 0..2 {
+        jobs.submit_job(proto::SubmitJobRequest {
+            spec: Some(spec(&["sleep", "60"])),
+        })
+        .await
+        .expect("submit");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        // The first job may still be queued for an instant before it starts.
+        match jobs
+            .submit_job(proto::SubmitJobRequest {
+                spec: Some(spec(&["sleep", "60"])),
+            })
+            .await
+        {
+            Err(status) => break status,
+            Ok(_) => assert!(Instant::now() < deadline, "the queue never filled"),
+        }
+    };
+    assert_names(&status, Code::ResourceExhausted, "jobs.max_queue", "1");
+
+    // Streams: two may be open, the third is refused; closing one frees it.
+    let mut agent_api = AgentServiceClient::new(channel.clone());
+    let first = agent_api
+        .watch_events(proto::WatchEventsRequest::default())
+        .await
+        .expect("stream 1");
+    let _second = agent_api
+        .watch_events(proto::WatchEventsRequest::default())
+        .await
+        .expect("stream 2");
+    let status = agent_api
+        .watch_events(proto::WatchEventsRequest::default())
+        .await
+        .expect_err("stream 3");
+    assert_names(
+        &status,
+        Code::ResourceExhausted,
+        "limits.max_streams_per_peer",
+        "2",
+    );
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match agent_api
+            .watch_events(proto::WatchEventsRequest::default())
+            .await
+        {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                assert!(
+                    Instant::now() < deadline,
+                    "the closed stream was never released"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn request_rate_per_peer_is_limited() {
+    let agent = Agent::builder()
+        .config("[limits]\nrequests_per_second_per_peer = 1\nrequest_burst_per_peer = 3\n")
+        .start();
+    let mut client = AgentServiceClient::new(agent.channel().await);
+    let mut refusal = None;
+    for _ in 0..50 {
+        if let Err(status) = client.get_status(proto::GetStatusRequest {}).await {
+            refusal = Some(status);
+            break;
+        }
+    }
+    let status = refusal.expect("50 calls in a row at 1 per second are refused at some point");
+    assert_names(
+        &status,
+        Code::ResourceExhausted,
+        "limits.requests_per_second_per_peer",
+        "1",
+    );
+}
+
+// --- secrets -------------------------------------------------------------
+
+#[tokio::test]
+async fn secrets_in_requests_never_reach_the_log() {
+    let account_key = format!("AcctKey{}==", uuid_like());
+    let sas = format!("sv=2024&sig=Sas{}", uuid_like());
+    let env_secret = format!("EnvSecret{}", uuid_like());
+    let script_secret = format!("ScriptSecret{}", uuid_like());
+    let arg_secret = format!("ArgSecret{}", uuid_like());
+    let agent = Agent::builder().start();
+    let channel = agent.channel().await;
+
+    let mut job = spec(&["true"]);
+    job.id = format!("secret-{}", uuid_like());
+    job.env.insert("API_TOKEN".into(), env_secret.clone());
+    JobServiceClient::new(channel.clone())
+        .submit_job(proto::SubmitJobRequest { spec: Some(job) })
+        .await
+        .expect("submit");
+
+    let mut mounts = MountServiceClient::new(channel.clone());
+    for auth in [
+        proto::mount_request::Auth::AccountKey(account_key.clone()),
+        proto::mount_request::Auth::SasToken(sas.clone()),
+    ] {
+        // Whatever the answer (the mounts module may not be built in), the
+        // request went through the guard and the audit log.
+        let _ = mounts
+            .mount(proto::MountRequest {
+                name: "secret-test".into(),
+                account: "acct".into(),
+                container: "c".into(),
+                mount_path: "/nonexistent/secret-test".into(),
+                auth: Some(auth),
+                ..Default::default()
+            })
+            .await;
+    }
+    let _ = SetupServiceClient::new(channel.clone())
+        .run_setup_script(proto::RunSetupScriptRequest {
+            source: Some(proto::run_setup_script_request::Source::Script(format!(
+                "#!/bin/sh\n: {script_secret}\n"
+            ))),
+            args: vec![arg_secret.clone()],
+            ..Default::default()
+        })
+        .await;
+
+    let log = wait_log(&agent, "the audit lines", |log| {
+        log.contains("audit: /instance_agent.v1.JobService/SubmitJob")
+            && log
+                .matches("audit: /instance_agent.v1.MountService/Mount")
+                .count()
+                >= 2
+            && log.contains("audit: /instance_agent.v1.SetupService/RunSetupScript")
+    });
+    assert!(log.contains("auth=key"), "{log}");
+    assert!(log.contains("auth=sas"), "{log}");
+    // Let the job run to its end so its whole life is in the log too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_no_secrets(
+        &agent.log(),
+        &[&account_key, &sas, &env_secret, &script_secret, &arg_secret],
+    );
+}
