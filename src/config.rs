@@ -82,6 +82,8 @@ pub struct Config {
     pub setup: SetupConfig,
     /// The disk guard.
     pub disk: DiskConfig,
+    /// The Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
 }
 
 /// `[agent]`: identity, paths and timings of the daemon.
@@ -508,6 +510,22 @@ impl Default for DiskConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus text endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Loopback host:port serving `GET /metrics`; off when empty.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
 /// `[disk.overrides."PATH"]`: levels for the filesystem holding PATH; an
 /// absent key keeps the `[disk]` value.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -635,6 +653,7 @@ impl Config {
         self.validate_mounts(&invalid, &in_range)?;
         self.validate_setup(&invalid, &in_range)?;
         self.validate_disk(path)?;
+        self.validate_metrics(&invalid)?;
         if !self.control_plane.listen.is_empty() {
             let addr: SocketAddr = self.control_plane.listen.parse().map_err(|_| {
                 invalid(
@@ -661,6 +680,37 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_metrics(
+        &self,
+        invalid: &impl Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let listen = &self.metrics.listen;
+        if listen.is_empty() {
+            return Ok(());
+        }
+        let addr: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "metrics.listen",
+                format!("{listen:?} is not an address of the form host:port (e.g. 127.0.0.1:9464)"),
+            )
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "{addr} is not a loopback address: metrics are served without TLS or auth, \
+                     so only 127.0.0.1 or [::1] is allowed (empty turns them off)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The metrics listener's address, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.listen.parse().ok()
     }
 
     fn validate_jobs(&self, path: &Path) -> Result<(), ConfigError> {

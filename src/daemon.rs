@@ -65,6 +65,9 @@ pub enum DaemonError {
     /// The setup scripts' records could not be loaded.
     #[error("cannot load setup runs: {0}")]
     Setup(#[source] crate::setup::SetupError),
+    /// The metrics listener could not be bound.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::BindError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Server(String),
@@ -232,6 +235,30 @@ impl Daemon {
             &jobs,
             &mounts,
         );
+        let metrics = match config.metrics_addr() {
+            Some(addr) => {
+                let listener = crate::metrics::bind(addr).await?;
+                let metrics = crate::metrics::Metrics::new(Some(crate::metrics::Sources {
+                    jobs: jobs.clone(),
+                    disk: disk.clone(),
+                }));
+                tasks.spawn(
+                    metrics
+                        .clone()
+                        .follow_events(events.subscribe(None), cancel.clone()),
+                );
+                tasks.spawn(crate::metrics::serve(
+                    metrics.clone(),
+                    listener,
+                    tasks.clone(),
+                    cancel.clone(),
+                ));
+                tracing::info!(%addr, "metrics at http://{addr}/metrics");
+                Some(metrics)
+            }
+            None => None,
+        };
+        let rpc_metrics = crate::metrics::RpcMetricsLayer::new(metrics);
         tasks.spawn(watch_cache_dirs(
             mounts.clone(),
             disk.clone(),
@@ -258,11 +285,17 @@ impl Daemon {
         let mut servers = Vec::new();
         servers.push(tokio::spawn(serve_unix(
             routes.clone(),
+            rpc_metrics.clone(),
             unix,
             cancel.clone(),
         )));
         if let Some(tcp) = tcp {
-            servers.push(tokio::spawn(serve_tcp(routes, tcp, cancel.clone())));
+            servers.push(tokio::spawn(serve_tcp(
+                routes,
+                rpc_metrics,
+                tcp,
+                cancel.clone(),
+            )));
         }
 
         notifier.ready(&status.status_line());
@@ -584,11 +617,13 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
 
 async fn serve_unix(
     routes: tonic::service::Routes,
+    rpc_metrics: crate::metrics::RpcMetricsLayer,
     listener: UnixListener,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
+        .layer(rpc_metrics)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await
@@ -597,11 +632,13 @@ async fn serve_unix(
 
 async fn serve_tcp(
     routes: tonic::service::Routes,
+    rpc_metrics: crate::metrics::RpcMetricsLayer,
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
+        .layer(rpc_metrics)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await

@@ -18,6 +18,8 @@
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
+//! - [`metrics`]: Prometheus text on a loopback HTTP address, fed by events,
+//!   scrape-time reads and a gRPC layer.
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
@@ -35,6 +37,7 @@ pub mod events;
 pub mod health;
 pub mod host;
 pub mod jobs;
+pub mod metrics;
 pub mod mounts;
 pub mod reload;
 pub mod setup;
