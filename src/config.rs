@@ -1264,6 +1264,22 @@ mod tests {
     }
 
     #[test]
+    fn metrics_only_on_loopback_or_off() {
+        assert_eq!(
+            Config::default().metrics_addr(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        let off = Config::parse("[metrics]\nlisten = \"\"\n", p()).expect("off");
+        assert_eq!(off.metrics_addr(), None);
+        assert!(Config::parse("[metrics]\nlisten = \"[::1]:9464\"\n", p()).is_ok());
+        for bad in ["0.0.0.0:9464", "10.0.0.1:9464", "localhost"] {
+            let text = format!("[metrics]\nlisten = {bad:?}\n");
+            let msg = Config::parse(&text, p()).unwrap_err().to_string();
+            assert!(msg.contains("metrics.listen"), "{msg}");
+        }
+    }
+
+    #[test]
     fn relative_paths_are_refused() {
         let msg = Config::parse("[agent]\nstate_dir = \"state\"\n", p())
             .unwrap_err()

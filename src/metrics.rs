@@ -343,8 +343,10 @@ impl Metrics {
             .inc();
     }
 
-    /// Records one finished RPC.
+    /// Records one finished RPC. An Unimplemented reply is filed under method
+    /// "unknown": any client could otherwise grow the label set at will.
     pub fn observe_rpc(&self, method: &str, code: &str, latency: std::time::Duration) {
+        let method = if code == "12" { "unknown" } else { method };
         self.inner
             .rpcs
             .get_or_create(&RpcLabels {
@@ -551,7 +553,7 @@ fn answer<B>(metrics: &Metrics, request: &http::Request<B>) -> http::Response<St
         if request.method() == http::Method::GET && request.uri().path() == "/metrics" {
             (
                 http::StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 metrics.render(),
             )
         } else {
@@ -637,9 +639,7 @@ where
                     .to_owned(),
                 Err(_) => "transport_error".to_owned(),
             };
-            // Unknown paths would let any client grow the label set.
-            let method = if code == "12" { "unknown" } else { &method };
-            metrics.observe_rpc(method, &code, started.elapsed());
+            metrics.observe_rpc(&method, &code, started.elapsed());
             result
         })
     }
@@ -708,7 +708,7 @@ mod tests {
     fn mount_state_is_one_hot_and_remounts_count_once_per_repair() {
         let metrics = Metrics::new(None);
         let spec_status = |state| {
-            let mut status = crate::mounts::MountStatus {
+            EventPayload::Mount(crate::mounts::MountStatus {
                 name: "data".into(),
                 mount_path: "/mnt/data".into(),
                 account: "acct".into(),
@@ -723,9 +723,7 @@ mod tests {
                 cache_max_bytes: 0,
                 pid: None,
                 origin: crate::mounts::Origin::Api,
-            };
-            status.message.push('x');
-            EventPayload::Mount(status)
+            })
         };
         for state in [
             MountState::Mounted,
