@@ -161,7 +161,7 @@ impl Metrics {
             registry: Registry::default(),
             sources,
             jobs_finished: Family::default(),
-            // 1 s to about 4.5 days.
+            // 1 s to about 2 days.
             job_duration: Histogram::new(exponential_buckets(1.0, 3.0, 12)),
             disk_alerts: Family::default(),
             mount_remounts: Family::default(),
