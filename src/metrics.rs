@@ -396,7 +396,11 @@ impl Metrics {
                 .get_or_create(&StateLabel {
                     state: state.name().to_owned(),
                 })
-                .set(counts.get(&state).map_or(0, |n| i64::try_from(*n).unwrap_or(i64::MAX)));
+                .set(
+                    counts
+                        .get(&state)
+                        .map_or(0, |n| i64::try_from(*n).unwrap_or(i64::MAX)),
+                );
         }
         let slots = sources.jobs.slot_usage();
         inner.queue_depth.set(i64::from(slots.queued));
