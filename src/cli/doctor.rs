@@ -32,7 +32,8 @@ use crate::api::proto::{
 };
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 
-/// The group whose members may use the socket (what the package creates).
+/// The group whose members may use the socket (what the package creates),
+/// when the config cannot be read for `operator.group`.
 const OPERATOR_GROUP: &str = "instance-operators";
 /// How long the socket may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -183,7 +184,10 @@ pub async fn run(args: DoctorArgs, socket: PathBuf, json: bool) -> anyhow::Resul
             }
         }
     }
-    checks.push(socket_check(&socket, OPERATOR_GROUP));
+    let operator_group = local_config
+        .as_ref()
+        .map_or(OPERATOR_GROUP, |c| c.operator.group.as_str());
+    checks.push(socket_check(&socket, operator_group));
     checks.push(systemd_check(under_systemd, agent.status.is_ok()).await);
 
     let report = Report {

@@ -302,7 +302,6 @@ async fn records_survive_a_restart_and_running_jobs_are_adopted() {
     h.wait_for("two running", |h| h.engine.running().len() == 2)
         .await;
     let a = h.container_of("a");
-    let h = h.restart().await;
     let waits_on_a = |h: &Harness| {
         h.engine
             .calls()
@@ -310,6 +309,10 @@ async fn records_survive_a_restart_and_running_jobs_are_adopted() {
             .filter(|c| **c == format!("wait {a}"))
             .count()
     };
+    // "running" is recorded just before the wait on the container starts;
+    // restart only once that first wait is under way.
+    h.wait_for("waiting on a", |h| waits_on_a(h) == 1).await;
+    let h = h.restart().await;
     h.wait_for("adopted: waiting on a again", |h| waits_on_a(h) == 2)
         .await;
     assert_eq!(h.state("a"), JobState::Running);

@@ -13,7 +13,7 @@
 //! other users.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::spec::Secret;
@@ -67,21 +67,14 @@ pub fn forget(state_dir: &Path, name: &str) -> std::io::Result<()> {
     }
 }
 
-/// Reads a secret file named in config; refuses one that other users can
-/// read, and an empty one. Blocking.
+/// Reads a secret file named in config through the agent's one secret-file
+/// rule ([`crate::secret::read_secret_file`]: only its owner, root or the
+/// agent, may access it); refuses an empty one. Blocking.
 pub fn load_file(path: &Path) -> Result<Secret, String> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
-    if meta.permissions().mode() & 0o004 != 0 {
-        return Err(format!(
-            "secret file {} is readable by other users (mode {:o}); chmod 600 it",
-            path.display(),
-            meta.permissions().mode() & 0o777
-        ));
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
-    let secret = Secret::new(&text);
+    let content = crate::secret::read_secret_file(path).map_err(|e| e.to_string())?;
+    let text = std::str::from_utf8(content.expose())
+        .map_err(|_| format!("secret file {} is not UTF-8 text", path.display()))?;
+    let secret = Secret::new(text);
     if secret.is_empty() {
         return Err(format!("secret file {} is empty", path.display()));
     }
@@ -152,6 +145,7 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn stored_secret_is_private_and_round_trips() {
@@ -183,6 +177,8 @@ mod tests {
         let path = dir.path().join("key");
         std::fs::write(&path, "k3y-value\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_file(&path).unwrap_err().contains("chmod 600"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(load_file(&path).unwrap_err().contains("chmod 600"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(load_file(&path).unwrap().expose(), "k3y-value");

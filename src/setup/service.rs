@@ -672,6 +672,25 @@ impl SetupScripts {
                     while let Some(piece) = pieces.next().await {
                         yield piece.map_err(|source| SetupError::Log { path: run.log_path.clone(), source })?;
                     }
+                    // The log ends just before the run's final state is
+                    // recorded; a follower waits for it, so that a client
+                    // reading the run next sees how it ended.
+                    if follow {
+                        loop {
+                            let ended = service
+                                .lock()
+                                .runs
+                                .get(&id)
+                                .is_none_or(|r| r.state.is_terminal());
+                            if ended {
+                                break;
+                            }
+                            tokio::select! {
+                                _ = cancel.cancelled() => break,
+                                changed = changes.changed() => if changed.is_err() { break },
+                            }
+                        }
+                    }
                     break;
                 }
                 if run.state.is_terminal() || (run.state == RunState::Running) {
