@@ -11,12 +11,16 @@ use common::{
     BenchAgent, binary, cpu_ticks, percentile, rss_kib, spawn, ticks_per_second, write_config,
 };
 
+/// Metrics on, on a port of the kernel's choosing, so that the bench never
+/// collides with an agent already on the default port.
+const METRICS_ON: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+
 fn main() {
     let runs = 20;
     let mut ready = Vec::new();
     for _ in 0..runs {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (_, config) = write_config(dir.path(), "");
+        let (_, config) = write_config(dir.path(), METRICS_ON);
         let notify_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
         notify
@@ -40,7 +44,13 @@ fn main() {
     }
     ready.sort();
 
-    let agent = BenchAgent::start("");
+    let rss_metrics_off = {
+        let agent = BenchAgent::start("[metrics]\nlisten = \"\"\n");
+        std::thread::sleep(Duration::from_secs(23));
+        rss_kib(agent.pid())
+    };
+
+    let agent = BenchAgent::start(METRICS_ON);
     std::thread::sleep(Duration::from_secs(3));
     let ticks_before = cpu_ticks(agent.pid());
     let idle = Duration::from_secs(20);
@@ -59,6 +69,10 @@ fn main() {
         percentile(&ready, 90.0).as_secs_f64() * 1000.0
     );
     println!("idle RSS (after 23 s) | {:.1} MiB", rss as f64 / 1024.0);
+    println!(
+        "idle RSS, metrics off (after 23 s) | {:.1} MiB",
+        rss_metrics_off as f64 / 1024.0
+    );
     println!(
         "idle CPU (over {} s) | {cpu_percent:.2} % of one core",
         idle.as_secs()

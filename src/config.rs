@@ -91,6 +91,8 @@ pub struct Config {
     pub operator: OperatorConfig,
     /// Limits on every client, whatever the RPC.
     pub limits: LimitsConfig,
+    /// The Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
 }
 
 /// `[agent]`: identity, paths and timings of the daemon.
@@ -591,6 +593,22 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus text endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Loopback host:port serving `GET /metrics`; off when empty.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
 /// Command-line flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -701,6 +719,7 @@ impl Config {
         self.validate_mounts(&invalid, &in_range)?;
         self.validate_setup(&invalid, &in_range)?;
         self.validate_disk(path)?;
+        self.validate_metrics(&invalid)?;
         self.validate_control_plane(path)?;
         self.validate_operator(path)?;
         self.validate_limits(path)?;
@@ -1206,6 +1225,37 @@ impl Config {
         Ok(())
     }
 
+    fn validate_metrics(
+        &self,
+        invalid: &impl Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let listen = &self.metrics.listen;
+        if listen.is_empty() {
+            return Ok(());
+        }
+        let addr: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "metrics.listen",
+                format!("{listen:?} is not an address of the form host:port (e.g. 127.0.0.1:9464)"),
+            )
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "{addr} is not a loopback address: metrics are served without TLS or auth, \
+                     so only 127.0.0.1 or [::1] is allowed (empty turns them off)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The metrics listener's address, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.listen.parse().ok()
+    }
+
     /// The control plane's TCP address, when configured.
     pub fn control_plane_addr(&self) -> Option<SocketAddr> {
         self.control_plane.listen.parse().ok()
@@ -1481,5 +1531,21 @@ mod tests {
         assert_eq!(parse_duration("m"), None);
         assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration(""), None);
+    }
+
+    #[test]
+    fn metrics_only_on_loopback_or_off() {
+        assert_eq!(
+            Config::default().metrics_addr(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        let off = Config::parse("[metrics]\nlisten = \"\"\n", p()).expect("off");
+        assert_eq!(off.metrics_addr(), None);
+        assert!(Config::parse("[metrics]\nlisten = \"[::1]:9464\"\n", p()).is_ok());
+        for bad in ["0.0.0.0:9464", "10.0.0.1:9464", "localhost"] {
+            let text = format!("[metrics]\nlisten = {bad:?}\n");
+            let msg = Config::parse(&text, p()).unwrap_err().to_string();
+            assert!(msg.contains("metrics.listen"), "{msg}");
+        }
     }
 }

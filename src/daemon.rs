@@ -65,6 +65,9 @@ pub enum DaemonError {
     /// The setup scripts' records could not be loaded.
     #[error("cannot load setup runs: {0}")]
     Setup(#[source] crate::setup::SetupError),
+    /// The metrics listener could not be bound.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::BindError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Server(String),
@@ -235,6 +238,30 @@ impl Daemon {
             &jobs,
             &mounts,
         );
+        let metrics = match config.metrics_addr() {
+            Some(addr) => {
+                let listener = crate::metrics::bind(addr).await?;
+                let metrics = crate::metrics::Metrics::new(Some(crate::metrics::Sources {
+                    jobs: jobs.clone(),
+                    disk: disk.clone(),
+                }));
+                tasks.spawn(
+                    metrics
+                        .clone()
+                        .follow_events(events.subscribe(None), cancel.clone()),
+                );
+                tasks.spawn(crate::metrics::serve(
+                    metrics.clone(),
+                    listener,
+                    tasks.clone(),
+                    cancel.clone(),
+                ));
+                tracing::info!(%addr, "metrics at http://{addr}/metrics");
+                Some(metrics)
+            }
+            None => None,
+        };
+        let rpc_metrics = crate::metrics::RpcMetricsLayer::new(metrics);
         tasks.spawn(watch_cache_dirs(
             mounts.clone(),
             disk.clone(),
@@ -270,6 +297,7 @@ impl Daemon {
         servers.push(tokio::spawn(serve(
             routes.clone(),
             guard.clone(),
+            rpc_metrics.clone(),
             local,
             cancel.clone(),
         )));
@@ -277,7 +305,13 @@ impl Daemon {
             (Some(tcp), Some(tls)) => {
                 let names = config.control_plane.allowed_client_names.clone();
                 let remote = api::listen::tls(tcp, tls, names, cancel.clone());
-                servers.push(tokio::spawn(serve(routes, guard, remote, cancel.clone())));
+                servers.push(tokio::spawn(serve(
+                    routes,
+                    guard,
+                    rpc_metrics,
+                    remote,
+                    cancel.clone(),
+                )));
             }
             (Some(tcp), None) => {
                 tracing::warn!(
@@ -286,7 +320,13 @@ impl Daemon {
                      that connects to it is admin; use only for local testing"
                 );
                 let remote = api::listen::plaintext(tcp, cancel.clone());
-                servers.push(tokio::spawn(serve(routes, guard, remote, cancel.clone())));
+                servers.push(tokio::spawn(serve(
+                    routes,
+                    guard,
+                    rpc_metrics,
+                    remote,
+                    cancel.clone(),
+                )));
             }
             (None, _) => {}
         }
@@ -648,6 +688,7 @@ fn bind_unix(path: &Path, operator_group: &str) -> Result<UnixListener, DaemonEr
 async fn serve<S>(
     routes: tonic::service::Routes,
     guard: api::guard::GuardLayer,
+    rpc_metrics: crate::metrics::RpcMetricsLayer,
     incoming: api::listen::Incoming<S>,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError>
@@ -656,6 +697,7 @@ where
 {
     tonic::transport::Server::builder()
         .layer(guard)
+        .layer(rpc_metrics)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await

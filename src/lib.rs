@@ -23,6 +23,9 @@
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping), and in
 //!   front of it the security of every call: peer identity (SO_PEERCRED,
 //!   mutual TLS), roles, limits and the audit log.
+//! - [`metrics`]: Prometheus text on a loopback HTTP address, fed by events,
+//!   scrape-time reads and a gRPC layer.
+//! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
 //! Flows: control plane / CLI → gRPC (Unix socket or TCP) → `api` → domain
@@ -39,6 +42,7 @@ pub mod events;
 pub mod health;
 pub mod host;
 pub mod jobs;
+pub mod metrics;
 pub mod mounts;
 pub mod paths;
 pub mod reload;

@@ -297,7 +297,9 @@ async fn exit_status_oom_and_logs_after_removal() {
     .await;
     let mut oom = spec(
         "oom",
-        &["sh", "-c", "a=$(yes | head -c 200000000); echo survived"],
+        // tail buffers a "line" of /dev/zero without end: it grows until
+        // the kernel kills it, and it is the container's main process.
+        &["tail", "/dev/zero"],
     );
     oom.memory_bytes = 16 << 20;
     submit(&mut c, oom).await;
@@ -483,30 +485,21 @@ async fn bad_specs_name_the_field() {
         });
         s
     };
-    let many_env = {
+    let edited = |edit: fn(&mut proto::JobSpec)| {
         let mut s = spec("", &["true"]);
-        s.env = (0..1000)
-            .map(|i| (format!("V{i}"), "x".to_string()))
-            .collect::<HashMap<_, _>>();
+        edit(&mut s);
         s
     };
+    let many_env = edited(|s| {
+        s.env = (0..1000)
+            .map(|i| (format!("V{i}"), "x".to_string()))
+            .collect::<HashMap<_, _>>()
+    });
     let cases: Vec<(&str, proto::JobSpec, &str)> = vec![
-        (
-            "empty image",
-            {
-                let mut s = spec("", &["true"]);
-                s.image.clear();
-                s
-            },
-            "image",
-        ),
+        ("empty image", edited(|s| s.image.clear()), "image"),
         (
             "malformed image",
-            {
-                let mut s = spec("", &["true"]);
-                s.image = "bad image!".into();
-                s
-            },
+            edited(|s| s.image = "bad image!".into()),
             "image",
         ),
         ("empty command", spec("", &[]), "command"),
@@ -528,40 +521,20 @@ async fn bad_specs_name_the_field() {
             ))),
             "mounts[0].host_path",
         ),
-        (
-            "slots",
-            {
-                let mut s = spec("", &["true"]);
-                s.slots = 99;
-                s
-            },
-            "slots",
-        ),
+        ("slots", edited(|s| s.slots = 99), "slots"),
         (
             "memory",
-            {
-                let mut s = spec("", &["true"]);
-                s.memory_bytes = u64::MAX;
-                s
-            },
+            edited(|s| s.memory_bytes = u64::MAX),
             "memory_bytes",
         ),
         (
             "tiny memory",
-            {
-                let mut s = spec("", &["true"]);
-                s.memory_bytes = 1;
-                s
-            },
+            edited(|s| s.memory_bytes = 1),
             "memory_bytes",
         ),
         (
             "timeout",
-            {
-                let mut s = spec("", &["true"]);
-                s.timeout_seconds = u32::MAX;
-                s
-            },
+            edited(|s| s.timeout_seconds = u32::MAX),
             "timeout_seconds",
         ),
         ("env", many_env, "env"),

@@ -329,6 +329,17 @@ impl JobManager {
         scheduler::capacity(jobs.slots, jobs.slots_per_core, self.inner.usable_cores)
     }
 
+    /// How many jobs are in each state (only states with at least one job),
+    /// for metrics: one pass under the lock, no records copied.
+    pub fn counts_by_state(&self) -> HashMap<JobState, u64> {
+        let state = self.lock();
+        let mut counts = HashMap::new();
+        for record in state.jobs.values() {
+            *counts.entry(record.state).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// Slot usage for GetStatus.
     pub fn slot_usage(&self) -> SlotUsage {
         let state = self.lock();

@@ -136,6 +136,12 @@ impl AgentBuilder {
             dir.path().join("run"),
             self.config
         );
+        // Agents run in parallel: metrics stay off unless a test asks for them.
+        let config = if config.contains("[metrics]") {
+            config
+        } else {
+            format!("{config}\n[metrics]\nlisten = \"\"\n")
+        };
         std::fs::write(&config_path, fix_tables(&config)).expect("write config");
         let child = spawn_agent(&config_path, &log_path, &self.env);
         Agent {
