@@ -123,33 +123,12 @@ async fn wait_state(
 
 /// Containers of this agent that the engine says are running.
 fn running_containers(instance_id: &str) -> usize {
-    let out = Command::new("docker")
-        .args([
-            "ps",
-            "-q",
-            "--filter",
-            &format!("label=io.instance-agent.instance={instance_id}"),
-        ])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .count()
+    common::containers(instance_id, false).len()
 }
 
+/// Containers of this agent in any state.
 fn all_containers(instance_id: &str) -> usize {
-    let out = Command::new("docker")
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=io.instance-agent.instance={instance_id}"),
-        ])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .count()
+    common::containers(instance_id, true).len()
 }
 
 /// Containers are removed once the exit is recorded (just after the final

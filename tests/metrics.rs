@@ -187,16 +187,8 @@ async fn scrape_shows_jobs_rpcs_disk_and_own_usage() {
 
 #[test]
 fn non_loopback_listen_is_refused_naming_the_key() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, "[metrics]\nlisten = \"0.0.0.0:9464\"\n").expect("write");
-    let out = std::process::Command::new(common::binary())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(78));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stderr) = common::serve_refused("[metrics]\nlisten = \"0.0.0.0:9464\"\n");
+    assert_eq!(code, Some(78));
     assert!(stderr.contains("metrics.listen"), "{stderr}");
     assert!(stderr.contains("loopback"), "{stderr}");
 }

@@ -274,24 +274,48 @@ impl Agent {
     }
 }
 
+/// Ids of the containers labelled with `instance_id`: running ones, or all.
+pub fn containers(instance_id: &str, all: bool) -> Vec<String> {
+    let filter = format!("label=io.instance-agent.instance={instance_id}");
+    let list = if all { "-aq" } else { "-q" };
+    Command::new("docker")
+        .args(["ps", list, "--filter", &filter])
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Removes every container labelled with `instance_id`.
 pub fn remove_containers(instance_id: &str) {
-    let filter = format!("label=io.instance-agent.instance={instance_id}");
-    if let Ok(out) = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &filter])
-        .output()
-    {
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
-        if !ids.is_empty() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f"])
-                .args(&ids)
-                .output();
-        }
+    let ids = containers(instance_id, true);
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .args(["rm", "-f"])
+            .args(&ids)
+            .output();
     }
+}
+
+/// Runs `instance-agent serve` on a config file holding `text`, expecting it
+/// to refuse to start; returns the exit code and stderr.
+pub fn serve_refused(text: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, text).expect("write config");
+    let out = Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run instance-agent");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 impl Drop for Agent {
