@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Full test entry point: prepare the host (packages, Docker engine, test image,
 # FUSE, Rust components), then run rustfmt check, clippy (warnings are errors)
-# and the test suite, then a Python client generated from proto/ alone.
+# and the test suite, then a Python client generated from proto/ alone, then
+# the fault-injection suite in its short mode (scripts/chaos.sh).
 # Extra arguments are passed through to `cargo test`.
 set -euo pipefail
 
@@ -29,3 +30,6 @@ cargo test --all-features "$@"
 
 echo "[test] scripts/python-client-check.sh (a client generated from proto/ alone)"
 scripts/python-client-check.sh
+
+echo "[test] scripts/chaos.sh short (fault injection; stops and freezes the Docker engine)"
+scripts/chaos.sh short

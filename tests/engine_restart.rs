@@ -5,69 +5,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Agent;
+use common::engine::{EngineGuard, start_engine, stop_engine};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, job_service_client::JobServiceClient,
 };
-
-/// Makes sure an engine runs again when the test ends, even if it failed.
-struct EngineGuard;
-
-impl Drop for EngineGuard {
-    fn drop(&mut self) {
-        start_engine();
-    }
-}
-
-fn engine_answers() -> bool {
-    Command::new("docker")
-        .args(["info", "--format", "{{.ID}}"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn dockerd_pid() -> Option<i32> {
-    let out = Command::new("pidof").arg("dockerd").output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn stop_engine() {
-    let pid = dockerd_pid().expect("a dockerd runs (scripts/prepare-host.sh starts one)");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM dockerd");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while dockerd_pid() == Some(pid) {
-        assert!(Instant::now() < deadline, "dockerd did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn start_engine() {
-    if engine_answers() {
-        return;
-    }
-    let _ = Command::new("sh")
-        .args([
-            "-c",
-            "setsid nohup dockerd --bridge=none --iptables=false >>/var/log/instance-agent-test-dockerd.log 2>&1 </dev/null &",
-        ])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !engine_answers() {
-        assert!(Instant::now() < deadline, "dockerd did not come back");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn marked(id: &str, sleep: &str, markers: &Path) -> proto::JobSpec {
     proto::JobSpec {

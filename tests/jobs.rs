@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Agent, cli};
+use common::{Agent, cli, is_final};
 use instance_agent::api::proto::{self, job_service_client::JobServiceClient};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -71,16 +71,6 @@ async fn get(c: &mut JobServiceClient<tonic::transport::Channel>, id: &str) -> p
         .await
         .expect("get")
         .into_inner()
-}
-
-fn is_final(state: proto::JobState) -> bool {
-    matches!(
-        state,
-        proto::JobState::Succeeded
-            | proto::JobState::Failed
-            | proto::JobState::Cancelled
-            | proto::JobState::TimedOut
-    )
 }
 
 async fn wait_final(

@@ -7,10 +7,11 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fuse_site::{Site, mounts_below, standin};
 use common::{Agent, cli};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, mount_request::Auth,
@@ -23,118 +24,6 @@ const KEY: &str = "QUNDT1VOVEtFWS1uZXZlci1pbi1hbnktbG9nLTAxMjM0NTY3ODk=";
 const SAS: &str =
     "?sv=2022-11-02&ss=b&srt=co&sp=rwdl&se=2031-01-01&sig=U0lHTkFUVVJFbmV2ZXJsb2dnZWQ%3D";
 const WRONG_SAS: &str = "?sv=2022-11-02&ss=b&sp=r&sig=V1JPTkdzaWduYXR1cmVuZXZlcmxvZ2dlZA%3D%3D";
-
-fn standin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_blobfuse2-standin"))
-}
-
-/// A directory with mount points, fake storage and caches; on drop it kills
-/// every stand-in serving a path below it and lazily unmounts what is left.
-struct Site {
-    dir: tempfile::TempDir,
-    health_interval_seconds: u32,
-}
-
-impl Site {
-    fn new() -> Self {
-        let site = Self {
-            dir: tempfile::tempdir().expect("tempdir"),
-            health_interval_seconds: 1,
-        };
-        for d in ["mnt", "storage/data", "storage/other", "cache"] {
-            std::fs::create_dir_all(site.path().join(d)).expect("site dirs");
-        }
-        site
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().canonicalize().expect("canonical tempdir")
-    }
-
-    fn mnt(&self, name: &str) -> PathBuf {
-        self.path().join("mnt").join(name)
-    }
-
-    fn storage(&self, container: &str) -> PathBuf {
-        self.path().join("storage").join(container)
-    }
-
-    /// Config for an agent that uses the stand-in on this site.
-    fn config(&self) -> String {
-        format!(
-            "[mounts]\nblobfuse2_path = {:?}\nallowed_roots = [{:?}]\ncache_root = {:?}\n\
-             health_interval_seconds = {}\nhealth_timeout_seconds = 2\nbackoff_initial_seconds = 1\n\
-             backoff_max_seconds = 2\nmount_timeout_seconds = 20\n",
-            standin(),
-            self.path().join("mnt"),
-            self.path().join("cache"),
-            self.health_interval_seconds,
-        )
-    }
-
-    fn agent(&self) -> Agent {
-        self.agent_with("")
-    }
-
-    fn agent_with(&self, extra: &str) -> Agent {
-        Agent::builder()
-            .config(&format!("{}{extra}", self.config()))
-            .env(
-                "STANDIN_STORAGE_ROOT",
-                &self.path().join("storage").display().to_string(),
-            )
-            .start()
-    }
-
-    /// Stand-ins serving a path below this site.
-    fn standins(&self) -> Vec<(u32, PathBuf)> {
-        let root = self.path();
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            if args.len() > 2
-                && args[0].ends_with("blobfuse2-standin")
-                && Path::new(&args[2]).starts_with(&root)
-            {
-                found.push((pid, PathBuf::from(&args[2])));
-            }
-        }
-        found
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        for (pid, _) in self.standins() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
-        }
-        for mount in mounts_below(&self.path()) {
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&mount)
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-fn mounts_below(root: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(root))
-        .collect()
-}
 
 /// The mountinfo line at `path`: (type, source).
 fn mountinfo_at(path: &Path) -> Option<(String, String)> {

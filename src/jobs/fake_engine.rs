@@ -28,6 +28,7 @@ pub struct FakeEngine {
     containers: Mutex<HashMap<String, FakeContainer>>,
     calls: Mutex<Vec<String>>,
     down: Mutex<bool>,
+    hung: Mutex<bool>,
     next_id: Mutex<u64>,
 }
 
@@ -44,6 +45,11 @@ impl FakeEngine {
     /// Makes every call fail as unreachable (or answer again).
     pub fn set_down(&self, down: bool) {
         *Self::lock(&self.down) = down;
+    }
+
+    /// Makes `version` hang (a frozen engine) until set back.
+    pub fn set_hung(&self, hung: bool) {
+        *Self::lock(&self.hung) = hung;
     }
 
     /// Makes a running container exit with `code` (and `oom` if set).
@@ -120,6 +126,9 @@ impl FakeEngine {
 impl ContainerEngine for FakeEngine {
     async fn version(&self) -> Result<EngineVersion, EngineError> {
         self.record("version".into())?;
+        while *Self::lock(&self.hung) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(EngineVersion {
             version: "fake".into(),
             api_version: "1.41".into(),

@@ -85,11 +85,26 @@ pub enum MountResolution {
     Ready(PathBuf),
 }
 
-/// Looks managed mounts up by name. Must answer from memory (it is called
-/// while the scheduler holds its lock).
+/// Looks managed mounts up by name.
+#[async_trait::async_trait]
 pub trait MountResolver: Send + Sync + 'static {
-    /// The mount's state.
+    /// The mount's state as last seen. Must answer from memory (it is
+    /// called while the scheduler holds its lock).
     fn resolve(&self, name: &str) -> MountResolution;
+
+    /// Checks, just before a job's container is created, that the mount
+    /// still answers: it may have gone stale since its last health check,
+    /// and a job started on a dead mount fails at once (and the next one
+    /// too) instead of waiting for the repair.
+    async fn verify(&self, name: &str) -> MountResolution {
+        self.resolve(name)
+    }
+
+    /// How many times the mount was repaired (remounted) so far; a change
+    /// while a job ran means the job saw it die.
+    fn repairs(&self, _name: &str) -> u32 {
+        0
+    }
 }
 
 /// A resolver for a build without managed mounts: every name is unknown.
@@ -987,7 +1002,7 @@ impl JobManager {
         let mut binds = Vec::new();
         for (i, mount) in s.mounts.iter().enumerate() {
             let source = match &mount.source {
-                MountSource::Managed(name) => match self.inner.mounts.resolve(name) {
+                MountSource::Managed(name) => match self.inner.mounts.verify(name).await {
                     MountResolution::Ready(path) => path,
                     MountResolution::Unavailable(why) => {
                         return Err(format!("waiting for mount {name}: {why}"));
@@ -1063,6 +1078,7 @@ impl JobManager {
                 .unwrap_or_default();
             tokio::time::Instant::now() + limit.saturating_sub(ran)
         });
+        let repairs_at_start = self.mount_repairs(&record);
         let mut ending: Option<(JobState, String)> = None;
         if record.cancel_requested {
             cancel.cancel();
@@ -1139,9 +1155,51 @@ impl JobManager {
                 ),
             ),
             (None, Some(0)) => (Some(JobState::Succeeded), "exited with status 0".into()),
-            (None, Some(code)) => (Some(JobState::Failed), format!("exited with status {code}")),
+            (None, Some(code)) => {
+                let mut reason = format!("exited with status {code}");
+                for note in self.dead_mounts(&repairs_at_start).await {
+                    reason = format!("{reason}; {note}");
+                }
+                (Some(JobState::Failed), reason)
+            }
         };
         self.finish(id, container, state, reason, exit, oom).await;
+    }
+
+    /// The repair counts of a job's managed mounts.
+    fn mount_repairs(&self, record: &JobRecord) -> Vec<(String, u32)> {
+        record
+            .spec
+            .mounts
+            .iter()
+            .filter_map(|m| match &m.source {
+                MountSource::Managed(name) => Some((name.clone(), self.inner.mounts.repairs(name))),
+                MountSource::HostPath(_) => None,
+            })
+            .collect()
+    }
+
+    /// For a job that failed: which of its managed mounts died under it
+    /// (dead now, or repaired since it started), so that its reason says
+    /// why rather than only an exit status. Checking a dead mount also
+    /// wakes its repair.
+    async fn dead_mounts(&self, repairs_at_start: &[(String, u32)]) -> Vec<String> {
+        let mut notes = Vec::new();
+        for (name, before) in repairs_at_start {
+            match self.inner.mounts.verify(name).await {
+                MountResolution::Ready(_) if self.inner.mounts.repairs(name) == *before => {}
+                MountResolution::Ready(_) => notes.push(format!(
+                    "mount {name} died and was repaired while the job ran"
+                )),
+                MountResolution::Unavailable(why) => {
+                    notes.push(format!("mount {name} died while the job ran: {why}"))
+                }
+                MountResolution::Unknown => {
+                    notes.push(format!("mount {name} was removed while the job ran"))
+                }
+            }
+        }
+        notes
     }
 
     /// SIGTERM, then SIGKILL after the grace period, retried while the

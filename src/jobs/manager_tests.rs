@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use super::*;
 use crate::jobs::engine::ContainerSpec;
 use crate::jobs::fake_engine::FakeEngine;
+use crate::jobs::spec::JobMount;
 
 struct Harness {
     manager: JobManager,
@@ -39,6 +40,16 @@ impl Harness {
     }
 
     fn with(dir: tempfile::TempDir, store: Store, engine: Arc<FakeEngine>, config: Config) -> Self {
+        Self::with_mounts(dir, store, engine, config, Arc::new(NoManagedMounts))
+    }
+
+    fn with_mounts(
+        dir: tempfile::TempDir,
+        store: Store,
+        engine: Arc<FakeEngine>,
+        config: Config,
+        mounts: Arc<dyn MountResolver>,
+    ) -> Self {
         let (engine_up, engine_up_rx) = watch::channel(true);
         let (config_tx, config_rx) = watch::channel(Arc::new(config));
         let (_gpus_tx, gpus_rx) = watch::channel(Vec::new());
@@ -52,7 +63,7 @@ impl Harness {
                 store: store.clone(),
                 events: EventBus::new(1024),
                 admission: admission.clone(),
-                mounts: Arc::new(NoManagedMounts),
+                mounts,
                 logs_dir: dir.path().join("logs"),
                 instance_id: "inst".into(),
                 usable_cores: 2.0,
@@ -238,6 +249,84 @@ async fn engine_down_keeps_jobs_queued() {
     h.engine_up.send_replace(true);
     h.wait_for("a running", |h| h.state("a") == JobState::Running)
         .await;
+}
+
+/// A managed mount "data" that its last health check calls mounted, while
+/// the check at a job's start says what the test sets.
+struct DyingMount {
+    alive: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl MountResolver for DyingMount {
+    fn resolve(&self, name: &str) -> MountResolution {
+        match name {
+            "data" => MountResolution::Ready("/mnt/data".into()),
+            _ => MountResolution::Unknown,
+        }
+    }
+
+    async fn verify(&self, name: &str) -> MountResolution {
+        if self.alive.load(std::sync::atomic::Ordering::SeqCst) {
+            self.resolve(name)
+        } else {
+            MountResolution::Unavailable("stale: Transport endpoint is not connected".into())
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_dead_mount_holds_a_job_at_its_start_and_explains_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mount = Arc::new(DyingMount {
+        alive: false.into(),
+    });
+    let h = Harness::with_mounts(
+        dir,
+        store,
+        Arc::new(FakeEngine::new()),
+        config(2),
+        mount.clone(),
+    );
+    let mut s = spec("a");
+    s.mounts.push(JobMount {
+        source: MountSource::Managed("data".into()),
+        container_path: "/data".into(),
+        read_only: false,
+    });
+    h.manager.submit(s).await.unwrap();
+    h.wait_for("a back in the queue", |h| {
+        let r = h.manager.get("a").unwrap().record;
+        r.state == JobState::Queued && r.reason.contains("waiting for mount data")
+    })
+    .await;
+    assert!(
+        !h.engine.calls().iter().any(|c| c.starts_with("create")),
+        "no container on a dead mount: {:?}",
+        h.engine.calls()
+    );
+    mount.alive.store(true, std::sync::atomic::Ordering::SeqCst);
+    h.wait_for("a running", |h| h.state("a") == JobState::Running)
+        .await;
+    let container = h.container_of("a");
+    let binds = h.engine.spec_of(&container).unwrap().binds;
+    assert_eq!(binds[0].source, PathBuf::from("/mnt/data"));
+
+    // The mount dies under the running job, which fails: its reason says
+    // why, not only how it exited.
+    mount
+        .alive
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    h.engine.exit(&container, 1, false);
+    h.wait_for("a failed", |h| h.state("a") == JobState::Failed)
+        .await;
+    let reason = h.manager.get("a").unwrap().record.reason;
+    assert_eq!(
+        reason,
+        "exited with status 1; mount data died while the job ran: \
+         stale: Transport endpoint is not connected"
+    );
 }
 
 #[tokio::test]

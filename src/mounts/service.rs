@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,7 +17,7 @@ use super::paths::{self, PathRules};
 use super::secrets;
 use super::spec::{self, Auth, ManagedIdentity, MountSpec, Origin, SecretSource};
 use super::supervisor::{self, Start};
-use super::system::{FuseMounter, Launch, UnmountFailure};
+use super::system::{FuseMounter, Launch, Probe, UnmountFailure};
 use super::{MountError, MountState, MountStatus};
 use crate::config::{Config, DeclaredMount};
 use crate::events::{EventBus, EventPayload};
@@ -172,6 +172,9 @@ struct Entry {
     stop: CancellationToken,
     /// Ends when its supervisor has returned.
     done: Option<watch::Receiver<bool>>,
+    /// Asks its supervisor for a health check now (a job start found the
+    /// mount dead before the next scheduled check).
+    check_now: Arc<Notify>,
 }
 
 /// What supervisors share with the service.
@@ -479,6 +482,31 @@ impl MountService {
         })
     }
 
+    /// Like [`resolve`](Self::resolve), and the mount root answers now
+    /// (statfs reaches the FUSE daemon, within the health timeout). A dead
+    /// mount wakes its supervisor, which repairs it at once.
+    pub async fn verify(&self, name: &str) -> Result<MountedPath, ResolveError> {
+        let mounted = self.resolve(name)?;
+        let probe = self
+            .inner
+            .mounter
+            .probe(&mounted.host_path, self.inner.settings.health_timeout)
+            .await;
+        match probe {
+            Probe::Healthy => Ok(mounted),
+            Probe::Stale(reason) => {
+                if let Some(entry) = self.inner.lock().get(name) {
+                    entry.check_now.notify_one();
+                }
+                Err(ResolveError::Unhealthy {
+                    name: mounted.name,
+                    state: MountState::Stale,
+                    message: reason,
+                })
+            }
+        }
+    }
+
     /// For the disk guard: each managed mount's cache dir.
     pub fn cache_dirs(&self) -> Vec<CacheDir> {
         self.inner.cache_dirs.borrow().clone()
@@ -722,6 +750,7 @@ impl MountService {
         let (status, _) = watch::channel(initial.clone());
         let stop = self.inner.shutdown.child_token();
         let (done_tx, done_rx) = watch::channel(false);
+        let check_now = Arc::new(Notify::new());
         mounts.insert(
             spec.name.clone(),
             Entry {
@@ -729,11 +758,17 @@ impl MountService {
                 status: status.clone(),
                 stop: stop.clone(),
                 done: Some(done_rx),
+                check_now: check_now.clone(),
             },
         );
         let inner = self.inner.clone();
         self.inner.tasks.spawn(async move {
-            supervisor::run(inner, spec, status, stop, start, first).await;
+            let control = supervisor::Control {
+                status,
+                stop,
+                check_now,
+            };
+            supervisor::run(inner, spec, control, start, first).await;
             let _ = done_tx.send(true);
         });
         initial
@@ -753,6 +788,7 @@ impl MountService {
                 status: status_tx,
                 stop: CancellationToken::new(),
                 done: None,
+                check_now: Arc::new(Notify::new()),
             },
         );
         self.inner.refresh_cache_dirs();
@@ -946,14 +982,27 @@ fn open_files_below(dir: &Path) -> HashSet<PathBuf> {
 
 /// Jobs bind-mount managed mounts by name: an unknown name is refused, an
 /// unhealthy mount makes the job wait.
+#[async_trait::async_trait]
 impl crate::jobs::MountResolver for MountService {
     fn resolve(&self, name: &str) -> crate::jobs::MountResolution {
-        match MountService::resolve(self, name) {
-            Ok(mounted) => crate::jobs::MountResolution::Ready(mounted.host_path),
-            Err(ResolveError::Unknown(_)) => crate::jobs::MountResolution::Unknown,
-            Err(error @ ResolveError::Unhealthy { .. }) => {
-                crate::jobs::MountResolution::Unavailable(error.to_string())
-            }
+        resolution(MountService::resolve(self, name))
+    }
+
+    async fn verify(&self, name: &str) -> crate::jobs::MountResolution {
+        resolution(MountService::verify(self, name).await)
+    }
+
+    fn repairs(&self, name: &str) -> u32 {
+        self.status(name).map_or(0, |s| s.remount_count)
+    }
+}
+
+fn resolution(resolved: Result<MountedPath, ResolveError>) -> crate::jobs::MountResolution {
+    match resolved {
+        Ok(mounted) => crate::jobs::MountResolution::Ready(mounted.host_path),
+        Err(ResolveError::Unknown(_)) => crate::jobs::MountResolution::Unknown,
+        Err(error @ ResolveError::Unhealthy { .. }) => {
+            crate::jobs::MountResolution::Unavailable(error.to_string())
         }
     }
 }

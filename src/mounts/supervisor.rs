@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::render;
@@ -48,6 +48,7 @@ struct Supervisor {
     launch: Launch,
     status: watch::Sender<MountStatus>,
     stop: CancellationToken,
+    check_now: Arc<Notify>,
     first: Option<oneshot::Sender<Result<(), MountError>>>,
 }
 
@@ -58,12 +59,21 @@ enum Next {
     Watch(u32),
 }
 
-/// Runs one mount until `stop` fires.
+/// How the service talks to a running supervisor.
+pub(super) struct Control {
+    /// Where it publishes the mount's status.
+    pub status: watch::Sender<MountStatus>,
+    /// Stops it.
+    pub stop: CancellationToken,
+    /// Wakes it for a health check before the next interval.
+    pub check_now: Arc<Notify>,
+}
+
+/// Runs one mount until `control.stop` fires.
 pub(super) async fn run(
     inner: Arc<Inner>,
     spec: Arc<MountSpec>,
-    status: watch::Sender<MountStatus>,
-    stop: CancellationToken,
+    control: Control,
     start: Start,
     first: Option<oneshot::Sender<Result<(), MountError>>>,
 ) {
@@ -72,8 +82,9 @@ pub(super) async fn run(
         inner,
         spec,
         launch,
-        status,
-        stop,
+        status: control.status,
+        stop: control.stop,
+        check_now: control.check_now,
         first,
     };
     if start == Start::Restore {
@@ -124,7 +135,7 @@ pub(super) async fn run(
             }
             Next::Watch(pid) => {
                 let interval = *s.inner.interval.borrow();
-                if !s.sleep(interval).await {
+                if !s.until_next_check(interval).await {
                     return;
                 }
                 match s.check(pid).await {
@@ -177,6 +188,16 @@ impl Supervisor {
         tokio::select! {
             _ = self.stop.cancelled() => false,
             _ = tokio::time::sleep(duration) => true,
+        }
+    }
+
+    /// Waits for the next health check: the interval, or a request for one
+    /// now; false when stopped.
+    async fn until_next_check(&self, interval: Duration) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            _ = tokio::time::sleep(interval) => true,
+            _ = self.check_now.notified() => true,
         }
     }
 

@@ -3,7 +3,7 @@
 //! root off the async runtime, and `fusermount3 -u`. [`FuseMounter`] is the
 //! narrow interface the supervisor uses; [`SystemMounter`] is the real one.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+use tokio::sync::watch;
 
 use super::mountinfo::{self, MountEntry};
 
@@ -108,10 +109,11 @@ pub trait FuseMounter: Send + Sync + 'static {
 /// The real system: processes, `/proc`, FUSE and `fusermount3`.
 #[derive(Debug, Default)]
 pub struct SystemMounter {
-    /// Mount roots whose last probe is still blocked in the kernel (a hung
-    /// FUSE daemon): no second probe is started for them, so hung probes
+    /// Probes in flight, by mount root: a caller that finds one waits for
+    /// its answer instead of starting another (the supervisor and every job
+    /// start probe the same root), so probes blocked on a hung FUSE daemon
     /// cannot pile up in the blocking pool.
-    probing: Arc<Mutex<HashSet<PathBuf>>>,
+    probing: Arc<Mutex<HashMap<PathBuf, watch::Receiver<Option<Probe>>>>>,
 }
 
 impl SystemMounter {
@@ -167,26 +169,34 @@ impl FuseMounter for SystemMounter {
     }
 
     async fn probe(&self, path: &Path, timeout: Duration) -> Probe {
-        {
+        let mut answer = {
             let mut probing = lock(&self.probing);
-            if probing.contains(path) {
-                return Probe::Stale("the previous health check is still blocked".into());
+            match probing.get(path) {
+                Some(in_flight) => in_flight.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    probing.insert(path.to_owned(), rx.clone());
+                    let probing = self.probing.clone();
+                    let owned = path.to_owned();
+                    // statfs always reaches the FUSE daemon (stat may be
+                    // answered from the kernel's attribute cache while the
+                    // daemon is dead).
+                    tokio::task::spawn_blocking(move || {
+                        let probe = match nix::sys::statvfs::statvfs(&owned) {
+                            Ok(_) => Probe::Healthy,
+                            Err(errno) => Probe::Stale(std::io::Error::from(errno).to_string()),
+                        };
+                        lock(&probing).remove(&owned);
+                        let _ = tx.send(Some(probe));
+                    });
+                    rx
+                }
             }
-            probing.insert(path.to_owned());
-        }
-        let probing = self.probing.clone();
-        let owned = path.to_owned();
-        // statfs always reaches the FUSE daemon (stat may be answered from
-        // the kernel's attribute cache while the daemon is dead).
-        let task = tokio::task::spawn_blocking(move || {
-            let result = nix::sys::statvfs::statvfs(&owned);
-            lock(&probing).remove(&owned);
-            result
-        });
-        match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(Ok(_))) => Probe::Healthy,
-            Ok(Ok(Err(errno))) => Probe::Stale(std::io::Error::from(errno).to_string()),
-            Ok(Err(join)) => Probe::Stale(format!("health check failed: {join}")),
+        };
+        match tokio::time::timeout(timeout, answer.wait_for(Option::is_some)).await {
+            // `wait_for` returned: the answer is there.
+            Ok(Ok(probe)) => probe.clone().unwrap_or(Probe::Healthy),
+            Ok(Err(_)) => Probe::Stale("the health check ended without an answer".into()),
             Err(_) => Probe::Stale(format!(
                 "the mount root did not answer within {} s",
                 timeout.as_secs_f32()
@@ -269,7 +279,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only inserts and removes happen under this lock; a poisoned set is consistent.
+    // Only inserts and removes happen under this lock; a poisoned map is consistent.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 

@@ -3,6 +3,11 @@
 //! clean up (SIGKILL and temp dirs) even when a test fails.
 #![allow(dead_code)]
 
+pub mod engine;
+pub mod fs;
+#[cfg(feature = "test-util")]
+pub mod fuse_site;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -265,12 +270,19 @@ fn peek_exit(child: &Child) -> std::io::Result<Option<std::process::ExitStatus>>
 
 impl Agent {
     /// SIGKILLs the agent (a crash) and starts it again on the same config,
-    /// state dir and socket; waits until it answers.
+    /// state dir and socket, appending to the same log; waits until it
+    /// answers.
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.child = spawn_agent(&self.config_path, &self.log_path, &self.env);
         self.wait_ready(Duration::from_secs(20));
+    }
+
+    /// Starts the agent again after a stop or a crash (killing it first if
+    /// it still runs).
+    pub fn respawn(&mut self) {
+        self.crash_and_restart();
     }
 }
 
@@ -328,9 +340,15 @@ impl Drop for Agent {
 
 /// A tonic channel over a Unix socket.
 pub async fn connect(socket: &Path) -> Channel {
+    try_connect(socket).await.expect("connect to agent")
+}
+
+/// A tonic channel over a Unix socket, or why there is none (the agent is
+/// down or restarting).
+pub async fn try_connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = socket.to_owned();
     Endpoint::try_from("http://instance-agent.test")
-        .expect("endpoint")
+        .expect("a static, valid URI")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -338,7 +356,15 @@ pub async fn connect(socket: &Path) -> Channel {
             }
         }))
         .await
-        .expect("connect to agent")
+}
+
+/// True for the states a job never leaves.
+pub fn is_final(state: instance_agent::api::proto::JobState) -> bool {
+    use instance_agent::api::proto::JobState;
+    matches!(
+        state,
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut
+    )
 }
 
 /// Runs the CLI with the given args against an agent's socket.
@@ -349,30 +375,4 @@ pub fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("run cli")
-}
-
-impl Agent {
-    /// Starts the agent again on the same config, state dir and socket (after
-    /// a stop or a crash), appending to the same log. Kills it first if it
-    /// still runs.
-    pub fn respawn(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.log_path)
-            .expect("log file");
-        self.child = Command::new(binary())
-            .args(["serve", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info,instance_agent=debug")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("respawn instance-agent");
-        self.wait_ready(Duration::from_secs(20));
-    }
 }

@@ -219,6 +219,33 @@ async fn a_killed_blobfuse2_is_detected_and_repaired() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_job_start_on_a_dead_mount_waits_and_triggers_the_repair_at_once() {
+    let w = World::new();
+    let status = w.service.mount(w.spec("data")).await.unwrap();
+    let mut waiter = w.events.subscribe(None);
+    let healthy = w.service.verify("data").await.expect("healthy");
+    assert_eq!(healthy.host_path, w.base().join("mnt/data"));
+
+    w.fake.kill(status.pid.unwrap());
+    // Its last health check said mounted; the check at a job's start knows
+    // better, and the job waits.
+    assert!(w.service.resolve("data").is_ok());
+    let checked_at = tokio::time::Instant::now();
+    match w.service.verify("data").await {
+        Err(ResolveError::Unhealthy { state, message, .. }) => {
+            assert_eq!(state, MountState::Stale);
+            assert!(message.contains("not connected"), "{message}");
+        }
+        other => panic!("a dead mount verified: {other:?}"),
+    }
+    // The supervisor repairs it now, not at its next interval (10 s).
+    wait_for(&mut waiter, "data", MountState::Mounted).await;
+    assert!(checked_at.elapsed() < Duration::from_secs(2));
+    assert_eq!(w.service.status("data").unwrap().remount_count, 1);
+    assert!(w.service.verify("data").await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
 async fn failed_remounts_back_off_exponentially() {
     let w = World::new();
     let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
