@@ -291,6 +291,19 @@ async fn account(
     outcome
 }
 
+/// A job's state, if the agent answers.
+async fn job_state(socket: &Path, id: &str) -> Option<proto::JobState> {
+    let mut c = jobs_client(socket).await?;
+    let reply = tokio::time::timeout(
+        RPC_DEADLINE,
+        c.get_job(proto::GetJobRequest { id: id.into() }),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(reply.into_inner().state())
+}
+
 /// Jobs running now, as the agent reports them.
 async fn running(socket: &Path) -> usize {
     let Some(mut c) = jobs_client(socket).await else {
@@ -706,12 +719,44 @@ async fn engine_frozen(mode: Mode) -> Outcome {
         socket,
         mut acked,
     } = busy_agent("frozen", jobs, "1").await;
+    // A long job to cancel while the engine is frozen: the reply must not
+    // wait for the engine; the stop happens once it thaws.
+    let victim = "frozen-cancelled";
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut broken = Vec::new();
+    if let Err(status) = submit(&socket, marked(victim, "120", markers.path()), give_up).await {
+        broken.push(format!("submit {victim}: {status}"));
+    }
+    while job_state(&socket, victim).await != Some(proto::JobState::Running)
+        && Instant::now() < give_up
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     freeze_engine();
     let frozen_at = Instant::now();
     let (mut calls, mut missed, mut slowest) = (0, 0, Duration::ZERO);
     let mut docker_seen = String::new();
-    let mut broken = Vec::new();
     let mut during = 0;
+    let t = Instant::now();
+    calls += 1;
+    let cancel = match try_connect(&socket).await {
+        Ok(channel) => tokio::time::timeout(
+            RPC_DEADLINE,
+            JobServiceClient::new(channel)
+                .cancel_job(proto::CancelJobRequest { id: victim.into() }),
+        )
+        .await
+        .map_err(|_| "CancelJob missed its 2 s deadline".to_owned())
+        .and_then(|reply| reply.map_err(|s| format!("CancelJob: {s}"))),
+        Err(error) => Err(format!("connect: {error}")),
+    };
+    match cancel {
+        Ok(_) => slowest = slowest.max(t.elapsed()),
+        Err(error) => {
+            missed += 1;
+            broken.push(error);
+        }
+    }
     while frozen_at.elapsed() < frozen_for {
         calls += 2;
         match answers_quickly(&socket).await {
@@ -756,6 +801,20 @@ async fn engine_frozen(mode: Mode) -> Outcome {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     thaw_engine();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim_state = loop {
+        let state = job_state(&socket, victim).await;
+        if state.is_some_and(is_final) || Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if victim_state != Some(proto::JobState::Cancelled) || runs(markers.path(), victim) != 1 {
+        broken.push(format!(
+            "the job cancelled while frozen ended {victim_state:?} after {} runs",
+            runs(markers.path(), victim)
+        ));
+    }
     broken.truncate(3);
     let mut outcome = account(
         format!(
@@ -769,7 +828,7 @@ async fn engine_frozen(mode: Mode) -> Outcome {
     )
     .await;
     outcome.notes.push(format!(
-        "{} of {calls} RPCs within the 2 s deadline while frozen, slowest {:.0} ms",
+        "{} of {calls} RPCs (GetStatus, ListJobs, SubmitJob, one CancelJob) within the 2 s deadline while frozen, slowest {:.0} ms; the cancelled job ended cancelled after the thaw",
         calls - missed,
         slowest.as_secs_f64() * 1000.0
     ));
