@@ -27,7 +27,9 @@ struct FakeContainer {
 pub struct FakeEngine {
     containers: Mutex<HashMap<String, FakeContainer>>,
     calls: Mutex<Vec<String>>,
-    down: Mutex<bool>,
+    /// Down: every call fails as unreachable, and waits in flight break
+    /// (as the wait stream of a real engine does when it goes away).
+    down: watch::Sender<bool>,
     hung: Mutex<bool>,
     next_id: Mutex<u64>,
 }
@@ -44,7 +46,7 @@ impl FakeEngine {
 
     /// Makes every call fail as unreachable (or answer again).
     pub fn set_down(&self, down: bool) {
-        *Self::lock(&self.down) = down;
+        self.down.send_replace(down);
     }
 
     /// Makes `version` hang (a frozen engine) until set back.
@@ -101,7 +103,7 @@ impl FakeEngine {
 
     fn record(&self, call: String) -> Result<(), EngineError> {
         Self::lock(&self.calls).push(call);
-        if *Self::lock(&self.down) {
+        if *self.down.borrow() {
             return Err(EngineError::Unreachable {
                 socket: "/fake.sock".into(),
                 message: "fake engine is down".into(),
@@ -174,15 +176,22 @@ impl ContainerEngine for FakeEngine {
                 });
             }
         };
+        let mut down = self.down.subscribe();
         loop {
             if let Some(code) = *rx.borrow_and_update() {
                 return Ok(code);
             }
-            if rx.changed().await.is_err() {
-                return Err(EngineError::NotFound {
-                    what: "container",
-                    name: id.into(),
-                });
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() {
+                    return Err(EngineError::NotFound {
+                        what: "container",
+                        name: id.into(),
+                    });
+                },
+                _ = down.wait_for(|down| *down) => return Err(EngineError::Unreachable {
+                    socket: "/fake.sock".into(),
+                    message: "fake engine went away".into(),
+                }),
             }
         }
     }

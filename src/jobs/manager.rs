@@ -1085,6 +1085,7 @@ impl JobManager {
             cancel.cancel();
         }
         let mut backoff = Duration::from_millis(200);
+        let mut engine_went_away = false;
         let outcome = loop {
             let timed_out = async {
                 match deadline {
@@ -1098,6 +1099,7 @@ impl JobManager {
                     Ok(code) => break Outcome::Exited(code),
                     Err(EngineError::NotFound { .. }) => break Outcome::Lost,
                     Err(error) => {
+                        engine_went_away |= error.is_unreachable();
                         tracing::debug!(job = id, %error, "waiting for the container failed; checking it");
                         tokio::select! {
                             _ = self.inner.shutdown.cancelled() => break Outcome::ShuttingDown,
@@ -1157,7 +1159,10 @@ impl JobManager {
             ),
             (None, Some(0)) => (Some(JobState::Succeeded), "exited with status 0".into()),
             (None, Some(code)) => {
-                let mut reason = format!("exited with status {code}");
+                let mut reason = exit_reason(code);
+                if engine_went_away {
+                    reason.push_str("; the Docker engine went away while the job ran");
+                }
                 for note in self.dead_mounts(&repairs_at_start).await {
                     reason = format!("{reason}; {note}");
                 }
@@ -1504,6 +1509,19 @@ impl JobManager {
             removed = expired.len(),
             "removed finished jobs past retention"
         );
+    }
+}
+
+/// "exited with status N", naming the signal when the status is 128 + a
+/// signal number (how a container killed by a signal reports its exit).
+fn exit_reason(code: i64) -> String {
+    let signal = (129..=128 + 64)
+        .contains(&code)
+        .then(|| nix::sys::signal::Signal::try_from((code - 128) as i32).ok())
+        .flatten();
+    match signal {
+        Some(signal) => format!("exited with status {code} (killed by {signal})"),
+        None => format!("exited with status {code}"),
     }
 }
 

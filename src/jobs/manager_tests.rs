@@ -533,3 +533,39 @@ async fn retention_removes_old_finished_jobs_and_their_logs() {
     assert!(!h.dir_path.join("logs/old.0.log").exists());
     assert!(h.store.get::<JobRecord>(RECORDS, "old").unwrap().is_none());
 }
+
+#[test]
+fn exit_reasons_name_the_killing_signal() {
+    assert_eq!(exit_reason(0), "exited with status 0");
+    assert_eq!(exit_reason(1), "exited with status 1");
+    assert_eq!(exit_reason(128), "exited with status 128");
+    assert_eq!(
+        exit_reason(137),
+        "exited with status 137 (killed by SIGKILL)"
+    );
+    assert_eq!(
+        exit_reason(143),
+        "exited with status 143 (killed by SIGTERM)"
+    );
+    assert_eq!(exit_reason(255), "exited with status 255");
+    assert_eq!(exit_reason(-1), "exited with status -1");
+}
+
+#[tokio::test]
+async fn a_job_killed_while_the_engine_was_away_says_so() {
+    let h = Harness::new(2);
+    h.submit("a").await;
+    h.wait_for("a running", |h| h.state("a") == JobState::Running)
+        .await;
+    let container = h.container_of("a");
+    h.engine.set_down(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.engine.exit(&container, 137, false);
+    h.engine.set_down(false);
+    h.wait_for("a failed", |h| h.state("a") == JobState::Failed)
+        .await;
+    assert_eq!(
+        h.manager.get("a").unwrap().record.reason,
+        "exited with status 137 (killed by SIGKILL); the Docker engine went away while the job ran"
+    );
+}
