@@ -3,8 +3,8 @@
 # local state dir and socket, show it doing its duties through the CLI, and
 # stop it cleanly. Each capability adds a step in scripts/demo.d/NN-name.sh,
 # sourced in order with "${AGENT[@]}" (the CLI command), $DEMO_DIR and $SOCKET
-# set, and may add config in scripts/demo.d/NN-name.toml ($DEMO_DIR is
-# replaced by the demo's directory).
+# set, and may add config in scripts/demo.d/NN-name.toml ($DEMO_DIR and
+# $METRICS_PORT are replaced by the demo's directory and metrics port).
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +33,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A free loopback port for the metrics endpoint (the default 9464 may belong
+# to an agent installed on this machine).
+METRICS_PORT=19464
+while (exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT") 2>/dev/null; do
+  METRICS_PORT=$((METRICS_PORT + 1))
+done
+
 cat >"$DEMO_DIR/config.toml" <<TOML
 [agent]
 socket = "$SOCKET"
@@ -42,7 +49,7 @@ runtime_dir = "$DEMO_DIR/run"
 TOML
 for snippet in scripts/demo.d/*.toml; do
   [[ -e $snippet ]] || continue
-  sed "s|\$DEMO_DIR|$DEMO_DIR|g" "$snippet" >>"$DEMO_DIR/config.toml"
+  sed -e "s|\$DEMO_DIR|$DEMO_DIR|g" -e "s|\$METRICS_PORT|$METRICS_PORT|g" "$snippet" >>"$DEMO_DIR/config.toml"
 done
 
 step "start the agent ($DEMO_DIR)"

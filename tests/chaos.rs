@@ -79,25 +79,38 @@ fn main() {
         }
     };
     let only = std::env::args().nth(2);
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let _engine = EngineGuard;
-    runtime.block_on(async {
-        println!("| scenario | submitted | completed exactly once | failed, reported | lost | run twice | notes |");
-        println!("|---|---|---|---|---|---|---|");
-        let mut ok = true;
-        for (name, scenario) in SCENARIOS {
-            if only.as_deref().is_some_and(|only| only != name) {
-                continue;
+    if let Some(only) = &only
+        && !SCENARIOS.iter().any(|(name, _)| name == only)
+    {
+        let names: Vec<&str> = SCENARIOS.iter().map(|(name, _)| *name).collect();
+        eprintln!(
+            "chaos: no scenario {only:?}; there are {}",
+            names.join(", ")
+        );
+        std::process::exit(64);
+    }
+    let ok = {
+        let _engine = EngineGuard;
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        runtime.block_on(async {
+            println!("| scenario | submitted | completed exactly once | failed, reported | lost | run twice | notes |");
+            println!("|---|---|---|---|---|---|---|");
+            let mut ok = true;
+            for (name, scenario) in SCENARIOS {
+                if only.as_deref().is_some_and(|only| only != name) {
+                    continue;
+                }
+                let outcome = scenario(mode).await;
+                outcome.print();
+                ok &= outcome.kept_promises();
             }
-            let outcome = scenario(mode).await;
-            outcome.print();
-            ok &= outcome.kept_promises();
-        }
-        if !ok {
-            eprintln!("chaos: a scenario lost a job, ran one twice or broke its promise (see above)");
-            std::process::exit(1);
-        }
-    });
+            ok
+        })
+    };
+    if !ok {
+        eprintln!("chaos: a scenario lost a job, ran one twice or broke its promise (see above)");
+        std::process::exit(1);
+    }
 }
 
 /// What became of a scenario's jobs, counted from the agent's records and
