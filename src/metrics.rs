@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tonic::codegen::http;
 
 use crate::disk::DiskGuard;
+use crate::disk::reclaim::{ReclaimFinished, ReclaimTrigger};
 use crate::events::{Delivery, EventPayload, Subscription};
 use crate::jobs::{JobManager, JobRecord, JobState};
 use crate::mounts::{MountState, MountStatus};
@@ -90,6 +91,16 @@ struct FilesystemStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabel {
+    step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabel {
+    trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SetupLabels {
     kind: String,
     result: String,
@@ -129,6 +140,8 @@ struct Inner {
     jobs_finished: Family<StateLabel, Counter>,
     job_duration: Histogram,
     disk_alerts: Family<StateLabel, Counter>,
+    reclaimed_bytes: Family<StepLabel, Counter>,
+    reclaims: Family<TriggerLabel, Counter>,
     mount_remounts: Family<MountLabel, Counter>,
     mount_state: Family<MountStateLabels, Gauge>,
     setup_runs: Family<SetupLabels, Counter>,
@@ -164,6 +177,8 @@ impl Metrics {
             // 1 s to about 2 days.
             job_duration: Histogram::new(exponential_buckets(1.0, 3.0, 12)),
             disk_alerts: Family::default(),
+            reclaimed_bytes: Family::default(),
+            reclaims: Family::default(),
             mount_remounts: Family::default(),
             mount_state: Family::default(),
             setup_runs: Family::default(),
@@ -225,6 +240,16 @@ impl Metrics {
             inner.disk_alerts.clone(),
         );
         registry.register(
+            "disk_reclaimed_bytes",
+            "Bytes freed by reclaims (requested or automatic, not dry runs), by step",
+            inner.reclaimed_bytes.clone(),
+        );
+        registry.register(
+            "disk_reclaims",
+            "Reclaims that ran (not dry runs), by what started them",
+            inner.reclaims.clone(),
+        );
+        registry.register(
             "mount_state",
             "State per managed mount: 1 for its current state",
             inner.mount_state.clone(),
@@ -259,6 +284,20 @@ impl Metrics {
             "CPU time the agent used (user + system)",
             inner.cpu_seconds.clone(),
         );
+        // Known label values start at 0, so that rate() sees the first one:
+        // creating the series is all these calls do.
+        for trigger in [ReclaimTrigger::Api, ReclaimTrigger::Automatic] {
+            let _ = inner.reclaims.get_or_create(&TriggerLabel {
+                trigger: trigger.name().to_owned(),
+            });
+        }
+        if let Some(sources) = &inner.sources {
+            for step in sources.disk.reclaim_step_names() {
+                let _ = inner.reclaimed_bytes.get_or_create(&StepLabel {
+                    step: step.to_owned(),
+                });
+            }
+        }
         let inner = Inner { registry, ..inner };
         Self {
             inner: Arc::new(inner),
@@ -283,6 +322,29 @@ impl Metrics {
                         .inc();
                 }
             }
+            EventPayload::Reclaim(finished) => self.observe_reclaim(finished),
+        }
+    }
+
+    fn observe_reclaim(&self, finished: &ReclaimFinished) {
+        // Dry runs are not published; a report of one deleted nothing.
+        if finished.report.dry_run {
+            return;
+        }
+        self.inner
+            .reclaims
+            .get_or_create(&TriggerLabel {
+                trigger: finished.trigger.name().to_owned(),
+            })
+            .inc();
+        // A failed step may still have freed something before it failed.
+        for step in finished.report.steps.iter().filter(|s| s.ran) {
+            self.inner
+                .reclaimed_bytes
+                .get_or_create(&StepLabel {
+                    step: step.name.to_owned(),
+                })
+                .inc_by(step.freed.bytes);
         }
     }
 
@@ -744,6 +806,75 @@ mod tests {
         );
         assert!(text.contains("instance_agent_mount_state{mount=\"data\",state=\"mounted\"} 1\n"));
         assert!(text.contains("instance_agent_mount_state{mount=\"data\",state=\"stale\"} 0\n"));
+    }
+
+    #[test]
+    fn reclaimed_bytes_count_by_step_and_runs_by_trigger() {
+        use crate::disk::reclaim::{Freed, ReclaimReport, StepReport};
+        let step = |name, bytes, ran, error: Option<&str>| StepReport {
+            name,
+            freed: Freed { bytes, items: 1 },
+            ran,
+            skipped: (!ran).then(|| "enough space is free".to_owned()),
+            error: error.map(str::to_owned),
+        };
+        let finished = |trigger, dry_run, steps: Vec<StepReport>| {
+            EventPayload::Reclaim(Box::new(ReclaimFinished {
+                trigger,
+                targets: vec!["/mnt".into()],
+                report: ReclaimReport {
+                    dry_run,
+                    total_bytes: steps.iter().map(|s| s.freed.bytes).sum(),
+                    steps,
+                },
+            }))
+        };
+        let metrics = Metrics::new(None);
+        let before = metrics.render();
+        assert!(
+            before.contains("instance_agent_disk_reclaims_total{trigger=\"automatic\"} 0\n"),
+            "{before}"
+        );
+        metrics.observe(&finished(
+            ReclaimTrigger::Automatic,
+            false,
+            vec![
+                step("exited_containers", 700, true, None),
+                // Freed part before failing: still freed.
+                step(
+                    "dangling_images",
+                    50,
+                    true,
+                    Some("1 item(s) could not be removed"),
+                ),
+                step("expired_job_logs", 0, false, None),
+            ],
+        ));
+        metrics.observe(&finished(
+            ReclaimTrigger::Api,
+            false,
+            vec![step("exited_containers", 300, true, None)],
+        ));
+        // A dry run deleted nothing.
+        metrics.observe(&finished(
+            ReclaimTrigger::Api,
+            true,
+            vec![step("exited_containers", 1_000_000, true, None)],
+        ));
+        let text = metrics.render();
+        for line in [
+            "instance_agent_disk_reclaimed_bytes_total{step=\"exited_containers\"} 1000\n",
+            "instance_agent_disk_reclaimed_bytes_total{step=\"dangling_images\"} 50\n",
+            "instance_agent_disk_reclaims_total{trigger=\"automatic\"} 1\n",
+            "instance_agent_disk_reclaims_total{trigger=\"api\"} 1\n",
+            "# TYPE instance_agent_disk_reclaimed_bytes counter\n",
+        ] {
+            assert!(text.contains(line), "{line}{text}");
+        }
+        assert!(
+            !text.contains("step=\"expired_job_logs\""),
+            "a skipped step adds no series without sources: {text}"
+        );
     }
 
     #[test]

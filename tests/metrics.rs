@@ -1,5 +1,7 @@
 //! The metrics endpoint of the real binary: a job against the real Docker
-//! engine and a GetStatus, then a scrape over plain HTTP.
+//! engine and a GetStatus, then a scrape over plain HTTP; and reclaims that
+//! free real job logs on a real tmpfs holding the state dir, requested and
+//! automatic, counted by step.
 
 mod common;
 
@@ -7,8 +9,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::Agent;
+use common::{Agent, Filler, Tmpfs};
 use instance_agent::api::proto;
+use tokio_stream::StreamExt;
+
+const MIB: u64 = 1 << 20;
 
 /// A port that was free a moment ago (bound to port 0, read, released).
 fn free_port() -> u16 {
@@ -42,6 +47,263 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Scrapes until `series` has `value`, or returns the last scrape after 30 s.
+async fn scrape_until(port: u16, series: &str, value: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, text) = http_get(port, "/metrics");
+        assert!(status.contains("200"), "{status}");
+        if sample(&text, series) == Some(value) || Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Submits a job and waits until it succeeds.
+async fn run_job(agent: &Agent, command: &str) {
+    let mut jobs = proto::job_service_client::JobServiceClient::new(agent.channel().await);
+    let id = format!("metrics-{}", common::uuid_like());
+    jobs.submit_job(proto::SubmitJobRequest {
+        spec: Some(proto::JobSpec {
+            id: id.clone(),
+            image: "instance-agent/busybox:test".into(),
+            command: vec!["sh".into(), "-c".into(), command.into()],
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("submit");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = jobs
+            .get_job(proto::GetJobRequest { id: id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
+        if job.state() == proto::JobState::Succeeded {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job did not succeed: {job:?}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Bytes of the files below `dir`.
+fn tree_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => tree_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// An agent whose state dir is on a 64 MiB tmpfs (floor 8 MiB, margin
+/// 2 MiB), with metrics on, whose one finished job left 5 MiB of logs (4 MiB
+/// of output) that expire at once; and a WatchEvents stream opened after that.
+struct LogsOnTmpfs {
+    filler: Filler,
+    agent: Agent,
+    port: u16,
+    events: tonic::Streaming<proto::Event>,
+    logs_dir: std::path::PathBuf,
+    // Last: unmounted after the agent is gone.
+    tmpfs: Tmpfs,
+}
+
+async fn logs_on_tmpfs(auto_reclaim: bool) -> LogsOnTmpfs {
+    let tmpfs = Tmpfs::new(64);
+    let state_dir = tmpfs.path.join("state");
+    let port = free_port();
+    let agent = Agent::builder()
+        .state_dir(&state_dir)
+        .config(&format!(
+            "[jobs]\nlog_retention_seconds = 0\n\
+             [disk]\ninterval_ms = 200\ncritical_free_bytes = {}\nwarning_free_bytes = {}\n\
+             clear_margin_bytes = {}\ntransition_seconds = 2\nreserve_bytes = 0\n\
+             auto_reclaim = {auto_reclaim}\n\
+             [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            8 * MIB,
+            16 * MIB,
+            2 * MIB,
+        ))
+        .start();
+    run_job(
+        &agent,
+        &format!("yes {} | head -c {}", "x".repeat(63), 4 * MIB),
+    )
+    .await;
+    let logs_dir = state_dir.join("job-logs");
+    // Output arrives in the log before the final state is visible: 64 Ki
+    // lines of 64 bytes, each stored with a 16-byte frame header.
+    assert_eq!(tree_bytes(&logs_dir), 5 * MIB, "{}", agent.log());
+    let events = proto::agent_service_client::AgentServiceClient::new(agent.channel().await)
+        .watch_events(proto::WatchEventsRequest { since: None })
+        .await
+        .expect("WatchEvents")
+        .into_inner();
+    LogsOnTmpfs {
+        filler: Filler::new(&tmpfs.path),
+        agent,
+        port,
+        events,
+        logs_dir,
+        tmpfs,
+    }
+}
+
+impl LogsOnTmpfs {
+    /// Takes the state filesystem below its floor, and waits until the
+    /// agent sees it critical.
+    async fn make_critical(&self) {
+        self.filler.set_free(5 * MIB);
+        let mut disk =
+            proto::disk_service_client::DiskServiceClient::new(self.agent.channel().await);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let usage = disk
+                .get_disk_usage(proto::GetDiskUsageRequest {})
+                .await
+                .expect("GetDiskUsage")
+                .into_inner();
+            let critical = usage.filesystems.iter().any(|f| {
+                std::path::Path::new(&f.mount_point) == self.tmpfs.path
+                    && f.state() == proto::DiskState::Critical
+            });
+            if critical {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not critical: {usage:#?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The next reclaim event on WatchEvents.
+    async fn next_reclaim(&mut self) -> proto::ReclaimEvent {
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(60), self.events.next())
+                .await
+                .unwrap_or_else(|_| panic!("no reclaim event in 60 s\n{}", self.agent.log()))
+                .expect("stream open")
+                .expect("event");
+            if let Some(proto::event::Kind::Reclaim(reclaim)) = event.kind {
+                return reclaim;
+            }
+        }
+    }
+}
+
+impl Drop for LogsOnTmpfs {
+    fn drop(&mut self) {
+        self.filler.empty();
+    }
+}
+
+fn step<'a>(steps: &'a [proto::ReclaimStep], name: &str) -> &'a proto::ReclaimStep {
+    steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step {name}: {steps:?}"))
+}
+
+const LOGS_FREED: &str = "instance_agent_disk_reclaimed_bytes_total{step=\"expired_job_logs\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_reclaim_counts_the_bytes_it_freed_by_step() {
+    let mut rig = logs_on_tmpfs(false).await;
+    let (_, before) = http_get(rig.port, "/metrics");
+    assert_eq!(sample(&before, LOGS_FREED), Some(0.0), "{before}");
+    rig.make_critical().await;
+
+    let mut disk = proto::disk_service_client::DiskServiceClient::new(rig.agent.channel().await);
+    let report = disk
+        .reclaim_space(proto::ReclaimSpaceRequest {
+            dry_run: false,
+            path: rig.logs_dir.display().to_string(),
+            all_steps: false,
+        })
+        .await
+        .expect("ReclaimSpace")
+        .into_inner();
+    let logs = step(&report.steps, "expired_job_logs");
+    assert!(logs.ran && logs.bytes == 5 * MIB, "{report:?}");
+    assert_eq!(tree_bytes(&rig.logs_dir), 0, "the logs are gone");
+
+    let event = rig.next_reclaim().await;
+    assert_eq!(event.trigger(), proto::ReclaimTrigger::Api);
+    assert_eq!(event.steps, report.steps);
+    assert_eq!(event.total_bytes, report.total_bytes);
+
+    let text = scrape_until(rig.port, LOGS_FREED, logs.bytes as f64).await;
+    assert_eq!(sample(&text, LOGS_FREED), Some(logs.bytes as f64), "{text}");
+    for s in &report.steps {
+        let series = format!(
+            "instance_agent_disk_reclaimed_bytes_total{{step=\"{}\"}}",
+            s.name
+        );
+        assert_eq!(
+            sample(&text, &series),
+            Some(s.bytes as f64),
+            "{series}\n{text}"
+        );
+    }
+    assert_eq!(
+        sample(&text, "instance_agent_disk_reclaims_total{trigger=\"api\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "instance_agent_disk_reclaims_total{trigger=\"automatic\"}"
+        ),
+        Some(0.0),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_reclaim_counts_the_bytes_it_freed_by_step() {
+    let mut rig = logs_on_tmpfs(true).await;
+    rig.make_critical().await;
+
+    let event = rig.next_reclaim().await;
+    assert_eq!(event.trigger(), proto::ReclaimTrigger::Automatic);
+    assert!(!event.targets.is_empty(), "{event:?}");
+    let logs = step(&event.steps, "expired_job_logs");
+    assert!(logs.ran && logs.bytes == 5 * MIB, "{event:?}");
+    // Docker's data root is on another filesystem: its steps were skipped.
+    assert!(!step(&event.steps, "exited_containers").ran, "{event:?}");
+    assert_eq!(tree_bytes(&rig.logs_dir), 0, "the logs are gone");
+
+    let text = scrape_until(rig.port, LOGS_FREED, logs.bytes as f64).await;
+    assert_eq!(sample(&text, LOGS_FREED), Some(logs.bytes as f64), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "instance_agent_disk_reclaims_total{trigger=\"automatic\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "instance_agent_disk_reclaims_total{trigger=\"api\"}"),
+        Some(0.0),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrape_shows_jobs_rpcs_disk_and_own_usage() {
     let port = free_port();
@@ -58,35 +320,8 @@ async fn scrape_shows_jobs_rpcs_disk_and_own_usage() {
         .await
         .expect("GetStatus");
 
+    run_job(&agent, "true").await;
     let mut jobs = proto::job_service_client::JobServiceClient::new(agent.channel().await);
-    let id = format!("metrics-{}", common::uuid_like());
-    jobs.submit_job(proto::SubmitJobRequest {
-        spec: Some(proto::JobSpec {
-            id: id.clone(),
-            image: "instance-agent/busybox:test".into(),
-            command: vec!["true".into()],
-            ..Default::default()
-        }),
-    })
-    .await
-    .expect("submit");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = jobs
-            .get_job(proto::GetJobRequest { id: id.clone() })
-            .await
-            .expect("get")
-            .into_inner();
-        if job.state() == proto::JobState::Succeeded {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job did not succeed: {job:?}\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     // A NotFound, to see a non-zero code (a trailers-only reply).
     let missing = jobs
         .get_job(proto::GetJobRequest {
@@ -99,20 +334,12 @@ async fn scrape_shows_jobs_rpcs_disk_and_own_usage() {
     );
 
     // The event task counts the finished job shortly after it is published.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let (status, text) = http_get(port, "/metrics");
-        assert!(status.contains("200"), "{status}");
-        if sample(
-            &text,
-            "instance_agent_jobs_finished_total{state=\"succeeded\"}",
-        ) == Some(1.0)
-            || Instant::now() > deadline
-        {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let text = scrape_until(
+        port,
+        "instance_agent_jobs_finished_total{state=\"succeeded\"}",
+        1.0,
+    )
+    .await;
 
     assert_eq!(
         sample(

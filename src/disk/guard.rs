@@ -28,7 +28,9 @@ use tokio_util::task::TaskTracker;
 use super::docker::DockerSpace;
 use super::hysteresis::{Cause, PressureMachine, Transition};
 use super::probe::{FsProbe, PathSample};
-use super::reclaim::{ReclaimMode, ReclaimReport, ReclaimStep, Reclaimer, Relevance};
+use super::reclaim::{
+    ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimStep, ReclaimTrigger, Reclaimer, Relevance,
+};
 use super::reserve::ReserveFile;
 use super::top::{TopProgress, TopReport, TopRequest};
 use super::{
@@ -305,14 +307,16 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// What `ReclaimSpace` asks for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What a reclaim is asked to do (by `ReclaimSpace` or the guard itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReclaimRequest {
     /// A path on the filesystem to reclaim for; every watched filesystem
     /// below its floor plus margin when `None`.
     pub path: Option<PathBuf>,
     /// Dry run and all steps.
     pub mode: ReclaimMode,
+    /// Who asked, for the event and the metrics.
+    pub trigger: ReclaimTrigger,
 }
 
 impl DiskGuard {
@@ -545,7 +549,15 @@ impl DiskGuard {
         Ok(true)
     }
 
-    /// Reclaims space (or, in a dry run, says what would be reclaimed).
+    /// The names of the reclaim steps, in the order they run.
+    pub fn reclaim_step_names(&self) -> Vec<&'static str> {
+        self.inner.reclaimer.step_names()
+    }
+
+    /// Reclaims space (or, in a dry run, says what would be reclaimed). A
+    /// reclaim that is not a dry run is published on the event log
+    /// ([`EventPayload::Reclaim`]), so that the control plane and the metrics
+    /// see automatic reclaims as well as requested ones.
     pub async fn reclaim(&self, request: ReclaimRequest) -> Result<ReclaimReport, DiskError> {
         let targets = match &request.path {
             Some(path) => {
@@ -557,7 +569,24 @@ impl DiskGuard {
             }
             None => self.lock().reclaim_targets(),
         };
+        let paths: Vec<PathBuf> = targets.iter().map(|(path, _)| path.clone()).collect();
         let report = self.run_reclaim(targets, request.mode).await;
+        tracing::info!(
+            trigger = request.trigger.name(),
+            dry_run = report.dry_run,
+            total = %bytes(report.total_bytes),
+            steps = ?report.steps.iter().map(|s| (s.name, s.ran, s.freed.bytes)).collect::<Vec<_>>(),
+            "reclaim finished"
+        );
+        if !report.dry_run {
+            self.inner
+                .events
+                .publish(EventPayload::Reclaim(Box::new(ReclaimFinished {
+                    trigger: request.trigger,
+                    targets: paths,
+                    report: report.clone(),
+                })));
+        }
         Ok(report)
     }
 
@@ -580,8 +609,7 @@ impl DiskGuard {
             devs,
         };
         let targets = Arc::new(targets);
-        let report = self
-            .inner
+        self.inner
             .reclaimer
             .run(
                 mode,
@@ -606,14 +634,7 @@ impl DiskGuard {
                 },
                 relevance,
             )
-            .await;
-        tracing::info!(
-            dry_run = report.dry_run,
-            total = %bytes(report.total_bytes),
-            steps = ?report.steps.iter().map(|s| (s.name, s.ran, s.freed.bytes)).collect::<Vec<_>>(),
-            "reclaim finished"
-        );
-        report
+            .await
     }
 
     /// Lists the largest directories below `request.path`. Progress goes to
@@ -763,6 +784,7 @@ impl DiskGuard {
                     let request = ReclaimRequest {
                         path: Some(path.clone()),
                         mode: ReclaimMode::default(),
+                        trigger: ReclaimTrigger::Automatic,
                     };
                     if let Err(error) = guard.reclaim(request).await {
                         tracing::warn!(path = %path.display(), %error, "automatic reclaim failed");
@@ -2057,12 +2079,26 @@ mod tests {
                     dry_run: true,
                     all_steps: true,
                 },
+                trigger: ReclaimTrigger::Api,
             })
             .await
             .unwrap();
         assert!(report.dry_run);
         assert_eq!(report.steps[0].name, "fake_step");
         assert_eq!(rig.step.calls(), (1, 1));
+        // The automatic reclaim reached the event log; the dry run did not.
+        let mut events = rig.events.subscribe(Some(0));
+        let mut reclaims = Vec::new();
+        while let Some(crate::events::Delivery::Event(event)) = events.try_next() {
+            if let EventPayload::Reclaim(finished) = &event.payload {
+                reclaims.push(finished.clone());
+            }
+        }
+        assert_eq!(reclaims.len(), 1, "{reclaims:?}");
+        assert_eq!(reclaims[0].trigger, ReclaimTrigger::Automatic);
+        assert_eq!(reclaims[0].targets, [PathBuf::from("/mnt")]);
+        assert!(!reclaims[0].report.dry_run);
+        assert!(reclaims[0].report.steps[0].ran);
         // Turned off: no reclaim on the next crossing.
         let mut cfg = config();
         cfg.auto_reclaim = false;

@@ -376,3 +376,96 @@ impl Agent {
         self.wait_ready(Duration::from_secs(20));
     }
 }
+
+/// A tmpfs of `mib` MiB, unmounted on drop.
+pub struct Tmpfs {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn new(mib: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tmpfs");
+        std::fs::create_dir(&path).expect("mount point");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={mib}m,mode=0755").as_str()),
+        )
+        .expect("mount tmpfs");
+        Self { _dir: dir, path }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Bytes available to unprivileged users on the filesystem of `path`.
+pub fn free_bytes(path: &Path) -> u64 {
+    let vfs = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    vfs.blocks_available() * vfs.fragment_size()
+}
+
+/// One file whose allocation sets a filesystem's free space.
+pub struct Filler {
+    file: PathBuf,
+    fs: PathBuf,
+}
+
+impl Filler {
+    pub fn new(fs: &Path) -> Self {
+        Self {
+            file: fs.join("filler"),
+            fs: fs.to_owned(),
+        }
+    }
+
+    /// Grows or shrinks the filler so that about `target` bytes are free.
+    pub fn set_free(&self, target: u64) {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.file)
+            .expect("filler");
+        let size = file.metadata().expect("stat").len();
+        let free = free_bytes(&self.fs);
+        let wanted = (size + free).saturating_sub(target);
+        if wanted > size {
+            nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, wanted as i64)
+                .expect("fallocate");
+        } else {
+            file.set_len(wanted).expect("truncate");
+        }
+    }
+
+    /// Takes every last block: free space reaches 0.
+    pub fn fill_completely(&self) {
+        use std::io::Write;
+        // fallocate needs room for its own metadata: take the last blocks
+        // one by one.
+        self.set_free(256 << 10);
+        let mut rest = std::fs::File::create(self.fs.join("filler-rest")).expect("rest");
+        for size in [4096, 1024, 512, 1] {
+            let block = vec![0u8; size];
+            while rest
+                .write_all(&block)
+                .and_then(|()| rest.sync_data())
+                .is_ok()
+            {}
+        }
+        assert_eq!(free_bytes(&self.fs), 0, "filesystem is full");
+    }
+
+    /// Gives the space back.
+    pub fn empty(&self) {
+        let _ = std::fs::remove_file(self.fs.join("filler-rest"));
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
