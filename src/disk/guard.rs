@@ -41,6 +41,7 @@ use crate::admission::AdmissionGate;
 use crate::config::DiskConfig;
 use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
+use crate::paths::tidy;
 use crate::store::{Store, Table, Write};
 use crate::units::bytes;
 
@@ -351,7 +352,7 @@ impl DiskGuard {
             config: current.clone(),
             paths: BTreeMap::new(),
             filesystems: BTreeMap::new(),
-            state_dir: normalise(&state_dir),
+            state_dir: tidy(&state_dir),
             docker_root: None,
             alerts_total: 0,
             reserve: ReserveState {
@@ -645,10 +646,7 @@ impl DiskGuard {
         request: TopRequest,
         progress: mpsc::Sender<TopProgress>,
     ) -> Result<TopReport, DiskError> {
-        super::top::check_start(&request.path).map_err(|problem| DiskError::InvalidRequest {
-            field: "path",
-            problem,
-        })?;
+        check_absolute("path", &request.path)?;
         if self.inner.top_busy.swap(true, Ordering::AcqRel) {
             return Err(DiskError::Busy);
         }
@@ -841,7 +839,7 @@ impl DiskGuard {
 
 impl GuardState {
     fn add_reason(&mut self, path: PathBuf, reason: String) {
-        let path = normalise(&path);
+        let path = tidy(&path);
         let entry = self.paths.entry(path.clone()).or_default();
         if entry.reasons.insert(reason) && entry.reasons.len() == 1 && entry.in_flight.is_none() {
             // A new path: probe it now rather than at the next tick.
@@ -854,7 +852,7 @@ impl GuardState {
     }
 
     fn remove_reason(&mut self, path: &Path, reason: &str) {
-        let path = normalise(path);
+        let path = tidy(path);
         let Some(entry) = self.paths.get_mut(&path) else {
             return;
         };
@@ -888,11 +886,7 @@ impl GuardState {
                     .map(|r| (path.clone(), r))
                     .collect::<Vec<_>>()
             })
-            .filter(|(path, r)| {
-                !configured
-                    .iter()
-                    .any(|(p, c)| normalise(p) == *path && c == r)
-            })
+            .filter(|(path, r)| !configured.iter().any(|(p, c)| tidy(p) == *path && c == r))
             .collect();
         for (path, reason) in stale {
             self.remove_reason(&path, reason);
@@ -1239,7 +1233,7 @@ impl GuardState {
             }
             Command::DockerRoot(path) => {
                 tracing::info!(path = %path.display(), "docker data root found; watching it");
-                self.docker_root = Some(normalise(&path));
+                self.docker_root = Some(tidy(&path));
                 self.add_reason(path, REASON_DOCKER.to_owned());
             }
             Command::ReserveDone { present, failed } => {
@@ -1629,23 +1623,26 @@ fn operator_reason(reason: &str) -> String {
     format!("{REASON_OPERATOR}: {reason}")
 }
 
+/// A path from a request must be absolute and without `..`, so that the
+/// answer names exactly what was asked.
 fn check_absolute(field: &'static str, path: &Path) -> Result<(), DiskError> {
-    super::top::check_start(path).map_err(|problem| DiskError::InvalidRequest { field, problem })
+    crate::paths::normalise(path)
+        .map(drop)
+        .map_err(|e| DiskError::InvalidRequest {
+            field,
+            problem: e.to_string(),
+        })
 }
 
+/// The store key of a watched path: `/a/b/` and `/a//b` are `/a/b`.
 fn path_key(path: &Path) -> Result<String, DiskError> {
-    normalise(path)
+    tidy(path)
         .to_str()
         .map(str::to_owned)
         .ok_or_else(|| DiskError::InvalidRequest {
             field: "path",
             problem: format!("{} is not valid UTF-8", path.display()),
         })
-}
-
-/// `/a/b/` and `/a//b` are the same watched path as `/a/b`.
-fn normalise(path: &Path) -> PathBuf {
-    path.components().collect()
 }
 
 fn interval_of(config: &DiskConfig) -> Duration {
