@@ -2,9 +2,9 @@
 //!
 //! Owns the registry and the `GET /metrics` server. It reads the domains and
 //! never changes them: counters and histograms are fed by a task subscribed to
-//! the [`EventBus`], gauges are refreshed from the job manager, the disk guard
-//! and `/proc/self` just before each scrape, and RPCs are counted by a tower
-//! layer on the gRPC servers ([`RpcMetricsLayer`]).
+//! the [`EventBus`], gauges are refreshed from the job manager, the disk guard,
+//! the mounts and `/proc/self` just before each scrape, and RPCs are counted
+//! by a tower layer on the gRPC servers ([`RpcMetricsLayer`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -30,7 +30,7 @@ use crate::disk::DiskGuard;
 use crate::disk::reclaim::{ReclaimFinished, ReclaimTrigger};
 use crate::events::{Delivery, EventPayload, Subscription};
 use crate::jobs::{JobManager, JobRecord, JobState};
-use crate::mounts::{MountState, MountStatus};
+use crate::mounts::{MountService, MountState, MountStatus};
 use crate::setup::SetupRun;
 
 /// Every job state, for the by-state gauge (states with no job show 0).
@@ -124,6 +124,8 @@ pub struct Sources {
     pub jobs: JobManager,
     /// Watched filesystems.
     pub disk: DiskGuard,
+    /// Managed mounts.
+    pub mounts: MountService,
 }
 
 /// The agent's metrics. Cheap to clone; shared by the event task, the RPC
@@ -143,7 +145,6 @@ struct Inner {
     reclaimed_bytes: Family<StepLabel, Counter>,
     reclaims: Family<TriggerLabel, Counter>,
     mount_remounts: Family<MountLabel, Counter>,
-    mount_state: Family<MountStateLabels, Gauge>,
     setup_runs: Family<SetupLabels, Counter>,
     /// The last state seen per mount, to count a remount once when it starts.
     mount_last: Mutex<HashMap<String, MountState>>,
@@ -157,6 +158,7 @@ struct Inner {
     slots_capacity: Gauge,
     fs_free_bytes: Family<FilesystemLabel, Gauge>,
     fs_state: Family<FilesystemStateLabels, Gauge>,
+    mount_state: Family<MountStateLabels, Gauge>,
     resident_bytes: Gauge,
     cpu_seconds: Counter<f64, AtomicU64>,
 }
@@ -365,6 +367,9 @@ impl Metrics {
         }
     }
 
+    /// Counts a repair once, when a mount enters remounting. Its state gauge
+    /// is read at scrape time instead: a mount restored before this task
+    /// started, or removed since, shows as it is.
     fn observe_mount(&self, status: &MountStatus) {
         let previous = self
             .inner
@@ -373,22 +378,29 @@ impl Metrics {
             // Only inserts happen under this lock, so a poisoned map is whole.
             .unwrap_or_else(|p| p.into_inner())
             .insert(status.name.clone(), status.state);
+        // Created at 0 with the mount's first event, so rate() sees the first repair.
+        let remounts = self.inner.mount_remounts.get_or_create(&MountLabel {
+            mount: status.name.clone(),
+        });
         if status.state == MountState::Remounting && previous != Some(MountState::Remounting) {
-            self.inner
-                .mount_remounts
-                .get_or_create(&MountLabel {
-                    mount: status.name.clone(),
-                })
-                .inc();
+            remounts.inc();
         }
-        for state in MOUNT_STATES {
-            self.inner
-                .mount_state
-                .get_or_create(&MountStateLabels {
-                    mount: status.name.clone(),
-                    state: state.name().to_owned(),
-                })
-                .set(i64::from(state == status.state));
+    }
+
+    /// Sets the one-hot state gauge of exactly these mounts.
+    fn set_mount_states(&self, mounts: &[MountStatus]) {
+        // Mounts come and go (Mount, Unmount): rebuild rather than update.
+        self.inner.mount_state.clear();
+        for status in mounts {
+            for state in MOUNT_STATES {
+                self.inner
+                    .mount_state
+                    .get_or_create(&MountStateLabels {
+                        mount: status.name.clone(),
+                        state: state.name().to_owned(),
+                    })
+                    .set(i64::from(state == status.state));
+            }
         }
     }
 
@@ -406,7 +418,8 @@ impl Metrics {
     }
 
     /// Records one finished RPC. An Unimplemented reply is filed under method
-    /// "unknown": any client could otherwise grow the label set at will.
+    /// "unknown": any client could otherwise grow the label set at will (the
+    /// layer does the same for paths that no route serves).
     pub fn observe_rpc(&self, method: &str, code: &str, latency: std::time::Duration) {
         let method = if code == "12" { "unknown" } else { method };
         self.inner
@@ -468,6 +481,8 @@ impl Metrics {
         inner.queue_depth.set(i64::from(slots.queued));
         inner.slots_in_use.set(i64::from(slots.in_use));
         inner.slots_capacity.set(i64::from(slots.capacity));
+
+        self.set_mount_states(&sources.mounts.list());
 
         // Filesystems come and go (mount caches): rebuild rather than update.
         inner.fs_free_bytes.clear();
@@ -637,16 +652,21 @@ fn answer<B>(metrics: &Metrics, request: &http::Request<B>) -> http::Response<St
 }
 
 /// A tower layer counting gRPC calls by method and status code, with their
-/// latency to the response head. Records nothing when metrics are off.
+/// latency to the response head. Records nothing when metrics are off. It
+/// goes outside the security guard, so that refused calls (permission,
+/// limits) are counted too.
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
     metrics: Option<Metrics>,
+    served: fn(&str) -> bool,
 }
 
 impl RpcMetricsLayer {
-    /// A layer recording into `metrics`, or passing calls through when `None`.
-    pub fn new(metrics: Option<Metrics>) -> Self {
-        Self { metrics }
+    /// A layer recording into `metrics`, or passing calls through when
+    /// `None`. Paths for which `served` is false are filed under method
+    /// "unknown".
+    pub fn new(metrics: Option<Metrics>, served: fn(&str) -> bool) -> Self {
+        Self { metrics, served }
     }
 }
 
@@ -657,6 +677,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
         RpcMetricsService {
             inner,
             metrics: self.metrics.clone(),
+            served: self.served,
         }
     }
 }
@@ -666,6 +687,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 pub struct RpcMetricsService<S> {
     inner: S,
     metrics: Option<Metrics>,
+    served: fn(&str) -> bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -689,7 +711,12 @@ where
         let Some(metrics) = self.metrics.clone() else {
             return Box::pin(self.inner.call(request));
         };
-        let method = request.uri().path().to_owned();
+        let path = request.uri().path();
+        let method = if (self.served)(path) {
+            path.to_owned()
+        } else {
+            "unknown".to_owned()
+        };
         let started = tokio::time::Instant::now();
         let call = self.inner.call(request);
         Box::pin(async move {
@@ -773,23 +800,21 @@ mod tests {
     #[test]
     fn mount_state_is_one_hot_and_remounts_count_once_per_repair() {
         let metrics = Metrics::new(None);
-        let spec_status = |state| {
-            EventPayload::Mount(crate::mounts::MountStatus {
-                name: "data".into(),
-                mount_path: "/mnt/data".into(),
-                account: "acct".into(),
-                container: "c".into(),
-                auth_mode: "key",
-                state,
-                message: String::new(),
-                remount_count: 0,
-                last_checked: None,
-                read_only: false,
-                cache_dir: "/tmp/c".into(),
-                cache_max_bytes: 0,
-                pid: None,
-                origin: crate::mounts::Origin::Api,
-            })
+        let status = |name: &str, state| crate::mounts::MountStatus {
+            name: name.into(),
+            mount_path: "/mnt/data".into(),
+            account: "acct".into(),
+            container: "c".into(),
+            auth_mode: "key",
+            state,
+            message: String::new(),
+            remount_count: 0,
+            last_checked: None,
+            read_only: false,
+            cache_dir: "/tmp/c".into(),
+            cache_max_bytes: 0,
+            pid: None,
+            origin: crate::mounts::Origin::Api,
         };
         for state in [
             MountState::Mounted,
@@ -797,8 +822,12 @@ mod tests {
             MountState::Remounting,
             MountState::Mounted,
         ] {
-            metrics.observe(&spec_status(state));
+            metrics.observe(&EventPayload::Mount(status("data", state)));
         }
+        metrics.set_mount_states(&[
+            status("data", MountState::Mounted),
+            status("gone", MountState::Stale),
+        ]);
         let text = metrics.render();
         assert!(
             text.contains("instance_agent_mount_remounts_total{mount=\"data\"} 1\n"),
@@ -806,6 +835,11 @@ mod tests {
         );
         assert!(text.contains("instance_agent_mount_state{mount=\"data\",state=\"mounted\"} 1\n"));
         assert!(text.contains("instance_agent_mount_state{mount=\"data\",state=\"stale\"} 0\n"));
+        assert!(text.contains("instance_agent_mount_state{mount=\"gone\",state=\"stale\"} 1\n"));
+        // A mount no longer managed (unmounted) leaves no series behind.
+        metrics.set_mount_states(&[status("data", MountState::Mounted)]);
+        let text = metrics.render();
+        assert!(!text.contains("mount=\"gone\""), "{text}");
     }
 
     #[test]

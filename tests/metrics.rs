@@ -5,60 +5,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Agent, Filler, Tmpfs};
+use common::{Agent, Filler, Tmpfs, free_port, http_get, sample, scrape_until};
 use instance_agent::api::proto;
 use tokio_stream::StreamExt;
 
 const MIB: u64 = 1 << 20;
-
-/// A port that was free a moment ago (bound to port 0, read, released).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// `GET path` with a hand-written HTTP/1.1 request; returns (status line, body).
-fn http_get(port: u16, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write request");
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).expect("read reply");
-    let (head, body) = reply.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    (status, body.to_owned())
-}
-
-/// The value of the first sample line starting with `series` (name and labels).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// Scrapes until `series` has `value`, or returns the last scrape after 30 s.
-async fn scrape_until(port: u16, series: &str, value: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, text) = http_get(port, "/metrics");
-        assert!(status.contains("200"), "{status}");
-        if sample(&text, series) == Some(value) || Instant::now() > deadline {
-            return text;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Submits a job and waits until it succeeds.
 async fn run_job(agent: &Agent, command: &str) {
@@ -309,7 +262,8 @@ async fn scrape_shows_jobs_rpcs_disk_and_own_usage() {
     let port = free_port();
     let agent = Agent::builder()
         .config(&format!(
-            "[jobs]\nslots = 2\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+            "[jobs]\nslots = 2\n[limits]\nmax_message_bytes = 16384\n\
+             [metrics]\nlisten = \"127.0.0.1:{port}\"\n"
         ))
         .start();
 
@@ -331,6 +285,22 @@ async fn scrape_shows_jobs_rpcs_disk_and_own_usage() {
     assert_eq!(
         missing.expect_err("missing job").code(),
         tonic::Code::NotFound
+    );
+    // Refused by the guard in front of the services (over
+    // limits.max_message_bytes): counted all the same.
+    let too_big = jobs
+        .submit_job(proto::SubmitJobRequest {
+            spec: Some(proto::JobSpec {
+                id: "too-big".into(),
+                image: "instance-agent/busybox:test".into(),
+                command: vec!["x".repeat(20_000)],
+                ..Default::default()
+            }),
+        })
+        .await;
+    assert_eq!(
+        too_big.expect_err("over the message limit").code(),
+        tonic::Code::ResourceExhausted
     );
 
     // The event task counts the finished job shortly after it is published.
@@ -388,6 +358,14 @@ async fn scrape_shows_jobs_rpcs_disk_and_own_usage() {
     assert_eq!(
         sample(
             &text,
+            "instance_agent_rpcs_total{method=\"/instance_agent.v1.JobService/SubmitJob\",code=\"8\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
             "instance_agent_rpc_duration_seconds_count{method=\"/instance_agent.v1.AgentService/GetStatus\"}"
         ),
         Some(1.0),
@@ -397,11 +375,7 @@ async fn scrape_shows_jobs_rpcs_disk_and_own_usage() {
     // once sampled, and exactly one state is current.
     let root_free = sample(&text, "instance_agent_disk_free_bytes{mount_point=\"/\"}");
     assert!(root_free.is_some_and(|b| b > 0.0), "{text}");
-    let root_states: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("instance_agent_disk_state{mount_point=\"/\","))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let root_states = common::sum_of(&text, "instance_agent_disk_state{mount_point=\"/\",");
     assert_eq!(root_states, 1.0, "{text}");
     let rss = sample(&text, "instance_agent_resident_memory_bytes").expect("rss");
     assert!(rss > 1_000_000.0 && rss < 4_000_000_000.0, "rss {rss}");
