@@ -558,7 +558,9 @@ impl DiskGuard {
     /// Reclaims space (or, in a dry run, says what would be reclaimed). A
     /// reclaim that is not a dry run is published on the event log
     /// ([`EventPayload::Reclaim`]), so that the control plane and the metrics
-    /// see automatic reclaims as well as requested ones.
+    /// see automatic reclaims as well as requested ones. Once started it runs
+    /// to its end in a task of its own, even if the caller goes away, so that
+    /// what it deleted is always reported.
     pub async fn reclaim(&self, request: ReclaimRequest) -> Result<ReclaimReport, DiskError> {
         let targets = match &request.path {
             Some(path) => {
@@ -570,6 +572,21 @@ impl DiskGuard {
             }
             None => self.lock().reclaim_targets(),
         };
+        let guard = self.clone();
+        match tokio::spawn(async move { guard.reclaim_and_report(targets, request).await }).await {
+            Ok(report) => Ok(report),
+            // A bug in a step surfaces where it would have without the task.
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Otherwise only a runtime shutting down cancels the task.
+            Err(_) => Err(DiskError::Stopped),
+        }
+    }
+
+    async fn reclaim_and_report(
+        &self,
+        targets: Vec<(PathBuf, Thresholds)>,
+        request: ReclaimRequest,
+    ) -> ReclaimReport {
         let paths: Vec<PathBuf> = targets.iter().map(|(path, _)| path.clone()).collect();
         let report = self.run_reclaim(targets, request.mode).await;
         tracing::info!(
@@ -588,7 +605,7 @@ impl DiskGuard {
                     report: report.clone(),
                 })));
         }
-        Ok(report)
+        report
     }
 
     async fn run_reclaim(
