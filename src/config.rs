@@ -971,8 +971,11 @@ impl Config {
             ));
         }
         for root in m.allowed_roots.iter().chain([&m.cache_root]) {
-            if let Err(problem) = crate::mounts::paths::normalise(root) {
-                return Err(invalid("mounts.allowed_roots / mounts.cache_root", problem));
+            if let Err(problem) = crate::paths::normalise(root) {
+                return Err(invalid(
+                    "mounts.allowed_roots / mounts.cache_root",
+                    problem.to_string(),
+                ));
             }
             if root.as_path() == Path::new("/") {
                 return Err(invalid(
@@ -1000,7 +1003,9 @@ impl Config {
             check("subdirectory", spec::check_subdirectory(&d.subdirectory))?;
             check(
                 "mount_path",
-                crate::mounts::paths::normalise(&d.mount_path).map(|_| ()),
+                crate::paths::normalise(&d.mount_path)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
             )?;
             match d.auth.as_str() {
                 "key" | "sas" => {

@@ -244,11 +244,14 @@ impl Daemon {
                 let metrics = crate::metrics::Metrics::new(Some(crate::metrics::Sources {
                     jobs: jobs.clone(),
                     disk: disk.clone(),
+                    mounts: mounts.clone(),
                 }));
+                // From the first event of this run: mounts restored and setup
+                // runs found interrupted above have published already.
                 tasks.spawn(
                     metrics
                         .clone()
-                        .follow_events(events.subscribe(None), cancel.clone()),
+                        .follow_events(events.subscribe(Some(0)), cancel.clone()),
                 );
                 tasks.spawn(crate::metrics::serve(
                     metrics.clone(),
@@ -261,7 +264,7 @@ impl Daemon {
             }
             None => None,
         };
-        let rpc_metrics = crate::metrics::RpcMetricsLayer::new(metrics);
+        let rpc_metrics = crate::metrics::RpcMetricsLayer::new(metrics, api::is_served_method);
         tasks.spawn(watch_cache_dirs(
             mounts.clone(),
             disk.clone(),
@@ -695,9 +698,10 @@ async fn serve<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Metrics outside the guard: calls it refuses are counted too.
     tonic::transport::Server::builder()
-        .layer(guard)
         .layer(rpc_metrics)
+        .layer(guard)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await

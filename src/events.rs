@@ -28,6 +28,8 @@ pub enum EventPayload {
     Setup(Box<crate::setup::SetupRun>),
     /// A watched filesystem changed state.
     DiskAlert(Box<crate::disk::DiskAlert>),
+    /// A reclaim that was not a dry run finished (requested or automatic).
+    Reclaim(Box<crate::disk::reclaim::ReclaimFinished>),
 }
 
 /// One recorded event.

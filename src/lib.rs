@@ -18,7 +18,8 @@
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
-//! - [`paths`]: confinement of client-given paths to allowed roots.
+//! - [`paths`]: client-given paths: lexical rules, resolution, confinement.
+//! - [`mountinfo`]: parsing the kernel's mount table (disk guard and mounts).
 //! - [`secret`]: the redacting `Secret` wrapper and permission-checked secret files.
 //! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping), and in
 //!   front of it the security of every call: peer identity (SO_PEERCRED,
@@ -43,6 +44,7 @@ pub mod health;
 pub mod host;
 pub mod jobs;
 pub mod metrics;
+pub mod mountinfo;
 pub mod mounts;
 pub mod paths;
 pub mod reload;

@@ -2,9 +2,9 @@
 //!
 //! Owns the registry and the `GET /metrics` server. It reads the domains and
 //! never changes them: counters and histograms are fed by a task subscribed to
-//! the [`EventBus`], gauges are refreshed from the job manager, the disk guard
-//! and `/proc/self` just before each scrape, and RPCs are counted by a tower
-//! layer on the gRPC servers ([`RpcMetricsLayer`]).
+//! the [`EventBus`], gauges are refreshed from the job manager, the disk guard,
+//! the mounts and `/proc/self` just before each scrape, and RPCs are counted
+//! by a tower layer on the gRPC servers ([`RpcMetricsLayer`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,9 +27,10 @@ use tokio_util::task::TaskTracker;
 use tonic::codegen::http;
 
 use crate::disk::DiskGuard;
+use crate::disk::reclaim::{ReclaimFinished, ReclaimTrigger};
 use crate::events::{Delivery, EventPayload, Subscription};
 use crate::jobs::{JobManager, JobRecord, JobState};
-use crate::mounts::{MountState, MountStatus};
+use crate::mounts::{MountService, MountState, MountStatus};
 use crate::setup::SetupRun;
 
 /// Every job state, for the by-state gauge (states with no job show 0).
@@ -90,6 +91,16 @@ struct FilesystemStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabel {
+    step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabel {
+    trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SetupLabels {
     kind: String,
     result: String,
@@ -113,6 +124,8 @@ pub struct Sources {
     pub jobs: JobManager,
     /// Watched filesystems.
     pub disk: DiskGuard,
+    /// Managed mounts.
+    pub mounts: MountService,
 }
 
 /// The agent's metrics. Cheap to clone; shared by the event task, the RPC
@@ -129,8 +142,9 @@ struct Inner {
     jobs_finished: Family<StateLabel, Counter>,
     job_duration: Histogram,
     disk_alerts: Family<StateLabel, Counter>,
+    reclaimed_bytes: Family<StepLabel, Counter>,
+    reclaims: Family<TriggerLabel, Counter>,
     mount_remounts: Family<MountLabel, Counter>,
-    mount_state: Family<MountStateLabels, Gauge>,
     setup_runs: Family<SetupLabels, Counter>,
     /// The last state seen per mount, to count a remount once when it starts.
     mount_last: Mutex<HashMap<String, MountState>>,
@@ -144,6 +158,7 @@ struct Inner {
     slots_capacity: Gauge,
     fs_free_bytes: Family<FilesystemLabel, Gauge>,
     fs_state: Family<FilesystemStateLabels, Gauge>,
+    mount_state: Family<MountStateLabels, Gauge>,
     resident_bytes: Gauge,
     cpu_seconds: Counter<f64, AtomicU64>,
 }
@@ -164,6 +179,8 @@ impl Metrics {
             // 1 s to about 2 days.
             job_duration: Histogram::new(exponential_buckets(1.0, 3.0, 12)),
             disk_alerts: Family::default(),
+            reclaimed_bytes: Family::default(),
+            reclaims: Family::default(),
             mount_remounts: Family::default(),
             mount_state: Family::default(),
             setup_runs: Family::default(),
@@ -225,6 +242,16 @@ impl Metrics {
             inner.disk_alerts.clone(),
         );
         registry.register(
+            "disk_reclaimed_bytes",
+            "Bytes freed by reclaims (requested or automatic, not dry runs), by step",
+            inner.reclaimed_bytes.clone(),
+        );
+        registry.register(
+            "disk_reclaims",
+            "Reclaims that ran (not dry runs), by what started them",
+            inner.reclaims.clone(),
+        );
+        registry.register(
             "mount_state",
             "State per managed mount: 1 for its current state",
             inner.mount_state.clone(),
@@ -259,6 +286,20 @@ impl Metrics {
             "CPU time the agent used (user + system)",
             inner.cpu_seconds.clone(),
         );
+        // Known label values start at 0, so that rate() sees the first one:
+        // creating the series is all these calls do.
+        for trigger in [ReclaimTrigger::Api, ReclaimTrigger::Automatic] {
+            let _ = inner.reclaims.get_or_create(&TriggerLabel {
+                trigger: trigger.name().to_owned(),
+            });
+        }
+        if let Some(sources) = &inner.sources {
+            for step in sources.disk.reclaim_step_names() {
+                let _ = inner.reclaimed_bytes.get_or_create(&StepLabel {
+                    step: step.to_owned(),
+                });
+            }
+        }
         let inner = Inner { registry, ..inner };
         Self {
             inner: Arc::new(inner),
@@ -283,6 +324,29 @@ impl Metrics {
                         .inc();
                 }
             }
+            EventPayload::Reclaim(finished) => self.observe_reclaim(finished),
+        }
+    }
+
+    fn observe_reclaim(&self, finished: &ReclaimFinished) {
+        // Dry runs are not published; a report of one deleted nothing.
+        if finished.report.dry_run {
+            return;
+        }
+        self.inner
+            .reclaims
+            .get_or_create(&TriggerLabel {
+                trigger: finished.trigger.name().to_owned(),
+            })
+            .inc();
+        // A failed step may still have freed something before it failed.
+        for step in finished.report.steps.iter().filter(|s| s.ran) {
+            self.inner
+                .reclaimed_bytes
+                .get_or_create(&StepLabel {
+                    step: step.name.to_owned(),
+                })
+                .inc_by(step.freed.bytes);
         }
     }
 
@@ -303,6 +367,9 @@ impl Metrics {
         }
     }
 
+    /// Counts a repair once, when a mount enters remounting. Its state gauge
+    /// is read at scrape time instead: a mount restored before this task
+    /// started, or removed since, shows as it is.
     fn observe_mount(&self, status: &MountStatus) {
         let previous = self
             .inner
@@ -311,22 +378,29 @@ impl Metrics {
             // Only inserts happen under this lock, so a poisoned map is whole.
             .unwrap_or_else(|p| p.into_inner())
             .insert(status.name.clone(), status.state);
+        // Created at 0 with the mount's first event, so rate() sees the first repair.
+        let remounts = self.inner.mount_remounts.get_or_create(&MountLabel {
+            mount: status.name.clone(),
+        });
         if status.state == MountState::Remounting && previous != Some(MountState::Remounting) {
-            self.inner
-                .mount_remounts
-                .get_or_create(&MountLabel {
-                    mount: status.name.clone(),
-                })
-                .inc();
+            remounts.inc();
         }
-        for state in MOUNT_STATES {
-            self.inner
-                .mount_state
-                .get_or_create(&MountStateLabels {
-                    mount: status.name.clone(),
-                    state: state.name().to_owned(),
-                })
-                .set(i64::from(state == status.state));
+    }
+
+    /// Sets the one-hot state gauge of exactly these mounts.
+    fn set_mount_states(&self, mounts: &[MountStatus]) {
+        // Mounts come and go (Mount, Unmount): rebuild rather than update.
+        self.inner.mount_state.clear();
+        for status in mounts {
+            for state in MOUNT_STATES {
+                self.inner
+                    .mount_state
+                    .get_or_create(&MountStateLabels {
+                        mount: status.name.clone(),
+                        state: state.name().to_owned(),
+                    })
+                    .set(i64::from(state == status.state));
+            }
         }
     }
 
@@ -344,7 +418,8 @@ impl Metrics {
     }
 
     /// Records one finished RPC. An Unimplemented reply is filed under method
-    /// "unknown": any client could otherwise grow the label set at will.
+    /// "unknown": any client could otherwise grow the label set at will (the
+    /// layer does the same for paths that no route serves).
     pub fn observe_rpc(&self, method: &str, code: &str, latency: std::time::Duration) {
         let method = if code == "12" { "unknown" } else { method };
         self.inner
@@ -406,6 +481,8 @@ impl Metrics {
         inner.queue_depth.set(i64::from(slots.queued));
         inner.slots_in_use.set(i64::from(slots.in_use));
         inner.slots_capacity.set(i64::from(slots.capacity));
+
+        self.set_mount_states(&sources.mounts.list());
 
         // Filesystems come and go (mount caches): rebuild rather than update.
         inner.fs_free_bytes.clear();
@@ -575,16 +652,21 @@ fn answer<B>(metrics: &Metrics, request: &http::Request<B>) -> http::Response<St
 }
 
 /// A tower layer counting gRPC calls by method and status code, with their
-/// latency to the response head. Records nothing when metrics are off.
+/// latency to the response head. Records nothing when metrics are off. It
+/// goes outside the security guard, so that refused calls (permission,
+/// limits) are counted too.
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
     metrics: Option<Metrics>,
+    served: fn(&str) -> bool,
 }
 
 impl RpcMetricsLayer {
-    /// A layer recording into `metrics`, or passing calls through when `None`.
-    pub fn new(metrics: Option<Metrics>) -> Self {
-        Self { metrics }
+    /// A layer recording into `metrics`, or passing calls through when
+    /// `None`. Paths for which `served` is false are filed under method
+    /// "unknown".
+    pub fn new(metrics: Option<Metrics>, served: fn(&str) -> bool) -> Self {
+        Self { metrics, served }
     }
 }
 
@@ -595,6 +677,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
         RpcMetricsService {
             inner,
             metrics: self.metrics.clone(),
+            served: self.served,
         }
     }
 }
@@ -604,6 +687,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 pub struct RpcMetricsService<S> {
     inner: S,
     metrics: Option<Metrics>,
+    served: fn(&str) -> bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -627,7 +711,12 @@ where
         let Some(metrics) = self.metrics.clone() else {
             return Box::pin(self.inner.call(request));
         };
-        let method = request.uri().path().to_owned();
+        let path = request.uri().path();
+        let method = if (self.served)(path) {
+            path.to_owned()
+        } else {
+            "unknown".to_owned()
+        };
         let started = tokio::time::Instant::now();
         let call = self.inner.call(request);
         Box::pin(async move {
@@ -711,23 +800,21 @@ mod tests {
     #[test]
     fn mount_state_is_one_hot_and_remounts_count_once_per_repair() {
         let metrics = Metrics::new(None);
-        let spec_status = |state| {
-            EventPayload::Mount(crate::mounts::MountStatus {
-                name: "data".into(),
-                mount_path: "/mnt/data".into(),
-                account: "acct".into(),
-                container: "c".into(),
-                auth_mode: "key",
-                state,
-                message: String::new(),
-                remount_count: 0,
-                last_checked: None,
-                read_only: false,
-                cache_dir: "/tmp/c".into(),
-                cache_max_bytes: 0,
-                pid: None,
-                origin: crate::mounts::Origin::Api,
-            })
+        let status = |name: &str, state| crate::mounts::MountStatus {
+            name: name.into(),
+            mount_path: "/mnt/data".into(),
+            account: "acct".into(),
+            container: "c".into(),
+            auth_mode: "key",
+            state,
+            message: String::new(),
+            remount_count: 0,
+            last_checked: None,
+            read_only: false,
+            cache_dir: "/tmp/c".into(),
+            cache_max_bytes: 0,
+            pid: None,
+            origin: crate::mounts::Origin::Api,
         };
         for state in [
             MountState::Mounted,
@@ -735,8 +822,12 @@ mod tests {
             MountState::Remounting,
             MountState::Mounted,
         ] {
-            metrics.observe(&spec_status(state));
+            metrics.observe(&EventPayload::Mount(status("data", state)));
         }
+        metrics.set_mount_states(&[
+            status("data", MountState::Mounted),
+            status("gone", MountState::Stale),
+        ]);
         let text = metrics.render();
         assert!(
             text.contains("instance_agent_mount_remounts_total{mount=\"data\"} 1\n"),
@@ -744,6 +835,80 @@ mod tests {
         );
         assert!(text.contains("instance_agent_mount_state{mount=\"data\",state=\"mounted\"} 1\n"));
         assert!(text.contains("instance_agent_mount_state{mount=\"data\",state=\"stale\"} 0\n"));
+        assert!(text.contains("instance_agent_mount_state{mount=\"gone\",state=\"stale\"} 1\n"));
+        // A mount no longer managed (unmounted) leaves no series behind.
+        metrics.set_mount_states(&[status("data", MountState::Mounted)]);
+        let text = metrics.render();
+        assert!(!text.contains("mount=\"gone\""), "{text}");
+    }
+
+    #[test]
+    fn reclaimed_bytes_count_by_step_and_runs_by_trigger() {
+        use crate::disk::reclaim::{Freed, ReclaimReport, StepReport};
+        let step = |name, bytes, ran, error: Option<&str>| StepReport {
+            name,
+            freed: Freed { bytes, items: 1 },
+            ran,
+            skipped: (!ran).then(|| "enough space is free".to_owned()),
+            error: error.map(str::to_owned),
+        };
+        let finished = |trigger, dry_run, steps: Vec<StepReport>| {
+            EventPayload::Reclaim(Box::new(ReclaimFinished {
+                trigger,
+                targets: vec!["/mnt".into()],
+                report: ReclaimReport {
+                    dry_run,
+                    total_bytes: steps.iter().map(|s| s.freed.bytes).sum(),
+                    steps,
+                },
+            }))
+        };
+        let metrics = Metrics::new(None);
+        let before = metrics.render();
+        assert!(
+            before.contains("instance_agent_disk_reclaims_total{trigger=\"automatic\"} 0\n"),
+            "{before}"
+        );
+        metrics.observe(&finished(
+            ReclaimTrigger::Automatic,
+            false,
+            vec![
+                step("exited_containers", 700, true, None),
+                // Freed part before failing: still freed.
+                step(
+                    "dangling_images",
+                    50,
+                    true,
+                    Some("1 item(s) could not be removed"),
+                ),
+                step("expired_job_logs", 0, false, None),
+            ],
+        ));
+        metrics.observe(&finished(
+            ReclaimTrigger::Api,
+            false,
+            vec![step("exited_containers", 300, true, None)],
+        ));
+        // A dry run deleted nothing.
+        metrics.observe(&finished(
+            ReclaimTrigger::Api,
+            true,
+            vec![step("exited_containers", 1_000_000, true, None)],
+        ));
+        let text = metrics.render();
+        for line in [
+            "instance_agent_disk_reclaimed_bytes_total{step=\"exited_containers\"} 1000\n",
+            "instance_agent_disk_reclaimed_bytes_total{step=\"dangling_images\"} 50\n",
+            "instance_agent_disk_reclaims_total{trigger=\"automatic\"} 1\n",
+            "instance_agent_disk_reclaims_total{trigger=\"api\"} 1\n",
+            "# TYPE instance_agent_disk_reclaimed_bytes counter\n",
+        ] {
+            assert!(text.contains(line), "{line}{text}");
+        }
+        assert!(
+            !text.contains("step=\"expired_job_logs\""),
+            "a skipped step adds no series without sources: {text}"
+        );
     }
 
     #[test]

@@ -1,14 +1,16 @@
-//! Path confinement: the one rule for every host path that arrives from a
-//! client (a job's bind mount today; mount points, cache dirs and script
-//! paths as those modules adopt it).
+//! Host paths that arrive from a client: the lexical rules, symlink
+//! resolution and containment that jobs (bind mounts), mounts (mount points,
+//! cache dirs) and the disk guard (watched paths, reclaim targets) share.
 //!
-//! A path is accepted only when it is absolute, has no `.` or `..`
+//! [`confine`] accepts a path only when it is absolute, has no `.` or `..`
 //! component and no NUL byte, and — after every symlink is resolved — lies
 //! under one of the allowed roots (themselves resolved). The resolved path is
 //! returned and is what callers must use, so a symlink swapped in later
-//! cannot redirect an already checked path. Resolution touches the
-//! filesystem (and may hang on a dead network mount): call [`confine`] from
-//! `spawn_blocking`.
+//! cannot redirect an already checked path. [`normalise`] is the lighter
+//! lexical rule for paths that are tidied rather than refused for a `.`, and
+//! [`resolve_existing_prefix`] resolves a path that may not exist yet (a mount
+//! point the agent will create). Resolution touches the filesystem (and may
+//! hang on a dead network mount): call it from `spawn_blocking`.
 //!
 //! Owns no state and knows nothing of jobs, mounts or gRPC.
 
@@ -25,6 +27,9 @@ pub enum PathError {
     /// Has a `.` or `..` component.
     #[error("{} must not contain `..` or `.` components", .0.display())]
     DotComponent(PathBuf),
+    /// Has a `..` component (where `.` is tidied away, see [`normalise`]).
+    #[error("{} must not contain `..`", .0.display())]
+    ParentDir(PathBuf),
     /// Has a NUL byte (the kernel would cut it there).
     #[error("{} must not contain a NUL byte", .0.display())]
     Nul(PathBuf),
@@ -73,10 +78,65 @@ pub fn check_clean_absolute(path: &Path) -> Result<(), PathError> {
     Ok(())
 }
 
+/// Drops `.` components and repeated or trailing slashes (`/a//./b/` is
+/// `/a/b`). Pure; keeps `..`, which only the filesystem can resolve.
+pub fn tidy(path: &Path) -> PathBuf {
+    path.components().collect()
+}
+
+/// Checks that `path` is absolute, without `..` and without a NUL byte, and
+/// returns it tidied ([`tidy`]). Pure.
+pub fn normalise(path: &Path) -> Result<PathBuf, PathError> {
+    if path.as_os_str().as_bytes().contains(&0) {
+        return Err(PathError::Nul(path.to_owned()));
+    }
+    if !path.is_absolute() {
+        return Err(PathError::NotAbsolute(path.to_owned()));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(PathError::ParentDir(path.to_owned()));
+    }
+    Ok(tidy(path))
+}
+
 /// Whether `path` is `root` or below it, compared component by component
 /// (so `/mnt/ab` is not under `/mnt/a`). Pure; neither path is resolved.
 pub fn is_under(path: &Path, root: &Path) -> bool {
     path.starts_with(root)
+}
+
+/// Whether `path` is below `root` and not `root` itself. Pure.
+pub fn strictly_below(path: &Path, root: &Path) -> bool {
+    path != root && is_under(path, root)
+}
+
+/// Whether one path contains the other (or they are equal). Pure.
+pub fn overlaps(a: &Path, b: &Path) -> bool {
+    is_under(a, b) || is_under(b, a)
+}
+
+/// Resolves the symlinks of the longest existing ancestor of `path` (which
+/// should be [`normalise`]d) and appends the rest, so that a path that does
+/// not exist yet is judged by where it would be created. Blocking.
+pub fn resolve_existing_prefix(path: &Path) -> Result<PathBuf, PathError> {
+    let mut existing = path.to_owned();
+    let mut rest = Vec::new();
+    while existing.symlink_metadata().is_err() {
+        let Some(name) = existing.file_name() else {
+            break;
+        };
+        rest.push(name.to_owned());
+        existing.pop();
+    }
+    let mut resolved =
+        std::fs::canonicalize(&existing).map_err(|source| PathError::Unresolvable {
+            path: existing.clone(),
+            source,
+        })?;
+    for name in rest.into_iter().rev() {
+        resolved.push(name);
+    }
+    Ok(resolved)
 }
 
 /// Resolves `path` and returns it if it lies under one of `roots`. Roots
@@ -136,10 +196,48 @@ mod tests {
     }
 
     #[test]
+    fn normalise_tidies_and_refuses_dot_dot() {
+        assert_eq!(
+            normalise(Path::new("/mnt//data/./x/")).unwrap(),
+            PathBuf::from("/mnt/data/x")
+        );
+        let err = normalise(Path::new("/mnt/../etc")).unwrap_err();
+        assert!(matches!(err, PathError::ParentDir(_)), "{err}");
+        assert!(err.to_string().contains("`..`"), "{err}");
+        assert!(matches!(
+            normalise(Path::new("mnt/data")),
+            Err(PathError::NotAbsolute(_))
+        ));
+        assert!(matches!(
+            normalise(Path::new("/a/\0b")),
+            Err(PathError::Nul(_))
+        ));
+        assert_eq!(tidy(Path::new("/a//b/../c/")), PathBuf::from("/a/b/../c"));
+    }
+
+    #[test]
     fn under_is_by_component() {
         assert!(is_under(Path::new("/mnt/a/x"), Path::new("/mnt/a")));
         assert!(is_under(Path::new("/mnt/a"), Path::new("/mnt/a")));
         assert!(!is_under(Path::new("/mnt/ab"), Path::new("/mnt/a")));
+        assert!(strictly_below(Path::new("/mnt/a/x"), Path::new("/mnt/a")));
+        assert!(!strictly_below(Path::new("/mnt/a"), Path::new("/mnt/a")));
+        assert!(overlaps(Path::new("/mnt"), Path::new("/mnt/a")));
+        assert!(overlaps(Path::new("/mnt/a"), Path::new("/mnt")));
+        assert!(!overlaps(Path::new("/mnt/a"), Path::new("/mnt/ab")));
+    }
+
+    #[test]
+    fn a_missing_path_resolves_through_its_existing_ancestors() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(real.join("data")).unwrap();
+        std::os::unix::fs::symlink(real.join("data"), real.join("link")).unwrap();
+        assert_eq!(
+            resolve_existing_prefix(&real.join("link/new/deeper")).unwrap(),
+            real.join("data/new/deeper")
+        );
+        assert_eq!(resolve_existing_prefix(&real).unwrap(), real);
     }
 
     #[test]

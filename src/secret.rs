@@ -3,8 +3,8 @@
 //! a secret from a file (refused when the file is readable by anyone but its
 //! owner, or owned by someone other than root or the agent).
 //!
-//! Holds the TLS private key today; storage account keys and SAS tokens of
-//! the mounts module are meant to travel in the same wrapper.
+//! Holds the TLS private key and the storage account keys and SAS tokens of
+//! the mounts module.
 
 use std::fmt;
 use std::io::Read;
@@ -28,6 +28,21 @@ impl<T> Secret<T> {
     /// The value itself. Never log or format what this returns.
     pub fn expose(&self) -> &T {
         &self.0
+    }
+}
+
+impl<T: AsRef<[u8]>> Secret<T> {
+    /// Whether the value is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref().is_empty()
+    }
+}
+
+impl Secret {
+    /// Wraps a text secret (a key, a token) without the whitespace around it:
+    /// the newline a file or a shell adds is never part of one.
+    pub fn from_text(value: &str) -> Self {
+        Self(value.trim().to_owned())
     }
 }
 
@@ -159,6 +174,15 @@ mod tests {
         );
         assert!(!shown.contains("hunter2"), "{shown}");
         assert_eq!(secret.expose(), "hunter2-very-secret");
+    }
+
+    #[test]
+    fn text_secrets_lose_surrounding_whitespace() {
+        let secret = Secret::from_text("  c2VjcmV0\n");
+        assert_eq!(secret.expose(), "c2VjcmV0");
+        assert!(!secret.is_empty());
+        assert!(Secret::from_text(" \n").is_empty());
+        assert!(Secret::new(Vec::<u8>::new()).is_empty());
     }
 
     #[test]

@@ -9,6 +9,14 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
+/// Whether systemd is this machine's service manager: `/run/systemd/system`
+/// exists (the test of `sd_booted(3)`). Then processes that must outlive the
+/// agent (blobfuse2, setup scripts) go in a scope of their own, out of the
+/// agent's cgroup, which systemd empties when the agent restarts.
+pub fn booted() -> bool {
+    std::path::Path::new("/run/systemd/system").is_dir()
+}
+
 /// Talks to the service manager, if there is one.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Notifier;

@@ -301,14 +301,21 @@ async fn a_restarted_agent_adopts_the_healthy_mount_without_remounting() {
     std::io::Read::read_to_string(&mut &held, &mut text).unwrap();
     assert_eq!(text, "held");
     // The new agent still watches it: a kill is repaired.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(info.pid as i32), Signal::SIGKILL).unwrap();
+    kill_and_await_the_repair(&agent, info.pid).await;
+    drop(held);
+}
+
+/// Kills the blobfuse2 of mount "data" and waits until the agent has
+/// mounted it again (its first repair).
+async fn kill_and_await_the_repair(agent: &Agent, pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL)
+        .expect("kill blobfuse2");
     eventually("the repair", Duration::from_secs(30), async || {
-        mount_state(&agent, "data")
+        mount_state(agent, "data")
             .await
             .filter(|m| m.state() == proto::MountState::Mounted && m.remount_count == 1)
     })
     .await;
-    drop(held);
 }
 
 /// Whether a process is gone (or a zombie).
@@ -725,4 +732,41 @@ async fn mounts_are_restored_after_a_reboot_from_config_and_from_the_store() {
         );
     }
     assert_no_secret("the agent log", &agent.log());
+}
+
+#[tokio::test]
+async fn metrics_show_each_mounts_state_and_repairs_and_forget_an_unmounted_one() {
+    use common::{sample, scrape_until};
+    let site = Site::new();
+    let port = common::free_port();
+    let agent = site.agent_with(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let info = mount_with_key(&agent, &site, "data").await;
+    let mounted = "instance_agent_mount_state{mount=\"data\",state=\"mounted\"}";
+    let remounts = "instance_agent_mount_remounts_total{mount=\"data\"}";
+    let text = scrape_until(port, mounted, 1.0).await;
+    assert_eq!(sample(&text, mounted), Some(1.0), "{text}");
+    let states = common::sum_of(&text, "instance_agent_mount_state{mount=\"data\",");
+    assert_eq!(states, 1.0, "exactly one current state: {text}");
+    assert_eq!(sample(&text, remounts), Some(0.0), "{text}");
+
+    // A repair: counted once.
+    kill_and_await_the_repair(&agent, info.pid).await;
+    let text = scrape_until(port, remounts, 1.0).await;
+    assert_eq!(sample(&text, remounts), Some(1.0), "{text}");
+    assert_eq!(sample(&text, mounted), Some(1.0), "{text}");
+
+    // Unmounted: the mount is gone, and so is its state.
+    mounts_client(&agent)
+        .await
+        .unmount(proto::UnmountRequest {
+            name: "data".into(),
+        })
+        .await
+        .expect("unmount");
+    let (_, text) = common::http_get(port, "/metrics");
+    assert!(
+        !text.contains("instance_agent_mount_state{mount=\"data\""),
+        "{text}"
+    );
+    assert_eq!(sample(&text, remounts), Some(1.0), "{text}");
 }

@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use instance_agent::mounts::spec::SecretSource;
-use instance_agent::mounts::{Auth, MountSpec, Origin, Secret, render::render};
+use instance_agent::mounts::{Auth, MountSpec, Origin, render::render};
+use instance_agent::secret::Secret;
 use libfuzzer_sys::fuzz_target;
 use serde_norway::Value;
 
@@ -39,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         (next(), next(), next(), next(), next(), next(), next());
     let sas = flags.bytes().next().is_some_and(|b| b & 1 == 1);
     let read_only = flags.bytes().next().is_some_and(|b| b & 2 == 2);
-    let given = Secret::new(&secret);
+    let given = Secret::from_text(&secret);
     let source = SecretSource::Given(given.clone());
     let spec = MountSpec {
         name: "fuzz".into(),
@@ -84,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(az["subdirectory"].as_str(), Some(subdirectory.as_str()));
     }
     let secret_key = if sas { "sas" } else { "account-key" };
-    assert_eq!(az[secret_key].as_str(), Some(given.expose()));
+    assert_eq!(az[secret_key].as_str(), Some(given.expose().as_str()));
     assert_eq!(
         parsed["file_cache"]["path"].as_str(),
         spec.cache_dir.to_str()

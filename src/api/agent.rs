@@ -175,6 +175,9 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
         EventPayload::DiskAlert(alert) => {
             proto::event::Kind::DiskAlert(super::disk::alert_to_proto(alert))
         }
+        EventPayload::Reclaim(finished) => {
+            proto::event::Kind::Reclaim(super::disk::reclaim_event_to_proto(finished))
+        }
     };
     proto::Event {
         sequence: event.sequence,

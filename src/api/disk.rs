@@ -13,7 +13,9 @@ use tonic::{Request, Response, Status};
 use super::proto::{self, disk_service_server::DiskService};
 use super::timestamp;
 use crate::disk::guard::ReclaimRequest;
-use crate::disk::reclaim::{ReclaimMode, ReclaimReport};
+use crate::disk::reclaim::{
+    ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimTrigger, StepReport,
+};
 use crate::disk::top::{TopReport, TopRequest};
 use crate::disk::{
     DiskAlert, DiskError, DiskGuard, DiskState, FilesystemUsage, SkippedPath, Thresholds,
@@ -89,6 +91,7 @@ impl DiskService for DiskApi {
                     dry_run: request.dry_run,
                     all_steps: request.all_steps,
                 },
+                trigger: ReclaimTrigger::Api,
             })
             .await
             .map_err(status)?;
@@ -289,18 +292,32 @@ fn reclaim_to_proto(r: ReclaimReport) -> proto::ReclaimSpaceResponse {
     proto::ReclaimSpaceResponse {
         dry_run: r.dry_run,
         total_bytes: r.total_bytes,
-        steps: r
-            .steps
-            .into_iter()
-            .map(|s| proto::ReclaimStep {
-                name: s.name.to_owned(),
-                bytes: s.freed.bytes,
-                items: s.freed.items,
-                ran: s.ran,
-                error: s.error.unwrap_or_default(),
-                skipped_reason: s.skipped.unwrap_or_default(),
-            })
-            .collect(),
+        steps: r.steps.iter().map(step_to_proto).collect(),
+    }
+}
+
+fn step_to_proto(s: &StepReport) -> proto::ReclaimStep {
+    proto::ReclaimStep {
+        name: s.name.to_owned(),
+        bytes: s.freed.bytes,
+        items: s.freed.items,
+        ran: s.ran,
+        error: s.error.clone().unwrap_or_default(),
+        skipped_reason: s.skipped.clone().unwrap_or_default(),
+    }
+}
+
+/// A finished reclaim as `WatchEvents` sends it.
+pub fn reclaim_event_to_proto(r: &ReclaimFinished) -> proto::ReclaimEvent {
+    let trigger = match r.trigger {
+        ReclaimTrigger::Api => proto::ReclaimTrigger::Api,
+        ReclaimTrigger::Automatic => proto::ReclaimTrigger::Automatic,
+    };
+    proto::ReclaimEvent {
+        trigger: trigger.into(),
+        targets: r.targets.iter().map(|p| p.display().to_string()).collect(),
+        steps: r.report.steps.iter().map(step_to_proto).collect(),
+        total_bytes: r.report.total_bytes,
     }
 }
 

@@ -43,6 +43,22 @@ pub const SERVICE_NAMES: [&str; 5] = [
     "instance_agent.v1.MountService",
 ];
 
+/// The methods served besides those of the contract: health and reflection.
+const INFRASTRUCTURE_METHODS: [&str; 5] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.health.v1.Health/List",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Whether `path` (`/package.Service/Method`) is a method these routes
+/// serve. Anything else comes from a client and must not become a metric
+/// label of its own.
+pub fn is_served_method(path: &str) -> bool {
+    auth::lookup(path).is_some() || INFRASTRUCTURE_METHODS.contains(&path)
+}
+
 /// Converts a wall-clock time to a protobuf timestamp.
 pub fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {
     let since_epoch = time
@@ -100,4 +116,29 @@ pub fn routes(
         .add_service(SetupServiceServer::new(parts.setup).max_decoding_message_size(max))
         .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max));
     Ok((routes, reporter))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_methods_are_the_contract_health_and_reflection() {
+        for served in [
+            "/instance_agent.v1.AgentService/GetStatus",
+            "/instance_agent.v1.DiskService/ReclaimSpace",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(is_served_method(served), "{served}");
+        }
+        for other in [
+            "/instance_agent.v1.AgentService/NoSuchMethod",
+            "/x.Y/Z",
+            "/grpc.health.v1.Health/Anything",
+            "",
+        ] {
+            assert!(!is_served_method(other), "{other}");
+        }
+    }
 }

@@ -9,9 +9,8 @@ use tonic::{Request, Response, Status};
 use super::proto::{self, mount_service_server::MountService as MountRpc};
 use super::timestamp;
 use crate::mounts::spec::{ManagedIdentity, SecretSource};
-use crate::mounts::{
-    Auth, MountError, MountService, MountSpec, MountState, MountStatus, Origin, Secret,
-};
+use crate::mounts::{Auth, MountError, MountService, MountSpec, MountState, MountStatus, Origin};
+use crate::secret::Secret;
 
 /// The mount service.
 pub struct MountApi {
@@ -58,8 +57,8 @@ impl MountRpc for MountApi {
 fn spec_from_proto(r: proto::MountRequest) -> MountSpec {
     use proto::mount_request::Auth as A;
     let auth = match r.auth {
-        Some(A::AccountKey(key)) => Auth::AccountKey(SecretSource::Given(Secret::new(&key))),
-        Some(A::SasToken(sas)) => Auth::SasToken(SecretSource::Given(Secret::new(&sas))),
+        Some(A::AccountKey(key)) => Auth::AccountKey(SecretSource::Given(Secret::from_text(&key))),
+        Some(A::SasToken(sas)) => Auth::SasToken(SecretSource::Given(Secret::from_text(&sas))),
         Some(A::ManagedIdentity(id)) => Auth::ManagedIdentity(ManagedIdentity {
             client_id: id.client_id,
             resource_id: id.resource_id,

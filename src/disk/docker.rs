@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::reclaim::{Freed, ReclaimError, ReclaimStep};
+use super::reclaim::{Freed, ReclaimError, ReclaimStep, Removals};
 use crate::jobs::engine::{DockerEngine, EngineError};
 use crate::jobs::{LABEL_INSTANCE, LABEL_JOB};
 
@@ -243,14 +243,8 @@ impl ReclaimStep for ExitedContainers {
     }
 
     async fn estimate(&self) -> Result<Freed, ReclaimError> {
-        let mut freed = Freed::default();
-        for c in self.removable().await? {
-            freed.add(Freed {
-                bytes: c.size_bytes,
-                items: 1,
-            });
-        }
-        Ok(freed)
+        let removable = self.removable().await?;
+        Ok(removable.iter().map(|c| Freed::item(c.size_bytes)).sum())
     }
 
     async fn location(&self) -> Option<PathBuf> {
@@ -258,32 +252,17 @@ impl ReclaimStep for ExitedContainers {
     }
 
     async fn run(&self) -> Result<Freed, ReclaimError> {
-        let mut freed = Freed::default();
-        let mut failed = 0;
-        let mut first = None;
+        let mut removals = Removals::default();
         for c in self.removable().await? {
             match self.docker.remove_container(&c.id).await {
                 Ok(()) => {
                     tracing::info!(container = %c.id, job = ?c.job_id, bytes = c.size_bytes, "reclaim: removed exited job container");
-                    freed.add(Freed {
-                        bytes: c.size_bytes,
-                        items: 1,
-                    });
+                    removals.removed(c.size_bytes);
                 }
-                Err(e) => {
-                    failed += 1;
-                    first.get_or_insert(e);
-                }
+                Err(e) => removals.failed(e),
             }
         }
-        match first {
-            None => Ok(freed),
-            Some(first) => Err(ReclaimError::Partial {
-                freed,
-                failed,
-                first: Box::new(first.into()),
-            }),
-        }
+        removals.finish()
     }
 }
 
@@ -306,14 +285,8 @@ impl ReclaimStep for DanglingImages {
     }
 
     async fn estimate(&self) -> Result<Freed, ReclaimError> {
-        let mut freed = Freed::default();
-        for image in self.docker.dangling_images().await? {
-            freed.add(Freed {
-                bytes: image.size_bytes,
-                items: 1,
-            });
-        }
-        Ok(freed)
+        let images = self.docker.dangling_images().await?;
+        Ok(images.iter().map(|i| Freed::item(i.size_bytes)).sum())
     }
 
     async fn location(&self) -> Option<PathBuf> {
@@ -426,10 +399,7 @@ pub mod fake {
         }
         async fn prune_dangling_images(&self) -> Result<Freed, EngineError> {
             let images = std::mem::take(&mut self.lock().images);
-            Ok(Freed {
-                bytes: images.iter().map(|i| i.size_bytes).sum(),
-                items: u32::try_from(images.len()).unwrap_or(u32::MAX),
-            })
+            Ok(images.iter().map(|i| Freed::item(i.size_bytes)).sum())
         }
     }
 }

@@ -28,7 +28,9 @@ use tokio_util::task::TaskTracker;
 use super::docker::DockerSpace;
 use super::hysteresis::{Cause, PressureMachine, Transition};
 use super::probe::{FsProbe, PathSample};
-use super::reclaim::{ReclaimMode, ReclaimReport, ReclaimStep, Reclaimer, Relevance};
+use super::reclaim::{
+    ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimStep, ReclaimTrigger, Reclaimer, Relevance,
+};
 use super::reserve::ReserveFile;
 use super::top::{TopProgress, TopReport, TopRequest};
 use super::{
@@ -39,6 +41,7 @@ use crate::admission::AdmissionGate;
 use crate::config::DiskConfig;
 use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
+use crate::paths::tidy;
 use crate::store::{Store, Table, Write};
 use crate::units::bytes;
 
@@ -305,14 +308,16 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// What `ReclaimSpace` asks for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What a reclaim is asked to do (by `ReclaimSpace` or the guard itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReclaimRequest {
     /// A path on the filesystem to reclaim for; every watched filesystem
     /// below its floor plus margin when `None`.
     pub path: Option<PathBuf>,
     /// Dry run and all steps.
     pub mode: ReclaimMode,
+    /// Who asked, for the event and the metrics.
+    pub trigger: ReclaimTrigger,
 }
 
 impl DiskGuard {
@@ -347,7 +352,7 @@ impl DiskGuard {
             config: current.clone(),
             paths: BTreeMap::new(),
             filesystems: BTreeMap::new(),
-            state_dir: normalise(&state_dir),
+            state_dir: tidy(&state_dir),
             docker_root: None,
             alerts_total: 0,
             reserve: ReserveState {
@@ -545,7 +550,17 @@ impl DiskGuard {
         Ok(true)
     }
 
-    /// Reclaims space (or, in a dry run, says what would be reclaimed).
+    /// The names of the reclaim steps, in the order they run.
+    pub fn reclaim_step_names(&self) -> Vec<&'static str> {
+        self.inner.reclaimer.step_names()
+    }
+
+    /// Reclaims space (or, in a dry run, says what would be reclaimed). A
+    /// reclaim that is not a dry run is published on the event log
+    /// ([`EventPayload::Reclaim`]), so that the control plane and the metrics
+    /// see automatic reclaims as well as requested ones. Once started it runs
+    /// to its end in a task of its own, even if the caller goes away, so that
+    /// what it deleted is always reported.
     pub async fn reclaim(&self, request: ReclaimRequest) -> Result<ReclaimReport, DiskError> {
         let targets = match &request.path {
             Some(path) => {
@@ -557,8 +572,40 @@ impl DiskGuard {
             }
             None => self.lock().reclaim_targets(),
         };
+        let guard = self.clone();
+        match tokio::spawn(async move { guard.reclaim_and_report(targets, request).await }).await {
+            Ok(report) => Ok(report),
+            // A bug in a step surfaces where it would have without the task.
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Otherwise only a runtime shutting down cancels the task.
+            Err(_) => Err(DiskError::Stopped),
+        }
+    }
+
+    async fn reclaim_and_report(
+        &self,
+        targets: Vec<(PathBuf, Thresholds)>,
+        request: ReclaimRequest,
+    ) -> ReclaimReport {
+        let paths: Vec<PathBuf> = targets.iter().map(|(path, _)| path.clone()).collect();
         let report = self.run_reclaim(targets, request.mode).await;
-        Ok(report)
+        tracing::info!(
+            trigger = request.trigger.name(),
+            dry_run = report.dry_run,
+            total = %bytes(report.total_bytes),
+            steps = ?report.steps.iter().map(|s| (s.name, s.ran, s.freed.bytes)).collect::<Vec<_>>(),
+            "reclaim finished"
+        );
+        if !report.dry_run {
+            self.inner
+                .events
+                .publish(EventPayload::Reclaim(Box::new(ReclaimFinished {
+                    trigger: request.trigger,
+                    targets: paths,
+                    report: report.clone(),
+                })));
+        }
+        report
     }
 
     async fn run_reclaim(
@@ -580,8 +627,7 @@ impl DiskGuard {
             devs,
         };
         let targets = Arc::new(targets);
-        let report = self
-            .inner
+        self.inner
             .reclaimer
             .run(
                 mode,
@@ -606,14 +652,7 @@ impl DiskGuard {
                 },
                 relevance,
             )
-            .await;
-        tracing::info!(
-            dry_run = report.dry_run,
-            total = %bytes(report.total_bytes),
-            steps = ?report.steps.iter().map(|s| (s.name, s.ran, s.freed.bytes)).collect::<Vec<_>>(),
-            "reclaim finished"
-        );
-        report
+            .await
     }
 
     /// Lists the largest directories below `request.path`. Progress goes to
@@ -624,10 +663,7 @@ impl DiskGuard {
         request: TopRequest,
         progress: mpsc::Sender<TopProgress>,
     ) -> Result<TopReport, DiskError> {
-        super::top::check_start(&request.path).map_err(|problem| DiskError::InvalidRequest {
-            field: "path",
-            problem,
-        })?;
+        check_absolute("path", &request.path)?;
         if self.inner.top_busy.swap(true, Ordering::AcqRel) {
             return Err(DiskError::Busy);
         }
@@ -763,6 +799,7 @@ impl DiskGuard {
                     let request = ReclaimRequest {
                         path: Some(path.clone()),
                         mode: ReclaimMode::default(),
+                        trigger: ReclaimTrigger::Automatic,
                     };
                     if let Err(error) = guard.reclaim(request).await {
                         tracing::warn!(path = %path.display(), %error, "automatic reclaim failed");
@@ -819,7 +856,7 @@ impl DiskGuard {
 
 impl GuardState {
     fn add_reason(&mut self, path: PathBuf, reason: String) {
-        let path = normalise(&path);
+        let path = tidy(&path);
         let entry = self.paths.entry(path.clone()).or_default();
         if entry.reasons.insert(reason) && entry.reasons.len() == 1 && entry.in_flight.is_none() {
             // A new path: probe it now rather than at the next tick.
@@ -832,7 +869,7 @@ impl GuardState {
     }
 
     fn remove_reason(&mut self, path: &Path, reason: &str) {
-        let path = normalise(path);
+        let path = tidy(path);
         let Some(entry) = self.paths.get_mut(&path) else {
             return;
         };
@@ -866,11 +903,7 @@ impl GuardState {
                     .map(|r| (path.clone(), r))
                     .collect::<Vec<_>>()
             })
-            .filter(|(path, r)| {
-                !configured
-                    .iter()
-                    .any(|(p, c)| normalise(p) == *path && c == r)
-            })
+            .filter(|(path, r)| !configured.iter().any(|(p, c)| tidy(p) == *path && c == r))
             .collect();
         for (path, reason) in stale {
             self.remove_reason(&path, reason);
@@ -1217,7 +1250,7 @@ impl GuardState {
             }
             Command::DockerRoot(path) => {
                 tracing::info!(path = %path.display(), "docker data root found; watching it");
-                self.docker_root = Some(normalise(&path));
+                self.docker_root = Some(tidy(&path));
                 self.add_reason(path, REASON_DOCKER.to_owned());
             }
             Command::ReserveDone { present, failed } => {
@@ -1607,23 +1640,26 @@ fn operator_reason(reason: &str) -> String {
     format!("{REASON_OPERATOR}: {reason}")
 }
 
+/// A path from a request must be absolute and without `..`, so that the
+/// answer names exactly what was asked.
 fn check_absolute(field: &'static str, path: &Path) -> Result<(), DiskError> {
-    super::top::check_start(path).map_err(|problem| DiskError::InvalidRequest { field, problem })
+    crate::paths::normalise(path)
+        .map(drop)
+        .map_err(|e| DiskError::InvalidRequest {
+            field,
+            problem: e.to_string(),
+        })
 }
 
+/// The store key of a watched path: `/a/b/` and `/a//b` are `/a/b`.
 fn path_key(path: &Path) -> Result<String, DiskError> {
-    normalise(path)
+    tidy(path)
         .to_str()
         .map(str::to_owned)
         .ok_or_else(|| DiskError::InvalidRequest {
             field: "path",
             problem: format!("{} is not valid UTF-8", path.display()),
         })
-}
-
-/// `/a/b/` and `/a//b` are the same watched path as `/a/b`.
-fn normalise(path: &Path) -> PathBuf {
-    path.components().collect()
 }
 
 fn interval_of(config: &DiskConfig) -> Duration {
@@ -2057,12 +2093,26 @@ mod tests {
                     dry_run: true,
                     all_steps: true,
                 },
+                trigger: ReclaimTrigger::Api,
             })
             .await
             .unwrap();
         assert!(report.dry_run);
         assert_eq!(report.steps[0].name, "fake_step");
         assert_eq!(rig.step.calls(), (1, 1));
+        // The automatic reclaim reached the event log; the dry run did not.
+        let mut events = rig.events.subscribe(Some(0));
+        let mut reclaims = Vec::new();
+        while let Some(crate::events::Delivery::Event(event)) = events.try_next() {
+            if let EventPayload::Reclaim(finished) = &event.payload {
+                reclaims.push(finished.clone());
+            }
+        }
+        assert_eq!(reclaims.len(), 1, "{reclaims:?}");
+        assert_eq!(reclaims[0].trigger, ReclaimTrigger::Automatic);
+        assert_eq!(reclaims[0].targets, [PathBuf::from("/mnt")]);
+        assert!(!reclaims[0].report.dry_run);
+        assert!(reclaims[0].report.steps[0].ran);
         // Turned off: no reclaim on the next crossing.
         let mut cfg = config();
         cfg.auto_reclaim = false;

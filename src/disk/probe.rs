@@ -7,9 +7,10 @@
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{FsStats, MountInfo};
+use crate::mountinfo::MountEntry;
 
 /// What one probe of a path found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,73 +52,28 @@ impl FsProbe for SystemProbe {
     }
 
     fn mount_of(&self, path: &Path, dev: u64) -> io::Result<MountInfo> {
-        let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let table = crate::mountinfo::read()?;
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-        Ok(mount_for(&table, &path, dev).unwrap_or_else(|| MountInfo::unknown(&path)))
+        Ok(mount_for(table, &path, dev).unwrap_or_else(|| MountInfo::unknown(&path)))
     }
 }
 
-/// The mount in a mountinfo table that holds `path`: the longest mount point
+/// The mount in the mount table that holds `path`: the longest mount point
 /// that is a prefix of it, preferring entries with the same device number
 /// (bind mounts of one filesystem share it).
-pub fn mount_for(table: &str, path: &Path, dev: u64) -> Option<MountInfo> {
-    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    let wanted = format!("{major}:{minor}");
-    let mut best: Option<(bool, usize, MountInfo)> = None;
-    for line in table.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let left: Vec<&str> = left.split(' ').collect();
-        let right: Vec<&str> = right.split(' ').collect();
-        let (Some(devno), Some(mount_point), Some(fs_type), Some(source)) =
-            (left.get(2), left.get(4), right.first(), right.get(1))
-        else {
-            continue;
-        };
-        let mount_point = PathBuf::from(unescape(mount_point));
-        if !path.starts_with(&mount_point) {
-            continue;
-        }
-        let same_dev = *devno == wanted;
-        let depth = mount_point.components().count();
-        let better = match &best {
-            None => true,
-            Some((best_same, best_depth, _)) => (same_dev, depth) > (*best_same, *best_depth),
-        };
-        if better {
-            best = Some((
-                same_dev,
-                depth,
-                MountInfo {
-                    mount_point,
-                    device: unescape(source),
-                    fs_type: (*fs_type).to_owned(),
-                },
-            ));
-        }
-    }
-    best.map(|(_, _, mount)| mount)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(value) = u8::from_str_radix(digits, 8) {
-                out.push(value);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+pub fn mount_for(table: Vec<MountEntry>, path: &Path, dev: u64) -> Option<MountInfo> {
+    let wanted = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    table
+        .into_iter()
+        .filter(|entry| path.starts_with(&entry.mount_point))
+        // Among the mounts holding the path: the same device first, then the
+        // deepest mount point; the last such line on a tie (mounted on top).
+        .max_by_key(|entry| (entry.dev == wanted, entry.mount_point.components().count()))
+        .map(|entry| MountInfo {
+            mount_point: entry.mount_point,
+            device: entry.source,
+            fs_type: entry.fs_type,
+        })
 }
 
 /// A fake filesystem world for tests: paths map to filesystems whose numbers
@@ -282,19 +238,39 @@ mod tests {
 
     #[test]
     fn longest_prefix_with_the_same_device_wins() {
-        let m = mount_for(TABLE, Path::new("/var/lib/docker/overlay2"), dev(254, 0)).unwrap();
+        let m = mount_for(
+            crate::mountinfo::parse(TABLE),
+            Path::new("/var/lib/docker/overlay2"),
+            dev(254, 0),
+        )
+        .unwrap();
         assert_eq!(m.mount_point, Path::new("/var/lib/docker"));
-        let m = mount_for(TABLE, Path::new("/var/lib/instance-agent"), dev(254, 0)).unwrap();
+        let m = mount_for(
+            crate::mountinfo::parse(TABLE),
+            Path::new("/var/lib/instance-agent"),
+            dev(254, 0),
+        )
+        .unwrap();
         assert_eq!(m.mount_point, Path::new("/"));
         assert_eq!(m.device, "/dev/vda");
         assert_eq!(m.fs_type, "ext4");
-        let m = mount_for(TABLE, Path::new("/mnt/cache"), dev(0, 41)).unwrap();
+        let m = mount_for(
+            crate::mountinfo::parse(TABLE),
+            Path::new("/mnt/cache"),
+            dev(0, 41),
+        )
+        .unwrap();
         assert_eq!(m.device, "/dev/sdb1");
     }
 
     #[test]
     fn escaped_mount_points_are_decoded() {
-        let m = mount_for(TABLE, Path::new("/tmp/with space/x"), dev(0, 40)).unwrap();
+        let m = mount_for(
+            crate::mountinfo::parse(TABLE),
+            Path::new("/tmp/with space/x"),
+            dev(0, 40),
+        )
+        .unwrap();
         assert_eq!(m.mount_point, Path::new("/tmp/with space"));
         assert_eq!(m.fs_type, "tmpfs");
     }

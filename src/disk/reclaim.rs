@@ -26,10 +26,59 @@ pub struct Freed {
 }
 
 impl Freed {
+    /// One item of `bytes`.
+    pub fn item(bytes: u64) -> Self {
+        Self { bytes, items: 1 }
+    }
+
     /// Adds another amount.
     pub fn add(&mut self, other: Freed) {
         self.bytes = self.bytes.saturating_add(other.bytes);
         self.items = self.items.saturating_add(other.items);
+    }
+}
+
+impl std::iter::Sum for Freed {
+    fn sum<I: Iterator<Item = Freed>>(iter: I) -> Self {
+        let mut total = Freed::default();
+        for freed in iter {
+            total.add(freed);
+        }
+        total
+    }
+}
+
+/// The outcome of a step that removes items one by one and goes on past a
+/// failure: what was freed, and how many failed with the first error.
+#[derive(Debug, Default)]
+pub struct Removals {
+    freed: Freed,
+    failed: u32,
+    first: Option<ReclaimError>,
+}
+
+impl Removals {
+    /// One item of `bytes` was removed.
+    pub fn removed(&mut self, bytes: u64) {
+        self.freed.add(Freed::item(bytes));
+    }
+
+    /// One item could not be removed.
+    pub fn failed(&mut self, error: impl Into<ReclaimError>) {
+        self.failed = self.failed.saturating_add(1);
+        self.first.get_or_insert(error.into());
+    }
+
+    /// What was freed, or [`ReclaimError::Partial`] when anything failed.
+    pub fn finish(self) -> Result<Freed, ReclaimError> {
+        match self.first {
+            None => Ok(self.freed),
+            Some(first) => Err(ReclaimError::Partial {
+                freed: self.freed,
+                failed: self.failed,
+                first: Box::new(first),
+            }),
+        }
     }
 }
 
@@ -113,6 +162,39 @@ pub struct ReclaimReport {
     pub steps: Vec<StepReport>,
     /// Sum of the steps' bytes.
     pub total_bytes: u64,
+}
+
+/// What started a reclaim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReclaimTrigger {
+    /// A `ReclaimSpace` call.
+    Api,
+    /// The disk guard, when a watched filesystem turned critical
+    /// (`disk.auto_reclaim`).
+    Automatic,
+}
+
+impl ReclaimTrigger {
+    /// Lowercase name for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReclaimTrigger::Api => "api",
+            ReclaimTrigger::Automatic => "automatic",
+        }
+    }
+}
+
+/// A reclaim that was not a dry run, as published on the event log: what
+/// deleted what, whichever way it was started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReclaimFinished {
+    /// What started it.
+    pub trigger: ReclaimTrigger,
+    /// The paths whose filesystems it reclaimed for (empty when it was asked
+    /// for every filesystem and none was short of space).
+    pub targets: Vec<PathBuf>,
+    /// What each step did.
+    pub report: ReclaimReport,
 }
 
 /// How a reclaim should run.
@@ -370,6 +452,38 @@ mod tests {
         assert_eq!(ran, [true, true, false]);
         assert_eq!(report.total_bytes, 200);
         assert_eq!(steps[2].calls(), (0, 0), "third step never touched");
+    }
+
+    #[test]
+    fn removals_count_every_failure_and_keep_the_first() {
+        let mut ok = Removals::default();
+        ok.removed(10);
+        ok.removed(5);
+        assert_eq!(
+            ok.finish().unwrap(),
+            Freed {
+                bytes: 15,
+                items: 2
+            }
+        );
+        let mut partial = Removals::default();
+        partial.removed(10);
+        partial.failed(ReclaimError::Other("first".into()));
+        partial.failed(ReclaimError::Other("second".into()));
+        match partial.finish() {
+            Err(ReclaimError::Partial {
+                freed,
+                failed,
+                first,
+            }) => {
+                assert_eq!(freed, Freed::item(10));
+                assert_eq!(failed, 2);
+                assert_eq!(first.to_string(), "first");
+            }
+            other => panic!("{other:?}"),
+        }
+        let sum: Freed = [Freed::item(1), Freed::item(2)].into_iter().sum();
+        assert_eq!(sum, Freed { bytes: 3, items: 2 });
     }
 
     #[tokio::test]

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::mountinfo::MountEntry;
 use super::system::{FuseMounter, Launch, Probe, ProcessState, UnmountFailure};
+use crate::mountinfo::MountEntry;
 
 #[derive(Debug, Default)]
 struct State {
@@ -148,6 +148,7 @@ impl FuseMounter for FakeMounter {
 
     async fn mount_entry(&self, path: &Path) -> std::io::Result<Option<MountEntry>> {
         Ok(self.lock().mounts.contains_key(path).then(|| MountEntry {
+            dev: (0, 0),
             mount_point: path.to_owned(),
             fs_type: "fuse".into(),
             source: "blobfuse2".into(),

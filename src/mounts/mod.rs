@@ -1,7 +1,7 @@
 //! File share mounts: Azure Blob containers mounted with blobfuse2 and
 //! supervised by the agent.
 //!
-//! Owns the mount rules (names, allowed paths, cache placement), the blobfuse2
+//! Owns the mount rules ([`spec`]: names, allowed paths, cache placement), the blobfuse2
 //! config rendering ([`render`]), the per-mount state machine
 //! ([`supervisor`]: mount, health checks, stale detection, repair with
 //! backoff), adoption of mounts that survived an agent restart, where secrets
@@ -15,8 +15,6 @@
 //! [`MountService::watch_cache_dirs`] and [`MountService::empty_cache`] (the
 //! disk guard watches and reclaims the caches).
 
-pub mod mountinfo;
-pub mod paths;
 pub mod reclaim;
 pub mod render;
 pub mod secrets;
@@ -32,7 +30,7 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 pub use service::{CacheDir, MountService, MountSettings, MountedPath, ResolveError};
-pub use spec::{Auth, MountSpec, Origin, Secret};
+pub use spec::{Auth, MountSpec, Origin};
 
 /// The health of a mount, as the API shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

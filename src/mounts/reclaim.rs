@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 
 use super::MountService;
-use crate::disk::reclaim::{Freed, ReclaimError, ReclaimStep};
+use crate::disk::reclaim::{Freed, ReclaimError, ReclaimStep, Removals};
 
 /// Empties mount caches.
 pub struct MountCaches {
@@ -54,22 +54,14 @@ impl ReclaimStep for MountCaches {
     }
 
     async fn run(&self) -> Result<Freed, ReclaimError> {
-        let mut freed = Freed::default();
-        let mut failures = Vec::new();
+        let mut removals = Removals::default();
         for dir in self.mounts.cache_dirs() {
             match self.mounts.empty_cache(&dir.name).await {
-                Ok(bytes) => freed.add(Freed { bytes, items: 1 }),
-                Err(error) => failures.push(error),
+                Ok(bytes) => removals.removed(bytes),
+                Err(error) => removals.failed(ReclaimError::Other(Box::new(error))),
             }
         }
-        match failures.into_iter().next() {
-            None => Ok(freed),
-            Some(first) => Err(ReclaimError::Partial {
-                freed,
-                failed: 1,
-                first: Box::new(ReclaimError::Other(Box::new(first))),
-            }),
-        }
+        removals.finish()
     }
 
     async fn location(&self) -> Option<PathBuf> {

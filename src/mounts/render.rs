@@ -11,7 +11,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::spec::{Auth, MountSpec, Secret};
+use super::spec::{Auth, MountSpec};
+use crate::secret::Secret;
 
 /// Seconds blobfuse2 keeps attributes and closed files cached.
 const CACHE_TIMEOUT_SECONDS: u32 = 120;
@@ -19,7 +20,7 @@ const CACHE_TIMEOUT_SECONDS: u32 = 120;
 /// Renders the config. `secret` is the account key or SAS token for those
 /// modes (ignored for managed identity); `log_file` is blobfuse2's own log.
 pub fn render(spec: &MountSpec, secret: Option<&Secret>, log_file: &Path) -> String {
-    let secret = secret.map(Secret::expose).unwrap_or_default();
+    let secret = secret.map(|s| s.expose().as_str()).unwrap_or_default();
     let (mode, account_key, sas, identity) = match &spec.auth {
         Auth::AccountKey(_) => ("key", Some(secret), None, None),
         Auth::SasToken(_) => ("sas", None, Some(secret), None),
@@ -201,7 +202,7 @@ attr_cache:
 
     #[test]
     fn golden_account_key() {
-        let key = Secret::new("bXlrZXk=+/x==");
+        let key = Secret::from_text("bXlrZXk=+/x==");
         let s = spec(Auth::AccountKey(SecretSource::Given(key.clone())));
         let expected = format!(
             "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: key\n  account-key: bXlrZXk=+/x==\n"
@@ -211,7 +212,7 @@ attr_cache:
 
     #[test]
     fn golden_sas_read_only_with_endpoint_and_subdirectory() {
-        let sas = Secret::new("?sv=2022-11-02&ss=b&sig=abc%2Bdef%3D");
+        let sas = Secret::from_text("?sv=2022-11-02&ss=b&sig=abc%2Bdef%3D");
         let mut s = spec(Auth::SasToken(SecretSource::Given(sas.clone())));
         s.read_only = true;
         s.endpoint = "https://myacct.blob.core.windows.net".into();
@@ -247,13 +248,13 @@ attr_cache:
     #[test]
     fn hostile_values_stay_values() {
         // A secret that looks like YAML must come back as the same string.
-        let key = Secret::new("a: b\n- c # d");
+        let key = Secret::from_text("a: b\n- c # d");
         let s = spec(Auth::AccountKey(SecretSource::Given(key.clone())));
         let yaml = render(&s, Some(&key), Path::new(LOG));
         let parsed: serde_norway::Value = serde_norway::from_str(&yaml).unwrap();
         assert_eq!(
             parsed["azstorage"]["account-key"].as_str(),
-            Some(key.expose())
+            Some(key.expose().as_str())
         );
     }
 
@@ -297,7 +298,7 @@ attr_cache:
                 sas in any::<bool>(),
                 read_only in any::<bool>(),
             ) {
-                let given = Secret::new(&secret);
+                let given = Secret::from_text(&secret);
                 let auth = if sas {
                     Auth::SasToken(SecretSource::Given(given.clone()))
                 } else {
@@ -333,8 +334,8 @@ attr_cache:
                 prop_assert_eq!(az["account-name"].as_str(), Some(account.as_str()));
                 prop_assert_eq!(az["container"].as_str(), Some(container.as_str()));
                 let (field, other) = if sas { ("sas", "account-key") } else { ("account-key", "sas") };
-                // Secret::new trims what a file or a shell may add.
-                prop_assert_eq!(az[field].as_str(), Some(given.expose()));
+                // Secret::from_text trims what a file or a shell may add.
+                prop_assert_eq!(az[field].as_str(), Some(given.expose().as_str()));
                 prop_assert!(az.get(other).is_none());
                 if !endpoint.is_empty() {
                     prop_assert_eq!(az["endpoint"].as_str(), Some(endpoint.as_str()));

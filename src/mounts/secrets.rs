@@ -16,7 +16,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::spec::Secret;
+use crate::secret::Secret;
 
 /// The API secrets directory in a state dir.
 pub fn secrets_dir(state_dir: &Path) -> PathBuf {
@@ -56,7 +56,7 @@ pub fn store(state_dir: &Path, name: &str, secret: &Secret) -> std::io::Result<(
 /// Reads an API mount's kept secret. Blocking.
 pub fn load_stored(state_dir: &Path, name: &str) -> std::io::Result<Secret> {
     let text = std::fs::read_to_string(secrets_dir(state_dir).join(name))?;
-    Ok(Secret::new(&text))
+    Ok(Secret::from_text(&text))
 }
 
 /// Forgets an API mount's secret (absent is fine). Blocking.
@@ -74,7 +74,7 @@ pub fn load_file(path: &Path) -> Result<Secret, String> {
     let content = crate::secret::read_secret_file(path).map_err(|e| e.to_string())?;
     let text = std::str::from_utf8(content.expose())
         .map_err(|_| format!("secret file {} is not UTF-8 text", path.display()))?;
-    let secret = Secret::new(text);
+    let secret = Secret::from_text(text);
     if secret.is_empty() {
         return Err(format!("secret file {} is empty", path.display()));
     }
@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn stored_secret_is_private_and_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let secret = Secret::new("a2V5a2V5a2V5");
+        let secret = Secret::from_text("a2V5a2V5a2V5");
         store(dir.path(), "data", &secret).unwrap();
         let path = secrets_dir(dir.path()).join("data");
         assert_eq!(
@@ -188,13 +188,13 @@ mod tests {
 
     #[test]
     fn scrubs_every_form() {
-        let sas = Secret::new("?sv=2022-11-02&sr=c&sig=AbCd%2BEfGh%3D1234");
+        let sas = Secret::from_text("?sv=2022-11-02&sr=c&sig=AbCd%2BEfGh%3D1234");
         let text = "GET https://a.blob.core.windows.net/c?sv=2022-11-02&sr=c&sig=AbCd%2BEfGh%3D1234: 403; \
                     sig AbCd+EfGh=1234; encoded %3Fsv%3D2022-11-02%26sr%3Dc%26sig%3DAbCd%252BEfGh%253D1234";
         let out = scrub(text, &sas);
         assert!(!out.contains("AbCd"), "{out}");
         assert!(out.contains("403"), "{out}");
-        let key = Secret::new("bXlzZWNyZXRrZXk+/==");
+        let key = Secret::from_text("bXlzZWNyZXRrZXk+/==");
         assert_eq!(
             scrub(
                 "bad key bXlzZWNyZXRrZXk+/== or bXlzZWNyZXRrZXk%2B%2F%3D%3D",

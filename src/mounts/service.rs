@@ -13,15 +13,15 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::paths::{self, PathRules};
 use super::secrets;
-use super::spec::{self, Auth, ManagedIdentity, MountSpec, Origin, SecretSource};
+use super::spec::{self, Auth, ManagedIdentity, MountSpec, Origin, PathRules, SecretSource};
 use super::supervisor::{self, Start};
 use super::system::{FuseMounter, Launch, Probe, UnmountFailure};
 use super::{MountError, MountState, MountStatus};
 use crate::config::{Config, DeclaredMount};
 use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
+use crate::paths;
 use crate::store::{Store, Table, Write};
 
 /// API mounts: the request without its secret.

@@ -1,46 +1,21 @@
 //! What to mount: the domain form of a mount request or a `[[mounts.mount]]`
-//! entry, its field rules, and the secret type that never prints itself.
+//! entry, and its field rules. Secrets travel in the crate's redacting
+//! [`Secret`] wrapper.
+//!
+//! Where mounts and caches may go ([`PathRules`]): a mount path must lie
+//! strictly below one of `mounts.allowed_roots`; a cache dir strictly below
+//! `mounts.cache_root` or an allowed root (the agent empties cache dirs, so an
+//! API caller must not be able to point one at `/etc`). Paths are normalised
+//! lexically (`..` is refused), then resolved through the symlinks of their
+//! existing ancestors ([`crate::paths`]), so a link cannot lead out of the
+//! allowed roots. Neither may overlap the agent's own directories.
 
-use std::fmt;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// A secret (account key or SAS token). `Debug` and `Display` print `***`, so
-/// a secret cannot reach a log line or an error message by accident; only
-/// [`Secret::expose`] gives the value, for the 0600 files blobfuse2 reads.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<str>);
-
-impl Secret {
-    /// Wraps a value, trimming the whitespace a file or a shell may add.
-    pub fn new(value: &str) -> Self {
-        Self(value.trim().into())
-    }
-
-    /// The value itself. Only for writing the files blobfuse2 reads and for scrubbing.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether the secret is empty.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+use crate::paths;
+use crate::secret::Secret;
 
 /// Where a secret comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,7 +97,7 @@ pub struct MountSpec {
     pub account: String,
     /// Blob container.
     pub container: String,
-    /// Where to mount (absolute, normalised; checked by [`super::paths`]).
+    /// Where to mount (absolute, normalised; checked by [`PathRules`]).
     pub mount_path: PathBuf,
     /// How to authenticate.
     pub auth: Auth,
@@ -233,15 +208,127 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
     }
 }
 
+/// The rules, with every root already normalised and resolved.
+#[derive(Debug, Clone)]
+pub struct PathRules {
+    allowed_roots: Vec<PathBuf>,
+    cache_root: PathBuf,
+    agent_dirs: Vec<PathBuf>,
+}
+
+impl PathRules {
+    /// Builds the rules. Roots that cannot be resolved are kept as written
+    /// (they may be created later; a path below them is then checked as is).
+    pub fn new(allowed_roots: &[PathBuf], cache_root: &Path, agent_dirs: &[PathBuf]) -> Self {
+        let fix = |p: &Path| {
+            paths::normalise(p)
+                .and_then(|n| paths::resolve_existing_prefix(&n))
+                .unwrap_or_else(|_| p.to_owned())
+        };
+        Self {
+            allowed_roots: allowed_roots.iter().map(|r| fix(r)).collect(),
+            cache_root: fix(cache_root),
+            agent_dirs: agent_dirs.iter().map(|d| fix(d)).collect(),
+        }
+    }
+
+    /// The default cache dir of a mount.
+    pub fn default_cache_dir(&self, name: &str) -> PathBuf {
+        self.cache_root.join(name)
+    }
+
+    /// Checks and resolves a mount path. Blocking.
+    pub fn mount_path(&self, path: &Path) -> Result<PathBuf, String> {
+        let resolved = resolve(path)?;
+        if !self
+            .allowed_roots
+            .iter()
+            .any(|root| paths::strictly_below(&resolved, root))
+        {
+            return Err(format!(
+                "{} is outside the allowed roots ({}); set mounts.allowed_roots to allow it",
+                describe(path, &resolved),
+                list(&self.allowed_roots)
+            ));
+        }
+        self.directory_of_its_own(path, resolved)
+    }
+
+    /// Checks and resolves a cache dir. Blocking.
+    pub fn cache_dir(&self, path: &Path) -> Result<PathBuf, String> {
+        let resolved = resolve(path)?;
+        let allowed = paths::strictly_below(&resolved, &self.cache_root)
+            || self
+                .allowed_roots
+                .iter()
+                .any(|root| paths::strictly_below(&resolved, root));
+        if !allowed {
+            return Err(format!(
+                "{} must be below mounts.cache_root ({}) or an allowed root ({}): the agent empties cache dirs",
+                describe(path, &resolved),
+                self.cache_root.display(),
+                list(&self.allowed_roots)
+            ));
+        }
+        self.directory_of_its_own(path, resolved)
+    }
+
+    /// A resolved path must be a directory (or not exist yet) and must not
+    /// overlap the agent's own directories.
+    fn directory_of_its_own(&self, path: &Path, resolved: PathBuf) -> Result<PathBuf, String> {
+        if let Ok(meta) = resolved.symlink_metadata()
+            && !meta.is_dir()
+        {
+            return Err(format!(
+                "{} exists and is not a directory",
+                resolved.display()
+            ));
+        }
+        match self
+            .agent_dirs
+            .iter()
+            .find(|d| paths::overlaps(&resolved, d))
+        {
+            Some(dir) => Err(format!(
+                "{} overlaps the agent's own directory {}",
+                describe(path, &resolved),
+                dir.display()
+            )),
+            None => Ok(resolved),
+        }
+    }
+}
+
+/// Normalises and resolves a requested path, for a field's message. Blocking.
+fn resolve(path: &Path) -> Result<PathBuf, String> {
+    paths::normalise(path)
+        .and_then(|n| paths::resolve_existing_prefix(&n))
+        .map_err(|e| e.to_string())
+}
+
+fn describe(asked: &Path, resolved: &Path) -> String {
+    if asked == resolved {
+        asked.display().to_string()
+    } else {
+        format!("{} (resolves to {})", asked.display(), resolved.display())
+    }
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn secret_never_prints_itself() {
-        let s = Secret::new("  c2VjcmV0\n");
-        assert_eq!(s.expose(), "c2VjcmV0");
-        assert_eq!(format!("{s} {s:?}"), "*** Secret(***)");
+    fn secrets_never_print_themselves() {
+        let s = Secret::from_text("  c2VjcmV0\n");
         let auth = Auth::AccountKey(SecretSource::Given(s));
         assert!(!format!("{auth:?}").contains("c2VjcmV0"));
     }
@@ -269,5 +356,78 @@ mod tests {
         assert!(check_endpoint("").is_ok());
         assert!(check_endpoint("https://a.blob.core.windows.net").is_ok());
         assert!(check_endpoint("http://a").is_err());
+    }
+
+    #[test]
+    fn mount_paths_must_be_strictly_below_a_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("mnt");
+        std::fs::create_dir(&root).unwrap();
+        let rules = PathRules::new(
+            std::slice::from_ref(&root),
+            &dir.path().join("cache"),
+            &[dir.path().join("state")],
+        );
+        let root = root.canonicalize().unwrap();
+        assert_eq!(
+            rules.mount_path(&root.join("data")).unwrap(),
+            root.join("data")
+        );
+        assert!(
+            rules
+                .mount_path(&root)
+                .unwrap_err()
+                .contains("outside the allowed roots")
+        );
+        assert!(
+            rules
+                .mount_path(Path::new("/etc/x"))
+                .unwrap_err()
+                .contains("outside")
+        );
+        // A root that is a prefix as a string but not as a path.
+        let sibling = PathBuf::from(format!("{}x/data", root.display()));
+        assert!(rules.mount_path(&sibling).is_err());
+    }
+
+    #[test]
+    fn symlinks_cannot_escape() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("mnt");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        let rules = PathRules::new(&[root], &dir.path().join("cache"), &[]);
+        let err = rules
+            .mount_path(&dir.path().join("mnt/link/data"))
+            .unwrap_err();
+        assert!(err.contains("resolves to"), "{err}");
+    }
+
+    #[test]
+    fn cache_dirs_must_stay_in_cache_root_or_roots_and_off_agent_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let rules = PathRules::new(
+            &[base.join("mnt")],
+            &base.join("cache"),
+            &[base.join("cache/state")],
+        );
+        assert!(rules.cache_dir(&base.join("cache/data")).is_ok());
+        assert!(rules.cache_dir(&base.join("mnt/c")).is_ok());
+        assert!(
+            rules
+                .cache_dir(Path::new("/etc"))
+                .unwrap_err()
+                .contains("empties")
+        );
+        assert!(rules.cache_dir(&base.join("cache")).is_err());
+        assert!(
+            rules
+                .cache_dir(&base.join("cache/state/x"))
+                .unwrap_err()
+                .contains("overlaps")
+        );
     }
 }

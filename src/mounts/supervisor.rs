@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use super::render;
 use super::secrets;
 use super::service::{Inner, PROCESSES, ProcessRecord};
-use super::spec::{MountSpec, Secret, SecretSource};
+use super::spec::{MountSpec, SecretSource};
 use super::system::{Launch, Probe, ProcessState};
 use super::{MountError, MountState, MountStatus};
+use crate::secret::Secret;
 use crate::store::Write;
 
 /// How a supervisor begins.

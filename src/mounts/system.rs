@@ -16,7 +16,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
-use super::mountinfo::{self, MountEntry};
+use crate::mountinfo::{self, MountEntry};
 
 /// How to start blobfuse2 for one mount.
 #[derive(Debug, Clone, PartialEq)]
@@ -283,12 +283,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Whether systemd runs this machine (then blobfuse2 goes in its own scope,
-/// out of the agent's cgroup, which systemd kills on a restart).
-fn under_systemd() -> bool {
-    Path::new("/run/systemd/system").is_dir()
-}
-
 fn spawn_detached(launch: &Launch) -> std::io::Result<u32> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::process::{Command, Stdio};
@@ -298,7 +292,9 @@ fn spawn_detached(launch: &Launch) -> std::io::Result<u32> {
         .append(true)
         .mode(0o600)
         .open(&launch.output_file)?;
-    let mut command = if under_systemd() {
+    // Under systemd blobfuse2 goes in its own scope, out of the agent's
+    // cgroup, which systemd kills on a restart.
+    let mut command = if crate::systemd::booted() {
         let mut c = Command::new("systemd-run");
         let unit = format!(
             "instance-agent-mount-{}-{}",

@@ -225,7 +225,7 @@ pub struct SupervisedRunner {
 impl SupervisedRunner {
     /// Detects the containment available here; `exe` is the agent's binary.
     pub fn detect(exe: PathBuf) -> Self {
-        let containment = if std::path::Path::new("/run/systemd/system").is_dir() {
+        let containment = if crate::systemd::booted() {
             Containment::SystemdScope
         } else if let Some(mount) = process_tree::cgroup_v2_mount() {
             Containment::Cgroup(mount.join(CGROUP_PARENT))

@@ -13,10 +13,11 @@ use crate::config::{Config, DeclaredMount};
 use crate::events::{Delivery, EventBus, EventPayload, Subscription};
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::mounts::fake::FakeMounter;
-use crate::mounts::spec::{Auth, ManagedIdentity, MountSpec, Origin, Secret, SecretSource};
+use crate::mounts::spec::{Auth, ManagedIdentity, MountSpec, Origin, SecretSource};
 use crate::mounts::{
     MountError, MountService, MountSettings, MountState, MountStatus, ResolveError,
 };
+use crate::secret::Secret;
 use crate::store::Store;
 
 const KEY: &str = "S3cr3tAccountKeyValue0123456789==";
@@ -89,7 +90,7 @@ impl World {
             account: "myacct".into(),
             container: "data".into(),
             mount_path: self.base().join("mnt").join(name),
-            auth: Auth::AccountKey(SecretSource::Given(Secret::new(KEY))),
+            auth: Auth::AccountKey(SecretSource::Given(Secret::from_text(KEY))),
             read_only: false,
             cache_dir: PathBuf::new(),
             cache_max_bytes: 0,

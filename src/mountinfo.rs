@@ -1,11 +1,17 @@
-//! Parsing `/proc/self/mountinfo`: the only proof that a mount is up, and how
-//! an already-used mount path is recognised.
+//! The kernel's mount table, `/proc/self/mountinfo`: parsed once here for the
+//! disk guard (where the filesystem holding a path is mounted) and for mounts
+//! (the only proof that a mount is up, and how an already-used mount path is
+//! recognised). Reading it never touches a mounted filesystem, so a hung FUSE
+//! mount cannot block it.
 
 use std::path::{Path, PathBuf};
 
 /// One line of mountinfo, the fields the agent needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// Major and minor device numbers of the filesystem (what `st_dev` of a
+    /// file on it holds).
+    pub dev: (u64, u64),
     /// Where it is mounted.
     pub mount_point: PathBuf,
     /// Filesystem type, e.g. "fuse" or "ext4".
@@ -26,7 +32,7 @@ pub fn parse(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }
 
-/// Reads `/proc/self/mountinfo`. Blocking but never touches a FUSE mount.
+/// Reads `/proc/self/mountinfo`. Blocking but never touches a mounted filesystem.
 pub fn read() -> std::io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
@@ -39,11 +45,14 @@ pub fn find<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry
 fn parse_line(line: &str) -> Option<MountEntry> {
     // id parent major:minor root mount_point options [optional...] - type source super_options
     let (before, after) = line.split_once(" - ")?;
-    let mount_point = before.split(' ').nth(4)?;
+    let mut before = before.split(' ');
+    let (major, minor) = before.nth(2)?.split_once(':')?;
+    let mount_point = before.nth(1)?;
     let mut after = after.split(' ');
     let fs_type = after.next()?;
     let source = after.next()?;
     Some(MountEntry {
+        dev: (major.parse().ok()?, minor.parse().ok()?),
         mount_point: PathBuf::from(unescape(mount_point)),
         fs_type: unescape(fs_type),
         source: unescape(source),
@@ -91,6 +100,7 @@ bad line
         assert_eq!(entries.len(), 3);
         let data = find(&entries, Path::new("/mnt/data")).unwrap();
         assert_eq!(data.fs_type, "fuse");
+        assert_eq!(data.dev, (0, 50));
         assert_eq!(data.source, "blobfuse2");
         assert!(data.is_fuse());
         let spaced = find(&entries, Path::new("/mnt/my data")).unwrap();
