@@ -1,48 +1,55 @@
-//! The agent's own footprint: time from start to READY=1 (systemd notify),
-//! idle RSS and idle CPU, and the release binary's size. Run by
-//! scripts/bench.sh; prints `name | value` rows.
+//! The agent's own footprint: time from start to READY=1 (systemd notify)
+//! with an empty store and with 10,000 finished jobs in it, idle RSS (also
+//! with those jobs loaded) and idle CPU, and the release binary's size. Run
+//! by scripts/bench.sh; prints `name | value` rows.
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    BenchAgent, binary, cpu_ticks, percentile, rss_kib, spawn, ticks_per_second, write_config,
+    BenchAgent, METRICS_ON, binary, cpu_ticks, percentile, rss_kib, seed_finished_jobs,
+    spawn_until_ready, ticks_per_second, write_config,
 };
 
-/// Metrics on, on a port of the kernel's choosing, so that the bench never
-/// collides with an agent already on the default port.
-const METRICS_ON: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+/// Finished jobs in the store for the second start measurement (the
+/// default `jobs.retention_count`).
+const STORED_JOBS: usize = 10_000;
 
-fn main() {
-    let runs = 20;
+/// Spawn → READY=1, `runs` times on one state dir (a fresh one when `seed`
+/// is 0); returns the sorted times and the RSS of the last run's agent 3 s
+/// after READY.
+fn ready_times(runs: usize, seed: usize) -> (Vec<Duration>, u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, config) = write_config(dir.path(), METRICS_ON);
+    if seed > 0 {
+        seed_finished_jobs(&dir.path().join("state"), seed);
+    }
     let mut ready = Vec::new();
-    for _ in 0..runs {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (_, config) = write_config(dir.path(), METRICS_ON);
-        let notify_path = dir.path().join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
-        notify
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let started = Instant::now();
-        let mut child = spawn(
-            &config,
-            &[("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8"))],
-        );
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = notify.recv(&mut buf).expect("READY=1 within 10 s");
-            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-                break;
-            }
+    let mut rss = 0;
+    for run in 0..runs {
+        let (mut child, took) = spawn_until_ready(&config, dir.path());
+        ready.push(took);
+        if run + 1 == runs {
+            std::thread::sleep(Duration::from_secs(3));
+            rss = rss_kib(child.id());
         }
-        ready.push(started.elapsed());
         let _ = child.kill();
         let _ = child.wait();
     }
     ready.sort();
+    (ready, rss)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn main() {
+    let runs = 20;
+    let (ready, _) = ready_times(runs, 0);
+    let stored_runs = 10;
+    let (ready_stored, rss_stored) = ready_times(stored_runs, STORED_JOBS);
 
     let rss_metrics_off = {
         let agent = BenchAgent::start("[metrics]\nlisten = \"\"\n");
@@ -61,17 +68,23 @@ fn main() {
     let size = std::fs::metadata(binary()).map(|m| m.len()).unwrap_or(0);
 
     println!(
-        "start to READY=1 (median of {runs}) | {:.1} ms",
-        percentile(&ready, 50.0).as_secs_f64() * 1000.0
+        "start to READY=1, empty store (median; p90 of {runs}) | {}; {}",
+        ms(percentile(&ready, 50.0)),
+        ms(percentile(&ready, 90.0))
     );
     println!(
-        "start to READY=1 (p90 of {runs}) | {:.1} ms",
-        percentile(&ready, 90.0).as_secs_f64() * 1000.0
+        "start to READY=1 with {STORED_JOBS} finished jobs in the store (median; p90 of {stored_runs}) | {}; {}",
+        ms(percentile(&ready_stored, 50.0)),
+        ms(percentile(&ready_stored, 90.0))
     );
     println!("idle RSS (after 23 s) | {:.1} MiB", rss as f64 / 1024.0);
     println!(
         "idle RSS, metrics off (after 23 s) | {:.1} MiB",
         rss_metrics_off as f64 / 1024.0
+    );
+    println!(
+        "RSS with {STORED_JOBS} finished jobs in the store (3 s after READY) | {:.1} MiB",
+        rss_stored as f64 / 1024.0
     );
     println!(
         "idle CPU (over {} s) | {cpu_percent:.2} % of one core",

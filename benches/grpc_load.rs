@@ -23,17 +23,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BenchAgent, cpu_ticks, machine, ticks_per_second};
+use common::{BenchAgent, cpu_ticks, machine, setting, ticks_per_second};
 use instance_agent::api::proto::{self, agent_service_client::AgentServiceClient};
 use tonic::transport::Channel;
-
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|v| *v > 0)
-        .unwrap_or(default)
-}
 
 /// What one run measured.
 struct Outcome {

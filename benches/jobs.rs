@@ -2,6 +2,21 @@
 //! the agent's own overhead per job, and its RSS with 10,000 jobs queued.
 //! Run by scripts/bench.sh (needs the engine and instance-agent/busybox:test);
 //! prints `name | value` rows.
+//!
+//! Overhead per job is measured two ways, both defined so that they yield a
+//! number on a noisy machine:
+//! - CPU: the agent process's user+system time (/proc/PID/stat) over the N
+//!   jobs of the throughput run, divided by N, beside the CPU time of the
+//!   docker CLI processes (this process's reaped children, cutime+cstime)
+//!   per job in the same run; and the wall-clock per job of both (ratio).
+//! - Start latency: submit→running as the agent stamps it (one fsynced write
+//!   of the queued record, one of the starting record, create, start) minus
+//!   create+start through bollard directly, in interleaved pairs so that
+//!   both sides see the same load; the median of the pairs' differences.
+//!
+//! Settings (environment): `BENCH_JOBS` (100 jobs for throughput and CPU),
+//! `BENCH_PAIRS` (30 start-latency pairs), `BENCH_SECTIONS` (a comma list of
+//! throughput, latency, queued; all by default).
 
 mod common;
 
@@ -9,8 +24,11 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BenchAgent, rss_kib};
-use instance_agent::api::proto::{self, job_service_client::JobServiceClient};
+use common::{BenchAgent, cpu_ticks, percentile, rss_kib, setting, ticks_per_second};
+use instance_agent::api::proto::{
+    self, agent_service_client::AgentServiceClient, job_service_client::JobServiceClient,
+};
+use tonic::transport::Channel;
 
 const IMAGE: &str = "instance-agent/busybox:test";
 
@@ -23,38 +41,39 @@ fn spec(id: String) -> proto::JobSpec {
     }
 }
 
-async fn wait_all_final(jobs: &mut JobServiceClient<tonic::transport::Channel>, count: usize) {
+/// Waits until no job is queued or holds a slot (every submitted job has
+/// ended and its container is gone), polling the cheap GetStatus so that the
+/// wait itself costs the agent next to no CPU; then checks that `count` jobs
+/// succeeded and none failed.
+async fn wait_all_final(channel: &Channel, count: usize) {
+    let mut agent = AgentServiceClient::new(channel.clone());
     loop {
-        let list = jobs
-            .list_jobs(proto::ListJobsRequest {
-                states: vec![
-                    proto::JobState::Succeeded as i32,
-                    proto::JobState::Failed as i32,
-                ],
-                limit: 100_000,
-                ..Default::default()
-            })
+        let status = agent
+            .get_status(proto::GetStatusRequest {})
             .await
-            .expect("list")
+            .expect("status")
             .into_inner();
-        if list.jobs.len() >= count {
-            let failed = list
-                .jobs
-                .iter()
-                .filter(|j| j.state() == proto::JobState::Failed)
-                .count();
-            assert_eq!(
-                failed,
-                0,
-                "jobs failed: {:?}",
-                list.jobs
-                    .iter()
-                    .find(|j| j.state() == proto::JobState::Failed)
-            );
-            return;
+        let slots = status.slots.unwrap_or_default();
+        if slots.queued == 0 && slots.in_use == 0 {
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let list = JobServiceClient::new(channel.clone())
+        .list_jobs(proto::ListJobsRequest {
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let failed: Vec<_> = list
+        .jobs
+        .iter()
+        .filter(|j| j.state() != proto::JobState::Succeeded)
+        .collect();
+    assert!(failed.is_empty(), "jobs did not succeed: {failed:?}");
+    assert_eq!(list.jobs.len(), count, "jobs recorded");
 }
 
 /// Creates and starts a container through bollard directly, as the agent
@@ -96,8 +115,22 @@ async fn engine_create_start(docker: &bollard::Docker, name: &str) -> Duration {
     took
 }
 
+/// CPU time (user+system, clock ticks) of this process's reaped children.
+fn children_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // cutime and cstime follow utime and stime (see common::cpu_ticks).
+    let field = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    field(13) + field(14)
+}
+
+fn ticks_ms(ticks: u64) -> f64 {
+    ticks as f64 * 1000.0 / ticks_per_second() as f64
+}
+
 /// Sections to run: all, or those named in `BENCH_SECTIONS`
-/// (throughput,overhead,queued).
+/// (throughput,latency,queued).
 fn want(section: &str) -> bool {
     std::env::var("BENCH_SECTIONS").map_or(true, |s| s.split(',').any(|x| x == section))
 }
@@ -107,25 +140,25 @@ async fn main() {
     if want("throughput") {
         throughput().await;
     }
-    if want("overhead") {
-        overhead().await;
+    if want("latency") {
+        start_latency().await;
     }
     if want("queued") {
         queued().await;
     }
 }
 
+/// N `true` jobs through the agent, then the same through the docker CLI,
+/// `capacity` at a time; the CPU each side spends.
 async fn throughput() {
-    let n: usize = std::env::var("BENCH_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let n = setting("BENCH_JOBS", 100);
     let capacity = 4;
 
-    // 1. Throughput: N `true` jobs through the agent.
     let agent = BenchAgent::start(&format!("[jobs]\nslots = {capacity}\n"));
-    let mut jobs = JobServiceClient::new(agent.channel().await);
+    let channel = agent.channel().await;
+    let mut jobs = JobServiceClient::new(channel.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let ticks_before = cpu_ticks(agent.pid());
     let started = Instant::now();
     for i in 0..n {
         jobs.submit_job(proto::SubmitJobRequest {
@@ -134,14 +167,12 @@ async fn throughput() {
         .await
         .expect("submit");
     }
-    wait_all_final(&mut jobs, n).await;
+    wait_all_final(&channel, n).await;
     let agent_secs = started.elapsed().as_secs_f64();
-
-    // Per-job agent timings (queued→running includes queueing; measure
-    // overhead separately below).
+    let agent_ticks = cpu_ticks(agent.pid()) - ticks_before;
     drop(agent);
 
-    // 2. The same through the docker CLI, `capacity` at a time.
+    let children_before = children_cpu_ticks();
     let started = Instant::now();
     let status = Command::new("sh")
         .args([
@@ -154,81 +185,104 @@ async fn throughput() {
         .expect("xargs docker run");
     assert!(status.success());
     let cli_secs = started.elapsed().as_secs_f64();
+    let cli_ticks = children_cpu_ticks() - children_before;
+
+    let per_job_ms = |secs: f64| secs * 1000.0 / n as f64;
     println!(
-        "jobs through the agent ({n} x `true`, {capacity} slots) | {:.1} jobs/s",
-        n as f64 / agent_secs
-    );
-    println!(
-        "jobs through `xargs -P{capacity} docker run --rm` | {:.1} jobs/s",
-        n as f64 / cli_secs
-    );
-    println!(
-        "agent / docker CLI throughput ratio | {:.2}",
+        "job throughput, agent vs `xargs -P{capacity} docker run --rm --network none` ({n} × `true`, {capacity} slots, same run) | {:.1} vs {:.1} jobs/s (ratio {:.2})",
+        n as f64 / agent_secs,
+        n as f64 / cli_secs,
         cli_secs / agent_secs
+    );
+    println!(
+        "wall-clock per job, agent vs docker CLI (same run) | {:.0} vs {:.0} ms (ratio {:.2})",
+        per_job_ms(agent_secs),
+        per_job_ms(cli_secs),
+        agent_secs / cli_secs
+    );
+    println!(
+        "agent overhead per job: agent CPU time per job vs docker CLI processes' per job ({n} jobs, /proc ticks) | {:.2} vs {:.1} ms",
+        ticks_ms(agent_ticks) / n as f64,
+        ticks_ms(cli_ticks) / n as f64
     );
 }
 
-async fn overhead() {
-    let capacity = 4;
-
-    // 3. Overhead per job: submit→running through the agent, one job at a
-    // time (no queueing), minus create+start through bollard directly.
-    let agent = BenchAgent::start(&format!("[jobs]\nslots = {capacity}\n"));
-    let mut jobs = JobServiceClient::new(agent.channel().await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let samples = 30;
-    let mut through_agent = Vec::new();
-    for i in 0..samples {
-        let id = format!("oh-{i}");
-        let t0 = Instant::now();
-        jobs.submit_job(proto::SubmitJobRequest {
-            spec: Some(spec(id.clone())),
-        })
-        .await
-        .expect("submit");
-        loop {
-            let job = jobs
-                .get_job(proto::GetJobRequest { id: id.clone() })
-                .await
-                .expect("get")
-                .into_inner();
-            if let Some(running) = job.running_at {
-                // running_at is stamped by the agent right after start returns.
-                let queued = job.queued_at.expect("queued_at");
-                let nanos = (running.seconds - queued.seconds) * 1_000_000_000
-                    + i64::from(running.nanos - queued.nanos);
-                through_agent.push(Duration::from_nanos(nanos.max(0) as u64));
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                panic!("job {id} never ran");
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        wait_all_final(&mut jobs, i + 1).await;
-    }
-    drop(agent);
+/// Start latency: one job through the agent, then one container through
+/// bollard, `samples` times, with the engine idle before each.
+async fn start_latency() {
+    let samples = setting("BENCH_PAIRS", 30);
+    let agent = BenchAgent::start("[jobs]\nslots = 4\n");
+    let channel = agent.channel().await;
+    let mut jobs = JobServiceClient::new(channel.clone());
     let docker = bollard::Docker::connect_with_unix_defaults()
         .expect("docker")
         .negotiate_version()
         .await
         .expect("negotiate");
-    let mut direct = Vec::new();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut through_agent, mut direct, mut differences) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..samples {
-        direct.push(
-            engine_create_start(&docker, &format!("bench-direct-{}-{i}", std::process::id())).await,
+        let id = format!("lat-{i}");
+        jobs.submit_job(proto::SubmitJobRequest {
+            spec: Some(spec(id.clone())),
+        })
+        .await
+        .expect("submit");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let job = loop {
+            let job = jobs
+                .get_job(proto::GetJobRequest { id: id.clone() })
+                .await
+                .expect("get")
+                .into_inner();
+            let state = job.state();
+            if matches!(
+                state,
+                proto::JobState::Succeeded
+                    | proto::JobState::Failed
+                    | proto::JobState::Cancelled
+                    | proto::JobState::TimedOut
+            ) {
+                assert_eq!(state, proto::JobState::Succeeded, "{job:?}");
+                break job;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        wait_all_final(&channel, i + 1).await;
+        // running_at is stamped by the agent right after start returns.
+        let (queued, running) = (
+            job.queued_at.expect("queued_at"),
+            job.running_at.expect("running_at"),
         );
+        let nanos = (running.seconds - queued.seconds) * 1_000_000_000
+            + i64::from(running.nanos - queued.nanos);
+        let agent_side = Duration::from_nanos(nanos.max(0) as u64);
+        let direct_side =
+            engine_create_start(&docker, &format!("bench-direct-{}-{i}", std::process::id())).await;
+        through_agent.push(agent_side);
+        direct.push(direct_side);
+        differences.push(agent_side.as_secs_f64() - direct_side.as_secs_f64());
     }
-    let mean = |v: &[Duration]| v.iter().sum::<Duration>().as_secs_f64() / v.len() as f64 * 1000.0;
-    let agent_ms = mean(&through_agent);
-    let direct_ms = mean(&direct);
-    println!("submit→running through the agent (mean of {samples}) | {agent_ms:.1} ms");
-    println!("create+start through bollard directly (mean of {samples}) | {direct_ms:.1} ms");
-    println!("agent overhead per job | {:.1} ms", agent_ms - direct_ms);
+    drop(agent);
+    through_agent.sort();
+    direct.sort();
+    differences.sort_by(f64::total_cmp);
+    let median_difference = differences[differences.len() / 2];
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "job start latency: submit→running through the agent vs create+start through bollard (medians of {samples} interleaved pairs) | {:.1} vs {:.1} ms",
+        ms(percentile(&through_agent, 50.0)),
+        ms(percentile(&direct, 50.0))
+    );
+    println!(
+        "agent overhead per job: start latency added (median of the {samples} pairs' differences) | {:.1} ms",
+        median_difference * 1000.0
+    );
 }
 
 async fn queued() {
-    // 4. RSS with 10,000 jobs queued (engine unreachable, so none starts).
+    // RSS with 10,000 jobs queued (engine unreachable, so none starts).
     let queued = 10_000;
     let agent = BenchAgent::start(
         "[docker]\nsocket = \"/nonexistent/docker.sock\"\n[jobs]\nmax_queue = 20000\n",

@@ -34,8 +34,9 @@ use crate::host::Gpu;
 use crate::status::SlotUsage;
 use crate::store::{Store, StoreError, Table, Write};
 
-/// Job records, keyed by job id.
-const RECORDS: Table = Table("jobs.records");
+/// Job records (JSON [`JobRecord`]s), keyed by job id. Public so that the
+/// benchmarks can fill a store the way the agent does.
+pub const RECORDS: Table = Table("jobs.records");
 /// How long CancelJob waits for a running job to end before answering (the
 /// README promises an answer within 2 s, even from a hung engine).
 const CANCEL_REPLY_WAIT: Duration = Duration::from_secs(1);
