@@ -119,7 +119,11 @@ pub enum ResolveError {
     #[error("no mount named {0:?}")]
     Unknown(String),
     /// The mount exists but is not healthy now: the job waits.
-    #[error("mount {name:?} is {state} ({message})", state = state.name())]
+    #[error(
+        "mount {name:?} is {state}{detail}",
+        state = state.name(),
+        detail = if message.is_empty() { String::new() } else { format!(" ({message})") }
+    )]
     Unhealthy {
         /// The mount.
         name: String,

@@ -487,3 +487,17 @@ async fn empty_cache_frees_bytes_and_managed_identity_needs_no_secret() {
     );
     let _ = &w.config;
 }
+
+#[test]
+fn an_unhealthy_mount_reads_well_with_and_without_a_message() {
+    let unhealthy = |message: &str| ResolveError::Unhealthy {
+        name: "data".into(),
+        state: MountState::Remounting,
+        message: message.into(),
+    };
+    assert_eq!(unhealthy("").to_string(), "mount \"data\" is remounting");
+    assert_eq!(
+        unhealthy("attempt 2").to_string(),
+        "mount \"data\" is remounting (attempt 2)"
+    );
+}
