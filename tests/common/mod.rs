@@ -335,6 +335,11 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
         remove_containers(&self.instance_id);
+        // A create the agent sent just before it died can still land in the
+        // engine after the first look (seen as leftover "Created"
+        // containers): look again.
+        std::thread::sleep(Duration::from_millis(300));
+        remove_containers(&self.instance_id);
     }
 }
 
