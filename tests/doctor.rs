@@ -9,7 +9,7 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{Agent, cli};
+use common::{Agent, cli, is_final};
 use instance_agent::api::proto::{self, job_service_client::JobServiceClient};
 
 /// The check names, in the order doctor runs them.
@@ -407,6 +407,22 @@ async fn the_bundle_holds_status_events_config_and_logs_without_secrets() {
     let report: serde_json::Value = serde_json::from_str(&entries["doctor.json"]).expect("doctor");
     assert_eq!(report["result"], "FAIL");
     assert!(entries["README.txt"].contains("support bundle"));
+
+    // Let the job end, so that no container is being created as the agent
+    // is killed (it would outlive the test).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !is_final(
+        jobs.get_job(proto::GetJobRequest {
+            id: "bundle-job".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .state(),
+    ) && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Runs doctor until `name`'s check has `result` (runs and mounts settle
