@@ -19,14 +19,13 @@ use std::time::{Duration, Instant};
 use common::engine::{EngineGuard, freeze_engine, start_engine, stop_engine, thaw_engine};
 use common::fs::{Filler, LoopExt4, MIB};
 use common::fuse_site::Site;
-use common::{Agent, is_final, try_connect};
+use common::{Agent, is_final, marked_job as marked, runs, try_connect};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, job_service_client::JobServiceClient,
     mount_service_client::MountServiceClient,
 };
 use tonic::Code;
 
-const IMAGE: &str = "instance-agent/busybox:test";
 /// Every RPC of the suite has this deadline, as a control plane would.
 const RPC_DEADLINE: Duration = Duration::from_secs(2);
 /// Seconds a long job sleeps: longer than dockerd's 10 s stop timeout, so
@@ -151,44 +150,12 @@ impl Outcome {
     }
 }
 
-/// A job that appends one line to `<markers>/<id>` as its container starts,
-/// then sleeps.
-fn marked(id: &str, sleep: &str, markers: &Path) -> proto::JobSpec {
-    proto::JobSpec {
-        id: id.into(),
-        image: IMAGE.into(),
-        command: vec![
-            "sh".into(),
-            "-c".into(),
-            format!("echo run >> /markers/{id}; sleep {sleep}"),
-        ],
-        mounts: vec![host_mount(markers, "/markers")],
-        ..Default::default()
-    }
-}
-
-fn host_mount(path: &Path, container_path: &str) -> proto::JobMount {
-    proto::JobMount {
-        source: Some(proto::job_mount::Source::HostPath(
-            path.display().to_string(),
-        )),
-        container_path: container_path.into(),
-        read_only: false,
-    }
-}
-
 fn jobs_config(markers: &Path) -> String {
     format!(
         "[jobs]\nslots = {SLOTS}\nkill_grace_seconds = 1\nallowed_host_roots = [{:?}]\n\
          [docker]\ncheck_interval_seconds = 1\n",
         markers.display().to_string()
     )
-}
-
-fn runs(markers: &Path, id: &str) -> usize {
-    std::fs::read_to_string(markers.join(id))
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
 }
 
 async fn jobs_client(socket: &Path) -> Option<JobServiceClient<tonic::transport::Channel>> {

@@ -4,34 +4,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::Agent;
 use common::engine::{EngineGuard, start_engine, stop_engine};
+use common::{Agent, marked_job as marked};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, job_service_client::JobServiceClient,
 };
-
-fn marked(id: &str, sleep: &str, markers: &Path) -> proto::JobSpec {
-    proto::JobSpec {
-        id: id.into(),
-        image: "instance-agent/busybox:test".into(),
-        command: vec![
-            "sh".into(),
-            "-c".into(),
-            format!("echo run >> /markers/{id}; sleep {sleep}"),
-        ],
-        mounts: vec![proto::JobMount {
-            source: Some(proto::job_mount::Source::HostPath(
-                markers.display().to_string(),
-            )),
-            container_path: "/markers".into(),
-            read_only: false,
-        }],
-        ..Default::default()
-    }
-}
 
 #[tokio::test]
 async fn engine_restart_while_jobs_are_queued_and_running() {

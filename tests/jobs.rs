@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Agent, cli, is_final};
+use common::{Agent, cli, is_final, marked_job as marked, runs};
 use instance_agent::api::proto::{self, job_service_client::JobServiceClient};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -29,27 +29,6 @@ fn spec(id: &str, command: &[&str]) -> proto::JobSpec {
         command: command.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     }
-}
-
-/// A job that appends one line to /markers/<id> (so runs are counted by the
-/// test, independently of the agent) and then sleeps.
-fn marked(id: &str, sleep: &str, markers: &Path) -> proto::JobSpec {
-    let mut s = spec(
-        id,
-        &[
-            "sh",
-            "-c",
-            &format!("echo run >> /markers/{id}; sleep {sleep}"),
-        ],
-    );
-    s.mounts.push(proto::JobMount {
-        source: Some(proto::job_mount::Source::HostPath(
-            markers.display().to_string(),
-        )),
-        container_path: "/markers".into(),
-        read_only: false,
-    });
-    s
 }
 
 async fn client(agent: &Agent) -> JobServiceClient<tonic::transport::Channel> {
@@ -129,12 +108,6 @@ async fn wait_removed(instance_id: &str) {
         assert!(Instant::now() < deadline, "containers left behind");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn runs(markers: &Path, id: &str) -> usize {
-    std::fs::read_to_string(markers.join(id))
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
 }
 
 #[tokio::test]

@@ -363,6 +363,35 @@ pub async fn try_connect(socket: &Path) -> Result<Channel, tonic::transport::Err
         .await
 }
 
+/// A job of the local busybox image that appends one line to
+/// `<markers>/<id>` as its container starts (so the test counts runs
+/// independently of the agent), then sleeps `sleep` seconds.
+pub fn marked_job(id: &str, sleep: &str, markers: &Path) -> instance_agent::api::proto::JobSpec {
+    use instance_agent::api::proto::{JobMount, JobSpec, job_mount::Source};
+    JobSpec {
+        id: id.into(),
+        image: "instance-agent/busybox:test".into(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo run >> /markers/{id}; sleep {sleep}"),
+        ],
+        mounts: vec![JobMount {
+            source: Some(Source::HostPath(markers.display().to_string())),
+            container_path: "/markers".into(),
+            read_only: false,
+        }],
+        ..Default::default()
+    }
+}
+
+/// How many times the job `id` of [`marked_job`] started.
+pub fn runs(markers: &Path, id: &str) -> usize {
+    std::fs::read_to_string(markers.join(id))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
 /// True for the states a job never leaves.
 pub fn is_final(state: instance_agent::api::proto::JobState) -> bool {
     use instance_agent::api::proto::JobState;
