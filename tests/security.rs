@@ -876,26 +876,42 @@ async fn each_limit_is_hit_once() {
     );
 
     // Queue: one job holds the only slot, one waits, the next is refused.
-    for _ in 0..2 {
-        jobs.submit_job(proto::SubmitJobRequest {
+    let first = jobs
+        .submit_job(proto::SubmitJobRequest {
             spec: Some(spec(&["sleep", "60"])),
         })
         .await
-        .expect("submit");
-    }
+        .expect("submit")
+        .into_inner();
+    // It leaves the queue once it is given the slot.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        // The first job may still be queued for an instant before it starts.
-        match jobs
-            .submit_job(proto::SubmitJobRequest {
-                spec: Some(spec(&["sleep", "60"])),
-            })
-            .await
-        {
-            Err(status) => break status,
-            Ok(_) => assert!(Instant::now() < deadline, "the queue never filled"),
-        }
-    };
+    while jobs
+        .get_job(proto::GetJobRequest {
+            id: first.id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .state()
+        == proto::JobState::Queued
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first job never left the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    jobs.submit_job(proto::SubmitJobRequest {
+        spec: Some(spec(&["sleep", "60"])),
+    })
+    .await
+    .expect("submit the one that waits");
+    let status = jobs
+        .submit_job(proto::SubmitJobRequest {
+            spec: Some(spec(&["sleep", "60"])),
+        })
+        .await
+        .expect_err("the queue is full");
     assert_names(&status, Code::ResourceExhausted, "jobs.max_queue", "1");
 
     // Streams: two may be open, the third is refused; closing one frees it.
