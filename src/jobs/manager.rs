@@ -40,6 +40,10 @@ pub const RECORDS: Table = Table("jobs.records");
 /// How long CancelJob waits for a running job to end before answering (the
 /// README promises an answer within 2 s, even from a hung engine).
 const CANCEL_REPLY_WAIT: Duration = Duration::from_secs(1);
+/// Looks at a SIGKILLed, memory-limited container for the engine's OOM flag,
+/// and how far apart (see `oom_killed`).
+const OOM_LOOKS: u32 = 5;
+const OOM_LOOK_INTERVAL: Duration = Duration::from_millis(200);
 /// How long the final state waits for the output capture to drain.
 const CAPTURE_DRAIN: Duration = Duration::from_secs(60);
 /// Longest wait between retries while the engine or the store fails.
@@ -1140,8 +1144,9 @@ impl JobManager {
             );
         }
         let oom = match exit {
-            Some(_) => {
-                matches!(self.inner.engine.inspect(container).await, Ok(Some(s)) if s.oom_killed)
+            Some(code) => {
+                self.oom_killed(container, code, record.spec.memory_bytes)
+                    .await
             }
             None => false,
         };
@@ -1171,6 +1176,24 @@ impl JobManager {
             }
         };
         self.finish(id, container, state, reason, exit, oom).await;
+    }
+
+    /// Whether the kernel's OOM killer ended the container. The engine may
+    /// learn of the OOM kill after the exit (seen with cgroup v1: a SIGKILL
+    /// exit reported with `OOMKilled` false, true a moment later), so a
+    /// SIGKILL exit of a memory-limited job is looked at a few more times.
+    async fn oom_killed(&self, container: &str, code: i64, memory_limit: u64) -> bool {
+        let may_be_late = code == 137 && memory_limit > 0;
+        let looks = if may_be_late { OOM_LOOKS } else { 1 };
+        for look in 0..looks {
+            if look > 0 {
+                tokio::time::sleep(OOM_LOOK_INTERVAL).await;
+            }
+            if matches!(self.inner.engine.inspect(container).await, Ok(Some(s)) if s.oom_killed) {
+                return true;
+            }
+        }
+        false
     }
 
     /// The repair counts of a job's managed mounts.
