@@ -1177,6 +1177,22 @@ impl Config {
                     format!("{} must be an absolute path", p.display()),
                 ));
             }
+            // Overrides are looked up by the tidy form of a watched path: a
+            // key written otherwise would silently never apply.
+            match crate::paths::normalise(p) {
+                Err(error) => return Err(invalid(key, error.to_string())),
+                Ok(tidy) if key == "disk.overrides" && tidy.as_os_str() != p.as_os_str() => {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{} must be written as {} (no trailing slash, `.` or `//`)",
+                            p.display(),
+                            tidy.display()
+                        ),
+                    ));
+                }
+                Ok(_) => {}
+            }
         }
         for (p, o) in &disk.overrides {
             levels.push((
@@ -1465,6 +1481,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("agent.state_dir"), "{msg}");
+    }
+
+    #[test]
+    fn disk_override_keys_must_be_tidy_paths() {
+        let ok = "[disk.overrides.\"/mnt\"]\ncritical_free_bytes = 1\n";
+        assert!(Config::parse(ok, p()).is_ok());
+        for bad in ["/mnt/", "/mnt//x", "/mnt/./x"] {
+            let text = format!("[disk.overrides.\"{bad}\"]\ncritical_free_bytes = 1\n");
+            let msg = Config::parse(&text, p()).unwrap_err().to_string();
+            assert!(msg.contains("disk.overrides"), "{msg}");
+            assert!(msg.contains("must be written as"), "{msg}");
+        }
+        let text = "[disk.overrides.\"/mnt/../etc\"]\ncritical_free_bytes = 1\n";
+        let msg = Config::parse(text, p()).unwrap_err().to_string();
+        assert!(
+            msg.contains("disk.overrides") && msg.contains(".."),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -983,3 +983,86 @@ async fn a_critical_state_filesystem_holds_real_queued_jobs_and_releases_them() 
         }
     }
 }
+
+#[tokio::test]
+async fn reclaim_space_through_the_agent_removes_a_finished_jobs_container() {
+    use instance_agent::api::proto::job_service_client::JobServiceClient;
+    let instance = format!("disk-reclaim-{}", common::uuid_like());
+    // Kept containers stay after their job ends: the reclaim step's work.
+    let agent = Agent::builder()
+        .instance_id(&instance)
+        .config("[jobs]\nkeep_containers = true\n")
+        .start();
+    let mut jobs = JobServiceClient::new(agent.channel().await);
+    let mut disk = disk_client(&agent).await;
+    jobs.submit_job(proto::SubmitJobRequest {
+        spec: Some(proto::JobSpec {
+            id: "finished".into(),
+            image: "instance-agent/busybox:test".into(),
+            // Writes into its container layer: the bytes the reclaim frees.
+            command: ["sh", "-c", "head -c 1000000 /dev/zero > /blob"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("submit");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = jobs
+            .get_job(proto::GetJobRequest {
+                id: "finished".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        if job.state() == proto::JobState::Succeeded {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job never succeeded: {job:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(common::containers(&instance, true).len(), 1, "kept");
+
+    let dry = disk
+        .reclaim_space(proto::ReclaimSpaceRequest {
+            dry_run: true,
+            path: String::new(),
+            all_steps: true,
+        })
+        .await
+        .expect("dry run")
+        .into_inner();
+    let step = |r: &proto::ReclaimSpaceResponse| {
+        r.steps
+            .iter()
+            .find(|s| s.name == "exited_containers")
+            .cloned()
+            .expect("exited_containers step")
+    };
+    assert_eq!(step(&dry).items, 1, "{dry:?}");
+    assert_eq!(
+        common::containers(&instance, true).len(),
+        1,
+        "a dry run deletes nothing"
+    );
+
+    let report = disk
+        .reclaim_space(proto::ReclaimSpaceRequest {
+            dry_run: false,
+            path: String::new(),
+            all_steps: true,
+        })
+        .await
+        .expect("reclaim")
+        .into_inner();
+    let removed = step(&report);
+    assert!(removed.ran && removed.error.is_empty(), "{report:?}");
+    assert_eq!(removed.items, 1, "{report:?}");
+    assert!(removed.bytes > 0, "{report:?}");
+    assert!(
+        common::containers(&instance, true).is_empty(),
+        "the finished job's container is gone"
+    );
+}

@@ -10,6 +10,8 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::auth::Role;
+use super::peer::{Peer, Who};
 use super::proto::{self, disk_service_server::DiskService};
 use super::timestamp;
 use crate::disk::guard::ReclaimRequest;
@@ -104,7 +106,16 @@ impl DiskService for DiskApi {
         &self,
         request: Request<proto::TopDirectoriesRequest>,
     ) -> Result<Response<Self::TopDirectoriesStream>, Status> {
-        let request = top_request(request.into_inner()).map_err(status)?;
+        // An operator's walk sees only what that operator could list.
+        let as_uid = match request.extensions().get::<Peer>() {
+            Some(Peer {
+                role: Role::Operator,
+                who: Who::Local { uid, .. },
+            }) => Some(*uid),
+            _ => None,
+        };
+        let mut request = top_request(request.into_inner()).map_err(status)?;
+        request.as_uid = as_uid;
         let (progress_tx, mut progress) = mpsc::channel(4);
         let guard = self.guard.clone();
         let mut walk = Box::pin(async move { guard.top_directories(request, progress_tx).await });
@@ -183,6 +194,7 @@ fn top_request(r: proto::TopDirectoriesRequest) -> Result<TopRequest, DiskError>
             pick("timeout_seconds", r.timeout_seconds, TOP_TIMEOUT_SECONDS)?.into(),
         ),
         max_entries: pick("max_entries", r.max_entries, TOP_MAX_ENTRIES)?,
+        as_uid: None,
     })
 }
 
@@ -280,6 +292,7 @@ pub fn alert_to_proto(a: &DiskAlert) -> proto::DiskAlert {
         free_bytes: stats.free_bytes,
         free_inodes: stats.free_inodes,
         threshold_bytes: a.threshold_bytes,
+        threshold_inodes_percent: a.threshold_inodes_percent,
         old_state: state_to_proto(a.old_state) as i32,
         new_state: state_to_proto(a.new_state) as i32,
         time: Some(timestamp(a.time)),

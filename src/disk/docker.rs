@@ -82,11 +82,16 @@ async fn call<T>(
 /// take a while on a large image store.
 const ENGINE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// Deadline for asking the engine where its data lives: a quick call, and
+/// each reclaim step asks it, so a hung engine must not hold the steps that
+/// do not need it (logs, mount caches) for minutes.
+const ENGINE_INFO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[async_trait]
 impl DockerSpace for DockerEngine {
     async fn data_root(&self) -> Result<PathBuf, EngineError> {
         let client = self.client().await?;
-        let info = call(self, "info", ENGINE_CALL_TIMEOUT, client.info()).await?;
+        let info = call(self, "info", ENGINE_INFO_TIMEOUT, client.info()).await?;
         info.docker_root_dir
             .filter(|dir| !dir.is_empty())
             .map(PathBuf::from)

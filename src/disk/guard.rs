@@ -187,6 +187,9 @@ struct GuardState {
     alerts_total: u64,
     reserve: ReserveState,
     reclaim_running: bool,
+    /// Filesystems that turned critical while a reclaim was running: each
+    /// gets its own once the running one is done.
+    reclaim_waiting: Vec<FsKey>,
     actions: Vec<Action>,
 }
 
@@ -288,7 +291,11 @@ impl Relevance for OnTargets {
             match probe_with_timeout(&self.probe, path, self.timeout).await {
                 Ok(sample) => return self.devs.contains(&sample.dev),
                 Err(_) => {
-                    let missing = !tokio::fs::try_exists(path).await.unwrap_or(true);
+                    // Bounded like the probe: a hung filesystem must not
+                    // hold the reclaim (and every later one) forever.
+                    let exists =
+                        tokio::time::timeout(self.timeout, tokio::fs::try_exists(path)).await;
+                    let missing = matches!(exists, Ok(Ok(false)));
                     match path.parent() {
                         Some(parent) if missing => path = parent,
                         _ => return true,
@@ -360,6 +367,7 @@ impl DiskGuard {
                 ..ReserveState::default()
             },
             reclaim_running: false,
+            reclaim_waiting: Vec::new(),
             actions: Vec::new(),
         };
         for (path, reason) in [
@@ -475,10 +483,19 @@ impl DiskGuard {
             .map(|(key, fs)| {
                 let usage = state.usage_of(key);
                 let s = fs.machine.state();
+                let t = &fs.thresholds;
+                let (threshold_bytes, threshold_inodes_percent) = match s {
+                    DiskState::Critical => (t.critical_free_bytes, t.critical_free_inodes_percent),
+                    DiskState::Warning | DiskState::Ok => {
+                        (t.warning_free_bytes, t.warning_free_inodes_percent)
+                    }
+                    DiskState::Unresponsive | DiskState::Unknown => (0, 0.0),
+                };
                 DiskAlert {
                     old_state: s,
                     new_state: s,
-                    threshold_bytes: 0,
+                    threshold_bytes,
+                    threshold_inodes_percent,
                     time: now,
                     message: current_message(&usage),
                     usage,
@@ -640,11 +657,7 @@ impl DiskGuard {
                             // A target that does not answer cannot be helped
                             // by deleting elsewhere: it needs nothing.
                             if let Ok(sample) = probe_with_timeout(&probe, path, timeout).await {
-                                need = need.max(
-                                    thresholds
-                                        .reclaim_target_bytes()
-                                        .saturating_sub(sample.stats.free_bytes),
-                                );
+                                need = need.max(thresholds.reclaim_shortfall(&sample.stats));
                             }
                         }
                         need
@@ -1258,7 +1271,21 @@ impl GuardState {
                 self.reserve.busy = false;
                 self.reserve.retry_at = failed.then(|| now + RESERVE_RETRY);
             }
-            Command::ReclaimDone => self.reclaim_running = false,
+            Command::ReclaimDone => {
+                self.reclaim_running = false;
+                // Still critical after the reclaim of another filesystem:
+                // its own turn now (one at a time, as the steps are shared).
+                while let Some(key) = self.reclaim_waiting.pop() {
+                    let critical = self
+                        .filesystems
+                        .get(&key)
+                        .is_some_and(|fs| fs.machine.state() == DiskState::Critical);
+                    if critical {
+                        self.want_reclaim(&key);
+                        break;
+                    }
+                }
+            }
         }
     }
 
@@ -1271,14 +1298,16 @@ impl GuardState {
         self.alerts_total += 1;
         let usage = self.usage_of(key);
         let message = transition_message(&usage, &transition);
-        let threshold_bytes = match transition.cause {
-            Cause::Bytes(bytes) => bytes,
-            Cause::Inodes | Cause::Unresponsive => 0,
+        let (threshold_bytes, threshold_inodes_percent) = match transition.cause {
+            Cause::Bytes(bytes) => (bytes, 0.0),
+            Cause::Inodes(percent) => (0, percent),
+            Cause::Unresponsive => (0, 0.0),
         };
         let alert = DiskAlert {
             old_state: transition.old,
             new_state: transition.new,
             threshold_bytes,
+            threshold_inodes_percent,
             time: SystemTime::now(),
             message,
             usage,
@@ -1329,7 +1358,13 @@ impl GuardState {
     }
 
     fn want_reclaim(&mut self, key: &FsKey) {
-        if !self.config.auto_reclaim || self.reclaim_running {
+        if !self.config.auto_reclaim {
+            return;
+        }
+        if self.reclaim_running {
+            if !self.reclaim_waiting.contains(key) {
+                self.reclaim_waiting.insert(0, key.clone());
+            }
             return;
         }
         if let Some(path) = self.members(key).first().map(|p| p.to_path_buf()) {
@@ -1521,7 +1556,7 @@ impl GuardState {
                     && fs.machine.state() != DiskState::Unresponsive
                     && fs
                         .stats
-                        .is_some_and(|s| s.free_bytes < fs.thresholds.reclaim_target_bytes())
+                        .is_some_and(|s| fs.thresholds.reclaim_shortfall(&s) > 0)
             })
             .filter_map(|(key, fs)| {
                 self.members(key)
@@ -1608,14 +1643,12 @@ fn transition_message(usage: &FilesystemUsage, transition: &Transition) -> Strin
         (DiskState::Unresponsive, _, _) => {
             format!("{mount_point} answers again: {}", current_message(usage))
         }
-        (_, DiskState::Critical, Cause::Inodes) if worse => format!(
-            "{mount_point} has {inodes:.1}% inodes free, below the {}% floor",
-            t.critical_free_inodes_percent
-        ),
-        (_, DiskState::Warning, Cause::Inodes) if worse => format!(
-            "{mount_point} has {inodes:.1}% inodes free, below the {}% warning level",
-            t.warning_free_inodes_percent
-        ),
+        (_, DiskState::Critical, Cause::Inodes(level)) if worse => {
+            format!("{mount_point} has {inodes:.1}% inodes free, below the {level}% floor")
+        }
+        (_, DiskState::Warning, Cause::Inodes(level)) if worse => {
+            format!("{mount_point} has {inodes:.1}% inodes free, below the {level}% warning level")
+        }
         (_, DiskState::Critical, _) => format!(
             "{mount_point} has {free} free, below the {} floor",
             bytes(t.critical_free_bytes)
@@ -2122,6 +2155,81 @@ mod tests {
         next(&mut sub).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(rig.step.calls(), (1, 1));
+    }
+
+    /// The automatic reclaims published on the event log so far, by target.
+    fn automatic_reclaims(events: &EventBus) -> Vec<Vec<PathBuf>> {
+        let mut subscription = events.subscribe(Some(0));
+        let mut targets = Vec::new();
+        while let Some(crate::events::Delivery::Event(event)) = subscription.try_next() {
+            if let EventPayload::Reclaim(finished) = &event.payload
+                && finished.trigger == ReclaimTrigger::Automatic
+            {
+                targets.push(finished.targets.clone());
+            }
+        }
+        targets
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_filesystems_turning_critical_together_each_get_a_reclaim() {
+        let (rig, mut sub, _) = started(config()).await;
+        rig.probe.set_free(MNT, 4 * MIB);
+        rig.probe.set_free(ROOT, 4 * MIB);
+        next(&mut sub).await;
+        next(&mut sub).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut reclaimed = automatic_reclaims(&rig.events);
+        reclaimed.sort();
+        assert_eq!(
+            reclaimed,
+            [vec![PathBuf::from("/")], vec![PathBuf::from("/mnt")]]
+        );
+        assert_eq!(rig.step.calls(), (0, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_filesystem_critical_on_inodes_is_reclaimed_until_inodes_recover() {
+        let (rig, mut sub, _) = started(config()).await;
+        // Plenty of bytes, 1 % of the inodes free: critical on inodes.
+        rig.probe.set_free_inodes(MNT, 100);
+        let (_, _, new) = next(&mut sub).await;
+        assert_eq!(new, DiskState::Critical);
+        let alert_levels = rig
+            .guard
+            .subscribe()
+            .pending
+            .into_iter()
+            .find(|a| a.usage.mount.mount_point == Path::new("/mnt"));
+        let alert = alert_levels.expect("a current-state alert for /mnt");
+        assert_eq!(
+            alert.threshold_inodes_percent,
+            config().critical_free_inodes_percent
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            automatic_reclaims(&rig.events),
+            [vec![PathBuf::from("/mnt")]]
+        );
+        // The step ran: bytes were never short, the inodes were.
+        assert_eq!(rig.step.calls(), (0, 1));
+        let reclaim_mnt = || {
+            rig.guard.reclaim(ReclaimRequest {
+                path: Some("/mnt".into()),
+                mode: ReclaimMode::default(),
+                trigger: ReclaimTrigger::Api,
+            })
+        };
+        let report = reclaim_mnt().await.unwrap();
+        assert!(report.steps[0].ran, "{report:?}");
+        // Inodes back: nothing left to do.
+        rig.probe.set_free_inodes(MNT, 9_000);
+        let report = reclaim_mnt().await.unwrap();
+        assert_eq!(
+            report.steps[0].skipped.as_deref(),
+            Some("enough space is free"),
+            "{report:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

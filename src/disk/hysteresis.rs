@@ -33,7 +33,7 @@ impl From<Level> for DiskState {
 }
 
 /// A decided change of state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Transition {
     /// Before.
     pub old: DiskState,
@@ -44,12 +44,12 @@ pub struct Transition {
 }
 
 /// What a transition was about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Cause {
     /// Free bytes relative to this level (in bytes).
     Bytes(u64),
-    /// Free inodes relative to a level.
-    Inodes,
+    /// Free inodes relative to this level (in percent of all inodes).
+    Inodes(f64),
     /// The filesystem did not answer.
     Unresponsive,
 }
@@ -174,7 +174,7 @@ impl PressureMachine {
         self.improving = None;
         let bytes = level_bytes(level, thresholds);
         let cause = if level != Level::Ok && stats.free_bytes >= bytes {
-            Cause::Inodes
+            Cause::Inodes(level_inodes_percent(level, thresholds))
         } else {
             Cause::Bytes(bytes)
         };
@@ -192,6 +192,14 @@ fn level_bytes(level: Level, thresholds: &Thresholds) -> u64 {
     match level {
         Level::Critical => thresholds.critical_free_bytes,
         Level::Warning | Level::Ok => thresholds.warning_free_bytes,
+    }
+}
+
+/// The inode level that defines a state, like [`level_bytes`].
+fn level_inodes_percent(level: Level, thresholds: &Thresholds) -> f64 {
+    match level {
+        Level::Critical => thresholds.critical_free_inodes_percent,
+        Level::Warning | Level::Ok => thresholds.warning_free_inodes_percent,
     }
 }
 
@@ -420,7 +428,10 @@ mod tests {
             .observe(&few_inodes, &thresholds(), Instant::now())
             .expect("critical on inodes");
         assert_eq!(t.new, DiskState::Critical);
-        assert_eq!(t.cause, Cause::Inodes);
+        assert_eq!(
+            t.cause,
+            Cause::Inodes(thresholds().critical_free_inodes_percent)
+        );
         // 5.5 % free: above the floor, inside the 1 % margin.
         let some_inodes = FsStats {
             free_inodes: 55,

@@ -133,6 +133,24 @@ impl Thresholds {
         self.critical_free_bytes
             .saturating_add(self.clear_margin_bytes)
     }
+
+    /// Free inodes (percent) the filesystem needs before reclaim may stop:
+    /// the inode floor plus its margin.
+    pub fn reclaim_target_inodes_percent(&self) -> f64 {
+        self.critical_free_inodes_percent + self.clear_margin_inodes_percent
+    }
+
+    /// What reclaim still has to free on a filesystem with `stats`: the
+    /// bytes missing below the floor plus the margin, or 1 when only inodes
+    /// are short. Inodes have no byte measure, so every removal counts until
+    /// the inodes recover; 0 means nothing is needed.
+    pub fn reclaim_shortfall(&self, stats: &FsStats) -> u64 {
+        let bytes = self.reclaim_target_bytes().saturating_sub(stats.free_bytes);
+        let inodes_short = stats
+            .free_inodes_percent()
+            .is_some_and(|free| free < self.reclaim_target_inodes_percent());
+        if bytes == 0 && inodes_short { 1 } else { bytes }
+    }
 }
 
 /// Space and inodes of a filesystem, as statvfs reports them.
@@ -243,8 +261,13 @@ pub struct DiskAlert {
     /// The state now ([`DiskState::Unknown`] when it is no longer watched).
     pub new_state: DiskState,
     /// The level that was crossed, in free bytes (0 when the cause is inodes
-    /// or unresponsiveness).
+    /// or unresponsiveness). In a current-state alert: the level that defines
+    /// the state (the floor when critical, the warning level otherwise).
     pub threshold_bytes: u64,
+    /// The level that was crossed, in percent of free inodes (0 when the
+    /// cause is bytes or unresponsiveness). In a current-state alert: the
+    /// inode level that defines the state.
+    pub threshold_inodes_percent: f64,
     /// When the transition was decided.
     pub time: SystemTime,
     /// One line for people, e.g. "/ has 4.2 GiB free, below the 5.0 GiB floor".
@@ -338,5 +361,36 @@ mod tests {
             ..FsStats::default()
         };
         assert_eq!(stats.free_inodes_percent(), Some(25.0));
+    }
+
+    #[test]
+    fn reclaim_shortfall_counts_bytes_and_inodes() {
+        let t = Thresholds::from_config(&DiskConfig::default());
+        let target = t.reclaim_target_bytes();
+        let plenty = FsStats {
+            total_bytes: 4 * target,
+            free_bytes: 2 * target,
+            total_inodes: 1000,
+            free_inodes: 500,
+        };
+        assert_eq!(t.reclaim_shortfall(&plenty), 0);
+        let short_of_bytes = FsStats {
+            free_bytes: target - 10,
+            ..plenty
+        };
+        assert_eq!(t.reclaim_shortfall(&short_of_bytes), 10);
+        // Inodes below the inode floor plus margin, bytes plenty: still short.
+        let short_of_inodes = FsStats {
+            free_inodes: 1,
+            ..plenty
+        };
+        assert_eq!(t.reclaim_shortfall(&short_of_inodes), 1);
+        // A filesystem without an inode count is never short of inodes.
+        let no_inodes = FsStats {
+            total_inodes: 0,
+            free_inodes: 0,
+            ..plenty
+        };
+        assert_eq!(t.reclaim_shortfall(&no_inodes), 0);
     }
 }

@@ -152,6 +152,13 @@ pub mod fake {
             }
         }
 
+        /// Sets the free inodes of filesystem `dev`.
+        pub fn set_free_inodes(&self, dev: u64, free_inodes: u64) {
+            if let Some((_, stats)) = self.world().filesystems.get_mut(&dev) {
+                stats.free_inodes = free_inodes;
+            }
+        }
+
         /// Makes every call on filesystem `dev` block until [`Self::release`].
         pub fn hang(&self, dev: u64) {
             self.world().hung.insert(dev, true);

@@ -5,6 +5,11 @@
 //! Blocking: runs in `spawn_blocking`. Memory stays small whatever the tree:
 //! a depth-first walk keeps one frame per level and a heap of the current
 //! top N. Reads only metadata; never opens or changes a file.
+//!
+//! The daemon runs as root, but a walk asked for by an operator only enters
+//! the directories that operator could list themselves (read and search
+//! permission by owner, group and mode bits), so `--top` shows no more of
+//! other users' trees than `du` run by the operator would.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
@@ -27,6 +32,49 @@ pub struct TopRequest {
     pub timeout: Duration,
     /// How many entries it may examine.
     pub max_entries: u64,
+    /// Walk with the permissions of this user (an operator) instead of
+    /// root's; `None` for an admin.
+    pub as_uid: Option<u32>,
+}
+
+/// The user whose permissions a walk honours.
+struct Caller {
+    uid: u32,
+    gids: Vec<u32>,
+}
+
+impl Caller {
+    /// Looks up the groups of `uid` (the user database may be slow: this
+    /// runs on the walk's blocking thread). An unknown uid has no groups.
+    fn lookup(uid: u32) -> Self {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten();
+        let gids = user
+            .and_then(|user| {
+                let name = std::ffi::CString::new(user.name).ok()?;
+                nix::unistd::getgrouplist(&name, user.gid).ok()
+            })
+            .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_default();
+        Self { uid, gids }
+    }
+
+    /// Whether the caller may list `dir` (read and search permission).
+    fn may_list(&self, dir: &std::fs::Metadata) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        let mode = dir.mode();
+        let bits = if dir.uid() == self.uid {
+            mode >> 6
+        } else if self.gids.contains(&dir.gid()) {
+            mode >> 3
+        } else {
+            mode
+        };
+        bits & 0o5 == 0o5
+    }
 }
 
 /// How far a walk has got.
@@ -92,6 +140,17 @@ pub fn walk(
         return Err(std::io::Error::new(
             std::io::ErrorKind::NotADirectory,
             "not a directory",
+        ));
+    }
+    let caller = request.as_uid.map(Caller::lookup);
+    let may_list = |dir: &std::fs::Metadata| caller.as_ref().is_none_or(|c| c.may_list(dir));
+    if !may_list(&root) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "uid {} may not list this directory",
+                request.as_uid.unwrap_or_default()
+            ),
         ));
     }
     let dev = root.dev();
@@ -168,7 +227,11 @@ pub fn walk(
         }
         let bytes = allocated(&meta);
         total += bytes;
-        if meta.is_dir() {
+        if meta.is_dir() && !may_list(&meta) {
+            // Counted as an entry the caller cannot see into.
+            unreadable += 1;
+            frame_add(&mut stack, bytes);
+        } else if meta.is_dir() {
             match std::fs::read_dir(&path) {
                 Ok(children) => stack.push(Frame {
                     path,
@@ -252,6 +315,7 @@ mod tests {
             limit: 3,
             timeout: Duration::from_secs(30),
             max_entries: 1_000_000,
+            as_uid: None,
         }
     }
 
@@ -285,6 +349,97 @@ mod tests {
         let report = walk(&req, &Arc::new(AtomicBool::new(false)), |_| {}).unwrap();
         assert!(report.stopped.unwrap().contains("entry limit of 10"));
         assert!(report.entries <= 11);
+    }
+
+    #[test]
+    fn an_operators_walk_enters_only_what_they_may_list() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        write(&root.join("open/file"), 1 << 20);
+        write(&root.join("private/secret-name/file"), 4 << 20);
+        std::fs::set_permissions(root.join("private"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        // A uid that owns nothing here and has no groups: "other" bits only.
+        let mut req = request(root);
+        req.as_uid = Some(4_000_321);
+        let report = walk(&req, &Arc::new(AtomicBool::new(false)), |_| {}).unwrap();
+        assert!(
+            report
+                .directories
+                .iter()
+                .all(|d| !d.path.starts_with(root.join("private/secret-name"))),
+            "{report:?}"
+        );
+        assert_eq!(report.unreadable, 1, "{report:?}");
+        assert!(report.total_bytes < 2 << 20, "{report:?}");
+        // Root (an admin) sees it all.
+        let report = walk(&request(root), &Arc::new(AtomicBool::new(false)), |_| {}).unwrap();
+        assert!(report.total_bytes >= 5 << 20, "{report:?}");
+        // A start the caller may not list is refused.
+        let mut req = request(&root.join("private"));
+        req.as_uid = Some(4_000_321);
+        let error = walk(&req, &Arc::new(AtomicBool::new(false)), |_| {}).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn time_limit_stops_the_walk_with_partial_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("a/f"), 10);
+        let mut req = request(dir.path());
+        req.timeout = Duration::ZERO;
+        let report = walk(&req, &Arc::new(AtomicBool::new(false)), |_| {}).unwrap();
+        assert_eq!(report.stopped.as_deref(), Some("time limit of 0s reached"));
+    }
+
+    /// A tmpfs mounted for one test, unmounted even when it fails.
+    struct TmpfsMount(PathBuf);
+
+    impl Drop for TmpfsMount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    #[test]
+    fn stays_on_the_filesystem_it_starts_on() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("here/file"), 1 << 20);
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &other,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=16m"),
+        )
+        .expect("mount a tmpfs");
+        let _mounted = TmpfsMount(other.clone());
+        write(&other.join("deep/file"), 8 << 20);
+        let report = walk(
+            &request(dir.path()),
+            &Arc::new(AtomicBool::new(false)),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(report.stopped, None);
+        // The 8 MiB on the other filesystem are not counted, nor walked into.
+        assert!(report.total_bytes < 4 << 20, "{report:?}");
+        assert!(
+            report
+                .directories
+                .iter()
+                .all(|d| !d.path.starts_with(other.join("deep"))),
+            "{report:?}"
+        );
+        assert_eq!(report.directories[1].path, dir.path().join("here"));
     }
 
     #[test]
