@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use common::fuse_site::{Site, mounts_below, standin};
 use common::{Agent, cli};
 use instance_agent::api::proto::{
-    self, agent_service_client::AgentServiceClient, mount_request::Auth,
+    self, agent_service_client::AgentServiceClient, disk_service_client::DiskServiceClient,
+    mount_request::Auth,
     mount_service_client::MountServiceClient,
 };
 use nix::sys::signal::Signal;
@@ -889,4 +890,179 @@ async fn metrics_show_each_mounts_state_and_repairs_and_forget_an_unmounted_one(
         "{text}"
     );
     assert_eq!(sample(&text, remounts), Some(1.0), "{text}");
+}
+
+/// The reasons the disk guard watches `path` for, from GetDiskUsage.
+async fn disk_reasons(agent: &Agent, path: &Path) -> Vec<String> {
+    let usage = DiskServiceClient::new(agent.channel().await)
+        .get_disk_usage(proto::GetDiskUsageRequest {})
+        .await
+        .expect("disk usage")
+        .into_inner();
+    let wanted = path.display().to_string();
+    usage
+        .filesystems
+        .iter()
+        .flat_map(|fs| fs.paths.iter().map(|p| (&p.path, &p.reasons)))
+        .chain(usage.skipped.iter().map(|s| (&s.path, &s.reasons)))
+        .filter(|(p, _)| **p == wanted)
+        .flat_map(|(_, reasons)| reasons.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_disk_guard_watches_a_mounts_cache_dir_until_it_is_unmounted() {
+    let site = Site::new();
+    let agent = site.agent();
+    let info = mount_with_key(&agent, &site, "data").await;
+    let cache = Path::new(&info.cache_dir).to_owned();
+    assert_eq!(cache, site.path().join("cache/data"));
+    eventually("the cache dir watched", Duration::from_secs(20), async || {
+        disk_reasons(&agent, &cache)
+            .await
+            .contains(&"cache of mount data".to_owned())
+            .then_some(())
+    })
+    .await;
+    mounts_client(&agent)
+        .await
+        .unmount(proto::UnmountRequest {
+            name: "data".into(),
+        })
+        .await
+        .expect("unmount");
+    eventually("the cache dir unwatched", Duration::from_secs(20), async || {
+        disk_reasons(&agent, &cache).await.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cache_dir_holding_user_files_is_refused_and_kept() {
+    let site = Site::new();
+    let agent = site.agent();
+    let notebooks = site.mnt("notebooks");
+    std::fs::create_dir(&notebooks).unwrap();
+    std::fs::write(notebooks.join("thesis.ipynb"), "years of work").unwrap();
+    let mut req = request(&site, "data", Auth::AccountKey(KEY.into()));
+    req.cache_dir = notebooks.display().to_string();
+    let err = mounts_client(&agent)
+        .await
+        .mount(req)
+        .await
+        .expect_err("a user's dir as cache_dir");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains(&format!(
+            "cache_dir: {} exists, is not empty and is not an agent cache dir",
+            notebooks.display()
+        )),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        std::fs::read_to_string(notebooks.join("thesis.ipynb")).unwrap(),
+        "years of work"
+    );
+    assert_eq!(std::fs::read_dir(&notebooks).unwrap().count(), 1);
+    assert!(list(&agent).await.is_empty());
+    assert_eq!(mountinfo_at(&site.mnt("data")), None);
+}
+
+#[tokio::test]
+async fn a_non_empty_mount_dir_fails_with_blobfuse2s_own_error() {
+    // The agent does not check this itself: blobfuse2 (here the stand-in)
+    // refuses, and its message reaches the reply verbatim.
+    let site = Site::new();
+    let agent = site.agent();
+    let path = site.mnt("data");
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("already-here.txt"), "x").unwrap();
+    let err = mounts_client(&agent)
+        .await
+        .mount(request(&site, "data", Auth::AccountKey(KEY.into())))
+        .await
+        .expect_err("non-empty mount dir");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .ends_with("blobfuse2 failed (exit status 1): Error: mount directory is not empty"),
+        "{}",
+        err.message()
+    );
+    assert!(path.join("already-here.txt").exists());
+    assert!(list(&agent).await.is_empty());
+}
+
+/// Runs the stand-in on `config` (YAML) and a mount dir; returns its exit
+/// code and stderr.
+fn run_standin(site: &Site, config: &str, mount_dir: &Path) -> (Option<i32>, String) {
+    let file = site.path().join("standin.yaml");
+    std::fs::write(&file, config).unwrap();
+    let out = Command::new(standin())
+        .arg("mount")
+        .arg(mount_dir)
+        .arg(format!("--config-file={}", file.display()))
+        .args(["--foreground", "--disable-version-check=true"])
+        .env("STANDIN_STORAGE_ROOT", site.path().join("storage"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the stand-in");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
+
+#[test]
+fn the_standin_fails_like_blobfuse2_on_bad_config() {
+    let site = Site::new();
+    let dir = site.mnt("bad");
+    std::fs::create_dir(&dir).unwrap();
+    let cases = [
+        ("azstorage: [unclosed", "Error: invalid config file ["),
+        (
+            "azstorage: {container: data, mode: key, account-key: k}",
+            "Error: account name not provided",
+        ),
+        (
+            "azstorage: {account-name: myacct, mode: key, account-key: k}",
+            "Error: container name not provided",
+        ),
+        (
+            "azstorage: {account-name: myacct, container: data, mode: key}",
+            "Error: storage key not provided",
+        ),
+        (
+            "azstorage: {account-name: myacct, container: data, mode: sas}",
+            "Error: SAS key not provided",
+        ),
+        (
+            "azstorage: {account-name: myacct, container: data, mode: spn}",
+            "Error: invalid auth mode",
+        ),
+    ];
+    for (config, error) in cases {
+        let (code, stderr) = run_standin(&site, config, &dir);
+        assert_eq!(code, Some(1), "{config}: {stderr}");
+        assert!(stderr.starts_with(error), "{config}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert_eq!(mountinfo_at(&dir), None);
+    }
+    std::fs::write(dir.join("file"), "x").unwrap();
+    let (code, stderr) = run_standin(
+        &site,
+        "azstorage: {account-name: myacct, container: data, mode: msi}",
+        &dir,
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr, "Error: mount directory is not empty");
+    let (code, stderr) = run_standin(
+        &site,
+        "azstorage: {account-name: myacct, container: data, mode: msi}",
+        &site.mnt("missing"),
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr, "Error: mount directory does not exist");
+    assert_eq!(mountinfo_at(&dir), None);
 }

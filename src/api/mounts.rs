@@ -118,7 +118,9 @@ fn error_to_status(error: MountError) -> Status {
         MountError::Invalid { .. } => Status::invalid_argument(message),
         MountError::InUse { .. } => Status::already_exists(message),
         MountError::NotFound(_) => Status::not_found(message),
-        MountError::Blobfuse2 { .. } => Status::failed_precondition(message),
+        MountError::Blobfuse2 { .. } | MountError::CacheDir { .. } => {
+            Status::failed_precondition(message)
+        }
         MountError::Timeout { .. } => Status::deadline_exceeded(message),
         MountError::Io { .. } | MountError::Spawn { .. } | MountError::Unmount { .. } => {
             Status::internal(message)

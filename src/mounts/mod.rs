@@ -15,6 +15,7 @@
 //! [`MountService::watch_cache_dirs`] and [`MountService::empty_cache`] (the
 //! disk guard watches and reclaims the caches).
 
+pub mod cache;
 pub mod reclaim;
 pub mod render;
 pub mod secrets;
@@ -197,6 +198,17 @@ pub enum MountError {
         path: PathBuf,
         /// fusermount3's message.
         detail: String,
+    },
+    /// The cache dir is not the agent's to empty (it holds files and no
+    /// agent marker), or cannot be taken.
+    #[error("mount {name:?}: cache_dir: {problem}")]
+    CacheDir {
+        /// The mount.
+        name: String,
+        /// The directory.
+        path: PathBuf,
+        /// Why it is refused.
+        problem: String,
     },
     /// The store could not record the mount.
     #[error("mount {name:?}: {source}")]

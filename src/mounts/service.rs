@@ -13,6 +13,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::cache;
 use super::secrets;
 use super::spec::{self, Auth, ManagedIdentity, MountSpec, Origin, PathRules, SecretSource};
 use super::supervisor::{self, Start};
@@ -628,7 +629,7 @@ impl MountService {
         let keep_open = state == MountState::Mounted;
         let dir = spec.cache_dir.clone();
         let owned_name = name.to_owned();
-        tokio::task::spawn_blocking(move || empty_dir(&dir, keep_open))
+        tokio::task::spawn_blocking(move || cache::empty(&dir, keep_open))
             .await
             .map_err(|e| MountError::Io {
                 name: owned_name.clone(),
@@ -704,6 +705,17 @@ impl MountService {
         .await
         .map_err(|e| invalid("mount_path", e.to_string()))?;
         let (mount_path, cache_dir) = resolved.map_err(|(field, p)| invalid(field, p))?;
+        let dir = cache_dir.clone();
+        let claimable = tokio::task::spawn_blocking(move || cache::check_claimable(&dir))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(problem) = claimable {
+            return Err(MountError::CacheDir {
+                name: spec.name.clone(),
+                path: cache_dir,
+                problem,
+            });
+        }
         spec.mount_path = mount_path;
         spec.cache_dir = cache_dir;
         Ok(spec)
@@ -819,17 +831,18 @@ impl MountService {
         self.clear_cache(spec, keep_open).await;
     }
 
-    /// Empties a mount's cache dir and removes the default per-mount one.
+    /// Gives up a mount's cache dir: empties it and removes the agent's
+    /// marker (and the default per-mount dir itself). A dir the agent does
+    /// not own is left as it is.
     async fn clear_cache(&self, spec: &MountSpec, keep_open: bool) {
         let cache = spec.cache_dir.clone();
         let default_cache = self.inner.settings.rules.default_cache_dir(&spec.name) == cache;
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = empty_dir(&cache, keep_open);
-            if default_cache {
-                let _ = std::fs::remove_dir(&cache);
-            }
-        })
-        .await;
+        let released =
+            tokio::task::spawn_blocking(move || cache::release(&cache, keep_open, default_cache))
+                .await;
+        if let Ok(Err(error)) = released {
+            tracing::warn!(mount = %spec.name, %error, "cache dir not fully released");
+        }
     }
 
     fn add(
@@ -1018,9 +1031,10 @@ fn conflicts(mounts: &BTreeMap<String, Entry>, spec: &MountSpec) -> Result<(), M
     Ok(())
 }
 
-/// Removes everything inside `dir` (not `dir` itself), never following
-/// symlinks; with `keep_open`, files some process holds open stay. Returns
-/// the bytes freed. Blocking.
+/// Removes everything inside `dir` (not `dir` itself, nor the agent's cache
+/// marker in it), never following symlinks; with `keep_open`, files some
+/// process holds open stay. Returns the bytes freed. Blocking; callers go
+/// through [`super::cache`], which checks that the agent owns the dir.
 pub(super) fn empty_dir(dir: &Path, keep_open: bool) -> std::io::Result<u64> {
     let open = if keep_open {
         open_files_below(dir)
@@ -1039,19 +1053,28 @@ pub(super) fn empty_dir(dir: &Path, keep_open: bool) -> std::io::Result<u64> {
         Ok(_) => {}
     }
     let mut freed = 0;
-    remove_children(dir, &open, &mut freed)?;
+    remove_children(dir, &open, &dir.join(super::cache::MARKER), &mut freed)?;
     Ok(freed)
 }
 
 /// Returns whether `dir` is now empty.
-fn remove_children(dir: &Path, open: &HashSet<PathBuf>, freed: &mut u64) -> std::io::Result<bool> {
+fn remove_children(
+    dir: &Path,
+    open: &HashSet<PathBuf>,
+    keep: &Path,
+    freed: &mut u64,
+) -> std::io::Result<bool> {
     let mut empty = true;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
+        if path == keep {
+            empty = false;
+            continue;
+        }
         let meta = entry.metadata()?;
         if meta.is_dir() {
-            if remove_children(&path, open, freed)? {
+            if remove_children(&path, open, keep, freed)? {
                 std::fs::remove_dir(&path)?;
             } else {
                 empty = false;

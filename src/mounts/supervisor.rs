@@ -492,6 +492,7 @@ impl Supervisor {
     /// writes the 0600 config and rotates blobfuse2's previous output.
     async fn prepare_files(&self, yaml: String) -> Result<(), MountError> {
         let name = self.spec.name.clone();
+        let name_for_cache = name.clone();
         let mount_path = self.spec.mount_path.clone();
         let cache_dir = self.spec.cache_dir.clone();
         let launch = self.launch.clone();
@@ -513,12 +514,21 @@ impl Supervisor {
                 .map_err(io("create the mount dir", mount_path.clone()))?;
             dirs.create(&logs_dir)
                 .map_err(io("create the logs dir", logs_dir.clone()))?;
-            dirs.mode(0o700)
-                .create(&cache_dir)
-                .map_err(io("create the cache dir", cache_dir.clone()))?;
+            // Only a cache dir the agent owns is emptied (see `cache`).
+            super::cache::claim(&cache_dir, &name_for_cache).map_err(|e| {
+                MountError::CacheDir {
+                    name: name_for_cache.clone(),
+                    path: cache_dir.clone(),
+                    problem: e.to_string(),
+                }
+            })?;
             // blobfuse2 refuses a non-empty cache dir; a crashed one leaves files.
-            super::service::empty_dir(&cache_dir, false)
+            super::cache::empty(&cache_dir, false)
                 .map_err(io("empty the cache dir", cache_dir.clone()))?;
+            let blobfuse2_cache = super::cache::blobfuse2_dir(&cache_dir);
+            dirs.mode(0o700)
+                .create(&blobfuse2_cache)
+                .map_err(io("create the cache dir", blobfuse2_cache.clone()))?;
             secrets::write_private(&launch.config_file, yaml.as_bytes())
                 .map_err(io("write the blobfuse2 config", launch.config_file.clone()))?;
             let previous = launch.output_file.with_extension("out.1");

@@ -589,13 +589,49 @@ async fn empty_cache_frees_bytes_and_managed_identity_needs_no_secret() {
     std::fs::create_dir_all(status.cache_dir.join("a/b")).unwrap();
     std::fs::write(status.cache_dir.join("a/b/blob"), vec![0u8; 1000]).unwrap();
     assert_eq!(w.service.empty_cache("msi").await.unwrap(), 1000);
+    let left: Vec<_> = std::fs::read_dir(&status.cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [".instance-agent-cache"], "only the agent's marker stays");
+    // Unmount gives the default per-mount dir back entirely.
+    w.service.unmount("msi").await.unwrap();
+    assert!(!status.cache_dir.exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cache_dir_holding_someone_elses_files_is_refused_and_left_alone() {
+    let w = World::new();
+    let users = w.base().join("mnt/notebooks");
+    std::fs::create_dir_all(&users).unwrap();
+    std::fs::write(users.join("thesis.ipynb"), "years of work").unwrap();
+    let mut spec = w.spec("data");
+    spec.cache_dir = users.clone();
+    let err = w.service.mount(spec).await.unwrap_err();
     assert!(
-        std::fs::read_dir(&status.cache_dir)
-            .unwrap()
-            .next()
-            .is_none()
+        matches!(&err, MountError::CacheDir { path, .. } if *path == users),
+        "{err}"
     );
-    let _ = &w.config;
+    assert!(
+        err.to_string()
+            .contains("cache_dir: ") && err.to_string().contains("is not empty and is not an agent cache dir"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(users.join("thesis.ipynb")).unwrap(),
+        "years of work"
+    );
+    assert_eq!(w.fake.spawns(), 0);
+    // An empty dir of the user's is taken, and given back empty.
+    let empty = w.base().join("mnt/scratch");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut spec = w.spec("data");
+    spec.cache_dir = empty.clone();
+    w.service.mount(spec).await.unwrap();
+    assert!(empty.join(".instance-agent-cache").is_file());
+    assert!(empty.join("blobfuse2").is_dir());
+    w.service.unmount("data").await.unwrap();
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
 }
 
 #[test]
