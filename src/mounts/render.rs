@@ -246,6 +246,30 @@ attr_cache:
     }
 
     #[test]
+    fn golden_managed_identity_by_resource_id_and_by_object_id() {
+        let by_resource = spec(Auth::ManagedIdentity(ManagedIdentity {
+            resource_id: "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1".into(),
+            ..Default::default()
+        }));
+        assert_eq!(
+            render(&by_resource, None, Path::new(LOG)),
+            format!(
+                "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n  resid: /subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1\n"
+            )
+        );
+        let by_object = spec(Auth::ManagedIdentity(ManagedIdentity {
+            object_id: "66666666-7777-8888-9999-000000000000".into(),
+            ..Default::default()
+        }));
+        assert_eq!(
+            render(&by_object, None, Path::new(LOG)),
+            format!(
+                "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n  objid: 66666666-7777-8888-9999-000000000000\n"
+            )
+        );
+    }
+
+    #[test]
     fn hostile_values_stay_values() {
         // A secret that looks like YAML must come back as the same string.
         let key = Secret::from_text("a: b\n- c # d");

@@ -413,6 +413,20 @@ mod tests {
     }
 
     #[test]
+    fn launch_argv_is_blobfuse2s_foreground_mount() {
+        assert_eq!(
+            launch("/mnt/data").args(),
+            argv(&[
+                "mount",
+                "/mnt/data",
+                "--config-file=/run/instance-agent/mounts/data.yaml",
+                "--foreground",
+                "--disable-version-check=true",
+            ])
+        );
+    }
+
+    #[test]
     fn command_line_matches_exact_path_only() {
         let l = launch("/mnt/a");
         let cfg = "--config-file=/run/instance-agent/mounts/data.yaml";
