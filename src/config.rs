@@ -1435,7 +1435,10 @@ mod tests {
             let msg = Config::parse(&declared(fields), p())
                 .unwrap_err()
                 .to_string();
-            assert!(msg.contains(key) && msg.contains(problem), "{fields}: {msg}");
+            assert!(
+                msg.contains(key) && msg.contains(problem),
+                "{fields}: {msg}"
+            );
         }
     }
 

@@ -15,8 +15,7 @@ use common::fuse_site::{Site, mounts_below, standin};
 use common::{Agent, cli};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, disk_service_client::DiskServiceClient,
-    mount_request::Auth,
-    mount_service_client::MountServiceClient,
+    mount_request::Auth, mount_service_client::MountServiceClient,
 };
 use nix::sys::signal::Signal;
 use tokio_stream::StreamExt;
@@ -108,12 +107,17 @@ fn assert_no_secret_in_files(agent: &Agent) {
             if path.starts_with(&kept) {
                 continue;
             }
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if kind.is_dir() {
                 dirs.push(path);
             } else if kind.is_file() {
                 let bytes = std::fs::read(&path).unwrap_or_default();
-                assert_no_secret(&path.display().to_string(), &String::from_utf8_lossy(&bytes));
+                assert_no_secret(
+                    &path.display().to_string(),
+                    &String::from_utf8_lossy(&bytes),
+                );
                 scanned += 1;
             }
         }
@@ -481,9 +485,11 @@ async fn a_restarted_agent_leaves_another_programs_mount_at_the_path_alone() {
     agent.signal(Signal::SIGKILL);
     agent.child.wait().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(info.pid as i32), Signal::SIGTERM).unwrap();
-    eventually("the stand-in to unmount", Duration::from_secs(10), async || {
-        mountinfo_at(&path).is_none().then_some(())
-    })
+    eventually(
+        "the stand-in to unmount",
+        Duration::from_secs(10),
+        async || mountinfo_at(&path).is_none().then_some(()),
+    )
     .await;
     let _tmpfs = TmpfsGuard::mount(&path);
     std::fs::write(path.join("theirs.txt"), "not the agent's").unwrap();
@@ -917,12 +923,16 @@ async fn the_disk_guard_watches_a_mounts_cache_dir_until_it_is_unmounted() {
     let info = mount_with_key(&agent, &site, "data").await;
     let cache = Path::new(&info.cache_dir).to_owned();
     assert_eq!(cache, site.path().join("cache/data"));
-    eventually("the cache dir watched", Duration::from_secs(20), async || {
-        disk_reasons(&agent, &cache)
-            .await
-            .contains(&"cache of mount data".to_owned())
-            .then_some(())
-    })
+    eventually(
+        "the cache dir watched",
+        Duration::from_secs(20),
+        async || {
+            disk_reasons(&agent, &cache)
+                .await
+                .contains(&"cache of mount data".to_owned())
+                .then_some(())
+        },
+    )
     .await;
     mounts_client(&agent)
         .await
@@ -931,9 +941,11 @@ async fn the_disk_guard_watches_a_mounts_cache_dir_until_it_is_unmounted() {
         })
         .await
         .expect("unmount");
-    eventually("the cache dir unwatched", Duration::from_secs(20), async || {
-        disk_reasons(&agent, &cache).await.is_empty().then_some(())
-    })
+    eventually(
+        "the cache dir unwatched",
+        Duration::from_secs(20),
+        async || disk_reasons(&agent, &cache).await.is_empty().then_some(()),
+    )
     .await;
 }
 
@@ -998,7 +1010,7 @@ async fn a_non_empty_mount_dir_fails_with_blobfuse2s_own_error() {
 /// code and stderr.
 fn run_standin(site: &Site, config: &str, mount_dir: &Path) -> (Option<i32>, String) {
     let file = site.path().join("standin.yaml");
-    std::fs::write(&file, config).unwrap();
+    std::fs::write(&file, config).expect("write the config");
     let out = Command::new(standin())
         .arg("mount")
         .arg(mount_dir)

@@ -150,6 +150,9 @@ mod tests {
         std::fs::create_dir(&empty_dir).unwrap();
         claim(&empty_dir, "data").unwrap();
         release(&empty_dir, false, false).unwrap();
-        assert!(empty_dir.exists() && !owned(&empty_dir), "a dir the agent did not create stays");
+        assert!(
+            empty_dir.exists() && !owned(&empty_dir),
+            "a dir the agent did not create stays"
+        );
     }
 }

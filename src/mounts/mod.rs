@@ -1,7 +1,8 @@
 //! File share mounts: Azure Blob containers mounted with blobfuse2 and
 //! supervised by the agent.
 //!
-//! Owns the mount rules ([`spec`]: names, allowed paths, cache placement), the blobfuse2
+//! Owns the mount rules ([`spec`]: names, allowed paths, cache placement),
+//! which cache dirs the agent may empty ([`cache`]), the blobfuse2
 //! config rendering ([`render`]), the per-mount state machine
 //! ([`supervisor`]: mount, health checks, stale detection, repair with
 //! backoff), adoption of mounts that survived an agent restart, where secrets

@@ -316,28 +316,27 @@ impl Supervisor {
     /// One health check. `None` when healthy, else why it is stale.
     async fn check(&self, pid: u32) -> Option<String> {
         let mounter = &self.inner.mounter;
-        let reason = if let ProcessState::Exited(how) =
-            mounter.process_state(pid, &self.launch).await
-        {
-            Some(format!("blobfuse2 (pid {pid}) {how}"))
-        } else {
-            match mounter.mount_entry(&self.spec.mount_path).await {
-                Ok(Some(e)) if is_blobfuse2(&e) => match mounter
-                    .probe(&self.spec.mount_path, self.inner.settings.health_timeout)
-                    .await
-                {
-                    Probe::Healthy => None,
-                    Probe::Stale(reason) => Some(reason),
-                },
-                Ok(Some(e)) => Some(format!(
-                    "something else is mounted over it ({} from {})",
-                    e.fs_type, e.source
-                )),
-                Ok(None) => Some("the mount disappeared from /proc/self/mountinfo".into()),
-                // Cannot read mountinfo: nothing is known to be wrong with the mount.
-                Err(_) => None,
-            }
-        };
+        let reason =
+            if let ProcessState::Exited(how) = mounter.process_state(pid, &self.launch).await {
+                Some(format!("blobfuse2 (pid {pid}) {how}"))
+            } else {
+                match mounter.mount_entry(&self.spec.mount_path).await {
+                    Ok(Some(e)) if is_blobfuse2(&e) => match mounter
+                        .probe(&self.spec.mount_path, self.inner.settings.health_timeout)
+                        .await
+                    {
+                        Probe::Healthy => None,
+                        Probe::Stale(reason) => Some(reason),
+                    },
+                    Ok(Some(e)) => Some(format!(
+                        "something else is mounted over it ({} from {})",
+                        e.fs_type, e.source
+                    )),
+                    Ok(None) => Some("the mount disappeared from /proc/self/mountinfo".into()),
+                    // Cannot read mountinfo: nothing is known to be wrong with the mount.
+                    Err(_) => None,
+                }
+            };
         self.status
             .send_modify(|s| s.last_checked = Some(SystemTime::now()));
         reason
@@ -515,12 +514,10 @@ impl Supervisor {
             dirs.create(&logs_dir)
                 .map_err(io("create the logs dir", logs_dir.clone()))?;
             // Only a cache dir the agent owns is emptied (see `cache`).
-            super::cache::claim(&cache_dir, &name_for_cache).map_err(|e| {
-                MountError::CacheDir {
-                    name: name_for_cache.clone(),
-                    path: cache_dir.clone(),
-                    problem: e.to_string(),
-                }
+            super::cache::claim(&cache_dir, &name_for_cache).map_err(|e| MountError::CacheDir {
+                name: name_for_cache.clone(),
+                path: cache_dir.clone(),
+                problem: e.to_string(),
             })?;
             // blobfuse2 refuses a non-empty cache dir; a crashed one leaves files.
             super::cache::empty(&cache_dir, false)

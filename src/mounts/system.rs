@@ -171,11 +171,7 @@ impl FuseMounter for SystemMounter {
 
     async fn process_state(&self, pid: u32, launch: &Launch) -> ProcessState {
         let owned = launch.clone();
-        match tokio::time::timeout(
-            PROC_TIMEOUT,
-            blocking(move || process_state(pid, &owned)),
-        )
-        .await
+        match tokio::time::timeout(PROC_TIMEOUT, blocking(move || process_state(pid, &owned))).await
         {
             Ok(Ok(state)) => state,
             // Unknown is not dead: the next look decides.

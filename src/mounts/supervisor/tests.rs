@@ -518,7 +518,8 @@ async fn another_programs_mount_at_the_path_is_never_unmounted_or_adopted() {
     // While the agent was down, blobfuse2 died and someone mounted a
     // FUSE filesystem of their own there.
     w.fake.kill(pid);
-    w.fake.set_foreign(&path, Some(("fuse.sshfs", "user@host:/data")));
+    w.fake
+        .set_foreign(&path, Some(("fuse.sshfs", "user@host:/data")));
     let mut sub = w.events.subscribe(None);
     w.service.restore(&[]).await;
     let failed = wait_for(&mut sub, "data", MountState::Failed).await;
@@ -593,7 +594,11 @@ async fn empty_cache_frees_bytes_and_managed_identity_needs_no_secret() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(left, [".instance-agent-cache"], "only the agent's marker stays");
+    assert_eq!(
+        left,
+        [".instance-agent-cache"],
+        "only the agent's marker stays"
+    );
     // Unmount gives the default per-mount dir back entirely.
     w.service.unmount("msi").await.unwrap();
     assert!(!status.cache_dir.exists());
@@ -613,8 +618,10 @@ async fn a_cache_dir_holding_someone_elses_files_is_refused_and_left_alone() {
         "{err}"
     );
     assert!(
-        err.to_string()
-            .contains("cache_dir: ") && err.to_string().contains("is not empty and is not an agent cache dir"),
+        err.to_string().contains("cache_dir: ")
+            && err
+                .to_string()
+                .contains("is not empty and is not an agent cache dir"),
         "{err}"
     );
     assert_eq!(
