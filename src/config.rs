@@ -984,6 +984,17 @@ impl Config {
                 ));
             }
         }
+        // The mount path rules, lexically: a declared mount at /etc/data or
+        // a cache dir of /etc fails `config check`, not the first mount.
+        let rules = spec::PathRules::lexical(
+            &m.allowed_roots,
+            &m.cache_root,
+            &[
+                self.agent.state_dir.clone(),
+                self.agent.runtime_dir.clone(),
+                self.agent.logs_dir.clone(),
+            ],
+        );
         let mut names = std::collections::BTreeSet::new();
         for (i, d) in m.mount.iter().enumerate() {
             let key = |field: &str| format!("mounts.mount[{i}].{field}");
@@ -1001,12 +1012,9 @@ impl Config {
             check("container", spec::check_container(&d.container))?;
             check("endpoint", spec::check_endpoint(&d.endpoint))?;
             check("subdirectory", spec::check_subdirectory(&d.subdirectory))?;
-            check(
-                "mount_path",
-                crate::paths::normalise(&d.mount_path)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            )?;
+            if let Err((field, problem)) = rules.check_lexically(&d.mount_path, &d.cache_dir) {
+                return Err(invalid(&key(field), problem));
+            }
             match d.auth.as_str() {
                 "key" | "sas" => {
                     if !d.secret_file.is_absolute() {
@@ -1398,6 +1406,56 @@ mod tests {
 
     fn p() -> &'static Path {
         Path::new("/etc/instance-agent/config.toml")
+    }
+
+    #[test]
+    fn declared_mount_paths_follow_the_mount_rules() {
+        let declared = |fields: &str| {
+            format!(
+                "[[mounts.mount]]\nname = \"data\"\naccount = \"myacct\"\ncontainer = \"data\"\n\
+                 auth = \"msi\"\n{fields}\n"
+            )
+        };
+        let ok = Config::parse(
+            &declared("mount_path = \"/mnt/data\"\ncache_dir = \"/home/azureuser/cache\""),
+            p(),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        for (fields, key, problem) in [
+            (
+                "mount_path = \"/etc/data\"",
+                "mounts.mount[0].mount_path",
+                "/etc/data is outside the allowed roots (/mnt, /home)",
+            ),
+            (
+                "mount_path = \"/mnt\"",
+                "mounts.mount[0].mount_path",
+                "outside the allowed roots",
+            ),
+            (
+                "mount_path = \"/mnt/data\"\ncache_dir = \"/etc\"",
+                "mounts.mount[0].cache_dir",
+                "/etc must be below mounts.cache_root",
+            ),
+            (
+                "mount_path = \"/mnt/data\"\ncache_dir = \"/mnt/data/cache\"",
+                "mounts.mount[0].cache_dir",
+                "must not contain each other",
+            ),
+            (
+                "mount_path = \"/mnt/data\"\ncache_dir = \"/mnt/x/../../etc\"",
+                "mounts.mount[0].cache_dir",
+                "..",
+            ),
+        ] {
+            let msg = Config::parse(&declared(fields), p())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(key) && msg.contains(problem),
+                "{fields}: {msg}"
+            );
+        }
     }
 
     #[test]

@@ -447,24 +447,25 @@ async fn watch_cache_dirs(
     cancel: CancellationToken,
 ) {
     let mut dirs = mounts.watch_cache_dirs();
-    let mut watched: Vec<std::path::PathBuf> = Vec::new();
+    // Registered as (path, reason); the guard unregisters by the same reason.
+    let mut watched: Vec<(std::path::PathBuf, String)> = Vec::new();
     loop {
         let now: Vec<(std::path::PathBuf, String)> = dirs
             .borrow_and_update()
             .iter()
             .map(|d| (d.path.clone(), format!("cache of mount {}", d.name)))
             .collect();
-        for path in &watched {
-            if !now.iter().any(|(p, _)| p == path) {
-                disk.unregister(path.clone(), "mount cache");
+        for (path, reason) in &watched {
+            if !now.contains(&(path.clone(), reason.clone())) {
+                disk.unregister(path.clone(), reason);
             }
         }
         for (path, reason) in &now {
-            if !watched.contains(path) {
+            if !watched.contains(&(path.clone(), reason.clone())) {
                 disk.register(path.clone(), reason.clone());
             }
         }
-        watched = now.into_iter().map(|(p, _)| p).collect();
+        watched = now;
         tokio::select! {
             _ = cancel.cancelled() => return,
             changed = dirs.changed() => if changed.is_err() { return },

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use common::fuse_site::{Site, mounts_below, standin};
 use common::{Agent, cli};
 use instance_agent::api::proto::{
-    self, agent_service_client::AgentServiceClient, mount_request::Auth,
-    mount_service_client::MountServiceClient,
+    self, agent_service_client::AgentServiceClient, disk_service_client::DiskServiceClient,
+    mount_request::Auth, mount_service_client::MountServiceClient,
 };
 use nix::sys::signal::Signal;
 use tokio_stream::StreamExt;
@@ -92,6 +92,37 @@ async fn eventually<T>(
 
 async fn mount_state(agent: &Agent, name: &str) -> Option<proto::MountInfo> {
     list(agent).await.into_iter().find(|m| m.name == name)
+}
+
+/// Asserts that no file under the agent's logs dir or state dir holds a
+/// secret, except the 0600 files in which the agent keeps API secrets by
+/// design (`<state>/mounts/secrets/`).
+fn assert_no_secret_in_files(agent: &Agent) {
+    let kept = agent.state_dir.join("mounts/secrets");
+    let mut dirs = vec![agent.path().join("logs"), agent.state_dir.clone()];
+    let mut scanned = 0;
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.starts_with(&kept) {
+                continue;
+            }
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                dirs.push(path);
+            } else if kind.is_file() {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                assert_no_secret(
+                    &path.display().to_string(),
+                    &String::from_utf8_lossy(&bytes),
+                );
+                scanned += 1;
+            }
+        }
+    }
+    assert!(scanned > 0, "no files under the logs and state dirs");
 }
 
 /// Asserts that no form of the secrets is in `text`.
@@ -349,12 +380,12 @@ fn restart(agent: &mut Agent, site: &Site) {
 }
 
 #[tokio::test]
-async fn unmount_with_a_file_held_open_is_lazy_and_stops_blobfuse2() {
+async fn unmount_with_a_file_held_open_is_lazy_and_the_open_file_keeps_working() {
     let site = Site::new();
     let agent = site.agent();
     let info = mount_with_key(&agent, &site, "data").await;
     let path = site.mnt("data");
-    std::fs::write(path.join("open.txt"), "x").unwrap();
+    std::fs::write(path.join("open.txt"), "still readable").unwrap();
     let held = std::fs::File::open(path.join("open.txt")).unwrap();
 
     let reply = mounts_client(&agent)
@@ -367,15 +398,16 @@ async fn unmount_with_a_file_held_open_is_lazy_and_stops_blobfuse2() {
         .into_inner();
     assert_eq!(reply.state(), proto::MountState::Unmounted);
     assert!(
-        reply.message.contains("lazily unmounted: busy"),
+        reply.message.contains("lazily unmounted: busy")
+            && reply
+                .message
+                .contains("keeps serving the open files and exits when the last one is closed"),
         "{}",
         reply.message
     );
+    // Detached: gone from mountinfo, the mount dir is empty and the agent
+    // has forgotten the mount.
     assert_eq!(mountinfo_at(&path), None);
-    assert!(
-        !site.standins().iter().any(|(pid, _)| *pid == info.pid),
-        "blobfuse2 stopped"
-    );
     assert_eq!(
         std::fs::read_dir(&path).unwrap().count(),
         0,
@@ -383,7 +415,25 @@ async fn unmount_with_a_file_held_open_is_lazy_and_stops_blobfuse2() {
     );
     assert!(list(&agent).await.is_empty());
     assert!(!agent.path().join("run/mounts/data.yaml").exists());
+    // What the reply says is true: the open file still reads.
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &held, &mut text).expect("read the open file");
+    assert_eq!(text, "still readable");
+    assert!(!dead(info.pid), "blobfuse2 keeps serving");
+
+    // Closing the last file ends it; the agent reaps it.
     drop(held);
+    eventually("blobfuse2 to exit", Duration::from_secs(20), async || {
+        (!Path::new(&format!("/proc/{}", info.pid)).exists()).then_some(())
+    })
+    .await;
+    assert!(
+        agent
+            .log()
+            .contains("the lazily unmounted blobfuse2 has exited"),
+        "{}",
+        agent.log()
+    );
 
     // Without open files it is a clean unmount.
     mounts_client(&agent)
@@ -398,6 +448,76 @@ async fn unmount_with_a_file_held_open_is_lazy_and_stops_blobfuse2() {
             && text.contains("unmounted at")
             && text.contains(": cleanly unmounted"),
         "{text}"
+    );
+}
+
+/// A tmpfs mounted by the test; detached on drop, also when the test fails.
+struct TmpfsGuard(std::path::PathBuf);
+
+impl TmpfsGuard {
+    fn mount(path: &Path) -> Self {
+        nix::mount::mount(
+            Some("instance-agent-test"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .expect("mount a tmpfs");
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_agent_leaves_another_programs_mount_at_the_path_alone() {
+    let site = Site::new();
+    let mut agent = site.agent();
+    let info = mount_with_key(&agent, &site, "data").await;
+    let path = site.mnt("data");
+    // While the agent is down its blobfuse2 goes, and someone mounts
+    // something else at the path.
+    agent.signal(Signal::SIGKILL);
+    agent.child.wait().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(info.pid as i32), Signal::SIGTERM).unwrap();
+    eventually(
+        "the stand-in to unmount",
+        Duration::from_secs(10),
+        async || mountinfo_at(&path).is_none().then_some(()),
+    )
+    .await;
+    let _tmpfs = TmpfsGuard::mount(&path);
+    std::fs::write(path.join("theirs.txt"), "not the agent's").unwrap();
+    restart(&mut agent, &site);
+
+    let failed = eventually("the failed state", Duration::from_secs(20), async || {
+        mount_state(&agent, "data")
+            .await
+            .filter(|m| m.state() == proto::MountState::Failed)
+    })
+    .await;
+    assert!(
+        failed.message.contains(&format!(
+            "path {} is mounted by something else (tmpfs from instance-agent-test)",
+            path.display()
+        )),
+        "{}",
+        failed.message
+    );
+    // Retries back off (1 s, then 2 s) and never touch it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        mountinfo_at(&path),
+        Some(("tmpfs".into(), "instance-agent-test".into()))
+    );
+    assert_eq!(
+        std::fs::read_to_string(path.join("theirs.txt")).unwrap(),
+        "not the agent's"
     );
 }
 
@@ -567,6 +687,9 @@ async fn blobfuse2_errors_reach_the_reply_and_the_condition_verbatim_and_scrubbe
         .expect("right SAS");
     assert_no_secret("the agent log", &agent.log());
     assert_no_secret("the condition", &condition.message);
+    // The declared mount's failures quote the URL with its SAS-free key
+    // mode, the wrong SAS's the URL with `sig=`: no file keeps either.
+    assert_no_secret_in_files(&agent);
 }
 
 #[tokio::test]
@@ -656,8 +779,12 @@ async fn no_secret_appears_in_any_log_reply_event_or_the_store() {
     );
     assert_no_secret("the replies and events", &captured);
     assert_no_secret("the agent log", &agent.log());
-    let store = std::fs::read(agent.state_dir.join("agent.redb")).unwrap();
-    assert_no_secret("the store", &String::from_utf8_lossy(&store));
+    assert_no_secret_in_files(&agent);
+    assert!(
+        !agent.path().join("logs/mounts/wrong.out").exists()
+            && !agent.path().join("run/mounts/wrong.out").exists(),
+        "a failed mount's raw output is removed with it"
+    );
     // The one durable copy of an API secret is the 0600 file in the state dir.
     let secret = agent.state_dir.join("mounts/secrets/sas");
     assert_eq!(
@@ -769,4 +896,185 @@ async fn metrics_show_each_mounts_state_and_repairs_and_forget_an_unmounted_one(
         "{text}"
     );
     assert_eq!(sample(&text, remounts), Some(1.0), "{text}");
+}
+
+/// The reasons the disk guard watches `path` for, from GetDiskUsage.
+async fn disk_reasons(agent: &Agent, path: &Path) -> Vec<String> {
+    let usage = DiskServiceClient::new(agent.channel().await)
+        .get_disk_usage(proto::GetDiskUsageRequest {})
+        .await
+        .expect("disk usage")
+        .into_inner();
+    let wanted = path.display().to_string();
+    usage
+        .filesystems
+        .iter()
+        .flat_map(|fs| fs.paths.iter().map(|p| (&p.path, &p.reasons)))
+        .chain(usage.skipped.iter().map(|s| (&s.path, &s.reasons)))
+        .filter(|(p, _)| **p == wanted)
+        .flat_map(|(_, reasons)| reasons.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_disk_guard_watches_a_mounts_cache_dir_until_it_is_unmounted() {
+    let site = Site::new();
+    let agent = site.agent();
+    let info = mount_with_key(&agent, &site, "data").await;
+    let cache = Path::new(&info.cache_dir).to_owned();
+    assert_eq!(cache, site.path().join("cache/data"));
+    eventually(
+        "the cache dir watched",
+        Duration::from_secs(20),
+        async || {
+            disk_reasons(&agent, &cache)
+                .await
+                .contains(&"cache of mount data".to_owned())
+                .then_some(())
+        },
+    )
+    .await;
+    mounts_client(&agent)
+        .await
+        .unmount(proto::UnmountRequest {
+            name: "data".into(),
+        })
+        .await
+        .expect("unmount");
+    eventually(
+        "the cache dir unwatched",
+        Duration::from_secs(20),
+        async || disk_reasons(&agent, &cache).await.is_empty().then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_cache_dir_holding_user_files_is_refused_and_kept() {
+    let site = Site::new();
+    let agent = site.agent();
+    let notebooks = site.mnt("notebooks");
+    std::fs::create_dir(&notebooks).unwrap();
+    std::fs::write(notebooks.join("thesis.ipynb"), "years of work").unwrap();
+    let mut req = request(&site, "data", Auth::AccountKey(KEY.into()));
+    req.cache_dir = notebooks.display().to_string();
+    let err = mounts_client(&agent)
+        .await
+        .mount(req)
+        .await
+        .expect_err("a user's dir as cache_dir");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains(&format!(
+            "cache_dir: {} exists, is not empty and is not an agent cache dir",
+            notebooks.display()
+        )),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        std::fs::read_to_string(notebooks.join("thesis.ipynb")).unwrap(),
+        "years of work"
+    );
+    assert_eq!(std::fs::read_dir(&notebooks).unwrap().count(), 1);
+    assert!(list(&agent).await.is_empty());
+    assert_eq!(mountinfo_at(&site.mnt("data")), None);
+}
+
+#[tokio::test]
+async fn a_non_empty_mount_dir_fails_with_blobfuse2s_own_error() {
+    // The agent does not check this itself: blobfuse2 (here the stand-in)
+    // refuses, and its message reaches the reply verbatim.
+    let site = Site::new();
+    let agent = site.agent();
+    let path = site.mnt("data");
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("already-here.txt"), "x").unwrap();
+    let err = mounts_client(&agent)
+        .await
+        .mount(request(&site, "data", Auth::AccountKey(KEY.into())))
+        .await
+        .expect_err("non-empty mount dir");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .ends_with("blobfuse2 failed (exit status 1): Error: mount directory is not empty"),
+        "{}",
+        err.message()
+    );
+    assert!(path.join("already-here.txt").exists());
+    assert!(list(&agent).await.is_empty());
+}
+
+/// Runs the stand-in on `config` (YAML) and a mount dir; returns its exit
+/// code and stderr.
+fn run_standin(site: &Site, config: &str, mount_dir: &Path) -> (Option<i32>, String) {
+    let file = site.path().join("standin.yaml");
+    std::fs::write(&file, config).expect("write the config");
+    let out = Command::new(standin())
+        .arg("mount")
+        .arg(mount_dir)
+        .arg(format!("--config-file={}", file.display()))
+        .args(["--foreground", "--disable-version-check=true"])
+        .env("STANDIN_STORAGE_ROOT", site.path().join("storage"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the stand-in");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
+
+#[test]
+fn the_standin_fails_like_blobfuse2_on_bad_config() {
+    let site = Site::new();
+    let dir = site.mnt("bad");
+    std::fs::create_dir(&dir).unwrap();
+    let cases = [
+        ("azstorage: [unclosed", "Error: invalid config file ["),
+        (
+            "azstorage: {container: data, mode: key, account-key: k}",
+            "Error: account name not provided",
+        ),
+        (
+            "azstorage: {account-name: myacct, mode: key, account-key: k}",
+            "Error: container name not provided",
+        ),
+        (
+            "azstorage: {account-name: myacct, container: data, mode: key}",
+            "Error: storage key not provided",
+        ),
+        (
+            "azstorage: {account-name: myacct, container: data, mode: sas}",
+            "Error: SAS key not provided",
+        ),
+        (
+            "azstorage: {account-name: myacct, container: data, mode: spn}",
+            "Error: invalid auth mode",
+        ),
+    ];
+    for (config, error) in cases {
+        let (code, stderr) = run_standin(&site, config, &dir);
+        assert_eq!(code, Some(1), "{config}: {stderr}");
+        assert!(stderr.starts_with(error), "{config}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert_eq!(mountinfo_at(&dir), None);
+    }
+    std::fs::write(dir.join("file"), "x").unwrap();
+    let (code, stderr) = run_standin(
+        &site,
+        "azstorage: {account-name: myacct, container: data, mode: msi}",
+        &dir,
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr, "Error: mount directory is not empty");
+    let (code, stderr) = run_standin(
+        &site,
+        "azstorage: {account-name: myacct, container: data, mode: msi}",
+        &site.mnt("missing"),
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr, "Error: mount directory does not exist");
+    assert_eq!(mountinfo_at(&dir), None);
 }

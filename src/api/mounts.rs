@@ -118,7 +118,9 @@ fn error_to_status(error: MountError) -> Status {
         MountError::Invalid { .. } => Status::invalid_argument(message),
         MountError::InUse { .. } => Status::already_exists(message),
         MountError::NotFound(_) => Status::not_found(message),
-        MountError::Blobfuse2 { .. } => Status::failed_precondition(message),
+        MountError::Blobfuse2 { .. } | MountError::CacheDir { .. } => {
+            Status::failed_precondition(message)
+        }
         MountError::Timeout { .. } => Status::deadline_exceeded(message),
         MountError::Io { .. } | MountError::Spawn { .. } | MountError::Unmount { .. } => {
             Status::internal(message)
@@ -130,5 +132,42 @@ fn error_to_status(error: MountError) -> Status {
             }
         },
         MountError::Cancelled(_) => Status::aborted(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_auth_means_the_system_assigned_identity() {
+        let spec = spec_from_proto(proto::MountRequest {
+            name: "data".into(),
+            auth: None,
+            ..Default::default()
+        });
+        assert_eq!(spec.auth, Auth::ManagedIdentity(ManagedIdentity::default()));
+        assert_eq!(spec.auth.mode(), "msi");
+    }
+
+    #[test]
+    fn managed_identity_ids_are_kept() {
+        use proto::mount_request::Auth as A;
+        let spec = spec_from_proto(proto::MountRequest {
+            auth: Some(A::ManagedIdentity(proto::ManagedIdentity {
+                client_id: String::new(),
+                resource_id: "/subscriptions/s/rg/id".into(),
+                object_id: "oid".into(),
+            })),
+            ..Default::default()
+        });
+        assert_eq!(
+            spec.auth,
+            Auth::ManagedIdentity(ManagedIdentity {
+                client_id: String::new(),
+                resource_id: "/subscriptions/s/rg/id".into(),
+                object_id: "oid".into(),
+            })
+        );
     }
 }

@@ -79,9 +79,21 @@ fn run() -> Result<(), String> {
     let mut session = fuser::Session::new(filesystem, &settings.mount_path, &config)
         .map_err(|e| format!("failed to mount {}: {e}", settings.mount_path.display()))?;
     let mut unmounter = session.unmount_callable();
+    // Which mount is ours: after a lazy unmount (`fusermount3 -u -z`) the
+    // path may hold nothing or another mount, which a signal must never
+    // unmount. Read from mountinfo (a stat would wait for this very daemon).
+    let ours = mounted_device(&settings.mount_path);
+    let path = settings.mount_path.clone();
+    let log_file = settings.log_file.clone();
     std::thread::spawn(move || {
         if signals.wait().is_ok() {
-            let _ = unmounter.unmount();
+            if ours.is_some() && mounted_device(&path) == ours {
+                let _ = unmounter.unmount();
+            } else {
+                // Detached: nothing to unmount; end the connection by exiting.
+                log_to(&log_file, "signalled after a lazy unmount; exiting");
+                std::process::exit(0);
+            }
         }
     });
     let result = session.run();
@@ -89,8 +101,25 @@ fn run() -> Result<(), String> {
     result.map_err(|e| format!("FUSE session failed: {e}"))
 }
 
+/// The device (major, minor) of the topmost mount at `path`, from mountinfo.
+fn mounted_device(path: &Path) -> Option<(String, String)> {
+    let escaped = path.display().to_string().replace(' ', "\\040");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().rev().find_map(|line| {
+        let mut fields = line.split(' ');
+        let dev = fields.nth(2)?;
+        let mount_point = fields.nth(1)?;
+        let (major, minor) = dev.split_once(':')?;
+        (mount_point == escaped).then(|| (major.to_owned(), minor.to_owned()))
+    })
+}
+
 fn log(settings: &Settings, line: &str) {
-    if let Some(path) = &settings.log_file {
+    log_to(&settings.log_file, line);
+}
+
+fn log_to(log_file: &Option<PathBuf>, line: &str) {
+    if let Some(path) = log_file {
         if let Some(parent) = path.parent() {
             let _ = std::fs::create_dir_all(parent);
         }

@@ -25,6 +25,12 @@ struct State {
     hung: BTreeSet<PathBuf>,
     /// Paths with open files.
     busy: BTreeSet<PathBuf>,
+    /// How many of the next spawns start a process that never mounts.
+    hanging_spawns: usize,
+    /// Why the next clean unmounts fail (not busy: e.g. fusermount3 timed out).
+    unmount_failures: VecDeque<String>,
+    /// Mounts of other programs: path → (type, source).
+    foreign: BTreeMap<PathBuf, (String, String)>,
     calls: Vec<String>,
 }
 
@@ -52,6 +58,40 @@ impl FakeMounter {
     /// The next spawn exits 1 after writing `output` (e.g. "Error: invalid auth mode").
     pub fn fail_next_spawn(&self, output: &str) {
         self.lock().failures.push_back(output.to_owned());
+    }
+
+    /// The next spawn starts a process that runs but never mounts (a hung
+    /// blobfuse2).
+    pub fn hang_next_spawn(&self) {
+        self.lock().hanging_spawns += 1;
+    }
+
+    /// The next clean (non-lazy) unmount fails with `detail`.
+    pub fn fail_next_unmount(&self, detail: &str) {
+        self.lock().unmount_failures.push_back(detail.to_owned());
+    }
+
+    /// Another program mounts `fs_type` from `source` at `path` (over
+    /// whatever is there); `None` takes it away.
+    pub fn set_foreign(&self, path: &Path, mount: Option<(&str, &str)>) {
+        let mut s = self.lock();
+        match mount {
+            Some((fs_type, source)) => {
+                s.foreign
+                    .insert(path.to_owned(), (fs_type.into(), source.into()));
+            }
+            None => {
+                s.foreign.remove(path);
+            }
+        }
+    }
+
+    /// Whether a process still runs.
+    pub fn running(&self, pid: u32) -> bool {
+        self.lock()
+            .processes
+            .get(&pid)
+            .is_some_and(|(_, end)| end.is_none())
     }
 
     /// Kills the process like SIGKILL: its mount stays, stale.
@@ -119,7 +159,10 @@ impl FuseMounter for FakeMounter {
             .push(format!("spawn {}", launch.mount_path.display()));
         s.next_pid += 1;
         let pid = s.next_pid;
-        if let Some(output) = s.failures.pop_front() {
+        if s.hanging_spawns > 0 {
+            s.hanging_spawns -= 1;
+            s.processes.insert(pid, (launch.clone(), None));
+        } else if let Some(output) = s.failures.pop_front() {
             std::fs::write(&launch.output_file, format!("{output}\n"))?;
             s.processes
                 .insert(pid, (launch.clone(), Some("exit status 1".into())));
@@ -130,7 +173,7 @@ impl FuseMounter for FakeMounter {
         Ok(pid)
     }
 
-    fn process_state(&self, pid: u32, _launch: &Launch) -> ProcessState {
+    async fn process_state(&self, pid: u32, _launch: &Launch) -> ProcessState {
         match self.lock().processes.get(&pid) {
             Some((_, None)) => ProcessState::Running,
             Some((_, Some(how))) => ProcessState::Exited(how.clone()),
@@ -147,7 +190,16 @@ impl FuseMounter for FakeMounter {
     }
 
     async fn mount_entry(&self, path: &Path) -> std::io::Result<Option<MountEntry>> {
-        Ok(self.lock().mounts.contains_key(path).then(|| MountEntry {
+        let s = self.lock();
+        if let Some((fs_type, source)) = s.foreign.get(path) {
+            return Ok(Some(MountEntry {
+                dev: (0, 0),
+                mount_point: path.to_owned(),
+                fs_type: fs_type.clone(),
+                source: source.clone(),
+            }));
+        }
+        Ok(s.mounts.contains_key(path).then(|| MountEntry {
             dev: (0, 0),
             mount_point: path.to_owned(),
             fs_type: "fuse".into(),
@@ -182,6 +234,14 @@ impl FuseMounter for FakeMounter {
             if lazy { " -z" } else { "" },
             path.display()
         ));
+        if s.foreign.contains_key(path) {
+            // The agent must never get here: it unmounts only blobfuse2's mounts.
+            s.foreign.remove(path);
+            return Ok(());
+        }
+        if !lazy && let Some(detail) = s.unmount_failures.pop_front() {
+            return Err(UnmountFailure::Other(detail));
+        }
         if !lazy && s.busy.contains(path) {
             return Err(UnmountFailure::Busy(format!(
                 "fusermount3: failed to unmount {}: Device or resource busy",

@@ -1,7 +1,8 @@
 //! File share mounts: Azure Blob containers mounted with blobfuse2 and
 //! supervised by the agent.
 //!
-//! Owns the mount rules ([`spec`]: names, allowed paths, cache placement), the blobfuse2
+//! Owns the mount rules ([`spec`]: names, allowed paths, cache placement),
+//! which cache dirs the agent may empty ([`cache`]), the blobfuse2
 //! config rendering ([`render`]), the per-mount state machine
 //! ([`supervisor`]: mount, health checks, stale detection, repair with
 //! backoff), adoption of mounts that survived an agent restart, where secrets
@@ -15,6 +16,7 @@
 //! [`MountService::watch_cache_dirs`] and [`MountService::empty_cache`] (the
 //! disk guard watches and reclaims the caches).
 
+pub mod cache;
 pub mod reclaim;
 pub mod render;
 pub mod secrets;
@@ -197,6 +199,17 @@ pub enum MountError {
         path: PathBuf,
         /// fusermount3's message.
         detail: String,
+    },
+    /// The cache dir is not the agent's to empty (it holds files and no
+    /// agent marker), or cannot be taken.
+    #[error("mount {name:?}: cache_dir: {problem}")]
+    CacheDir {
+        /// The mount.
+        name: String,
+        /// The directory.
+        path: PathBuf,
+        /// Why it is refused.
+        problem: String,
     },
     /// The store could not record the mount.
     #[error("mount {name:?}: {source}")]

@@ -41,7 +41,7 @@ pub fn render(spec: &MountSpec, secret: Option<&Secret>, log_file: &Path) -> Str
             negative_entry_expiration_sec: CACHE_TIMEOUT_SECONDS,
         },
         file_cache: FileCache {
-            path: &spec.cache_dir,
+            path: super::cache::blobfuse2_dir(&spec.cache_dir),
             timeout_sec: CACHE_TIMEOUT_SECONDS,
             max_size_mb: cache_megabytes(spec.cache_max_bytes),
             cleanup_on_start: true,
@@ -90,7 +90,7 @@ struct Blobfuse2Config<'a> {
     logging: Logging<'a>,
     components: [&'static str; 4],
     libfuse: Libfuse,
-    file_cache: FileCache<'a>,
+    file_cache: FileCache,
     attr_cache: AttrCache,
     azstorage: AzStorage<'a>,
 }
@@ -114,8 +114,8 @@ struct Libfuse {
 
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
-struct FileCache<'a> {
-    path: &'a Path,
+struct FileCache {
+    path: std::path::PathBuf,
     timeout_sec: u32,
     max_size_mb: u64,
     cleanup_on_start: bool,
@@ -191,7 +191,7 @@ libfuse:
   entry-expiration-sec: 120
   negative-entry-expiration-sec: 120
 file_cache:
-  path: /mnt/instance-agent/cache/data
+  path: /mnt/instance-agent/cache/data/blobfuse2
   timeout-sec: 120
   max-size-mb: 4096
   cleanup-on-start: true
@@ -241,6 +241,30 @@ attr_cache:
             render(&user, None, Path::new(LOG)),
             format!(
                 "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n  appid: 11111111-2222-3333-4444-555555555555\n"
+            )
+        );
+    }
+
+    #[test]
+    fn golden_managed_identity_by_resource_id_and_by_object_id() {
+        let by_resource = spec(Auth::ManagedIdentity(ManagedIdentity {
+            resource_id: "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1".into(),
+            ..Default::default()
+        }));
+        assert_eq!(
+            render(&by_resource, None, Path::new(LOG)),
+            format!(
+                "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n  resid: /subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1\n"
+            )
+        );
+        let by_object = spec(Auth::ManagedIdentity(ManagedIdentity {
+            object_id: "66666666-7777-8888-9999-000000000000".into(),
+            ..Default::default()
+        }));
+        assert_eq!(
+            render(&by_object, None, Path::new(LOG)),
+            format!(
+                "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n  objid: 66666666-7777-8888-9999-000000000000\n"
             )
         );
     }
@@ -343,8 +367,8 @@ attr_cache:
                 if !subdirectory.is_empty() {
                     prop_assert_eq!(az["subdirectory"].as_str(), Some(subdirectory.as_str()));
                 }
-                let cache_dir = s.cache_dir.to_str().expect("utf-8");
-                prop_assert_eq!(parsed["file_cache"]["path"].as_str(), Some(cache_dir));
+                let cache_dir = crate::mounts::cache::blobfuse2_dir(&s.cache_dir);
+                prop_assert_eq!(parsed["file_cache"]["path"].as_str(), cache_dir.to_str());
                 prop_assert_eq!(parsed["logging"]["file-path"].as_str(), Some(LOG));
             }
         }

@@ -13,10 +13,11 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::cache;
 use super::secrets;
 use super::spec::{self, Auth, ManagedIdentity, MountSpec, Origin, PathRules, SecretSource};
 use super::supervisor::{self, Start};
-use super::system::{FuseMounter, Launch, Probe, UnmountFailure};
+use super::system::{FuseMounter, Launch, Probe, ProcessState, UnmountFailure, is_blobfuse2};
 use super::{MountError, MountState, MountStatus};
 use crate::config::{Config, DeclaredMount};
 use crate::events::{EventBus, EventPayload};
@@ -34,9 +35,10 @@ pub(super) const PROCESSES: Table = Table("mounts.processes");
 pub struct MountSettings {
     /// `mounts.blobfuse2_path`.
     pub blobfuse2_path: PathBuf,
-    /// Where rendered configs go (`<agent.runtime_dir>/mounts`).
+    /// Where rendered configs and blobfuse2's raw output go
+    /// (`<agent.runtime_dir>/mounts`, 0700, root only).
     pub config_dir: PathBuf,
-    /// Where blobfuse2's log and output go (`<agent.logs_dir>/mounts`).
+    /// Where blobfuse2's own log goes (`<agent.logs_dir>/mounts`).
     pub logs_dir: PathBuf,
     /// `agent.state_dir` (API secrets live below it).
     pub state_dir: PathBuf,
@@ -91,7 +93,10 @@ impl MountSettings {
             program: self.blobfuse2_path.clone(),
             mount_path: spec.mount_path.clone(),
             config_file: self.config_dir.join(format!("{}.yaml", spec.name)),
-            output_file: self.logs_dir.join(format!("{}.out", spec.name)),
+            // Raw output may quote a request URL with its SAS (the Azure
+            // SDK's errors do): it stays beside the 0600 config, never
+            // under the logs dir, and goes at cleanup.
+            output_file: self.config_dir.join(format!("{}.out", spec.name)),
         }
     }
 
@@ -99,6 +104,16 @@ impl MountSettings {
     pub fn log_file(&self, name: &str) -> PathBuf {
         self.logs_dir.join(format!("{name}.log"))
     }
+}
+
+/// How [`MountService::unmount`] took a mount off its path.
+enum Detached {
+    /// Nothing of blobfuse2's was mounted there (any more).
+    NotMounted,
+    /// `fusermount3 -u` succeeded.
+    Cleanly,
+    /// Busy (the detail says why); detached with `fusermount3 -u -z`.
+    Lazily(String),
 }
 
 /// A managed mount that a job may bind-mount.
@@ -369,16 +384,25 @@ impl MountService {
             Ok(()) => Ok(self.status(&name).ok_or(MountError::Cancelled(name))?),
             Err(error) => {
                 self.stop_supervisor(&name).await;
-                self.cleanup(&spec).await;
+                self.cleanup(&spec, false).await;
                 self.remove_entry(&name);
                 Err(error)
             }
         }
     }
 
-    /// Unmounts: stops the supervisor, unmounts (lazily when busy, and the
-    /// message says so), stops blobfuse2, empties the cache, and forgets the
-    /// mount. The mount dir is left empty.
+    /// Unmounts: stops the supervisor, unmounts, stops blobfuse2, empties
+    /// the cache, and forgets the mount. The mount dir is left empty.
+    ///
+    /// When files are open there, the mount is detached lazily
+    /// (`fusermount3 -u -z`) and blobfuse2 is left running: it keeps serving
+    /// the open files and exits by itself once the kernel drops the last
+    /// reference. The agent never kills it (that would break those files);
+    /// a background task reaps it and then empties its cache (see
+    /// [`Self::linger`]). The reply says so.
+    ///
+    /// When the unmount fails, the mount stays registered and supervised
+    /// (its supervisor is started again, adopting the running mount).
     pub async fn unmount(&self, name: &str) -> Result<MountStatus, MountError> {
         let spec = self
             .inner
@@ -388,51 +412,43 @@ impl MountService {
             .ok_or_else(|| MountError::NotFound(name.to_owned()))?;
         let pid = self.status(name).and_then(|s| s.pid);
         self.stop_supervisor(name).await;
+        let detached = match self.detach(&spec).await {
+            Ok(detached) => detached,
+            Err(error) => {
+                self.resume_supervision(&spec);
+                return Err(error);
+            }
+        };
         let launch = self.inner.settings.launch(&spec);
         let mounter = &self.inner.mounter;
-        let mut message = String::from("cleanly unmounted");
-        let mounted = mounter
-            .mount_entry(&spec.mount_path)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|e| e.is_fuse());
-        if mounted {
-            match mounter.unmount(&spec.mount_path, false).await {
-                Ok(()) => {}
-                Err(UnmountFailure::Busy(detail)) => {
-                    mounter.unmount(&spec.mount_path, true).await.map_err(|e| {
-                        MountError::Unmount {
-                            name: name.to_owned(),
-                            path: spec.mount_path.clone(),
-                            detail: match e {
-                                UnmountFailure::Busy(d) | UnmountFailure::Other(d) => d,
-                            },
-                        }
-                    })?;
-                    message = format!(
-                        "lazily unmounted: busy ({detail}); open files keep working until closed"
-                    );
-                }
-                Err(UnmountFailure::Other(detail)) => {
-                    return Err(MountError::Unmount {
-                        name: name.to_owned(),
-                        path: spec.mount_path.clone(),
-                        detail,
-                    });
-                }
-            }
-        }
         let pid = match pid {
             Some(pid) => Some(pid),
             None => mounter.find_process(&launch).await,
         };
-        if let Some(pid) = pid {
-            mounter
-                .stop(pid, &launch, self.inner.settings.stop_grace)
-                .await;
+        let mut message = String::from("cleanly unmounted");
+        let mut lingering = None;
+        match (detached, pid) {
+            (Detached::Lazily(detail), Some(pid))
+                if mounter.process_state(pid, &launch).await == ProcessState::Running =>
+            {
+                message = format!(
+                    "lazily unmounted: busy ({detail}); blobfuse2 (pid {pid}) keeps serving the open files and exits when the last one is closed"
+                );
+                lingering = Some(pid);
+            }
+            (detached, pid) => {
+                if let Detached::Lazily(detail) = detached {
+                    message = format!("lazily unmounted: busy ({detail})");
+                }
+                if let Some(pid) = pid {
+                    mounter
+                        .stop(pid, &launch, self.inner.settings.stop_grace)
+                        .await;
+                }
+            }
         }
-        self.cleanup(&spec).await;
+        // A lingering blobfuse2 still reads its cache: only closed files go now.
+        self.cleanup(&spec, lingering.is_some()).await;
         if spec.origin == Origin::Config {
             message.push_str("; declared in config, so mounted again at the next agent start");
         }
@@ -447,9 +463,86 @@ impl MountService {
         };
         self.remove_entry(name);
         self.inner.publish(&status);
+        if let Some(pid) = lingering {
+            self.linger(pid, launch, spec);
+        }
         Ok(status)
     }
 
+    /// Takes blobfuse2's mount off its path: cleanly, or lazily when busy.
+    /// Anything else mounted there is left alone.
+    async fn detach(&self, spec: &MountSpec) -> Result<Detached, MountError> {
+        let mounter = &self.inner.mounter;
+        let ours = mounter
+            .mount_entry(&spec.mount_path)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|e| is_blobfuse2(&e));
+        if !ours {
+            return Ok(Detached::NotMounted);
+        }
+        let failed = |detail: String| MountError::Unmount {
+            name: spec.name.clone(),
+            path: spec.mount_path.clone(),
+            detail,
+        };
+        match mounter.unmount(&spec.mount_path, false).await {
+            Ok(()) => Ok(Detached::Cleanly),
+            Err(UnmountFailure::Busy(detail)) => {
+                match mounter.unmount(&spec.mount_path, true).await {
+                    Ok(()) => Ok(Detached::Lazily(detail)),
+                    Err(UnmountFailure::Busy(d) | UnmountFailure::Other(d)) => Err(failed(d)),
+                }
+            }
+            Err(UnmountFailure::Other(detail)) => Err(failed(detail)),
+        }
+    }
+
+    /// Supervises a mount again after a failed unmount: a new supervisor
+    /// adopts the running mount (or repairs it), so it is never left
+    /// registered without health checks.
+    fn resume_supervision(&self, spec: &MountSpec) {
+        let mut mounts = self.inner.lock();
+        mounts.remove(&spec.name);
+        let initial = self.insert(&mut mounts, spec.clone(), Start::Restore, None);
+        drop(mounts);
+        self.inner.publish(&initial);
+    }
+
+    /// Watches a blobfuse2 left serving open files after a lazy unmount,
+    /// once per health interval, until it exits by itself (the kernel drops
+    /// the detached mount with its last reference); reaps it, then empties
+    /// the cache it used unless another mount uses that dir by then. It is
+    /// never killed: at agent shutdown the watch simply ends and the process
+    /// (in its own session) goes on until its files are closed.
+    fn linger(&self, pid: u32, launch: Launch, spec: Arc<MountSpec>) {
+        let service = self.clone();
+        let shutdown = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            loop {
+                let interval = *service.inner.interval.borrow();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                if let ProcessState::Exited(how) =
+                    service.inner.mounter.process_state(pid, &launch).await
+                {
+                    tracing::info!(mount = %spec.name, pid, %how, "the lazily unmounted blobfuse2 has exited");
+                    break;
+                }
+            }
+            let reused = service
+                .inner
+                .lock()
+                .values()
+                .any(|e| paths::overlaps(&e.spec.cache_dir, &spec.cache_dir));
+            if !reused {
+                service.clear_cache(&spec, false).await;
+            }
+        });
+    }
     /// Every managed mount, by name.
     pub fn list(&self) -> Vec<MountStatus> {
         self.inner
@@ -536,7 +629,7 @@ impl MountService {
         let keep_open = state == MountState::Mounted;
         let dir = spec.cache_dir.clone();
         let owned_name = name.to_owned();
-        tokio::task::spawn_blocking(move || empty_dir(&dir, keep_open))
+        tokio::task::spawn_blocking(move || cache::empty(&dir, keep_open))
             .await
             .map_err(|e| MountError::Io {
                 name: owned_name.clone(),
@@ -612,6 +705,17 @@ impl MountService {
         .await
         .map_err(|e| invalid("mount_path", e.to_string()))?;
         let (mount_path, cache_dir) = resolved.map_err(|(field, p)| invalid(field, p))?;
+        let dir = cache_dir.clone();
+        let claimable = tokio::task::spawn_blocking(move || cache::check_claimable(&dir))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(problem) = claimable {
+            return Err(MountError::CacheDir {
+                name: spec.name.clone(),
+                path: cache_dir,
+                problem,
+            });
+        }
         spec.mount_path = mount_path;
         spec.cache_dir = cache_dir;
         Ok(spec)
@@ -712,21 +816,33 @@ impl MountService {
     }
 
     /// Removes what the agent made for a mount: record, secret, rendered
-    /// config, cache contents (the default per-mount cache dir itself too).
-    async fn cleanup(&self, spec: &MountSpec) {
+    /// config, blobfuse2's raw output, cache contents (the default per-mount
+    /// cache dir itself too). With `keep_open`, cache files some process
+    /// holds open stay (a lingering blobfuse2 still serves them).
+    async fn cleanup(&self, spec: &MountSpec, keep_open: bool) {
         self.forget_record(&spec.name).await;
-        let settings = &self.inner.settings;
-        let config = settings.launch(spec).config_file;
-        let cache = spec.cache_dir.clone();
-        let default_cache = settings.rules.default_cache_dir(&spec.name) == cache;
+        let launch = self.inner.settings.launch(spec);
         let _ = tokio::task::spawn_blocking(move || {
-            let _ = std::fs::remove_file(&config);
-            let _ = empty_dir(&cache, false);
-            if default_cache {
-                let _ = std::fs::remove_dir(&cache);
-            }
+            let _ = std::fs::remove_file(&launch.config_file);
+            let _ = std::fs::remove_file(&launch.output_file);
+            let _ = std::fs::remove_file(launch.output_file.with_extension("out.1"));
         })
         .await;
+        self.clear_cache(spec, keep_open).await;
+    }
+
+    /// Gives up a mount's cache dir: empties it and removes the agent's
+    /// marker (and the default per-mount dir itself). A dir the agent does
+    /// not own is left as it is.
+    async fn clear_cache(&self, spec: &MountSpec, keep_open: bool) {
+        let cache = spec.cache_dir.clone();
+        let default_cache = self.inner.settings.rules.default_cache_dir(&spec.name) == cache;
+        let released =
+            tokio::task::spawn_blocking(move || cache::release(&cache, keep_open, default_cache))
+                .await;
+        if let Ok(Err(error)) = released {
+            tracing::warn!(mount = %spec.name, %error, "cache dir not fully released");
+        }
     }
 
     fn add(
@@ -915,9 +1031,10 @@ fn conflicts(mounts: &BTreeMap<String, Entry>, spec: &MountSpec) -> Result<(), M
     Ok(())
 }
 
-/// Removes everything inside `dir` (not `dir` itself), never following
-/// symlinks; with `keep_open`, files some process holds open stay. Returns
-/// the bytes freed. Blocking.
+/// Removes everything inside `dir` (not `dir` itself, nor the agent's cache
+/// marker in it), never following symlinks; with `keep_open`, files some
+/// process holds open stay. Returns the bytes freed. Blocking; callers go
+/// through [`super::cache`], which checks that the agent owns the dir.
 pub(super) fn empty_dir(dir: &Path, keep_open: bool) -> std::io::Result<u64> {
     let open = if keep_open {
         open_files_below(dir)
@@ -936,19 +1053,28 @@ pub(super) fn empty_dir(dir: &Path, keep_open: bool) -> std::io::Result<u64> {
         Ok(_) => {}
     }
     let mut freed = 0;
-    remove_children(dir, &open, &mut freed)?;
+    remove_children(dir, &open, &dir.join(super::cache::MARKER), &mut freed)?;
     Ok(freed)
 }
 
 /// Returns whether `dir` is now empty.
-fn remove_children(dir: &Path, open: &HashSet<PathBuf>, freed: &mut u64) -> std::io::Result<bool> {
+fn remove_children(
+    dir: &Path,
+    open: &HashSet<PathBuf>,
+    keep: &Path,
+    freed: &mut u64,
+) -> std::io::Result<bool> {
     let mut empty = true;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
+        if path == keep {
+            empty = false;
+            continue;
+        }
         let meta = entry.metadata()?;
         if meta.is_dir() {
-            if remove_children(&path, open, freed)? {
+            if remove_children(&path, open, keep, freed)? {
                 std::fs::remove_dir(&path)?;
             } else {
                 empty = false;

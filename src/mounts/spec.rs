@@ -237,40 +237,108 @@ impl PathRules {
         self.cache_root.join(name)
     }
 
+    /// The same rules without touching the filesystem, for `config check`:
+    /// roots and paths are only normalised (symlinks are followed at mount
+    /// time, by [`Self::mount_path`] and [`Self::cache_dir`]).
+    pub fn lexical(allowed_roots: &[PathBuf], cache_root: &Path, agent_dirs: &[PathBuf]) -> Self {
+        let fix = |p: &Path| paths::normalise(p).unwrap_or_else(|_| p.to_owned());
+        Self {
+            allowed_roots: allowed_roots.iter().map(|r| fix(r)).collect(),
+            cache_root: fix(cache_root),
+            agent_dirs: agent_dirs.iter().map(|d| fix(d)).collect(),
+        }
+    }
+
+    /// Checks a declared mount's paths lexically (see [`Self::lexical`]);
+    /// an empty `cache_dir` means the default. On a problem, the field and why.
+    pub fn check_lexically(
+        &self,
+        mount_path: &Path,
+        cache_dir: &Path,
+    ) -> Result<(), (&'static str, String)> {
+        let mount = paths::normalise(mount_path).map_err(|e| ("mount_path", e.to_string()))?;
+        self.mount_path_allowed(mount_path, &mount)
+            .and_then(|()| self.off_agent_dirs(mount_path, &mount))
+            .map_err(|p| ("mount_path", p))?;
+        if cache_dir.as_os_str().is_empty() {
+            return Ok(());
+        }
+        let cache = paths::normalise(cache_dir).map_err(|e| ("cache_dir", e.to_string()))?;
+        self.cache_dir_allowed(cache_dir, &cache)
+            .and_then(|()| self.off_agent_dirs(cache_dir, &cache))
+            .map_err(|p| ("cache_dir", p))?;
+        if paths::overlaps(&mount, &cache) {
+            return Err((
+                "cache_dir",
+                format!(
+                    "{} and the mount path {} must not contain each other",
+                    cache.display(),
+                    mount.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks and resolves a mount path. Blocking.
     pub fn mount_path(&self, path: &Path) -> Result<PathBuf, String> {
         let resolved = resolve(path)?;
-        if !self
-            .allowed_roots
-            .iter()
-            .any(|root| paths::strictly_below(&resolved, root))
-        {
-            return Err(format!(
-                "{} is outside the allowed roots ({}); set mounts.allowed_roots to allow it",
-                describe(path, &resolved),
-                list(&self.allowed_roots)
-            ));
-        }
+        self.mount_path_allowed(path, &resolved)?;
         self.directory_of_its_own(path, resolved)
     }
 
     /// Checks and resolves a cache dir. Blocking.
     pub fn cache_dir(&self, path: &Path) -> Result<PathBuf, String> {
         let resolved = resolve(path)?;
-        let allowed = paths::strictly_below(&resolved, &self.cache_root)
+        self.cache_dir_allowed(path, &resolved)?;
+        self.directory_of_its_own(path, resolved)
+    }
+
+    fn mount_path_allowed(&self, path: &Path, resolved: &Path) -> Result<(), String> {
+        if self
+            .allowed_roots
+            .iter()
+            .any(|root| paths::strictly_below(resolved, root))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "{} is outside the allowed roots ({}); set mounts.allowed_roots to allow it",
+            describe(path, resolved),
+            list(&self.allowed_roots)
+        ))
+    }
+
+    fn cache_dir_allowed(&self, path: &Path, resolved: &Path) -> Result<(), String> {
+        let allowed = paths::strictly_below(resolved, &self.cache_root)
             || self
                 .allowed_roots
                 .iter()
-                .any(|root| paths::strictly_below(&resolved, root));
-        if !allowed {
-            return Err(format!(
-                "{} must be below mounts.cache_root ({}) or an allowed root ({}): the agent empties cache dirs",
-                describe(path, &resolved),
-                self.cache_root.display(),
-                list(&self.allowed_roots)
-            ));
+                .any(|root| paths::strictly_below(resolved, root));
+        if allowed {
+            return Ok(());
         }
-        self.directory_of_its_own(path, resolved)
+        Err(format!(
+            "{} must be below mounts.cache_root ({}) or an allowed root ({}): the agent empties cache dirs",
+            describe(path, resolved),
+            self.cache_root.display(),
+            list(&self.allowed_roots)
+        ))
+    }
+
+    fn off_agent_dirs(&self, path: &Path, resolved: &Path) -> Result<(), String> {
+        match self
+            .agent_dirs
+            .iter()
+            .find(|d| paths::overlaps(resolved, d))
+        {
+            Some(dir) => Err(format!(
+                "{} overlaps the agent's own directory {}",
+                describe(path, resolved),
+                dir.display()
+            )),
+            None => Ok(()),
+        }
     }
 
     /// A resolved path must be a directory (or not exist yet) and must not
@@ -284,18 +352,8 @@ impl PathRules {
                 resolved.display()
             ));
         }
-        match self
-            .agent_dirs
-            .iter()
-            .find(|d| paths::overlaps(&resolved, d))
-        {
-            Some(dir) => Err(format!(
-                "{} overlaps the agent's own directory {}",
-                describe(path, &resolved),
-                dir.display()
-            )),
-            None => Ok(resolved),
-        }
+        self.off_agent_dirs(path, &resolved)?;
+        Ok(resolved)
     }
 }
 

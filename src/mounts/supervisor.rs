@@ -24,7 +24,7 @@ use super::render;
 use super::secrets;
 use super::service::{Inner, PROCESSES, ProcessRecord};
 use super::spec::{MountSpec, SecretSource};
-use super::system::{Launch, Probe, ProcessState};
+use super::system::{Launch, Probe, ProcessState, is_blobfuse2};
 use super::{MountError, MountState, MountStatus};
 use crate::secret::Secret;
 use crate::store::Write;
@@ -232,14 +232,18 @@ impl Supervisor {
     /// At agent start: takes over a healthy running mount, or says what to do.
     async fn adopt(&mut self) -> Next {
         let mounter = self.inner.mounter.clone();
-        let recorded = self
+        let mut recorded = self
             .inner
             .store
             .get::<ProcessRecord>(PROCESSES, &self.spec.name)
             .ok()
             .flatten()
-            .and_then(|r| r.pid)
-            .filter(|pid| mounter.process_state(*pid, &self.launch) == ProcessState::Running);
+            .and_then(|r| r.pid);
+        if let Some(pid) = recorded
+            && mounter.process_state(pid, &self.launch).await != ProcessState::Running
+        {
+            recorded = None;
+        }
         let pid = match recorded {
             Some(pid) => Some(pid),
             None => mounter.find_process(&self.launch).await,
@@ -249,7 +253,9 @@ impl Supervisor {
             .await
             .ok()
             .flatten();
-        let mounted = entry.as_ref().is_some_and(|e| e.is_fuse());
+        // Only blobfuse2's own mount is taken over; anything else at the
+        // path is left alone and the mount attempt reports it (FAILED, in use).
+        let mounted = entry.as_ref().is_some_and(is_blobfuse2);
         match (mounted, pid) {
             (true, Some(pid)) => {
                 if !self.config_unchanged().await {
@@ -310,22 +316,27 @@ impl Supervisor {
     /// One health check. `None` when healthy, else why it is stale.
     async fn check(&self, pid: u32) -> Option<String> {
         let mounter = &self.inner.mounter;
-        let reason = if let ProcessState::Exited(how) = mounter.process_state(pid, &self.launch) {
-            Some(format!("blobfuse2 (pid {pid}) {how}"))
-        } else {
-            match mounter.mount_entry(&self.spec.mount_path).await {
-                Ok(Some(e)) if e.is_fuse() => match mounter
-                    .probe(&self.spec.mount_path, self.inner.settings.health_timeout)
-                    .await
-                {
-                    Probe::Healthy => None,
-                    Probe::Stale(reason) => Some(reason),
-                },
-                Ok(_) => Some("the mount disappeared from /proc/self/mountinfo".into()),
-                // Cannot read mountinfo: nothing is known to be wrong with the mount.
-                Err(_) => None,
-            }
-        };
+        let reason =
+            if let ProcessState::Exited(how) = mounter.process_state(pid, &self.launch).await {
+                Some(format!("blobfuse2 (pid {pid}) {how}"))
+            } else {
+                match mounter.mount_entry(&self.spec.mount_path).await {
+                    Ok(Some(e)) if is_blobfuse2(&e) => match mounter
+                        .probe(&self.spec.mount_path, self.inner.settings.health_timeout)
+                        .await
+                    {
+                        Probe::Healthy => None,
+                        Probe::Stale(reason) => Some(reason),
+                    },
+                    Ok(Some(e)) => Some(format!(
+                        "something else is mounted over it ({} from {})",
+                        e.fs_type, e.source
+                    )),
+                    Ok(None) => Some("the mount disappeared from /proc/self/mountinfo".into()),
+                    // Cannot read mountinfo: nothing is known to be wrong with the mount.
+                    Err(_) => None,
+                }
+            };
         self.status
             .send_modify(|s| s.last_checked = Some(SystemTime::now()));
         reason
@@ -352,10 +363,12 @@ impl Supervisor {
         self.status.send_modify(|s| s.remount_count += 1);
     }
 
+    /// `fusermount3 -u -z` of blobfuse2's mount at the path; anything else
+    /// mounted there is never touched.
     async fn lazy_unmount(&self) {
         let mounter = &self.inner.mounter;
         if let Ok(Some(entry)) = mounter.mount_entry(&self.spec.mount_path).await
-            && entry.is_fuse()
+            && is_blobfuse2(&entry)
             && let Err(failure) = mounter.unmount(&self.spec.mount_path, true).await
         {
             tracing::warn!(mount = %self.spec.name, ?failure, "lazy unmount failed");
@@ -400,10 +413,10 @@ impl Supervisor {
     async fn attempt(&self) -> Result<u32, MountError> {
         let name = &self.spec.name;
         let mounter = self.inner.mounter.clone();
-        // A leftover FUSE mount at the path is ours (the path was checked
-        // free when the mount was requested).
+        // A leftover blobfuse2 mount at the path is ours (the path was
+        // checked free when the mount was requested); anything else is not.
         match mounter.mount_entry(&self.spec.mount_path).await {
-            Ok(Some(e)) if e.is_fuse() => self.lazy_unmount().await,
+            Ok(Some(e)) if is_blobfuse2(&e) => self.lazy_unmount().await,
             Ok(Some(e)) => {
                 return Err(MountError::InUse {
                     name: name.clone(),
@@ -433,7 +446,7 @@ impl Supervisor {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut poll = MOUNT_POLL_FIRST;
         loop {
-            if let ProcessState::Exited(how) = mounter.process_state(pid, &self.launch) {
+            if let ProcessState::Exited(how) = mounter.process_state(pid, &self.launch).await {
                 let output = self.read_output().await;
                 let message = match &secret {
                     Some(secret) => secrets::scrub(&output, secret),
@@ -446,7 +459,7 @@ impl Supervisor {
                 });
             }
             if let Ok(Some(entry)) = mounter.mount_entry(&self.spec.mount_path).await
-                && entry.is_fuse()
+                && is_blobfuse2(&entry)
             {
                 return Ok(pid);
             }
@@ -478,6 +491,7 @@ impl Supervisor {
     /// writes the 0600 config and rotates blobfuse2's previous output.
     async fn prepare_files(&self, yaml: String) -> Result<(), MountError> {
         let name = self.spec.name.clone();
+        let name_for_cache = name.clone();
         let mount_path = self.spec.mount_path.clone();
         let cache_dir = self.spec.cache_dir.clone();
         let launch = self.launch.clone();
@@ -499,12 +513,19 @@ impl Supervisor {
                 .map_err(io("create the mount dir", mount_path.clone()))?;
             dirs.create(&logs_dir)
                 .map_err(io("create the logs dir", logs_dir.clone()))?;
-            dirs.mode(0o700)
-                .create(&cache_dir)
-                .map_err(io("create the cache dir", cache_dir.clone()))?;
+            // Only a cache dir the agent owns is emptied (see `cache`).
+            super::cache::claim(&cache_dir, &name_for_cache).map_err(|e| MountError::CacheDir {
+                name: name_for_cache.clone(),
+                path: cache_dir.clone(),
+                problem: e.to_string(),
+            })?;
             // blobfuse2 refuses a non-empty cache dir; a crashed one leaves files.
-            super::service::empty_dir(&cache_dir, false)
+            super::cache::empty(&cache_dir, false)
                 .map_err(io("empty the cache dir", cache_dir.clone()))?;
+            let blobfuse2_cache = super::cache::blobfuse2_dir(&cache_dir);
+            dirs.mode(0o700)
+                .create(&blobfuse2_cache)
+                .map_err(io("create the cache dir", blobfuse2_cache.clone()))?;
             secrets::write_private(&launch.config_file, yaml.as_bytes())
                 .map_err(io("write the blobfuse2 config", launch.config_file.clone()))?;
             let previous = launch.output_file.with_extension("out.1");

@@ -92,8 +92,8 @@ pub trait FuseMounter: Send + Sync + 'static {
     /// running. Returns its pid.
     async fn spawn(&self, launch: &Launch) -> std::io::Result<u32>;
     /// Whether `pid` still runs as `launch`'s blobfuse2; reaps it when it is
-    /// the agent's own child. Non-blocking.
-    fn process_state(&self, pid: u32, launch: &Launch) -> ProcessState;
+    /// the agent's own child. Reads `/proc` off the async runtime.
+    async fn process_state(&self, pid: u32, launch: &Launch) -> ProcessState;
     /// A running blobfuse2 serving `launch` (found by its command line).
     async fn find_process(&self, launch: &Launch) -> Option<u32>;
     /// The mountinfo entry at `path`, if anything is mounted there.
@@ -126,6 +126,42 @@ impl SystemMounter {
 /// Deadline for `fusermount3` itself.
 const FUSERMOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Deadline for looking at a process in `/proc`.
+const PROC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a mountinfo entry is blobfuse2's (source `blobfuse2`, type
+/// `fuse`): the only kind of mount the agent ever unmounts or adopts.
+/// Anything else at a mount path belongs to someone else.
+pub fn is_blobfuse2(entry: &MountEntry) -> bool {
+    entry.source == "blobfuse2" && entry.fs_type == "fuse"
+}
+
+/// [`FuseMounter::process_state`] of the real system. Blocking.
+fn process_state(pid: u32, launch: &Launch) -> ProcessState {
+    let Ok(raw) = i32::try_from(pid) else {
+        return ProcessState::Exited("invalid pid".into());
+    };
+    match waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => ProcessState::Running,
+        Ok(WaitStatus::Exited(_, code)) => ProcessState::Exited(format!("exit status {code}")),
+        Ok(WaitStatus::Signaled(_, signal, _)) => {
+            ProcessState::Exited(format!("killed by {}", signal.as_str()))
+        }
+        Ok(_) => ProcessState::Running,
+        // Not our child (adopted after an agent restart): look at /proc,
+        // and check the command line in case the pid was reused.
+        Err(_) => {
+            if is_zombie_or_gone(pid) {
+                ProcessState::Exited("exited".into())
+            } else if read_cmdline(pid).is_some_and(|argv| launch.matches(&argv)) {
+                ProcessState::Running
+            } else {
+                ProcessState::Exited("exited (its pid now belongs to another process)".into())
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl FuseMounter for SystemMounter {
     async fn spawn(&self, launch: &Launch) -> std::io::Result<u32> {
@@ -133,28 +169,13 @@ impl FuseMounter for SystemMounter {
         blocking(move || spawn_detached(&launch)).await?
     }
 
-    fn process_state(&self, pid: u32, launch: &Launch) -> ProcessState {
-        let Ok(raw) = i32::try_from(pid) else {
-            return ProcessState::Exited("invalid pid".into());
-        };
-        match waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => ProcessState::Running,
-            Ok(WaitStatus::Exited(_, code)) => ProcessState::Exited(format!("exit status {code}")),
-            Ok(WaitStatus::Signaled(_, signal, _)) => {
-                ProcessState::Exited(format!("killed by {}", signal.as_str()))
-            }
-            Ok(_) => ProcessState::Running,
-            // Not our child (adopted after an agent restart): look at /proc,
-            // and check the command line in case the pid was reused.
-            Err(_) => {
-                if is_zombie_or_gone(pid) {
-                    ProcessState::Exited("exited".into())
-                } else if read_cmdline(pid).is_some_and(|argv| launch.matches(&argv)) {
-                    ProcessState::Running
-                } else {
-                    ProcessState::Exited("exited (its pid now belongs to another process)".into())
-                }
-            }
+    async fn process_state(&self, pid: u32, launch: &Launch) -> ProcessState {
+        let owned = launch.clone();
+        match tokio::time::timeout(PROC_TIMEOUT, blocking(move || process_state(pid, &owned))).await
+        {
+            Ok(Ok(state)) => state,
+            // Unknown is not dead: the next look decides.
+            Ok(Err(_)) | Err(_) => ProcessState::Running,
         }
     }
 
@@ -255,13 +276,13 @@ impl FuseMounter for SystemMounter {
             (Signal::SIGTERM, grace),
             (Signal::SIGKILL, Duration::from_secs(5)),
         ] {
-            if self.process_state(pid, launch) != ProcessState::Running {
+            if self.process_state(pid, launch).await != ProcessState::Running {
                 return;
             }
             let _ = kill(Pid::from_raw(raw), signal);
             let deadline = tokio::time::Instant::now() + wait;
             while tokio::time::Instant::now() < deadline {
-                if self.process_state(pid, launch) != ProcessState::Running {
+                if self.process_state(pid, launch).await != ProcessState::Running {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -388,6 +409,20 @@ mod tests {
     }
 
     #[test]
+    fn launch_argv_is_blobfuse2s_foreground_mount() {
+        assert_eq!(
+            launch("/mnt/data").args(),
+            argv(&[
+                "mount",
+                "/mnt/data",
+                "--config-file=/run/instance-agent/mounts/data.yaml",
+                "--foreground",
+                "--disable-version-check=true",
+            ])
+        );
+    }
+
+    #[test]
     fn command_line_matches_exact_path_only() {
         let l = launch("/mnt/a");
         let cfg = "--config-file=/run/instance-agent/mounts/data.yaml";
@@ -423,11 +458,14 @@ mod tests {
         let m = SystemMounter::new();
         let pid = m.spawn(&l).await.unwrap();
         // `exec sleep` replaces the command line; the process is still ours.
-        assert_eq!(m.process_state(pid, &l), ProcessState::Running);
+        assert_eq!(m.process_state(pid, &l).await, ProcessState::Running);
         let sid = nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).unwrap();
         assert_eq!(sid.as_raw(), pid as i32, "blobfuse2 leads its own session");
         m.stop(pid, &l, Duration::from_secs(2)).await;
-        assert!(matches!(m.process_state(pid, &l), ProcessState::Exited(_)));
+        assert!(matches!(
+            m.process_state(pid, &l).await,
+            ProcessState::Exited(_)
+        ));
     }
 
     #[tokio::test]

@@ -442,7 +442,7 @@ async fn declared_mounts_read_their_secret_file_and_fail_clearly_without_it() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn busy_unmount_is_lazy_and_says_so() {
+async fn busy_unmount_is_lazy_says_so_and_leaves_blobfuse2_serving_the_open_files() {
     let w = World::new();
     let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
     let path = w.base().join("mnt/data");
@@ -450,11 +450,17 @@ async fn busy_unmount_is_lazy_and_says_so() {
     let status = w.service.unmount("data").await.unwrap();
     assert_eq!(status.state, MountState::Unmounted);
     assert!(
-        status.message.starts_with("lazily unmounted: busy"),
+        status.message.starts_with("lazily unmounted: busy")
+            && status.message.contains(&format!(
+                "blobfuse2 (pid {pid}) keeps serving the open files"
+            )),
         "{}",
         status.message
     );
-    assert!(w.fake.calls().contains(&format!("stop {pid}")));
+    assert!(w.fake.pid_at(&path).is_none(), "detached");
+    // Killing blobfuse2 would break the open files: it is left running.
+    assert!(!w.fake.calls().contains(&format!("stop {pid}")));
+    assert!(w.fake.running(pid));
     assert!(w.service.list().is_empty());
     assert!(
         w.store
@@ -467,6 +473,111 @@ async fn busy_unmount_is_lazy_and_says_so() {
         w.service.unmount("data").await,
         Err(MountError::NotFound(_))
     ));
+    // Once the last file is closed it exits by itself; the watch ends then
+    // and is never the one to stop it.
+    w.fake.kill(pid);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!w.fake.calls().contains(&format!("stop {pid}")));
+    w.cancel.cancel();
+    w.tasks.close();
+    w.tasks.wait().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_unmount_keeps_the_mount_registered_and_supervised() {
+    let w = World::new();
+    let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
+    w.fake
+        .fail_next_unmount("fusermount3 did not finish within 10 s");
+    let mut sub = w.events.subscribe(None);
+    let err = w.service.unmount("data").await.unwrap_err();
+    assert!(
+        matches!(&err, MountError::Unmount { detail, .. } if detail.contains("did not finish")),
+        "{err}"
+    );
+    // Supervised again: adopted as it runs, and still health-checked.
+    let adopted = wait_for(&mut sub, "data", MountState::Mounted).await;
+    assert_eq!(adopted.pid, Some(pid));
+    assert!(w.fake.running(pid), "blobfuse2 was not stopped");
+    w.fake.kill(pid);
+    let stale = wait_for(&mut sub, "data", MountState::Stale).await;
+    assert!(stale.message.contains("killed"), "{}", stale.message);
+    let repaired = wait_for(&mut sub, "data", MountState::Mounted).await;
+    assert_ne!(repaired.pid, Some(pid));
+    // And it can still be unmounted.
+    w.service.unmount("data").await.unwrap();
+    assert!(w.service.list().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_programs_mount_at_the_path_is_never_unmounted_or_adopted() {
+    let w = World::new();
+    let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
+    let path = w.base().join("mnt/data");
+    let w = w.restart().await;
+    // While the agent was down, blobfuse2 died and someone mounted a
+    // FUSE filesystem of their own there.
+    w.fake.kill(pid);
+    w.fake
+        .set_foreign(&path, Some(("fuse.sshfs", "user@host:/data")));
+    let mut sub = w.events.subscribe(None);
+    w.service.restore(&[]).await;
+    let failed = wait_for(&mut sub, "data", MountState::Failed).await;
+    assert!(
+        failed.message.contains(&format!(
+            "path {} is mounted by something else (fuse.sshfs from user@host:/data)",
+            path.display()
+        )),
+        "{}",
+        failed.message
+    );
+    assert!(
+        !w.fake
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("unmount") && c.ends_with(&path.display().to_string())),
+        "{:?}",
+        w.fake.calls()
+    );
+    // A retry after it is gone mounts.
+    w.fake.set_foreign(&path, None);
+    wait_for(&mut sub, "data", MountState::Mounted).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mount_that_never_appears_times_out_stops_blobfuse2_and_is_forgotten() {
+    let w = World::new();
+    w.fake.hang_next_spawn();
+    let started = tokio::time::Instant::now();
+    let err = w.service.mount(w.spec("data")).await.unwrap_err();
+    let seconds = w.config.mounts.mount_timeout_seconds;
+    let MountError::Timeout {
+        seconds: reported, ..
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*reported, u64::from(seconds));
+    assert!(
+        err.to_string().contains(&format!(
+            "not in /proc/self/mountinfo at {} after {seconds} s (mounts.mount_timeout_seconds)",
+            w.base().join("mnt/data").display()
+        )),
+        "{err}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(seconds.into()));
+    let pid = 1001;
+    assert!(w.fake.calls().contains(&format!("stop {pid}")));
+    assert!(!w.fake.running(pid));
+    assert!(w.service.list().is_empty());
+    assert!(
+        w.store
+            .scan::<serde_json::Value>(super::super::service::REQUESTED)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!w.base().join("state/mounts/secrets/data").exists());
+    assert!(!w.base().join("run/mounts/data.yaml").exists());
 }
 
 #[tokio::test(start_paused = true)]
@@ -479,13 +590,55 @@ async fn empty_cache_frees_bytes_and_managed_identity_needs_no_secret() {
     std::fs::create_dir_all(status.cache_dir.join("a/b")).unwrap();
     std::fs::write(status.cache_dir.join("a/b/blob"), vec![0u8; 1000]).unwrap();
     assert_eq!(w.service.empty_cache("msi").await.unwrap(), 1000);
-    assert!(
-        std::fs::read_dir(&status.cache_dir)
-            .unwrap()
-            .next()
-            .is_none()
+    let left: Vec<_> = std::fs::read_dir(&status.cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [".instance-agent-cache"],
+        "only the agent's marker stays"
     );
-    let _ = &w.config;
+    // Unmount gives the default per-mount dir back entirely.
+    w.service.unmount("msi").await.unwrap();
+    assert!(!status.cache_dir.exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cache_dir_holding_someone_elses_files_is_refused_and_left_alone() {
+    let w = World::new();
+    let users = w.base().join("mnt/notebooks");
+    std::fs::create_dir_all(&users).unwrap();
+    std::fs::write(users.join("thesis.ipynb"), "years of work").unwrap();
+    let mut spec = w.spec("data");
+    spec.cache_dir = users.clone();
+    let err = w.service.mount(spec).await.unwrap_err();
+    assert!(
+        matches!(&err, MountError::CacheDir { path, .. } if *path == users),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("cache_dir: ")
+            && err
+                .to_string()
+                .contains("is not empty and is not an agent cache dir"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(users.join("thesis.ipynb")).unwrap(),
+        "years of work"
+    );
+    assert_eq!(w.fake.spawns(), 0);
+    // An empty dir of the user's is taken, and given back empty.
+    let empty = w.base().join("mnt/scratch");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut spec = w.spec("data");
+    spec.cache_dir = empty.clone();
+    w.service.mount(spec).await.unwrap();
+    assert!(empty.join(".instance-agent-cache").is_file());
+    assert!(empty.join("blobfuse2").is_dir());
+    w.service.unmount("data").await.unwrap();
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
 }
 
 #[test]
