@@ -1067,3 +1067,146 @@ async fn if_the_supervisor_dies_the_agent_still_kills_the_scripts_processes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+mod systemd_scope {
+    //! The `systemd-run --scope` path, driven with a fake `systemd-run`
+    //! (the test host has no systemd): the runner is built with systemd
+    //! containment forced and the real binary as the supervisor.
+
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use instance_agent::setup::RUN_MARKER_ENV;
+    use instance_agent::setup::runner::{
+        Containment, Launch, ProcessRunner, Report, SUPERVISOR_ARG, SupervisedRunner,
+    };
+    use tokio::io::AsyncReadExt;
+
+    fn fake_systemd_run(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("systemd-run");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(
+            &path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        path
+    }
+
+    fn launch(run_id: &str) -> Launch {
+        Launch {
+            run_id: run_id.into(),
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo hello from the script".into()],
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                (RUN_MARKER_ENV.into(), run_id.into()),
+            ],
+            working_dir: "/".into(),
+            user: None,
+            kill_grace: Duration::from_secs(1),
+            kill_leftovers: true,
+        }
+    }
+
+    /// Every report until the supervisor ends, and the script's stdout.
+    async fn run(runner: &SupervisedRunner, run_id: &str) -> (Vec<Report>, String) {
+        let mut process = runner.start(launch(run_id)).await.expect("started");
+        let (mut stdout, _stderr) = process.take_output().expect("output");
+        let reading = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text).await;
+            text
+        });
+        let mut reports = Vec::new();
+        let collect = async {
+            while let Some(report) = process.next_report().await {
+                reports.push(report);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), collect)
+            .await
+            .expect("the supervisor ends");
+        let text = tokio::time::timeout(Duration::from_secs(30), reading)
+            .await
+            .expect("output ends")
+            .unwrap();
+        (reports, text)
+    }
+
+    #[tokio::test]
+    async fn a_failing_systemd_run_falls_back_and_the_script_still_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = fake_systemd_run(
+            dir.path(),
+            "echo 'Failed to connect to bus: No such file or directory' >&2\nexit 1\n",
+        );
+        let runner = SupervisedRunner::new(crate::common::binary(), Containment::SystemdScope)
+            .with_systemd_run(fake);
+        let id = format!("fb{}", &crate::uuid_like()[..10]);
+        let (reports, stdout) = run(&runner, &id).await;
+        match reports.first() {
+            Some(Report::Warning { message }) => {
+                assert!(message.contains("Failed to connect to bus"), "{message}");
+                assert!(message.contains("own session"), "{message}");
+            }
+            other => panic!("the fallback is reported first: {other:?} in {reports:?}"),
+        }
+        assert!(
+            matches!(reports.get(1), Some(Report::Started { .. })),
+            "{reports:?}"
+        );
+        assert!(
+            reports.contains(&Report::Exited {
+                code: Some(0),
+                signal: None
+            }),
+            "{reports:?}"
+        );
+        assert_eq!(stdout, "hello from the script\n");
+    }
+
+    #[tokio::test]
+    async fn systemd_run_gets_a_scope_per_run_and_execs_the_supervisor_with_its_pipes() {
+        let dir = tempfile::tempdir().unwrap();
+        let args_file = dir.path().join("args");
+        let fake = fake_systemd_run(
+            dir.path(),
+            &format!(
+                "printf '%s\\n' \"$@\" > {}\nwhile [ \"$1\" != -- ]; do shift; done\nshift\nexec \"$@\"\n",
+                args_file.display()
+            ),
+        );
+        let binary = crate::common::binary();
+        let runner =
+            SupervisedRunner::new(binary.clone(), Containment::SystemdScope).with_systemd_run(fake);
+        let id = format!("sc{}", &crate::uuid_like()[..10]);
+        let (reports, stdout) = run(&runner, &id).await;
+        let args = std::fs::read_to_string(&args_file).unwrap();
+        let expected = [
+            "--scope".to_owned(),
+            "--quiet".into(),
+            "--collect".into(),
+            format!("--unit=instance-agent-setup-{id}.scope"),
+            "--description=instance-agent setup script".into(),
+            "--property=KillMode=control-group".into(),
+            "--".into(),
+            binary.display().to_string(),
+            SUPERVISOR_ARG.into(),
+        ];
+        assert_eq!(args.lines().collect::<Vec<_>>(), expected);
+        // The spec (stdin) and the report pipe (fd 3) went through the exec.
+        assert!(
+            matches!(reports.first(), Some(Report::Started { .. })),
+            "no fallback: {reports:?}"
+        );
+        assert!(
+            reports.contains(&Report::Exited {
+                code: Some(0),
+                signal: None
+            }),
+            "{reports:?}"
+        );
+        assert_eq!(stdout, "hello from the script\n");
+    }
+}
