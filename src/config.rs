@@ -1095,9 +1095,24 @@ impl Config {
         in_range("setup.max_args", setup.max_args.into(), 0, 65_536)?;
         // 128 KiB is the kernel's limit on one argument or variable
         // (MAX_ARG_STRLEN); beyond it exec fails.
-        in_range("setup.max_arg_bytes", setup.max_arg_bytes.into(), 1, 128 << 10)?;
-        in_range("setup.max_env_entries", setup.max_env_entries.into(), 0, 65_536)?;
-        in_range("setup.max_env_bytes", setup.max_env_bytes.into(), 0, 16 << 20)?;
+        in_range(
+            "setup.max_arg_bytes",
+            setup.max_arg_bytes.into(),
+            1,
+            128 << 10,
+        )?;
+        in_range(
+            "setup.max_env_entries",
+            setup.max_env_entries.into(),
+            0,
+            65_536,
+        )?;
+        in_range(
+            "setup.max_env_bytes",
+            setup.max_env_bytes.into(),
+            0,
+            16 << 20,
+        )?;
         in_range(
             "setup.max_pending_runs",
             setup.max_pending_runs.into(),
@@ -1571,7 +1586,11 @@ mod tests {
             format!("[[setup.scripts]]\nkind = \"startup\"\npath = \"/opt/a.sh\"\n{extra}\n")
         };
         for (extra, key, needle) in [
-            ("run_as = \"no/such:user\"", "setup.scripts[0].run_as", "not a user name"),
+            (
+                "run_as = \"no/such:user\"",
+                "setup.scripts[0].run_as",
+                "not a user name",
+            ),
             (
                 "env = { INSTANCE_AGENT_SETUP_RUN = \"x\" }",
                 "setup.scripts[0].env",
@@ -1588,11 +1607,17 @@ mod tests {
         }
         let dots = "[[setup.scripts]]\nkind = \"startup\"\npath = \"/opt/../etc/x\"\n";
         let msg = Config::parse(dots, p()).unwrap_err().to_string();
-        assert!(msg.contains("setup.scripts[0].path") && msg.contains(".."), "{msg}");
+        assert!(
+            msg.contains("setup.scripts[0].path") && msg.contains(".."),
+            "{msg}"
+        );
 
         let many_args = format!("[setup]\nmax_args = 1\n{}", script("args = [\"a\", \"b\"]"));
         let msg = Config::parse(&many_args, p()).unwrap_err().to_string();
-        assert!(msg.contains("setup.scripts[0].args") && msg.contains("setup.max_args"), "{msg}");
+        assert!(
+            msg.contains("setup.scripts[0].args") && msg.contains("setup.max_args"),
+            "{msg}"
+        );
 
         let too_big = "[setup]\nmax_script_bytes = 4194304\n";
         let msg = Config::parse(too_big, p()).unwrap_err().to_string();

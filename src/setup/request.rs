@@ -133,7 +133,10 @@ pub fn check_shape(request: &RunRequest, limits: &RequestLimits) -> Result<(), S
         ));
     }
     if request.args.iter().any(|a| a.contains('\0')) {
-        return Err(invalid("args", "arguments must not contain NUL bytes".into()));
+        return Err(invalid(
+            "args",
+            "arguments must not contain NUL bytes".into(),
+        ));
     }
     if let Some((index, arg)) = request
         .args
@@ -536,31 +539,53 @@ mod tests {
         args.args = vec!["1".into(), "2".into(), "3".into()];
         let (field, problem) = refusal(&args, &tight);
         assert_eq!(field, "args");
-        assert!(problem.contains("3 arguments exceed the limit of 2 (setup.max_args)"), "{problem}");
+        assert!(
+            problem.contains("3 arguments exceed the limit of 2 (setup.max_args)"),
+            "{problem}"
+        );
 
         args.args = vec!["ok".into(), "123456789".into()];
         let (field, problem) = refusal(&args, &tight);
         assert_eq!(field, "args");
-        assert!(problem.contains("argument 2 is 9 bytes: the limit is 8 (setup.max_arg_bytes)"), "{problem}");
+        assert!(
+            problem.contains("argument 2 is 9 bytes: the limit is 8 (setup.max_arg_bytes)"),
+            "{problem}"
+        );
 
         let mut env = request(ScriptSource::Inline("true".into()));
         env.args.clear();
-        env.env = BTreeMap::from([("A".into(), "1".into()), ("B".into(), "2".into()), ("C".into(), "3".into())]);
+        env.env = BTreeMap::from([
+            ("A".into(), "1".into()),
+            ("B".into(), "2".into()),
+            ("C".into(), "3".into()),
+        ]);
         let (field, problem) = refusal(&env, &tight);
         assert_eq!(field, "env");
-        assert!(problem.contains("3 variables exceed the limit of 2 (setup.max_env_entries)"), "{problem}");
+        assert!(
+            problem.contains("3 variables exceed the limit of 2 (setup.max_env_entries)"),
+            "{problem}"
+        );
 
         env.env = BTreeMap::from([("A".into(), "123".into()), ("B".into(), "123456".into())]);
         let (field, problem) = refusal(&env, &tight);
         assert_eq!(field, "env");
-        assert!(problem.contains("13 bytes exceed the limit of 12 (setup.max_env_bytes)"), "{problem}");
+        assert!(
+            problem.contains("13 bytes exceed the limit of 12 (setup.max_env_bytes)"),
+            "{problem}"
+        );
 
         env.env = BTreeMap::from([("SECRET".into(), "hunter2hunter2".into())]);
-        let roomy = RequestLimits { max_env_bytes: 100, ..tight };
+        let roomy = RequestLimits {
+            max_env_bytes: 100,
+            ..tight
+        };
         let (field, problem) = refusal(&env, &roomy);
         assert_eq!(field, "env");
         assert!(problem.contains("(setup.max_arg_bytes)"), "{problem}");
-        assert!(!problem.contains("hunter2"), "a value is never echoed: {problem}");
+        assert!(
+            !problem.contains("hunter2"),
+            "a value is never echoed: {problem}"
+        );
     }
 
     #[test]
@@ -568,7 +593,10 @@ mod tests {
         let up = request(ScriptSource::Path("/opt/../etc/x".into()));
         let (field, problem) = refusal(&up, &limits(100));
         assert_eq!(field, "path");
-        assert!(problem.contains("/opt/../etc/x") && problem.contains(".."), "{problem}");
+        assert!(
+            problem.contains("/opt/../etc/x") && problem.contains(".."),
+            "{problem}"
+        );
         let mut dir = request(ScriptSource::Inline("true".into()));
         dir.working_dir = Some("/srv/../root".into());
         let (field, _) = refusal(&dir, &limits(100));

@@ -608,12 +608,11 @@ impl SupervisedProcess {
                 self.pending.push_back(report);
                 let pid = self.pid;
                 let unit = scope_unit(&self.run_id);
-                self.cgroup = tokio::task::spawn_blocking(move || {
-                    process_tree::cgroup_v2_of(pid, &unit)
-                })
-                .await
-                .ok()
-                .flatten();
+                self.cgroup =
+                    tokio::task::spawn_blocking(move || process_tree::cgroup_v2_of(pid, &unit))
+                        .await
+                        .ok()
+                        .flatten();
                 Ok(())
             }
             Ok(None) => {

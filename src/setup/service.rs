@@ -1062,32 +1062,28 @@ impl SetupScripts {
         id: &str,
         change: impl FnOnce(&mut SetupRun),
     ) -> Result<(), SetupError> {
-        let Some(mut run) = self.lock().runs.get(id).cloned() else {
-            return Err(SetupError::NotFound { id: id.to_owned() });
-        };
-        change(&mut run);
-        self.inner
-            .wiring
-            .store
-            .apply(vec![Write::put(RUNS, &run.id, &run)])
-            .await?;
-        self.lock().runs.insert(run.id.clone(), run.clone());
-        self.publish(&run);
-        self.refresh_condition();
-        Ok(())
+        self.change_run(id, change, true).await.map(|_| ())
     }
 
-    /// Applies `change` to a run, persists it, publishes it, refreshes the
-    /// condition. Returns the run after the change. A store error is logged
-    /// and the run goes on in memory (the next start sees the last state
-    /// stored); see [`Self::update_stored`] for changes that must not.
+    /// Applies `change` to a run: stores it, then shows it (memory, event,
+    /// condition), so that nothing is shown before it is on record. Returns
+    /// the run after the change. A store error is logged and the change is
+    /// shown all the same: the run goes on, and the next start sees the last
+    /// state stored. [`Self::update_stored`] is for changes that must not.
     async fn update(&self, id: &str, change: impl FnOnce(&mut SetupRun)) -> Option<SetupRun> {
-        let run = {
-            let mut state = self.lock();
-            let run = state.runs.get_mut(id)?;
-            change(run);
-            run.clone()
+        self.change_run(id, change, false).await.ok().flatten()
+    }
+
+    async fn change_run(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut SetupRun),
+        strict: bool,
+    ) -> Result<Option<SetupRun>, SetupError> {
+        let Some(mut run) = self.lock().runs.get(id).cloned() else {
+            return Ok(None);
         };
+        change(&mut run);
         if let Err(error) = self
             .inner
             .wiring
@@ -1095,11 +1091,23 @@ impl SetupScripts {
             .apply(vec![Write::put(RUNS, &run.id, &run)])
             .await
         {
+            if strict {
+                return Err(error.into());
+            }
             tracing::error!(run = %run.id, %error, "cannot record a setup run's state");
         }
+        {
+            // The run and the condition change together: no reader sees one
+            // without the other.
+            let mut state = self.lock();
+            match state.runs.get_mut(id) {
+                Some(slot) => *slot = run.clone(),
+                None => return Ok(None),
+            }
+            self.show_condition(&state);
+        }
         self.publish(&run);
-        self.refresh_condition();
-        Some(run)
+        Ok(Some(run))
     }
 
     /// Ends a run: sets `finished_at`, applies `change`, persists, prunes.
@@ -1185,12 +1193,17 @@ impl SetupScripts {
     /// Sets the setup condition and the job queue hold from the runs.
     fn refresh_condition(&self) {
         let state = self.lock();
-        let (condition, message) = condition(&state, &self.inner.settings);
+        self.show_condition(&state);
+    }
+
+    /// [`Self::refresh_condition`] with the state already locked.
+    fn show_condition(&self, state: &State) {
+        let (condition, message) = condition(state, &self.inner.settings);
         self.inner
             .wiring
             .health
             .set(Subsystem::Setup, condition, message);
-        match gate_reason(&state, &self.inner.settings) {
+        match gate_reason(state, &self.inner.settings) {
             Some(reason) => self.inner.wiring.admission.hold(GATE_HOLDER, reason),
             None => self.inner.wiring.admission.release(GATE_HOLDER),
         }

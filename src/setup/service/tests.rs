@@ -432,7 +432,8 @@ async fn without_gate_jobs_a_pending_or_failed_creation_holds_nothing() {
     let mut rig = Rig::new();
     rig.gate_jobs = false;
     rig.declare(SetupScriptKind::Creation, "create.sh");
-    rig.runner.push(FakeScript::exits(3, Duration::from_secs(5), "boom\n"));
+    rig.runner
+        .push(FakeScript::exits(3, Duration::from_secs(5), "boom\n"));
     let service = rig.open();
     assert_eq!(rig.admission.held_reason(), None, "not held before it runs");
     let cancel = CancellationToken::new();
@@ -442,8 +443,15 @@ async fn without_gate_jobs_a_pending_or_failed_creation_holds_nothing() {
     settle(&service).await;
     let run = service.list(&[SetupKind::Creation], 1)[0].clone();
     assert_eq!(run.state, RunState::Failed);
-    assert_eq!(rig.health.get(Subsystem::Setup).state, ConditionState::Failed);
-    assert_eq!(rig.admission.held_reason(), None, "not held after it failed");
+    assert_eq!(
+        rig.health.get(Subsystem::Setup).state,
+        ConditionState::Failed
+    );
+    assert_eq!(
+        rig.admission.held_reason(),
+        None,
+        "not held after it failed"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -565,7 +573,10 @@ async fn a_missing_declared_script_is_a_failed_run_not_a_silent_skip() {
     );
     // Its log exists and says why.
     let log = std::fs::read_to_string(&runs[0].log_path).expect("the log of the failed run");
-    assert!(log.contains("could not start") && log.contains("start.sh"), "{log}");
+    assert!(
+        log.contains("could not start") && log.contains("start.sh"),
+        "{log}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -588,7 +599,10 @@ async fn a_script_gone_by_its_turn_fails_with_a_log_saying_why() {
     assert_eq!(done.state, RunState::Failed);
     assert!(done.message.contains("could not start"), "{}", done.message);
     let log = std::fs::read_to_string(&done.log_path).expect("the log of the failed run");
-    assert!(log.contains("could not start") && log.contains("gone.sh"), "{log}");
+    assert!(
+        log.contains("could not start") && log.contains("gone.sh"),
+        "{log}"
+    );
     assert!(rig.runner.launches().is_empty());
 }
 
