@@ -1081,17 +1081,6 @@ impl Config {
             1,
             16 << 20,
         )?;
-        if setup.max_script_bytes >= u64::from(self.limits.max_message_bytes) {
-            return Err(invalid(
-                "setup.max_script_bytes",
-                format!(
-                    "{} is not below limits.max_message_bytes ({}): a script that large would be \
-                     refused by the message limit (RESOURCE_EXHAUSTED) before this one applies; \
-                     raise limits.max_message_bytes or lower setup.max_script_bytes",
-                    setup.max_script_bytes, self.limits.max_message_bytes
-                ),
-            ));
-        }
         in_range("setup.max_args", setup.max_args.into(), 0, 65_536)?;
         // 128 KiB is the kernel's limit on one argument or variable
         // (MAX_ARG_STRLEN); beyond it exec fails.
@@ -1618,15 +1607,6 @@ mod tests {
             msg.contains("setup.scripts[0].args") && msg.contains("setup.max_args"),
             "{msg}"
         );
-
-        let too_big = "[setup]\nmax_script_bytes = 4194304\n";
-        let msg = Config::parse(too_big, p()).unwrap_err().to_string();
-        assert!(
-            msg.contains("setup.max_script_bytes") && msg.contains("limits.max_message_bytes"),
-            "{msg}"
-        );
-        let raised = "[limits]\nmax_message_bytes = 8388608\n[setup]\nmax_script_bytes = 4194304\n";
-        Config::parse(raised, p()).expect("a script limit below the message limit is fine");
     }
 
     #[test]
