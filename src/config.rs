@@ -362,6 +362,14 @@ pub struct SetupConfig {
     pub log_tail_lines: u32,
     /// Largest inline script accepted over the API.
     pub max_script_bytes: u64,
+    /// Arguments of one script, at most.
+    pub max_args: u32,
+    /// Bytes of one argument or one environment value, at most.
+    pub max_arg_bytes: u32,
+    /// Environment variables of one request, at most.
+    pub max_env_entries: u32,
+    /// Bytes of one request's environment (`NAME=value` each), at most.
+    pub max_env_bytes: u32,
     /// Runs accepted but not started yet, at most.
     pub max_pending_runs: u32,
     /// Finished runs kept (records and logs); the latest creation run is always kept.
@@ -388,6 +396,10 @@ impl Default for SetupConfig {
             log_tail_bytes: 1 << 20,
             log_tail_lines: 20,
             max_script_bytes: 1 << 20,
+            max_args: 1024,
+            max_arg_bytes: 128 << 10,
+            max_env_entries: 1024,
+            max_env_bytes: 1 << 20,
             max_pending_runs: 32,
             keep_runs: 100,
             ci_name: String::new(),
@@ -1077,6 +1089,27 @@ impl Config {
             1,
             16 << 20,
         )?;
+        in_range("setup.max_args", setup.max_args.into(), 0, 65_536)?;
+        // 128 KiB is the kernel's limit on one argument or variable
+        // (MAX_ARG_STRLEN); beyond it exec fails.
+        in_range(
+            "setup.max_arg_bytes",
+            setup.max_arg_bytes.into(),
+            1,
+            128 << 10,
+        )?;
+        in_range(
+            "setup.max_env_entries",
+            setup.max_env_entries.into(),
+            0,
+            65_536,
+        )?;
+        in_range(
+            "setup.max_env_bytes",
+            setup.max_env_bytes.into(),
+            0,
+            16 << 20,
+        )?;
         in_range(
             "setup.max_pending_runs",
             setup.max_pending_runs.into(),
@@ -1127,6 +1160,24 @@ impl Config {
                     &key("working_dir"),
                     format!("{} must be an absolute path", script.working_dir.display()),
                 ));
+            }
+            // What the API would refuse (reserved variables, `..` in a path,
+            // a malformed user name, the size limits) is refused here too.
+            let request = crate::setup::service::declared_request(script);
+            let limits = crate::setup::request::RequestLimits::from_config(setup);
+            if let Err(error) = crate::setup::request::check_shape(&request, &limits) {
+                let field = match &error {
+                    crate::setup::SetupError::Invalid { field, .. } => match *field {
+                        "timeout_seconds" => "timeout",
+                        other => other,
+                    },
+                    _ => "path",
+                };
+                let problem = match error {
+                    crate::setup::SetupError::Invalid { problem, .. } => problem,
+                    other => other.to_string(),
+                };
+                return Err(invalid(&key(field), problem));
             }
         }
         Ok(())
@@ -1608,6 +1659,46 @@ mod tests {
             "[[setup.scripts]]\nkind = \"startup\"\npath = \"/a\"\nenv = { \"1X\" = \"v\" }\n";
         let msg = Config::parse(bad_env, p()).unwrap_err().to_string();
         assert!(msg.contains("setup.scripts[0].env"), "{msg}");
+    }
+
+    #[test]
+    fn declared_scripts_are_refused_where_the_api_would_refuse_them() {
+        let script = |extra: &str| {
+            format!("[[setup.scripts]]\nkind = \"startup\"\npath = \"/opt/a.sh\"\n{extra}\n")
+        };
+        for (extra, key, needle) in [
+            (
+                "run_as = \"no/such:user\"",
+                "setup.scripts[0].run_as",
+                "not a user name",
+            ),
+            (
+                "env = { INSTANCE_AGENT_SETUP_RUN = \"x\" }",
+                "setup.scripts[0].env",
+                "set by the agent",
+            ),
+            (
+                "working_dir = \"/opt/../etc\"",
+                "setup.scripts[0].working_dir",
+                "..",
+            ),
+        ] {
+            let msg = Config::parse(&script(extra), p()).unwrap_err().to_string();
+            assert!(msg.contains(key) && msg.contains(needle), "{extra}: {msg}");
+        }
+        let dots = "[[setup.scripts]]\nkind = \"startup\"\npath = \"/opt/../etc/x\"\n";
+        let msg = Config::parse(dots, p()).unwrap_err().to_string();
+        assert!(
+            msg.contains("setup.scripts[0].path") && msg.contains(".."),
+            "{msg}"
+        );
+
+        let many_args = format!("[setup]\nmax_args = 1\n{}", script("args = [\"a\", \"b\"]"));
+        let msg = Config::parse(&many_args, p()).unwrap_err().to_string();
+        assert!(
+            msg.contains("setup.scripts[0].args") && msg.contains("setup.max_args"),
+            "{msg}"
+        );
     }
 
     #[test]

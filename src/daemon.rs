@@ -272,7 +272,8 @@ impl Daemon {
         ));
 
         let (routes, health_reporter) = api::routes(api::ApiParts {
-            agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone()),
+            agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone())
+                .with_setup(setup.clone()),
             jobs: api::jobs::JobApi::new(jobs.clone()),
             mounts: api::mounts::MountApi::new(mounts),
             disk: api::disk::DiskApi::new(disk, cancel.clone()),

@@ -512,6 +512,73 @@ async fn logs_stream_live_while_the_script_runs() {
     assert!(seen.contains("exited with status 0"), "{seen}");
 }
 
+#[tokio::test]
+async fn cli_logs_follow_prints_a_running_script_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let agent = Agent::builder().start();
+    let mut c = client(&agent).await;
+    let run = client_run(
+        &mut c,
+        inline(&format!(
+            "echo tick-1\nwhile [ ! -e {} ]; do sleep 0.05; done\necho tick-2\n",
+            go.display()
+        )),
+    )
+    .await;
+    let mut follower = Command::new(common::binary())
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["setup", "logs", "-f", &run.id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cli starts");
+    let stdout = follower.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the script's first line arrives while it waits");
+        assert!(!line.contains("tick-2"), "{line}");
+        if line == "tick-1" {
+            break;
+        }
+    }
+    assert!(
+        follower.try_wait().unwrap().is_none(),
+        "still following the running script"
+    );
+    std::fs::write(&go, "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = follower.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = follower.kill();
+            panic!("the follower did not end with the run");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    reader.join().unwrap();
+    let rest: Vec<String> = lines_rx.try_iter().collect();
+    assert!(status.success(), "{status:?}");
+    assert!(rest.iter().any(|l| l == "tick-2"), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("exited with status 0")),
+        "{rest:?}"
+    );
+}
+
 /// A user and group made for one test, removed when it ends.
 struct TestUser {
     name: String,
@@ -724,8 +791,13 @@ async fn jobs_are_held_until_the_creation_script_succeeds() {
         "create.sh",
         &format!("while [ ! -e {} ]; do sleep 0.05; done\n", go.display()),
     );
+    let markers = tempfile::tempdir().unwrap();
     let agent = Agent::builder()
-        .config(&declared("creation", &creation))
+        .config(&format!(
+            "[jobs]\nallowed_host_roots = [{:?}]\n{}",
+            markers.path(),
+            declared("creation", &creation)
+        ))
         .start();
     let running = status(&agent).await;
     let held = running.slots.clone().unwrap().held_reason;
@@ -737,11 +809,44 @@ async fn jobs_are_held_until_the_creation_script_succeeds() {
         proto::ConditionState::Unknown,
         "{condition:?}"
     );
+    // A job submitted now waits in the queue; its container never starts.
+    let job_id = format!("gated-{}", uuid_like());
+    let mut jobs = proto::job_service_client::JobServiceClient::new(agent.channel().await);
+    jobs.submit_job(proto::SubmitJobRequest {
+        spec: Some(common::marked_job(&job_id, "0", markers.path())),
+    })
+    .await
+    .expect("accepted while held");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let job = jobs
+        .get_job(proto::GetJobRequest { id: job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state(), proto::JobState::Queued, "{job:?}");
+    assert_eq!(common::runs(markers.path(), &job_id), 0);
+
     std::fs::write(&go, "").unwrap();
     wait_for_runs(&agent, proto::SetupKind::Creation, 1).await;
     let done = status(&agent).await;
     assert_eq!(done.slots.clone().unwrap().held_reason, "");
     assert_eq!(setup_condition(&done).state(), proto::ConditionState::Ok);
+    // Released: the job runs.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let job = jobs
+            .get_job(proto::GetJobRequest { id: job_id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if common::is_final(job.state()) {
+            assert_eq!(job.state(), proto::JobState::Succeeded, "{job:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never ran: {job:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(common::runs(markers.path(), &job_id), 1);
 }
 
 #[tokio::test]
@@ -750,7 +855,7 @@ async fn a_failed_creation_script_fails_the_condition_with_its_exit_code_and_out
     let creation = write_script(
         dir.path(),
         "create.sh",
-        "echo installing\necho 'E: Unable to locate package cuda-99' >&2\nexit 100\n",
+        "echo installing\nfor i in 1 2 3 4 5 6 7; do echo step $i; done\necho 'E: Unable to locate package cuda-99' >&2\nexit 100\n",
     );
     let agent = Agent::builder()
         .config(&declared("creation", &creation))
@@ -777,6 +882,27 @@ async fn a_failed_creation_script_fails_the_condition_with_its_exit_code_and_out
         condition.message
     );
     assert!(status.slots.clone().unwrap().held_reason.contains("setup"));
+
+    // The same facts as fields, for the control plane: more lines than the
+    // condition's message quotes.
+    let run = status.creation_run.clone().expect("the creation run");
+    assert_eq!(run.state(), proto::SetupRunState::Failed);
+    assert_eq!(run.exit_code, Some(100));
+    assert!(run.log_tail.iter().any(|l| l == "installing"), "{run:?}");
+    assert!(
+        run.log_tail
+            .iter()
+            .any(|l| l.contains("Unable to locate package cuda-99")),
+        "{run:?}"
+    );
+    assert!(Path::new(&run.log_path).is_file(), "{run:?}");
+    let shown = cli(&agent.socket, &["status"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("creation script FAILED") && text.contains("exit code 100"),
+        "{text}"
+    );
+    assert!(text.contains("| installing"), "{text}");
 }
 
 #[tokio::test]
@@ -863,7 +989,25 @@ async fn an_idempotency_key_returns_the_run_already_made() {
 async fn bad_requests_get_a_clear_status() {
     let agent = Agent::builder().start();
     let mut c = client(&agent).await;
+    let dir = tempfile::tempdir().unwrap();
+    let blank = write_script(dir.path(), "blank.sh", "  \n\t\n");
     let cases: Vec<(proto::RunSetupScriptRequest, tonic::Code, &str)> = vec![
+        (
+            proto::RunSetupScriptRequest {
+                source: Some(Source::Path(blank.display().to_string())),
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "empty",
+        ),
+        (
+            proto::RunSetupScriptRequest {
+                source: Some(Source::Path("/opt/../etc/passwd".into())),
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "`path`",
+        ),
         (
             proto::RunSetupScriptRequest {
                 source: Some(Source::Path("/no/such/script.sh".into())),
@@ -1066,4 +1210,194 @@ async fn if_the_supervisor_dies_the_agent_still_kills_the_scripts_processes() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+mod systemd_scope {
+    //! The `systemd-run --scope` path, driven with a fake `systemd-run`
+    //! (the test host has no systemd): the runner is built with systemd
+    //! containment forced and the real binary as the supervisor.
+
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use instance_agent::setup::RUN_MARKER_ENV;
+    use instance_agent::setup::runner::{
+        Containment, Launch, ProcessRunner, Report, SUPERVISOR_ARG, SupervisedRunner,
+    };
+    use tokio::io::AsyncReadExt;
+
+    fn fake_systemd_run(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("systemd-run");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).expect("test setup");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("test setup");
+        path
+    }
+
+    fn launch(run_id: &str) -> Launch {
+        Launch {
+            run_id: run_id.into(),
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo hello from the script".into()],
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                (RUN_MARKER_ENV.into(), run_id.into()),
+            ],
+            working_dir: "/".into(),
+            user: None,
+            kill_grace: Duration::from_secs(1),
+            kill_leftovers: true,
+        }
+    }
+
+    /// Every report until the supervisor ends, and the script's stdout.
+    async fn run(runner: &SupervisedRunner, run_id: &str) -> (Vec<Report>, String) {
+        let mut process = runner.start(launch(run_id)).await.expect("started");
+        let (mut stdout, _stderr) = process.take_output().expect("output");
+        let reading = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text).await;
+            text
+        });
+        let mut reports = Vec::new();
+        let collect = async {
+            while let Some(report) = process.next_report().await {
+                reports.push(report);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), collect)
+            .await
+            .expect("the supervisor ends");
+        let text = tokio::time::timeout(Duration::from_secs(30), reading)
+            .await
+            .expect("output ends")
+            .expect("output read");
+        (reports, text)
+    }
+
+    #[tokio::test]
+    async fn a_failing_systemd_run_falls_back_and_the_script_still_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = fake_systemd_run(
+            dir.path(),
+            "echo 'Failed to connect to bus: No such file or directory' >&2\nexit 1\n",
+        );
+        let runner = SupervisedRunner::new(crate::common::binary(), Containment::SystemdScope)
+            .with_systemd_run(fake);
+        let id = format!("fb{}", &crate::uuid_like()[..10]);
+        let (reports, stdout) = run(&runner, &id).await;
+        match reports.first() {
+            Some(Report::Warning { message }) => {
+                assert!(message.contains("Failed to connect to bus"), "{message}");
+                assert!(message.contains("own session"), "{message}");
+            }
+            other => panic!("the fallback is reported first: {other:?} in {reports:?}"),
+        }
+        assert!(
+            matches!(reports.get(1), Some(Report::Started { .. })),
+            "{reports:?}"
+        );
+        assert!(
+            reports.contains(&Report::Exited {
+                code: Some(0),
+                signal: None
+            }),
+            "{reports:?}"
+        );
+        assert_eq!(stdout, "hello from the script\n");
+    }
+
+    #[tokio::test]
+    async fn systemd_run_gets_a_scope_per_run_and_execs_the_supervisor_with_its_pipes() {
+        let dir = tempfile::tempdir().unwrap();
+        let args_file = dir.path().join("args");
+        let fake = fake_systemd_run(
+            dir.path(),
+            &format!(
+                "printf '%s\\n' \"$@\" > {}\nwhile [ \"$1\" != -- ]; do shift; done\nshift\nexec \"$@\"\n",
+                args_file.display()
+            ),
+        );
+        let binary = crate::common::binary();
+        let runner =
+            SupervisedRunner::new(binary.clone(), Containment::SystemdScope).with_systemd_run(fake);
+        let id = format!("sc{}", &crate::uuid_like()[..10]);
+        let (reports, stdout) = run(&runner, &id).await;
+        let args = std::fs::read_to_string(&args_file).unwrap();
+        let expected = [
+            "--scope".to_owned(),
+            "--quiet".into(),
+            "--collect".into(),
+            format!("--unit=instance-agent-setup-{id}.scope"),
+            "--description=instance-agent setup script".into(),
+            "--property=KillMode=control-group".into(),
+            "--".into(),
+            binary.display().to_string(),
+            SUPERVISOR_ARG.into(),
+        ];
+        assert_eq!(args.lines().collect::<Vec<_>>(), expected);
+        // The spec (stdin) and the report pipe (fd 3) went through the exec.
+        assert!(
+            matches!(reports.first(), Some(Report::Started { .. })),
+            "no fallback: {reports:?}"
+        );
+        assert!(
+            reports.contains(&Report::Exited {
+                code: Some(0),
+                signal: None
+            }),
+            "{reports:?}"
+        );
+        assert_eq!(stdout, "hello from the script\n");
+    }
+}
+
+#[tokio::test]
+async fn the_shebang_picks_the_interpreter_and_bash_runs_the_rest() {
+    let agent = Agent::builder().start();
+    let mut c = client(&agent).await;
+    let exe = |out: &str| {
+        let line = out.lines().last().unwrap_or_default().to_owned();
+        std::fs::canonicalize(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    };
+
+    let sh = run_to_end(
+        &mut c,
+        inline("#!/bin/sh\necho \"bash=${BASH_VERSION:-}\"\nreadlink /proc/$$/exe\n"),
+    )
+    .await;
+    assert_eq!(sh.state(), proto::SetupRunState::Succeeded, "{sh:?}");
+    let out = stdout_of(&output(&mut c, &sh.id).await);
+    assert!(out.starts_with("bash=\n"), "{out}");
+    assert_eq!(
+        exe(&out),
+        std::fs::canonicalize("/bin/sh").unwrap(),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_script(
+        dir.path(),
+        "plain.sh",
+        "echo \"bash=${BASH_VERSION:-}\"\nreadlink /proc/$$/exe\n",
+    );
+    let plain = run_to_end(
+        &mut c,
+        proto::RunSetupScriptRequest {
+            source: Some(Source::Path(file.display().to_string())),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(plain.state(), proto::SetupRunState::Succeeded, "{plain:?}");
+    let out = stdout_of(&output(&mut c, &plain.id).await);
+    assert!(
+        out.starts_with("bash=5") || out.starts_with("bash=4"),
+        "{out}"
+    );
+    assert_eq!(
+        exe(&out),
+        std::fs::canonicalize("/bin/bash").unwrap(),
+        "{out}"
+    );
 }

@@ -17,6 +17,7 @@ pub struct AgentApi {
     status: StatusProvider,
     events: EventBus,
     shutdown: CancellationToken,
+    setup: Option<crate::setup::SetupScripts>,
 }
 
 impl AgentApi {
@@ -27,7 +28,14 @@ impl AgentApi {
             status,
             events,
             shutdown,
+            setup: None,
         }
+    }
+
+    /// Reports the latest creation script run in `GetStatus`.
+    pub fn with_setup(mut self, setup: crate::setup::SetupScripts) -> Self {
+        self.setup = Some(setup);
+        self
     }
 }
 
@@ -39,7 +47,13 @@ impl AgentService for AgentApi {
         &self,
         _: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
-        Ok(Response::new(status_to_proto(self.status.report())))
+        let mut status = status_to_proto(self.status.report());
+        status.creation_run = self
+            .setup
+            .as_ref()
+            .and_then(|setup| setup.latest_creation())
+            .map(|run| super::setup::run_to_proto(&run));
+        Ok(Response::new(status))
     }
 
     type WatchEventsStream = EventStream;
@@ -117,6 +131,7 @@ fn status_to_proto(report: StatusReport) -> proto::GetStatusResponse {
         }),
         summary: report.summary,
         last_event_sequence: report.last_event_sequence,
+        creation_run: None,
     }
 }
 

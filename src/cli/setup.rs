@@ -269,13 +269,14 @@ async fn print_logs(
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut at_line_start = true;
+    let mut decoder = LossyUtf8::default();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(status_error)?;
         if json {
             writeln!(out, "{}", serde_json::to_string(&chunk)?)?;
             continue;
         }
-        let text = String::from_utf8_lossy(&chunk.data);
+        let text = decoder.decode(chunk.stream, &chunk.data);
         if timestamps {
             let stamp = chunk
                 .time
@@ -303,10 +304,62 @@ async fn print_logs(
         }
         out.flush()?;
     }
+    // A stream that ended inside a character shows it as U+FFFD.
+    out.write_all(decoder.finish().as_bytes())?;
+    out.flush()?;
     Ok(())
 }
 
-fn state_name(state: proto::SetupRunState) -> &'static str {
+/// Decodes each output stream's bytes lossily, carrying a character split
+/// across two chunks over to the next chunk of the same stream, so that only
+/// bytes that really are not UTF-8 show as U+FFFD.
+#[derive(Debug, Default)]
+struct LossyUtf8 {
+    /// The unfinished character at the end of the last chunk, per stream.
+    pending: std::collections::HashMap<i32, Vec<u8>>,
+}
+
+impl LossyUtf8 {
+    fn decode(&mut self, stream: i32, data: &[u8]) -> String {
+        let mut bytes = self.pending.remove(&stream).unwrap_or_default();
+        bytes.extend_from_slice(data);
+        let keep = incomplete_tail(&bytes);
+        let tail = bytes.split_off(bytes.len() - keep);
+        if !tail.is_empty() {
+            self.pending.insert(stream, tail);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// What is still pending, lossily.
+    fn finish(self) -> String {
+        self.pending
+            .values()
+            .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
+            .collect()
+    }
+}
+
+/// How many bytes at the end of `bytes` begin a UTF-8 character that is not
+/// complete yet (0 to 3).
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let byte = bytes[bytes.len() - back];
+        if byte & 0xC0 == 0x80 {
+            continue; // a continuation byte: look further back for the lead
+        }
+        let length = match byte {
+            0xF0..=0xF7 => 4,
+            0xE0..=0xEF => 3,
+            0xC0..=0xDF => 2,
+            _ => 1,
+        };
+        return if length > back { back } else { 0 };
+    }
+    0
+}
+
+pub(super) fn state_name(state: proto::SetupRunState) -> &'static str {
     match state {
         proto::SetupRunState::Unspecified => "unknown",
         proto::SetupRunState::Pending => "pending",
@@ -409,4 +462,33 @@ fn render_run(run: &proto::SetupRun) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_character_split_across_chunks_is_shown_whole() {
+        let text = "é€😀 done\n".as_bytes();
+        // Every way of cutting it in two, on stdout (1), with stderr (2)
+        // chunks in between that must not disturb the carry.
+        for cut in 0..=text.len() {
+            let mut decoder = LossyUtf8::default();
+            let mut shown = decoder.decode(1, &text[..cut]);
+            assert_eq!(decoder.decode(2, "ü".as_bytes()), "ü");
+            shown.push_str(&decoder.decode(1, &text[cut..]));
+            assert_eq!(shown, "é€😀 done\n", "cut at {cut}");
+            assert_eq!(decoder.finish(), "");
+        }
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_still_show_as_replacement() {
+        let mut decoder = LossyUtf8::default();
+        assert_eq!(decoder.decode(1, b"a\xffb\n"), "a\u{FFFD}b\n");
+        // A lead byte with nothing after it, then the stream ends.
+        assert_eq!(decoder.decode(1, b"x\xe2\x82"), "x");
+        assert_eq!(decoder.finish(), "\u{FFFD}");
+    }
 }

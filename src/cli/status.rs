@@ -96,5 +96,37 @@ fn render(s: &proto::GetStatusResponse) -> String {
             format::age(c.since.as_ref())
         );
     }
+    if let Some(run) = s.creation_run.as_ref().filter(|r| {
+        !matches!(
+            r.state(),
+            proto::SetupRunState::Succeeded
+                | proto::SetupRunState::Pending
+                | proto::SetupRunState::Running
+        )
+    }) {
+        render_failed_creation(&mut out, run);
+    }
     out
+}
+
+/// A creation run that did not succeed: how it ended, its log, its last lines.
+fn render_failed_creation(out: &mut String, run: &proto::SetupRun) {
+    use std::fmt::Write;
+    let ended = match (run.exit_code, run.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => "no exit code".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "creation script {} (run {}, {ended})",
+        super::setup::state_name(run.state()),
+        run.id
+    );
+    if !run.log_path.is_empty() {
+        let _ = writeln!(out, "  log       {}", run.log_path);
+    }
+    for line in &run.log_tail {
+        let _ = writeln!(out, "  | {line}");
+    }
 }

@@ -113,6 +113,30 @@ pub fn cgroup_v2_mount() -> Option<PathBuf> {
         .find(|dir| dir.join("cgroup.procs").exists() && dir.join("cgroup.controllers").exists())
 }
 
+/// The cgroup v2 directory of `pid` (its `0::` line of `/proc/<pid>/cgroup`
+/// under the unified mount), when it is named `expected_name`: the check
+/// keeps a caller from ever killing a cgroup it did not mean, such as the
+/// agent's own when a scope was not created.
+pub fn cgroup_v2_of(pid: u32, expected_name: &str) -> Option<RunCgroup> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let relative = unified_cgroup_path(&text)?;
+    if Path::new(relative).file_name()? != expected_name {
+        return None;
+    }
+    Some(RunCgroup::at(
+        cgroup_v2_mount()?.join(relative.trim_start_matches('/')),
+    ))
+}
+
+/// The path of the unified (v2) hierarchy's `0::` line in the text of
+/// `/proc/<pid>/cgroup`.
+fn unified_cgroup_path(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(str::trim)
+        .filter(|path| path.starts_with('/'))
+}
+
 /// A cgroup v2 directory holding one run's processes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunCgroup {
@@ -216,6 +240,21 @@ mod tests {
         let mut found = descendants(&table, 10);
         found.sort();
         assert_eq!(found, vec![11, 12, 14]);
+    }
+
+    #[test]
+    fn the_unified_line_of_proc_cgroup_names_the_scope() {
+        let hybrid = "12:pids:/system.slice/x.scope\n1:name=systemd:/system.slice/x.scope\n0::/system.slice/instance-agent-setup-abc.scope\n";
+        assert_eq!(
+            unified_cgroup_path(hybrid),
+            Some("/system.slice/instance-agent-setup-abc.scope")
+        );
+        assert_eq!(unified_cgroup_path("3:cpu:/\n"), None);
+        // This test process is not in a scope of that name: never a target.
+        assert_eq!(
+            cgroup_v2_of(std::process::id(), "instance-agent-setup-none.scope"),
+            None
+        );
     }
 
     #[test]

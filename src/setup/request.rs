@@ -21,7 +21,7 @@ use std::time::Duration;
 use super::accounts::{Account, Accounts};
 use super::runner::{Launch, UserIds};
 use super::{RUN_MARKER_ENV, RunRequest, ScriptSource, SetupError};
-use crate::config::{MAX_SETUP_TIMEOUT_SECONDS, is_env_name};
+use crate::config::{MAX_SETUP_TIMEOUT_SECONDS, SetupConfig, is_env_name};
 
 /// The interpreter of scripts without a `#!` line.
 pub const DEFAULT_INTERPRETER: &str = "/bin/bash";
@@ -40,9 +40,34 @@ const PASSED_ENV: [&str; 8] = [
     "HTTPS_PROXY",
     "NO_PROXY",
 ];
-const MAX_ARGS: usize = 1024;
-const MAX_ARG_BYTES: usize = 128 * 1024;
-const MAX_ENV_VARS: usize = 1024;
+
+/// The size limits of a request, from `[setup]`; every message names its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// `setup.max_script_bytes`: the inline script.
+    pub max_script_bytes: u64,
+    /// `setup.max_args`: how many arguments.
+    pub max_args: usize,
+    /// `setup.max_arg_bytes`: one argument, or one variable's value.
+    pub max_arg_bytes: usize,
+    /// `setup.max_env_entries`: how many variables.
+    pub max_env_entries: usize,
+    /// `setup.max_env_bytes`: all variables (`NAME=value` each).
+    pub max_env_bytes: usize,
+}
+
+impl RequestLimits {
+    /// The limits set in `[setup]`.
+    pub fn from_config(setup: &SetupConfig) -> Self {
+        Self {
+            max_script_bytes: setup.max_script_bytes,
+            max_args: setup.max_args as usize,
+            max_arg_bytes: setup.max_arg_bytes as usize,
+            max_env_entries: setup.max_env_entries as usize,
+            max_env_bytes: setup.max_env_bytes as usize,
+        }
+    }
+}
 
 /// What every run shares: the instance's `CI_*` variables, the variables
 /// passed on from the agent, and how trees are stopped.
@@ -68,8 +93,11 @@ impl LaunchContext {
     }
 }
 
-/// Checks what needs no I/O: sizes, names, absolute paths, the timeout.
-pub fn check_shape(request: &RunRequest, max_script_bytes: u64) -> Result<(), SetupError> {
+/// Checks what needs no I/O: sizes, names, absolute paths without `..`, the
+/// timeout, the shape of `run_as`. Config check runs it on declared scripts
+/// too, so that what the API would refuse never reaches a start.
+pub fn check_shape(request: &RunRequest, limits: &RequestLimits) -> Result<(), SetupError> {
+    let max_script_bytes = limits.max_script_bytes;
     match &request.source {
         ScriptSource::Inline(text) => {
             if text.len() as u64 > max_script_bytes {
@@ -91,42 +119,58 @@ pub fn check_shape(request: &RunRequest, max_script_bytes: u64) -> Result<(), Se
             if path.as_os_str().is_empty() {
                 return Err(SetupError::NoScript);
             }
-            if !path.is_absolute() {
-                return Err(invalid(
-                    "path",
-                    format!("{} must be an absolute path", path.display()),
-                ));
-            }
+            crate::paths::normalise(path).map_err(|e| invalid("path", e.to_string()))?;
         }
     }
-    if request.args.len() > MAX_ARGS {
+    if request.args.len() > limits.max_args {
         return Err(invalid(
             "args",
             format!(
-                "{} arguments: at most {MAX_ARGS} are allowed",
-                request.args.len()
+                "{} arguments exceed the limit of {} (setup.max_args)",
+                request.args.len(),
+                limits.max_args
             ),
         ));
     }
-    if let Some(arg) = request
+    if request.args.iter().any(|a| a.contains('\0')) {
+        return Err(invalid(
+            "args",
+            "arguments must not contain NUL bytes".into(),
+        ));
+    }
+    if let Some((index, arg)) = request
         .args
         .iter()
-        .find(|a| a.contains('\0') || a.len() > MAX_ARG_BYTES)
+        .enumerate()
+        .find(|(_, a)| a.len() > limits.max_arg_bytes)
     {
         return Err(invalid(
             "args",
             format!(
-                "an argument of {} bytes is too long or contains a NUL byte (at most {MAX_ARG_BYTES} bytes)",
-                arg.len()
+                "argument {} is {} bytes: the limit is {} (setup.max_arg_bytes)",
+                index + 1,
+                arg.len(),
+                limits.max_arg_bytes
             ),
         ));
     }
-    if request.env.len() > MAX_ENV_VARS {
+    if request.env.len() > limits.max_env_entries {
         return Err(invalid(
             "env",
             format!(
-                "{} variables: at most {MAX_ENV_VARS} are allowed",
-                request.env.len()
+                "{} variables exceed the limit of {} (setup.max_env_entries)",
+                request.env.len(),
+                limits.max_env_entries
+            ),
+        ));
+    }
+    let env_bytes: usize = request.env.iter().map(|(k, v)| k.len() + v.len() + 1).sum();
+    if env_bytes > limits.max_env_bytes {
+        return Err(invalid(
+            "env",
+            format!(
+                "{env_bytes} bytes exceed the limit of {} (setup.max_env_bytes)",
+                limits.max_env_bytes
             ),
         ));
     }
@@ -140,11 +184,21 @@ pub fn check_shape(request: &RunRequest, max_script_bytes: u64) -> Result<(), Se
         if RESERVED_ENV.contains(&name.as_str()) {
             return Err(invalid("env", format!("{name} is set by the agent")));
         }
-        if value.contains('\0') || value.len() > MAX_ARG_BYTES {
-            // The value itself is never echoed: it may be a secret.
+        // The value itself is never echoed: it may be a secret.
+        if value.contains('\0') {
             return Err(invalid(
                 "env",
-                format!("the value of {name} is too long or contains a NUL byte"),
+                format!("the value of {name} contains a NUL byte"),
+            ));
+        }
+        if value.len() > limits.max_arg_bytes {
+            return Err(invalid(
+                "env",
+                format!(
+                    "the value of {name} is {} bytes: the limit is {} (setup.max_arg_bytes)",
+                    value.len(),
+                    limits.max_arg_bytes
+                ),
             ));
         }
     }
@@ -159,13 +213,8 @@ pub fn check_shape(request: &RunRequest, max_script_bytes: u64) -> Result<(), Se
             ),
         ));
     }
-    if let Some(dir) = &request.working_dir
-        && !dir.is_absolute()
-    {
-        return Err(invalid(
-            "working_dir",
-            format!("{} must be an absolute path", dir.display()),
-        ));
+    if let Some(dir) = &request.working_dir {
+        crate::paths::normalise(dir).map_err(|e| invalid("working_dir", e.to_string()))?;
     }
     if request.run_as.contains(['\0', '/', ':']) || request.run_as.len() > 256 {
         return Err(invalid(
@@ -333,18 +382,36 @@ fn read_first_line(path: &Path) -> Result<Vec<u8>, SetupError> {
             path: path.to_owned(),
         });
     }
-    if meta.len() == 0 {
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    // Like an inline script, a file of nothing but whitespace is empty. The
+    // scan stops at the first other byte, so a real script costs one read.
+    if meta.len() == 0 || is_blank(&mut file).map_err(unreadable)? {
         return Err(SetupError::EmptyScript {
             source_name: path.display().to_string(),
         });
     }
     let mut head = Vec::with_capacity(256);
-    std::fs::File::open(path)
-        .and_then(|f| f.take(256).read_to_end(&mut head))
+    std::io::Seek::rewind(&mut file)
+        .and_then(|()| file.take(256).read_to_end(&mut head))
         .map_err(unreadable)?;
     let end = memchr::memchr(b'\n', &head).unwrap_or(head.len());
     head.truncate(end);
     Ok(head)
+}
+
+/// Whether everything from the current position to the end is ASCII
+/// whitespace (what `str::trim` removes from an inline script, for ASCII).
+fn is_blank(file: &mut std::fs::File) -> std::io::Result<bool> {
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if !buf[..n].iter().all(u8::is_ascii_whitespace) {
+            return Ok(false);
+        }
+    }
 }
 
 /// Parses `#!program [one argument]` as Linux does.
@@ -365,6 +432,11 @@ pub fn parse_shebang(first_line: &[u8]) -> Option<(PathBuf, Option<String>)> {
     Some((PathBuf::from(program), arg))
 }
 
+/// Where the inline script of a run is written.
+pub fn inline_script_path(scripts_dir: &Path, run_id: &str) -> PathBuf {
+    scripts_dir.join(format!("{run_id}.script"))
+}
+
 /// Writes an inline script to `<scripts_dir>/<run id>.script`, readable only
 /// by the user it runs as.
 fn write_inline(
@@ -373,7 +445,7 @@ fn write_inline(
     text: &str,
     account: &Account,
 ) -> Result<PathBuf, SetupError> {
-    let path = dir.join(format!("{run_id}.script"));
+    let path = inline_script_path(dir, run_id);
     let err = |source| SetupError::ScriptFile {
         path: path.clone(),
         source,
@@ -439,16 +511,111 @@ mod tests {
         assert_eq!(parse_shebang(b"#!"), None);
     }
 
+    fn limits(max_script_bytes: u64) -> RequestLimits {
+        RequestLimits {
+            max_script_bytes,
+            ..RequestLimits::from_config(&SetupConfig::default())
+        }
+    }
+
+    fn refusal(request: &RunRequest, limits: &RequestLimits) -> (&'static str, String) {
+        match check_shape(request, limits) {
+            Err(SetupError::Invalid { field, problem }) => (field, problem),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_limit_is_set_in_config_and_named_when_hit() {
+        let tight = RequestLimits {
+            max_script_bytes: 100,
+            max_args: 2,
+            max_arg_bytes: 8,
+            max_env_entries: 2,
+            max_env_bytes: 12,
+        };
+        let mut args = request(ScriptSource::Inline("true".into()));
+        args.env.clear();
+        args.args = vec!["1".into(), "2".into(), "3".into()];
+        let (field, problem) = refusal(&args, &tight);
+        assert_eq!(field, "args");
+        assert!(
+            problem.contains("3 arguments exceed the limit of 2 (setup.max_args)"),
+            "{problem}"
+        );
+
+        args.args = vec!["ok".into(), "123456789".into()];
+        let (field, problem) = refusal(&args, &tight);
+        assert_eq!(field, "args");
+        assert!(
+            problem.contains("argument 2 is 9 bytes: the limit is 8 (setup.max_arg_bytes)"),
+            "{problem}"
+        );
+
+        let mut env = request(ScriptSource::Inline("true".into()));
+        env.args.clear();
+        env.env = BTreeMap::from([
+            ("A".into(), "1".into()),
+            ("B".into(), "2".into()),
+            ("C".into(), "3".into()),
+        ]);
+        let (field, problem) = refusal(&env, &tight);
+        assert_eq!(field, "env");
+        assert!(
+            problem.contains("3 variables exceed the limit of 2 (setup.max_env_entries)"),
+            "{problem}"
+        );
+
+        env.env = BTreeMap::from([("A".into(), "123".into()), ("B".into(), "123456".into())]);
+        let (field, problem) = refusal(&env, &tight);
+        assert_eq!(field, "env");
+        assert!(
+            problem.contains("13 bytes exceed the limit of 12 (setup.max_env_bytes)"),
+            "{problem}"
+        );
+
+        env.env = BTreeMap::from([("SECRET".into(), "hunter2hunter2".into())]);
+        let roomy = RequestLimits {
+            max_env_bytes: 100,
+            ..tight
+        };
+        let (field, problem) = refusal(&env, &roomy);
+        assert_eq!(field, "env");
+        assert!(problem.contains("(setup.max_arg_bytes)"), "{problem}");
+        assert!(
+            !problem.contains("hunter2"),
+            "a value is never echoed: {problem}"
+        );
+    }
+
+    #[test]
+    fn paths_with_parent_components_are_refused_naming_the_field() {
+        let up = request(ScriptSource::Path("/opt/../etc/x".into()));
+        let (field, problem) = refusal(&up, &limits(100));
+        assert_eq!(field, "path");
+        assert!(
+            problem.contains("/opt/../etc/x") && problem.contains(".."),
+            "{problem}"
+        );
+        let mut dir = request(ScriptSource::Inline("true".into()));
+        dir.working_dir = Some("/srv/../root".into());
+        let (field, _) = refusal(&dir, &limits(100));
+        assert_eq!(field, "working_dir");
+        let mut clean = request(ScriptSource::Path("/opt/./setup/x.sh".into()));
+        clean.working_dir = Some("/srv/".into());
+        check_shape(&clean, &limits(100)).expect("`.` and a trailing slash are harmless");
+    }
+
     #[test]
     fn shape_errors_name_the_field() {
         let empty = request(ScriptSource::Inline("  \n".into()));
         assert!(matches!(
-            check_shape(&empty, 100),
+            check_shape(&empty, &limits(100)),
             Err(SetupError::EmptyScript { .. })
         ));
         let big = request(ScriptSource::Inline("x".repeat(101)));
         assert!(matches!(
-            check_shape(&big, 100),
+            check_shape(&big, &limits(100)),
             Err(SetupError::ScriptTooLarge {
                 size: 101,
                 limit: 100
@@ -456,22 +623,22 @@ mod tests {
         ));
         let relative = request(ScriptSource::Path("a.sh".into()));
         assert!(matches!(
-            check_shape(&relative, 100),
+            check_shape(&relative, &limits(100)),
             Err(SetupError::Invalid { field: "path", .. })
         ));
         let mut bad_env = request(ScriptSource::Inline("true".into()));
         bad_env.env.insert("1X".into(), "v".into());
         assert!(matches!(
-            check_shape(&bad_env, 100),
+            check_shape(&bad_env, &limits(100)),
             Err(SetupError::Invalid { field: "env", .. })
         ));
         let mut reserved = request(ScriptSource::Inline("true".into()));
         reserved.env.insert(RUN_MARKER_ENV.into(), "v".into());
-        assert!(check_shape(&reserved, 100).is_err());
+        assert!(check_shape(&reserved, &limits(100)).is_err());
         let mut long = request(ScriptSource::Inline("true".into()));
         long.timeout = Some(Duration::from_secs(MAX_SETUP_TIMEOUT_SECONDS + 1));
         assert!(matches!(
-            check_shape(&long, 100),
+            check_shape(&long, &limits(100)),
             Err(SetupError::Invalid {
                 field: "timeout_seconds",
                 ..
@@ -527,6 +694,17 @@ mod tests {
         assert!(matches!(
             resolve(
                 &request(ScriptSource::Path(empty_file)),
+                &accounts,
+                &ctx,
+                None
+            ),
+            Err(SetupError::EmptyScript { .. })
+        ));
+        let blank_file = dir.path().join("blank.sh");
+        std::fs::write(&blank_file, " \n\t\r\n").unwrap();
+        assert!(matches!(
+            resolve(
+                &request(ScriptSource::Path(blank_file)),
                 &accounts,
                 &ctx,
                 None

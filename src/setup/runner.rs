@@ -32,9 +32,15 @@
 //! script's tree lives in its own transient scope, outside the agent's unit
 //! (a restart of the agent does not take it down, and systemd accounts and
 //! can kill it separately). `systemd-run --scope` execs the supervisor in
-//! place, so the pid the agent holds is the supervisor's. That path is not
-//! exercised by the tests (the test host has no systemd); the tree and marker
-//! nets work the same under it.
+//! place, so the pid the agent holds is the supervisor's; the scope's cgroup
+//! is read from `/proc/<supervisor>/cgroup` (only when it is named after the
+//! run's unit) and used to kill the run; an orphaned scope of an earlier
+//! agent life is killed with `systemctl kill`. When `systemd-run` fails (no
+//! D-Bus, the scope refused, nothing reported within 30 s), the run falls
+//! back to the plain containment (session, tree, cgroup v2 directory,
+//! marker) and the run's log says why. The tests drive this path with a
+//! fake `systemd-run` ([`SupervisedRunner::with_systemd_run`]); the test host
+//! has no systemd.
 //!
 //! The supervisor also watches its stdin, a pipe whose only writer is the
 //! agent: when the agent dies, the pipe closes and the supervisor stops the
@@ -48,6 +54,7 @@
 //! - fd 3: [`Report`]s, one JSON line each, from the supervisor.
 //! - SIGTERM to the supervisor: stop the script's tree.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -220,6 +227,25 @@ pub struct SupervisedRunner {
     /// resolve `/proc/self/exe` to itself.
     exe_path: PathBuf,
     containment: Containment,
+    /// `systemd-run` (by name, found on `PATH`), or a fake in tests.
+    systemd_run: PathBuf,
+    /// See [`SupervisedRunner::with_first_report_within`].
+    first_report_within: Duration,
+    /// Where the fallback puts per-run cgroups when `systemd-run` fails.
+    fallback_cgroup: Option<PathBuf>,
+}
+
+/// How one supervisor is started.
+enum Mode {
+    /// Through `systemd-run --scope`.
+    Scope,
+    /// Directly, with this cgroup for the script (if any).
+    Plain(Option<RunCgroup>),
+}
+
+/// The transient unit of a run under systemd.
+pub fn scope_unit(run_id: &str) -> String {
+    format!("instance-agent-setup-{run_id}.scope")
 }
 
 impl SupervisedRunner {
@@ -244,29 +270,123 @@ impl SupervisedRunner {
                 PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text))
             })
             .unwrap_or_else(|_| exe.clone());
+        let fallback_cgroup = match &containment {
+            Containment::SystemdScope => {
+                process_tree::cgroup_v2_mount().map(|mount| mount.join(CGROUP_PARENT))
+            }
+            Containment::Cgroup(_) | Containment::TreeOnly => None,
+        };
         Self {
             exe,
             exe_path,
             containment,
+            systemd_run: PathBuf::from("systemd-run"),
+            first_report_within: Duration::from_secs(30),
+            fallback_cgroup,
         }
     }
 
+    /// Uses `program` in place of `systemd-run` (tests put a fake there).
+    pub fn with_systemd_run(mut self, program: PathBuf) -> Self {
+        self.systemd_run = program;
+        self
+    }
+
+    /// How long `systemd-run` may take to start the supervisor (measured to
+    /// its first report) before the run falls back to plain containment.
+    pub fn with_first_report_within(mut self, limit: Duration) -> Self {
+        self.first_report_within = limit;
+        self
+    }
+
+    /// Starts a supervisor and hands it the spec. The fork and exec run off
+    /// the async runtime.
+    async fn spawn(&self, launch: Launch, mode: Mode) -> Result<SupervisedProcess, RunnerError> {
+        let program = match mode {
+            Mode::Scope => self.systemd_run.clone(),
+            Mode::Plain(_) => self.exe.clone(),
+        };
+        let spawn_err = |source| RunnerError::Spawn {
+            program: program.clone(),
+            source,
+        };
+        let run_id = launch.run_id.clone();
+        let cgroup = match &mode {
+            Mode::Plain(cgroup) => cgroup.clone(),
+            Mode::Scope => None,
+        };
+        let spec = SupervisorSpec {
+            launch,
+            cgroup: cgroup.as_ref().map(|c| c.dir().to_owned()),
+        };
+        let mut line = serde_json::to_vec(&spec).map_err(|e| spawn_err(e.into()))?;
+        line.push(b'\n');
+
+        let (report_read, report_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?;
+        let mut command = self.command(&run_id, matches!(mode, Mode::Scope));
+        let child = tokio::task::spawn_blocking(move || {
+            give_fd_3(&mut command, report_write.as_raw_fd());
+            let child = command.spawn();
+            // The parent's copy goes now, so that the pipe reads EOF once
+            // the supervisor (and whatever exec'd it) has gone.
+            drop(report_write);
+            child
+        })
+        .await
+        .map_err(|e| spawn_err(std::io::Error::other(e)))?;
+        let mut child = child.map_err(spawn_err)?;
+
+        let pid = child.id().unwrap_or(0);
+        let mut lifeline = child.stdin.take();
+        if let Some(stdin) = lifeline.as_mut() {
+            // A supervisor that died at once shows up as a missing report.
+            let _ = stdin.write_all(&line).await;
+        }
+        let output = match (child.stdout.take(), child.stderr.take()) {
+            (Some(out), Some(err)) => {
+                Some((Box::new(out) as OutputStream, Box::new(err) as OutputStream))
+            }
+            _ => None,
+        };
+        let exited = Arc::new(AtomicBool::new(false));
+        let (tx, reports) = mpsc::channel(16);
+        tokio::spawn(read_reports(report_read, child, tx, exited.clone()));
+        Ok(SupervisedProcess {
+            run_id,
+            pid,
+            lifeline,
+            output,
+            reports,
+            pending: VecDeque::new(),
+            exited,
+            cgroup,
+            scoped: matches!(mode, Mode::Scope),
+        })
+    }
+
+    /// The plain-containment cgroup of a run (under systemd: the one its
+    /// fallback would have used).
     fn cgroup_of(&self, run_id: &str) -> Option<RunCgroup> {
         match &self.containment {
             Containment::Cgroup(parent) => Some(RunCgroup::at(parent.join(run_id))),
-            Containment::SystemdScope | Containment::TreeOnly => None,
+            Containment::SystemdScope => self
+                .fallback_cgroup
+                .as_ref()
+                .map(|parent| RunCgroup::at(parent.join(run_id))),
+            Containment::TreeOnly => None,
         }
     }
 
-    fn command(&self, run_id: &str) -> tokio::process::Command {
-        let mut command = match self.containment {
-            Containment::SystemdScope => {
-                let mut c = tokio::process::Command::new("systemd-run");
+    fn command(&self, run_id: &str, scoped: bool) -> tokio::process::Command {
+        let mut command = match scoped {
+            true => {
+                let mut c = tokio::process::Command::new(&self.systemd_run);
                 c.args([
                     "--scope",
                     "--quiet",
                     "--collect",
-                    &format!("--unit=instance-agent-setup-{run_id}"),
+                    &format!("--unit={}", scope_unit(run_id)),
                     "--description=instance-agent setup script",
                     "--property=KillMode=control-group",
                     "--",
@@ -274,9 +394,7 @@ impl SupervisedRunner {
                 .arg(&self.exe_path);
                 c
             }
-            Containment::Cgroup(_) | Containment::TreeOnly => {
-                tokio::process::Command::new(&self.exe)
-            }
+            false => tokio::process::Command::new(&self.exe),
         };
         command
             .arg(SUPERVISOR_ARG)
@@ -298,58 +416,42 @@ impl SupervisedRunner {
 #[async_trait::async_trait]
 impl ProcessRunner for SupervisedRunner {
     async fn start(&self, launch: Launch) -> Result<Box<dyn ScriptProcess>, RunnerError> {
-        let spawn_err = |source| RunnerError::Spawn {
-            program: self.exe.clone(),
-            source,
-        };
-        let run_id = launch.run_id.clone();
-        let cgroup = self.cgroup_of(&run_id);
-        let spec = SupervisorSpec {
-            launch,
-            cgroup: cgroup.as_ref().map(|c| c.dir().to_owned()),
-        };
-        let mut line = serde_json::to_vec(&spec).map_err(|e| spawn_err(e.into()))?;
-        line.push(b'\n');
-
-        let (report_read, report_write) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?;
-        let mut command = self.command(&run_id);
-        give_fd_3(&mut command, report_write.as_raw_fd());
-        let mut child = command.spawn().map_err(spawn_err)?;
-        drop(report_write);
-
-        let pid = child.id().unwrap_or(0);
-        let mut lifeline = child.stdin.take();
-        if let Some(stdin) = lifeline.as_mut() {
-            // A supervisor that died at once shows up as a missing report.
-            let _ = stdin.write_all(&line).await;
+        if self.containment != Containment::SystemdScope {
+            let cgroup = self.cgroup_of(&launch.run_id);
+            return Ok(Box::new(self.spawn(launch, Mode::Plain(cgroup)).await?));
         }
-        let output = match (child.stdout.take(), child.stderr.take()) {
-            (Some(out), Some(err)) => {
-                Some((Box::new(out) as OutputStream, Box::new(err) as OutputStream))
-            }
-            _ => None,
+        let why = match self.spawn(launch.clone(), Mode::Scope).await {
+            Ok(mut process) => match process.await_first_report(self.first_report_within).await {
+                Ok(()) => return Ok(Box::new(process)),
+                Err(why) => why,
+            },
+            Err(error) => error.to_string(),
         };
-        let exited = Arc::new(AtomicBool::new(false));
-        let (tx, reports) = mpsc::channel(16);
-        tokio::spawn(read_reports(report_read, child, tx, exited.clone()));
-        Ok(Box::new(SupervisedProcess {
-            run_id,
-            pid,
-            lifeline,
-            output,
-            reports,
-            exited,
-            cgroup,
-        }))
+        // Without D-Bus, or with the scope refused, the script still runs,
+        // contained the way it is on a host without systemd.
+        let cgroup = self
+            .fallback_cgroup
+            .as_ref()
+            .map(|parent| RunCgroup::at(parent.join(&launch.run_id)));
+        tracing::warn!(run = %launch.run_id, reason = %why, "systemd-run failed: running the setup script without a transient scope");
+        let message = format!(
+            "systemd-run did not start the script in a transient scope ({why}); running it in its own session{} instead",
+            if cgroup.is_some() { " and cgroup" } else { "" }
+        );
+        let mut process = self.spawn(launch, Mode::Plain(cgroup)).await?;
+        process.pending.push_front(Report::Warning { message });
+        Ok(Box::new(process))
     }
 
     async fn kill_orphans(&self, run_ids: Vec<String>) -> usize {
         if run_ids.is_empty() {
             return 0;
         }
+        if self.containment == Containment::SystemdScope {
+            kill_scopes(&run_ids).await;
+        }
         let cgroups = run_ids.iter().filter_map(|id| self.cgroup_of(id)).collect();
-        kill_runs(cgroups, run_ids).await
+        kill_runs(cgroups, run_ids, true).await
     }
 
     async fn tidy(&self, run_ids: Vec<String>) {
@@ -368,10 +470,31 @@ impl ProcessRunner for SupervisedRunner {
     }
 }
 
+/// SIGKILLs whatever is left in the transient scopes of `run_ids` through
+/// the service manager (`systemctl kill`), best effort and within 30 s: the
+/// scope of an earlier agent life is found by its unit name.
+async fn kill_scopes(run_ids: &[String]) {
+    let mut command = tokio::process::Command::new("systemctl");
+    command
+        .args(["kill", "--signal=SIGKILL"])
+        .args(run_ids.iter().map(|id| scope_unit(id)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let task = tokio::task::spawn_blocking(move || command.spawn());
+    let Ok(Ok(mut child)) = task.await else {
+        tracing::warn!("cannot run systemctl kill on the scopes of interrupted setup runs");
+        return;
+    };
+    // Units already gone make systemctl fail; that is the usual case.
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+}
+
 /// SIGKILLs every member of `cgroups` and every process marked with one of
 /// `run_ids`, then removes the cgroups; off the runtime, within 30 s.
 /// Returns how many processes it hit.
-async fn kill_runs(cgroups: Vec<RunCgroup>, run_ids: Vec<String>) -> usize {
+async fn kill_runs(cgroups: Vec<RunCgroup>, run_ids: Vec<String>, remove: bool) -> usize {
     let task = tokio::task::spawn_blocking(move || {
         let mut hit: usize = cgroups.iter().map(RunCgroup::kill_all).sum();
         for pid in process_tree::processes_with_marker(RUN_MARKER_ENV, &run_ids) {
@@ -379,7 +502,7 @@ async fn kill_runs(cgroups: Vec<RunCgroup>, run_ids: Vec<String>) -> usize {
                 hit += 1;
             }
         }
-        if !cgroups.is_empty() {
+        if remove && !cgroups.is_empty() {
             // SIGKILLed members leave their cgroup within moments; nobody
             // else would remove it.
             std::thread::sleep(Duration::from_millis(100));
@@ -464,11 +587,68 @@ struct SupervisedProcess {
     lifeline: Option<tokio::process::ChildStdin>,
     output: Option<(OutputStream, OutputStream)>,
     reports: mpsc::Receiver<Report>,
+    /// Reports already taken from `reports` (the first one, waited for at
+    /// start under systemd) or made up by the runner (the fallback warning).
+    pending: VecDeque<Report>,
     exited: Arc<AtomicBool>,
+    /// The run's cgroup: its own directory, or under systemd its scope's.
     cgroup: Option<RunCgroup>,
+    /// Started through `systemd-run --scope`.
+    scoped: bool,
 }
 
 impl SupervisedProcess {
+    /// Waits for the supervisor's first report, which proves that
+    /// `systemd-run` started it; then finds the scope's cgroup. On failure
+    /// (nothing reported, or nothing within `limit`) kills what was started
+    /// and says why.
+    async fn await_first_report(&mut self, limit: Duration) -> Result<(), String> {
+        match tokio::time::timeout(limit, self.reports.recv()).await {
+            Ok(Some(report)) => {
+                self.pending.push_back(report);
+                let pid = self.pid;
+                let unit = scope_unit(&self.run_id);
+                self.cgroup =
+                    tokio::task::spawn_blocking(move || process_tree::cgroup_v2_of(pid, &unit))
+                        .await
+                        .ok()
+                        .flatten();
+                Ok(())
+            }
+            Ok(None) => {
+                let said = self.stderr_text().await;
+                let mut why = "systemd-run exited before the supervisor reported".to_owned();
+                if !said.is_empty() {
+                    why.push_str(&format!(": {said}"));
+                }
+                Err(why)
+            }
+            Err(_) => {
+                self.kill().await;
+                Err(format!(
+                    "no report from the supervisor within {} s",
+                    limit.as_secs()
+                ))
+            }
+        }
+    }
+
+    /// What a failed `systemd-run` printed on stderr (at most 1 KiB; the
+    /// pipe has no other writer once it is gone).
+    async fn stderr_text(&mut self) -> String {
+        use tokio::io::AsyncReadExt;
+        let Some((_, stderr)) = self.output.take() else {
+            return String::new();
+        };
+        let mut text = Vec::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            stderr.take(1024).read_to_end(&mut text),
+        )
+        .await;
+        String::from_utf8_lossy(&text).trim().replace('\n', " | ")
+    }
+
     fn signal_supervisor(&self, signal: Signal) {
         // Once reaped, the pid may belong to someone else.
         if self.pid != 0 && !self.exited.load(Ordering::SeqCst) {
@@ -484,7 +664,10 @@ impl ScriptProcess for SupervisedProcess {
     }
 
     async fn next_report(&mut self) -> Option<Report> {
-        self.reports.recv().await
+        match self.pending.pop_front() {
+            Some(report) => Some(report),
+            None => self.reports.recv().await,
+        }
     }
 
     fn terminate(&mut self) {
@@ -494,9 +677,15 @@ impl ScriptProcess for SupervisedProcess {
     async fn kill(&mut self) -> usize {
         self.signal_supervisor(Signal::SIGKILL);
         self.lifeline.take();
+        if self.scoped && self.cgroup.is_none() {
+            // The scope's cgroup was not found: ask the service manager.
+            kill_scopes(std::slice::from_ref(&self.run_id)).await;
+        }
+        // A scope's cgroup is systemd's to remove (`--collect`).
         kill_runs(
             self.cgroup.clone().into_iter().collect(),
             vec![self.run_id.clone()],
+            !self.scoped,
         )
         .await
     }

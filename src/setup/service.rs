@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::accounts::Accounts;
 use super::capture::{self, LiveLog, LogLimits, LogWriter};
 use super::logfile::{LogFileReader, LogPiece};
-use super::request::{self, LaunchContext, Resolved};
+use super::request::{self, LaunchContext, RequestLimits, Resolved};
 use super::runner::{ProcessRunner, Report, ScriptProcess};
 use super::{RunRequest, RunState, ScriptSource, SetupError, SetupKind, SetupRun};
 use crate::admission::AdmissionGate;
@@ -71,8 +71,9 @@ pub struct Settings {
     pub logs_dir: PathBuf,
     /// Log size limits.
     pub limits: LogLimits,
-    /// `setup.max_script_bytes`.
-    pub max_script_bytes: u64,
+    /// `setup.max_script_bytes`, `max_args`, `max_arg_bytes`,
+    /// `max_env_entries`, `max_env_bytes`.
+    pub request_limits: RequestLimits,
     /// `setup.max_pending_runs`.
     pub max_pending: usize,
     /// `setup.keep_runs`.
@@ -114,7 +115,7 @@ impl Settings {
                 tail_bytes: setup.log_tail_bytes,
                 tail_lines: setup.log_tail_lines as usize,
             },
-            max_script_bytes: setup.max_script_bytes,
+            request_limits: RequestLimits::from_config(setup),
             max_pending: setup.max_pending_runs as usize,
             keep_runs: setup.keep_runs as usize,
             gate_jobs: setup.gate_jobs,
@@ -135,8 +136,9 @@ impl Settings {
     }
 }
 
-/// A request made from a `[[setup.scripts]]` entry.
-fn declared_request(script: &SetupScriptConfig) -> RunRequest {
+/// A request made from a `[[setup.scripts]]` entry (also what config check
+/// judges it by).
+pub fn declared_request(script: &SetupScriptConfig) -> RunRequest {
     RunRequest {
         kind: match script.kind {
             SetupScriptKind::Creation => SetupKind::Creation,
@@ -338,7 +340,19 @@ impl SetupScripts {
                 tracing::warn!(run = %run.id, kind = run.kind.name(), "setup run was interrupted by the last agent stop or crash");
                 self.publish(run);
             }
-            let ids = stale.iter().map(|r| r.id.clone()).collect();
+            let ids: Vec<String> = stale.iter().map(|r| r.id.clone()).collect();
+            // The inline scripts of runs cut short were never removed.
+            let scripts_dir = self.inner.settings.launch.scripts_dir.clone();
+            let scripts: Vec<PathBuf> = ids
+                .iter()
+                .map(|id| request::inline_script_path(&scripts_dir, id))
+                .collect();
+            let _ = tokio::task::spawn_blocking(move || {
+                for path in scripts {
+                    let _ = std::fs::remove_file(path);
+                }
+            })
+            .await;
             let killed = self.inner.wiring.runner.kill_orphans(ids).await;
             if killed > 0 {
                 tracing::warn!(
@@ -417,7 +431,7 @@ impl SetupScripts {
         attempt: u32,
         message: String,
     ) -> Result<SetupRun, SetupError> {
-        let checked = match request::check_shape(&request, u64::MAX) {
+        let checked = match request::check_shape(&request, &self.inner.settings.request_limits) {
             Ok(()) => self.check_on_host(&request).await.map(|_| ()),
             Err(error) => Err(error),
         };
@@ -428,6 +442,7 @@ impl SetupScripts {
                 run.state = RunState::Failed;
                 run.finished_at = Some(now());
                 run.message = format!("could not start: {error}");
+                self.write_failure_log(&run.log_path, &run.message).await;
                 self.lock().runs.insert(run.id.clone(), run.clone());
                 let mut writes = vec![Write::put(RUNS, &run.id, &run)];
                 if run.kind == SetupKind::Creation {
@@ -446,7 +461,7 @@ impl SetupScripts {
         if let Some(existing) = self.existing_for_key(&request)? {
             return Ok(existing);
         }
-        request::check_shape(&request, self.inner.settings.max_script_bytes)?;
+        request::check_shape(&request, &self.inner.settings.request_limits)?;
         self.check_on_host(&request).await?;
         self.enqueue(request, 1, String::new()).await
     }
@@ -628,6 +643,13 @@ impl SetupScripts {
         run
     }
 
+    /// The latest creation run (with the live tail when it is running).
+    pub fn latest_creation(&self) -> Option<SetupRun> {
+        let state = self.lock();
+        let run = state.latest_creation()?.clone();
+        Some(self.with_live_tail(&state, run))
+    }
+
     /// Runs of the given kinds (all when empty), newest first, at most `limit`.
     pub fn list(&self, kinds: &[SetupKind], limit: usize) -> Vec<SetupRun> {
         let state = self.lock();
@@ -703,7 +725,7 @@ impl SetupScripts {
                                 yield piece;
                             }
                         }
-                        // A run that failed before it started has no log.
+                        // A run whose failure log could not be written has none.
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                         Err(source) => Err(SetupError::Log { path: run.log_path.clone(), source })?,
                     }
@@ -731,9 +753,12 @@ impl SetupScripts {
         {
             Ok(resolved) => resolved,
             Err(error) => {
+                let message = format!("could not start: {error}");
+                let log_path = self.inner.settings.logs_dir.join(format!("{id}.log"));
+                self.write_failure_log(&log_path, &message).await;
                 self.conclude(id, |run| {
                     run.state = RunState::Failed;
-                    run.message = format!("could not start: {error}");
+                    run.message = message;
                 })
                 .await;
                 return;
@@ -763,14 +788,31 @@ impl SetupScripts {
                 .map(|r| r.message.clone())
         };
         let timeout = request.timeout();
-        self.update(id, |run| {
-            run.state = RunState::Running;
-            run.started_at = Some(now());
-            run.log_path = log_path.clone();
-            run.run_as = resolved.user_name.clone();
-            run.message = format!("running (timeout {} s)", timeout.as_secs());
-        })
-        .await;
+        let running = self
+            .update_stored(id, |run| {
+                run.state = RunState::Running;
+                run.started_at = Some(now());
+                run.log_path = log_path.clone();
+                run.run_as = resolved.user_name.clone();
+                run.message = format!("running (timeout {} s)", timeout.as_secs());
+            })
+            .await;
+        if let Err(error) = running {
+            // A script whose start is not on record would go unnoticed by a
+            // crash: it does not start.
+            let message = format!("could not start: cannot record the run as running: {error}");
+            let mut writer = writer;
+            writer.note(&message).await;
+            writer.finish().await;
+            remove_script_file(resolved.script_file.clone()).await;
+            self.lock().live.remove(id);
+            self.conclude(id, |run| {
+                run.state = RunState::Failed;
+                run.message = message;
+            })
+            .await;
+            return;
+        }
 
         let (outcome, writer, capture_cut) = self
             .run_process(id, &request, &resolved, writer, cancel)
@@ -895,6 +937,21 @@ impl SetupScripts {
         (outcome, writer, stop_capture.is_cancelled())
     }
 
+    /// Writes the log of a run that failed before it started: the one line
+    /// saying why, so that its `log_path` leads to an explanation.
+    /// A log that cannot be written is only logged.
+    async fn write_failure_log(&self, path: &std::path::Path, message: &str) {
+        match self.create_log(path).await {
+            Ok(mut writer) => {
+                writer.note(message).await;
+                writer.finish().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot write the log of a setup run that could not start");
+            }
+        }
+    }
+
     async fn create_log(&self, path: &std::path::Path) -> Result<LogWriter, SetupError> {
         let dir = self.inner.settings.logs_dir.clone();
         let err = |source| SetupError::Log {
@@ -997,15 +1054,36 @@ impl SetupScripts {
         outcome
     }
 
-    /// Applies `change` to a run, persists it, publishes it, refreshes the
-    /// condition. Returns the run after the change.
+    /// Stores the run with `change` applied and only then applies it in
+    /// memory and publishes it: for changes that must be on record before
+    /// they are acted on (RUNNING). On a store error nothing changes.
+    async fn update_stored(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut SetupRun),
+    ) -> Result<(), SetupError> {
+        self.change_run(id, change, true).await.map(|_| ())
+    }
+
+    /// Applies `change` to a run: stores it, then shows it (memory, event,
+    /// condition), so that nothing is shown before it is on record. Returns
+    /// the run after the change. A store error is logged and the change is
+    /// shown all the same: the run goes on, and the next start sees the last
+    /// state stored. [`Self::update_stored`] is for changes that must not.
     async fn update(&self, id: &str, change: impl FnOnce(&mut SetupRun)) -> Option<SetupRun> {
-        let run = {
-            let mut state = self.lock();
-            let run = state.runs.get_mut(id)?;
-            change(run);
-            run.clone()
+        self.change_run(id, change, false).await.ok().flatten()
+    }
+
+    async fn change_run(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut SetupRun),
+        strict: bool,
+    ) -> Result<Option<SetupRun>, SetupError> {
+        let Some(mut run) = self.lock().runs.get(id).cloned() else {
+            return Ok(None);
         };
+        change(&mut run);
         if let Err(error) = self
             .inner
             .wiring
@@ -1013,11 +1091,23 @@ impl SetupScripts {
             .apply(vec![Write::put(RUNS, &run.id, &run)])
             .await
         {
+            if strict {
+                return Err(error.into());
+            }
             tracing::error!(run = %run.id, %error, "cannot record a setup run's state");
         }
+        {
+            // The run and the condition change together: no reader sees one
+            // without the other.
+            let mut state = self.lock();
+            match state.runs.get_mut(id) {
+                Some(slot) => *slot = run.clone(),
+                None => return Ok(None),
+            }
+            self.show_condition(&state);
+        }
         self.publish(&run);
-        self.refresh_condition();
-        Some(run)
+        Ok(Some(run))
     }
 
     /// Ends a run: sets `finished_at`, applies `change`, persists, prunes.
@@ -1103,12 +1193,17 @@ impl SetupScripts {
     /// Sets the setup condition and the job queue hold from the runs.
     fn refresh_condition(&self) {
         let state = self.lock();
-        let (condition, message) = condition(&state, &self.inner.settings);
+        self.show_condition(&state);
+    }
+
+    /// [`Self::refresh_condition`] with the state already locked.
+    fn show_condition(&self, state: &State) {
+        let (condition, message) = condition(state, &self.inner.settings);
         self.inner
             .wiring
             .health
             .set(Subsystem::Setup, condition, message);
-        match gate_reason(&state, &self.inner.settings) {
+        match gate_reason(state, &self.inner.settings) {
             Some(reason) => self.inner.wiring.admission.hold(GATE_HOLDER, reason),
             None => self.inner.wiring.admission.release(GATE_HOLDER),
         }

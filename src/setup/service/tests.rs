@@ -18,6 +18,7 @@ struct Rig {
     declared: Vec<SetupScriptConfig>,
     keep_runs: usize,
     max_pending: usize,
+    gate_jobs: bool,
 }
 
 impl Rig {
@@ -34,6 +35,7 @@ impl Rig {
             declared: Vec::new(),
             keep_runs: 100,
             max_pending: 32,
+            gate_jobs: true,
         }
     }
 
@@ -64,10 +66,10 @@ impl Rig {
                 tail_bytes: 1 << 20,
                 tail_lines: 5,
             },
-            max_script_bytes: 1 << 20,
+            request_limits: RequestLimits::from_config(&crate::config::SetupConfig::default()),
             max_pending: self.max_pending,
             keep_runs: self.keep_runs,
-            gate_jobs: true,
+            gate_jobs: self.gate_jobs,
             launch: LaunchContext {
                 base_env: vec![("CI_NAME".into(), "test".into())],
                 kill_grace: Duration::from_secs(10),
@@ -407,6 +409,52 @@ async fn a_crash_mid_creation_is_recorded_and_re_run_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_inline_script_of_a_run_cut_short_is_removed_at_the_next_start() {
+    let rig = Rig::new();
+    rig.runner.push(FakeScript::hangs(false));
+    let (service, _cancel, task) = rig.start();
+    let run = service.submit(inline("sleep 1000")).await.unwrap();
+    wait_started(&rig.runner, 1).await;
+    let script = request::inline_script_path(&rig.dir.path().join("scripts"), &run.id);
+    assert!(script.is_file(), "written for the run");
+    task.abort();
+    let _ = task.await;
+    drop(service);
+
+    let (service, _cancel, _task) = rig.start();
+    settle(&service).await;
+    assert_eq!(service.get(&run.id).unwrap().state, RunState::Interrupted);
+    assert!(!script.exists(), "removed at recovery");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_gate_jobs_a_pending_or_failed_creation_holds_nothing() {
+    let mut rig = Rig::new();
+    rig.gate_jobs = false;
+    rig.declare(SetupScriptKind::Creation, "create.sh");
+    rig.runner
+        .push(FakeScript::exits(3, Duration::from_secs(5), "boom\n"));
+    let service = rig.open();
+    assert_eq!(rig.admission.held_reason(), None, "not held before it runs");
+    let cancel = CancellationToken::new();
+    let _task = tokio::spawn(service.clone().run(cancel.clone()));
+    wait_started(&rig.runner, 1).await;
+    assert_eq!(rig.admission.held_reason(), None, "not held while it runs");
+    settle(&service).await;
+    let run = service.list(&[SetupKind::Creation], 1)[0].clone();
+    assert_eq!(run.state, RunState::Failed);
+    assert_eq!(
+        rig.health.get(Subsystem::Setup).state,
+        ConditionState::Failed
+    );
+    assert_eq!(
+        rig.admission.held_reason(),
+        None,
+        "not held after it failed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_creation_interrupted_twice_is_not_re_run_again() {
     let mut rig = Rig::new();
     rig.declare(SetupScriptKind::Creation, "create.sh");
@@ -523,6 +571,39 @@ async fn a_missing_declared_script_is_a_failed_run_not_a_silent_skip() {
         "{}",
         condition.message
     );
+    // Its log exists and says why.
+    let log = std::fs::read_to_string(&runs[0].log_path).expect("the log of the failed run");
+    assert!(
+        log.contains("could not start") && log.contains("start.sh"),
+        "{log}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_script_gone_by_its_turn_fails_with_a_log_saying_why() {
+    let rig = Rig::new();
+    let service = rig.open();
+    let path = rig.script_file("gone.sh");
+    let run = service
+        .submit(RunRequest {
+            source: ScriptSource::Path(path.clone()),
+            ..inline("")
+        })
+        .await
+        .expect("accepted while the file exists");
+    std::fs::remove_file(&path).unwrap();
+    let cancel = CancellationToken::new();
+    let _task = tokio::spawn(service.clone().run(cancel.clone()));
+    settle(&service).await;
+    let done = service.get(&run.id).unwrap();
+    assert_eq!(done.state, RunState::Failed);
+    assert!(done.message.contains("could not start"), "{}", done.message);
+    let log = std::fs::read_to_string(&done.log_path).expect("the log of the failed run");
+    assert!(
+        log.contains("could not start") && log.contains("gone.sh"),
+        "{log}"
+    );
+    assert!(rig.runner.launches().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
