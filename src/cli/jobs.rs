@@ -73,6 +73,10 @@ pub struct SubmitArgs {
     /// Seconds from running to kill.
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u32>,
+    /// Seconds between SIGTERM and SIGKILL when the job is cancelled or
+    /// times out; the configured `jobs.kill_grace_seconds` when absent.
+    #[arg(long, value_name = "SECONDS")]
+    pub kill_grace_seconds: Option<u32>,
     /// Higher runs first.
     #[arg(long, default_value_t = 0)]
     pub priority: i32,
@@ -255,7 +259,7 @@ fn spec_from_args(args: SubmitArgs) -> anyhow::Result<proto::JobSpec> {
         timeout_seconds: args.timeout.unwrap_or(0),
         priority: args.priority,
         network: args.network.unwrap_or_default(),
-        kill_grace_seconds: 0,
+        kill_grace_seconds: args.kill_grace_seconds.unwrap_or(0),
     })
 }
 
