@@ -250,7 +250,14 @@ async fn a_job_ignoring_sigterm_is_killed_after_its_own_grace() {
         ],
     );
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(get(&mut c, "stubborn").await.spec.unwrap().kill_grace_seconds, 5);
+    assert_eq!(
+        get(&mut c, "stubborn")
+            .await
+            .spec
+            .unwrap()
+            .kill_grace_seconds,
+        5
+    );
     wait_state(&mut c, "stubborn", proto::JobState::Running).await;
     // Running is recorded once the container started; let the shell set its
     // trap (it prints "ready" after) so that SIGTERM is surely ignored.
@@ -549,13 +556,22 @@ async fn bad_specs_name_the_field() {
             error.message()
         );
     }
-    let mut gpu = spec("", &["true"]);
+    // No GPUs here: refused once discovery has ended (it runs after READY
+    // and is quick without a driver); a job that came before is queued and
+    // fails when discovery ends. Never a container either way.
+    let mut gpu = spec("gpu", &["true"]);
     gpu.gpus = 1;
-    let error = c
+    match c
         .submit_job(proto::SubmitJobRequest { spec: Some(gpu) })
         .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::FailedPrecondition);
+    {
+        Err(error) => assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}"),
+        Ok(_) => {
+            let job = wait_final(&mut c, "gpu", Duration::from_secs(30)).await;
+            assert_eq!(job.state(), proto::JobState::Failed, "{job:?}");
+            assert_eq!(job.reason, "asks for 1 GPUs but this host has none");
+        }
+    }
     assert_eq!(all_containers(&agent.instance_id), 0);
 }
 

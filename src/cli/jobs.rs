@@ -16,7 +16,7 @@ use crate::api::proto::{self, job_service_client::JobServiceClient};
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// Queue a job: `jobs submit --image IMG -- CMD ARGS...`.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List jobs, newest first.
     List {
         /// Only jobs in this state (queued, starting, running, succeeded, failed, cancelled, timed_out); repeatable.
@@ -114,7 +114,7 @@ pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::R
     match command {
         JobsCommand::Submit(args) => {
             let wait = args.wait;
-            let spec = spec_from_args(args)?;
+            let spec = spec_from_args(*args)?;
             let job = jobs
                 .submit_job(proto::SubmitJobRequest { spec: Some(spec) })
                 .await?

@@ -8,9 +8,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::*;
+use crate::host::Gpu;
 use crate::jobs::engine::ContainerSpec;
 use crate::jobs::fake_engine::FakeEngine;
-use crate::host::Gpu;
 use crate::jobs::spec::JobMount;
 
 struct Harness {
@@ -598,7 +598,11 @@ async fn a_job_cancelled_while_its_create_hangs_never_starts() {
     h.wait_for("create sent", |h| !calls_starting(h, "create").is_empty())
         .await;
     let reply = h.manager.cancel("a").await.unwrap();
-    assert_eq!(reply.state, JobState::Starting, "the engine hangs: no answer yet");
+    assert_eq!(
+        reply.state,
+        JobState::Starting,
+        "the engine hangs: no answer yet"
+    );
     assert!(reply.cancel_requested);
     // The stuck create now fails (as a timed-out create does); the job must
     // not go back to the queue and start on the next attempt.
@@ -609,7 +613,11 @@ async fn a_job_cancelled_while_its_create_hangs_never_starts() {
     // Longer than the pause before a re-queued job is tried again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(h.state("a"), JobState::Cancelled);
-    assert!(calls_starting(&h, "start").is_empty(), "{:?}", h.engine.calls());
+    assert!(
+        calls_starting(&h, "start").is_empty(),
+        "{:?}",
+        h.engine.calls()
+    );
     assert_eq!(calls_starting(&h, "create").len(), 1);
     assert_eq!(stored(&h, "a").state, JobState::Cancelled);
     assert_eq!(h.manager.slot_usage().in_use, 0);
@@ -628,7 +636,11 @@ async fn a_job_cancelled_while_its_create_fails_ends_cancelled() {
         .await;
     h.engine.set_create_fails(false);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(calls_starting(&h, "start").is_empty(), "{:?}", h.engine.calls());
+    assert!(
+        calls_starting(&h, "start").is_empty(),
+        "{:?}",
+        h.engine.calls()
+    );
     assert_eq!(stored(&h, "a").state, JobState::Cancelled);
 }
 
@@ -640,8 +652,10 @@ async fn a_cancelled_running_job_is_stored_final_and_stays_so_after_a_restart() 
         .await;
     let reply = h.manager.cancel("a").await.unwrap();
     assert_eq!(reply.state, JobState::Cancelled);
-    h.wait_for("stored final", |h| stored(h, "a").state == JobState::Cancelled)
-        .await;
+    h.wait_for("stored final", |h| {
+        stored(h, "a").state == JobState::Cancelled
+    })
+    .await;
     // Every save is in: nothing older may land after the final state.
     h.wait_for("container removed", |h| h.engine.existing().is_empty())
         .await;
@@ -779,7 +793,11 @@ async fn gpu_jobs_wait_for_discovery_then_fail_when_there_are_none() {
     let mut s = spec("gpu");
     s.gpus = 1;
     let queued = h.manager.submit(s).await.unwrap();
-    assert_eq!(queued.state, JobState::Queued, "not refused before discovery");
+    assert_eq!(
+        queued.state,
+        JobState::Queued,
+        "not refused before discovery"
+    );
     h.submit("cpu").await;
     h.wait_for("cpu runs", |h| h.state("cpu") == JobState::Running)
         .await;
@@ -833,7 +851,10 @@ async fn a_job_kill_grace_reaches_the_engine() {
     h.manager.cancel("graced").await.unwrap();
     h.manager.cancel("default").await.unwrap();
     let calls = h.engine.calls();
-    assert!(calls.contains(&format!("stop {graced} grace=7s")), "{calls:?}");
+    assert!(
+        calls.contains(&format!("stop {graced} grace=7s")),
+        "{calls:?}"
+    );
     assert!(
         calls.contains(&format!("stop {default} grace=1s")),
         "the configured default: {calls:?}"
@@ -892,7 +913,36 @@ async fn slots_stay_held_until_the_container_is_removed() {
     assert_eq!(h.manager.slot_usage().in_use, 1);
     assert!(calls_starting(&h, "create").len() == 1);
     h.engine.set_remove_fails(false);
-    h.wait_for("b runs once a is gone", |h| h.state("b") == JobState::Running)
-        .await;
+    h.wait_for("b runs once a is gone", |h| {
+        h.state("b") == JobState::Running
+    })
+    .await;
     assert!(!h.engine.existing().contains(&a));
+}
+
+#[tokio::test]
+async fn a_queued_job_above_the_capacity_after_a_restart_fails_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut big = spec("big");
+    big.slots = 3;
+    let writes = vec![
+        Write::put(RECORDS, "big", &JobRecord::queued(big, 0)),
+        Write::put(RECORDS, "small", &JobRecord::queued(spec("small"), 1)),
+    ];
+    store.apply(writes).await.unwrap();
+    // Fewer cores than when it was accepted: capacity 2.
+    let h = Harness::with(dir, store, Arc::new(FakeEngine::new()), config(2));
+    h.wait_for("big failed", |h| h.state("big") == JobState::Failed)
+        .await;
+    assert!(
+        h.manager
+            .get("big")
+            .unwrap()
+            .record
+            .reason
+            .contains("capacity is now 2")
+    );
+    h.wait_for("small runs", |h| h.state("small") == JobState::Running)
+        .await;
 }

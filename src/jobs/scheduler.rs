@@ -241,8 +241,15 @@ mod tests {
     fn impossible_jobs_name_the_limit() {
         assert_eq!(never_fits(2, 0, 2, Some(0)), None);
         let why = never_fits(3, 0, 2, Some(0)).unwrap();
-        assert!(why.contains("needs 3 slots") && why.contains("capacity is now 2"), "{why}");
-        assert_eq!(never_fits(1, 1, 2, None), None, "GPUs not discovered yet: wait");
+        assert!(
+            why.contains("needs 3 slots") && why.contains("capacity is now 2"),
+            "{why}"
+        );
+        assert_eq!(
+            never_fits(1, 1, 2, None),
+            None,
+            "GPUs not discovered yet: wait"
+        );
         assert_eq!(
             never_fits(1, 1, 2, Some(0)).unwrap(),
             "asks for 1 GPUs but this host has none"
