@@ -620,6 +620,7 @@ impl JobManager {
                 Ok(cancelled)
             }
             Next::Asked(token) => {
+                let signalled = token.is_some();
                 if let Some(token) = token {
                     token.cancel();
                 }
@@ -630,6 +631,12 @@ impl JobManager {
                         job = id, %error,
                         "cannot record the cancel request; it holds only until the agent restarts"
                     );
+                }
+                if !signalled {
+                    // No task to wait for: reconciliation acts on the mark
+                    // once the engine answers.
+                    let current = self.get(id)?.record;
+                    return saved.map(|()| current).map_err(JobError::from);
                 }
                 let deadline = tokio::time::Instant::now() + CANCEL_REPLY_WAIT;
                 loop {
