@@ -74,6 +74,9 @@ pub enum DaemonError {
     /// The control plane's TLS material is unusable.
     #[error("cannot set up TLS for the control plane: {0}")]
     Tls(#[source] api::tls::TlsError),
+    /// Reading the host's facts (cores, memory) panicked.
+    #[error("cannot read the host's facts: {0}")]
+    HostFacts(String),
 }
 
 /// The outside world, as real implementations or test fakes.
@@ -167,8 +170,12 @@ impl Daemon {
         let health = Health::new();
         let events = EventBus::new(config.events.backlog as usize);
         let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
+        let (gpus_discovered_tx, gpus_discovered_rx) = watch::channel(false);
         let (engine_up_tx, engine_up_rx) = watch::channel(false);
-        let host = HostFacts::discover();
+        // Reads /proc and /sys (cgroup files): off the runtime's threads.
+        let host = tokio::task::spawn_blocking(HostFacts::discover)
+            .await
+            .map_err(|e| DaemonError::HostFacts(e.to_string()))?;
         let mounts = MountService::new(
             MountSettings::from_config(&config),
             adapters.mounter.clone(),
@@ -195,6 +202,7 @@ impl Daemon {
                 usable_cores: host.usable_cores,
                 memory_bytes: host.memory_total_bytes,
                 gpus: gpus_rx.clone(),
+                gpus_discovered: gpus_discovered_rx,
                 engine_up: engine_up_rx,
                 config: config_rx.clone(),
             },
@@ -351,7 +359,7 @@ impl Daemon {
             &health,
             &status,
             &events,
-            gpus_tx,
+            (gpus_tx, gpus_discovered_tx),
             engine_up_tx,
             config_rx,
         );
@@ -482,7 +490,7 @@ fn spawn_background(
     health: &Health,
     status: &StatusProvider,
     events: &EventBus,
-    gpus: watch::Sender<Vec<crate::host::Gpu>>,
+    (gpus, gpus_discovered): (watch::Sender<Vec<crate::host::Gpu>>, watch::Sender<bool>),
     engine_up: watch::Sender<bool>,
     config: watch::Receiver<Arc<Config>>,
 ) {
@@ -492,6 +500,8 @@ fn spawn_background(
             tracing::info!(count = found.len(), "GPUs found");
         }
         gpus.send_replace(found);
+        // After the list: a reader that sees "discovered" sees the list.
+        gpus_discovered.send_replace(true);
     });
 
     let docker_interval = derive(&config, |c| {

@@ -105,15 +105,33 @@ fn count_cpu_list(list: &str) -> Option<u32> {
     Some(count)
 }
 
-/// The cores this process may use: the affinity mask (which reflects the
-/// cpuset), capped by the cgroup CPU quota (v2 `cpu.max`, v1 `cfs_quota_us`).
+/// The cores this process may use: the CPUs of its affinity mask (which
+/// reflects the cpuset), capped by the cgroup CPU quota (v2 `cpu.max`, v1
+/// `cfs_quota_us`) as a fraction. `available_parallelism` is not used: it
+/// already applies the quota rounded down to whole cores, so a 1.5-core
+/// quota would count as 1.
 pub fn usable_cores() -> f64 {
-    let affinity = std::thread::available_parallelism()
-        .map(|n| n.get() as f64)
-        .unwrap_or(1.0);
-    match cgroup_quota_cores(Path::new("/sys/fs/cgroup"), Path::new("/proc/self/cgroup")) {
-        Some(quota) if quota < affinity => quota,
-        _ => affinity,
+    let affinity = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .ok()
+        .map(|set| {
+            (0..nix::sched::CpuSet::count())
+                .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+                .count()
+        });
+    let affinity = affinity
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    let quota = cgroup_quota_cores(Path::new("/sys/fs/cgroup"), Path::new("/proc/self/cgroup"));
+    cores_within(affinity, quota)
+}
+
+/// The cores of `affinity_cpus` CPUs under a quota of `quota` cores (kept
+/// fractional), never less than a hundredth of a core.
+fn cores_within(affinity_cpus: usize, quota: Option<f64>) -> f64 {
+    let cpus = affinity_cpus.max(1) as f64;
+    match quota {
+        Some(quota) if quota < cpus => quota.max(0.01),
+        _ => cpus,
     }
 }
 
@@ -280,6 +298,19 @@ mod tests {
         assert_eq!(count_cpu_list("0-3,8,10-11"), Some(7));
         assert_eq!(count_cpu_list("0"), Some(1));
         assert_eq!(count_cpu_list("3-1"), None);
+    }
+
+    #[test]
+    fn a_fractional_quota_stays_fractional() {
+        assert_eq!(cores_within(4, Some(1.5)), 1.5);
+        assert_eq!(cores_within(2, Some(3.0)), 2.0, "the cpuset caps the quota");
+        assert_eq!(cores_within(8, None), 8.0);
+        assert_eq!(cores_within(0, None), 1.0);
+        // Capacity = floor(slots_per_core x usable cores), at least 1.
+        use crate::jobs::scheduler::capacity;
+        assert_eq!(capacity(0, 2, cores_within(4, Some(1.5))), 3);
+        assert_eq!(capacity(0, 2, cores_within(4, Some(0.25))), 1);
+        assert_eq!(capacity(0, 2, cores_within(4, Some(2.75))), 5);
     }
 
     #[test]

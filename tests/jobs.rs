@@ -222,6 +222,69 @@ async fn cancel_queued_and_running_and_timeout() {
     wait_removed(&agent.instance_id).await;
 }
 
+/// A job that ignores SIGTERM is killed once its own grace (not the
+/// configured 1 s) has passed, and ends cancelled. Submitted through the CLI
+/// so that `--kill-grace-seconds` is covered too.
+#[tokio::test]
+async fn a_job_ignoring_sigterm_is_killed_after_its_own_grace() {
+    let markers = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .config(&jobs_config(2, markers.path()))
+        .start();
+    let mut c = client(&agent).await;
+    let out = cli(
+        &agent.socket,
+        &[
+            "jobs",
+            "submit",
+            "--id",
+            "stubborn",
+            "--image",
+            IMAGE,
+            "--kill-grace-seconds",
+            "5",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo ready; while true; do sleep 1; done",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        get(&mut c, "stubborn")
+            .await
+            .spec
+            .unwrap()
+            .kill_grace_seconds,
+        5
+    );
+    wait_state(&mut c, "stubborn", proto::JobState::Running).await;
+    // Running is recorded once the container started; let the shell set its
+    // trap (it prints "ready" after) so that SIGTERM is surely ignored.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&cli(&agent.socket, &["jobs", "logs", "stubborn"]).stdout)
+        .contains("ready")
+    {
+        assert!(Instant::now() < deadline, "the job never printed ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let asked = Instant::now();
+    c.cancel_job(proto::CancelJobRequest {
+        id: "stubborn".into(),
+    })
+    .await
+    .unwrap();
+    let job = wait_final(&mut c, "stubborn", Duration::from_secs(60)).await;
+    let took = asked.elapsed();
+    assert_eq!(job.state(), proto::JobState::Cancelled, "{job:?}");
+    assert_eq!(job.exit_code, Some(137), "SIGKILLed: {job:?}");
+    // Lower bound only loosely below the 5 s grace (the configured default
+    // is 1 s, so a kill at ~1 s would mean the per-job value was ignored).
+    assert!(took >= Duration::from_secs(4), "killed after {took:?}");
+    assert!(took < Duration::from_secs(45), "killed after {took:?}");
+    wait_removed(&agent.instance_id).await;
+}
+
 #[tokio::test]
 async fn exit_status_oom_and_logs_after_removal() {
     let markers = tempfile::tempdir().unwrap();
@@ -493,13 +556,22 @@ async fn bad_specs_name_the_field() {
             error.message()
         );
     }
-    let mut gpu = spec("", &["true"]);
+    // No GPUs here: refused once discovery has ended (it runs after READY
+    // and is quick without a driver); a job that came before is queued and
+    // fails when discovery ends. Never a container either way.
+    let mut gpu = spec("gpu", &["true"]);
     gpu.gpus = 1;
-    let error = c
+    match c
         .submit_job(proto::SubmitJobRequest { spec: Some(gpu) })
         .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::FailedPrecondition);
+    {
+        Err(error) => assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}"),
+        Ok(_) => {
+            let job = wait_final(&mut c, "gpu", Duration::from_secs(30)).await;
+            assert_eq!(job.state(), proto::JobState::Failed, "{job:?}");
+            assert_eq!(job.reason, "asks for 1 GPUs but this host has none");
+        }
+    }
     assert_eq!(all_containers(&agent.instance_id), 0);
 }
 

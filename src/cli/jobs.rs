@@ -16,7 +16,7 @@ use crate::api::proto::{self, job_service_client::JobServiceClient};
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// Queue a job: `jobs submit --image IMG -- CMD ARGS...`.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List jobs, newest first.
     List {
         /// Only jobs in this state (queued, starting, running, succeeded, failed, cancelled, timed_out); repeatable.
@@ -73,6 +73,10 @@ pub struct SubmitArgs {
     /// Seconds from running to kill.
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u32>,
+    /// Seconds between SIGTERM and SIGKILL when the job is cancelled or
+    /// times out; the configured `jobs.kill_grace_seconds` when absent.
+    #[arg(long, value_name = "SECONDS")]
+    pub kill_grace_seconds: Option<u32>,
     /// Higher runs first.
     #[arg(long, default_value_t = 0)]
     pub priority: i32,
@@ -110,7 +114,7 @@ pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::R
     match command {
         JobsCommand::Submit(args) => {
             let wait = args.wait;
-            let spec = spec_from_args(args)?;
+            let spec = spec_from_args(*args)?;
             let job = jobs
                 .submit_job(proto::SubmitJobRequest { spec: Some(spec) })
                 .await?
@@ -255,7 +259,7 @@ fn spec_from_args(args: SubmitArgs) -> anyhow::Result<proto::JobSpec> {
         timeout_seconds: args.timeout.unwrap_or(0),
         priority: args.priority,
         network: args.network.unwrap_or_default(),
-        kill_grace_seconds: 0,
+        kill_grace_seconds: args.kill_grace_seconds.unwrap_or(0),
     })
 }
 

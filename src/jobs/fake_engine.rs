@@ -31,6 +31,12 @@ pub struct FakeEngine {
     /// (as the wait stream of a real engine does when it goes away).
     down: watch::Sender<bool>,
     hung: Mutex<bool>,
+    /// `create` waits while true (a frozen engine), then answers.
+    create_hung: watch::Sender<bool>,
+    /// `create` fails as unreachable (as a timed-out create does).
+    create_fails: Mutex<bool>,
+    /// `remove` fails (the container stays).
+    remove_fails: Mutex<bool>,
     next_id: Mutex<u64>,
 }
 
@@ -47,6 +53,26 @@ impl FakeEngine {
     /// Makes every call fail as unreachable (or answer again).
     pub fn set_down(&self, down: bool) {
         self.down.send_replace(down);
+    }
+
+    /// Whether every call fails as unreachable.
+    pub fn is_down(&self) -> bool {
+        *self.down.borrow()
+    }
+
+    /// Makes `create` wait until set back (a create stuck in a frozen engine).
+    pub fn set_create_hung(&self, hung: bool) {
+        self.create_hung.send_replace(hung);
+    }
+
+    /// Makes `create` fail as unreachable (or work again).
+    pub fn set_create_fails(&self, fails: bool) {
+        *Self::lock(&self.create_fails) = fails;
+    }
+
+    /// Makes `remove` fail, leaving the container (or work again).
+    pub fn set_remove_fails(&self, fails: bool) {
+        *Self::lock(&self.remove_fails) = fails;
     }
 
     /// Makes `version` hang (a frozen engine) until set back.
@@ -139,6 +165,15 @@ impl ContainerEngine for FakeEngine {
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, EngineError> {
         self.record(format!("create {}", spec.name))?;
+        let mut hung = self.create_hung.subscribe();
+        // The sender lives in `self`, so the channel cannot close here.
+        let _ = hung.wait_for(|hung| !*hung).await;
+        if *Self::lock(&self.create_fails) {
+            return Err(EngineError::Unreachable {
+                socket: "/fake.sock".into(),
+                message: "fake engine: create timed out".into(),
+            });
+        }
         if self.find(&spec.name).is_some() {
             return Err(EngineError::NameInUse(spec.name.clone()));
         }
@@ -214,14 +249,20 @@ impl ContainerEngine for FakeEngine {
         }))
     }
 
-    async fn stop(&self, id: &str, _grace: Duration) -> Result<(), EngineError> {
-        self.record(format!("stop {id}"))?;
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), EngineError> {
+        self.record(format!("stop {id} grace={}s", grace.as_secs()))?;
         self.exit(id, 143, false);
         Ok(())
     }
 
     async fn remove(&self, id: &str) -> Result<(), EngineError> {
         self.record(format!("remove {id}"))?;
+        if *Self::lock(&self.remove_fails) {
+            return Err(EngineError::Api {
+                operation: "remove",
+                message: "fake engine: removal refused".into(),
+            });
+        }
         if let Some(c) = Self::lock(&self.containers).remove(id) {
             c.exit.send_replace(Some(137));
         }

@@ -48,6 +48,9 @@ const OOM_LOOK_INTERVAL: Duration = Duration::from_millis(200);
 const CAPTURE_DRAIN: Duration = Duration::from_secs(60);
 /// Longest wait between retries while the engine or the store fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Stripes of the per-job save order (jobs sharing a stripe only wait for
+/// each other's fsync, they are never reordered).
+const SAVE_TURNS: usize = 64;
 
 /// A job request or lookup failed.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +147,9 @@ pub struct JobsDeps {
     pub memory_bytes: u64,
     /// GPU inventory (filled once discovered).
     pub gpus: watch::Receiver<Vec<Gpu>>,
+    /// True once GPU discovery has ended (`gpus` is then the inventory;
+    /// before, an empty list means "not known yet", not "none").
+    pub gpus_discovered: watch::Receiver<bool>,
     /// Whether the engine answers (from the engine monitor).
     pub engine_up: watch::Receiver<bool>,
     /// The live config.
@@ -203,6 +209,9 @@ struct State {
     slots_in_use: u32,
     next_seq: u64,
     reconciled: bool,
+    /// The capacity and GPU inventory the queue was last checked against
+    /// for jobs that can never start.
+    limits_checked: Option<(u32, Option<usize>)>,
 }
 
 impl State {
@@ -282,10 +291,23 @@ struct Inner {
     gpus: watch::Receiver<Vec<Gpu>>,
     engine_up: watch::Receiver<bool>,
     config: watch::Receiver<Arc<Config>>,
+    gpus_discovered: watch::Receiver<bool>,
     state: Mutex<State>,
+    /// Turns for saving records, striped by job id: the saves of one job
+    /// run one at a time (see `persist`).
+    save_turns: Vec<tokio::sync::Mutex<()>>,
     wake: Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+}
+
+impl Inner {
+    fn save_turn(&self, id: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut hasher);
+        &self.save_turns[(hasher.finish() % SAVE_TURNS as u64) as usize]
+    }
 }
 
 impl JobManager {
@@ -318,7 +340,11 @@ impl JobManager {
             gpus: deps.gpus,
             engine_up: deps.engine_up,
             config: deps.config,
+            gpus_discovered: deps.gpus_discovered,
             state: Mutex::new(state),
+            save_turns: (0..SAVE_TURNS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             wake: Notify::new(),
             shutdown,
             tasks,
@@ -388,7 +414,13 @@ impl JobManager {
     /// Queues a job. Idempotent on the spec's id.
     pub async fn submit(&self, spec: JobSpec) -> Result<JobRecord, JobError> {
         let config = self.jobs_config();
-        let gpu_count = u32::try_from(self.inner.gpus.borrow().len()).unwrap_or(u32::MAX);
+        // Until discovery has ended the inventory is unknown: a GPU job is
+        // queued and judged once it is known (see `schedule`).
+        let gpu_count = if *self.inner.gpus_discovered.borrow() {
+            u32::try_from(self.inner.gpus.borrow().len()).unwrap_or(u32::MAX)
+        } else {
+            u32::MAX
+        };
         if spec.gpus > 0 && gpu_count == 0 {
             return Err(JobError::NoGpus {
                 id: spec.id.clone(),
@@ -425,7 +457,7 @@ impl JobManager {
             state.jobs.insert(record.id().to_owned(), record.clone());
             record
         };
-        if let Err(error) = self.persist(&record).await {
+        if let Err(error) = self.persist(record.id()).await {
             self.lock().jobs.remove(record.id());
             return Err(error.into());
         }
@@ -532,13 +564,16 @@ impl JobManager {
         self.lock().jobs.get(id).is_some_and(|r| r.state.is_final())
     }
 
-    /// Cancels a job; idempotent. A running job is asked to stop and the
-    /// reply waits briefly for it, never for the engine.
+    /// Cancels a job; idempotent. A queued job leaves the queue at once. A
+    /// started job (or one an agent restart has not picked up again yet) is
+    /// marked, durably, as asked to cancel: its own task (or the
+    /// reconciliation that adopts it) stops it; the reply waits briefly for
+    /// that, never for the engine.
     pub async fn cancel(&self, id: &str) -> Result<JobRecord, JobError> {
         enum Next {
             Done(Box<JobRecord>),
-            Persist(Box<JobRecord>, Box<JobRecord>),
-            Signal(CancellationToken, Box<JobRecord>),
+            Dequeued(Box<JobRecord>),
+            Asked(Option<CancellationToken>),
         }
         let next = {
             let mut state = self.lock();
@@ -553,25 +588,25 @@ impl JobManager {
                     let mut cancelled = record.clone();
                     cancelled.transition(JobState::Cancelled, "cancelled while queued");
                     state.dequeue(&record);
-                    state.jobs.insert(id.to_owned(), cancelled.clone());
-                    Next::Persist(Box::new(record), Box::new(cancelled))
+                    state.jobs.insert(id.to_owned(), cancelled);
+                    Next::Dequeued(Box::new(record))
                 }
                 _ => {
-                    let Some(active) = state.active.get(id) else {
-                        return Ok(record);
-                    };
-                    let token = active.cancel.clone();
-                    let mut record = record;
-                    record.cancel_requested = true;
-                    state.jobs.insert(id.to_owned(), record.clone());
-                    Next::Signal(token, Box::new(record))
+                    // Starting or running: only the job's task moves it on.
+                    // Without a task yet (after a restart, before the engine
+                    // answered) the mark alone is what reconciliation honours.
+                    let token = state.active.get(id).map(|a| a.cancel.clone());
+                    if let Some(r) = state.jobs.get_mut(id) {
+                        r.cancel_requested = true;
+                    }
+                    Next::Asked(token)
                 }
             }
         };
         match next {
             Next::Done(record) => Ok(*record),
-            Next::Persist(before, cancelled) => {
-                if let Err(error) = self.persist(&cancelled).await {
+            Next::Dequeued(before) => {
+                if let Err(error) = self.persist(id).await {
                     // Undo: a cancel that is not durable would be undone by a
                     // crash and the job would run after all.
                     let mut state = self.lock();
@@ -579,19 +614,40 @@ impl JobManager {
                     state.enqueue(&before);
                     return Err(error.into());
                 }
+                let cancelled = self.get(id)?.record;
                 self.publish(&cancelled);
                 self.inner.wake.notify_one();
-                Ok(*cancelled)
+                Ok(cancelled)
             }
-            Next::Signal(token, record) => {
+            Next::Asked(token) => {
+                let signalled = token.is_some();
+                if let Some(token) = token {
+                    token.cancel();
+                }
                 // Durable so that a job adopted after a crash is still cancelled.
-                let _ = self.persist(&record).await;
-                token.cancel();
+                let saved = self.persist(id).await;
+                if let Err(error) = &saved {
+                    tracing::error!(
+                        job = id, %error,
+                        "cannot record the cancel request; it holds only until the agent restarts"
+                    );
+                }
+                if !signalled {
+                    // No task to wait for: reconciliation acts on the mark
+                    // once the engine answers.
+                    let current = self.get(id)?.record;
+                    return saved.map(|()| current).map_err(JobError::from);
+                }
                 let deadline = tokio::time::Instant::now() + CANCEL_REPLY_WAIT;
                 loop {
                     let current = self.get(id)?.record;
-                    if current.state.is_final() || tokio::time::Instant::now() >= deadline {
+                    if current.state.is_final() {
+                        // The final state is recorded by the job's task
+                        // whatever became of the request's own save.
                         return Ok(current);
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return saved.map(|()| current).map_err(JobError::from);
                     }
                     tokio::time::sleep(Duration::from_millis(25)).await;
                 }
@@ -649,22 +705,32 @@ impl JobManager {
         (bytes, items)
     }
 
-    async fn persist(&self, record: &JobRecord) -> Result<(), StoreError> {
+    /// Saves the job's record as it is in memory when this save's turn
+    /// comes. The saves of one job take turns, so a save that started later
+    /// never lands before an earlier one: the store cannot end on an older
+    /// state than memory (each `Store::apply` runs in its own blocking task,
+    /// in no particular order). A job no longer in memory (swept) is not
+    /// written back.
+    async fn persist(&self, id: &str) -> Result<(), StoreError> {
+        let _turn = self.inner.save_turn(id).lock().await;
+        let Some(record) = self.lock().jobs.get(id).cloned() else {
+            return Ok(());
+        };
         self.inner
             .store
-            .apply(vec![Write::put(RECORDS, record.id(), record)])
+            .apply(vec![Write::put(RECORDS, id, &record)])
             .await
     }
 
     /// Persists, retrying with backoff until it works or the agent stops.
     /// Used for transitions that must not be lost (the engine already acted).
-    async fn persist_until_done(&self, record: &JobRecord) -> bool {
+    async fn persist_until_done(&self, id: &str) -> bool {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.persist(record).await {
+            match self.persist(id).await {
                 Ok(()) => return true,
                 Err(error) => {
-                    tracing::error!(job = record.id(), %error, "cannot record job state; retrying");
+                    tracing::error!(job = id, %error, "cannot record job state; retrying");
                     tokio::select! {
                         _ = self.inner.shutdown.cancelled() => return false,
                         _ = tokio::time::sleep(backoff) => {}
@@ -709,6 +775,7 @@ impl JobManager {
         let mut admission = self.inner.admission.subscribe();
         let mut engine_up = self.inner.engine_up.clone();
         let mut config = self.inner.config.clone();
+        let mut gpus_discovered = self.inner.gpus_discovered.clone();
         let mut backoff = Duration::from_secs(1);
         loop {
             if !self.lock().reconciled && *engine_up.borrow() {
@@ -729,58 +796,94 @@ impl JobManager {
                 Ok(()) = admission.changed() => {}
                 Ok(()) = engine_up.changed() => {}
                 Ok(()) = config.changed() => {}
+                Ok(()) = gpus_discovered.changed() => {}
                 // Starvation bounds and retries are time-based.
                 _ = tokio::time::sleep(backoff) => {}
             }
         }
     }
 
-    /// Starts every queued job that may start now.
+    /// Starts every queued job that may start now, and ends the queued jobs
+    /// that never can (a shrunk capacity, fewer GPUs than asked for) or were
+    /// asked to cancel, so that none blocks the queue behind it.
     fn schedule(&self) {
-        if self.inner.admission.held_reason().is_some() || !*self.inner.engine_up.borrow() {
-            return;
-        }
         let config = self.jobs_config();
         let capacity = self.capacity();
         let reserve_after = Duration::from_secs(config.reserve_after_seconds.into());
-        let all_gpus: Vec<u32> = self.inner.gpus.borrow().iter().map(|g| g.index).collect();
-        let launches = {
+        let inventory: Option<Vec<u32>> = (*self.inner.gpus_discovered.borrow())
+            .then(|| self.inner.gpus.borrow().iter().map(|g| g.index).collect());
+        let inventory_len = inventory.as_ref().map(Vec::len);
+        let may_start =
+            self.inner.admission.held_reason().is_none() && *self.inner.engine_up.borrow();
+        let (launches, ended) = {
             let mut state = self.lock();
+            let limits_changed = state.limits_checked != Some((capacity, inventory_len));
+            state.limits_checked = Some((capacity, inventory_len));
             let free_slots = capacity.saturating_sub(state.slots_in_use);
-            if free_slots == 0 || state.queue.is_empty() {
+            let may_start = may_start && free_slots > 0;
+            if state.queue.is_empty() || (!may_start && !limits_changed) {
                 return;
             }
-            let busy = state.gpus_in_use();
-            let free = Free {
-                slots: free_slots,
-                gpus: all_gpus
-                    .iter()
-                    .copied()
-                    .filter(|g| !busy.contains(g))
-                    .collect(),
-            };
             let now = tokio::time::Instant::now();
-            let candidates: Vec<Candidate> = state
-                .queue
-                .iter()
-                .filter_map(|key| state.jobs.get(&key.id))
-                .map(|r| Candidate {
-                    id: r.id().to_owned(),
-                    slots: r.spec.slots,
-                    gpus: r.spec.gpus,
+            let mut candidates = Vec::new();
+            let mut ending = Vec::new();
+            for record in state.queue.iter().filter_map(|key| state.jobs.get(&key.id)) {
+                if record.cancel_requested {
+                    ending.push((
+                        record.clone(),
+                        JobState::Cancelled,
+                        "cancelled before its container started".to_owned(),
+                    ));
+                    continue;
+                }
+                let (slots, gpus) = (record.spec.slots, record.spec.gpus);
+                if let Some(why) = scheduler::never_fits(slots, gpus, capacity, inventory_len) {
+                    ending.push((record.clone(), JobState::Failed, why));
+                    continue;
+                }
+                // A GPU job waits for the inventory to be known.
+                if !may_start || (gpus > 0 && inventory.is_none()) {
+                    continue;
+                }
+                candidates.push(Candidate {
+                    id: record.id().to_owned(),
+                    slots,
+                    gpus,
                     waited: state
                         .queued_since
-                        .get(r.id())
+                        .get(record.id())
                         .map_or(Duration::ZERO, |t| now - *t),
-                    mounts_ready: r.spec.mounts.iter().all(|m| match &m.source {
+                    mounts_ready: record.spec.mounts.iter().all(|m| match &m.source {
                         MountSource::Managed(name) => {
                             matches!(self.inner.mounts.resolve(name), MountResolution::Ready(_))
                         }
                         MountSource::HostPath(_) => true,
                     }),
-                })
-                .collect();
-            let starts = scheduler::select(&candidates, free, reserve_after);
+                });
+            }
+            let mut ended = Vec::new();
+            for (record, next, why) in ending {
+                state.dequeue(&record);
+                if let Some(r) = state.jobs.get_mut(record.id())
+                    && r.transition(next, why)
+                {
+                    ended.push(r.clone());
+                }
+            }
+            let busy = state.gpus_in_use();
+            let free = Free {
+                slots: free_slots,
+                gpus: inventory
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|g| !busy.contains(g))
+                    .collect(),
+            };
+            let starts = if may_start {
+                scheduler::select(&candidates, free, reserve_after)
+            } else {
+                Vec::new()
+            };
             let mut launches = Vec::new();
             for start in starts {
                 let Some(record) = state.jobs.get(&start.id).cloned() else {
@@ -794,8 +897,16 @@ impl JobManager {
                 }
                 launches.push((start.id, cancel));
             }
-            launches
+            (launches, ended)
         };
+        for record in ended {
+            let manager = self.clone();
+            self.inner.tasks.spawn(async move {
+                if manager.persist_until_done(record.id()).await {
+                    manager.publish(&record);
+                }
+            });
+        }
         for (id, cancel) in launches {
             self.inner
                 .tasks
@@ -812,6 +923,10 @@ impl JobManager {
                 None => return,
             },
             Launch::StartExisting(container) => {
+                if cancel.is_cancelled() || self.cancel_requested(&id) {
+                    self.cancelled_before_start(&id, &container).await;
+                    return;
+                }
                 if let Err(error) = self.inner.engine.start(&container).await {
                     self.fail_before_running(
                         &id,
@@ -829,7 +944,7 @@ impl JobManager {
             r.container_id = container.clone()
         });
         if let Some(record) = running {
-            if !self.persist_until_done(&record).await {
+            if !self.persist_until_done(&id).await {
                 return;
             }
             self.publish(&record);
@@ -841,7 +956,7 @@ impl JobManager {
     /// when the job ended or went back to the queue instead.
     async fn create_and_start(&self, id: &str, cancel: &CancellationToken) -> Option<String> {
         let record = self.get(id).ok().map(|v| v.record)?;
-        if let Err(error) = self.persist(&record).await {
+        if let Err(error) = self.persist(id).await {
             tracing::warn!(job = id, %error, "cannot record the start; job goes back to the queue");
             self.requeue(id, format!("waiting: cannot record the start: {error}"))
                 .await;
@@ -856,7 +971,7 @@ impl JobManager {
             }
         };
         if cancel.is_cancelled() {
-            self.cancelled_before_start(id).await;
+            self.cancelled_before_start(id, "").await;
             return None;
         }
         let container = match self.inner.engine.create(&spec).await {
@@ -894,8 +1009,9 @@ impl JobManager {
             }
         };
         if cancel.is_cancelled() {
-            let _ = self.inner.engine.remove(&container).await;
-            self.cancelled_before_start(id).await;
+            // `finish` removes the never-started container, holding the
+            // slots until it is gone.
+            self.cancelled_before_start(id, &container).await;
             return None;
         }
         if let Err(error) = self.inner.engine.start(&container).await {
@@ -961,10 +1077,17 @@ impl JobManager {
         }
     }
 
-    async fn cancelled_before_start(&self, id: &str) {
+    /// Whether a cancel was asked for the job (false for an unknown job).
+    fn cancel_requested(&self, id: &str) -> bool {
+        self.lock().jobs.get(id).is_some_and(|r| r.cancel_requested)
+    }
+
+    /// Ends a job that was asked to cancel before its container started;
+    /// `container` (when not empty) was created and is removed.
+    async fn cancelled_before_start(&self, id: &str, container: &str) {
         self.finish(
             id,
-            "",
+            container,
             Some(JobState::Cancelled),
             "cancelled before its container started".into(),
             None,
@@ -978,22 +1101,38 @@ impl JobManager {
             .await;
     }
 
-    /// Puts a job that never got a container back in the queue.
+    /// Puts a job that never got a container back in the queue, or ends it
+    /// as cancelled when a cancel was asked for meanwhile (the request fired
+    /// the launch's token, which the next launch would not carry).
     async fn requeue(&self, id: &str, reason: String) {
         let record = {
             let mut state = self.lock();
-            state.release(id);
             let Some(r) = state.jobs.get_mut(id) else {
+                state.release(id);
                 return;
             };
-            if !r.transition(JobState::Queued, reason) {
-                return;
+            if r.cancel_requested {
+                None
+            } else {
+                if !r.transition(JobState::Queued, reason) {
+                    state.release(id);
+                    return;
+                }
+                let r = r.clone();
+                state.release(id);
+                state.enqueue(&r);
+                Some(r)
             }
-            let r = r.clone();
-            state.enqueue(&r);
-            r
         };
-        let _ = self.persist(&record).await;
+        let Some(record) = record else {
+            self.cancelled_before_start(id, "").await;
+            return;
+        };
+        if let Err(error) = self.persist(id).await {
+            // Harmless for durability: the store still says "starting" with
+            // no container, which a restart re-queues too.
+            tracing::warn!(job = id, %error, "cannot record the return to the queue");
+        }
         self.publish(&record);
         // Let the cause (engine, store) settle before the next attempt.
         tokio::select! {
@@ -1304,7 +1443,9 @@ impl JobManager {
                     }
                 }
             }
-            let _ = writer.flush().await;
+            if let Err(error) = writer.flush().await {
+                tracing::warn!(job = %id, %error, "cannot write the job's log");
+            }
             if self.inner.shutdown.is_cancelled() {
                 break;
             }
@@ -1330,7 +1471,9 @@ impl JobManager {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        let _ = writer.flush().await;
+        if let Err(error) = writer.flush().await {
+            tracing::warn!(job = %id, %error, "cannot write the job's log");
+        }
     }
 
     /// Records the final state, removes the container, frees the slots.
@@ -1352,7 +1495,7 @@ impl JobManager {
             }
         });
         if let Some(record) = &record {
-            if !self.persist_until_done(record).await {
+            if !self.persist_until_done(id).await {
                 return;
             }
             self.publish(record);
@@ -1420,6 +1563,17 @@ impl JobManager {
                         };
                         launches.push((id, launch, cancel));
                     }
+                    None if record.state == JobState::Starting && record.cancel_requested => {
+                        // Never ran, and a cancel was asked for before the
+                        // crash (or before this reconciliation).
+                        if let Some(r) = state.jobs.get_mut(&id) {
+                            r.transition(
+                                JobState::Cancelled,
+                                "cancelled before its container was created",
+                            );
+                            changed.push(r.clone());
+                        }
+                    }
                     None if record.state == JobState::Starting => {
                         // The intent was recorded but no container exists: it
                         // never ran, so it may run now.
@@ -1452,7 +1606,7 @@ impl JobManager {
             state.reconciled = true;
         }
         for record in &changed {
-            if self.persist_until_done(record).await {
+            if self.persist_until_done(record.id()).await {
                 self.publish(record);
             }
         }

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::*;
+use crate::host::Gpu;
 use crate::jobs::engine::ContainerSpec;
 use crate::jobs::fake_engine::FakeEngine;
 use crate::jobs::spec::JobMount;
@@ -19,6 +20,8 @@ struct Harness {
     admission: AdmissionGate,
     engine_up: watch::Sender<bool>,
     config: watch::Sender<Arc<Config>>,
+    gpus: watch::Sender<Vec<Gpu>>,
+    gpus_discovered: watch::Sender<bool>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     _dir: tempfile::TempDir,
@@ -50,9 +53,10 @@ impl Harness {
         config: Config,
         mounts: Arc<dyn MountResolver>,
     ) -> Self {
-        let (engine_up, engine_up_rx) = watch::channel(true);
+        let (engine_up, engine_up_rx) = watch::channel(!engine.is_down());
         let (config_tx, config_rx) = watch::channel(Arc::new(config));
-        let (_gpus_tx, gpus_rx) = watch::channel(Vec::new());
+        let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
+        let (gpus_discovered_tx, gpus_discovered_rx) = watch::channel(true);
         let admission = AdmissionGate::new();
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -69,6 +73,7 @@ impl Harness {
                 usable_cores: 2.0,
                 memory_bytes: 8 << 30,
                 gpus: gpus_rx,
+                gpus_discovered: gpus_discovered_rx,
                 engine_up: engine_up_rx,
                 config: config_rx,
             },
@@ -83,6 +88,8 @@ impl Harness {
             admission,
             engine_up,
             config: config_tx,
+            gpus: gpus_tx,
+            gpus_discovered: gpus_discovered_tx,
             shutdown,
             tasks,
             _dir: dir,
@@ -568,4 +575,374 @@ async fn a_job_killed_while_the_engine_was_away_says_so() {
         h.manager.get("a").unwrap().record.reason,
         "exited with status 137 (killed by SIGKILL); the Docker engine went away while the job ran"
     );
+}
+
+fn stored(h: &Harness, id: &str) -> JobRecord {
+    h.store.get(RECORDS, id).unwrap().unwrap()
+}
+
+fn calls_starting(h: &Harness, prefix: &str) -> Vec<String> {
+    h.engine
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with(prefix))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_job_cancelled_while_its_create_hangs_never_starts() {
+    let h = Harness::new(1);
+    h.engine.set_create_hung(true);
+    h.engine.set_create_fails(true);
+    h.submit("a").await;
+    h.wait_for("create sent", |h| !calls_starting(h, "create").is_empty())
+        .await;
+    let reply = h.manager.cancel("a").await.unwrap();
+    assert_eq!(
+        reply.state,
+        JobState::Starting,
+        "the engine hangs: no answer yet"
+    );
+    assert!(reply.cancel_requested);
+    // The stuck create now fails (as a timed-out create does); the job must
+    // not go back to the queue and start on the next attempt.
+    h.engine.set_create_hung(false);
+    h.wait_for("a cancelled", |h| h.state("a") == JobState::Cancelled)
+        .await;
+    h.engine.set_create_fails(false);
+    // Longer than the pause before a re-queued job is tried again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(h.state("a"), JobState::Cancelled);
+    assert!(
+        calls_starting(&h, "start").is_empty(),
+        "{:?}",
+        h.engine.calls()
+    );
+    assert_eq!(calls_starting(&h, "create").len(), 1);
+    assert_eq!(stored(&h, "a").state, JobState::Cancelled);
+    assert_eq!(h.manager.slot_usage().in_use, 0);
+}
+
+#[tokio::test]
+async fn a_job_cancelled_while_its_create_fails_ends_cancelled() {
+    let h = Harness::new(1);
+    h.engine.set_create_fails(true);
+    h.submit("a").await;
+    h.wait_for("create tried", |h| !calls_starting(h, "create").is_empty())
+        .await;
+    // Whether it is back in the queue or starting again, it ends cancelled.
+    h.manager.cancel("a").await.unwrap();
+    h.wait_for("a cancelled", |h| h.state("a") == JobState::Cancelled)
+        .await;
+    h.engine.set_create_fails(false);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        calls_starting(&h, "start").is_empty(),
+        "{:?}",
+        h.engine.calls()
+    );
+    assert_eq!(stored(&h, "a").state, JobState::Cancelled);
+}
+
+#[tokio::test]
+async fn a_cancelled_running_job_is_stored_final_and_stays_so_after_a_restart() {
+    let h = Harness::new(1);
+    h.submit("a").await;
+    h.wait_for("a running", |h| h.state("a") == JobState::Running)
+        .await;
+    let reply = h.manager.cancel("a").await.unwrap();
+    assert_eq!(reply.state, JobState::Cancelled);
+    h.wait_for("stored final", |h| {
+        stored(h, "a").state == JobState::Cancelled
+    })
+    .await;
+    // Every save is in: nothing older may land after the final state.
+    h.wait_for("container removed", |h| h.engine.existing().is_empty())
+        .await;
+    assert_eq!(stored(&h, "a"), h.manager.get("a").unwrap().record);
+    let h = h.restart().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let record = h.manager.get("a").unwrap().record;
+    assert_eq!(record.state, JobState::Cancelled, "{}", record.reason);
+}
+
+#[tokio::test]
+async fn a_cancel_before_reconciliation_is_durable_and_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let engine = Arc::new(FakeEngine::new());
+    let labels = |job: &str| {
+        HashMap::from([
+            (LABEL_INSTANCE.to_owned(), "inst".to_owned()),
+            (LABEL_JOB.to_owned(), job.to_owned()),
+        ])
+    };
+    let mut writes = Vec::new();
+    for (i, (id, state)) in [
+        ("running", JobState::Running),
+        ("created", JobState::Starting),
+        ("intent", JobState::Starting),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = JobRecord::queued(spec(id), i as u64);
+        r.state = state;
+        writes.push(Write::put(RECORDS, id, &r));
+    }
+    store.apply(writes).await.unwrap();
+    let spec_for = |job: &str| ContainerSpec {
+        name: format!("ia-inst-{job}"),
+        labels: labels(job),
+        ..ContainerSpec::default()
+    };
+    engine.insert("cr", spec_for("running"), "running", None);
+    engine.insert("cc", spec_for("created"), "created", None);
+    // The engine does not answer yet: nothing is reconciled.
+    engine.set_down(true);
+    let h = Harness::with(dir, store, engine, config(4));
+    for id in ["running", "created", "intent"] {
+        let reply = h.manager.cancel(id).await.unwrap();
+        assert!(reply.cancel_requested, "{id}");
+        assert!(!reply.state.is_final(), "{id}");
+        assert!(stored(&h, id).cancel_requested, "{id}: durable");
+    }
+    // The request survives a crash before the engine came back.
+    let h = h.restart().await;
+    h.engine.set_down(false);
+    h.engine_up.send_replace(true);
+    for id in ["running", "created", "intent"] {
+        h.wait_for("cancelled", |h| h.state(id) == JobState::Cancelled)
+            .await;
+    }
+    let calls = h.engine.calls();
+    assert!(calls.iter().any(|c| c.starts_with("stop cr")), "{calls:?}");
+    assert!(!calls.iter().any(|c| c == "start cc"), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("create")), "{calls:?}");
+    h.wait_for("containers removed", |h| h.engine.existing().is_empty())
+        .await;
+    for id in ["running", "created", "intent"] {
+        h.wait_for("stored", |h| stored(h, id).state == JobState::Cancelled)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_job_that_no_longer_fits_after_capacity_shrinks_fails_and_unblocks_the_queue() {
+    let h = Harness::new(4);
+    let mut c = config(4);
+    c.jobs.reserve_after_seconds = 0;
+    h.config.send_replace(Arc::new(c.clone()));
+    h.admission.hold("test", "hold");
+    let mut big = spec("big");
+    big.slots = 3;
+    h.manager.submit(big).await.unwrap();
+    h.submit("small").await;
+    c.jobs.slots = 2;
+    h.config.send_replace(Arc::new(c));
+    h.wait_for("big failed", |h| h.state("big") == JobState::Failed)
+        .await;
+    let reason = h.manager.get("big").unwrap().record.reason;
+    assert!(
+        reason.contains("needs 3 slots") && reason.contains("capacity is now 2"),
+        "{reason}"
+    );
+    assert_eq!(h.state("small"), JobState::Queued, "still held");
+    h.admission.release("test");
+    h.wait_for("small runs", |h| h.state("small") == JobState::Running)
+        .await;
+    h.wait_for("stored", |h| stored(h, "big").state == JobState::Failed)
+        .await;
+}
+
+#[tokio::test]
+async fn a_gpu_job_waiting_for_gpus_does_not_keep_cpu_jobs_from_free_slots() {
+    let h = Harness::new(4);
+    let mut c = config(4);
+    c.jobs.reserve_after_seconds = 0;
+    h.config.send_replace(Arc::new(c));
+    h.gpus.send_replace(vec![Gpu {
+        index: 0,
+        name: "fake".into(),
+        uuid: "GPU-0".into(),
+        memory_bytes: 0,
+    }]);
+    let mut first = spec("gpu-a");
+    first.gpus = 1;
+    h.manager.submit(first).await.unwrap();
+    h.wait_for("gpu-a running", |h| h.state("gpu-a") == JobState::Running)
+        .await;
+    let mut second = spec("gpu-b");
+    second.gpus = 1;
+    h.manager.submit(second).await.unwrap();
+    h.submit("cpu").await;
+    h.wait_for("cpu runs beside", |h| h.state("cpu") == JobState::Running)
+        .await;
+    assert_eq!(h.state("gpu-b"), JobState::Queued);
+    let a = h.container_of("gpu-a");
+    h.engine.exit(&a, 0, false);
+    h.wait_for("gpu-b runs", |h| h.state("gpu-b") == JobState::Running)
+        .await;
+    assert_eq!(h.manager.get("gpu-b").unwrap().record.gpu_indices, vec![0]);
+}
+
+#[tokio::test]
+async fn gpu_jobs_wait_for_discovery_then_fail_when_there_are_none() {
+    let h = Harness::new(4);
+    h.gpus_discovered.send_replace(false);
+    let mut s = spec("gpu");
+    s.gpus = 1;
+    let queued = h.manager.submit(s).await.unwrap();
+    assert_eq!(
+        queued.state,
+        JobState::Queued,
+        "not refused before discovery"
+    );
+    h.submit("cpu").await;
+    h.wait_for("cpu runs", |h| h.state("cpu") == JobState::Running)
+        .await;
+    assert_eq!(h.state("gpu"), JobState::Queued, "waits for discovery");
+    h.gpus_discovered.send_replace(true);
+    h.wait_for("gpu failed", |h| h.state("gpu") == JobState::Failed)
+        .await;
+    assert_eq!(
+        h.manager.get("gpu").unwrap().record.reason,
+        "asks for 1 GPUs but this host has none"
+    );
+    let mut later = spec("later");
+    later.gpus = 1;
+    assert!(matches!(
+        h.manager.submit(later).await,
+        Err(JobError::NoGpus { gpus: 1, .. })
+    ));
+}
+
+#[tokio::test]
+async fn gpu_jobs_queued_before_discovery_run_on_the_gpus_found() {
+    let h = Harness::new(4);
+    h.gpus_discovered.send_replace(false);
+    let mut s = spec("gpu");
+    s.gpus = 1;
+    h.manager.submit(s).await.unwrap();
+    h.gpus.send_replace(vec![Gpu {
+        index: 3,
+        name: "fake".into(),
+        uuid: "GPU-3".into(),
+        memory_bytes: 0,
+    }]);
+    h.gpus_discovered.send_replace(true);
+    h.wait_for("gpu runs", |h| h.state("gpu") == JobState::Running)
+        .await;
+    let container = h.container_of("gpu");
+    assert_eq!(h.engine.spec_of(&container).unwrap().gpus, vec![3]);
+}
+
+#[tokio::test]
+async fn a_job_kill_grace_reaches_the_engine() {
+    let h = Harness::new(2);
+    let mut s = spec("graced");
+    s.kill_grace_seconds = 7;
+    h.manager.submit(s).await.unwrap();
+    h.submit("default").await;
+    h.wait_for("both running", |h| h.engine.running().len() == 2)
+        .await;
+    let graced = h.container_of("graced");
+    let default = h.container_of("default");
+    h.manager.cancel("graced").await.unwrap();
+    h.manager.cancel("default").await.unwrap();
+    let calls = h.engine.calls();
+    assert!(
+        calls.contains(&format!("stop {graced} grace=7s")),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&format!("stop {default} grace=1s")),
+        "the configured default: {calls:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retention_removes_jobs_past_their_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let now = SystemTime::now();
+    let mut writes = Vec::new();
+    for (i, (id, age)) in [("old", 7200), ("recent", 60)].into_iter().enumerate() {
+        let mut r = JobRecord::queued(spec(id), i as u64);
+        r.state = JobState::Succeeded;
+        r.finished_at = Some(now - Duration::from_secs(age));
+        writes.push(Write::put(RECORDS, id, &r));
+    }
+    store.apply(writes).await.unwrap();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    std::fs::write(dir.path().join("logs/old.0.log"), b"x").unwrap();
+    std::fs::write(dir.path().join("logs/recent.0.log"), b"x").unwrap();
+    let mut c = config(2);
+    c.jobs.retention_seconds = 3600;
+    let h = Harness::with(dir, store, Arc::new(FakeEngine::new()), c);
+    // The sweeper runs by itself (at start, then every minute).
+    h.wait_for("old removed", |h| h.manager.get("old").is_err())
+        .await;
+    assert!(h.manager.get("recent").is_ok());
+    assert!(h.store.get::<JobRecord>(RECORDS, "old").unwrap().is_none());
+    assert!(!h.dir_path.join("logs/old.0.log").exists());
+    assert!(h.dir_path.join("logs/recent.0.log").exists());
+    // An hour of sweeps later the recent one is still young enough by its
+    // recorded time (ages are wall-clock times, which paused time does not move).
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(h.manager.get("recent").is_ok());
+}
+
+#[tokio::test]
+async fn slots_stay_held_until_the_container_is_removed() {
+    let h = Harness::new(1);
+    h.submit("a").await;
+    h.submit("b").await;
+    h.wait_for("a running", |h| h.state("a") == JobState::Running)
+        .await;
+    let a = h.container_of("a");
+    h.engine.set_remove_fails(true);
+    h.engine.exit(&a, 0, false);
+    h.wait_for("a succeeded", |h| h.state("a") == JobState::Succeeded)
+        .await;
+    h.wait_for("a removal tried twice", |h| {
+        calls_starting(h, &format!("remove {a}")).len() >= 2
+    })
+    .await;
+    assert_eq!(h.state("b"), JobState::Queued, "a's container still exists");
+    assert_eq!(h.manager.slot_usage().in_use, 1);
+    assert!(calls_starting(&h, "create").len() == 1);
+    h.engine.set_remove_fails(false);
+    h.wait_for("b runs once a is gone", |h| {
+        h.state("b") == JobState::Running
+    })
+    .await;
+    assert!(!h.engine.existing().contains(&a));
+}
+
+#[tokio::test]
+async fn a_queued_job_above_the_capacity_after_a_restart_fails_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut big = spec("big");
+    big.slots = 3;
+    let writes = vec![
+        Write::put(RECORDS, "big", &JobRecord::queued(big, 0)),
+        Write::put(RECORDS, "small", &JobRecord::queued(spec("small"), 1)),
+    ];
+    store.apply(writes).await.unwrap();
+    // Fewer cores than when it was accepted: capacity 2.
+    let h = Harness::with(dir, store, Arc::new(FakeEngine::new()), config(2));
+    h.wait_for("big failed", |h| h.state("big") == JobState::Failed)
+        .await;
+    assert!(
+        h.manager
+            .get("big")
+            .unwrap()
+            .record
+            .reason
+            .contains("capacity is now 2")
+    );
+    h.wait_for("small runs", |h| h.state("small") == JobState::Running)
+        .await;
 }

@@ -42,15 +42,19 @@ pub struct Free {
 
 /// Picks the jobs to start, in order. A job that does not fit lets smaller
 /// ones behind it start (backfill) until it has waited `reserve_after`; from
-/// then on it reserves what it needs: nothing behind it starts until it has.
+/// then on it reserves what it is short of: when it lacks slots, no job
+/// behind it gets a slot; when it lacks GPUs, no job behind it gets a GPU,
+/// but jobs without GPUs still use the free slots (the GPUs it waits for
+/// free up with slots of their own).
 pub fn select(candidates: &[Candidate], mut free: Free, reserve_after: Duration) -> Vec<Start> {
     let mut starts = Vec::new();
     for c in candidates {
         if !c.mounts_ready {
             continue;
         }
-        let fits = c.slots <= free.slots && c.gpus as usize <= free.gpus.len();
-        if fits {
+        let short_of_slots = c.slots > free.slots;
+        let short_of_gpus = c.gpus as usize > free.gpus.len();
+        if !short_of_slots && !short_of_gpus {
             free.slots -= c.slots;
             let gpus: Vec<u32> = free.gpus.drain(..c.gpus as usize).collect();
             starts.push(Start {
@@ -58,13 +62,42 @@ pub fn select(candidates: &[Candidate], mut free: Free, reserve_after: Duration)
                 gpus,
             });
         } else if c.waited >= reserve_after {
-            break;
+            if short_of_slots {
+                free.slots = 0;
+            }
+            if short_of_gpus {
+                free.gpus.clear();
+            }
         }
         if free.slots == 0 {
             break;
         }
     }
     starts
+}
+
+/// Why a queued job can never start here, naming the limit; `None` when it
+/// can (now or once others end). `gpu_inventory` is `None` while the GPUs
+/// are not discovered yet (a GPU job then waits rather than fails).
+pub fn never_fits(
+    slots: u32,
+    gpus: u32,
+    capacity: u32,
+    gpu_inventory: Option<usize>,
+) -> Option<String> {
+    if slots > capacity {
+        return Some(format!(
+            "needs {slots} slots but the capacity is now {capacity} \
+             (jobs.slots, or jobs.slots_per_core x usable cores)"
+        ));
+    }
+    match gpu_inventory {
+        Some(0) if gpus > 0 => Some(format!("asks for {gpus} GPUs but this host has none")),
+        Some(n) if gpus as usize > n => {
+            Some(format!("asks for {gpus} GPUs but this host has only {n}"))
+        }
+        _ => None,
+    }
 }
 
 /// Slot capacity: the absolute `slots` when set, else `slots_per_core` per
@@ -167,6 +200,65 @@ mod tests {
                 .sum();
             assert!(used <= slots);
         }
+    }
+
+    #[test]
+    fn a_job_short_of_gpus_reserves_gpus_not_slots() {
+        let mut q = [c("gpu", 1, 1000), c("cpu", 1, 0), c("gpu2", 1, 0)];
+        q[0].gpus = 2;
+        q[2].gpus = 1;
+        let starts = select(
+            &q,
+            Free {
+                slots: 4,
+                gpus: vec![3],
+            },
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            ids(&starts),
+            ["cpu"],
+            "the CPU job backfills; the free GPU stays for the waiting job"
+        );
+    }
+
+    #[test]
+    fn a_job_short_of_slots_reserves_them_all() {
+        let mut q = [c("big", 3, 1000), c("cpu", 1, 0)];
+        q[0].gpus = 1;
+        let starts = select(
+            &q,
+            Free {
+                slots: 2,
+                gpus: vec![0],
+            },
+            Duration::from_secs(60),
+        );
+        assert!(starts.is_empty(), "{starts:?}");
+    }
+
+    #[test]
+    fn impossible_jobs_name_the_limit() {
+        assert_eq!(never_fits(2, 0, 2, Some(0)), None);
+        let why = never_fits(3, 0, 2, Some(0)).unwrap();
+        assert!(
+            why.contains("needs 3 slots") && why.contains("capacity is now 2"),
+            "{why}"
+        );
+        assert_eq!(
+            never_fits(1, 1, 2, None),
+            None,
+            "GPUs not discovered yet: wait"
+        );
+        assert_eq!(
+            never_fits(1, 1, 2, Some(0)).unwrap(),
+            "asks for 1 GPUs but this host has none"
+        );
+        assert_eq!(
+            never_fits(1, 3, 2, Some(2)).unwrap(),
+            "asks for 3 GPUs but this host has only 2"
+        );
+        assert_eq!(never_fits(1, 2, 2, Some(2)), None);
     }
 
     #[test]
