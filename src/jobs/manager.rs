@@ -559,9 +559,12 @@ impl JobManager {
             .collect()
     }
 
-    /// True when the job exists and has reached a final state.
+    /// True when the job has reached a final state, or is no longer known:
+    /// every job that has not ended is kept in memory from submit (or load)
+    /// to its end, so an unknown id is one that retention has removed — its
+    /// container, kept by `keep_containers`, is finished too.
     pub fn is_finished(&self, id: &str) -> bool {
-        self.lock().jobs.get(id).is_some_and(|r| r.state.is_final())
+        self.lock().jobs.get(id).is_none_or(|r| r.state.is_final())
     }
 
     /// Cancels a job; idempotent. A queued job leaves the queue at once. A

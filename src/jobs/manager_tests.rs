@@ -527,6 +527,7 @@ async fn retention_removes_old_finished_jobs_and_their_logs() {
         h.submit(id).await;
         h.wait_for("running", |h| h.state(id) == JobState::Running)
             .await;
+        assert!(!h.manager.is_finished(id));
         let container = h.container_of(id);
         h.engine.exit(&container, 0, false);
         h.wait_for("done", |h| h.state(id) == JobState::Succeeded)
@@ -537,6 +538,9 @@ async fn retention_removes_old_finished_jobs_and_their_logs() {
     h.manager.sweep().await;
     assert!(matches!(h.manager.get("old"), Err(JobError::NotFound(_))));
     assert!(h.manager.get("new").is_ok());
+    // A pruned job's kept container counts as finished for disk reclaim.
+    assert!(h.manager.is_finished("old"));
+    assert!(h.manager.is_finished("new"));
     assert!(!h.dir_path.join("logs/old.0.log").exists());
     assert!(h.store.get::<JobRecord>(RECORDS, "old").unwrap().is_none());
 }
