@@ -129,11 +129,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The base64 body lines of a PEM key: what a leak would show.
+/// The base64 body lines of a PEM key: what a leak would show. Registered
+/// as test secrets for the suite-wide sweep of captured logs.
+#[track_caller]
 fn key_lines(pem: &str) -> Vec<&str> {
-    pem.lines()
+    let lines: Vec<&str> = pem
+        .lines()
         .filter(|l| !l.starts_with("-----") && l.len() > 20)
-        .collect()
+        .collect();
+    common::register_secrets(&lines);
+    lines
 }
 
 /// Calls GetStatus over TLS; `Err` carries the failure.
@@ -247,6 +252,9 @@ async fn control_plane_needs_a_verified_allowed_client_certificate() {
     let foreign = other_ca.leaf("control-plane", &["cp.example"], true, false);
     let expired = client_ca.leaf("control-plane", &["cp.example"], true, true);
     let intruder = client_ca.leaf("intruder", &["intruder.example"], true, false);
+    for (_, key) in [&server, &good, &by_san, &foreign, &expired, &intruder] {
+        key_lines(key);
+    }
 
     let cert_path = write_file(pki.path(), "server.pem", &server.0, 0o644);
     let key_path = write_file(pki.path(), "server.key", &server.1, 0o600);
@@ -348,6 +356,7 @@ fn plaintext_only_on_loopback_and_key_must_be_private() {
     let pki = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("ca");
     let server = ca.leaf("agent", &["localhost"], false, false);
+    key_lines(&server.1);
     let cert_path = write_file(pki.path(), "server.pem", &server.0, 0o644);
     let key_path = write_file(pki.path(), "server.key", &server.1, 0o640);
     let ca_path = write_file(pki.path(), "ca.pem", &ca.pem(), 0o644);
@@ -980,11 +989,11 @@ async fn request_rate_per_peer_is_limited() {
 
 #[tokio::test]
 async fn secrets_in_requests_never_reach_the_log() {
-    let account_key = format!("AcctKey{}==", uuid_like());
-    let sas = format!("sv=2024&sig=Sas{}", uuid_like());
-    let env_secret = format!("EnvSecret{}", uuid_like());
-    let script_secret = format!("ScriptSecret{}", uuid_like());
-    let arg_secret = format!("ArgSecret{}", uuid_like());
+    let account_key = common::secret(&format!("AcctKey{}==", uuid_like()));
+    let sas = common::secret(&format!("sv=2024&sig=Sas{}", uuid_like()));
+    let env_secret = common::secret(&format!("EnvSecret{}", uuid_like()));
+    let script_secret = common::secret(&format!("ScriptSecret{}", uuid_like()));
+    let arg_secret = common::secret(&format!("ArgSecret{}", uuid_like()));
     let agent = Agent::builder().start();
     let channel = agent.channel().await;
 
@@ -1040,4 +1049,66 @@ async fn secrets_in_requests_never_reach_the_log() {
         &agent.log(),
         &[&account_key, &sas, &env_secret, &script_secret, &arg_secret],
     );
+}
+
+// --- the suite-wide sweep of captured logs --------------------------------
+
+#[test]
+fn an_agent_keeps_its_log_and_logs_dir_after_the_test() {
+    let agent = Agent::builder().start();
+    let marker = common::secret(&format!("NotASecretMarker{}", uuid_like()));
+    let logs = agent.path().join("logs/setup");
+    std::fs::create_dir_all(&logs).expect("mkdir");
+    std::fs::write(logs.join("probe.log"), "probe\n").expect("write");
+    let kept = agent.captured.clone();
+    let temp = agent.path().to_owned();
+    drop(agent);
+    assert!(!temp.exists(), "the temp dir is removed");
+    let log = std::fs::read_to_string(kept.join("agent.log")).expect("kept agent log");
+    assert!(log.contains("INFO"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(kept.join("logs/setup/probe.log")).expect("kept logs dir"),
+        "probe\n"
+    );
+    let list = std::fs::read_to_string(common::test_logs_root().join("secrets.list"))
+        .expect("secrets.list");
+    let line = list
+        .lines()
+        .find(|l| l.ends_with(&format!("\t{marker}")))
+        .expect("the registered secret is listed");
+    assert!(line.starts_with("tests/security.rs:"), "{line}");
+}
+
+#[test]
+fn the_log_sweep_names_file_and_secret_id_but_never_the_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = format!("SweepSecret{}", uuid_like());
+    std::fs::write(
+        dir.path().join("secrets.list"),
+        format!("tests/x.rs:1:1 (x pid 1)\t{secret}\ntests/y.rs:2:2 (y pid 2)\tOtherSecret123\n"),
+    )
+    .expect("list");
+    let agent_dir = dir.path().join("mounts-1-0/logs/mounts");
+    std::fs::create_dir_all(&agent_dir).expect("mkdir");
+    std::fs::write(dir.path().join("mounts-1-0/agent.log"), "clean\n").expect("log");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check-test-logs.sh");
+    let run = || Command::new(&script).arg(dir.path()).output().expect("run sweep");
+
+    let out = run();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("none of 2 test secrets in 1 captured files"), "{stdout}");
+
+    std::fs::write(agent_dir.join("data.out"), format!("auth failed: {secret}\n")).expect("leak");
+    let out = run();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("mounts-1-0/logs/mounts/data.out"), "{text}");
+    assert!(text.contains("tests/x.rs:1:1 (x pid 1)"), "{text}");
+    assert!(!text.contains("tests/y.rs"), "{text}");
+    assert!(!text.contains(&secret), "the sweep printed the secret: {text}");
 }
