@@ -138,7 +138,9 @@ pub fn certificate_names(cert: &CertificateDer<'_>) -> Vec<String> {
 }
 
 /// The name a verified client is known by, if it is allowed: the first of
-/// its names in `allowed` (any name, when `allowed` is empty).
+/// its names in `allowed` (any name, when `allowed` is empty). Compared
+/// without regard to ASCII case, as DNS names are (RFC 4343); a CN holding a
+/// host name is compared the same way.
 pub fn allowed_name(names: &[String], allowed: &[String]) -> Option<String> {
     if allowed.is_empty() {
         return Some(
@@ -148,7 +150,10 @@ pub fn allowed_name(names: &[String], allowed: &[String]) -> Option<String> {
                 .unwrap_or_else(|| "<unnamed certificate>".into()),
         );
     }
-    names.iter().find(|n| allowed.contains(n)).cloned()
+    names
+        .iter()
+        .find(|n| allowed.iter().any(|a| a.eq_ignore_ascii_case(n)))
+        .cloned()
 }
 
 #[cfg(test)]
@@ -171,6 +176,20 @@ mod tests {
         );
         assert_eq!(allowed_name(&names, &["other".into()]), None);
         assert_eq!(allowed_name(&names, &[]).as_deref(), Some("control-plane"));
+    }
+
+    #[test]
+    fn allowed_names_match_without_regard_to_case() {
+        let names = vec!["Control-Plane".to_string(), "CP.Example".to_string()];
+        assert_eq!(
+            allowed_name(&names, &["cp.example".into()]).as_deref(),
+            Some("CP.Example")
+        );
+        assert_eq!(
+            allowed_name(&names, &["CONTROL-PLANE".into()]).as_deref(),
+            Some("Control-Plane")
+        );
+        assert_eq!(allowed_name(&names, &["cp.example.org".into()]), None);
     }
 
     #[test]
