@@ -593,6 +593,12 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         assert!(stderr.contains("role operator"), "{stderr}");
     }
 
+    // Something for every read to find: a finished job whose env carries a
+    // credential (admin reads it, operators get "<redacted>") and a setup run.
+    let env_secret = common::secret(&format!("OperatorMustNotSee{}", uuid_like()));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (job_id, run_id) = runtime.block_on(something_to_read(&agent, &env_secret));
+
     // The same user through the gRPC API: every read works, ReclaimSpace
     // only as a dry run, every other mutation is refused.
     let helper = runnable_by_all(&std::env::current_exe().expect("test binary"), tools.path());
@@ -609,6 +615,9 @@ fn unix_socket_roles_for_operators_and_outsiders() {
             "--nocapture",
         ])
         .env("IA_SECURITY_HELPER_SOCKET", &agent.socket)
+        .env("IA_SECURITY_HELPER_JOB", &job_id)
+        .env("IA_SECURITY_HELPER_SETUP_RUN", &run_id)
+        .env("IA_SECURITY_HELPER_DIR", tools.path())
         .output()
         .expect("helper");
     let helper_out = format!(
@@ -621,6 +630,10 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         "operator gRPC checks failed:\n{helper_out}"
     );
     assert!(helper_out.contains("1 passed"), "{helper_out}");
+    assert!(
+        !helper_out.contains(&env_secret),
+        "the operator read a job's env value"
+    );
 
     // Each refused mutation is audited with the uid and the result.
     let uid = id_of("-u", &users.operator);
@@ -675,6 +688,62 @@ fn unix_socket_roles_for_operators_and_outsiders() {
     assert!(stderr.contains("no job"), "{stderr}");
 }
 
+/// As admin (root): a job with `HF_TOKEN = env_secret` run to its end and a
+/// setup run; returns (job id, setup run id).
+async fn something_to_read(agent: &Agent, env_secret: &str) -> (String, String) {
+    let channel = agent.channel().await;
+    let mut jobs = JobServiceClient::new(channel.clone());
+    let mut job = spec(&["echo", "hello from the job"]);
+    job.env.insert("HF_TOKEN".into(), env_secret.to_owned());
+    let id = jobs
+        .submit_job(proto::SubmitJobRequest { spec: Some(job) })
+        .await
+        .expect("submit")
+        .into_inner()
+        .id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let job = jobs
+            .get_job(proto::GetJobRequest { id: id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
+        if common::is_final(job.state()) {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {job:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job.state(), proto::JobState::Succeeded, "{job:?}");
+    assert_eq!(
+        job.spec.expect("spec").env["HF_TOKEN"],
+        env_secret,
+        "admin reads env values"
+    );
+    let run = SetupServiceClient::new(channel)
+        .run_setup_script(proto::RunSetupScriptRequest {
+            source: Some(proto::run_setup_script_request::Source::Script(
+                "#!/bin/sh\necho setup ran\n".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .expect("setup run")
+        .into_inner();
+    (id, run.id)
+}
+
+/// Asserts an operator's view of the job of `something_to_read`: its env
+/// names, but no value.
+fn assert_env_redacted(job: &proto::Job, what: &str) {
+    let env = &job.spec.as_ref().expect("spec").env;
+    assert_eq!(
+        env.get("HF_TOKEN").map(String::as_str),
+        Some("<redacted>"),
+        "{what}: {env:?}"
+    );
+}
+
 /// Run by `unix_socket_roles_for_operators_and_outsiders` as the operator
 /// user (through setpriv); does nothing when run on its own.
 #[tokio::test]
@@ -692,35 +761,140 @@ async fn operator_calls_over_grpc() {
         assert!(status.message().contains(rpc), "{status:?}");
     };
 
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set"));
+    let (job_id, run_id, dir) = (
+        var("IA_SECURITY_HELPER_JOB"),
+        var("IA_SECURITY_HELPER_SETUP_RUN"),
+        var("IA_SECURITY_HELPER_DIR"),
+    );
+    let within = Duration::from_secs(20);
+
+    // Every read RPC of the contract.
     AgentServiceClient::new(channel.clone())
         .get_status(proto::GetStatusRequest {})
         .await
         .expect("GetStatus");
     let mut events = AgentServiceClient::new(channel.clone())
-        .watch_events(proto::WatchEventsRequest::default())
+        .watch_events(proto::WatchEventsRequest { since: Some(0) })
         .await
         .expect("WatchEvents")
         .into_inner();
-    drop(events.next());
+    let job_event = tokio::time::timeout(within, async {
+        while let Some(event) = events.next().await {
+            if let Some(proto::event::Kind::Job(e)) = event.expect("event").kind
+                && let Some(job) = e.job.filter(|j| j.id == job_id)
+            {
+                return job;
+            }
+        }
+        panic!("WatchEvents ended without the job's events");
+    })
+    .await
+    .expect("the job's event in the backlog");
+    assert_env_redacted(&job_event, "WatchEvents");
+
     let mut jobs = JobServiceClient::new(channel.clone());
-    jobs.list_jobs(proto::ListJobsRequest::default())
+    let listed = jobs
+        .list_jobs(proto::ListJobsRequest::default())
         .await
-        .expect("ListJobs");
+        .expect("ListJobs")
+        .into_inner();
+    let job = listed
+        .jobs
+        .iter()
+        .find(|j| j.id == job_id)
+        .expect("ListJobs shows the job");
+    assert_env_redacted(job, "ListJobs");
+    let job = jobs
+        .get_job(proto::GetJobRequest { id: job_id.clone() })
+        .await
+        .expect("GetJob")
+        .into_inner();
+    assert_env_redacted(&job, "GetJob");
+    let logs: Vec<_> = jobs
+        .stream_job_logs(proto::StreamJobLogsRequest {
+            id: job_id.clone(),
+            follow: false,
+        })
+        .await
+        .expect("StreamJobLogs")
+        .into_inner()
+        .collect()
+        .await;
+    let text: String = logs
+        .into_iter()
+        .map(|chunk| String::from_utf8_lossy(&chunk.expect("log chunk").data).into_owned())
+        .collect();
+    assert!(text.contains("hello from the job"), "{text}");
 
     let mut disk = DiskServiceClient::new(channel.clone());
-    let dry = disk
-        .reclaim_space(proto::ReclaimSpaceRequest {
-            dry_run: true,
+    disk.get_disk_usage(proto::GetDiskUsageRequest {})
+        .await
+        .expect("GetDiskUsage");
+    let mut alerts = disk
+        .watch_disk_alerts(proto::WatchDiskAlertsRequest {})
+        .await
+        .expect("WatchDiskAlerts")
+        .into_inner();
+    tokio::time::timeout(within, alerts.next())
+        .await
+        .expect("WatchDiskAlerts sends the current state first")
+        .expect("a first message")
+        .expect("an alert, not an error");
+    let top: Vec<_> = disk
+        .top_directories(proto::TopDirectoriesRequest {
+            path: dir,
+            limit: 5,
             ..Default::default()
         })
+        .await
+        .expect("TopDirectories")
+        .into_inner()
+        .collect()
         .await;
-    if let Err(status) = &dry {
-        assert_ne!(
-            status.code(),
-            Code::PermissionDenied,
-            "dry run refused: {status:?}"
-        );
+    for update in top {
+        update.expect("TopDirectories update");
     }
+
+    MountServiceClient::new(channel.clone())
+        .list_mounts(proto::ListMountsRequest {})
+        .await
+        .expect("ListMounts");
+
+    let mut setup = SetupServiceClient::new(channel.clone());
+    let runs = setup
+        .list_setup_runs(proto::ListSetupRunsRequest::default())
+        .await
+        .expect("ListSetupRuns")
+        .into_inner();
+    assert!(runs.runs.iter().any(|r| r.id == run_id), "{runs:?}");
+    let run = setup
+        .get_setup_run(proto::GetSetupRunRequest { id: run_id.clone() })
+        .await
+        .expect("GetSetupRun")
+        .into_inner();
+    assert_eq!(run.id, run_id);
+    let setup_logs: Vec<_> = setup
+        .stream_setup_logs(proto::StreamSetupLogsRequest {
+            id: run_id.clone(),
+            follow: false,
+        })
+        .await
+        .expect("StreamSetupLogs")
+        .into_inner()
+        .collect()
+        .await;
+    for chunk in setup_logs {
+        chunk.expect("setup log chunk");
+    }
+
+    // ReclaimSpace: a dry run works, a real one is refused.
+    disk.reclaim_space(proto::ReclaimSpaceRequest {
+        dry_run: true,
+        ..Default::default()
+    })
+    .await
+    .expect("a dry-run ReclaimSpace works for operators");
     let real = disk
         .reclaim_space(proto::ReclaimSpaceRequest {
             dry_run: false,
