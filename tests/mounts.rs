@@ -621,6 +621,8 @@ async fn no_secret_appears_in_any_log_reply_event_or_the_store() {
     // Mount and unmount through the CLI too, the key read from a file.
     let key_file = site.path().join("cli.key");
     std::fs::write(&key_file, KEY).unwrap();
+    // The CLI refuses a key file that group or others can read.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mount_path = site.mnt("cli").display().to_string();
     for args in [
         &[

@@ -1294,3 +1294,87 @@ fn the_log_sweep_names_file_and_secret_id_but_never_the_secret() {
     assert!(!text.contains("tests/y.rs"), "{text}");
     assert!(!text.contains(&secret), "the sweep printed the secret: {text}");
 }
+
+#[test]
+fn the_cli_refuses_a_key_file_others_can_read() {
+    let agent = Agent::builder().start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = common::secret(&format!("CliKey{}==", uuid_like()));
+    let mount = |auth_flag: &str, file: &str| {
+        common::cli(
+            &agent.socket,
+            &[
+                "mounts",
+                "mount",
+                "cli-secret",
+                "--account",
+                "acct",
+                "--container",
+                "c",
+                "--path",
+                "/nonexistent/cli-secret",
+                auth_flag,
+                file,
+            ],
+        )
+    };
+    for (flag, mode) in [
+        ("--account-key-file", 0o644),
+        ("--sas-token-file", 0o640),
+        ("--account-key-file", 0o604),
+    ] {
+        let file = write_file(dir.path(), "key", &key, mode);
+        let out = mount(flag, &file.display().to_string());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {mode:o} was accepted");
+        assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+        assert!(stderr.contains(&format!("mode {mode:04o}")), "{stderr}");
+        assert!(stderr.contains("chmod 600"), "{stderr}");
+        assert!(!stderr.contains(&key), "the CLI printed the key");
+    }
+    assert!(
+        !agent.log().contains("MountService/Mount"),
+        "a refused file never reaches the agent:\n{}",
+        agent.log()
+    );
+
+    // A 0600 file, and stdin, go through to the agent (which then refuses
+    // the path; what matters here is that the secret was sent).
+    let file = write_file(dir.path(), "key", &key, 0o600);
+    let out = mount("--account-key-file", &file.display().to_string());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
+        "{out:?}"
+    );
+    let mut child = Command::new(binary())
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args([
+            "mounts",
+            "mount",
+            "cli-secret",
+            "--account",
+            "acct",
+            "--container",
+            "c",
+            "--path",
+            "/nonexistent/cli-secret",
+            "--sas-token-file",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cli");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{key}").expect("write the token");
+    }
+    child.wait_with_output().expect("cli ends");
+    let log = wait_log(&agent, "both mounts audited", |log| {
+        log.contains("auth=key") && log.contains("auth=sas")
+    });
+    assert_no_secrets(&log, &[&key]);
+}
