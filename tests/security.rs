@@ -1274,14 +1274,26 @@ fn the_log_sweep_names_file_and_secret_id_but_never_the_secret() {
     std::fs::create_dir_all(&agent_dir).expect("mkdir");
     std::fs::write(dir.path().join("mounts-1-0/agent.log"), "clean\n").expect("log");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check-test-logs.sh");
-    let run = || Command::new(&script).arg(dir.path()).output().expect("run sweep");
+    let run = || {
+        Command::new(&script)
+            .arg(dir.path())
+            .output()
+            .expect("run sweep")
+    };
 
     let out = run();
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("none of 2 test secrets in 1 captured files"), "{stdout}");
+    assert!(
+        stdout.contains("none of 2 test secrets in 1 captured files"),
+        "{stdout}"
+    );
 
-    std::fs::write(agent_dir.join("data.out"), format!("auth failed: {secret}\n")).expect("leak");
+    std::fs::write(
+        agent_dir.join("data.out"),
+        format!("auth failed: {secret}\n"),
+    )
+    .expect("leak");
     let out = run();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let text = format!(
@@ -1292,7 +1304,10 @@ fn the_log_sweep_names_file_and_secret_id_but_never_the_secret() {
     assert!(text.contains("mounts-1-0/logs/mounts/data.out"), "{text}");
     assert!(text.contains("tests/x.rs:1:1 (x pid 1)"), "{text}");
     assert!(!text.contains("tests/y.rs"), "{text}");
-    assert!(!text.contains(&secret), "the sweep printed the secret: {text}");
+    assert!(
+        !text.contains(&secret),
+        "the sweep printed the secret: {text}"
+    );
 }
 
 #[test]

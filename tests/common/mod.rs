@@ -350,7 +350,11 @@ impl Drop for Agent {
         remove_containers(&self.instance_id);
         // Before the temp dir goes: keep what the agent wrote, for the
         // suite-wide secret sweep (scripts/check-test-logs.sh).
-        keep_logs(&self.log_path, &self.dir.path().join("logs"), &self.captured);
+        keep_logs(
+            &self.log_path,
+            &self.dir.path().join("logs"),
+            &self.captured,
+        );
     }
 }
 
@@ -481,7 +485,10 @@ fn register(value: &str, at: &std::panic::Location<'_>) {
         .open(root.join("secrets.list"))
         .and_then(|mut file| file.write_all(line.as_bytes()));
     if let Err(error) = written {
-        panic!("{at}: cannot register a test secret in {}: {error}", root.display());
+        panic!(
+            "{at}: cannot register a test secret in {}: {error}",
+            root.display()
+        );
     }
 }
 
