@@ -2,7 +2,9 @@
 # Full test entry point: prepare the host (packages, Docker engine, test image,
 # FUSE, Rust components), then run rustfmt check, clippy (warnings are errors)
 # and the test suite, then a Python client generated from proto/ alone, then
-# the fault-injection suite in its short mode (scripts/chaos.sh).
+# the fault-injection suite in its short mode (scripts/chaos.sh), and last
+# the sweep of every captured agent log for the secrets the tests used
+# (scripts/check-test-logs.sh).
 # Extra arguments are passed through to `cargo test`.
 set -euo pipefail
 
@@ -10,6 +12,13 @@ repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo_root"
 
 scripts/prepare-host.sh
+
+# Every agent the tests start keeps its log and logs dir here, and every
+# test secret is listed here (tests/common); emptied so the sweep at the end
+# sees this run only.
+export INSTANCE_AGENT_TEST_LOGS="$repo_root/target/test-logs"
+rm -rf "$INSTANCE_AGENT_TEST_LOGS"
+mkdir -p "$INSTANCE_AGENT_TEST_LOGS"
 
 if [[ -d $HOME/.cargo/bin && ":$PATH:" != *":$HOME/.cargo/bin:"* ]]; then
   PATH="$HOME/.cargo/bin:$PATH"
@@ -33,3 +42,6 @@ scripts/python-client-check.sh
 
 echo "[test] scripts/chaos.sh short (fault injection; stops and freezes the Docker engine)"
 scripts/chaos.sh short
+
+echo "[test] scripts/check-test-logs.sh (no test secret in any captured agent log)"
+scripts/check-test-logs.sh "$INSTANCE_AGENT_TEST_LOGS"

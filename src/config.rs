@@ -134,7 +134,7 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlPlaneConfig {
-    /// `host:port` to listen on; off when empty.
+    /// `ip:port` to listen on (host names are not resolved); off when empty.
     pub listen: String,
     /// The listener's certificate chain (PEM).
     pub tls_cert: PathBuf,
@@ -142,8 +142,8 @@ pub struct ControlPlaneConfig {
     pub tls_key: PathBuf,
     /// CA certificates (PEM) that client certificates must chain to.
     pub client_ca: PathBuf,
-    /// Client certificate names (subject CN or DNS SAN) allowed; any name
-    /// signed by `client_ca` when empty.
+    /// Client certificate names (subject CN or DNS SAN, ASCII case
+    /// ignored) allowed; any name signed by `client_ca` when empty.
     pub allowed_client_names: Vec<String>,
     /// Local uids that are admin on the Unix socket (root always is).
     pub uids: Vec<u32>,
@@ -760,7 +760,8 @@ impl Config {
             invalid(
                 "listen",
                 format!(
-                    "{:?} is not an address of the form host:port (e.g. 0.0.0.0:7443)",
+                    "{:?} is not an IP address and port, e.g. 127.0.0.1:7443 or 0.0.0.0:7443 \
+                     (host names are not resolved)",
                     cp.listen
                 ),
             )
@@ -1561,6 +1562,16 @@ mod tests {
         let mixed = "[control_plane]\nlisten = \"127.0.0.1:7443\"\ninsecure_plaintext = true\ntls_key = \"/k\"\n";
         let msg = Config::parse(mixed, p()).unwrap_err().to_string();
         assert!(msg.contains("control_plane.tls_key"), "{msg}");
+    }
+
+    #[test]
+    fn control_plane_listen_is_an_ip_address_not_a_host_name() {
+        let text = "[control_plane]\nlisten = \"localhost:7443\"\ninsecure_plaintext = true\n";
+        let msg = Config::parse(text, p()).unwrap_err().to_string();
+        assert!(msg.contains("control_plane.listen"), "{msg}");
+        assert!(msg.contains("an IP address and port"), "{msg}");
+        assert!(msg.contains("127.0.0.1:7443"), "{msg}");
+        assert!(msg.contains("host names are not resolved"), "{msg}");
     }
 
     #[test]

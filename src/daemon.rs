@@ -149,7 +149,7 @@ impl Daemon {
         let tls = control_plane_tls(&config).await?;
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
-        let unix = bind_unix(&config.agent.socket, &config.operator.group)?;
+        let unix = bind_unix(&config.agent.socket, &config.operator.group).await?;
         let tcp = match config.control_plane_addr() {
             Some(addr) => {
                 Some(
@@ -657,10 +657,35 @@ async fn control_plane_tls(
         .map_err(DaemonError::Tls)
 }
 
+/// Longest the socket's set-up (a connect probe, a chmod, an NSS group
+/// lookup that may ask LDAP) may take before the start fails.
+const BIND_UNIX_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds the Unix socket off the runtime threads (see [`bind_unix_blocking`]).
+async fn bind_unix(path: &Path, operator_group: &str) -> Result<UnixListener, DaemonError> {
+    let address = path.display().to_string();
+    let (path, group) = (path.to_owned(), operator_group.to_owned());
+    let task = tokio::task::spawn_blocking(move || bind_unix_blocking(&path, &group));
+    let listener = tokio::time::timeout(BIND_UNIX_TIMEOUT, task)
+        .await
+        .map_err(|_| {
+            DaemonError::Server(format!(
+                "binding the Unix socket took over {} s (is the group lookup hanging?)",
+                BIND_UNIX_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| DaemonError::Server(format!("Unix socket set-up task failed: {e}")))??;
+    UnixListener::from_std(listener).map_err(|source| DaemonError::Bind { address, source })
+}
+
 /// Binds the Unix socket, owned by root and the operator group with mode
 /// 0660 (root-only when the group does not exist). A socket file left by a
 /// crashed agent is replaced; one that still answers belongs to a running agent.
-fn bind_unix(path: &Path, operator_group: &str) -> Result<UnixListener, DaemonError> {
+/// Blocking: a connect probe, chmod, chown and an NSS lookup.
+fn bind_unix_blocking(
+    path: &Path,
+    operator_group: &str,
+) -> Result<std::os::unix::net::UnixListener, DaemonError> {
     let bind_err = |source| DaemonError::Bind {
         address: path.display().to_string(),
         source,
@@ -674,7 +699,9 @@ fn bind_unix(path: &Path, operator_group: &str) -> Result<UnixListener, DaemonEr
         }
         std::fs::remove_file(path).map_err(bind_err)?;
     }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
+    // Tokio takes it over on the runtime.
+    listener.set_nonblocking(true).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
     match nix::unistd::Group::from_name(operator_group) {
         Ok(Some(group)) => {

@@ -41,6 +41,14 @@ fn mountinfo_at(path: &Path) -> Option<(String, String)> {
 }
 
 fn request(site: &Site, name: &str, auth: Auth) -> proto::MountRequest {
+    // For the suite-wide sweep of captured logs (scripts/check-test-logs.sh).
+    common::register_secrets(&[
+        KEY,
+        SAS,
+        WRONG_SAS,
+        "U0lHTkFUVVJFbmV2ZXJsb2dnZWQ",
+        "V1JPTkdzaWduYXR1cmVuZXZlcmxvZ2dlZA",
+    ]);
     proto::MountRequest {
         name: name.into(),
         account: "myacct".into(),
@@ -736,6 +744,8 @@ async fn no_secret_appears_in_any_log_reply_event_or_the_store() {
     // Mount and unmount through the CLI too, the key read from a file.
     let key_file = site.path().join("cli.key");
     std::fs::write(&key_file, KEY).unwrap();
+    // The CLI refuses a key file that group or others can read.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mount_path = site.mnt("cli").display().to_string();
     for args in [
         &[

@@ -129,11 +129,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The base64 body lines of a PEM key: what a leak would show.
+/// The base64 body lines of a PEM key: what a leak would show. Registered
+/// as test secrets for the suite-wide sweep of captured logs.
+#[track_caller]
 fn key_lines(pem: &str) -> Vec<&str> {
-    pem.lines()
+    let lines: Vec<&str> = pem
+        .lines()
         .filter(|l| !l.starts_with("-----") && l.len() > 20)
-        .collect()
+        .collect();
+    common::register_secrets(&lines);
+    lines
 }
 
 /// Calls GetStatus over TLS; `Err` carries the failure.
@@ -247,6 +252,9 @@ async fn control_plane_needs_a_verified_allowed_client_certificate() {
     let foreign = other_ca.leaf("control-plane", &["cp.example"], true, false);
     let expired = client_ca.leaf("control-plane", &["cp.example"], true, true);
     let intruder = client_ca.leaf("intruder", &["intruder.example"], true, false);
+    for (_, key) in [&server, &good, &by_san, &foreign, &expired, &intruder] {
+        key_lines(key);
+    }
 
     let cert_path = write_file(pki.path(), "server.pem", &server.0, 0o644);
     let key_path = write_file(pki.path(), "server.key", &server.1, 0o600);
@@ -274,14 +282,22 @@ async fn control_plane_needs_a_verified_allowed_client_certificate() {
         .await
         .expect("a DNS SAN in allowed_client_names works");
 
-    for (case, identity) in [
-        ("no client certificate", None),
-        ("another CA", Some(&foreign)),
-        ("expired", Some(&expired)),
-        ("name not allowed", Some(&intruder)),
+    // Each refusal fails the handshake with the TLS alert that says why; in
+    // TLS 1.3 the client has finished its half by then, so the alert is
+    // what its first call reads.
+    for (case, identity, alert) in [
+        ("no client certificate", None, "CertificateRequired"),
+        ("another CA", Some(&foreign), "UnknownCA"),
+        ("expired", Some(&expired), "CertificateExpired"),
+        ("name not allowed", Some(&intruder), "AccessDenied"),
     ] {
-        let result = tls_status(port, &server_ca_pem, identity).await;
-        assert!(result.is_err(), "{case}: the call went through: {result:?}");
+        let error = tls_status(port, &server_ca_pem, identity)
+            .await
+            .expect_err(case);
+        assert!(
+            error.contains(&format!("received fatal alert: {alert}")),
+            "{case}: expected the alert {alert}, got {error}"
+        );
     }
     // Four refusals, plus the probe of wait_listening.
     wait_log(&agent, "the refusals", |log| {
@@ -348,6 +364,7 @@ fn plaintext_only_on_loopback_and_key_must_be_private() {
     let pki = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("ca");
     let server = ca.leaf("agent", &["localhost"], false, false);
+    key_lines(&server.1);
     let cert_path = write_file(pki.path(), "server.pem", &server.0, 0o644);
     let key_path = write_file(pki.path(), "server.key", &server.1, 0o640);
     let ca_path = write_file(pki.path(), "ca.pem", &ca.pem(), 0o644);
@@ -576,6 +593,12 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         assert!(stderr.contains("role operator"), "{stderr}");
     }
 
+    // Something for every read to find: a finished job whose env carries a
+    // credential (admin reads it, operators get "<redacted>") and a setup run.
+    let env_secret = common::secret(&format!("OperatorMustNotSee{}", uuid_like()));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (job_id, run_id) = runtime.block_on(something_to_read(&agent, &env_secret));
+
     // The same user through the gRPC API: every read works, ReclaimSpace
     // only as a dry run, every other mutation is refused.
     let helper = runnable_by_all(&std::env::current_exe().expect("test binary"), tools.path());
@@ -592,6 +615,9 @@ fn unix_socket_roles_for_operators_and_outsiders() {
             "--nocapture",
         ])
         .env("IA_SECURITY_HELPER_SOCKET", &agent.socket)
+        .env("IA_SECURITY_HELPER_JOB", &job_id)
+        .env("IA_SECURITY_HELPER_SETUP_RUN", &run_id)
+        .env("IA_SECURITY_HELPER_DIR", tools.path())
         .output()
         .expect("helper");
     let helper_out = format!(
@@ -604,6 +630,10 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         "operator gRPC checks failed:\n{helper_out}"
     );
     assert!(helper_out.contains("1 passed"), "{helper_out}");
+    assert!(
+        !helper_out.contains(&env_secret),
+        "the operator read a job's env value"
+    );
 
     // Each refused mutation is audited with the uid and the result.
     let uid = id_of("-u", &users.operator);
@@ -658,6 +688,62 @@ fn unix_socket_roles_for_operators_and_outsiders() {
     assert!(stderr.contains("no job"), "{stderr}");
 }
 
+/// As admin (root): a job with `HF_TOKEN = env_secret` run to its end and a
+/// setup run; returns (job id, setup run id).
+async fn something_to_read(agent: &Agent, env_secret: &str) -> (String, String) {
+    let channel = agent.channel().await;
+    let mut jobs = JobServiceClient::new(channel.clone());
+    let mut job = spec(&["echo", "hello from the job"]);
+    job.env.insert("HF_TOKEN".into(), env_secret.to_owned());
+    let id = jobs
+        .submit_job(proto::SubmitJobRequest { spec: Some(job) })
+        .await
+        .expect("submit")
+        .into_inner()
+        .id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let job = jobs
+            .get_job(proto::GetJobRequest { id: id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
+        if common::is_final(job.state()) {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {job:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job.state(), proto::JobState::Succeeded, "{job:?}");
+    assert_eq!(
+        job.spec.expect("spec").env["HF_TOKEN"],
+        env_secret,
+        "admin reads env values"
+    );
+    let run = SetupServiceClient::new(channel)
+        .run_setup_script(proto::RunSetupScriptRequest {
+            source: Some(proto::run_setup_script_request::Source::Script(
+                "#!/bin/sh\necho setup ran\n".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .expect("setup run")
+        .into_inner();
+    (id, run.id)
+}
+
+/// Asserts an operator's view of the job of `something_to_read`: its env
+/// names, but no value.
+fn assert_env_redacted(job: &proto::Job, what: &str) {
+    let env = &job.spec.as_ref().expect("spec").env;
+    assert_eq!(
+        env.get("HF_TOKEN").map(String::as_str),
+        Some("<redacted>"),
+        "{what}: {env:?}"
+    );
+}
+
 /// Run by `unix_socket_roles_for_operators_and_outsiders` as the operator
 /// user (through setpriv); does nothing when run on its own.
 #[tokio::test]
@@ -675,35 +761,140 @@ async fn operator_calls_over_grpc() {
         assert!(status.message().contains(rpc), "{status:?}");
     };
 
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set"));
+    let (job_id, run_id, dir) = (
+        var("IA_SECURITY_HELPER_JOB"),
+        var("IA_SECURITY_HELPER_SETUP_RUN"),
+        var("IA_SECURITY_HELPER_DIR"),
+    );
+    let within = Duration::from_secs(20);
+
+    // Every read RPC of the contract.
     AgentServiceClient::new(channel.clone())
         .get_status(proto::GetStatusRequest {})
         .await
         .expect("GetStatus");
     let mut events = AgentServiceClient::new(channel.clone())
-        .watch_events(proto::WatchEventsRequest::default())
+        .watch_events(proto::WatchEventsRequest { since: Some(0) })
         .await
         .expect("WatchEvents")
         .into_inner();
-    drop(events.next());
+    let job_event = tokio::time::timeout(within, async {
+        while let Some(event) = events.next().await {
+            if let Some(proto::event::Kind::Job(e)) = event.expect("event").kind
+                && let Some(job) = e.job.filter(|j| j.id == job_id)
+            {
+                return job;
+            }
+        }
+        panic!("WatchEvents ended without the job's events");
+    })
+    .await
+    .expect("the job's event in the backlog");
+    assert_env_redacted(&job_event, "WatchEvents");
+
     let mut jobs = JobServiceClient::new(channel.clone());
-    jobs.list_jobs(proto::ListJobsRequest::default())
+    let listed = jobs
+        .list_jobs(proto::ListJobsRequest::default())
         .await
-        .expect("ListJobs");
+        .expect("ListJobs")
+        .into_inner();
+    let job = listed
+        .jobs
+        .iter()
+        .find(|j| j.id == job_id)
+        .expect("ListJobs shows the job");
+    assert_env_redacted(job, "ListJobs");
+    let job = jobs
+        .get_job(proto::GetJobRequest { id: job_id.clone() })
+        .await
+        .expect("GetJob")
+        .into_inner();
+    assert_env_redacted(&job, "GetJob");
+    let logs: Vec<_> = jobs
+        .stream_job_logs(proto::StreamJobLogsRequest {
+            id: job_id.clone(),
+            follow: false,
+        })
+        .await
+        .expect("StreamJobLogs")
+        .into_inner()
+        .collect()
+        .await;
+    let text: String = logs
+        .into_iter()
+        .map(|chunk| String::from_utf8_lossy(&chunk.expect("log chunk").data).into_owned())
+        .collect();
+    assert!(text.contains("hello from the job"), "{text}");
 
     let mut disk = DiskServiceClient::new(channel.clone());
-    let dry = disk
-        .reclaim_space(proto::ReclaimSpaceRequest {
-            dry_run: true,
+    disk.get_disk_usage(proto::GetDiskUsageRequest {})
+        .await
+        .expect("GetDiskUsage");
+    let mut alerts = disk
+        .watch_disk_alerts(proto::WatchDiskAlertsRequest {})
+        .await
+        .expect("WatchDiskAlerts")
+        .into_inner();
+    tokio::time::timeout(within, alerts.next())
+        .await
+        .expect("WatchDiskAlerts sends the current state first")
+        .expect("a first message")
+        .expect("an alert, not an error");
+    let top: Vec<_> = disk
+        .top_directories(proto::TopDirectoriesRequest {
+            path: dir,
+            limit: 5,
             ..Default::default()
         })
+        .await
+        .expect("TopDirectories")
+        .into_inner()
+        .collect()
         .await;
-    if let Err(status) = &dry {
-        assert_ne!(
-            status.code(),
-            Code::PermissionDenied,
-            "dry run refused: {status:?}"
-        );
+    for update in top {
+        update.expect("TopDirectories update");
     }
+
+    MountServiceClient::new(channel.clone())
+        .list_mounts(proto::ListMountsRequest {})
+        .await
+        .expect("ListMounts");
+
+    let mut setup = SetupServiceClient::new(channel.clone());
+    let runs = setup
+        .list_setup_runs(proto::ListSetupRunsRequest::default())
+        .await
+        .expect("ListSetupRuns")
+        .into_inner();
+    assert!(runs.runs.iter().any(|r| r.id == run_id), "{runs:?}");
+    let run = setup
+        .get_setup_run(proto::GetSetupRunRequest { id: run_id.clone() })
+        .await
+        .expect("GetSetupRun")
+        .into_inner();
+    assert_eq!(run.id, run_id);
+    let setup_logs: Vec<_> = setup
+        .stream_setup_logs(proto::StreamSetupLogsRequest {
+            id: run_id.clone(),
+            follow: false,
+        })
+        .await
+        .expect("StreamSetupLogs")
+        .into_inner()
+        .collect()
+        .await;
+    for chunk in setup_logs {
+        chunk.expect("setup log chunk");
+    }
+
+    // ReclaimSpace: a dry run works, a real one is refused.
+    disk.reclaim_space(proto::ReclaimSpaceRequest {
+        dry_run: true,
+        ..Default::default()
+    })
+    .await
+    .expect("a dry-run ReclaimSpace works for operators");
     let real = disk
         .reclaim_space(proto::ReclaimSpaceRequest {
             dry_run: false,
@@ -980,11 +1171,11 @@ async fn request_rate_per_peer_is_limited() {
 
 #[tokio::test]
 async fn secrets_in_requests_never_reach_the_log() {
-    let account_key = format!("AcctKey{}==", uuid_like());
-    let sas = format!("sv=2024&sig=Sas{}", uuid_like());
-    let env_secret = format!("EnvSecret{}", uuid_like());
-    let script_secret = format!("ScriptSecret{}", uuid_like());
-    let arg_secret = format!("ArgSecret{}", uuid_like());
+    let account_key = common::secret(&format!("AcctKey{}==", uuid_like()));
+    let sas = common::secret(&format!("sv=2024&sig=Sas{}", uuid_like()));
+    let env_secret = common::secret(&format!("EnvSecret{}", uuid_like()));
+    let script_secret = common::secret(&format!("ScriptSecret{}", uuid_like()));
+    let arg_secret = common::secret(&format!("ArgSecret{}", uuid_like()));
     let agent = Agent::builder().start();
     let channel = agent.channel().await;
 
@@ -1040,4 +1231,165 @@ async fn secrets_in_requests_never_reach_the_log() {
         &agent.log(),
         &[&account_key, &sas, &env_secret, &script_secret, &arg_secret],
     );
+}
+
+// --- the suite-wide sweep of captured logs --------------------------------
+
+#[test]
+fn an_agent_keeps_its_log_and_logs_dir_after_the_test() {
+    let agent = Agent::builder().start();
+    let marker = common::secret(&format!("NotASecretMarker{}", uuid_like()));
+    let logs = agent.path().join("logs/setup");
+    std::fs::create_dir_all(&logs).expect("mkdir");
+    std::fs::write(logs.join("probe.log"), "probe\n").expect("write");
+    let kept = agent.captured.clone();
+    let temp = agent.path().to_owned();
+    drop(agent);
+    assert!(!temp.exists(), "the temp dir is removed");
+    let log = std::fs::read_to_string(kept.join("agent.log")).expect("kept agent log");
+    assert!(log.contains("INFO"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(kept.join("logs/setup/probe.log")).expect("kept logs dir"),
+        "probe\n"
+    );
+    let list = std::fs::read_to_string(common::test_logs_root().join("secrets.list"))
+        .expect("secrets.list");
+    let line = list
+        .lines()
+        .find(|l| l.ends_with(&format!("\t{marker}")))
+        .expect("the registered secret is listed");
+    assert!(line.starts_with("tests/security.rs:"), "{line}");
+}
+
+#[test]
+fn the_log_sweep_names_file_and_secret_id_but_never_the_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = format!("SweepSecret{}", uuid_like());
+    std::fs::write(
+        dir.path().join("secrets.list"),
+        format!("tests/x.rs:1:1 (x pid 1)\t{secret}\ntests/y.rs:2:2 (y pid 2)\tOtherSecret123\n"),
+    )
+    .expect("list");
+    let agent_dir = dir.path().join("mounts-1-0/logs/mounts");
+    std::fs::create_dir_all(&agent_dir).expect("mkdir");
+    std::fs::write(dir.path().join("mounts-1-0/agent.log"), "clean\n").expect("log");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check-test-logs.sh");
+    let run = || {
+        Command::new(&script)
+            .arg(dir.path())
+            .output()
+            .expect("run sweep")
+    };
+
+    let out = run();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("none of 2 test secrets in 1 captured files"),
+        "{stdout}"
+    );
+
+    std::fs::write(
+        agent_dir.join("data.out"),
+        format!("auth failed: {secret}\n"),
+    )
+    .expect("leak");
+    let out = run();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("mounts-1-0/logs/mounts/data.out"), "{text}");
+    assert!(text.contains("tests/x.rs:1:1 (x pid 1)"), "{text}");
+    assert!(!text.contains("tests/y.rs"), "{text}");
+    assert!(
+        !text.contains(&secret),
+        "the sweep printed the secret: {text}"
+    );
+}
+
+#[test]
+fn the_cli_refuses_a_key_file_others_can_read() {
+    let agent = Agent::builder().start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = common::secret(&format!("CliKey{}==", uuid_like()));
+    let mount = |auth_flag: &str, file: &str| {
+        common::cli(
+            &agent.socket,
+            &[
+                "mounts",
+                "mount",
+                "cli-secret",
+                "--account",
+                "acct",
+                "--container",
+                "c",
+                "--path",
+                "/nonexistent/cli-secret",
+                auth_flag,
+                file,
+            ],
+        )
+    };
+    for (flag, mode) in [
+        ("--account-key-file", 0o644),
+        ("--sas-token-file", 0o640),
+        ("--account-key-file", 0o604),
+    ] {
+        let file = write_file(dir.path(), "key", &key, mode);
+        let out = mount(flag, &file.display().to_string());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {mode:o} was accepted");
+        assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+        assert!(stderr.contains(&format!("mode {mode:04o}")), "{stderr}");
+        assert!(stderr.contains("chmod 600"), "{stderr}");
+        assert!(!stderr.contains(&key), "the CLI printed the key");
+    }
+    assert!(
+        !agent.log().contains("MountService/Mount"),
+        "a refused file never reaches the agent:\n{}",
+        agent.log()
+    );
+
+    // A 0600 file, and stdin, go through to the agent (which then refuses
+    // the path; what matters here is that the secret was sent).
+    let file = write_file(dir.path(), "key", &key, 0o600);
+    let out = mount("--account-key-file", &file.display().to_string());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
+        "{out:?}"
+    );
+    let mut child = Command::new(binary())
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args([
+            "mounts",
+            "mount",
+            "cli-secret",
+            "--account",
+            "acct",
+            "--container",
+            "c",
+            "--path",
+            "/nonexistent/cli-secret",
+            "--sas-token-file",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cli");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{key}").expect("write the token");
+    }
+    child.wait_with_output().expect("cli ends");
+    let log = wait_log(&agent, "both mounts audited", |log| {
+        log.contains("auth=key") && log.contains("auth=sas")
+    });
+    assert_no_secrets(&log, &[&key]);
 }

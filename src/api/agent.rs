@@ -62,6 +62,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<proto::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let sees_env = super::jobs::sees_env_values(&request);
         let since = request.into_inner().since;
         let mut subscription = self.events.subscribe(since);
         let shutdown = self.shutdown.clone();
@@ -73,14 +74,14 @@ impl AgentService for AgentApi {
                         // Deliver what was published up to the stop (such as
                         // the "stopping" event), then end the stream.
                         while let Some(delivery) = subscription.try_next() {
-                            yield Ok(delivery_to_proto(delivery, &run_id));
+                            yield Ok(for_caller(delivery_to_proto(delivery, &run_id), sees_env));
                         }
                         break;
                     }
                     delivery = subscription.next() => delivery,
                 };
                 let Some(delivery) = delivery else { break };
-                yield Ok(delivery_to_proto(delivery, &run_id));
+                yield Ok(for_caller(delivery_to_proto(delivery, &run_id), sees_env));
             }
         };
         Ok(Response::new(Box::pin(stream)))
@@ -167,6 +168,18 @@ fn delivery_to_proto(delivery: Delivery, run_id: &str) -> proto::Event {
             agent_run_id: run_id.to_owned(),
         },
     }
+}
+
+/// A job event's env values redacted for a caller that may not read them
+/// (see [`super::jobs::sees_env_values`]).
+fn for_caller(mut event: proto::Event, sees_env_values: bool) -> proto::Event {
+    if let Some(proto::event::Kind::Job(job_event)) = event.kind.as_mut() {
+        job_event.job = job_event
+            .job
+            .take()
+            .map(|job| super::jobs::job_for_caller(job, sees_env_values));
+    }
+    event
 }
 
 fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {

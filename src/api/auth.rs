@@ -7,7 +7,10 @@
 //! - **operator** (members of `operator.group`) may call every read RPC,
 //!   `ReclaimSpace` only with `dry_run = true`, and `CancelJob` when
 //!   `operator.allow_cancel_job` is set;
-//! - methods outside the contract (health, reflection) are reads.
+//! - the standard health and reflection services are reads;
+//! - any other method path (not served here) is admin-only: an unknown
+//!   path fails closed, so a route added without a row in [`METHODS`] is
+//!   never open to operators by accident.
 //!
 //! A unit test walks the compiled descriptor set, so an RPC added to
 //! `proto/` without a row here fails the build's tests.
@@ -127,8 +130,18 @@ pub const METHODS: &[Method] = &[
     read("/instance_agent.v1.MountService/ListMounts"),
 ];
 
+/// The methods served besides those of the contract: the standard health
+/// and reflection services, reads for every role.
+pub const INFRASTRUCTURE_METHODS: [&str; 5] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.health.v1.Health/List",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
 /// The row of a method of the contract; `None` for anything else (health,
-/// reflection, unknown paths), which is treated as a read.
+/// reflection, unknown paths).
 pub fn lookup(path: &str) -> Option<&'static Method> {
     METHODS.iter().find(|m| m.path == path)
 }
@@ -149,7 +162,15 @@ pub enum Decision {
 /// Decides whether `role` may call `path`.
 pub fn authorize(role: Role, path: &str, allow_cancel_job: bool) -> Decision {
     let Some(method) = lookup(path) else {
-        return Decision::Allow;
+        return match role {
+            Role::Admin => Decision::Allow,
+            Role::Operator if INFRASTRUCTURE_METHODS.contains(&path) => Decision::Allow,
+            Role::Operator => Decision::Deny(denied(
+                role,
+                path,
+                "it is not a method of this agent (unknown methods need admin)",
+            )),
+        };
     };
     match (role, method.access) {
         (Role::Admin, _) | (Role::Operator, Access::Read) => Decision::Allow,
@@ -293,14 +314,36 @@ mod tests {
 
     #[test]
     fn health_and_reflection_are_reads() {
-        for path in [
-            "/grpc.health.v1.Health/Check",
-            "/grpc.health.v1.Health/Watch",
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        ] {
+        for path in INFRASTRUCTURE_METHODS {
             assert!(lookup(path).is_none());
             assert!(matches!(
                 authorize(Role::Operator, path, false),
+                Decision::Allow
+            ));
+        }
+    }
+
+    #[test]
+    fn unknown_methods_fail_closed_for_operators() {
+        for path in [
+            "/instance_agent.v1.JobService/DeleteEverything",
+            "/instance_agent.v2.JobService/SubmitJob",
+            "/grpc.health.v1.Health/Set",
+            "/other.Service/Method",
+            "",
+            "/",
+        ] {
+            match authorize(Role::Operator, path, true) {
+                Decision::Deny(status) => {
+                    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+                    assert!(status.message().contains("role operator"), "{status:?}");
+                    assert!(status.message().contains("unknown methods need admin"));
+                }
+                other => panic!("{path:?}: {other:?}"),
+            }
+            // Admin gets through to the router, which answers UNIMPLEMENTED.
+            assert!(matches!(
+                authorize(Role::Admin, path, false),
                 Decision::Allow
             ));
         }

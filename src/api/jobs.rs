@@ -5,6 +5,8 @@ use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::auth::Role;
+use super::peer::Peer;
 use super::proto::{self, job_service_server::JobService};
 use super::timestamp;
 use crate::jobs::logs::{LogRecord, LogSource};
@@ -41,6 +43,28 @@ pub fn status_of(error: JobError) -> Status {
     }
 }
 
+/// Whether the caller of `request` may read job env values: admin only.
+/// Env values often carry credentials (tokens, keys) that an operator, who
+/// otherwise reads everything, is not trusted with. A request without a peer
+/// (none passes the guard) sees none.
+pub fn sees_env_values<T>(request: &Request<T>) -> bool {
+    request
+        .extensions()
+        .get::<Peer>()
+        .is_some_and(|peer| peer.role == Role::Admin)
+}
+
+/// `job` as a caller sees it: env values replaced by `<redacted>` unless it
+/// [`sees_env_values`] (the names stay: they say what the job was given).
+pub fn job_for_caller(mut job: proto::Job, sees_env_values: bool) -> proto::Job {
+    if !sees_env_values && let Some(spec) = job.spec.as_mut() {
+        for value in spec.env.values_mut() {
+            *value = crate::secret::REDACTED.to_owned();
+        }
+    }
+    job
+}
+
 type LogStream = Pin<Box<dyn Stream<Item = Result<proto::LogChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -66,14 +90,16 @@ impl JobService for JobApi {
         &self,
         request: Request<proto::GetJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
+        let sees_env = sees_env_values(&request);
         let view = self.jobs.get(&request.into_inner().id).map_err(status_of)?;
-        Ok(Response::new(job_to_proto(&view)))
+        Ok(Response::new(job_for_caller(job_to_proto(&view), sees_env)))
     }
 
     async fn list_jobs(
         &self,
         request: Request<proto::ListJobsRequest>,
     ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        let sees_env = sees_env_values(&request);
         let request = request.into_inner();
         let states = request
             .states
@@ -85,7 +111,12 @@ impl JobService for JobApi {
             labels: request.labels.into_iter().collect(),
             limit: request.limit as usize,
         };
-        let jobs = self.jobs.list(&filter).iter().map(job_to_proto).collect();
+        let jobs = self
+            .jobs
+            .list(&filter)
+            .iter()
+            .map(|view| job_for_caller(job_to_proto(view), sees_env))
+            .collect();
         Ok(Response::new(proto::ListJobsResponse { jobs }))
     }
 
@@ -93,15 +124,18 @@ impl JobService for JobApi {
         &self,
         request: Request<proto::CancelJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
+        // An operator may cancel when operator.allow_cancel_job is set.
+        let sees_env = sees_env_values(&request);
         let record = self
             .jobs
             .cancel(&request.into_inner().id)
             .await
             .map_err(status_of)?;
-        Ok(Response::new(job_to_proto(&JobView {
+        let job = job_to_proto(&JobView {
             record,
             queue_position: None,
-        })))
+        });
+        Ok(Response::new(job_for_caller(job, sees_env)))
     }
 
     type StreamJobLogsStream = LogStream;
@@ -271,5 +305,52 @@ pub fn job_to_proto(view: &JobView) -> proto::Job {
         container_id: r.container_id.clone(),
         gpu_indices: r.gpu_indices.clone(),
         queue_position: view.queue_position.unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::peer::Who;
+
+    fn job_with_env() -> proto::Job {
+        proto::Job {
+            spec: Some(proto::JobSpec {
+                env: [("HF_TOKEN".to_owned(), "hf_secret".to_owned())].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn request_from(role: Option<Role>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(role) = role {
+            request.extensions_mut().insert(Peer {
+                role,
+                who: Who::Local {
+                    uid: 1000,
+                    user: None,
+                    pid: None,
+                },
+            });
+        }
+        request
+    }
+
+    #[test]
+    fn only_admin_reads_env_values() {
+        for (role, sees) in [
+            (Some(Role::Admin), true),
+            (Some(Role::Operator), false),
+            (None, false),
+        ] {
+            let request = request_from(role);
+            assert_eq!(sees_env_values(&request), sees, "{role:?}");
+            let job = job_for_caller(job_with_env(), sees_env_values(&request));
+            let env = job.spec.expect("spec").env;
+            let expected = if sees { "hf_secret" } else { "<redacted>" };
+            assert_eq!(env["HF_TOKEN"], expected, "{role:?}");
+        }
     }
 }

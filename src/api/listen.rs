@@ -21,6 +21,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::auth::Role;
 use super::limits::KeyedCounter;
@@ -35,6 +36,10 @@ const MAX_PENDING: usize = 64;
 /// TLS handshakes pending from one source address; more are closed at once,
 /// so one host cannot hold every handshake slot.
 const MAX_PENDING_PER_ADDRESS: u32 = 8;
+/// How long, and how many bytes, a refused TLS client is read after the
+/// alert before the socket is closed (see [`close_after_alert`]).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_MAX_BYTES: usize = 64 * 1024;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -184,12 +189,15 @@ pub fn tls(
                 };
                 // gRPC sends many small frames: no Nagle delay.
                 let _ = stream.set_nodelay(true);
-                let tls = match tokio::time::timeout(IDENTIFY_TIMEOUT, acceptor.accept(stream))
-                    .await
-                {
+                let handshake = acceptor
+                    .accept(stream)
+                    .into_fallible()
+                    .instrument(tracing::info_span!("control_plane", %addr));
+                let tls = match tokio::time::timeout(IDENTIFY_TIMEOUT, handshake).await {
                     Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
+                    Ok(Err((error, stream))) => {
                         tracing::warn!(target: "audit", %addr, %error, "control-plane connection refused: TLS handshake failed");
+                        close_after_alert(stream).await;
                         return None;
                     }
                     Err(_) => {
@@ -226,6 +234,29 @@ pub fn tls(
         },
         cancel,
     )
+}
+
+/// Closes a connection whose handshake failed so that the client reads the
+/// TLS alert that says why (certificate required, unknown CA, expired,
+/// access denied): a FIN after the alert, then what the client still sends
+/// is read and dropped for a moment. Closing at once with unread bytes (a
+/// TLS 1.3 client sends its HTTP/2 preface right after its half of the
+/// handshake) would send a TCP reset, which makes the client drop the alert
+/// and report only "connection closed".
+async fn close_after_alert(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut left = LINGER_MAX_BYTES;
+    let drain = async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// The plaintext loopback listener (`insecure_plaintext`): every client is

@@ -43,20 +43,11 @@ pub const SERVICE_NAMES: [&str; 5] = [
     "instance_agent.v1.MountService",
 ];
 
-/// The methods served besides those of the contract: health and reflection.
-const INFRASTRUCTURE_METHODS: [&str; 5] = [
-    "/grpc.health.v1.Health/Check",
-    "/grpc.health.v1.Health/Watch",
-    "/grpc.health.v1.Health/List",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-];
-
 /// Whether `path` (`/package.Service/Method`) is a method these routes
 /// serve. Anything else comes from a client and must not become a metric
 /// label of its own.
 pub fn is_served_method(path: &str) -> bool {
-    auth::lookup(path).is_some() || INFRASTRUCTURE_METHODS.contains(&path)
+    auth::lookup(path).is_some() || auth::INFRASTRUCTURE_METHODS.contains(&path)
 }
 
 /// Converts a wall-clock time to a protobuf timestamp.

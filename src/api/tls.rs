@@ -1,7 +1,8 @@
 //! Mutual TLS for the control-plane listener: builds the rustls server
 //! configuration from `[control_plane]` (TLS 1.2 and 1.3 only, a client
-//! certificate required and verified against `client_ca`), and reads the
-//! names of a verified client certificate for `allowed_client_names`.
+//! certificate required, verified against `client_ca` and, when
+//! `allowed_client_names` is set, carrying one of them), and reads the
+//! names of a verified client certificate.
 //!
 //! The private key is read through [`crate::secret::read_secret_file`], so a
 //! key readable by group or others stops the agent at start.
@@ -10,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
+use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 
 use crate::config::ControlPlaneConfig;
 use crate::secret::{SecretFileError, read_secret_file};
@@ -93,12 +96,16 @@ pub fn server_config(cp: &ControlPlaneConfig) -> Result<Arc<rustls::ServerConfig
             source,
         })?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let chain_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
     )
     .build()
     .map_err(TlsError::Verifier)?;
+    let verifier = Arc::new(AllowedNamesVerifier {
+        chain: chain_verifier,
+        allowed: cp.allowed_client_names.clone(),
+    });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|source| TlsError::Rustls {
@@ -113,6 +120,77 @@ pub fn server_config(cp: &ControlPlaneConfig) -> Result<Arc<rustls::ServerConfig
         })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Verifies a client certificate's chain and dates (webpki, against
+/// `client_ca`), then that it carries a name of `allowed_client_names`.
+/// Checking the name inside the handshake makes a refused name fail it with
+/// the TLS alert `access_denied`, which the client sees, rather than a
+/// connection closed without a word after a successful handshake.
+#[derive(Debug)]
+struct AllowedNamesVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    allowed: Vec<String>,
+}
+
+impl ClientCertVerifier for AllowedNamesVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.chain.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let names = certificate_names(end_entity);
+        if allowed_name(&names, &self.allowed).is_none() {
+            // The listener's span carries the client's address.
+            tracing::warn!(
+                target: "audit",
+                ?names,
+                "client certificate refused: none of its names is in control_plane.allowed_client_names"
+            );
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
 }
 
 /// The names a client certificate carries: its subject CNs, then its DNS
@@ -138,7 +216,9 @@ pub fn certificate_names(cert: &CertificateDer<'_>) -> Vec<String> {
 }
 
 /// The name a verified client is known by, if it is allowed: the first of
-/// its names in `allowed` (any name, when `allowed` is empty).
+/// its names in `allowed` (any name, when `allowed` is empty). Compared
+/// without regard to ASCII case, as DNS names are (RFC 4343); a CN holding a
+/// host name is compared the same way.
 pub fn allowed_name(names: &[String], allowed: &[String]) -> Option<String> {
     if allowed.is_empty() {
         return Some(
@@ -148,7 +228,10 @@ pub fn allowed_name(names: &[String], allowed: &[String]) -> Option<String> {
                 .unwrap_or_else(|| "<unnamed certificate>".into()),
         );
     }
-    names.iter().find(|n| allowed.contains(n)).cloned()
+    names
+        .iter()
+        .find(|n| allowed.iter().any(|a| a.eq_ignore_ascii_case(n)))
+        .cloned()
 }
 
 #[cfg(test)]
@@ -171,6 +254,20 @@ mod tests {
         );
         assert_eq!(allowed_name(&names, &["other".into()]), None);
         assert_eq!(allowed_name(&names, &[]).as_deref(), Some("control-plane"));
+    }
+
+    #[test]
+    fn allowed_names_match_without_regard_to_case() {
+        let names = vec!["Control-Plane".to_string(), "CP.Example".to_string()];
+        assert_eq!(
+            allowed_name(&names, &["cp.example".into()]).as_deref(),
+            Some("CP.Example")
+        );
+        assert_eq!(
+            allowed_name(&names, &["CONTROL-PLANE".into()]).as_deref(),
+            Some("Control-Plane")
+        );
+        assert_eq!(allowed_name(&names, &["cp.example.org".into()]), None);
     }
 
     #[test]

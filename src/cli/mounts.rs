@@ -1,9 +1,10 @@
 //! `instance-agent mounts list|mount|unmount`: file share mounts through the
-//! `MountService` API. Secrets are read from a file or stdin, never taken as
-//! arguments (which any user can read in `ps`).
+//! `MountService` API. Secrets are read from a file (only its owner may
+//! access it) or stdin, never taken as arguments (which any user can read
+//! in `ps`).
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -12,6 +13,7 @@ use clap::{Args, Subcommand};
 use super::client;
 use super::format;
 use crate::api::proto::{self, mount_service_client::MountServiceClient};
+use crate::secret::read_secret_file;
 
 /// `mounts` subcommands.
 #[derive(Debug, Subcommand)]
@@ -138,16 +140,20 @@ fn print_one(info: &proto::MountInfo, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_secret(path: &PathBuf) -> anyhow::Result<String> {
-    let mut text = String::new();
+/// Reads a key or token from `path` ("-" for stdin). A file goes through
+/// the agent's own secret-file check: refused, naming the file and the fix,
+/// when group or others may access it or it belongs to another user.
+fn read_secret(path: &Path) -> anyhow::Result<String> {
     if path.as_os_str() == "-" {
+        let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
             .context("cannot read the secret from stdin")?;
-    } else {
-        text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+        return Ok(text.trim().to_owned());
     }
+    let secret = read_secret_file(path)?;
+    let text = std::str::from_utf8(secret.expose())
+        .map_err(|_| anyhow::anyhow!("secret file {} is not UTF-8 text", path.display()))?;
     Ok(text.trim().to_owned())
 }
 

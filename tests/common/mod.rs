@@ -31,6 +31,9 @@ pub struct Agent {
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     env: Vec<(String, String)>,
+    /// Where the log and the logs dir are kept after the test (see
+    /// [`captured_dir`]).
+    pub captured: PathBuf,
 }
 
 fn spawn_agent(config_path: &Path, log_path: &Path, env: &[(String, String)]) -> Child {
@@ -158,6 +161,7 @@ impl AgentBuilder {
             state_dir,
             config_path,
             log_path,
+            captured: captured_dir(),
         }
     }
 }
@@ -324,6 +328,10 @@ pub fn serve_refused(text: &str) -> (Option<i32>, String) {
         .arg(&config)
         .output()
         .expect("run instance-agent");
+    let kept = captured_dir();
+    if std::fs::create_dir_all(&kept).is_ok() {
+        let _ = std::fs::write(kept.join("agent.log"), &out.stderr);
+    }
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -340,6 +348,147 @@ impl Drop for Agent {
         // containers): look again.
         std::thread::sleep(Duration::from_millis(300));
         remove_containers(&self.instance_id);
+        // Before the temp dir goes: keep what the agent wrote, for the
+        // suite-wide secret sweep (scripts/check-test-logs.sh).
+        keep_logs(
+            &self.log_path,
+            &self.dir.path().join("logs"),
+            &self.captured,
+        );
+    }
+}
+
+/// Where captured agent logs and the registered test secrets are kept:
+/// `$INSTANCE_AGENT_TEST_LOGS` (scripts/test.sh sets it and empties it at
+/// its start), else `target/test-logs` of this crate.
+pub fn test_logs_root() -> PathBuf {
+    std::env::var_os("INSTANCE_AGENT_TEST_LOGS")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-logs"))
+}
+
+/// The test binary's name without cargo's hash (`security`, `mounts`, ...).
+fn test_binary_name() -> String {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let stem = exe
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "test".into());
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name.to_owned(),
+        _ => stem,
+    }
+}
+
+/// A fresh directory name for one agent's captured files:
+/// `<root>/<test-binary>-<pid>-<n>`.
+fn captured_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    test_logs_root().join(format!(
+        "{}-{}-{}",
+        test_binary_name(),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ))
+}
+
+/// Keeps the agent's log and the regular files below its logs dir (setup
+/// logs, mount logs and output) in `into`. A hard link when the two are on
+/// one filesystem (free), a copy otherwise. Best effort: a test must not
+/// fail for this.
+fn keep_logs(log: &Path, logs_dir: &Path, into: &Path) {
+    fn keep(from: &Path, to: &Path) {
+        if let Some(parent) = to.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        if std::fs::hard_link(from, to).is_err() {
+            let _ = std::fs::copy(from, to);
+        }
+    }
+    fn walk(from: &Path, to: &Path) {
+        let Ok(entries) = std::fs::read_dir(from) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let target = to.join(entry.file_name());
+            if kind.is_dir() {
+                walk(&entry.path(), &target);
+            } else if kind.is_file() {
+                keep(&entry.path(), &target);
+            }
+        }
+    }
+    if log.exists() {
+        keep(log, &into.join("agent.log"));
+    }
+    walk(logs_dir, &into.join("logs"));
+}
+
+/// Registers `value` as a secret used by a test and returns it: after the
+/// suite, scripts/check-test-logs.sh fails if it appears in any captured
+/// agent log or logs dir. The list line names the registering source line
+/// (never printed with the value).
+#[track_caller]
+pub fn secret(value: &str) -> String {
+    register(value, std::panic::Location::caller());
+    value.to_owned()
+}
+
+/// [`secret`] for several values (e.g. a test's constants); registering one
+/// twice is harmless.
+#[track_caller]
+pub fn register_secrets(values: &[&str]) {
+    let at = std::panic::Location::caller();
+    for value in values {
+        register(value, at);
+    }
+}
+
+fn register(value: &str, at: &std::panic::Location<'_>) {
+    use std::collections::BTreeSet;
+    use std::io::Write;
+    use std::sync::Mutex;
+    static REGISTERED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    // A short or multi-line "secret" would make the sweep useless or wrong.
+    assert!(
+        value.len() >= 8 && !value.contains(['\n', '\r', '\t']),
+        "{at}: a registered test secret needs 8 or more characters on one line"
+    );
+    if !REGISTERED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(value.to_owned())
+    {
+        return;
+    }
+    let root = test_logs_root();
+    let _ = std::fs::create_dir_all(&root);
+    let id = format!(
+        "{}:{}:{} ({} pid {})",
+        at.file(),
+        at.line(),
+        at.column(),
+        test_binary_name(),
+        std::process::id()
+    );
+    // One write per line on an O_APPEND file: lines from parallel test
+    // binaries do not interleave.
+    let line = format!("{id}\t{value}\n");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("secrets.list"))
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+    if let Err(error) = written {
+        panic!(
+            "{at}: cannot register a test secret in {}: {error}",
+            root.display()
+        );
     }
 }
 
