@@ -104,10 +104,16 @@ pub struct ConfigSource {
 impl ConfigSource {
     /// Reads and validates the file with the overrides applied.
     pub fn load(&self) -> Result<Config, ConfigError> {
+        self.load_noting_derived().map(|(config, _)| config)
+    }
+
+    /// [`ConfigSource::load`], also returning the keys that `--state-dir`
+    /// moved under the state dir (see [`Config::apply`]), for the start log.
+    pub fn load_noting_derived(&self) -> Result<(Config, Vec<&'static str>), ConfigError> {
         let mut config = Config::load(&self.path, self.must_exist)?;
-        config.apply(&self.overrides);
+        let derived = config.apply(&self.overrides);
         config.validate(Path::new("<command-line flags>"))?;
-        Ok(config)
+        Ok((config, derived))
     }
 }
 

@@ -352,18 +352,71 @@ fn cli_without_daemon_says_so_in_one_line() {
     assert!(stderr.contains("not running"), "{stderr}");
 }
 
+/// Kills a spawned agent when a test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
-fn sighup_reload_logs_live_and_restart_keys() {
-    let agent = Agent::builder().start();
-    let mut config = std::fs::read_to_string(&agent.config_path).expect("config");
-    config.push_str("[docker]\ncheck_interval_seconds = 2\n[events]\nbacklog = 128\n");
-    config = config.replace("[agent]\n", "[agent]\nshutdown_grace_seconds = 4\n");
-    std::fs::write(&agent.config_path, config).expect("write");
-    agent.signal(Signal::SIGHUP);
+fn sighup_alone_reloads_and_logs_live_and_restart_keys() {
+    // The config path is a symlink to a file in another directory: the
+    // agent's inotify watch is on the link's directory and does not see the
+    // target being written, so only the SIGHUP can cause this reload.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real_dir = dir.path().join("real");
+    std::fs::create_dir(&real_dir).expect("mkdir");
+    let real = real_dir.join("config.toml");
+    let link = dir.path().join("config.toml");
+    let socket = dir.path().join("agent.sock");
+    let log_path = dir.path().join("agent.log");
+    let base = format!(
+        "[agent]\nsocket = {:?}\nstate_dir = {:?}\nlogs_dir = {:?}\nruntime_dir = {:?}\n",
+        socket,
+        dir.path().join("state"),
+        dir.path().join("logs"),
+        dir.path().join("run")
+    );
+    let metrics_off = "[metrics]\nlisten = \"\"\n";
+    std::fs::write(&real, format!("{base}{metrics_off}")).expect("write");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let child = std::process::Command::new(common::binary())
+        .args(["serve", "--config"])
+        .arg(&link)
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::fs::File::create(&log_path).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let agent = KillOnDrop(child);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "not ready:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let edited = format!(
+        "{}shutdown_grace_seconds = 4\n[docker]\ncheck_interval_seconds = 2\n[events]\nbacklog = 128\n{metrics_off}",
+        base
+    );
+    std::fs::write(&real, edited).expect("write");
+    // Longer than the watch's debounce: no reload without the signal.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!log().contains("applied live"), "reloaded without SIGHUP:\n{}", log());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let log = agent.log();
+        let log = log();
         if log.contains("applied live") && log.contains("only after a restart") {
+            assert!(log.contains("SIGHUP: reloading"), "{log}");
+            assert!(!log.contains("config file changed"), "{log}");
             assert!(log.contains("docker.check_interval_seconds"), "{log}");
             assert!(log.contains("agent.shutdown_grace_seconds"), "{log}");
             break;
@@ -384,4 +437,104 @@ fn completions_are_generated() {
         .expect("run");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("instance-agent"));
+}
+
+/// `serve` with no --config, no file at the default path (here
+/// `$INSTANCE_AGENT_CONFIG`, so the test does not depend on /etc) and only
+/// `--socket`/`--state-dir` starts on all defaults, as under the systemd
+/// unit; the root paths move under the state dir; `--log-format json` makes
+/// every stderr line a JSON object.
+#[test]
+fn serve_without_a_config_file_starts_on_defaults_under_the_state_dir() {
+    // All defaults include the metrics listener on 127.0.0.1:9464.
+    if std::net::TcpListener::bind("127.0.0.1:9464").is_err() {
+        eprintln!("127.0.0.1:9464 is taken; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let socket = dir.path().join("agent.sock");
+    let log_path = dir.path().join("agent.log");
+    let mut child = std::process::Command::new(common::binary())
+        .args(["serve", "--log-format", "json", "--state-dir"])
+        .arg(&state)
+        .arg("--socket")
+        .arg(&socket)
+        .env("INSTANCE_AGENT_CONFIG", dir.path().join("absent.toml"))
+        .env_remove("INSTANCE_AGENT_SOCKET")
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log_path).expect("log file"))
+        .spawn()
+        .expect("spawn");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("exited with {status}:\n{}", log());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = cli(&socket, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let instance_id = status["instanceId"].as_str().unwrap_or_default().to_owned();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let exit = child.wait().expect("wait");
+    common::remove_containers(&instance_id);
+    let log = log();
+    assert!(exit.success(), "{exit:?}\n{log}");
+    assert!(state.join("instance-id").exists(), "{log}");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    let derived = lines
+        .iter()
+        .find_map(|l| {
+            l["message"]
+                .as_str()
+                .filter(|m| m.contains("move under the state dir"))
+        })
+        .unwrap_or_else(|| panic!("no derivation line:\n{log}"));
+    for key in ["agent.logs_dir", "agent.runtime_dir", "mounts.cache_root"] {
+        assert!(derived.contains(key), "{derived}");
+    }
+}
+
+/// Text logs to a pipe carry no colour codes, the error is printed once,
+/// and under journald (`JOURNAL_STREAM`) lines carry no timestamp.
+#[test]
+fn text_logs_are_plain_off_a_terminal_and_untimed_under_journald() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[agent]\nshutdown_grace_seconds = 0\n").expect("write");
+    for journald in [false, true] {
+        let mut command = std::process::Command::new(common::binary());
+        command.args(["serve", "--config"]).arg(&config);
+        command.env_remove("NO_COLOR").env_remove("JOURNAL_STREAM");
+        if journald {
+            command.env("JOURNAL_STREAM", "8:12345");
+        }
+        let out = command.output().expect("run");
+        assert_eq!(out.status.code(), Some(78));
+        assert!(!out.stderr.contains(&0x1b), "ESC in {:?}", out.stderr);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.matches("agent.shutdown_grace_seconds").count(),
+            1,
+            "{stderr}"
+        );
+        let line = stderr.lines().next().expect("a line");
+        let timed = line.chars().next().is_some_and(|c| c.is_ascii_digit());
+        assert_eq!(timed, !journald, "{line}");
+    }
 }

@@ -72,7 +72,8 @@ pub enum Command {
 /// `serve` options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Config file [default: /etc/instance-agent/config.toml, absent means defaults].
+    /// Config file; it must exist [default: $INSTANCE_AGENT_CONFIG, else
+    /// /etc/instance-agent/config.toml; an absent default file means all defaults].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Overrides `agent.state_dir`.
