@@ -375,9 +375,13 @@ impl Daemon {
         tracing::info!("shutting down");
         notifier.stopping();
         events.publish(EventPayload::Agent { phase: "stopping" });
-        health_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        // Every name a client may watch, not only the overall one: a
+        // balancer checking "instance_agent.v1.JobService" must see it go.
+        for name in api::SERVICE_NAMES.into_iter().chain([""]) {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
         cancel.cancel();
 
         let grace = Duration::from_secs(config.agent.shutdown_grace_seconds.into());

@@ -217,6 +217,12 @@ fn bad_config_exits_78_naming_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("socketz"), "{stderr}");
     assert!(stderr.contains("line 2"), "{stderr}");
+
+    // A value of the wrong type: the dotted key and the type in words.
+    let (code, stderr) = common::serve_refused("[jobs]\nslots_per_core = \"two\"\n");
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("line 2: key `jobs.slots_per_core`"), "{stderr}");
+    assert!(stderr.contains("expected a whole number"), "{stderr}");
 }
 
 #[test]
@@ -250,24 +256,68 @@ fn default_config_is_complete_and_valid() {
     );
 }
 
-#[tokio::test]
-async fn sigterm_stops_cleanly_within_the_grace_period() {
+/// SIGTERM and SIGINT stop the agent the same way: health watchers of the
+/// overall and of every service name see NOT_SERVING, a watching client
+/// does not hold up the stop, the socket is removed.
+async fn stops_cleanly_within_the_grace_period(signal: Signal) {
+    use tonic_health::pb::health_check_response::ServingStatus;
     let mut agent = Agent::builder()
         .config("[agent]\nshutdown_grace_seconds = 3")
         .start();
-    // A watching client must not hold up the stop.
-    let mut client = proto::agent_service_client::AgentServiceClient::new(agent.channel().await);
-    let _stream = client
+    let channel = agent.channel().await;
+    let mut client = proto::agent_service_client::AgentServiceClient::new(channel.clone());
+    let mut events = client
         .watch_events(proto::WatchEventsRequest { since: None })
         .await
-        .expect("watch");
-    agent.signal(Signal::SIGTERM);
+        .expect("watch")
+        .into_inner();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watches = Vec::new();
+    for name in instance_agent::api::SERVICE_NAMES.into_iter().chain([""]) {
+        let mut stream = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: name.into(),
+            })
+            .await
+            .expect("health watch")
+            .into_inner();
+        let first = stream.next().await.expect("a status").expect("ok");
+        assert_eq!(first.status(), ServingStatus::Serving, "{name:?}");
+        watches.push((name, stream));
+    }
+    agent.signal(signal);
+    for (name, stream) in &mut watches {
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a status change before the grace period ends")
+            .expect("a status")
+            .expect("ok");
+        assert_eq!(next.status(), ServingStatus::NotServing, "{name:?}");
+    }
+    // The event stream ends cleanly after "stopping".
+    let mut stopping = false;
+    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+        let event = item.expect("events end without an error");
+        stopping |= matches!(event.kind, Some(proto::event::Kind::Agent(ref a)) if a.phase == "stopping");
+    }
+    assert!(stopping, "no stopping event");
+    drop(watches);
     let status = agent
-        .wait_exit(Duration::from_secs(5))
+        .wait_exit(Duration::from_secs(6))
         .expect("exits within the grace period");
     assert!(status.success(), "{status:?}; log:\n{}", agent.log());
     assert!(!agent.socket.exists(), "socket file removed on stop");
     assert!(agent.log().contains("stopped"), "{}", agent.log());
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_within_the_grace_period() {
+    stops_cleanly_within_the_grace_period(Signal::SIGTERM).await;
+}
+
+#[tokio::test]
+async fn sigint_stops_like_sigterm() {
+    stops_cleanly_within_the_grace_period(Signal::SIGINT).await;
 }
 
 #[test]
