@@ -694,9 +694,24 @@ impl Config {
             let agent = AgentConfig::default();
             let mounts = MountsConfig::default();
             for (key, value, default, below) in [
-                ("agent.logs_dir", &mut self.agent.logs_dir, agent.logs_dir, "logs"),
-                ("agent.runtime_dir", &mut self.agent.runtime_dir, agent.runtime_dir, "run"),
-                ("mounts.cache_root", &mut self.mounts.cache_root, mounts.cache_root, "cache"),
+                (
+                    "agent.logs_dir",
+                    &mut self.agent.logs_dir,
+                    agent.logs_dir,
+                    "logs",
+                ),
+                (
+                    "agent.runtime_dir",
+                    &mut self.agent.runtime_dir,
+                    agent.runtime_dir,
+                    "run",
+                ),
+                (
+                    "mounts.cache_root",
+                    &mut self.mounts.cache_root,
+                    mounts.cache_root,
+                    "cache",
+                ),
             ] {
                 if *value == default {
                     *value = state_dir.join(below);
@@ -1483,9 +1498,7 @@ fn schema_message(error: &serde_path_to_error::Error<toml::de::Error>, text: &st
 /// serde's name for an expected type (a Rust type) in words.
 fn expected_in_words(expected: &str) -> String {
     match expected {
-        "u8" | "u16" | "u32" | "u64" | "usize" => {
-            "a whole number (0 or more)".to_owned()
-        }
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)".to_owned(),
         "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".to_owned(),
         "f32" | "f64" => "a number".to_owned(),
         "a boolean" | "bool" => "true or false".to_owned(),
@@ -1654,7 +1667,10 @@ mod tests {
         assert!(msg.contains("line 3: key `jobs.slots_per_core`"), "{msg}");
         assert!(msg.contains("allowed"), "{msg}");
         // A key of an array of tables is found too.
-        assert_eq!(key_line("a = 1\n[[m]]\nx = 1\n[[m]]\nx = 2\n", "m[1].x"), Some(5));
+        assert_eq!(
+            key_line("a = 1\n[[m]]\nx = 1\n[[m]]\nx = 2\n", "m[1].x"),
+            Some(5)
+        );
         assert_eq!(key_line("[jobs]\n", "jobs.slots_per_core"), None);
     }
 
@@ -1706,8 +1722,7 @@ mod tests {
         config.validate(p()).expect("still valid");
 
         // Keys the file set keep the file's value.
-        let mut config =
-            Config::parse("[agent]\nlogs_dir = \"/srv/logs\"\n", p()).expect("parses");
+        let mut config = Config::parse("[agent]\nlogs_dir = \"/srv/logs\"\n", p()).expect("parses");
         let derived = config.apply(&state_dir);
         assert_eq!(derived, ["agent.runtime_dir", "mounts.cache_root"]);
         assert_eq!(config.agent.logs_dir, PathBuf::from("/srv/logs"));

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args, cli.socket),
-        other => cli::run(other, cli.socket, cli.json),
+        other => cli::run(other, cli.socket, cli.json, cli.rpc_timeout),
     }
 }
 

@@ -113,8 +113,8 @@ impl FileWatch {
         let dir = config_dir.ancestors().find(|dir| dir.is_dir())?.to_owned();
         let on_config_dir = dir == config_dir;
         let config_path = source.path.clone();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let mut watcher = notify::recommended_watcher(
+            move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else { return };
                 if event.kind.is_access() {
                     return;
@@ -125,9 +125,12 @@ impl FileWatch {
                     // A full channel already holds a pending reload.
                     let _ = tx.try_send(());
                 }
-            })
-            .map_err(|error| tracing::warn!(%error, "cannot watch the config file; reload on SIGHUP only"))
-            .ok()?;
+            },
+        )
+        .map_err(
+            |error| tracing::warn!(%error, "cannot watch the config file; reload on SIGHUP only"),
+        )
+        .ok()?;
         if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
             tracing::warn!(%error, dir = %dir.display(), "cannot watch the config directory; reload on SIGHUP only");
             return None;
@@ -149,8 +152,8 @@ impl FileWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{LIVE_KEYS, flatten, is_live};
     use crate::config::Overrides;
+    use crate::config::{LIVE_KEYS, flatten, is_live};
 
     /// `value` changed, keeping its TOML type (`None` when no change fits).
     fn changed(value: &toml::Value) -> Vec<toml::Value> {
@@ -165,7 +168,11 @@ mod tests {
                 longer.push(items.first().cloned().unwrap_or(Value::Integer(1000)));
                 let mut as_strings = items.clone();
                 as_strings.push(Value::String("x".into()));
-                vec![Value::Array(longer), Value::Array(as_strings), Value::Array(Vec::new())]
+                vec![
+                    Value::Array(longer),
+                    Value::Array(as_strings),
+                    Value::Array(Vec::new()),
+                ]
             }
             _ => Vec::new(),
         }
@@ -205,14 +212,25 @@ mod tests {
             let mut running = old.clone();
             apply_live(&mut running, &new);
             let applied = flatten(&running).get(key) != Some(value);
-            assert_eq!(applied, is_live(key), "{key}: applied {applied}, listed live {}", is_live(key));
+            assert_eq!(
+                applied,
+                is_live(key),
+                "{key}: applied {applied}, listed live {}",
+                is_live(key)
+            );
             if applied {
                 exercised.extend(LIVE_KEYS.iter().copied().filter(|live| {
-                    key == *live || live.strip_suffix('.').is_some_and(|t| key.starts_with(&format!("{t}.")))
+                    key == *live
+                        || live
+                            .strip_suffix('.')
+                            .is_some_and(|t| key.starts_with(&format!("{t}.")))
                 }));
             }
         }
-        let missed: Vec<_> = LIVE_KEYS.iter().filter(|k| !exercised.contains(**k)).collect();
+        let missed: Vec<_> = LIVE_KEYS
+            .iter()
+            .filter(|k| !exercised.contains(**k))
+            .collect();
         assert!(missed.is_empty(), "live keys never exercised: {missed:?}");
     }
 

@@ -221,7 +221,10 @@ fn bad_config_exits_78_naming_the_key() {
     // A value of the wrong type: the dotted key and the type in words.
     let (code, stderr) = common::serve_refused("[jobs]\nslots_per_core = \"two\"\n");
     assert_eq!(code, Some(78), "{stderr}");
-    assert!(stderr.contains("line 2: key `jobs.slots_per_core`"), "{stderr}");
+    assert!(
+        stderr.contains("line 2: key `jobs.slots_per_core`"),
+        "{stderr}"
+    );
     assert!(stderr.contains("expected a whole number"), "{stderr}");
 }
 
@@ -298,7 +301,8 @@ async fn stops_cleanly_within_the_grace_period(signal: Signal) {
     let mut stopping = false;
     while let Ok(Some(item)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await {
         let event = item.expect("events end without an error");
-        stopping |= matches!(event.kind, Some(proto::event::Kind::Agent(ref a)) if a.phase == "stopping");
+        stopping |=
+            matches!(event.kind, Some(proto::event::Kind::Agent(ref a)) if a.phase == "stopping");
     }
     assert!(stopping, "no stopping event");
     drop(watches);
@@ -445,7 +449,11 @@ fn sighup_alone_reloads_and_logs_live_and_restart_keys() {
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(std::time::Instant::now() < deadline, "not ready:\n{}", log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready:\n{}",
+            log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let edited = format!(
@@ -455,7 +463,11 @@ fn sighup_alone_reloads_and_logs_live_and_restart_keys() {
     std::fs::write(&real, edited).expect("write");
     // Longer than the watch's debounce: no reload without the signal.
     std::thread::sleep(Duration::from_millis(800));
-    assert!(!log().contains("applied live"), "reloaded without SIGHUP:\n{}", log());
+    assert!(
+        !log().contains("applied live"),
+        "reloaded without SIGHUP:\n{}",
+        log()
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.0.id() as i32),
         Signal::SIGHUP,
@@ -489,102 +501,101 @@ fn completions_are_generated() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("instance-agent"));
 }
 
-/// `serve` with no --config, no file at the default path (here
-/// `$INSTANCE_AGENT_CONFIG`, so the test does not depend on /etc) and only
-/// `--socket`/`--state-dir` starts on all defaults, as under the systemd
-/// unit; the root paths move under the state dir; `--log-format json` makes
-/// every stderr line a JSON object.
 #[test]
-fn serve_without_a_config_file_starts_on_defaults_under_the_state_dir() {
-    // All defaults include the metrics listener on 127.0.0.1:9464.
-    if std::net::TcpListener::bind("127.0.0.1:9464").is_err() {
-        eprintln!("127.0.0.1:9464 is taken; skipping");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
-    let socket = dir.path().join("agent.sock");
-    let log_path = dir.path().join("agent.log");
+fn completions_into_a_closed_pipe_exit_quietly() {
+    // `completions bash | head -0`: the reader is gone before the write.
     let mut child = std::process::Command::new(common::binary())
-        .args(["serve", "--log-format", "json", "--state-dir"])
-        .arg(&state)
-        .arg("--socket")
-        .arg(&socket)
-        .env("INSTANCE_AGENT_CONFIG", dir.path().join("absent.toml"))
-        .env_remove("INSTANCE_AGENT_SOCKET")
-        .env_remove("NOTIFY_SOCKET")
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log_path).expect("log file"))
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
-    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("exited with {status}:\n{}", log());
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not ready:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = cli(&socket, &["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-    let instance_id = status["instanceId"].as_str().unwrap_or_default().to_owned();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let exit = child.wait().expect("wait");
-    common::remove_containers(&instance_id);
-    let log = log();
-    assert!(exit.success(), "{exit:?}\n{log}");
-    assert!(state.join("instance-id").exists(), "{log}");
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
-        .collect();
-    let derived = lines
-        .iter()
-        .find_map(|l| {
-            l["message"]
-                .as_str()
-                .filter(|m| m.contains("move under the state dir"))
-        })
-        .unwrap_or_else(|| panic!("no derivation line:\n{log}"));
-    for key in ["agent.logs_dir", "agent.runtime_dir", "mounts.cache_root"] {
-        assert!(derived.contains(key), "{derived}");
-    }
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// Text logs to a pipe carry no colour codes, the error is printed once,
-/// and under journald (`JOURNAL_STREAM`) lines carry no timestamp.
 #[test]
-fn text_logs_are_plain_off_a_terminal_and_untimed_under_journald() {
+fn json_on_local_commands() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::binary())
+            .args(args)
+            .output()
+            .expect("run")
+    };
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, "[agent]\nshutdown_grace_seconds = 0\n").expect("write");
-    for journald in [false, true] {
-        let mut command = std::process::Command::new(common::binary());
-        command.args(["serve", "--config"]).arg(&config);
-        command.env_remove("NO_COLOR").env_remove("JOURNAL_STREAM");
-        if journald {
-            command.env("JOURNAL_STREAM", "8:12345");
-        }
-        let out = command.output().expect("run");
-        assert_eq!(out.status.code(), Some(78));
-        assert!(!out.stderr.contains(&0x1b), "ESC in {:?}", out.stderr);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            stderr.matches("agent.shutdown_grace_seconds").count(),
-            1,
-            "{stderr}"
-        );
-        let line = stderr.lines().next().expect("a line");
-        let timed = line.chars().next().is_some_and(|c| c.is_ascii_digit());
-        assert_eq!(timed, !journald, "{line}");
-    }
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[jobs]\nslots_per_core = 3\n").expect("write");
+    let out = run(&["config", "check", "--json", good.to_str().expect("utf-8")]);
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["file"], good.to_str().expect("utf-8"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[jobs]\nslots_per_core = 0\n").expect("write");
+    let out = run(&["--json", "config", "check", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(78));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["ok"], false);
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("line 2: key `jobs.slots_per_core`")),
+        "{report}"
+    );
+
+    let out = run(&["config", "default", "--json"]);
+    assert!(out.status.success());
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(config["agent"]["shutdown_grace_seconds"], 10);
+    assert_eq!(config["jobs"]["slots_per_core"], 2);
+
+    let out = run(&["completions", "bash", "--json"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--json does not apply"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn cli_says_a_file_at_the_socket_path_is_not_a_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("agent.sock");
+    std::fs::write(&file, "").expect("write");
+    let out = cli(&file, &["status"]);
+    assert_eq!(out.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert!(!stderr.contains("stale"), "{stderr}");
+}
+
+#[test]
+fn cli_gives_up_on_a_frozen_agent_after_the_rpc_timeout() {
+    // A listener that accepts connections but never answers: a frozen agent.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("frozen.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(common::binary())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--rpc-timeout", "1", "status"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    // Generous: the point is that it ends at all.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&socket.display().to_string()), "{stderr}");
 }

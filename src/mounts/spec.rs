@@ -439,10 +439,18 @@ mod tests {
         // `serve --state-dir DIR` derives mounts.cache_root = DIR/cache.
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().canonicalize().unwrap();
-        let rules = PathRules::new(&[base.join("mnt")], &base.join("state/cache"), &[base.join("state")]);
+        let rules = PathRules::new(
+            &[base.join("mnt")],
+            &base.join("state/cache"),
+            &[base.join("state")],
+        );
         assert!(rules.cache_dir(&base.join("state/cache/data")).is_ok());
         // The rest of the state dir stays off limits.
-        let rules = PathRules::new(&[base.clone()], &base.join("state/cache"), &[base.join("state")]);
+        let rules = PathRules::new(
+            std::slice::from_ref(&base),
+            &base.join("state/cache"),
+            &[base.join("state")],
+        );
         assert!(
             rules
                 .cache_dir(&base.join("state/store"))
