@@ -4,6 +4,7 @@
 # Idempotent and cheap when everything is already in place. It makes sure of:
 #   * Debian packages: docker.io fuse3 busybox-static e2fsprogs util-linux procps
 #     systemd openssl (TLS 1.1 client for the security tests) passwd (useradd)
+#     python3 python3-venv (scripts/python-client-check.sh: a venv, then grpcio from PyPI)
 #   * a running Docker engine (started by hand: there is no systemd here)
 #   * the local image instance-agent/busybox:test (built from busybox-static,
 #     no registry access needed)
@@ -12,7 +13,7 @@
 # It prints one short line per step. Must run as root.
 set -euo pipefail
 
-readonly PACKAGES=(docker.io fuse3 busybox-static e2fsprogs util-linux procps systemd openssl passwd)
+readonly PACKAGES=(docker.io fuse3 busybox-static e2fsprogs util-linux procps systemd openssl passwd python3 python3-venv)
 readonly TEST_IMAGE="instance-agent/busybox:test"
 readonly DOCKERD_LOG="/var/log/instance-agent-test-dockerd.log"
 readonly DOCKERD_WAIT_SECS=60

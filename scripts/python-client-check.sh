@@ -26,7 +26,10 @@ touch "$work/instance_agent/__init__.py" "$work/instance_agent/v1/__init__.py"
 
 binary=${INSTANCE_AGENT_BIN:-target/debug/instance-agent}
 [[ -x $binary ]] || cargo build --quiet
-"$binary" serve --socket "$work/agent.sock" --state-dir "$work/state" 2>"$work/agent.log" &
+# All defaults (no file at $INSTANCE_AGENT_CONFIG), whatever /etc holds; --state-dir moves the
+# other directories under it. The default metrics address, 127.0.0.1:9464, must be free.
+INSTANCE_AGENT_CONFIG="$work/absent.toml" \
+  "$binary" serve --socket "$work/agent.sock" --state-dir "$work/state" 2>"$work/agent.log" &
 agent_pid=$!
 for _ in $(seq 1 200); do [[ -S $work/agent.sock ]] && break; sleep 0.05; done
 PYTHONPATH="$work" "$venv/bin/python" scripts/python-client/check.py "$work/agent.sock"

@@ -20,7 +20,7 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("config/default.toml");
 
 /// Keys that take effect without a restart; every other key needs one.
 /// A prefix ending in `.` covers a whole table.
-const LIVE_KEYS: &[&str] = &[
+pub(crate) const LIVE_KEYS: &[&str] = &[
     "agent.status_interval_seconds",
     "docker.check_interval_seconds",
     "events.backlog",
@@ -54,6 +54,20 @@ pub enum ConfigError {
         path: PathBuf,
         /// The parser's message, which names the key and its position.
         message: String,
+    },
+    /// A value of the file is out of range or inconsistent, at a known line
+    /// (what [`Config::parse`] turns an `Invalid` into when the key is in the
+    /// text).
+    #[error("config {path}: line {line}: key `{key}`: {problem}")]
+    InvalidAt {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the key in the file.
+        line: usize,
+        /// Dotted key, e.g. `agent.shutdown_grace_seconds`.
+        key: String,
+        /// What is wrong and what is allowed.
+        problem: String,
     },
     /// A value is out of range or inconsistent.
     #[error("config {path}: key `{key}`: {problem}")]
@@ -651,24 +665,73 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// Parses and validates TOML text; `path` is only used in messages.
+    /// Parses and validates TOML text; `path` is only used in messages, which
+    /// name the line (when known), the dotted key and what is allowed.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |message| ConfigError::Parse {
             path: path.to_owned(),
-            message: parse_message(&e, text),
+            message,
+        };
+        let document = toml::de::Deserializer::parse(text)
+            .map_err(|e| parse_error(syntax_message(&e, text)))?;
+        let config: Config = serde_path_to_error::deserialize(document)
+            .map_err(|e| parse_error(schema_message(&e, text)))?;
+        config.validate(path).map_err(|error| match error {
+            ConfigError::Invalid { path, key, problem } => match key_line(text, &key) {
+                Some(line) => ConfigError::InvalidAt {
+                    path,
+                    line,
+                    key,
+                    problem,
+                },
+                None => ConfigError::Invalid { path, key, problem },
+            },
+            other => other,
         })?;
-        config.validate(path)?;
         Ok(config)
     }
 
-    /// Applies command-line overrides. Paths derived from the state dir follow it.
-    pub fn apply(&mut self, overrides: &Overrides) {
+    /// Applies command-line overrides. With `--state-dir DIR`, the other
+    /// directories still at their built-in defaults (root paths under /var/log,
+    /// /run and /mnt) move under DIR too, so the agent runs anywhere without
+    /// root paths: `agent.logs_dir` = DIR/logs, `agent.runtime_dir` = DIR/run,
+    /// `mounts.cache_root` = DIR/cache. Returns the keys so derived.
+    pub fn apply(&mut self, overrides: &Overrides) -> Vec<&'static str> {
         if let Some(socket) = &overrides.socket {
             self.agent.socket = socket.clone();
         }
+        let mut derived = Vec::new();
         if let Some(state_dir) = &overrides.state_dir {
             self.agent.state_dir = state_dir.clone();
+            let agent = AgentConfig::default();
+            let mounts = MountsConfig::default();
+            for (key, value, default, below) in [
+                (
+                    "agent.logs_dir",
+                    &mut self.agent.logs_dir,
+                    agent.logs_dir,
+                    "logs",
+                ),
+                (
+                    "agent.runtime_dir",
+                    &mut self.agent.runtime_dir,
+                    agent.runtime_dir,
+                    "run",
+                ),
+                (
+                    "mounts.cache_root",
+                    &mut self.mounts.cache_root,
+                    mounts.cache_root,
+                    "cache",
+                ),
+            ] {
+                if *value == default {
+                    *value = state_dir.join(below);
+                    derived.push(key);
+                }
+            }
         }
+        derived
     }
 
     /// Checks ranges and consistency; the same rules serve values arriving over the API.
@@ -1401,7 +1464,8 @@ impl ConfigChanges {
     }
 }
 
-fn is_live(key: &str) -> bool {
+/// Whether a dotted key (as [`flatten`] names it) takes effect without a restart.
+pub(crate) fn is_live(key: &str) -> bool {
     LIVE_KEYS.iter().any(|live| {
         if let Some(table) = live.strip_suffix('.') {
             key.strip_prefix(table)
@@ -1413,7 +1477,7 @@ fn is_live(key: &str) -> bool {
 }
 
 /// Flattens a config into dotted keys with their TOML values, for diffing.
-fn flatten(config: &Config) -> BTreeMap<String, toml::Value> {
+pub(crate) fn flatten(config: &Config) -> BTreeMap<String, toml::Value> {
     fn walk(prefix: &str, value: toml::Value, out: &mut BTreeMap<String, toml::Value>) {
         match value {
             toml::Value::Table(table) => {
@@ -1439,17 +1503,122 @@ fn flatten(config: &Config) -> BTreeMap<String, toml::Value> {
     out
 }
 
-/// Turns a TOML error into one line naming the position and the key.
-fn parse_message(error: &toml::de::Error, text: &str) -> String {
+/// A TOML syntax error in one line: the position, the text there and the
+/// parser's message.
+fn syntax_message(error: &toml::de::Error, text: &str) -> String {
     let message = error.message().trim().replace('\n', " ");
     match error.span() {
         Some(span) => {
-            let line = text[..span.start].matches('\n').count() + 1;
+            let line = line_of(text, span.start);
             let snippet = text[span.clone()].lines().next().unwrap_or("").trim();
-            format!("line {line}, at `{snippet}`: {message}")
+            if snippet.is_empty() {
+                format!("line {line}: {message}")
+            } else {
+                format!("line {line}, at `{snippet}`: {message}")
+            }
         }
         None => message,
     }
+}
+
+/// A value that does not fit the schema (unknown key, wrong type) in one
+/// line: the line, the dotted key and, in words for people, what is allowed.
+fn schema_message(error: &serde_path_to_error::Error<toml::de::Error>, text: &str) -> String {
+    let inner = error.inner();
+    let message = inner.message().trim().replace('\n', " ");
+    let mut key = error.path().to_string();
+    let problem = if let Some(rest) = message.strip_prefix("unknown field `") {
+        // serde: "unknown field `x`, expected one of `a`, `b`" (or
+        // "expected `a`", or "there are no fields"). The path names the
+        // unknown key itself; should it stop at the table, the key is added.
+        let (field, allowed) = rest.split_once('`').unwrap_or((rest, ""));
+        if key == "." {
+            key = field.to_owned();
+        } else if key.rsplit('.').next() != Some(field) {
+            key = format!("{key}.{field}");
+        }
+        let allowed = allowed
+            .trim_start_matches(',')
+            .trim()
+            .replace("expected one of ", "")
+            .replace("expected ", "");
+        if allowed.is_empty() || allowed.contains("no fields") {
+            "unknown key: this table has no keys".to_owned()
+        } else {
+            format!("unknown key; allowed: {}", allowed.replace('`', ""))
+        }
+    } else if let Some(rest) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+    {
+        // serde: "invalid type: string \"two\", expected u32".
+        match rest.rsplit_once(", expected ") {
+            Some((found, expected)) => {
+                format!("expected {}, found {found}", expected_in_words(expected))
+            }
+            None => rest.to_owned(),
+        }
+    } else {
+        message
+    };
+    let line = inner
+        .span()
+        .map(|span| line_of(text, span.start))
+        .or_else(|| key_line(text, &key));
+    match line {
+        Some(line) => format!("line {line}: key `{key}`: {problem}"),
+        None => format!("key `{key}`: {problem}"),
+    }
+}
+
+/// serde's name for an expected type (a Rust type) in words.
+fn expected_in_words(expected: &str) -> String {
+    match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)".to_owned(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".to_owned(),
+        "f32" | "f64" => "a number".to_owned(),
+        "a boolean" | "bool" => "true or false".to_owned(),
+        "path string" | "a string" => "a string".to_owned(),
+        "a sequence" => "a list ([...])".to_owned(),
+        "a map" => "a table".to_owned(),
+        other if other.starts_with("struct ") => "a table".to_owned(),
+        other if other.starts_with("a sequence") => "a list ([...])".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line where a dotted key (`jobs.slots_per_core`,
+/// `mounts.mount[0].name`) is written, when it is in the text.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let document = DeTable::parse(text).ok()?;
+    let mut table = document.get_ref();
+    let mut segments = key.split('.').peekable();
+    while let Some(segment) = segments.next() {
+        let (name, index) = match segment.split_once('[') {
+            Some((name, index)) => (name, index.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let (found_key, value) = table.iter().find(|(k, _)| k.get_ref() == name)?;
+        let value = match (index, value.get_ref()) {
+            (Some(i), DeValue::Array(items)) => items.get(i)?,
+            (Some(_), _) => return None,
+            (None, _) => value,
+        };
+        match value.get_ref() {
+            DeValue::Table(inner) if segments.peek().is_some() => table = inner,
+            _ if segments.peek().is_some() => return None,
+            // The key's own position; a table header has no span of its own
+            // key when the table was opened implicitly, so fall back to it.
+            _ => return Some(line_of(text, found_key.span().start)),
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -1596,6 +1765,52 @@ mod tests {
     }
 
     #[test]
+    fn a_value_of_the_wrong_type_names_the_line_the_key_and_the_type_in_words() {
+        let text = "[agent]\nstatus_interval_seconds = 5\n\n[jobs]\nslots_per_core = \"two\"\n";
+        let msg = Config::parse(text, p()).unwrap_err().to_string();
+        assert!(msg.contains(&p().display().to_string()), "{msg}");
+        assert!(msg.contains("line 5"), "{msg}");
+        assert!(msg.contains("`jobs.slots_per_core`"), "{msg}");
+        assert!(msg.contains("expected a whole number"), "{msg}");
+        assert!(msg.contains("\"two\""), "{msg}");
+        assert!(!msg.contains("u32"), "{msg}");
+    }
+
+    #[test]
+    fn a_table_given_as_a_value_says_a_table_is_expected() {
+        let msg = Config::parse("agent = 3\n", p()).unwrap_err().to_string();
+        assert!(msg.contains(&p().display().to_string()), "{msg}");
+        assert!(msg.contains("line 1"), "{msg}");
+        assert!(msg.contains("`agent`"), "{msg}");
+        assert!(msg.contains("expected a table"), "{msg}");
+        assert!(!msg.contains("AgentConfig"), "{msg}");
+    }
+
+    #[test]
+    fn an_unknown_nested_key_is_named_in_full_with_the_allowed_keys() {
+        let text = "[jobs]\nslots_per_core = 2\n\n[agent]\nsocketz = \"/tmp/x\"\n";
+        let msg = Config::parse(text, p()).unwrap_err().to_string();
+        assert!(msg.contains(&p().display().to_string()), "{msg}");
+        assert!(msg.contains("line 5"), "{msg}");
+        assert!(msg.contains("`agent.socketz`"), "{msg}");
+        assert!(msg.contains("allowed: instance_id, socket"), "{msg}");
+    }
+
+    #[test]
+    fn an_out_of_range_value_names_its_line() {
+        let text = "# comment\n[jobs]\nslots_per_core = 0\n";
+        let msg = Config::parse(text, p()).unwrap_err().to_string();
+        assert!(msg.contains("line 3: key `jobs.slots_per_core`"), "{msg}");
+        assert!(msg.contains("allowed"), "{msg}");
+        // A key of an array of tables is found too.
+        assert_eq!(
+            key_line("a = 1\n[[m]]\nx = 1\n[[m]]\nx = 2\n", "m[1].x"),
+            Some(5)
+        );
+        assert_eq!(key_line("[jobs]\n", "jobs.slots_per_core"), None);
+    }
+
+    #[test]
     fn relative_paths_are_refused() {
         let msg = Config::parse("[agent]\nstate_dir = \"state\"\n", p())
             .unwrap_err()
@@ -1641,6 +1856,35 @@ mod tests {
         });
         assert_eq!(config.agent.socket, PathBuf::from("/tmp/a.sock"));
         assert_eq!(config.agent.state_dir, PathBuf::from("/tmp/state"));
+    }
+
+    #[test]
+    fn state_dir_flag_moves_the_default_root_paths_under_it() {
+        let state_dir = Overrides {
+            socket: None,
+            state_dir: Some("/tmp/s".into()),
+        };
+        let mut config = Config::default();
+        let derived = config.apply(&state_dir);
+        assert_eq!(
+            derived,
+            ["agent.logs_dir", "agent.runtime_dir", "mounts.cache_root"]
+        );
+        assert_eq!(config.agent.logs_dir, PathBuf::from("/tmp/s/logs"));
+        assert_eq!(config.agent.runtime_dir, PathBuf::from("/tmp/s/run"));
+        assert_eq!(config.mounts.cache_root, PathBuf::from("/tmp/s/cache"));
+        config.validate(p()).expect("still valid");
+
+        // Keys the file set keep the file's value.
+        let mut config = Config::parse("[agent]\nlogs_dir = \"/srv/logs\"\n", p()).expect("parses");
+        let derived = config.apply(&state_dir);
+        assert_eq!(derived, ["agent.runtime_dir", "mounts.cache_root"]);
+        assert_eq!(config.agent.logs_dir, PathBuf::from("/srv/logs"));
+
+        // Without --state-dir nothing moves.
+        let mut config = Config::default();
+        assert!(config.apply(&Overrides::default()).is_empty());
+        assert_eq!(config, Config::default());
     }
 
     #[test]

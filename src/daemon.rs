@@ -107,10 +107,16 @@ pub struct ConfigSource {
 impl ConfigSource {
     /// Reads and validates the file with the overrides applied.
     pub fn load(&self) -> Result<Config, ConfigError> {
+        self.load_noting_derived().map(|(config, _)| config)
+    }
+
+    /// [`ConfigSource::load`], also returning the keys that `--state-dir`
+    /// moved under the state dir (see [`Config::apply`]), for the start log.
+    pub fn load_noting_derived(&self) -> Result<(Config, Vec<&'static str>), ConfigError> {
         let mut config = Config::load(&self.path, self.must_exist)?;
-        config.apply(&self.overrides);
+        let derived = config.apply(&self.overrides);
         config.validate(Path::new("<command-line flags>"))?;
-        Ok(config)
+        Ok((config, derived))
     }
 }
 
@@ -378,9 +384,13 @@ impl Daemon {
         tracing::info!("shutting down");
         notifier.stopping();
         events.publish(EventPayload::Agent { phase: "stopping" });
-        health_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        // Every name a client may watch, not only the overall one: a
+        // balancer checking "instance_agent.v1.JobService" must see it go.
+        for name in api::SERVICE_NAMES.into_iter().chain([""]) {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
         cancel.cancel();
 
         let grace = Duration::from_secs(config.agent.shutdown_grace_seconds.into());

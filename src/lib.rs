@@ -26,7 +26,6 @@
 //!   mutual TLS), roles, limits and the audit log.
 //! - [`metrics`]: Prometheus text on a loopback HTTP address, fed by events,
 //!   scrape-time reads and a gRPC layer.
-//! - [`api`]: the thin gRPC layer (protobuf ⇄ domain, error mapping).
 //! - [`cli`]: the operator CLI, a gRPC client of the daemon.
 //!
 //! Flows: control plane / CLI → gRPC (Unix socket or TCP) → `api` → domain

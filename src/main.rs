@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args, cli.socket),
-        other => cli::run(other, cli.socket, cli.json),
+        other => cli::run(other, cli.socket, cli.json, cli.rpc_timeout),
     }
 }
 
@@ -38,17 +38,33 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
     init_tracing(args.log_format);
     let source = ConfigSource {
         must_exist: args.config.is_some(),
-        path: args.config.unwrap_or_else(|| DEFAULT_CONFIG_PATH.into()),
+        path: args.config.unwrap_or_else(default_config_path),
         overrides: Overrides {
-            socket,
+            // Like the client commands: --socket, else $INSTANCE_AGENT_SOCKET,
+            // else the config file's agent.socket.
+            socket: socket.or_else(|| {
+                std::env::var_os("INSTANCE_AGENT_SOCKET")
+                    .filter(|path| !path.is_empty())
+                    .map(std::path::PathBuf::from)
+            }),
             state_dir: args.state_dir,
         },
     };
-    let config = match source.load() {
-        Ok(config) => config,
+    // Errors are logged once, through tracing: on the terminal, in the
+    // journal (with its priority) or as JSON, as the operator chose.
+    let config = match source.load_noting_derived() {
+        Ok((config, derived)) => {
+            if !derived.is_empty() {
+                tracing::info!(
+                    state_dir = %config.agent.state_dir.display(),
+                    "--state-dir: {} left at their defaults, so they move under the state dir",
+                    derived.join(", ")
+                );
+            }
+            config
+        }
         Err(error) => {
-            tracing::error!(%error, "invalid configuration");
-            eprintln!("instance-agent: {error}");
+            tracing::error!("invalid configuration: {error}");
             return ExitCode::from(EX_CONFIG);
         }
     };
@@ -62,7 +78,7 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
     let runtime = match builder.max_blocking_threads(16).enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("instance-agent: cannot start the async runtime: {error}");
+            tracing::error!("cannot start the async runtime: {error}");
             return ExitCode::from(EX_SOFTWARE);
         }
     };
@@ -89,16 +105,24 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // Unusable TLS files are a configuration error, like a bad key.
         Err(error @ instance_agent::DaemonError::Tls(_)) => {
-            tracing::error!(%error, "invalid configuration");
-            eprintln!("instance-agent: {error}");
+            tracing::error!("invalid configuration: {error}");
             ExitCode::from(EX_CONFIG)
         }
         Err(error) => {
-            tracing::error!(%error, "instance-agent failed");
-            eprintln!("instance-agent: {error}");
+            tracing::error!("instance-agent failed: {error}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where `serve` looks for its config without `--config`:
+/// `$INSTANCE_AGENT_CONFIG` (for tests and unusual layouts), else
+/// `/etc/instance-agent/config.toml`. Either way an absent file means all
+/// defaults, which is what the systemd unit relies on.
+fn default_config_path() -> std::path::PathBuf {
+    std::env::var_os("INSTANCE_AGENT_CONFIG")
+        .filter(|path| !path.is_empty())
+        .map_or_else(|| DEFAULT_CONFIG_PATH.into(), std::path::PathBuf::from)
 }
 
 /// This binary, for re-executing it as the setup supervisor. `/proc/self/exe`
@@ -131,16 +155,21 @@ fn stop_signal() -> impl std::future::Future<Output = ()> {
 
 /// Logs to stderr: plain text without timestamps under journald (which adds
 /// its own), with timestamps elsewhere, or JSON; filtered by `RUST_LOG`.
+/// Colours only on a terminal (and not with `NO_COLOR`): a file, a pipe or
+/// the journal would get raw escape codes.
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text if under_journald => builder.without_time().with_ansi(false).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.with_ansi(colour).init(),
     }
 }

@@ -39,7 +39,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let (file_tx, mut file_rx) = mpsc::channel::<()>(1);
-    let _watcher = watch_file(&source, file_tx);
+    let mut file_watch = FileWatch::start(&source, file_tx.clone());
 
     loop {
         tokio::select! {
@@ -50,6 +50,11 @@ pub async fn run(
             Some(()) = file_rx.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while file_rx.try_recv().is_ok() {}
+                if file_watch.as_ref().is_some_and(|w| !w.on_config_dir) {
+                    // Something on the way to the config directory changed:
+                    // watch it once it exists.
+                    file_watch = FileWatch::start(&source, file_tx.clone());
+                }
                 tracing::info!(path = %source.path.display(), "config file changed: reloading");
             }
         }
@@ -88,56 +93,200 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.disk = new.disk.clone();
 }
 
-/// Watches the config file's directory; `None` when it cannot (then SIGHUP
-/// still works).
-fn watch_file(source: &ConfigSource, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    let dir = source.path.parent()?.to_owned();
-    let name = source.path.file_name()?.to_owned();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
+/// The inotify watch behind file-change reloads.
+struct FileWatch {
+    /// Dropping it ends the watch.
+    _watcher: notify::RecommendedWatcher,
+    /// False while the config directory does not exist and its nearest
+    /// existing ancestor is watched instead.
+    on_config_dir: bool,
+}
+
+impl FileWatch {
+    /// Watches the config file's directory (editors replace files rather than
+    /// write them in place, so the file itself cannot be watched) or, while
+    /// that directory does not exist, its nearest existing ancestor, to catch
+    /// the directory's creation. `None` when nothing can be watched; SIGHUP
+    /// still works then.
+    fn start(source: &ConfigSource, tx: mpsc::Sender<()>) -> Option<Self> {
+        let config_dir = source.path.parent()?.to_owned();
+        let dir = config_dir.ancestors().find(|dir| dir.is_dir())?.to_owned();
+        let on_config_dir = dir == config_dir;
+        let config_path = source.path.clone();
+        let mut watcher = notify::recommended_watcher(
+            move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if event.kind.is_access() {
+                    return;
+                }
+                // The file itself, or (watching an ancestor) a directory on
+                // the way to it.
+                if event.paths.iter().any(|p| config_path.starts_with(p)) {
+                    // A full channel already holds a pending reload.
+                    let _ = tx.try_send(());
+                }
+            },
+        )
+        .map_err(
+            |error| tracing::warn!(%error, "cannot watch the config file; reload on SIGHUP only"),
+        )
+        .ok()?;
+        if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(%error, dir = %dir.display(), "cannot watch the config directory; reload on SIGHUP only");
+            return None;
         }
-        if event
-            .paths
-            .iter()
-            .any(|p| p.file_name() == Some(name.as_os_str()))
-        {
-            // A full channel already holds a pending reload.
-            let _ = tx.try_send(());
+        if !on_config_dir {
+            tracing::info!(
+                config_dir = %config_dir.display(),
+                watching = %dir.display(),
+                "the config directory does not exist yet; watching for it to appear"
+            );
         }
-    })
-    .map_err(|error| tracing::warn!(%error, "cannot watch the config file"))
-    .ok()?;
-    if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        tracing::debug!(%error, dir = %dir.display(), "config directory not watched");
-        return None;
+        Some(Self {
+            _watcher: watcher,
+            on_config_dir,
+        })
     }
-    Some(watcher)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Overrides;
+    use crate::config::{LIVE_KEYS, flatten, is_live};
+
+    /// `value` changed, keeping its TOML type (`None` when no change fits).
+    fn changed(value: &toml::Value) -> Vec<toml::Value> {
+        use toml::Value;
+        match value {
+            Value::Integer(i) => vec![Value::Integer(i + 1), Value::Integer(i.saturating_sub(1))],
+            Value::Float(f) => vec![Value::Float(f + 0.5)],
+            Value::Boolean(b) => vec![Value::Boolean(!b)],
+            Value::String(text) => vec![Value::String(format!("{text}x"))],
+            Value::Array(items) => {
+                let mut longer = items.clone();
+                longer.push(items.first().cloned().unwrap_or(Value::Integer(1000)));
+                let mut as_strings = items.clone();
+                as_strings.push(Value::String("x".into()));
+                vec![
+                    Value::Array(longer),
+                    Value::Array(as_strings),
+                    Value::Array(Vec::new()),
+                ]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Sets the dotted `key` of a serialised config.
+    fn set(root: &mut toml::Value, key: &str, value: toml::Value) {
+        let mut table = root;
+        let mut parts = key.split('.').peekable();
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                table[part] = value;
+                return;
+            }
+            table = &mut table[part];
+        }
+    }
 
     #[test]
-    fn live_keys_are_exactly_the_ones_applied() {
-        // Every key ConfigChanges calls live must be copied by apply_live, or
-        // a reload would announce a change it never makes.
+    fn every_live_key_is_applied_and_no_other() {
+        // LIVE_KEYS (what a reload announces as live) and apply_live (what
+        // it does) must agree key by key: change each key of the config on
+        // its own and look at what apply_live copies.
         let old = Config::default();
-        let mut new = old.clone();
-        new.agent.status_interval_seconds = 7;
-        new.docker.check_interval_seconds = 3;
-        new.events.backlog = 100;
-        new.agent.socket = "/tmp/x.sock".into();
-        let changes = ConfigChanges::between(&old, &new);
-        let mut running = old.clone();
-        apply_live(&mut running, &new);
-        assert_eq!(
-            ConfigChanges::between(&running, &new).live,
-            Vec::<String>::new()
-        );
-        assert_eq!(changes.need_restart, vec!["agent.socket"]);
-        assert_eq!(running.agent.socket, old.agent.socket);
+        let old_flat = flatten(&old);
+        let mut exercised = std::collections::BTreeSet::<&str>::new();
+        for (key, value) in &old_flat {
+            let new = changed(value).into_iter().find_map(|candidate| {
+                let mut root = toml::Value::try_from(&old).expect("serialises");
+                set(&mut root, key, candidate);
+                root.try_into::<Config>().ok()
+            });
+            let Some(new) = new else { continue };
+            if flatten(&new).get(key) == Some(value) {
+                continue;
+            }
+            let mut running = old.clone();
+            apply_live(&mut running, &new);
+            let applied = flatten(&running).get(key) != Some(value);
+            assert_eq!(
+                applied,
+                is_live(key),
+                "{key}: applied {applied}, listed live {}",
+                is_live(key)
+            );
+            if applied {
+                exercised.extend(LIVE_KEYS.iter().copied().filter(|live| {
+                    key == *live
+                        || live
+                            .strip_suffix('.')
+                            .is_some_and(|t| key.starts_with(&format!("{t}.")))
+                }));
+            }
+        }
+        let missed: Vec<_> = LIVE_KEYS
+            .iter()
+            .filter(|k| !exercised.contains(**k))
+            .collect();
+        assert!(missed.is_empty(), "live keys never exercised: {missed:?}");
+    }
+
+    fn source_at(path: std::path::PathBuf) -> ConfigSource {
+        ConfigSource {
+            path,
+            must_exist: false,
+            overrides: Overrides::default(),
+        }
+    }
+
+    /// Runs the reload loop on `source` and waits until the file changes
+    /// `docker.check_interval_seconds` live, writing it with `write`.
+    async fn reloads_on_file_change(source: ConfigSource, write: impl FnOnce()) {
+        let (tx, mut rx) = watch::channel(Arc::new(Config::default()));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(source, tx, None, cancel.clone()));
+        // Let the loop start its watch.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        write();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                rx.changed().await.expect("sender alive");
+                if rx.borrow().docker.check_interval_seconds == 3 {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("the change was applied without SIGHUP");
+        cancel.cancel();
+        task.await.expect("loop ends");
+    }
+
+    #[tokio::test]
+    async fn a_saved_file_is_reloaded_without_sighup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "").expect("write");
+        let file = path.clone();
+        reloads_on_file_change(source_at(path), move || {
+            std::fs::write(&file, "[docker]\ncheck_interval_seconds = 3\n").expect("write");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_config_dir_created_after_the_start_is_watched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_dir = dir.path().join("etc/instance-agent");
+        let path = config_dir.join("config.toml");
+        let file = path.clone();
+        reloads_on_file_change(source_at(path), move || {
+            std::fs::create_dir_all(&config_dir).expect("mkdir");
+            std::fs::write(&file, "[docker]\ncheck_interval_seconds = 3\n").expect("write");
+        })
+        .await;
     }
 }

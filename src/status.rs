@@ -158,3 +158,60 @@ impl StatusProvider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::{ConditionState, Subsystem};
+
+    fn provider() -> (StatusProvider, Health, AdmissionGate, EventBus) {
+        let health = Health::new();
+        let admission = AdmissionGate::new();
+        let events = EventBus::new(16);
+        let (_gpus_tx, gpus) = watch::channel(Vec::new());
+        let host = HostFacts {
+            hostname: "vm-1".into(),
+            kernel: "6.1.0".into(),
+            host_cpus: 4,
+            usable_cores: 2.5,
+            memory_total_bytes: 8 << 30,
+            gpus: Vec::new(),
+        };
+        let provider = StatusProvider::new(
+            "inst-1",
+            host,
+            gpus,
+            health.clone(),
+            events.clone(),
+            admission.clone(),
+        );
+        (provider, health, admission, events)
+    }
+
+    #[tokio::test]
+    async fn the_report_reads_live_state_and_agrees_with_the_summary() {
+        let (provider, health, admission, events) = provider();
+        health.set(Subsystem::Docker, ConditionState::Failed, "engine down");
+        admission.hold("disk", "disk / is full");
+        events.publish(crate::events::EventPayload::Agent { phase: "started" });
+        let report = provider.report();
+        assert_eq!(report.version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(report.instance_id, "inst-1");
+        assert_eq!(report.host.hostname, "vm-1");
+        assert_eq!(report.host.usable_cores, 2.5);
+        assert_eq!(report.conditions.len(), Subsystem::ALL.len());
+        assert!(report.summary.contains("engine down"), "{}", report.summary);
+        assert_eq!(report.summary, provider.summary());
+        // Without a job manager the line is the health summary alone, and
+        // the held queue still shows.
+        assert_eq!(provider.status_line(), provider.summary());
+        assert!(
+            report.slots.held_reason.contains("disk / is full"),
+            "{}",
+            report.slots.held_reason
+        );
+        assert_eq!(report.last_event_sequence, events.last_sequence());
+        assert!(report.last_event_sequence >= 1);
+        assert!(report.memory_available_bytes > 0);
+    }
+}

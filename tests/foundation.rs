@@ -217,6 +217,15 @@ fn bad_config_exits_78_naming_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("socketz"), "{stderr}");
     assert!(stderr.contains("line 2"), "{stderr}");
+
+    // A value of the wrong type: the dotted key and the type in words.
+    let (code, stderr) = common::serve_refused("[jobs]\nslots_per_core = \"two\"\n");
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("line 2: key `jobs.slots_per_core`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("expected a whole number"), "{stderr}");
 }
 
 #[test]
@@ -250,24 +259,69 @@ fn default_config_is_complete_and_valid() {
     );
 }
 
-#[tokio::test]
-async fn sigterm_stops_cleanly_within_the_grace_period() {
+/// SIGTERM and SIGINT stop the agent the same way: health watchers of the
+/// overall and of every service name see NOT_SERVING, a watching client
+/// does not hold up the stop, the socket is removed.
+async fn stops_cleanly_within_the_grace_period(signal: Signal) {
+    use tonic_health::pb::health_check_response::ServingStatus;
     let mut agent = Agent::builder()
         .config("[agent]\nshutdown_grace_seconds = 3")
         .start();
-    // A watching client must not hold up the stop.
-    let mut client = proto::agent_service_client::AgentServiceClient::new(agent.channel().await);
-    let _stream = client
+    let channel = agent.channel().await;
+    let mut client = proto::agent_service_client::AgentServiceClient::new(channel.clone());
+    let mut events = client
         .watch_events(proto::WatchEventsRequest { since: None })
         .await
-        .expect("watch");
-    agent.signal(Signal::SIGTERM);
+        .expect("watch")
+        .into_inner();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watches = Vec::new();
+    for name in instance_agent::api::SERVICE_NAMES.into_iter().chain([""]) {
+        let mut stream = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: name.into(),
+            })
+            .await
+            .expect("health watch")
+            .into_inner();
+        let first = stream.next().await.expect("a status").expect("ok");
+        assert_eq!(first.status(), ServingStatus::Serving, "{name:?}");
+        watches.push((name, stream));
+    }
+    agent.signal(signal);
+    for (name, stream) in &mut watches {
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a status change before the grace period ends")
+            .expect("a status")
+            .expect("ok");
+        assert_eq!(next.status(), ServingStatus::NotServing, "{name:?}");
+    }
+    // The event stream ends cleanly after "stopping".
+    let mut stopping = false;
+    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+        let event = item.expect("events end without an error");
+        stopping |=
+            matches!(event.kind, Some(proto::event::Kind::Agent(ref a)) if a.phase == "stopping");
+    }
+    assert!(stopping, "no stopping event");
+    drop(watches);
     let status = agent
-        .wait_exit(Duration::from_secs(5))
+        .wait_exit(Duration::from_secs(6))
         .expect("exits within the grace period");
     assert!(status.success(), "{status:?}; log:\n{}", agent.log());
     assert!(!agent.socket.exists(), "socket file removed on stop");
     assert!(agent.log().contains("stopped"), "{}", agent.log());
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_within_the_grace_period() {
+    stops_cleanly_within_the_grace_period(Signal::SIGTERM).await;
+}
+
+#[tokio::test]
+async fn sigint_stops_like_sigterm() {
+    stops_cleanly_within_the_grace_period(Signal::SIGINT).await;
 }
 
 #[test]
@@ -352,18 +406,79 @@ fn cli_without_daemon_says_so_in_one_line() {
     assert!(stderr.contains("not running"), "{stderr}");
 }
 
+/// Kills a spawned agent when a test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
-fn sighup_reload_logs_live_and_restart_keys() {
-    let agent = Agent::builder().start();
-    let mut config = std::fs::read_to_string(&agent.config_path).expect("config");
-    config.push_str("[docker]\ncheck_interval_seconds = 2\n[events]\nbacklog = 128\n");
-    config = config.replace("[agent]\n", "[agent]\nshutdown_grace_seconds = 4\n");
-    std::fs::write(&agent.config_path, config).expect("write");
-    agent.signal(Signal::SIGHUP);
+fn sighup_alone_reloads_and_logs_live_and_restart_keys() {
+    // The config path is a symlink to a file in another directory: the
+    // agent's inotify watch is on the link's directory and does not see the
+    // target being written, so only the SIGHUP can cause this reload.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real_dir = dir.path().join("real");
+    std::fs::create_dir(&real_dir).expect("mkdir");
+    let real = real_dir.join("config.toml");
+    let link = dir.path().join("config.toml");
+    let socket = dir.path().join("agent.sock");
+    let log_path = dir.path().join("agent.log");
+    let base = format!(
+        "[agent]\nsocket = {:?}\nstate_dir = {:?}\nlogs_dir = {:?}\nruntime_dir = {:?}\n",
+        socket,
+        dir.path().join("state"),
+        dir.path().join("logs"),
+        dir.path().join("run")
+    );
+    let metrics_off = "[metrics]\nlisten = \"\"\n";
+    std::fs::write(&real, format!("{base}{metrics_off}")).expect("write");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let child = std::process::Command::new(common::binary())
+        .args(["serve", "--config"])
+        .arg(&link)
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::fs::File::create(&log_path).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let agent = KillOnDrop(child);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let edited = format!(
+        "{}shutdown_grace_seconds = 4\n[docker]\ncheck_interval_seconds = 2\n[events]\nbacklog = 128\n{metrics_off}",
+        base
+    );
+    std::fs::write(&real, edited).expect("write");
+    // Longer than the watch's debounce: no reload without the signal.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !log().contains("applied live"),
+        "reloaded without SIGHUP:\n{}",
+        log()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let log = agent.log();
+        let log = log();
         if log.contains("applied live") && log.contains("only after a restart") {
+            assert!(log.contains("SIGHUP: reloading"), "{log}");
+            assert!(!log.contains("config file changed"), "{log}");
             assert!(log.contains("docker.check_interval_seconds"), "{log}");
             assert!(log.contains("agent.shutdown_grace_seconds"), "{log}");
             break;
@@ -384,4 +499,103 @@ fn completions_are_generated() {
         .expect("run");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("instance-agent"));
+}
+
+#[test]
+fn completions_into_a_closed_pipe_exit_quietly() {
+    // `completions bash | head -0`: the reader is gone before the write.
+    let mut child = std::process::Command::new(common::binary())
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn json_on_local_commands() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::binary())
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[jobs]\nslots_per_core = 3\n").expect("write");
+    let out = run(&["config", "check", "--json", good.to_str().expect("utf-8")]);
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["file"], good.to_str().expect("utf-8"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[jobs]\nslots_per_core = 0\n").expect("write");
+    let out = run(&["--json", "config", "check", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(78));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["ok"], false);
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("line 2: key `jobs.slots_per_core`")),
+        "{report}"
+    );
+
+    let out = run(&["config", "default", "--json"]);
+    assert!(out.status.success());
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(config["agent"]["shutdown_grace_seconds"], 10);
+    assert_eq!(config["jobs"]["slots_per_core"], 2);
+
+    let out = run(&["completions", "bash", "--json"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--json does not apply"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn cli_says_a_file_at_the_socket_path_is_not_a_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("agent.sock");
+    std::fs::write(&file, "").expect("write");
+    let out = cli(&file, &["status"]);
+    assert_eq!(out.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert!(!stderr.contains("stale"), "{stderr}");
+}
+
+#[test]
+fn cli_gives_up_on_a_frozen_agent_after_the_rpc_timeout() {
+    // A listener that accepts connections but never answers: a frozen agent.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("frozen.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(common::binary())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--rpc-timeout", "1", "status"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    // Generous: the point is that it ends at all.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&socket.display().to_string()), "{stderr}");
 }

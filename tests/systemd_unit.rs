@@ -22,3 +22,42 @@ fn unit_verifies_cleanly() {
     );
     assert!(stdout.contains("verify: clean"), "{stdout}");
 }
+
+/// The values of `key=` in the unit's `[Service]` section (continuation
+/// lines are not used by the unit).
+fn service_values(key: &str) -> Vec<String> {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/instance-agent.service"
+    ))
+    .expect("read the unit");
+    let mut in_service = false;
+    let mut values = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+        } else if in_service && let Some(value) = line.strip_prefix(&format!("{key}=")) {
+            values.push(value.to_owned());
+        }
+    }
+    values
+}
+
+#[test]
+fn unit_relies_on_the_default_config_path_and_does_not_loop_on_a_bad_config() {
+    // A file named with --config must exist; the default path may be absent
+    // (all defaults). The unit must not turn "no config file" into a
+    // restart loop, so it names no --config.
+    let exec = service_values("ExecStart");
+    assert_eq!(exec, ["/usr/bin/instance-agent serve"]);
+    assert_eq!(service_values("Restart"), ["on-failure"]);
+    // Exit 78 (bad config) is final: restarting cannot fix the file.
+    let prevent = service_values("RestartPreventExitStatus");
+    assert!(
+        prevent
+            .iter()
+            .flat_map(|v| v.split_whitespace())
+            .any(|status| status == "78"),
+        "{prevent:?}"
+    );
+}

@@ -2,6 +2,7 @@
 //! into one line that names the path and the likely fix.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use hyper_util::rt::TokioIo;
@@ -9,6 +10,26 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Where the daemon listens by default.
 pub const DEFAULT_SOCKET: &str = "/run/instance-agent/agent.sock";
+
+/// Default of `--rpc-timeout`: long enough for the slowest unary call
+/// (`disk --reclaim` pruning Docker on a full disk), short enough that a
+/// frozen agent does not hang the CLI forever.
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The deadline of unary calls (and of the connection handshake) for this
+/// process, set once from `--rpc-timeout` before any command runs. A process
+/// global rather than a parameter of every command: the CLI is one short
+/// process, and each command's file stays untouched by it.
+static RPC_TIMEOUT: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+
+/// Sets the deadline of unary calls; `None` means none. Only the first call counts.
+pub fn set_rpc_timeout(timeout: Option<Duration>) {
+    let _ = RPC_TIMEOUT.set(timeout);
+}
+
+fn rpc_timeout() -> Option<Duration> {
+    *RPC_TIMEOUT.get_or_init(|| Some(DEFAULT_RPC_TIMEOUT))
+}
 
 /// `--socket`, else `$INSTANCE_AGENT_SOCKET`, else the default.
 pub fn socket_path(flag: Option<PathBuf>) -> PathBuf {
@@ -25,11 +46,21 @@ pub struct Unreachable(String);
 /// the error can say why it does not.
 pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
     if let Err(error) = tokio::net::UnixStream::connect(socket).await {
-        return Err(Unreachable(explain(socket, &error)).into());
+        let is_socket = tokio::fs::metadata(socket).await.ok().map(|meta| {
+            use std::os::unix::fs::FileTypeExt;
+            meta.file_type().is_socket()
+        });
+        return Err(Unreachable(explain(socket, &error, is_socket)).into());
     }
     let path = socket.to_owned();
     // The URI is required by the API but unused: the connector ignores it.
-    let channel = Endpoint::try_from("http://instance-agent.local")?
+    let mut endpoint = Endpoint::try_from("http://instance-agent.local")?;
+    if let Some(timeout) = rpc_timeout() {
+        // Covers a unary call until its reply, and a streaming call until
+        // the stream starts: `-f`/`--watch` streams are not cut.
+        endpoint = endpoint.timeout(timeout).connect_timeout(timeout);
+    }
+    let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -42,9 +73,17 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
     Ok(channel)
 }
 
-fn explain(socket: &Path, error: &std::io::Error) -> String {
+/// One line saying why `socket` cannot be reached and what to do.
+/// `is_socket`: whether the path is a socket (`None` when it cannot be
+/// stat'ed).
+fn explain(socket: &Path, error: &std::io::Error, is_socket: Option<bool>) -> String {
     use std::io::ErrorKind;
     let path = socket.display();
+    if is_socket == Some(false) && error.kind() != ErrorKind::PermissionDenied {
+        return format!(
+            "{path} is not a socket: pass the agent's socket with --socket (default {DEFAULT_SOCKET})"
+        );
+    }
     match error.kind() {
         ErrorKind::NotFound => format!(
             "instance-agent is not running: no socket at {path} (start it with `systemctl start instance-agent`, or pass --socket)"
@@ -92,6 +131,30 @@ pub fn closed_by_agent(error: &anyhow::Error, socket: &Path) -> Option<String> {
     })
 }
 
+/// When `error` is a call that hit `--rpc-timeout`, one line saying so.
+pub fn timed_out(error: &anyhow::Error, socket: &Path) -> Option<String> {
+    // tonic reports its own deadline as CANCELLED "Timeout expired" (a call)
+    // or as a transport error of the same text (the connection handshake).
+    let expired = error.chain().any(|e| {
+        e.downcast_ref::<tonic::Status>().map_or_else(
+            || e.to_string().contains("Timeout expired"),
+            |status| {
+                status.code() == tonic::Code::Cancelled
+                    && status.message().contains("Timeout expired")
+            },
+        )
+    });
+    let timeout = rpc_timeout()?;
+    expired.then(|| {
+        format!(
+            "the agent at {} did not answer within {} s: it may be frozen (see `journalctl -u instance-agent`), \
+             or the call needs longer (--rpc-timeout SECONDS, 0 for none)",
+            socket.display(),
+            timeout.as_secs()
+        )
+    })
+}
+
 /// Exit status for "daemon unreachable" (sysexits.h EX_UNAVAILABLE).
 pub const EX_UNAVAILABLE: u8 = 69;
 
@@ -107,6 +170,75 @@ pub async fn connect_or_explain(socket: &Path) -> Result<Channel, std::process::
             } else {
                 1
             }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    fn explained(kind: ErrorKind, is_socket: Option<bool>) -> String {
+        explain(Path::new("/run/x.sock"), &Error::from(kind), is_socket)
+    }
+
+    #[test]
+    fn each_failure_is_one_line_with_the_path_and_a_fix() {
+        let missing = explained(ErrorKind::NotFound, None);
+        assert!(
+            missing.contains("not running: no socket at /run/x.sock"),
+            "{missing}"
+        );
+        assert!(missing.contains("systemctl start"), "{missing}");
+        let stale = explained(ErrorKind::ConnectionRefused, Some(true));
+        assert!(
+            stale.contains("/run/x.sock refuses connections (stale socket"),
+            "{stale}"
+        );
+        let denied = explained(ErrorKind::PermissionDenied, Some(true));
+        assert!(
+            denied.contains("permission denied on /run/x.sock"),
+            "{denied}"
+        );
+        assert!(denied.contains("instance-operators"), "{denied}");
+        let other = explained(ErrorKind::TimedOut, None);
+        assert!(
+            other.starts_with("cannot connect to instance-agent at /run/x.sock"),
+            "{other}"
+        );
+        for line in [missing, stale, denied, other] {
+            assert_eq!(line.lines().count(), 1, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_deadline_is_reported_with_the_socket_and_the_flag() {
+        let status = tonic::Status::cancelled("Timeout expired");
+        let msg = timed_out(&status.into(), Path::new("/run/x.sock")).expect("a timeout");
+        assert!(msg.contains("/run/x.sock did not answer within"), "{msg}");
+        assert!(msg.contains("--rpc-timeout"), "{msg}");
+        let other = tonic::Status::cancelled("cancelled by the agent");
+        assert!(timed_out(&other.into(), Path::new("/run/x.sock")).is_none());
+    }
+
+    #[test]
+    fn a_file_or_directory_at_the_path_is_not_a_socket() {
+        // connect(2) on a regular file or a directory fails with ECONNREFUSED.
+        let msg = explained(ErrorKind::ConnectionRefused, Some(false));
+        assert!(msg.starts_with("/run/x.sock is not a socket"), "{msg}");
+        assert!(!msg.contains("stale"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn connect_names_a_regular_file_as_not_a_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("agent.sock");
+        std::fs::write(&file, "").expect("write");
+        for path in [file.as_path(), dir.path()] {
+            let error = connect(path).await.expect_err("not a socket");
+            assert!(error.is::<Unreachable>());
+            assert!(error.to_string().contains("is not a socket"), "{error}");
         }
     }
 }

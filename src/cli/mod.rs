@@ -33,6 +33,10 @@ pub struct Cli {
     /// Print JSON (the protobuf JSON mapping) instead of human output.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Deadline in seconds of each call to the daemon (0: none). Streams
+    /// (`-f`, `--watch`) are not cut once they started.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = client::DEFAULT_RPC_TIMEOUT.as_secs())]
+    pub rpc_timeout: u64,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -62,7 +66,7 @@ pub enum Command {
     /// Setup scripts: list runs, run a script, show its logs.
     #[command(subcommand)]
     Setup(setup::SetupCommand),
-    /// Print a shell completion script.
+    /// Print a shell completion script (`--json` does not apply).
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
@@ -72,7 +76,8 @@ pub enum Command {
 /// `serve` options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Config file [default: /etc/instance-agent/config.toml, absent means defaults].
+    /// Config file; it must exist [default: $INSTANCE_AGENT_CONFIG, else
+    /// /etc/instance-agent/config.toml; an absent default file means all defaults].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Overrides `agent.state_dir`.
@@ -95,9 +100,11 @@ pub enum LogFormat {
 /// `config` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print a complete, commented config with every key at its default.
+    /// Print a complete, commented config with every key at its default
+    /// (`--json`: the same values as one JSON object, without the comments).
     Default,
-    /// Validate a config file; exit 78 with the key and the problem if it is bad.
+    /// Validate a config file; exit 78 with the key and the problem if it is
+    /// bad (`--json`: `{"file", "ok", "error"}` on stdout).
     Check {
         /// The file to check.
         file: PathBuf,
@@ -105,16 +112,14 @@ pub enum ConfigCommand {
 }
 
 /// Runs a client command and returns the process exit code.
-pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
+pub fn run(command: Command, socket: Option<PathBuf>, json: bool, rpc_timeout: u64) -> ExitCode {
+    client::set_rpc_timeout((rpc_timeout > 0).then(|| std::time::Duration::from_secs(rpc_timeout)));
     let socket = client::socket_path(socket);
     let shown_socket = socket.clone();
     let result = match command {
         Command::Serve(_) => unreachable_serve(),
-        Command::Config(cmd) => return config_cmd::run(cmd),
-        Command::Completions { shell } => {
-            completions::print(shell);
-            return ExitCode::SUCCESS;
-        }
+        Command::Config(cmd) => return config_cmd::run(cmd, json),
+        Command::Completions { shell } => return completions::run(shell, json),
         Command::Status => with_runtime(status::run(socket, json)),
         Command::Jobs(cmd) => with_runtime(jobs::run(cmd, socket, json)),
         Command::Mounts(cmd) => with_runtime(mounts::run(cmd, socket, json)),
@@ -125,7 +130,9 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            match client::closed_by_agent(&error, &shown_socket) {
+            let explained = client::closed_by_agent(&error, &shown_socket)
+                .or_else(|| client::timed_out(&error, &shown_socket));
+            match explained {
                 Some(explained) => eprintln!("instance-agent: {explained}"),
                 None => eprintln!("instance-agent: {error:#}"),
             }

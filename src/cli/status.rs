@@ -130,3 +130,87 @@ fn render_failed_creation(out: &mut String, run: &proto::SetupRun) {
         let _ = writeln!(out, "  | {line}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> proto::GetStatusResponse {
+        proto::GetStatusResponse {
+            version: "1.2.3".into(),
+            uptime_seconds: 3700.0,
+            instance_id: "inst-1".into(),
+            host: Some(proto::HostInfo {
+                hostname: "vm-1".into(),
+                usable_cores: 2.0,
+                host_cpus: 4,
+                memory_total_bytes: 8 << 30,
+                memory_available_bytes: 6 << 30,
+                gpus: vec![proto::Gpu {
+                    index: 0,
+                    name: "A100".into(),
+                    ..Default::default()
+                }],
+                kernel: "6.1.0".into(),
+            }),
+            conditions: vec![
+                proto::Condition {
+                    r#type: "docker".into(),
+                    state: proto::ConditionState::Ok as i32,
+                    message: "engine 20.10 answers".into(),
+                    since: None,
+                },
+                proto::Condition {
+                    r#type: "disk".into(),
+                    state: proto::ConditionState::Failed as i32,
+                    message: "/ is 99% full".into(),
+                    since: None,
+                },
+            ],
+            slots: Some(proto::SlotUsage {
+                capacity: 8,
+                in_use: 2,
+                queued: 1,
+                running: 2,
+                held_reason: "disk / is full".into(),
+            }),
+            summary: "disk FAILED: / is 99% full".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn summary_layout() {
+        let text = render(&sample());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "instance-agent 1.2.3 — disk FAILED: / is 99% full"
+        );
+        assert!(lines[1].starts_with("  instance  inst-1   up "), "{text}");
+        assert_eq!(lines[2], "  host      vm-1 (Linux 6.1.0)");
+        assert!(
+            lines[3].starts_with("  cpu       2.0 usable cores of 4   memory "),
+            "{text}"
+        );
+        assert!(lines[3].ends_with("gpus 0:A100"), "{text}");
+        assert_eq!(
+            lines[4],
+            "  slots     2/8 in use, 2 running, 1 queued (held: disk / is full)"
+        );
+        assert_eq!(lines[5], "conditions");
+        assert_eq!(
+            lines[6],
+            "  docker   ok        engine 20.10 answers  (since -)"
+        );
+        assert_eq!(lines[7], "  disk     FAILED    / is 99% full  (since -)");
+        assert_eq!(lines.len(), 8, "{text}");
+    }
+
+    #[test]
+    fn an_empty_reply_still_renders() {
+        let text = render(&proto::GetStatusResponse::default());
+        assert!(text.contains("gpus none"), "{text}");
+        assert!(text.contains("slots     0/0 in use"), "{text}");
+    }
+}

@@ -327,11 +327,14 @@ impl PathRules {
     }
 
     fn off_agent_dirs(&self, path: &Path, resolved: &Path) -> Result<(), String> {
-        match self
-            .agent_dirs
-            .iter()
-            .find(|d| paths::overlaps(resolved, d))
-        {
+        // A cache dir inside the cache root is the agent's own area even when
+        // the cache root itself lies in an agent dir (`serve --state-dir DIR`
+        // puts it at DIR/cache): only the rest of that dir is off limits.
+        let in_cache_root = paths::strictly_below(resolved, &self.cache_root);
+        match self.agent_dirs.iter().find(|d| {
+            paths::overlaps(resolved, d)
+                && !(in_cache_root && paths::strictly_below(&self.cache_root, d))
+        }) {
             Some(dir) => Err(format!(
                 "{} overlaps the agent's own directory {}",
                 describe(path, resolved),
@@ -484,6 +487,31 @@ mod tests {
         assert!(
             rules
                 .cache_dir(&base.join("cache/state/x"))
+                .unwrap_err()
+                .contains("overlaps")
+        );
+    }
+
+    #[test]
+    fn a_cache_root_inside_the_state_dir_is_usable() {
+        // `serve --state-dir DIR` derives mounts.cache_root = DIR/cache.
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let rules = PathRules::new(
+            &[base.join("mnt")],
+            &base.join("state/cache"),
+            &[base.join("state")],
+        );
+        assert!(rules.cache_dir(&base.join("state/cache/data")).is_ok());
+        // The rest of the state dir stays off limits.
+        let rules = PathRules::new(
+            std::slice::from_ref(&base),
+            &base.join("state/cache"),
+            &[base.join("state")],
+        );
+        assert!(
+            rules
+                .cache_dir(&base.join("state/store"))
                 .unwrap_err()
                 .contains("overlaps")
         );
