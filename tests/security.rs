@@ -602,6 +602,14 @@ fn unix_socket_roles_for_operators_and_outsiders() {
     // The same user through the gRPC API: every read works, ReclaimSpace
     // only as a dry run, every other mutation is refused.
     let helper = runnable_by_all(&std::env::current_exe().expect("test binary"), tools.path());
+    // `disk --top` walks as root but enters only what the operator may list.
+    let listable = tools.path().join("listable");
+    let private = tools.path().join("private");
+    for (dir, mode) in [(&listable, 0o755), (&private, 0o700)] {
+        std::fs::create_dir(dir).expect("mkdir");
+        std::fs::write(dir.join("file"), b"data").expect("write");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
     let out = Command::new("setpriv")
         .arg(format!("--reuid={}", id_of("-u", &users.operator)))
         .arg(format!("--regid={}", id_of("-g", &users.operator)))
@@ -617,7 +625,8 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         .env("IA_SECURITY_HELPER_SOCKET", &agent.socket)
         .env("IA_SECURITY_HELPER_JOB", &job_id)
         .env("IA_SECURITY_HELPER_SETUP_RUN", &run_id)
-        .env("IA_SECURITY_HELPER_DIR", tools.path())
+        .env("IA_SECURITY_HELPER_DIR", &listable)
+        .env("IA_SECURITY_HELPER_PRIVATE_DIR", &private)
         .output()
         .expect("helper");
     let helper_out = format!(
@@ -855,6 +864,23 @@ async fn operator_calls_over_grpc() {
     for update in top {
         update.expect("TopDirectories update");
     }
+    let private = var("IA_SECURITY_HELPER_PRIVATE_DIR");
+    let refused: Vec<_> = disk
+        .top_directories(proto::TopDirectoriesRequest {
+            path: private,
+            limit: 5,
+            ..Default::default()
+        })
+        .await
+        .expect("TopDirectories")
+        .into_inner()
+        .collect()
+        .await;
+    let refusal = refused
+        .into_iter()
+        .find_map(Result::err)
+        .expect("a directory the operator may not list is refused");
+    assert_eq!(refusal.code(), tonic::Code::PermissionDenied, "{refusal:?}");
 
     MountServiceClient::new(channel.clone())
         .list_mounts(proto::ListMountsRequest {})
