@@ -94,6 +94,18 @@ async fn alert_entering(
     mount_point: &str,
     state: DiskState,
 ) -> Instant {
+    alert_in(alerts, mount_point, state, false).await
+}
+
+/// Waits for the next alert on `mount_point` whose new state is `state`;
+/// with `current`, the current-state alert a subscriber gets first counts
+/// too (old state equal to the new one).
+async fn alert_in(
+    alerts: &mut mpsc::UnboundedReceiver<(Instant, proto::DiskAlert)>,
+    mount_point: &str,
+    state: DiskState,
+    current: bool,
+) -> Instant {
     let deadline = Duration::from_secs(30);
     loop {
         let (received, alert) = tokio::time::timeout(deadline, alerts.recv())
@@ -102,7 +114,7 @@ async fn alert_entering(
             .expect("alert stream ended");
         if alert.mount_point == mount_point
             && alert.new_state() == state
-            && alert.old_state() != state
+            && (current || alert.old_state() != state)
         {
             return received;
         }
@@ -151,8 +163,10 @@ async fn main() {
             }
         }
     });
-    // The first alert per filesystem carries its current state.
-    alert_entering(&mut alerts, &target_name, DiskState::Ok).await;
+    // The first alert per filesystem carries its current state: ok, either
+    // as the current-state alert (sampled before the subscription) or as
+    // the transition from unknown (sampled after it).
+    alert_in(&mut alerts, &target_name, DiskState::Ok, true).await;
 
     let interval = Duration::from_millis(interval_ms);
     let mut phase = Phase::new();
