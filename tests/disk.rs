@@ -520,15 +520,7 @@ async fn reclaim_space_reports_steps_and_skips_docker_for_another_filesystem() {
             "{step:?}"
         );
     }
-    let dry = disk
-        .reclaim_space(proto::ReclaimSpaceRequest {
-            dry_run: true,
-            path: String::new(),
-            all_steps: true,
-        })
-        .await
-        .expect("dry run")
-        .into_inner();
+    let dry = reclaim_everything(&mut disk, true).await;
     assert!(dry.dry_run);
     assert!(
         dry.steps.iter().all(|s| s.ran && s.error.is_empty()),
@@ -1025,15 +1017,7 @@ async fn reclaim_space_through_the_agent_removes_a_finished_jobs_container() {
     }
     assert_eq!(common::containers(&instance, true).len(), 1, "kept");
 
-    let dry = disk
-        .reclaim_space(proto::ReclaimSpaceRequest {
-            dry_run: true,
-            path: String::new(),
-            all_steps: true,
-        })
-        .await
-        .expect("dry run")
-        .into_inner();
+    let dry = reclaim_everything(&mut disk, true).await;
     let step = |r: &proto::ReclaimSpaceResponse| {
         r.steps
             .iter()
@@ -1048,15 +1032,7 @@ async fn reclaim_space_through_the_agent_removes_a_finished_jobs_container() {
         "a dry run deletes nothing"
     );
 
-    let report = disk
-        .reclaim_space(proto::ReclaimSpaceRequest {
-            dry_run: false,
-            path: String::new(),
-            all_steps: true,
-        })
-        .await
-        .expect("reclaim")
-        .into_inner();
+    let report = reclaim_everything(&mut disk, false).await;
     let removed = step(&report);
     assert!(removed.ran && removed.error.is_empty(), "{report:?}");
     assert_eq!(removed.items, 1, "{report:?}");
@@ -1065,4 +1041,19 @@ async fn reclaim_space_through_the_agent_removes_a_finished_jobs_container() {
         common::containers(&instance, true).is_empty(),
         "the finished job's container is gone"
     );
+}
+
+/// `ReclaimSpace` of every step for every watched filesystem.
+async fn reclaim_everything(
+    disk: &mut DiskServiceClient<Channel>,
+    dry_run: bool,
+) -> proto::ReclaimSpaceResponse {
+    disk.reclaim_space(proto::ReclaimSpaceRequest {
+        dry_run,
+        path: String::new(),
+        all_steps: true,
+    })
+    .await
+    .expect("ReclaimSpace")
+    .into_inner()
 }

@@ -102,6 +102,20 @@ async fn mount_state(agent: &Agent, name: &str) -> Option<proto::MountInfo> {
     list(agent).await.into_iter().find(|m| m.name == name)
 }
 
+/// The mount `name` once it satisfies `wanted`, within `timeout`.
+async fn mount_reaching(
+    agent: &Agent,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    wanted: impl Fn(&proto::MountInfo) -> bool,
+) -> proto::MountInfo {
+    eventually(what, timeout, async || {
+        mount_state(agent, name).await.filter(|m| wanted(m))
+    })
+    .await
+}
+
 /// Asserts that no file under the agent's logs dir or state dir holds a
 /// secret, except the 0600 files in which the agent keeps API secrets by
 /// design (`<state>/mounts/secrets/`).
@@ -242,10 +256,8 @@ async fn a_killed_blobfuse2_leaves_a_stale_mount_that_the_agent_repairs() {
     assert!(mountinfo_at(&path).is_some());
 
     // Health interval 8 s plus backoff 1 s: repaired well within 30 s.
-    let repaired = eventually("the repair", Duration::from_secs(30), async || {
-        mount_state(&agent, "data")
-            .await
-            .filter(|m| m.state() == proto::MountState::Mounted && m.remount_count == 1)
+    let repaired = mount_reaching(&agent, "data", "the repair", Duration::from_secs(30), |m| {
+        m.state() == proto::MountState::Mounted && m.remount_count == 1
     })
     .await;
     assert_ne!(repaired.pid, info.pid);
@@ -286,22 +298,22 @@ async fn a_hung_blobfuse2_times_out_the_health_check_without_blocking_the_agent(
     let info = mount_with_key(&agent, &site, "data").await;
     // A stopped daemon leaves every request to the mount hanging.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(info.pid as i32), Signal::SIGSTOP).unwrap();
-    let stale = eventually("the stale state", Duration::from_secs(30), async || {
-        // The API keeps answering while a health check hangs in the kernel.
-        mount_state(&agent, "data")
-            .await
-            .filter(|m| m.state() == proto::MountState::Stale)
-    })
+    // The API keeps answering while a health check hangs in the kernel.
+    let stale = mount_reaching(
+        &agent,
+        "data",
+        "the stale state",
+        Duration::from_secs(30),
+        |m| m.state() == proto::MountState::Stale,
+    )
     .await;
     assert!(
         stale.message.contains("did not answer within 2 s"),
         "{}",
         stale.message
     );
-    let repaired = eventually("the repair", Duration::from_secs(60), async || {
-        mount_state(&agent, "data")
-            .await
-            .filter(|m| m.state() == proto::MountState::Mounted && m.remount_count == 1)
+    let repaired = mount_reaching(&agent, "data", "the repair", Duration::from_secs(60), |m| {
+        m.state() == proto::MountState::Mounted && m.remount_count == 1
     })
     .await;
     assert_ne!(repaired.pid, info.pid);
@@ -327,10 +339,8 @@ async fn a_restarted_agent_adopts_the_healthy_mount_without_remounting() {
     );
     restart(&mut agent, &site);
 
-    let adopted = eventually("adoption", Duration::from_secs(20), async || {
-        mount_state(&agent, "data")
-            .await
-            .filter(|m| m.state() == proto::MountState::Mounted)
+    let adopted = mount_reaching(&agent, "data", "adoption", Duration::from_secs(20), |m| {
+        m.state() == proto::MountState::Mounted
     })
     .await;
     assert_eq!(adopted.pid, info.pid, "the same blobfuse2 process");
@@ -349,10 +359,8 @@ async fn a_restarted_agent_adopts_the_healthy_mount_without_remounting() {
 async fn kill_and_await_the_repair(agent: &Agent, pid: u32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL)
         .expect("kill blobfuse2");
-    eventually("the repair", Duration::from_secs(30), async || {
-        mount_state(agent, "data")
-            .await
-            .filter(|m| m.state() == proto::MountState::Mounted && m.remount_count == 1)
+    mount_reaching(agent, "data", "the repair", Duration::from_secs(30), |m| {
+        m.state() == proto::MountState::Mounted && m.remount_count == 1
     })
     .await;
 }
@@ -503,11 +511,13 @@ async fn a_restarted_agent_leaves_another_programs_mount_at_the_path_alone() {
     std::fs::write(path.join("theirs.txt"), "not the agent's").unwrap();
     restart(&mut agent, &site);
 
-    let failed = eventually("the failed state", Duration::from_secs(20), async || {
-        mount_state(&agent, "data")
-            .await
-            .filter(|m| m.state() == proto::MountState::Failed)
-    })
+    let failed = mount_reaching(
+        &agent,
+        "data",
+        "the failed state",
+        Duration::from_secs(20),
+        |m| m.state() == proto::MountState::Failed,
+    )
     .await;
     assert!(
         failed.message.contains(&format!(
@@ -817,11 +827,13 @@ async fn mounts_are_restored_after_a_reboot_from_config_and_from_the_store() {
         key_file
     );
     let mut agent = site.agent_with(&declared);
-    let declared_info = eventually("the declared mount", Duration::from_secs(20), async || {
-        mount_state(&agent, "declared")
-            .await
-            .filter(|m| m.state() == proto::MountState::Mounted)
-    })
+    let declared_info = mount_reaching(
+        &agent,
+        "declared",
+        "the declared mount",
+        Duration::from_secs(20),
+        |m| m.state() == proto::MountState::Mounted,
+    )
     .await;
     assert_eq!(declared_info.origin, "config");
     assert!(declared_info.read_only);
@@ -857,10 +869,8 @@ async fn mounts_are_restored_after_a_reboot_from_config_and_from_the_store() {
     restart(&mut agent, &site);
 
     for name in ["declared", "api"] {
-        eventually(name, Duration::from_secs(20), async || {
-            mount_state(&agent, name)
-                .await
-                .filter(|m| m.state() == proto::MountState::Mounted)
+        mount_reaching(&agent, name, name, Duration::from_secs(20), |m| {
+            m.state() == proto::MountState::Mounted
         })
         .await;
         assert!(

@@ -850,33 +850,12 @@ async fn operator_calls_over_grpc() {
         .expect("WatchDiskAlerts sends the current state first")
         .expect("a first message")
         .expect("an alert, not an error");
-    let top: Vec<_> = disk
-        .top_directories(proto::TopDirectoriesRequest {
-            path: dir,
-            limit: 5,
-            ..Default::default()
-        })
-        .await
-        .expect("TopDirectories")
-        .into_inner()
-        .collect()
-        .await;
-    for update in top {
+    for update in top_directories(&mut disk, dir).await {
         update.expect("TopDirectories update");
     }
     let private = var("IA_SECURITY_HELPER_PRIVATE_DIR");
-    let refused: Vec<_> = disk
-        .top_directories(proto::TopDirectoriesRequest {
-            path: private,
-            limit: 5,
-            ..Default::default()
-        })
+    let refusal = top_directories(&mut disk, private)
         .await
-        .expect("TopDirectories")
-        .into_inner()
-        .collect()
-        .await;
-    let refusal = refused
         .into_iter()
         .find_map(Result::err)
         .expect("a directory the operator may not list is refused");
@@ -1418,4 +1397,21 @@ fn the_cli_refuses_a_key_file_others_can_read() {
         log.contains("auth=key") && log.contains("auth=sas")
     });
     assert_no_secrets(&log, &[&key]);
+}
+
+/// Every update of a `TopDirectories` walk of `path`.
+async fn top_directories(
+    disk: &mut DiskServiceClient<tonic::transport::Channel>,
+    path: String,
+) -> Vec<Result<proto::TopDirectoriesUpdate, tonic::Status>> {
+    disk.top_directories(proto::TopDirectoriesRequest {
+        path,
+        limit: 5,
+        ..Default::default()
+    })
+    .await
+    .expect("TopDirectories")
+    .into_inner()
+    .collect()
+    .await
 }

@@ -433,40 +433,18 @@ async fn records_survive_a_restart_and_running_jobs_are_adopted() {
 
 #[tokio::test]
 async fn reconcile_handles_every_crash_window() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let engine = Arc::new(FakeEngine::new());
-    let labels = |job: &str| {
-        HashMap::from([
-            (LABEL_INSTANCE.to_owned(), "inst".to_owned()),
-            (LABEL_JOB.to_owned(), job.to_owned()),
-        ])
-    };
-    let mut writes = Vec::new();
-    for (i, (id, state)) in [
+    let (dir, store, engine) = crashed_with(&[
         ("exited", JobState::Running),
         ("created", JobState::Starting),
         ("intent", JobState::Starting),
         ("vanished", JobState::Running),
         ("done", JobState::Succeeded),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let mut r = JobRecord::queued(spec(id), i as u64);
-        r.state = state;
-        writes.push(Write::put(RECORDS, id, &r));
-    }
-    store.apply(writes).await.unwrap();
-    let spec_for = |job: &str| ContainerSpec {
-        name: format!("ia-inst-{job}"),
-        labels: labels(job),
-        ..ContainerSpec::default()
-    };
-    engine.insert("cx", spec_for("exited"), "exited", Some(7));
-    engine.insert("cc", spec_for("created"), "created", None);
-    engine.insert("cd", spec_for("done"), "exited", Some(0));
-    engine.insert("orphan", spec_for("unknown-job"), "exited", Some(0));
+    ])
+    .await;
+    engine.insert("cx", labelled("exited"), "exited", Some(7));
+    engine.insert("cc", labelled("created"), "created", None);
+    engine.insert("cd", labelled("done"), "exited", Some(0));
+    engine.insert("orphan", labelled("unknown-job"), "exited", Some(0));
 
     let h = Harness::with(dir, store, engine, config(4));
     h.wait_for("exited recorded", |h| h.state("exited") == JobState::Failed)
@@ -581,6 +559,33 @@ async fn a_job_killed_while_the_engine_was_away_says_so() {
     );
 }
 
+/// What a crash leaves behind: a store holding jobs in the given states
+/// (no containers yet: the test inserts those it wants with [`labelled`]).
+async fn crashed_with(jobs: &[(&str, JobState)]) -> (tempfile::TempDir, Store, Arc<FakeEngine>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut writes = Vec::new();
+    for (i, (id, state)) in jobs.iter().enumerate() {
+        let mut r = JobRecord::queued(spec(id), i as u64);
+        r.state = *state;
+        writes.push(Write::put(RECORDS, *id, &r));
+    }
+    store.apply(writes).await.unwrap();
+    (dir, store, Arc::new(FakeEngine::new()))
+}
+
+/// A container of job `job` as the agent of instance "inst" labels it.
+fn labelled(job: &str) -> ContainerSpec {
+    ContainerSpec {
+        name: format!("ia-inst-{job}"),
+        labels: HashMap::from([
+            (LABEL_INSTANCE.to_owned(), "inst".to_owned()),
+            (LABEL_JOB.to_owned(), job.to_owned()),
+        ]),
+        ..ContainerSpec::default()
+    }
+}
+
 fn stored(h: &Harness, id: &str) -> JobRecord {
     h.store.get(RECORDS, id).unwrap().unwrap()
 }
@@ -672,36 +677,14 @@ async fn a_cancelled_running_job_is_stored_final_and_stays_so_after_a_restart() 
 
 #[tokio::test]
 async fn a_cancel_before_reconciliation_is_durable_and_honoured() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let engine = Arc::new(FakeEngine::new());
-    let labels = |job: &str| {
-        HashMap::from([
-            (LABEL_INSTANCE.to_owned(), "inst".to_owned()),
-            (LABEL_JOB.to_owned(), job.to_owned()),
-        ])
-    };
-    let mut writes = Vec::new();
-    for (i, (id, state)) in [
+    let (dir, store, engine) = crashed_with(&[
         ("running", JobState::Running),
         ("created", JobState::Starting),
         ("intent", JobState::Starting),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let mut r = JobRecord::queued(spec(id), i as u64);
-        r.state = state;
-        writes.push(Write::put(RECORDS, id, &r));
-    }
-    store.apply(writes).await.unwrap();
-    let spec_for = |job: &str| ContainerSpec {
-        name: format!("ia-inst-{job}"),
-        labels: labels(job),
-        ..ContainerSpec::default()
-    };
-    engine.insert("cr", spec_for("running"), "running", None);
-    engine.insert("cc", spec_for("created"), "created", None);
+    ])
+    .await;
+    engine.insert("cr", labelled("running"), "running", None);
+    engine.insert("cc", labelled("created"), "created", None);
     // The engine does not answer yet: nothing is reconciled.
     engine.set_down(true);
     let h = Harness::with(dir, store, engine, config(4));
