@@ -41,8 +41,9 @@ pub const RECORDS: Table = Table("jobs.records");
 /// README promises an answer within 2 s, even from a hung engine).
 const CANCEL_REPLY_WAIT: Duration = Duration::from_secs(1);
 /// Looks at a SIGKILLed, memory-limited container for the engine's OOM flag,
-/// and how far apart (see `oom_killed`).
-const OOM_LOOKS: u32 = 5;
+/// and how far apart (see `oom_killed`): 3 s in all, as 1 s was once too
+/// short on a loaded machine (cgroup v1, Docker 20.10).
+const OOM_LOOKS: u32 = 15;
 const OOM_LOOK_INTERVAL: Duration = Duration::from_millis(200);
 /// How long the final state waits for the output capture to drain.
 const CAPTURE_DRAIN: Duration = Duration::from_secs(60);
