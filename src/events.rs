@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-/// What happened. Domain modules add their variants as their subsystems land.
+/// What happened: the agent itself, or one of its domains (jobs, mounts, setup, disk).
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventPayload {
     /// The agent started or is stopping.

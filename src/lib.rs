@@ -14,7 +14,7 @@
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
 //! - [`units`]: byte sizes for people (messages and the CLI).
-//! - [`jobs`]: the container engine and, later, the job queue.
+//! - [`jobs`]: the job queue: specs, states, slots, logs and the container engine.
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
