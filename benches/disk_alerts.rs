@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{BenchAgent, cpu_ticks, percentile, rss_kib, setting, ticks_per_second};
 use instance_agent::api::proto::{self, DiskState, disk_service_client::DiskServiceClient};
-use instance_agent::config::DiskConfig;
+use instance_agent::disk::config::DiskConfig;
 use nix::mount::{MntFlags, MsFlags};
 use tokio::sync::mpsc;
 

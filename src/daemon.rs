@@ -17,7 +17,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::AdmissionGate;
 use crate::api;
-use crate::config::{Config, ConfigChanges, ConfigError, Overrides};
+use crate::api::config::ApiConfig;
+use crate::config::Config;
 use crate::events::{EventBus, EventPayload};
 use crate::health::Health;
 use crate::host::HostFacts;
@@ -25,6 +26,7 @@ use crate::jobs::engine::ContainerEngine;
 use crate::jobs::{JobManager, JobsDeps};
 use crate::mounts::system::FuseMounter;
 use crate::mounts::{MountService, MountSettings};
+use crate::reload::ConfigSource;
 use crate::setup::SetupScripts;
 use crate::status::StatusProvider;
 use crate::store::Store;
@@ -93,33 +95,6 @@ pub struct Adapters {
     pub setup_runner: Arc<dyn crate::setup::ProcessRunner>,
 }
 
-/// Where the config came from, so it can be reloaded.
-#[derive(Debug, Clone)]
-pub struct ConfigSource {
-    /// The file.
-    pub path: PathBuf,
-    /// Whether the file must exist (it was named on the command line).
-    pub must_exist: bool,
-    /// Flags that override it.
-    pub overrides: Overrides,
-}
-
-impl ConfigSource {
-    /// Reads and validates the file with the overrides applied.
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        self.load_noting_derived().map(|(config, _)| config)
-    }
-
-    /// [`ConfigSource::load`], also returning the keys that `--state-dir`
-    /// moved under the state dir (see [`Config::apply`]), for the start log.
-    pub fn load_noting_derived(&self) -> Result<(Config, Vec<&'static str>), ConfigError> {
-        let mut config = Config::load(&self.path, self.must_exist)?;
-        let derived = config.apply(&self.overrides);
-        config.validate(Path::new("<command-line flags>"))?;
-        Ok((config, derived))
-    }
-}
-
 /// The agent, assembled but not yet running.
 pub struct Daemon {
     config: Config,
@@ -156,7 +131,7 @@ impl Daemon {
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
         let unix = bind_unix(&config.agent.socket, &config.operator.group).await?;
-        let tcp = match config.control_plane_addr() {
+        let tcp = match config.control_plane.addr() {
             Some(addr) => {
                 Some(
                     TcpListener::bind(addr)
@@ -183,7 +158,12 @@ impl Daemon {
             .await
             .map_err(|e| DaemonError::HostFacts(e.to_string()))?;
         let mounts = MountService::new(
-            MountSettings::from_config(&config),
+            MountSettings::new(
+                &config.mounts,
+                &config.agent.state_dir,
+                &config.agent.runtime_dir,
+                &config.agent.logs_dir,
+            ),
             adapters.mounter.clone(),
             store.clone(),
             events.clone(),
@@ -210,7 +190,7 @@ impl Daemon {
                 gpus: gpus_rx.clone(),
                 gpus_discovered: gpus_discovered_rx,
                 engine_up: engine_up_rx,
-                config: config_rx.clone(),
+                config: derive(&config_rx, |c| c.jobs.clone()),
             },
             cancel.clone(),
             tasks.clone(),
@@ -228,7 +208,12 @@ impl Daemon {
         // Opened before serving: it holds the job queue until the creation
         // script has succeeded, and marks runs cut short by a crash.
         let setup = SetupScripts::open(
-            crate::setup::Settings::from_config(&config, &hostname()),
+            crate::setup::Settings::new(
+                &config.setup,
+                &config.agent.logs_dir,
+                &config.agent.runtime_dir,
+                &hostname(),
+            ),
             crate::setup::Wiring {
                 store: store.clone(),
                 events: events.clone(),
@@ -252,7 +237,7 @@ impl Daemon {
             &jobs,
             &mounts,
         );
-        let metrics = match config.metrics_addr() {
+        let metrics = match config.metrics.addr() {
             Some(addr) => {
                 let listener = crate::metrics::bind(addr).await?;
                 let metrics = crate::metrics::Metrics::new(Some(crate::metrics::Sources {
@@ -304,11 +289,19 @@ impl Daemon {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
 
-        let guard = api::guard::GuardLayer::new(config_rx.clone());
+        // Roles, grants and limits, live.
+        let api_config = derive(&config_rx, |c| {
+            Arc::new(ApiConfig {
+                control_plane: c.control_plane.clone(),
+                operator: c.operator.clone(),
+                limits: c.limits.clone(),
+            })
+        });
+        let guard = api::guard::GuardLayer::new(api_config.clone());
         let mut servers = Vec::new();
         let local = api::listen::unix(
             unix,
-            config_rx.clone(),
+            api_config,
             Arc::new(api::peer::SystemUsers),
             cancel.clone(),
         );
@@ -755,17 +748,4 @@ where
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await
         .map_err(|e| DaemonError::Server(e.to_string()))
-}
-
-/// Logs what a reload changed. Separate from the reload task so it can be tested.
-pub fn describe_changes(changes: &ConfigChanges) {
-    if !changes.live.is_empty() {
-        tracing::info!(keys = ?changes.live, "config reloaded; applied live");
-    }
-    if !changes.need_restart.is_empty() {
-        tracing::warn!(keys = ?changes.need_restart, "config changed keys that take effect only after a restart");
-    }
-    if changes.live.is_empty() && changes.need_restart.is_empty() {
-        tracing::info!("config reloaded; nothing changed");
-    }
 }

@@ -5,12 +5,37 @@
 //! Subscribers read the backlog themselves and wait on a watch channel for new
 //! sequence numbers, so a slow subscriber never blocks a publisher and never
 //! silently misses an event: when it falls behind the backlog it is told.
+//! Its config section, `[events]`, is the backlog's size ([`EventsConfig`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use crate::validate::{FieldError, check_ranges};
+
+/// `[events]`: the `WatchEvents` stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Events kept for clients that reconnect with `since`.
+    pub backlog: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self { backlog: 4096 }
+    }
+}
+
+impl EventsConfig {
+    /// Checks the section; keys are relative to `[events]`.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_ranges(&[("backlog", self.backlog.into(), 16, 1_000_000)])
+    }
+}
 
 /// What happened: the agent itself, or one of its domains (jobs, mounts, setup, disk).
 #[derive(Debug, Clone, PartialEq)]
@@ -280,5 +305,13 @@ mod tests {
             publisher.publish(started());
         });
         assert_eq!(seq(sub.next().await), 1);
+    }
+
+    #[test]
+    fn the_backlog_size_is_checked() {
+        assert_eq!(EventsConfig::default().validate(), Ok(()));
+        let error = EventsConfig { backlog: 15 }.validate().unwrap_err();
+        assert_eq!(error.key, "backlog");
+        assert_eq!(error.problem, "15 is out of range: allowed 16 to 1000000");
     }
 }

@@ -1,11 +1,13 @@
 //! instance-agent: the on-node agent of a cloud ML compute instance.
 //!
 //! # Layout
-//! - [`config`]: the TOML schema, defaults, validation, live-reloadable keys.
+//! - [`config`]: the config file: assembles the domains' sections, loads and
+//!   parses it, reports errors with the key's line, live-reloadable keys.
+//! - [`validate`]: field errors and the range checker every section uses.
 //! - [`daemon`]: assembles everything, binds listeners, runs and stops it.
 //!   (It lives beside `lib.rs` rather than in it so that the module tree stays
 //!   readable at a glance.)
-//! - [`reload`]: SIGHUP and file-watch config reload.
+//! - [`reload`]: where the config came from, SIGHUP and file-watch reload.
 //! - [`events`]: the sequenced event log behind `WatchEvents`.
 //! - [`health`]: one condition per subsystem and the one-line summary.
 //! - [`status`]: the `GetStatus` report, assembled from memory.
@@ -13,7 +15,7 @@
 //! - [`store`]: the embedded crash-safe store (redb) shared by the domains.
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
-//! - [`units`]: byte sizes for people (messages and the CLI).
+//! - [`units`]: byte sizes and durations for people (messages, config, CLI).
 //! - [`jobs`]: the job queue: specs, states, slots, logs and the container engine.
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`setup`]: creation, startup and ad-hoc scripts.
@@ -53,5 +55,7 @@ pub mod status;
 pub mod store;
 pub mod systemd;
 pub mod units;
+pub mod validate;
 
-pub use daemon::{Adapters, ConfigSource, Daemon, DaemonError};
+pub use daemon::{Adapters, Daemon, DaemonError};
+pub use reload::ConfigSource;

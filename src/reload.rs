@@ -4,7 +4,11 @@
 //! is published to the running tasks; keys that cannot change live are
 //! logged as needing a restart and keep their old values. An invalid file is
 //! logged and ignored: a typo must not take a running agent down.
+//!
+//! Owns where the config came from ([`ConfigSource`]), so that `main` and the
+//! reload loop read it the same way.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +17,51 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigChanges};
-use crate::daemon::{ConfigSource, describe_changes};
+use crate::config::{Config, ConfigChanges, ConfigError, Overrides};
 
 /// Bursts of file events (an editor's write, rename and chmod) within this
 /// window cause one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Where the config came from, so it can be reloaded.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The file.
+    pub path: PathBuf,
+    /// Whether the file must exist (it was named on the command line).
+    pub must_exist: bool,
+    /// Flags that override it.
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    /// Reads and validates the file with the overrides applied.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        self.load_noting_derived().map(|(config, _)| config)
+    }
+
+    /// [`ConfigSource::load`], also returning the keys that `--state-dir`
+    /// moved under the state dir (see [`Config::apply`]), for the start log.
+    pub fn load_noting_derived(&self) -> Result<(Config, Vec<&'static str>), ConfigError> {
+        let mut config = Config::load(&self.path, self.must_exist)?;
+        let derived = config.apply(&self.overrides);
+        config.validate(Path::new("<command-line flags>"))?;
+        Ok((config, derived))
+    }
+}
+
+/// Logs what a reload changed. Separate from the reload task so it can be tested.
+pub fn describe_changes(changes: &ConfigChanges) {
+    if !changes.live.is_empty() {
+        tracing::info!(keys = ?changes.live, "config reloaded; applied live");
+    }
+    if !changes.need_restart.is_empty() {
+        tracing::warn!(keys = ?changes.need_restart, "config changed keys that take effect only after a restart");
+    }
+    if changes.live.is_empty() && changes.need_restart.is_empty() {
+        tracing::info!("config reloaded; nothing changed");
+    }
+}
 
 /// Starts listening for SIGHUP. Called before the socket is bound: from then
 /// on a SIGHUP is queued for [`run`] instead of killing the process (the
@@ -62,14 +105,14 @@ pub async fn run(
         match source.load() {
             Ok(new) => {
                 let changes = ConfigChanges::between(&current, &new);
-                describe_changes(&changes);
-                if changes.live.is_empty() {
-                    continue;
+                if !changes.live.is_empty() {
+                    // Only live keys move; the rest keep their running values.
+                    let mut applied = (*current).clone();
+                    apply_live(&mut applied, &new);
+                    config.send_replace(Arc::new(applied));
                 }
-                // Only live keys move; the rest keep their running values.
-                let mut applied = (*current).clone();
-                apply_live(&mut applied, &new);
-                config.send_replace(Arc::new(applied));
+                // Logged once published: "applied live" means it is.
+                describe_changes(&changes);
             }
             Err(error) => {
                 tracing::error!(%error, "config reload refused; keeping the running config")
@@ -152,8 +195,7 @@ impl FileWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Overrides;
-    use crate::config::{LIVE_KEYS, flatten, is_live};
+    use crate::config::live::{LIVE_KEYS, flatten, is_live};
 
     /// `value` changed, keeping its TOML type (`None` when no change fits).
     fn changed(value: &toml::Value) -> Vec<toml::Value> {

@@ -11,21 +11,7 @@ use crate::admission::AdmissionGate;
 use crate::events::EventBus;
 use crate::health::{Condition, Health, Subsystem};
 use crate::host::{Gpu, HostFacts};
-
-/// Job slot usage.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SlotUsage {
-    /// Slots in total.
-    pub capacity: u32,
-    /// Slots held by existing containers.
-    pub in_use: u32,
-    /// Jobs waiting.
-    pub queued: u32,
-    /// Jobs running.
-    pub running: u32,
-    /// Why queued jobs are held, if they are.
-    pub held_reason: String,
-}
+use crate::jobs::SlotUsage;
 
 /// Everything `GetStatus` returns.
 #[derive(Debug, Clone)]

@@ -200,7 +200,7 @@ pub fn machine() -> String {
 pub fn seed_finished_jobs(state_dir: &Path, count: usize) {
     use std::collections::BTreeMap;
 
-    use instance_agent::config::JobsConfig;
+    use instance_agent::jobs::config::JobsConfig;
     use instance_agent::jobs::manager::RECORDS;
     use instance_agent::jobs::spec::{self, HostLimits};
     use instance_agent::jobs::{JobRecord, JobSpec, JobState};

@@ -29,10 +29,10 @@ use tonic::{Code, Status};
 
 use super::audit::{AuditRecord, grpc_message};
 use super::auth::{self, Decision};
+use super::config::ApiConfig;
 use super::limits::{PeerLimiter, StreamSlot};
 use super::peer::Peer;
 use super::proto;
-use crate::config::Config;
 
 /// How long a client may take to send its request message.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,7 +44,7 @@ pub struct GuardLayer {
 }
 
 struct GuardState {
-    config: watch::Receiver<Arc<Config>>,
+    config: watch::Receiver<Arc<ApiConfig>>,
     max_message_bytes: usize,
     limiter: Arc<PeerLimiter>,
 }
@@ -52,7 +52,7 @@ struct GuardState {
 impl GuardLayer {
     /// A guard reading the live limits and grants from `config`;
     /// `max_message_bytes` is fixed at start (tonic's decoders use it too).
-    pub fn new(config: watch::Receiver<Arc<Config>>) -> Self {
+    pub fn new(config: watch::Receiver<Arc<ApiConfig>>) -> Self {
         let max_message_bytes = config.borrow().limits.max_message_bytes as usize;
         Self {
             state: Arc::new(GuardState {
@@ -380,8 +380,7 @@ mod tests {
         (seen, service)
     }
 
-    fn layer(toml: &str) -> GuardLayer {
-        let config = Config::parse(toml, std::path::Path::new("test.toml")).unwrap();
+    fn layer(config: ApiConfig) -> GuardLayer {
         let (_tx, rx) = watch::channel(Arc::new(config));
         GuardLayer::new(rx)
     }
@@ -418,7 +417,7 @@ mod tests {
     #[tokio::test]
     async fn operator_is_refused_mutations_and_real_reclaims() {
         let (seen, inner) = recording();
-        let mut guard = layer("").layer(inner);
+        let mut guard = layer(ApiConfig::default()).layer(inner);
         let operator = peer(Role::Operator, 1000);
         let cancel = framed(&proto::CancelJobRequest { id: "j".into() });
         let response = call(
@@ -452,7 +451,7 @@ mod tests {
     #[tokio::test]
     async fn missing_peer_is_unauthenticated() {
         let (_seen, inner) = recording();
-        let mut guard = layer("").layer(inner);
+        let mut guard = layer(ApiConfig::default()).layer(inner);
         let response = call(
             &mut guard,
             "/instance_agent.v1.AgentService/GetStatus",
@@ -466,7 +465,14 @@ mod tests {
     #[tokio::test]
     async fn oversized_message_names_the_limit() {
         let (seen, inner) = recording();
-        let mut guard = layer("[limits]\nmax_message_bytes = 16384\n").layer(inner);
+        let mut guard = layer(ApiConfig {
+            limits: crate::api::config::LimitsConfig {
+                max_message_bytes: 16384,
+                ..Default::default()
+            },
+            ..ApiConfig::default()
+        })
+        .layer(inner);
         let mut spec = proto::JobSpec::default();
         spec.labels.insert("big".into(), "x".repeat(20_000));
         let big = framed(&proto::SubmitJobRequest { spec: Some(spec) });
@@ -491,7 +497,14 @@ mod tests {
     #[tokio::test]
     async fn cancel_job_grant_applies() {
         let (_seen, inner) = recording();
-        let mut guard = layer("[operator]\nallow_cancel_job = true\n").layer(inner);
+        let mut guard = layer(ApiConfig {
+            operator: crate::api::config::OperatorConfig {
+                allow_cancel_job: true,
+                ..Default::default()
+            },
+            ..ApiConfig::default()
+        })
+        .layer(inner);
         let response = call(
             &mut guard,
             "/instance_agent.v1.JobService/CancelJob",

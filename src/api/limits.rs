@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::time::Instant;
 use tonic::Status;
 
-use crate::config::LimitsConfig;
+use super::config::LimitsConfig;
 
 /// Buckets idle longer than this are forgotten once the map grows large.
 const IDLE_BUCKET_SECONDS: f64 = 60.0;

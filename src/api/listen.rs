@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::auth::Role;
+use super::config::ApiConfig;
 use super::limits::KeyedCounter;
 use super::peer::{Authenticated, Peer, UserDirectory, Who, local_peer};
 use super::tls::{allowed_name, certificate_names};
-use crate::config::Config;
 
 /// Longest a TLS handshake or a user lookup may take.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,7 +115,7 @@ where
 /// given a role from the live config; others are closed.
 pub fn unix(
     listener: UnixListener,
-    config: watch::Receiver<Arc<Config>>,
+    config: watch::Receiver<Arc<ApiConfig>>,
     users: Arc<dyn UserDirectory>,
     cancel: CancellationToken,
 ) -> Incoming<UnixStream> {

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod audit;
 pub mod auth;
+pub mod config;
 pub mod disk;
 pub mod guard;
 pub mod jobs;

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::auth::Role;
-use crate::config::Config;
+use super::config::ApiConfig;
 
 /// The caller of a connection, with its role.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +127,7 @@ impl UserDirectory for SystemUsers {
 pub fn local_peer(
     uid: u32,
     pid: Option<i32>,
-    config: &Config,
+    config: &ApiConfig,
     users: &dyn UserDirectory,
 ) -> Option<Peer> {
     let user = users.user_name(uid);
@@ -229,7 +229,7 @@ pub(crate) mod tests {
 
     #[test]
     fn roles_from_uid_and_group() {
-        let mut config = Config::default();
+        let mut config = ApiConfig::default();
         config.control_plane.uids = vec![1001];
         let root = local_peer(0, Some(1), &config, &FakeUsers).unwrap();
         assert_eq!(root.role, Role::Admin);

@@ -16,7 +16,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 
-use crate::config::ControlPlaneConfig;
+use super::config::ControlPlaneConfig;
 use crate::secret::{SecretFileError, read_secret_file};
 
 /// The TLS configuration could not be built. Never carries key material.

@@ -186,7 +186,7 @@ async fn run_script(
         (None, None, None) => anyhow::bail!("give a script PATH, --command TEXT or --file FILE"),
     };
     let timeout_seconds = match &args.timeout {
-        Some(text) => crate::config::parse_duration(text)
+        Some(text) => crate::units::parse_duration(text)
             .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
             .with_context(|| {
                 format!("--timeout {text:?}: use a number with suffix s, m, h or d (e.g. 15m)")

@@ -1,23 +1,20 @@
 //! The disk guard's narrow interface to the container engine
 //! ([`DockerSpace`]: where the engine keeps its data, the agent's exited
-//! containers, dangling images), its implementation on
-//! [`DockerEngine`](crate::jobs::engine::DockerEngine) through bollard, and
-//! the two reclaim steps built on it: "exited_containers" and
-//! "dangling_images".
+//! containers, dangling images) and the two reclaim steps built on it:
+//! "exited_containers" and "dangling_images". The real implementation sits
+//! next to the engine, in `jobs::docker_space`; a fake in [`fake`].
 //!
 //! Only containers labelled with this instance's id whose job has finished
 //! are removed; containers without a job label, and every other container,
 //! are never touched.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use super::reclaim::{Freed, ReclaimError, ReclaimStep, Removals};
-use crate::jobs::engine::{DockerEngine, EngineError};
-use crate::jobs::{LABEL_INSTANCE, LABEL_JOB};
+use crate::jobs::engine::EngineError;
 
 /// An exited container of this instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,153 +57,6 @@ pub trait DockerSpace: Send + Sync + 'static {
 /// Is the job with this id finished (so its container may go)? Supplied by
 /// the job queue.
 pub type JobFinished = Arc<dyn Fn(&str) -> bool + Send + Sync>;
-
-/// Runs one engine call with the engine's deadline, mapping errors.
-async fn call<T>(
-    engine: &DockerEngine,
-    operation: &'static str,
-    timeout: std::time::Duration,
-    future: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
-) -> Result<T, EngineError> {
-    match tokio::time::timeout(timeout, future).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(engine.map_error(operation, "", e).await),
-        Err(_) => Err(EngineError::Api {
-            operation,
-            message: format!("no answer within {timeout:?}"),
-        }),
-    }
-}
-
-/// Deadline for engine calls made by the disk guard. Pruning images can
-/// take a while on a large image store.
-const ENGINE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Deadline for asking the engine where its data lives: a quick call, and
-/// each reclaim step asks it, so a hung engine must not hold the steps that
-/// do not need it (logs, mount caches) for minutes.
-const ENGINE_INFO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-#[async_trait]
-impl DockerSpace for DockerEngine {
-    async fn data_root(&self) -> Result<PathBuf, EngineError> {
-        let client = self.client().await?;
-        let info = call(self, "info", ENGINE_INFO_TIMEOUT, client.info()).await?;
-        info.docker_root_dir
-            .filter(|dir| !dir.is_empty())
-            .map(PathBuf::from)
-            .ok_or(EngineError::Api {
-                operation: "info",
-                message: "the engine did not report DockerRootDir".into(),
-            })
-    }
-
-    async fn exited_containers(
-        &self,
-        instance_id: &str,
-    ) -> Result<Vec<ExitedContainer>, EngineError> {
-        use bollard::query_parameters::ListContainersOptionsBuilder;
-        let client = self.client().await?;
-        let filters: HashMap<&str, Vec<String>> = HashMap::from([
-            ("label", vec![format!("{LABEL_INSTANCE}={instance_id}")]),
-            ("status", vec!["exited".to_owned(), "dead".to_owned()]),
-        ]);
-        let options = ListContainersOptionsBuilder::new()
-            .all(true)
-            .size(true)
-            .filters(&filters)
-            .build();
-        let list = call(
-            self,
-            "list containers",
-            ENGINE_CALL_TIMEOUT,
-            client.list_containers(Some(options)),
-        )
-        .await?;
-        Ok(list
-            .into_iter()
-            .filter_map(|c| {
-                Some(ExitedContainer {
-                    job_id: c
-                        .labels
-                        .as_ref()
-                        .and_then(|labels| labels.get(LABEL_JOB).cloned()),
-                    size_bytes: c.size_rw.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                    id: c.id?,
-                })
-            })
-            .collect())
-    }
-
-    async fn remove_container(&self, id: &str) -> Result<(), EngineError> {
-        use bollard::query_parameters::RemoveContainerOptions;
-        let client = self.client().await?;
-        call(
-            self,
-            "remove container",
-            ENGINE_CALL_TIMEOUT,
-            client.remove_container(id, Some(RemoveContainerOptions::default())),
-        )
-        .await
-    }
-
-    async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError> {
-        use bollard::query_parameters::ListImagesOptions;
-        let client = self.client().await?;
-        let options = ListImagesOptions {
-            filters: Some(HashMap::from([(
-                "dangling".to_owned(),
-                vec!["true".to_owned()],
-            )])),
-            ..Default::default()
-        };
-        let list = call(
-            self,
-            "list images",
-            ENGINE_CALL_TIMEOUT,
-            client.list_images(Some(options)),
-        )
-        .await?;
-        Ok(list
-            .into_iter()
-            .map(|i| DanglingImage {
-                id: i.id,
-                size_bytes: u64::try_from(i.size).unwrap_or(0),
-            })
-            .collect())
-    }
-
-    async fn prune_dangling_images(&self) -> Result<Freed, EngineError> {
-        use bollard::query_parameters::PruneImagesOptions;
-        let client = self.client().await?;
-        let options = PruneImagesOptions {
-            filters: Some(HashMap::from([(
-                "dangling".to_owned(),
-                vec!["true".to_owned()],
-            )])),
-        };
-        let pruned = call(
-            self,
-            "prune images",
-            ENGINE_CALL_TIMEOUT,
-            client.prune_images(Some(options)),
-        )
-        .await?;
-        let items = pruned
-            .images_deleted
-            .unwrap_or_default()
-            .iter()
-            .filter(|d| d.deleted.is_some())
-            .count();
-        Ok(Freed {
-            bytes: pruned
-                .space_reclaimed
-                .and_then(|b| u64::try_from(b).ok())
-                .unwrap_or(0),
-            items: u32::try_from(items).unwrap_or(u32::MAX),
-        })
-    }
-}
 
 /// Reclaim step "exited_containers": removes this instance's exited
 /// containers whose job has finished.

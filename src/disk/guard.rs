@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::config::DiskConfig;
 use super::docker::DockerSpace;
 use super::hysteresis::{Cause, PressureMachine, Transition};
 use super::probe::{FsProbe, PathSample};
@@ -38,7 +39,6 @@ use super::{
     Thresholds, WatchedPath,
 };
 use crate::admission::AdmissionGate;
-use crate::config::DiskConfig;
 use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::paths::tidy;

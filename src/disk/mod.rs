@@ -2,14 +2,17 @@
 //! recovery floor with hysteresis, alerts, admission holds, safe reclaim and
 //! operator diagnostics.
 //!
-//! Owns which paths are watched and why ([`guard`]), the pressure state
-//! machine ([`hysteresis`]), the reserve file in the state dir ([`reserve`]),
-//! the reclaim driver and its steps ([`reclaim`], [`docker`]) and the walk
-//! behind `disk --top` ([`top`]). Reaches the outside world only through
-//! [`probe::FsProbe`] (statvfs, stat, mountinfo) and [`docker::DockerSpace`]
-//! (the engine). Knows nothing of gRPC; must not touch user files: the only
-//! files it deletes are its own reserve file and what reclaim steps own.
+//! Owns the `[disk]` section ([`config`]), which paths are watched and why
+//! ([`guard`]), the pressure state machine ([`hysteresis`]), the reserve file
+//! in the state dir ([`reserve`]), the reclaim driver and its steps
+//! ([`reclaim`], [`docker`]) and the walk behind `disk --top` ([`top`]).
+//! Reaches the outside world only through [`probe::FsProbe`] (statvfs, stat,
+//! mountinfo) and [`docker::DockerSpace`] (the engine; implemented in
+//! `jobs::docker_space`). Knows nothing of gRPC; must not touch user files:
+//! the only files it deletes are its own reserve file and what reclaim steps
+//! own.
 
+pub mod config;
 pub mod docker;
 pub mod guard;
 pub mod hysteresis;
@@ -21,8 +24,8 @@ pub mod top;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use crate::config::DiskConfig;
 use crate::store::StoreError;
+use config::{DiskConfig, DiskOverride};
 
 pub use guard::{DiskGuard, DiskParts};
 
@@ -87,6 +90,24 @@ impl Thresholds {
         }
     }
 
+    /// The `[disk]` levels with one override applied; a key the override
+    /// leaves out keeps the `[disk]` value.
+    pub fn with_override(config: &DiskConfig, o: &DiskOverride) -> Self {
+        let base = Self::from_config(config);
+        Self {
+            critical_free_bytes: o.critical_free_bytes.unwrap_or(base.critical_free_bytes),
+            warning_free_bytes: o.warning_free_bytes.unwrap_or(base.warning_free_bytes),
+            critical_free_inodes_percent: o
+                .critical_free_inodes_percent
+                .unwrap_or(base.critical_free_inodes_percent),
+            warning_free_inodes_percent: o
+                .warning_free_inodes_percent
+                .unwrap_or(base.warning_free_inodes_percent),
+            clear_margin_bytes: o.clear_margin_bytes.unwrap_or(base.clear_margin_bytes),
+            ..base
+        }
+    }
+
     /// The levels for a filesystem that holds `paths`: the `[disk]` levels
     /// with the overrides of those paths applied, the strictest winning.
     pub fn for_paths<'a>(
@@ -98,16 +119,7 @@ impl Thresholds {
             let Some(o) = path.to_str().and_then(|p| config.overrides.get(p)) else {
                 continue;
             };
-            let mut mine = Self::from_config(config);
-            mine.critical_free_bytes = o.critical_free_bytes.unwrap_or(mine.critical_free_bytes);
-            mine.warning_free_bytes = o.warning_free_bytes.unwrap_or(mine.warning_free_bytes);
-            mine.critical_free_inodes_percent = o
-                .critical_free_inodes_percent
-                .unwrap_or(mine.critical_free_inodes_percent);
-            mine.warning_free_inodes_percent = o
-                .warning_free_inodes_percent
-                .unwrap_or(mine.warning_free_inodes_percent);
-            mine.clear_margin_bytes = o.clear_margin_bytes.unwrap_or(mine.clear_margin_bytes);
+            let mine = Self::with_override(config, o);
             overridden = Some(match overridden {
                 None => mine,
                 Some(acc) => Self {
@@ -324,14 +336,14 @@ mod tests {
         let mut config = DiskConfig::default();
         config.overrides.insert(
             "/a".into(),
-            crate::config::DiskOverride {
+            DiskOverride {
                 critical_free_bytes: Some(1),
                 ..Default::default()
             },
         );
         config.overrides.insert(
             "/b".into(),
-            crate::config::DiskOverride {
+            DiskOverride {
                 critical_free_bytes: Some(7 << 30),
                 ..Default::default()
             },

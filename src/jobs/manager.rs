@@ -21,17 +21,16 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::config::JobsConfig;
 use super::engine::{Bind, ContainerEngine, ContainerSpec, EngineError};
 use super::logs::{JobLogs, LogRecord};
 use super::record::{JobRecord, JobState};
 use super::scheduler::{self, Candidate, Free};
 use super::spec::{self, HostLimits, JobSpec, MountSource, SpecError};
-use super::{LABEL_INSTANCE, LABEL_JOB};
+use super::{LABEL_INSTANCE, LABEL_JOB, SlotUsage};
 use crate::admission::AdmissionGate;
-use crate::config::{Config, JobsConfig};
 use crate::events::{EventBus, EventPayload};
 use crate::host::Gpu;
-use crate::status::SlotUsage;
 use crate::store::{Store, StoreError, Table, Write};
 
 /// Job records (JSON [`JobRecord`]s), keyed by job id. Public so that the
@@ -153,8 +152,8 @@ pub struct JobsDeps {
     pub gpus_discovered: watch::Receiver<bool>,
     /// Whether the engine answers (from the engine monitor).
     pub engine_up: watch::Receiver<bool>,
-    /// The live config.
-    pub config: watch::Receiver<Arc<Config>>,
+    /// The live `[jobs]` section.
+    pub config: watch::Receiver<JobsConfig>,
 }
 
 /// Filters for listing jobs.
@@ -291,7 +290,7 @@ struct Inner {
     memory_bytes: u64,
     gpus: watch::Receiver<Vec<Gpu>>,
     engine_up: watch::Receiver<bool>,
-    config: watch::Receiver<Arc<Config>>,
+    config: watch::Receiver<JobsConfig>,
     gpus_discovered: watch::Receiver<bool>,
     state: Mutex<State>,
     /// Turns for saving records, striped by job id: the saves of one job
@@ -363,17 +362,17 @@ impl JobManager {
     }
 
     fn jobs_config(&self) -> JobsConfig {
-        self.inner.config.borrow().jobs.clone()
+        self.inner.config.borrow().clone()
     }
 
     /// Under disk pressure, logs of jobs finished longer ago than this go.
     pub fn log_retention_seconds(&self) -> u64 {
-        self.inner.config.borrow().jobs.log_retention_seconds
+        self.inner.config.borrow().log_retention_seconds
     }
 
     /// Slots in total under the live config.
     pub fn capacity(&self) -> u32 {
-        let jobs = &self.inner.config.borrow().jobs;
+        let jobs = self.inner.config.borrow();
         scheduler::capacity(jobs.slots, jobs.slots_per_core, self.inner.usable_cores)
     }
 

@@ -19,7 +19,7 @@ struct Harness {
     store: Store,
     admission: AdmissionGate,
     engine_up: watch::Sender<bool>,
-    config: watch::Sender<Arc<Config>>,
+    config: watch::Sender<JobsConfig>,
     gpus: watch::Sender<Vec<Gpu>>,
     gpus_discovered: watch::Sender<bool>,
     shutdown: CancellationToken,
@@ -28,11 +28,12 @@ struct Harness {
     dir_path: PathBuf,
 }
 
-fn config(slots: u32) -> Config {
-    let mut c = Config::default();
-    c.jobs.slots = slots;
-    c.jobs.kill_grace_seconds = 1;
-    c
+fn config(slots: u32) -> JobsConfig {
+    JobsConfig {
+        slots,
+        kill_grace_seconds: 1,
+        ..JobsConfig::default()
+    }
 }
 
 impl Harness {
@@ -42,7 +43,12 @@ impl Harness {
         Self::with(dir, store, Arc::new(FakeEngine::new()), config(slots))
     }
 
-    fn with(dir: tempfile::TempDir, store: Store, engine: Arc<FakeEngine>, config: Config) -> Self {
+    fn with(
+        dir: tempfile::TempDir,
+        store: Store,
+        engine: Arc<FakeEngine>,
+        config: JobsConfig,
+    ) -> Self {
         Self::with_mounts(dir, store, engine, config, Arc::new(NoManagedMounts))
     }
 
@@ -50,11 +56,11 @@ impl Harness {
         dir: tempfile::TempDir,
         store: Store,
         engine: Arc<FakeEngine>,
-        config: Config,
+        config: JobsConfig,
         mounts: Arc<dyn MountResolver>,
     ) -> Self {
         let (engine_up, engine_up_rx) = watch::channel(!engine.is_down());
-        let (config_tx, config_rx) = watch::channel(Arc::new(config));
+        let (config_tx, config_rx) = watch::channel(config);
         let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
         let (gpus_discovered_tx, gpus_discovered_rx) = watch::channel(true);
         let admission = AdmissionGate::new();
@@ -111,7 +117,7 @@ impl Harness {
             manager,
             ..
         } = self;
-        let config = (**config.borrow()).clone();
+        let config = config.borrow().clone();
         drop(manager);
         drop(store);
         let store = Store::open(_dir.path()).unwrap();
@@ -221,8 +227,8 @@ async fn queue_full_is_refused() {
     let h = Harness::new(1);
     h.admission.hold("test", "hold");
     let mut c = config(1);
-    c.jobs.max_queue = 2;
-    h.config.send_replace(Arc::new(c));
+    c.max_queue = 2;
+    h.config.send_replace(c);
     h.submit("a").await;
     h.submit("b").await;
     assert!(matches!(
@@ -499,8 +505,8 @@ async fn cancel_is_persisted_before_the_reply() {
 async fn retention_removes_old_finished_jobs_and_their_logs() {
     let h = Harness::new(4);
     let mut c = config(4);
-    c.jobs.retention_count = 1;
-    h.config.send_replace(Arc::new(c));
+    c.retention_count = 1;
+    h.config.send_replace(c);
     for id in ["old", "new"] {
         h.submit(id).await;
         h.wait_for("running", |h| h.state(id) == JobState::Running)
@@ -718,15 +724,15 @@ async fn a_cancel_before_reconciliation_is_durable_and_honoured() {
 async fn a_job_that_no_longer_fits_after_capacity_shrinks_fails_and_unblocks_the_queue() {
     let h = Harness::new(4);
     let mut c = config(4);
-    c.jobs.reserve_after_seconds = 0;
-    h.config.send_replace(Arc::new(c.clone()));
+    c.reserve_after_seconds = 0;
+    h.config.send_replace(c.clone());
     h.admission.hold("test", "hold");
     let mut big = spec("big");
     big.slots = 3;
     h.manager.submit(big).await.unwrap();
     h.submit("small").await;
-    c.jobs.slots = 2;
-    h.config.send_replace(Arc::new(c));
+    c.slots = 2;
+    h.config.send_replace(c);
     h.wait_for("big failed", |h| h.state("big") == JobState::Failed)
         .await;
     let reason = h.manager.get("big").unwrap().record.reason;
@@ -746,8 +752,8 @@ async fn a_job_that_no_longer_fits_after_capacity_shrinks_fails_and_unblocks_the
 async fn a_gpu_job_waiting_for_gpus_does_not_keep_cpu_jobs_from_free_slots() {
     let h = Harness::new(4);
     let mut c = config(4);
-    c.jobs.reserve_after_seconds = 0;
-    h.config.send_replace(Arc::new(c));
+    c.reserve_after_seconds = 0;
+    h.config.send_replace(c);
     h.gpus.send_replace(vec![Gpu {
         index: 0,
         name: "fake".into(),
@@ -865,7 +871,7 @@ async fn retention_removes_jobs_past_their_age() {
     std::fs::write(dir.path().join("logs/old.0.log"), b"x").unwrap();
     std::fs::write(dir.path().join("logs/recent.0.log"), b"x").unwrap();
     let mut c = config(2);
-    c.jobs.retention_seconds = 3600;
+    c.retention_seconds = 3600;
     let h = Harness::with(dir, store, Arc::new(FakeEngine::new()), c);
     // The sweeper runs by itself (at start, then every minute).
     h.wait_for("old removed", |h| h.manager.get("old").is_err())

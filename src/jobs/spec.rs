@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::JobsConfig;
+use super::config::JobsConfig;
+use crate::validate::is_env_name;
 
 /// Where a job's directory comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -378,12 +379,6 @@ fn check_name(field: &str, name: &str, max: usize) -> Result<(), SpecError> {
         ));
     }
     Ok(())
-}
-
-fn is_env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]

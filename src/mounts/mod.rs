@@ -1,7 +1,8 @@
 //! File share mounts: Azure Blob containers mounted with blobfuse2 and
 //! supervised by the agent.
 //!
-//! Owns the mount rules ([`spec`]: names, allowed paths, cache placement),
+//! Owns the `[mounts]` section ([`config`]), the mount rules ([`spec`]:
+//! names, allowed paths, cache placement),
 //! which cache dirs the agent may empty ([`cache`]), the blobfuse2
 //! config rendering ([`render`]), the per-mount state machine
 //! ([`supervisor`]: mount, health checks, stale detection, repair with
@@ -17,6 +18,7 @@
 //! disk guard watches and reclaims the caches).
 
 pub mod cache;
+pub mod config;
 pub mod reclaim;
 pub mod render;
 pub mod secrets;

@@ -14,12 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::cache;
+use super::config::{DeclaredMount, MountsConfig};
 use super::secrets;
 use super::spec::{self, Auth, ManagedIdentity, MountSpec, Origin, PathRules, SecretSource};
 use super::supervisor::{self, Start};
 use super::system::{FuseMounter, Launch, Probe, ProcessState, UnmountFailure, is_blobfuse2};
 use super::{MountError, MountState, MountStatus};
-use crate::config::{Config, DeclaredMount};
 use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::paths;
@@ -30,7 +30,7 @@ pub(super) const REQUESTED: Table = Table("mounts.requested");
 /// Every mount's last blobfuse2 pid and repair count, for adoption.
 pub(super) const PROCESSES: Table = Table("mounts.processes");
 
-/// Settings of the mount service, from config.
+/// Settings of the mount service, from `[mounts]` and the agent's dirs.
 #[derive(Debug, Clone)]
 pub struct MountSettings {
     /// `mounts.blobfuse2_path`.
@@ -59,22 +59,21 @@ pub struct MountSettings {
 }
 
 impl MountSettings {
-    /// Settings from the agent's config.
-    pub fn from_config(config: &Config) -> Self {
-        let m = &config.mounts;
-        let a = &config.agent;
+    /// Settings from the section and the agent's dirs (`agent.state_dir`,
+    /// `agent.runtime_dir`, `agent.logs_dir`), where no mount may go.
+    pub fn new(m: &MountsConfig, state_dir: &Path, runtime_dir: &Path, logs_dir: &Path) -> Self {
         Self {
             blobfuse2_path: m.blobfuse2_path.clone(),
-            config_dir: a.runtime_dir.join("mounts"),
-            logs_dir: a.logs_dir.join("mounts"),
-            state_dir: a.state_dir.clone(),
+            config_dir: runtime_dir.join("mounts"),
+            logs_dir: logs_dir.join("mounts"),
+            state_dir: state_dir.to_owned(),
             rules: PathRules::new(
                 &m.allowed_roots,
                 &m.cache_root,
                 &[
-                    a.state_dir.clone(),
-                    a.runtime_dir.clone(),
-                    a.logs_dir.clone(),
+                    state_dir.to_owned(),
+                    runtime_dir.to_owned(),
+                    logs_dir.to_owned(),
                 ],
             ),
             default_cache_max_bytes: m.default_cache_max_bytes,

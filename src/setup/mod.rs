@@ -9,6 +9,7 @@
 //! # Layout
 //! - [`service`]: [`SetupScripts`], the queue, the executor and recovery after
 //!   a restart.
+//! - [`config`]: the `[setup]` section and its declared scripts.
 //! - [`request`]: validating a request and resolving it into a [`runner::Launch`]
 //!   (interpreter, user, environment, working directory).
 //! - [`capture`] and [`logfile`]: output capture with bounded memory, the log
@@ -25,6 +26,7 @@
 
 pub mod accounts;
 pub mod capture;
+pub mod config;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 pub mod logfile;
@@ -51,6 +53,9 @@ pub const RUN_MARKER_ENV: &str = "INSTANCE_AGENT_SETUP_RUN";
 
 /// The default timeout of a script (15 minutes).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Longest timeout a setup script may have (7 days).
+pub const MAX_SETUP_TIMEOUT_SECONDS: u64 = 7 * 86_400;
 
 /// When a script runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use super::accounts::{Account, Accounts};
 use super::runner::{Launch, UserIds};
-use super::{RUN_MARKER_ENV, RunRequest, ScriptSource, SetupError};
-use crate::config::{MAX_SETUP_TIMEOUT_SECONDS, SetupConfig, is_env_name};
+use super::{MAX_SETUP_TIMEOUT_SECONDS, RUN_MARKER_ENV, RunRequest, ScriptSource, SetupError};
+use crate::validate::is_env_name;
 
 /// The interpreter of scripts without a `#!` line.
 pub const DEFAULT_INTERPRETER: &str = "/bin/bash";
@@ -41,7 +41,9 @@ const PASSED_ENV: [&str; 8] = [
     "NO_PROXY",
 ];
 
-/// The size limits of a request, from `[setup]`; every message names its key.
+/// The size limits of a request, from `[setup]`
+/// ([`SetupConfig::request_limits`](super::config::SetupConfig::request_limits));
+/// every message names its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestLimits {
     /// `setup.max_script_bytes`: the inline script.
@@ -54,19 +56,6 @@ pub struct RequestLimits {
     pub max_env_entries: usize,
     /// `setup.max_env_bytes`: all variables (`NAME=value` each).
     pub max_env_bytes: usize,
-}
-
-impl RequestLimits {
-    /// The limits set in `[setup]`.
-    pub fn from_config(setup: &SetupConfig) -> Self {
-        Self {
-            max_script_bytes: setup.max_script_bytes,
-            max_args: setup.max_args as usize,
-            max_arg_bytes: setup.max_arg_bytes as usize,
-            max_env_entries: setup.max_env_entries as usize,
-            max_env_bytes: setup.max_env_bytes as usize,
-        }
-    }
 }
 
 /// What every run shares: the instance's `CI_*` variables, the variables
@@ -511,10 +500,14 @@ mod tests {
         assert_eq!(parse_shebang(b"#!"), None);
     }
 
+    /// Limits too wide to matter but for the script's size.
     fn limits(max_script_bytes: u64) -> RequestLimits {
         RequestLimits {
             max_script_bytes,
-            ..RequestLimits::from_config(&SetupConfig::default())
+            max_args: 1024,
+            max_arg_bytes: 128 << 10,
+            max_env_entries: 1024,
+            max_env_bytes: 1 << 20,
         }
     }
 

@@ -24,7 +24,7 @@
 //! (`instance-agent setup run --kind creation ...`).
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -35,12 +35,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::accounts::Accounts;
 use super::capture::{self, LiveLog, LogLimits, LogWriter};
+use super::config::{SetupConfig, SetupScriptConfig, SetupScriptKind};
 use super::logfile::{LogFileReader, LogPiece};
 use super::request::{self, LaunchContext, RequestLimits, Resolved};
 use super::runner::{ProcessRunner, Report, ScriptProcess};
-use super::{RunRequest, RunState, ScriptSource, SetupError, SetupKind, SetupRun};
+use super::{RunRequest, RunState, SetupError, SetupKind, SetupRun};
 use crate::admission::AdmissionGate;
-use crate::config::{Config, SetupScriptConfig, SetupScriptKind};
 use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::store::{Store, Table, Write};
@@ -64,7 +64,7 @@ const MAX_CREATION_ATTEMPTS: u32 = 2;
 /// Lines of `log_tail` quoted in the condition message.
 const CONDITION_TAIL_LINES: usize = 5;
 
-/// The setup domain's settings, from config.
+/// The setup domain's settings, from `[setup]` and the agent's dirs.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `<agent.logs_dir>/setup`.
@@ -87,9 +87,10 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Derives the settings; `hostname` is the default `CI_NAME`.
-    pub fn from_config(config: &Config, hostname: &str) -> Self {
-        let setup = &config.setup;
+    /// Derives the settings from the section; `logs_dir` and `runtime_dir`
+    /// are the agent's (`agent.logs_dir`, `agent.runtime_dir`), `hostname`
+    /// is the default `CI_NAME`.
+    pub fn new(setup: &SetupConfig, logs_dir: &Path, runtime_dir: &Path, hostname: &str) -> Self {
         let ci_name = if setup.ci_name.is_empty() {
             hostname.to_owned()
         } else {
@@ -109,13 +110,13 @@ impl Settings {
             ),
         ]);
         Self {
-            logs_dir: config.agent.logs_dir.join("setup"),
+            logs_dir: logs_dir.join("setup"),
             limits: LogLimits {
                 head_bytes: setup.log_head_bytes,
                 tail_bytes: setup.log_tail_bytes,
                 tail_lines: setup.log_tail_lines as usize,
             },
-            request_limits: RequestLimits::from_config(setup),
+            request_limits: setup.request_limits(),
             max_pending: setup.max_pending_runs as usize,
             keep_runs: setup.keep_runs as usize,
             gate_jobs: setup.gate_jobs,
@@ -123,7 +124,7 @@ impl Settings {
                 base_env,
                 kill_grace: Duration::from_secs(setup.kill_grace_seconds.into()),
                 kill_leftovers: setup.kill_leftovers,
-                scripts_dir: config.agent.runtime_dir.join("setup"),
+                scripts_dir: runtime_dir.join("setup"),
             },
             declared: setup.scripts.clone(),
         }
@@ -133,25 +134,6 @@ impl Settings {
         self.declared
             .iter()
             .find(|s| s.kind == SetupScriptKind::Creation)
-    }
-}
-
-/// A request made from a `[[setup.scripts]]` entry (also what config check
-/// judges it by).
-pub fn declared_request(script: &SetupScriptConfig) -> RunRequest {
-    RunRequest {
-        kind: match script.kind {
-            SetupScriptKind::Creation => SetupKind::Creation,
-            SetupScriptKind::Startup => SetupKind::Startup,
-        },
-        source: ScriptSource::Path(script.path.clone()),
-        args: script.args.clone(),
-        env: script.env.clone().into_iter().collect(),
-        timeout: Some(script.timeout()),
-        run_as: script.run_as.clone(),
-        working_dir: (!script.working_dir.as_os_str().is_empty())
-            .then(|| script.working_dir.clone()),
-        idempotency_key: String::new(),
     }
 }
 
@@ -412,7 +394,7 @@ impl SetupScripts {
             .declared
             .iter()
             .filter(|s| s.kind == SetupScriptKind::Startup)
-            .map(declared_request)
+            .map(SetupScriptConfig::request)
             .collect();
         for request in scripts {
             match self.enqueue_checked(request, 1, String::new()).await {
@@ -1333,7 +1315,7 @@ fn plan_creation(
     match state.latest_creation() {
         None => (
             declared.map(|script| PlannedCreation {
-                request: declared_request(script),
+                request: script.request(),
                 attempt: 1,
                 message: String::new(),
             }),
@@ -1343,7 +1325,7 @@ fn plan_creation(
             if last.state == RunState::Interrupted && last.attempt < MAX_CREATION_ATTEMPTS =>
         {
             let stored = store.get::<RunRequest>(REQUESTS, &last.id).ok().flatten();
-            match stored.or_else(|| declared.map(declared_request)) {
+            match stored.or_else(|| declared.map(SetupScriptConfig::request)) {
                 Some(request) => (
                     Some(PlannedCreation {
                         request,

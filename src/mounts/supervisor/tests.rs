@@ -9,9 +9,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, DeclaredMount};
 use crate::events::{Delivery, EventBus, EventPayload, Subscription};
 use crate::health::{ConditionState, Health, Subsystem};
+use crate::mounts::config::{DeclaredMount, MountsConfig};
 use crate::mounts::fake::FakeMounter;
 use crate::mounts::spec::{Auth, ManagedIdentity, MountSpec, Origin, SecretSource};
 use crate::mounts::{
@@ -31,7 +31,7 @@ struct World {
     cancel: CancellationToken,
     tasks: TaskTracker,
     store: Store,
-    config: Config,
+    config: MountsConfig,
 }
 
 impl World {
@@ -43,22 +43,22 @@ impl World {
     fn in_dir(dir: tempfile::TempDir, fake: Arc<FakeMounter>) -> Self {
         let base = dir.path().canonicalize().unwrap();
         std::fs::create_dir_all(base.join("mnt")).unwrap();
-        let mut config = Config::default();
-        config.agent.state_dir = base.join("state");
-        config.agent.runtime_dir = base.join("run");
-        config.agent.logs_dir = base.join("logs");
-        config.mounts.allowed_roots = vec![base.join("mnt")];
-        config.mounts.cache_root = base.join("cache");
-        config.mounts.health_interval_seconds = 10;
-        std::fs::create_dir_all(&config.agent.state_dir).unwrap();
-        let store = Store::open(&config.agent.state_dir).unwrap();
+        let config = MountsConfig {
+            allowed_roots: vec![base.join("mnt")],
+            cache_root: base.join("cache"),
+            health_interval_seconds: 10,
+            ..MountsConfig::default()
+        };
+        let state_dir = base.join("state");
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let store = Store::open(&state_dir).unwrap();
         let events = EventBus::new(1000);
         let health = Health::new();
         let cancel = CancellationToken::new();
         let (_, interval) = watch::channel(Duration::from_secs(10));
         let tasks = TaskTracker::new();
         let service = MountService::new(
-            MountSettings::from_config(&config),
+            MountSettings::new(&config, &state_dir, &base.join("run"), &base.join("logs")),
             fake.clone(),
             store.clone(),
             events.clone(),
@@ -550,7 +550,7 @@ async fn a_mount_that_never_appears_times_out_stops_blobfuse2_and_is_forgotten()
     w.fake.hang_next_spawn();
     let started = tokio::time::Instant::now();
     let err = w.service.mount(w.spec("data")).await.unwrap_err();
-    let seconds = w.config.mounts.mount_timeout_seconds;
+    let seconds = w.config.mount_timeout_seconds;
     let MountError::Timeout {
         seconds: reported, ..
     } = &err

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::config::SetupScriptKind;
 use crate::events::Delivery;
+use crate::setup::ScriptSource;
+use crate::setup::config::{SetupConfig, SetupScriptKind};
 use crate::setup::fake::{FakeAccounts, FakeEnd, FakeRunner, FakeScript};
 
 struct Rig {
@@ -66,7 +67,7 @@ impl Rig {
                 tail_bytes: 1 << 20,
                 tail_lines: 5,
             },
-            request_limits: RequestLimits::from_config(&crate::config::SetupConfig::default()),
+            request_limits: SetupConfig::default().request_limits(),
             max_pending: self.max_pending,
             keep_runs: self.keep_runs,
             gate_jobs: self.gate_jobs,

@@ -4,7 +4,10 @@
 //! never changes them: counters and histograms are fed by a task subscribed to
 //! the [`EventBus`], gauges are refreshed from the job manager, the disk guard,
 //! the mounts and `/proc/self` just before each scrape, and RPCs are counted
-//! by a tower layer on the gRPC servers ([`RpcMetricsLayer`]).
+//! by a tower layer on the gRPC servers ([`RpcMetricsLayer`]). The
+//! `[metrics]` section is in [`config`].
+
+pub mod config;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

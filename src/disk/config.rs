@@ -1,0 +1,228 @@
+//! The `[disk]` section: the guard's levels, timings and extra paths, the
+//! per-path overrides (`[disk.overrides."PATH"]`), their defaults, ranges and
+//! validation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Thresholds;
+use crate::validate::{self, FieldError, check_ranges, out_of_range};
+
+const GIB: u64 = 1 << 30;
+
+/// `[disk]`: the disk guard's levels, timings and extra paths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    /// Milliseconds between samples of every watched filesystem.
+    pub interval_ms: u32,
+    /// Milliseconds a sample may take before its filesystem is reported unresponsive.
+    pub sample_timeout_ms: u32,
+    /// Free bytes below which a filesystem is critical (the recovery floor).
+    pub critical_free_bytes: u64,
+    /// Free bytes below which a filesystem is in warning.
+    pub warning_free_bytes: u64,
+    /// Free inodes, in percent of all inodes, below which a filesystem is critical.
+    pub critical_free_inodes_percent: f64,
+    /// Free inodes, in percent of all inodes, below which a filesystem is in warning.
+    pub warning_free_inodes_percent: f64,
+    /// Free bytes needed above a level before the state may improve.
+    pub clear_margin_bytes: u64,
+    /// Free inodes (percent) needed above a level before the state may improve.
+    pub clear_margin_inodes_percent: f64,
+    /// Seconds the improvement must hold before the state improves.
+    pub transition_seconds: u32,
+    /// Extra paths to watch, besides /, /tmp, /mnt, the Docker data root,
+    /// the state dir and the mount caches.
+    pub paths: Vec<PathBuf>,
+    /// Levels for the filesystem holding a path, by path (each path is also watched).
+    pub overrides: BTreeMap<String, DiskOverride>,
+    /// Reclaim space by itself when a watched filesystem turns critical.
+    pub auto_reclaim: bool,
+    /// Bytes preallocated in the state dir and released when its filesystem
+    /// turns critical, so that the agent's own writes still succeed; 0 turns it off.
+    pub reserve_bytes: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1000,
+            sample_timeout_ms: 3000,
+            critical_free_bytes: 5 * GIB,
+            warning_free_bytes: 10 * GIB,
+            critical_free_inodes_percent: 5.0,
+            warning_free_inodes_percent: 10.0,
+            clear_margin_bytes: GIB,
+            clear_margin_inodes_percent: 1.0,
+            transition_seconds: 30,
+            paths: Vec::new(),
+            overrides: BTreeMap::new(),
+            auto_reclaim: true,
+            reserve_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `[disk.overrides."PATH"]`: levels for the filesystem holding PATH; an
+/// absent key keeps the `[disk]` value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskOverride {
+    /// Replaces `disk.critical_free_bytes`.
+    pub critical_free_bytes: Option<u64>,
+    /// Replaces `disk.warning_free_bytes`.
+    pub warning_free_bytes: Option<u64>,
+    /// Replaces `disk.critical_free_inodes_percent`.
+    pub critical_free_inodes_percent: Option<f64>,
+    /// Replaces `disk.warning_free_inodes_percent`.
+    pub warning_free_inodes_percent: Option<f64>,
+    /// Replaces `disk.clear_margin_bytes`.
+    pub clear_margin_bytes: Option<u64>,
+}
+
+impl DiskConfig {
+    /// Checks the section; keys are relative to `[disk]`.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_ranges(&[
+            ("interval_ms", self.interval_ms.into(), 100, 60_000),
+            (
+                "sample_timeout_ms",
+                self.sample_timeout_ms.into(),
+                100,
+                600_000,
+            ),
+            (
+                "transition_seconds",
+                self.transition_seconds.into(),
+                0,
+                3600,
+            ),
+            ("reserve_bytes", self.reserve_bytes, 0, GIB),
+        ])?;
+        for (key, p) in self
+            .paths
+            .iter()
+            .map(|p| ("paths", p.as_path()))
+            .chain(self.overrides.keys().map(|p| ("overrides", Path::new(p))))
+        {
+            validate::absolute(key, p)?;
+            // Overrides are looked up by the tidy form of a watched path: a
+            // key written otherwise would silently never apply.
+            match crate::paths::normalise(p) {
+                Err(error) => return Err(FieldError::new(key, error.to_string())),
+                Ok(tidy) if key == "overrides" && tidy.as_os_str() != p.as_os_str() => {
+                    return Err(FieldError::new(
+                        key,
+                        format!(
+                            "{} must be written as {} (no trailing slash, `.` or `//`)",
+                            p.display(),
+                            tidy.display()
+                        ),
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+        // The levels as the guard applies them: `[disk]`'s, and each
+        // override's on top of them.
+        let levels = std::iter::once((String::new(), Thresholds::from_config(self))).chain(
+            self.overrides.iter().map(|(p, o)| {
+                (
+                    format!("overrides.\"{p}\"."),
+                    Thresholds::with_override(self, o),
+                )
+            }),
+        );
+        for (table, t) in levels {
+            let (critical, warning) = (t.critical_free_bytes, t.warning_free_bytes);
+            if warning < critical {
+                return Err(FieldError::new(
+                    format!("{table}warning_free_bytes"),
+                    format!(
+                        "{warning} is below critical_free_bytes ({critical}): the warning level must be at or above the floor"
+                    ),
+                ));
+            }
+            let critical_inodes = t.critical_free_inodes_percent;
+            let warning_inodes = t.warning_free_inodes_percent;
+            for (key, value) in [
+                ("critical_free_inodes_percent", critical_inodes),
+                ("warning_free_inodes_percent", warning_inodes),
+            ] {
+                percent(&format!("{table}{key}"), value)?;
+            }
+            if warning_inodes < critical_inodes {
+                return Err(FieldError::new(
+                    format!("{table}warning_free_inodes_percent"),
+                    format!(
+                        "{warning_inodes} is below critical_free_inodes_percent ({critical_inodes})"
+                    ),
+                ));
+            }
+        }
+        percent(
+            "clear_margin_inodes_percent",
+            self.clear_margin_inodes_percent,
+        )
+    }
+}
+
+/// Refuses a percentage outside 0 to 100.
+fn percent(key: &str, value: f64) -> Result<(), FieldError> {
+    if (0.0..=100.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(FieldError::new(key, out_of_range(value, 0, 100)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> DiskConfig {
+        toml::from_str(text).expect("parses")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(DiskConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn disk_override_keys_must_be_tidy_paths() {
+        let ok = "[overrides.\"/mnt\"]\ncritical_free_bytes = 1\n";
+        assert_eq!(parse(ok).validate(), Ok(()));
+        for bad in ["/mnt/", "/mnt//x", "/mnt/./x"] {
+            let text = format!("[overrides.\"{bad}\"]\ncritical_free_bytes = 1\n");
+            let error = parse(&text).validate().unwrap_err();
+            assert_eq!(error.key, "overrides");
+            assert!(error.problem.contains("must be written as"), "{error:?}");
+        }
+        let text = "[overrides.\"/mnt/../etc\"]\ncritical_free_bytes = 1\n";
+        let error = parse(text).validate().unwrap_err();
+        assert!(
+            error.key == "overrides" && error.problem.contains(".."),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn levels_are_checked_in_the_section_and_in_each_override() {
+        let error = parse("warning_free_bytes = 1\n").validate().unwrap_err();
+        assert_eq!(error.key, "warning_free_bytes");
+        assert!(
+            error.problem.contains("below critical_free_bytes"),
+            "{error:?}"
+        );
+        let text = "[overrides.\"/mnt\"]\nwarning_free_inodes_percent = 100.5\n";
+        let error = parse(text).validate().unwrap_err();
+        assert_eq!(error.key, "overrides.\"/mnt\".warning_free_inodes_percent");
+        assert_eq!(error.problem, "100.5 is out of range: allowed 0 to 100");
+        let error = parse("interval_ms = 10\n").validate().unwrap_err();
+        assert_eq!(error.problem, "10 is out of range: allowed 100 to 60000");
+    }
+}
