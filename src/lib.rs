@@ -15,6 +15,7 @@
 //! - [`store`]: the embedded crash-safe store (redb) shared by the domains.
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
+//! - `testing` (unit tests only): the shared rig of the domains' unit tests.
 //! - [`units`]: byte sizes and durations for people (messages, config, CLI).
 //! - [`jobs`]: the job queue: specs, states, slots, logs and the container engine.
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
@@ -54,6 +55,8 @@ pub mod setup;
 pub mod status;
 pub mod store;
 pub mod systemd;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod units;
 pub mod validate;
 
