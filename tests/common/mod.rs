@@ -3,11 +3,13 @@
 //! clean up (SIGKILL and temp dirs) even when a test fails.
 #![allow(dead_code)]
 
+pub mod booted_agent;
 pub mod deb;
 pub mod engine;
 pub mod fs;
 #[cfg(feature = "test-util")]
 pub mod fuse_site;
+pub mod nspawn;
 pub mod rootfs;
 
 use std::path::{Path, PathBuf};
