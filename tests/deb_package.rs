@@ -305,3 +305,64 @@ fn deb_installs_in_an_image_build_chroot_without_proc() {
         assert_eq!(mode(&root.join(path)), expected, "mode of /{path}");
     }
 }
+
+/// Every program the unit runs (`Exec*=` lines) is the package's own, or
+/// comes from an Essential package or one the package depends on, as the
+/// Debian 12 rootfs's dpkg database says. (`ExecReload=/bin/kill` is
+/// procps's, which is not Essential: on a minimal system without it,
+/// `systemctl reload` failed with status 203/EXEC, seen under the booted
+/// systemd of tests/systemd_boot.rs.)
+#[test]
+fn the_units_programs_come_from_the_package_or_its_dependencies() {
+    if !tools_available() || !rootfs::host_supports(required(), &["mmdebstrap"]) {
+        return;
+    }
+    let rootfs = Rootfs::cached();
+    let work = tempfile::tempdir().expect("tempdir");
+    let deb = build_deb(&work.path().join("out"));
+    let field = |name: &str| {
+        let out = run_ok(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(name));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let depends: Vec<String> = field("Depends")
+        .split(',')
+        .filter_map(|dep| dep.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    let admindir = rootfs.tree().join("var/lib/dpkg");
+    let query = |args: &[&str]| {
+        let out = run_ok(
+            Command::new("dpkg-query")
+                .arg(format!("--admindir={}", admindir.display()))
+                .args(args),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+
+    let unit = std::fs::read_to_string(Path::new(REPO).join("systemd/instance-agent.service"))
+        .expect("the unit");
+    let programs: Vec<&str> = unit
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("Exec"))
+        .filter_map(|rest| rest.split_once('=').map(|(_, command)| command))
+        .filter_map(|command| {
+            command
+                .trim_start_matches(['-', '@', ':', '+', '!'])
+                .split_whitespace()
+                .next()
+        })
+        .collect();
+    assert!(programs.contains(&"/bin/kill"), "{programs:?}");
+    for program in programs {
+        if program == "/usr/bin/instance-agent" {
+            continue;
+        }
+        let owner = query(&["-S", program]);
+        let owner = owner.split(':').next().unwrap_or_default().to_owned();
+        let essential = query(&["-W", "-f=${Essential}", &owner]) == "yes";
+        assert!(
+            essential || depends.contains(&owner),
+            "{program} is from {owner}, neither Essential nor in Depends {depends:?}"
+        );
+    }
+}
