@@ -41,7 +41,7 @@ cleanup() {
     fusermount3 -u -z "$mount" 2>/dev/null || true
   done
   for pid in $(pgrep -f "blobfuse2-standin mount $DIR/mnt/" || true); do kill -KILL "$pid" 2>/dev/null || true; done
-  rm -rf "$DIR"
+  rm -rf "$DIR" || true
 }
 trap cleanup EXIT
 

@@ -17,9 +17,13 @@ NOOP="$repo_root/scripts/bench/setup-noop.sh"
 
 dir=$(mktemp -d /tmp/instance-agent-bench.XXXXXX)
 pid=
+# Never fails (see scripts/build-deb.sh): the script's status is its own.
 cleanup() {
-  [[ -n $pid ]] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-  rm -rf "$dir"
+  if [[ -n $pid ]]; then
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  fi
+  rm -rf "$dir" || true
 }
 trap cleanup EXIT
 cat >"$dir/config.toml" <<TOML

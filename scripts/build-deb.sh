@@ -47,7 +47,12 @@ fi
 ((install_only)) && exit 0
 
 stage=""
-cleanup() { [[ -n $stage ]] && rm -rf "$stage"; }
+# An EXIT trap must not fail: under `set -e` a failing command in it ends the
+# script with that command's status, whatever the script's own was (a
+# trailing `[[ -n $stage ]] && ...` made every successful run exit 1).
+cleanup() {
+  if [[ -n $stage ]]; then rm -rf "$stage" || true; fi
+}
 trap cleanup EXIT
 
 if [[ -n $binary ]]; then

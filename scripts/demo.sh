@@ -24,12 +24,13 @@ BIN="$repo_root/target/release/instance-agent"
 DEMO_DIR=$(mktemp -d /tmp/instance-agent-demo.XXXXXX)
 SOCKET="$DEMO_DIR/agent.sock"
 AGENT_PID=
+# Never fails (see scripts/build-deb.sh): the script's status is its own.
 cleanup() {
   if [[ -n $AGENT_PID ]] && kill -0 "$AGENT_PID" 2>/dev/null; then
     kill -TERM "$AGENT_PID" 2>/dev/null || true
     wait "$AGENT_PID" 2>/dev/null || true
   fi
-  [[ -n ${DEMO_KEEP:-} ]] || rm -rf "$DEMO_DIR"
+  if [[ -z ${DEMO_KEEP:-} ]]; then rm -rf "$DEMO_DIR" || true; fi
 }
 trap cleanup EXIT
 

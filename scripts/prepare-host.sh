@@ -5,6 +5,8 @@
 #   * Debian packages: docker.io fuse3 busybox-static e2fsprogs util-linux procps
 #     systemd openssl (TLS 1.1 client for the security tests) passwd (useradd)
 #     python3 python3-venv (scripts/python-client-check.sh: a venv, then grpcio from PyPI)
+#     mmdebstrap systemd-container (tests/systemd_boot.rs and tests/deb_package.rs: a Debian 12
+#     rootfs made once and cached under target/, booted with systemd-nspawn)
 #   * a running Docker engine (started by hand: there is no systemd here)
 #   * the local image instance-agent/busybox:test (built from busybox-static,
 #     no registry access needed)
@@ -13,7 +15,8 @@
 # It prints one short line per step. Must run as root.
 set -euo pipefail
 
-readonly PACKAGES=(docker.io fuse3 busybox-static e2fsprogs util-linux procps systemd openssl passwd python3 python3-venv)
+readonly PACKAGES=(docker.io fuse3 busybox-static e2fsprogs util-linux procps systemd openssl passwd python3 python3-venv
+  mmdebstrap systemd-container)
 readonly TEST_IMAGE="instance-agent/busybox:test"
 readonly DOCKERD_LOG="/var/log/instance-agent-test-dockerd.log"
 readonly DOCKERD_WAIT_SECS=60

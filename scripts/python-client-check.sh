@@ -14,9 +14,13 @@ if [[ ! -x $venv/bin/python ]] || ! "$venv/bin/python" -c 'import grpc_tools, gr
 fi
 work=$(mktemp -d)
 agent_pid=
+# Never fails (see scripts/build-deb.sh): the script's status is its own.
 cleanup() {
-  [[ -n $agent_pid ]] && kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null
-  rm -rf "$work"
+  if [[ -n $agent_pid ]]; then
+    kill "$agent_pid" 2>/dev/null || true
+    wait "$agent_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work" || true
 }
 trap cleanup EXIT
 

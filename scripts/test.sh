@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Full test entry point: prepare the host (packages, Docker engine, test image,
-# FUSE, Rust components), then run rustfmt check, clippy (warnings are errors)
-# and the test suite, then a Python client generated from proto/ alone, then
-# the fault-injection suite in its short mode (scripts/chaos.sh), and last
-# the sweep of every captured agent log for the secrets the tests used
+# FUSE, Rust components, mmdebstrap and systemd-nspawn), then run rustfmt
+# check, clippy (warnings are errors) and the test suite (the agent under a
+# booted systemd included), then a Python client generated from proto/ alone,
+# then the fault-injection suite in its short mode (scripts/chaos.sh), and
+# last the sweep of every captured agent log for the secrets the tests used
 # (scripts/check-test-logs.sh).
 # Extra arguments are passed through to `cargo test`.
 set -euo pipefail
@@ -30,9 +31,15 @@ cargo fmt --all -- --check
 echo "[test] cargo clippy --all-targets --all-features -- -D warnings"
 cargo clippy --all-targets --all-features -- -D warnings
 
-# tests/deb_package.rs builds and installs the .deb; here it must not skip.
+# tests/deb_package.rs and tests/scripts.rs build and install the .deb (into
+# a scratch root and into an image build's chroot), tests/systemd_boot.rs
+# installs it in a Debian 12 container booted under systemd-nspawn; here
+# they must not skip. The package holds the debug binary the tests built
+# (stripped), not a release build. The rootfs they share is made once
+# with mmdebstrap (about 20 s) and cached under target/tmp/systemd-harness/.
 scripts/build-deb.sh --install-tool
 export INSTANCE_AGENT_REQUIRE_DEB_TEST=1
+export INSTANCE_AGENT_REQUIRE_SYSTEMD_TEST=1
 
 echo "[test] cargo test --all-features $*"
 cargo test --all-features "$@"

@@ -3,10 +3,14 @@
 //! clean up (SIGKILL and temp dirs) even when a test fails.
 #![allow(dead_code)]
 
+pub mod booted_agent;
+pub mod deb;
 pub mod engine;
 pub mod fs;
 #[cfg(feature = "test-util")]
 pub mod fuse_site;
+pub mod nspawn;
+pub mod rootfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -383,7 +387,7 @@ fn test_binary_name() -> String {
 
 /// A fresh directory name for one agent's captured files:
 /// `<root>/<test-binary>-<pid>-<n>`.
-fn captured_dir() -> PathBuf {
+pub fn captured_dir() -> PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     test_logs_root().join(format!(
@@ -548,6 +552,29 @@ pub fn is_final(state: instance_agent::api::proto::JobState) -> bool {
         state,
         JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut
     )
+}
+
+/// Panics, showing what it printed, unless `output` is a success; `what`
+/// names the command.
+#[track_caller]
+pub fn assert_success(what: &dyn std::fmt::Debug, output: &std::process::Output) {
+    assert!(
+        output.status.success(),
+        "{what:?} failed with {}:\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs `command`, which must succeed; returns what it printed.
+#[track_caller]
+pub fn run_ok(command: &mut Command) -> std::process::Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert_success(command, &output);
+    output
 }
 
 /// Runs the CLI with the given args against an agent's socket.
