@@ -12,6 +12,7 @@
 //!   recovered by looking the container up: no job is lost or run twice.
 //! - Only the job's own task moves a started job on; the API only asks it to
 //!   (through a cancellation token), so every transition has one writer.
+//! - Only a record that is still queued is in the queue.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -328,11 +329,21 @@ impl JobManager {
         }
         let view = {
             let mut state = self.lock();
-            state.enqueue(&record);
+            // A cancel that came while the record was being saved has ended
+            // it already: a cancelled job must not enter the queue.
+            let still_queued = state
+                .jobs
+                .get(id)
+                .is_some_and(|r| r.state == JobState::Queued);
+            if still_queued {
+                state.enqueue(&record);
+            }
             self.view_of(&state, id)?
         };
-        self.publish(&record);
-        self.inner.wake.notify_one();
+        if view.record.state == JobState::Queued {
+            self.publish(&record);
+            self.inner.wake.notify_one();
+        }
         Ok(view)
     }
 

@@ -1,6 +1,6 @@
 //! The manager's handle against the fake engine, with paused time: submit
 //! (idempotence, the queue limit, the view it returns), cancel (queued,
-//! running, unknown, durable before the reply).
+//! running, unknown, durable before the reply, racing a submit's save).
 
 use super::JobError;
 use crate::jobs::harness::{Harness, config, spec};
@@ -82,4 +82,37 @@ async fn cancel_is_persisted_before_the_reply() {
     h.submit("q").await;
     h.manager.cancel("q").await.unwrap();
     assert_eq!(h.stored("q").state, Cancelled);
+}
+
+/// A cancel can reach a job while its submit is still saving it (the job is
+/// visible at once, to answer a duplicate submit): the cancelled job must
+/// not enter the queue when the save completes, or it would run.
+#[tokio::test(start_paused = true)]
+async fn a_job_cancelled_while_its_submit_saves_it_never_enters_the_queue() {
+    let h = Harness::new(1);
+    let manager = h.manager.clone();
+    let submit = tokio::spawn(async move { manager.submit(spec("a")).await });
+    // Runs the submit up to its save, which waits for the store.
+    for _ in 0..100 {
+        if h.manager.get("a").is_ok() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(!submit.is_finished(), "the save is still under way");
+    let cancelled = h.manager.cancel("a").await.unwrap();
+    assert_eq!(cancelled.state, Cancelled);
+    let submitted = submit.await.unwrap().unwrap();
+    assert_eq!(
+        submitted.record.state, Cancelled,
+        "the reply tells the truth"
+    );
+    assert_eq!(submitted.queue_position, None);
+    assert_eq!(h.manager.slot_usage().queued, 0);
+    assert_eq!(h.history("a"), [Cancelled], "no stale 'queued' after it");
+    assert_eq!(h.stored("a").state, Cancelled);
+    // "b" goes through the dispatcher, which would have started "a" first.
+    h.submit("b").await;
+    h.wait_for("b runs", |h| h.state("b") == Running).await;
+    assert!(h.calls_starting("create ia-inst-a").is_empty());
 }
