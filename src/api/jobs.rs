@@ -78,11 +78,7 @@ impl JobService for JobApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: must be set"))?;
         let spec = spec_from_proto(spec)?;
-        let record = self.jobs.submit(spec).await.map_err(status_of)?;
-        let view = self.jobs.get(record.id()).unwrap_or(JobView {
-            record,
-            queue_position: None,
-        });
+        let view = self.jobs.submit(spec).await.map_err(status_of)?;
         Ok(Response::new(job_to_proto(&view)))
     }
 

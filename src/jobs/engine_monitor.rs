@@ -72,7 +72,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::fake_engine::FakeEngine;
+    use crate::jobs::fake::FakeEngine;
 
     fn docker_condition(health: &Health) -> (ConditionState, String) {
         let c = health.get(Subsystem::Docker);

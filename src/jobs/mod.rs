@@ -7,26 +7,39 @@
 //! rules ([`scheduler`]), the per-job logs ([`logs`]), the engine trait and
 //! its bollard implementation ([`engine`]), the disk guard's view of the
 //! engine on it ([`docker_space`]), the docker condition ([`engine_monitor`])
-//! and the manager that ties them together ([`manager`]). Knows nothing of
-//! gRPC.
+//! and the manager that ties them together. Knows nothing of gRPC.
+//!
+//! The manager is one type, [`JobManager`], split by duty: the handle and
+//! the shared state ([`manager`], `state.rs`), starting queued jobs
+//! (`dispatch.rs`), one job's life (`job_task.rs`, `capture.rs`), crash
+//! recovery (`recovery.rs`), retention (`retention.rs`), and the jobs' view
+//! of managed mounts ([`job_mounts`]). The fakes for tests are in `fake.rs`
+//! (behind `test-util`), the unit tests' harness in `harness.rs`.
 
+mod capture;
 pub mod config;
+mod dispatch;
 pub mod docker_space;
 pub mod engine;
 pub mod engine_monitor;
 #[cfg(any(test, feature = "test-util"))]
-pub mod fake_engine;
+pub mod fake;
+#[cfg(test)]
+mod harness;
+pub mod job_mounts;
+mod job_task;
 pub mod logs;
 pub mod manager;
 pub mod reclaim;
 pub mod record;
+mod recovery;
+mod retention;
 pub mod scheduler;
 pub mod spec;
+mod state;
 
-pub use manager::{
-    JobError, JobFilter, JobManager, JobView, JobsDeps, MountResolution, MountResolver,
-    NoManagedMounts,
-};
+pub use job_mounts::{MountResolution, MountResolver, NoManagedMounts};
+pub use manager::{JobError, JobFilter, JobManager, JobView, JobsDeps};
 pub use record::{JobRecord, JobState};
 pub use spec::{JobMount, JobSpec, MountSource};
 

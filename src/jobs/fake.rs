@@ -1,5 +1,6 @@
 //! An in-memory container engine for unit tests: containers "run" until the
-//! test makes them exit, every call is recorded, and the engine can be made
+//! test makes them exit, every call is recorded (and announced, so that a
+//! test awaits a call instead of sleeping), and the engine can be made
 //! unreachable to inject faults.
 
 use std::collections::HashMap;
@@ -38,6 +39,10 @@ pub struct FakeEngine {
     /// `remove` fails (the container stays).
     remove_fails: Mutex<bool>,
     next_id: Mutex<u64>,
+    /// Bumped on every call and every change to a container.
+    changes: watch::Sender<u64>,
+    /// The most containers ever running at once.
+    peak_running: Mutex<usize>,
 }
 
 impl FakeEngine {
@@ -48,6 +53,21 @@ impl FakeEngine {
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Changes whenever a call is made or a container changes, so that a
+    /// test can wait for "the manager asked the engine for X" as an event.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The most containers that were ever running at the same time.
+    pub fn peak_running(&self) -> usize {
+        *Self::lock(&self.peak_running)
     }
 
     /// Makes every call fail as unreachable (or answer again).
@@ -87,6 +107,7 @@ impl FakeEngine {
             c.oom = oom;
             c.exit.send_replace(Some(code));
         }
+        self.changed();
     }
 
     /// Ids of containers currently running.
@@ -125,10 +146,12 @@ impl FakeEngine {
                 oom: false,
             },
         );
+        self.changed();
     }
 
     fn record(&self, call: String) -> Result<(), EngineError> {
         Self::lock(&self.calls).push(call);
+        self.changed();
         if *self.down.borrow() {
             return Err(EngineError::Unreachable {
                 socket: "/fake.sock".into(),
@@ -188,9 +211,16 @@ impl ContainerEngine for FakeEngine {
 
     async fn start(&self, id: &str) -> Result<(), EngineError> {
         self.record(format!("start {id}"))?;
-        match Self::lock(&self.containers).get_mut(id) {
+        let mut containers = Self::lock(&self.containers);
+        match containers.get_mut(id) {
             Some(c) => {
                 c.status = "running".into();
+                let running = containers
+                    .values()
+                    .filter(|c| c.status == "running")
+                    .count();
+                let mut peak = Self::lock(&self.peak_running);
+                *peak = (*peak).max(running);
                 Ok(())
             }
             None => Err(EngineError::NotFound {
@@ -266,6 +296,7 @@ impl ContainerEngine for FakeEngine {
         if let Some(c) = Self::lock(&self.containers).remove(id) {
             c.exit.send_replace(Some(137));
         }
+        self.changed();
         Ok(())
     }
 
