@@ -33,8 +33,9 @@ cargo clippy --all-targets --all-features -- -D warnings
 
 # tests/deb_package.rs and tests/scripts.rs build and install the .deb (into
 # a scratch root and into an image build's chroot), tests/systemd_boot.rs
-# installs it in a Debian 12 container booted under systemd-nspawn; here
-# they must not skip. The package holds the debug binary the tests built
+# installs it in a Debian 12 container booted under systemd-nspawn, and
+# tests/systemd_unit.rs runs systemd-analyze verify on the unit; here they
+# must not skip. The package holds the debug binary the tests built
 # (stripped), not a release build. The rootfs they share is made once
 # with mmdebstrap (about 20 s) and cached under target/tmp/systemd-harness/.
 scripts/build-deb.sh --install-tool

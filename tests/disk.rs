@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::events::{self, EventLog, time_of};
 use common::fs::{Filler, LoopExt4, MIB, Tmpfs, run};
 use common::{Agent, cli};
 use instance_agent::api::proto::{
@@ -207,28 +208,53 @@ async fn exact_alert_sequence_latency_and_no_flapping_on_a_real_tmpfs() {
     );
 
     // Oscillate around the floor, inside the margin, for longer than the
-    // transition time: no alert.
+    // transition time (2 s) plus an interval: the guard samples every value,
+    // below the floor and above it inside the margin, and stays critical
+    // without an alert.
     let before = wait_for_fs(&mut disk, &tmpfs.path, "critical", |f| {
         f.state() == Critical
     })
-    .await
-    .alerts;
-    for i in 0..8 {
-        filler.set_free(if i % 2 == 0 {
-            7 * MIB
-        } else {
-            9 * MIB + MIB / 2
-        });
-        tokio::time::sleep(Duration::from_millis(700)).await;
+    .await;
+    let mut sample = before.clone();
+    let mut swings = 0;
+    while time_of(sample.sampled_at.as_ref())
+        < time_of(before.sampled_at.as_ref()) + Duration::from_secs(3)
+    {
+        let below = swings % 2 == 0;
+        filler.set_free(if below { 7 * MIB } else { 9 * MIB + MIB / 2 });
+        sample = wait_for_fs(&mut disk, &tmpfs.path, "a sample of the new level", |f| {
+            if below {
+                f.free_bytes < 8 * MIB
+            } else {
+                f.free_bytes > 9 * MIB
+            }
+        })
+        .await;
+        assert_eq!(sample.state(), Critical, "still critical: {sample:?}");
+        swings += 1;
     }
-    let after = wait_for_fs(&mut disk, &tmpfs.path, "still critical", |f| {
-        f.state() == Critical
+    assert!(swings >= 3, "{swings} swings sampled");
+    // Then above the floor but inside the margin without a break, for longer
+    // than the transition time: the margin alone keeps it critical.
+    filler.set_free(9 * MIB + MIB / 2);
+    let held = wait_for_fs(&mut disk, &tmpfs.path, "a sample inside the margin", |f| {
+        f.free_bytes > 9 * MIB
     })
-    .await
-    .alerts;
+    .await;
+    let held_since = time_of(held.sampled_at.as_ref());
+    sample = held;
+    while time_of(sample.sampled_at.as_ref()) < held_since + Duration::from_secs(3) {
+        let previous = time_of(sample.sampled_at.as_ref());
+        sample = wait_for_fs(&mut disk, &tmpfs.path, "the next sample", |f| {
+            time_of(f.sampled_at.as_ref()) > previous
+        })
+        .await;
+        assert_eq!(sample.state(), Critical, "still critical: {sample:?}");
+        assert!(sample.free_bytes > 9 * MIB, "{sample:?}");
+    }
     assert_eq!(
-        before, after,
-        "no alert while oscillating inside the margin"
+        before.alerts, sample.alerts,
+        "no alert while oscillating and staying inside the margin"
     );
 
     filler.set_free(12 * MIB);
@@ -324,12 +350,15 @@ async fn a_hung_fuse_mount_is_unresponsive_and_does_not_stall_the_others() {
         "{}",
         condition.message
     );
-    // A blocked statvfs must not keep the agent from stopping.
+    // A blocked statvfs must not keep the agent from stopping: every task
+    // ends before the grace period does.
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     let exit = agent
-        .wait_exit(Duration::from_secs(15))
+        .exited(Duration::from_secs(15))
+        .await
         .expect("stops although a probe is blocked");
     assert!(exit.success(), "{exit:?}; log:\n{}", agent.log());
+    assert_stopped_within_the_grace(&agent);
     filler.empty();
 }
 
@@ -424,9 +453,11 @@ async fn the_agent_survives_a_full_state_filesystem() {
     let mut agent = agent;
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     let exit = agent
-        .wait_exit(Duration::from_secs(15))
+        .exited(Duration::from_secs(15))
+        .await
         .expect("stops on a full disk");
     assert!(exit.success(), "{exit:?}; log:\n{}", agent.log());
+    assert_stopped_within_the_grace(&agent);
     filler.empty();
 
     // The store is intact: a new agent opens it and has exactly what was
@@ -451,6 +482,17 @@ async fn the_agent_survives_a_full_state_filesystem() {
         assert!(Instant::now() < deadline, "{skipped:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The agent's last stop ended with every task done, not cut short when
+/// its grace period ran out.
+fn assert_stopped_within_the_grace(agent: &Agent) {
+    let log = agent.log();
+    assert!(
+        log.contains("INFO instance_agent::daemon: stopped"),
+        "{log}"
+    );
+    assert!(!log.contains("grace period over"), "{log}");
 }
 
 /// GetStatus and its disk condition.
@@ -918,12 +960,33 @@ async fn a_critical_state_filesystem_holds_real_queued_jobs_and_releases_them() 
         f.state() == proto::DiskState::Critical
     })
     .await;
+    // The hold is in force, and says why, before anything is submitted.
+    let hold = format!("disk: {} (state dir) has ", tmpfs.path.display());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held_reason = loop {
+        let slots = status_client
+            .get_status(proto::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .slots
+            .expect("slots");
+        if slots.held_reason.starts_with(&hold) {
+            break slots.held_reason;
+        }
+        assert!(Instant::now() < deadline, "no disk hold: {slots:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        held_reason.ends_with("free, below the 8.0 MiB floor"),
+        "{held_reason}"
+    );
+    let mut events = EventLog::from_now(&agent).await;
     for id in ["held-1", "held-2"] {
         jobs.submit_job(job(id, &["true"]))
             .await
             .expect("submit while critical");
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
     for id in ["held-1", "held-2"] {
         let held = jobs
             .get_job(proto::GetJobRequest { id: id.into() })
@@ -931,14 +994,11 @@ async fn a_critical_state_filesystem_holds_real_queued_jobs_and_releases_them() 
             .unwrap()
             .into_inner();
         assert_eq!(held.state(), proto::JobState::Queued, "{held:?}");
+        assert!(
+            held.reason.starts_with(&format!("held: {hold}")),
+            "{held:?}"
+        );
     }
-    let status = status_client
-        .get_status(proto::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let slots = status.slots.expect("slots");
-    assert!(slots.held_reason.contains("disk"), "{slots:?}");
     let running = jobs
         .get_job(proto::GetJobRequest {
             id: "running".into(),
@@ -954,25 +1014,55 @@ async fn a_critical_state_filesystem_holds_real_queued_jobs_and_releases_them() 
         "a running job goes on: {running:?}"
     );
 
-    // Space returns: the held jobs start by themselves.
+    // Space returns: after the transition time (2 s, during which the
+    // hold stays) the filesystem leaves critical, and only then do the held
+    // jobs start, by themselves.
     filler.set_free(40 * MIB);
-    for id in ["held-1", "held-2"] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let j = jobs
-                .get_job(proto::GetJobRequest { id: id.into() })
-                .await
-                .unwrap()
-                .into_inner();
-            if j.state() == proto::JobState::Succeeded {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{id} never ran after space returned: {j:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let released = events
+        .until(
+            "the state fs leaving critical",
+            Duration::from_secs(60),
+            |e| {
+                events::disk_alert(e).is_some_and(|a| {
+                    Path::new(&a.mount_point) == tmpfs.path
+                        && a.old_state() == proto::DiskState::Critical
+                })
+            },
+        )
+        .await;
+    assert_eq!(
+        events.job_states(|id| id.starts_with("held-")),
+        [
+            ("held-1".to_owned(), proto::JobState::Queued),
+            ("held-2".to_owned(), proto::JobState::Queued)
+        ],
+        "only queued while critical:\n{}",
+        events.summary()
+    );
+    let succeeded = |seen: &[proto::Event]| {
+        ["held-1", "held-2"].iter().all(|id| {
+            seen.iter()
+                .any(|e| events::job_in(e, id, proto::JobState::Succeeded))
+        })
+    };
+    events
+        .until_seen(
+            "both held jobs succeeding",
+            Duration::from_secs(60),
+            succeeded,
+        )
+        .await;
+    let released_at = time_of(events::disk_alert(&released).and_then(|a| a.time.as_ref()));
+    for starting in events
+        .seen()
+        .iter()
+        .filter_map(events::job)
+        .filter(|j| j.id.starts_with("held-") && j.state() == proto::JobState::Starting)
+    {
+        assert!(
+            time_of(starting.starting_at.as_ref()) >= released_at,
+            "{starting:?} chosen before the alert of {released:?}"
+        );
     }
 }
 

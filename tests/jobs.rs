@@ -4,10 +4,13 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::BufRead;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
 
+use common::events::{self, EventLog};
 use common::{Agent, cli, is_final, marked_job as marked, runs};
 use instance_agent::api::proto::{self, job_service_client::JobServiceClient};
 use tokio_stream::StreamExt;
@@ -90,11 +93,6 @@ async fn wait_state(
     }
 }
 
-/// Containers of this agent that the engine says are running.
-fn running_containers(instance_id: &str) -> usize {
-    common::containers(instance_id, false).len()
-}
-
 /// Containers of this agent in any state.
 fn all_containers(instance_id: &str) -> usize {
     common::containers(instance_id, true).len()
@@ -110,40 +108,122 @@ async fn wait_removed(instance_id: &str) {
     }
 }
 
+/// The engine's own account of one agent's containers: `docker events` for
+/// their `start` and `die`, from a moment before the test acted (replayed
+/// with `--since`, then live), so that no start is missed however short the
+/// container's life. Killed on drop.
+struct ContainerEvents {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl ContainerEvents {
+    fn start(instance_id: &str) -> Self {
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs()
+            .saturating_sub(5);
+        let mut child = Command::new("docker")
+            .args(["events", "--since", &since.to_string()])
+            .args(["--filter", "type=container"])
+            .args(["--filter", "event=start", "--filter", "event=die"])
+            .args([
+                "--filter",
+                &format!("label=io.instance-agent.instance={instance_id}"),
+            ])
+            .args(["--format", "{{.Status}} {{.ID}}"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("docker events");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads until `starts` containers have started and died, within 60 s.
+    fn until_all_died(&mut self, starts: usize) -> &[String] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let count =
+            |seen: &[String], what: &str| seen.iter().filter(|l| l.starts_with(what)).count();
+        while count(&self.seen, "start ") < starts || count(&self.seen, "die ") < starts {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!(
+                    "the engine did not report {starts} starts and exits: {:?}",
+                    self.seen
+                ),
+            }
+        }
+        &self.seen
+    }
+}
+
+impl Drop for ContainerEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The most containers running at once, from the engine's starts and exits
+/// in the order it reported them.
+fn most_at_once(events: &[String]) -> usize {
+    let (mut running, mut most) = (0usize, 0usize);
+    for line in events {
+        if line.starts_with("start ") {
+            running += 1;
+            most = most.max(running);
+        } else if line.starts_with("die ") {
+            running = running.saturating_sub(1);
+        }
+    }
+    most
+}
+
 #[tokio::test]
 async fn concurrency_never_exceeds_capacity_as_seen_by_the_engine() {
     let markers = tempfile::tempdir().unwrap();
     let agent = Agent::builder()
         .config(&jobs_config(2, markers.path()))
         .start();
+    let mut engine = ContainerEvents::start(&agent.instance_id);
     let mut c = client(&agent).await;
     let ids: Vec<String> = (0..8).map(|i| format!("cap-{i}")).collect();
     for id in &ids {
         submit(&mut c, marked(id, "0.5", markers.path())).await;
     }
-    let watcher_id = agent.instance_id.clone();
-    let watcher = std::thread::spawn(move || {
-        let mut max = 0;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let n = running_containers(&watcher_id);
-            max = max.max(n);
-            if Instant::now() > deadline || all_containers(&watcher_id) == 0 && n == 0 && max > 0 {
-                return max;
-            }
-            std::thread::sleep(Duration::from_millis(30));
-        }
-    });
     for id in &ids {
         let job = wait_final(&mut c, id, Duration::from_secs(60)).await;
         assert_eq!(job.state(), proto::JobState::Succeeded, "{job:?}");
     }
-    let max = watcher.join().unwrap();
+    // Every start and every exit, as the engine saw them.
+    let seen = engine.until_all_died(ids.len());
+    let max = most_at_once(seen);
     assert!(
         max <= 2,
-        "the engine saw {max} running containers with capacity 2"
+        "the engine saw {max} running containers with capacity 2: {seen:?}"
     );
     assert!(max >= 1);
+    assert_eq!(
+        seen.iter().filter(|l| l.starts_with("start ")).count(),
+        ids.len(),
+        "one container start per job: {seen:?}"
+    );
     for id in &ids {
         assert_eq!(runs(markers.path(), id), 1, "{id} ran once");
     }
@@ -258,16 +338,29 @@ async fn a_job_ignoring_sigterm_is_killed_after_its_own_grace() {
             .kill_grace_seconds,
         5
     );
-    wait_state(&mut c, "stubborn", proto::JobState::Running).await;
     // Running is recorded once the container started; let the shell set its
     // trap (it prints "ready" after) so that SIGTERM is surely ignored.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !String::from_utf8_lossy(&cli(&agent.socket, &["jobs", "logs", "stubborn"]).stdout)
-        .contains("ready")
-    {
-        assert!(Instant::now() < deadline, "the job never printed ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut output = c
+        .stream_job_logs(proto::StreamJobLogsRequest {
+            id: "stubborn".into(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut printed = String::new();
+    while !printed.contains("ready") {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), output.next())
+            .await
+            .expect("the job prints ready")
+            .expect("the output goes on while the job runs")
+            .unwrap();
+        printed.push_str(&String::from_utf8_lossy(&chunk.data));
     }
+    assert_eq!(
+        get(&mut c, "stubborn").await.state(),
+        proto::JobState::Running
+    );
     let asked = Instant::now();
     c.cancel_job(proto::CancelJobRequest {
         id: "stubborn".into(),
@@ -586,8 +679,19 @@ async fn kill_9_during_many_jobs_loses_none_and_runs_none_twice() {
     for id in &ids {
         submit(&mut c, marked(id, "0.3", markers.path())).await;
     }
-    for round in 0..3 {
-        tokio::time::sleep(Duration::from_millis(400 + 150 * round)).await;
+    // Each crash lands just after the n-th container started (its marker
+    // line is the container's own first act): jobs are running, others are
+    // queued, and some have finished.
+    for started in [1, 8, 15] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ids.iter().map(|id| runs(markers.path(), id)).sum::<usize>() < started {
+            assert!(
+                Instant::now() < deadline,
+                "{started} jobs never started\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         agent.crash_and_restart();
         c = client(&agent).await;
     }
@@ -607,41 +711,77 @@ async fn kill_9_during_many_jobs_loses_none_and_runs_none_twice() {
 #[tokio::test]
 async fn jobs_wait_for_the_creation_script() {
     let markers = tempfile::tempdir().unwrap();
+    let go = markers.path().join("go");
     let script = markers.path().join("create.sh");
-    std::fs::write(&script, "#!/bin/sh\nsleep 3\n").unwrap();
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut std::fs::metadata(&script).unwrap().permissions(),
-        0o755,
-    );
-    Command::new("chmod")
-        .arg("755")
-        .arg(&script)
-        .status()
-        .unwrap();
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\n",
+            go.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let config = format!(
         "{}[[setup.scripts]]\nkind = \"creation\"\npath = {:?}\n",
         jobs_config(2, markers.path()),
         script.display().to_string()
     );
     let agent = Agent::builder().config(&config).start();
+    let mut events = EventLog::since(&agent, 0).await;
+    let running = events
+        .until(
+            "the creation script running",
+            Duration::from_secs(30),
+            |e| events::setup_run_in(e, proto::SetupKind::Creation, proto::SetupRunState::Running),
+        )
+        .await;
+    let run_id = events::setup_run(&running).expect("a run").id.clone();
+
+    // Submitted while the script runs: queued, and the agent says why.
     let mut c = client(&agent).await;
-    submit(&mut c, spec("gated", &["true"])).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let job = get(&mut c, "gated").await;
     assert_eq!(
-        job.state(),
-        proto::JobState::Queued,
-        "held until the creation script succeeds: {job:?}"
+        submit(&mut c, spec("gated", &["true"])).await.state(),
+        proto::JobState::Queued
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !is_final(get(&mut c, "gated").await.state()) {
-        assert!(
-            Instant::now() < deadline,
-            "never ran; log:\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let job = get(&mut c, "gated").await;
+    assert_eq!(job.state(), proto::JobState::Queued, "{job:?}");
+    assert_eq!(
+        job.reason,
+        format!("held: setup: the creation script has not succeeded (run {run_id} running)")
+    );
+
+    // The script ends: the job's first step after its queueing comes after
+    // the script's success, in the one sequence of events.
+    std::fs::write(&go, "").unwrap();
+    let succeeded = events
+        .until(
+            "the creation script's success",
+            Duration::from_secs(60),
+            |e| {
+                events::setup_run(e)
+                    .is_some_and(|r| r.id == run_id && r.state() != proto::SetupRunState::Running)
+            },
+        )
+        .await;
+    let run = events::setup_run(&succeeded).expect("a run");
+    assert_eq!(run.state(), proto::SetupRunState::Succeeded, "{run:?}");
+    assert_eq!(
+        events.job_states(|id| id == "gated"),
+        [("gated".to_owned(), proto::JobState::Queued)],
+        "only queued before the script succeeded:\n{}",
+        events.summary()
+    );
+    let starting = events
+        .until("the job starting", Duration::from_secs(60), |e| {
+            events::job_in(e, "gated", proto::JobState::Starting)
+        })
+        .await;
+    let chosen = events::time_of(events::job(&starting).and_then(|j| j.starting_at.as_ref()));
+    assert!(
+        chosen >= events::time_of(run.finished_at.as_ref()),
+        "chosen at {chosen:?}, before the script finished: {run:?}"
+    );
+    let job = wait_final(&mut c, "gated", Duration::from_secs(60)).await;
     assert_eq!(job.state(), proto::JobState::Succeeded, "{job:?}");
 }

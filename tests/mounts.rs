@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::events::{self, EventLog};
 use common::fuse_site::{Site, mounts_below, standin};
 use common::{Agent, cli};
 use instance_agent::api::proto::{
@@ -511,24 +512,51 @@ async fn a_restarted_agent_leaves_another_programs_mount_at_the_path_alone() {
     std::fs::write(path.join("theirs.txt"), "not the agent's").unwrap();
     restart(&mut agent, &site);
 
-    let failed = mount_reaching(
-        &agent,
-        "data",
-        "the failed state",
-        Duration::from_secs(20),
-        |m| m.state() == proto::MountState::Failed,
-    )
-    .await;
-    assert!(
-        failed.message.contains(&format!(
-            "path {} is mounted by something else (tmpfs from instance-agent-test)",
-            path.display()
-        )),
-        "{}",
-        failed.message
+    // The first attempt and two retries after it (backing off 1 s, then
+    // 2 s) each fail on the other mount, and nothing else happens to "data".
+    let mut events = EventLog::since(&agent, 0).await;
+    let failures = |seen: &[proto::Event]| {
+        seen.iter()
+            .filter_map(events::mount)
+            .filter(|m| m.name == "data" && m.state() == proto::MountState::Failed)
+            .count()
+    };
+    events
+        .until_seen("three failed attempts", Duration::from_secs(30), |seen| {
+            failures(seen) == 3
+        })
+        .await;
+    let in_use = format!(
+        "path {} is mounted by something else (tmpfs from instance-agent-test)",
+        path.display()
     );
-    // Retries back off (1 s, then 2 s) and never touch it.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let steps: Vec<(proto::MountState, String)> = events
+        .seen()
+        .iter()
+        .filter_map(events::mount)
+        .filter(|m| m.name == "data")
+        .map(|m| (m.state(), m.message.clone()))
+        .collect();
+    let failed = |retry: u64| {
+        (
+            proto::MountState::Failed,
+            format!("mount \"data\": {in_use}; retrying in {retry} s"),
+        )
+    };
+    let mounting = (proto::MountState::Mounting, String::new());
+    assert_eq!(
+        steps,
+        [
+            mounting.clone(),
+            failed(1),
+            mounting.clone(),
+            failed(2),
+            mounting,
+            failed(2)
+        ],
+        "{}",
+        events.summary()
+    );
     assert_eq!(
         mountinfo_at(&path),
         Some(("tmpfs".into(), "instance-agent-test".into()))
@@ -849,15 +877,16 @@ async fn mounts_are_restored_after_a_reboot_from_config_and_from_the_store() {
     // runtime dir (a tmpfs) is emptied.
     agent.signal(Signal::SIGKILL);
     agent.child.wait().unwrap();
-    drop(
-        Site::standins(&site)
-            .into_iter()
-            .map(|(pid, _)| {
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL)
-            })
-            .collect::<Vec<_>>(),
-    );
-    std::thread::sleep(Duration::from_millis(200));
+    let standins = Site::standins(&site);
+    for (pid, _) in &standins {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGKILL);
+    }
+    eventually(
+        "the stand-ins to die",
+        Duration::from_secs(10),
+        async || standins.iter().all(|(pid, _)| dead(*pid)).then_some(()),
+    )
+    .await;
     for mount in mounts_below(&site.path()) {
         Command::new("fusermount3")
             .args(["-u", "-z"])

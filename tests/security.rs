@@ -1186,9 +1186,10 @@ async fn secrets_in_requests_never_reach_the_log() {
 
     let mut job = spec(&["true"]);
     job.id = format!("secret-{}", uuid_like());
+    let job_id = job.id.clone();
     job.env.insert("API_TOKEN".into(), env_secret.clone());
-    JobServiceClient::new(channel.clone())
-        .submit_job(proto::SubmitJobRequest { spec: Some(job) })
+    let mut jobs = JobServiceClient::new(channel.clone());
+    jobs.submit_job(proto::SubmitJobRequest { spec: Some(job) })
         .await
         .expect("submit");
 
@@ -1210,7 +1211,8 @@ async fn secrets_in_requests_never_reach_the_log() {
             })
             .await;
     }
-    let _ = SetupServiceClient::new(channel.clone())
+    let mut setup = SetupServiceClient::new(channel.clone());
+    let run = setup
         .run_setup_script(proto::RunSetupScriptRequest {
             source: Some(proto::run_setup_script_request::Source::Script(format!(
                 "#!/bin/sh\n: {script_secret}\n"
@@ -1230,8 +1232,41 @@ async fn secrets_in_requests_never_reach_the_log() {
     });
     assert!(log.contains("auth=key"), "{log}");
     assert!(log.contains("auth=sas"), "{log}");
-    // Let the job run to its end so its whole life is in the log too.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The job's and the script's whole lives are in the log too: wait for
+    // their ends and for the job's container to go.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = jobs
+            .get_job(proto::GetJobRequest { id: job_id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
+        let ran = match &run {
+            Ok(run) => !matches!(
+                setup
+                    .get_setup_run(proto::GetSetupRunRequest {
+                        id: run.get_ref().id.clone()
+                    })
+                    .await
+                    .expect("get run")
+                    .into_inner()
+                    .state(),
+                proto::SetupRunState::Pending | proto::SetupRunState::Running
+            ),
+            Err(_) => true,
+        };
+        if common::is_final(job.state())
+            && ran
+            && common::containers(&agent.instance_id, true).is_empty()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job or the script never ended: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_no_secrets(
         &agent.log(),
         &[&account_key, &sas, &env_secret, &script_secret, &arg_secret],

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::events::{self, EventLog};
 use common::{Agent, cli};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, run_setup_script_request::Source,
@@ -746,11 +747,8 @@ async fn creation_runs_once_while_startup_runs_at_every_start() {
         .config(&declared("startup", &startup))
         .start();
     wait_for_runs(&agent, proto::SetupKind::Startup, 1).await;
-    // Let the runtime close the dropped client connections first: an open
-    // one holds the server's graceful stop.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     agent.signal(Signal::SIGTERM);
-    agent.wait_exit(Duration::from_secs(20)).expect("stops");
+    agent.exited(Duration::from_secs(20)).await.expect("stops");
     agent.respawn();
     let startups = wait_for_runs(&agent, proto::SetupKind::Startup, 2).await;
     assert_eq!(startups.len(), 2);
@@ -809,7 +807,9 @@ async fn jobs_are_held_until_the_creation_script_succeeds() {
         proto::ConditionState::Unknown,
         "{condition:?}"
     );
-    // A job submitted now waits in the queue; its container never starts.
+    // A job submitted now waits in the queue, saying why; its container
+    // starts only after the script succeeded.
+    let mut events = EventLog::from_now(&agent).await;
     let job_id = format!("gated-{}", uuid_like());
     let mut jobs = proto::job_service_client::JobServiceClient::new(agent.channel().await);
     jobs.submit_job(proto::SubmitJobRequest {
@@ -817,16 +817,39 @@ async fn jobs_are_held_until_the_creation_script_succeeds() {
     })
     .await
     .expect("accepted while held");
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let job = jobs
         .get_job(proto::GetJobRequest { id: job_id.clone() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(job.state(), proto::JobState::Queued, "{job:?}");
+    assert!(
+        job.reason
+            .starts_with("held: setup: the creation script has not succeeded (run "),
+        "{job:?}"
+    );
     assert_eq!(common::runs(markers.path(), &job_id), 0);
 
     std::fs::write(&go, "").unwrap();
+    events
+        .until(
+            "the creation script's success",
+            Duration::from_secs(60),
+            |e| {
+                events::setup_run_in(
+                    e,
+                    proto::SetupKind::Creation,
+                    proto::SetupRunState::Succeeded,
+                )
+            },
+        )
+        .await;
+    assert_eq!(
+        events.job_states(|id| id == job_id),
+        [(job_id.clone(), proto::JobState::Queued)],
+        "only queued before the script succeeded:\n{}",
+        events.summary()
+    );
     wait_for_runs(&agent, proto::SetupKind::Creation, 1).await;
     let done = status(&agent).await;
     assert_eq!(done.slots.clone().unwrap().held_reason, "");
@@ -1127,13 +1150,13 @@ async fn stopping_the_agent_stops_the_script_and_records_it_interrupted() {
         assert!(Instant::now() < deadline, "never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // An open client connection holds the server's graceful stop; let the
-    // runtime close it before this thread blocks in wait_exit.
+    // An open client connection holds the server's graceful stop: drop it,
+    // and wait without blocking the runtime that closes it.
     drop(c);
-    tokio::time::sleep(Duration::from_millis(200)).await;
     agent.signal(Signal::SIGTERM);
     let exit = agent
-        .wait_exit(Duration::from_secs(20))
+        .exited(Duration::from_secs(20))
+        .await
         .expect("stops within its grace");
     assert!(exit.success(), "{exit}");
     assert!(

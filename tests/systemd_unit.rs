@@ -1,13 +1,33 @@
 //! The shipped unit passes `systemd-analyze verify` with no warnings.
+//!
+//! Without systemd-analyze the verification says so and passes, unless
+//! INSTANCE_AGENT_REQUIRE_SYSTEMD_TEST=1 (scripts/test.sh installs systemd
+//! through scripts/prepare-host.sh and sets it), so the full suite always
+//! runs it.
+
+/// Whether systemd-analyze runs here; panics when it must.
+fn systemd_analyze_available() -> bool {
+    let required = std::env::var("INSTANCE_AGENT_REQUIRE_SYSTEMD_TEST").as_deref() == Ok("1");
+    let present = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return true;
+    }
+    assert!(
+        !required,
+        "systemd-analyze is missing (INSTANCE_AGENT_REQUIRE_SYSTEMD_TEST=1): install systemd (scripts/prepare-host.sh does)"
+    );
+    eprintln!(
+        "SKIPPED: systemd-analyze not installed (scripts/test.sh installs it and requires this test)"
+    );
+    false
+}
 
 #[test]
 fn unit_verifies_cleanly() {
-    if std::process::Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("systemd-analyze is not installed; skipping");
+    if !systemd_analyze_available() {
         return;
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/systemd-check.sh");

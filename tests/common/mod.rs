@@ -6,6 +6,7 @@
 pub mod booted_agent;
 pub mod deb;
 pub mod engine;
+pub mod events;
 pub mod fs;
 #[cfg(feature = "test-util")]
 pub mod fuse_site;
@@ -247,6 +248,20 @@ impl Agent {
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// [`Self::wait_exit`] without blocking the test's runtime: the
+    /// connections of the clients the test dropped close meanwhile (an open
+    /// one holds the agent's graceful stop until its grace ends).
+    pub async fn exited(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         None
     }
