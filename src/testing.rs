@@ -1,6 +1,6 @@
 //! The shared plumbing of the domains' unit tests: a temp dir with a store
 //! in it, the event bus, health, the admission gate, one cancellation token
-//! and one task tracker, as `daemon.rs` builds them for the real agent.
+//! and one task tracker, as `daemon/mod.rs` builds them for the real agent.
 //!
 //! Test-only (`cfg(test)`); fakes of the outside world stay in each domain's
 //! `fake.rs`. A domain's test harness embeds a [`Rig`] and adds its own parts.

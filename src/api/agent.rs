@@ -1,13 +1,10 @@
 //! `AgentService`: `GetStatus` and `WatchEvents`.
 
-use std::pin::Pin;
-
-use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, agent_service_server::AgentService};
-use super::timestamp;
+use super::{ReplyStream, timestamp};
 use crate::events::{Delivery, Event, EventBus, EventPayload};
 use crate::health::{ConditionState, Subsystem};
 use crate::status::{StatusProvider, StatusReport};
@@ -39,8 +36,6 @@ impl AgentApi {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     async fn get_status(
@@ -56,7 +51,7 @@ impl AgentService for AgentApi {
         Ok(Response::new(status))
     }
 
-    type WatchEventsStream = EventStream;
+    type WatchEventsStream = ReplyStream<proto::Event>;
 
     async fn watch_events(
         &self,

@@ -2,18 +2,16 @@
 //! results and errors back to protobuf. No policy lives here.
 
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::auth::Role;
 use super::peer::{Peer, Who};
 use super::proto::{self, disk_service_server::DiskService};
-use super::timestamp;
+use super::{ReplyStream, timestamp};
 use crate::disk::guard::ReclaimRequest;
 use crate::disk::reclaim::{
     ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimTrigger, StepReport,
@@ -37,9 +35,6 @@ impl DiskApi {
     }
 }
 
-type AlertStream = Pin<Box<dyn Stream<Item = Result<proto::DiskAlert, Status>> + Send>>;
-type TopStream = Pin<Box<dyn Stream<Item = Result<proto::TopDirectoriesUpdate, Status>> + Send>>;
-
 /// Defaults and limits of `TopDirectories`.
 const TOP_LIMIT: (u32, u32) = (20, 1000);
 const TOP_TIMEOUT_SECONDS: (u32, u32) = (30, 600);
@@ -59,7 +54,7 @@ impl DiskService for DiskApi {
         }))
     }
 
-    type WatchDiskAlertsStream = AlertStream;
+    type WatchDiskAlertsStream = ReplyStream<proto::DiskAlert>;
 
     async fn watch_disk_alerts(
         &self,
@@ -100,7 +95,7 @@ impl DiskService for DiskApi {
         Ok(Response::new(reclaim_to_proto(report)))
     }
 
-    type TopDirectoriesStream = TopStream;
+    type TopDirectoriesStream = ReplyStream<proto::TopDirectoriesUpdate>;
 
     async fn top_directories(
         &self,

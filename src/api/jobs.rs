@@ -1,14 +1,12 @@
 //! `JobService`: protobuf ⇄ job domain types, and job errors → status codes.
 
-use std::pin::Pin;
-
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::auth::Role;
 use super::peer::Peer;
 use super::proto::{self, job_service_server::JobService};
-use super::timestamp;
+use super::{LogChunkStream, timestamp};
 use crate::jobs::logs::{LogRecord, LogSource};
 use crate::jobs::{
     JobError, JobFilter, JobManager, JobMount, JobRecord, JobSpec, JobState, JobView, MountSource,
@@ -64,8 +62,6 @@ pub fn job_for_caller(mut job: proto::Job, sees_env_values: bool) -> proto::Job 
     }
     job
 }
-
-type LogStream = Pin<Box<dyn Stream<Item = Result<proto::LogChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl JobService for JobApi {
@@ -134,7 +130,7 @@ impl JobService for JobApi {
         Ok(Response::new(job_for_caller(job, sees_env)))
     }
 
-    type StreamJobLogsStream = LogStream;
+    type StreamJobLogsStream = LogChunkStream;
 
     async fn stream_job_logs(
         &self,

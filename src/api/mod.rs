@@ -2,9 +2,10 @@
 //! domain, and maps domain errors to status codes. Prost types never leave
 //! this module (and the CLI, which is a client of it).
 //!
-//! Security sits in front of the services: [`listen`] identifies each
-//! connection's peer ([`peer`], [`tls`]), and the [`guard`] layer applies the
-//! per-peer [`limits`], the [`auth`] table and the [`audit`] log to every call.
+//! The local Unix socket is bound by [`socket`]. Security sits in front of
+//! the services: [`listen`] identifies each connection's peer ([`peer`],
+//! [`tls`]), and the [`guard`] layer applies the per-peer [`limits`], the
+//! [`auth`] table and the [`audit`] log to every call.
 
 pub mod agent;
 pub mod audit;
@@ -18,10 +19,14 @@ pub mod listen;
 pub mod mounts;
 pub mod peer;
 pub mod setup;
+pub mod socket;
 pub mod tls;
 
+use std::pin::Pin;
 use std::time::SystemTime;
 
+use tokio_stream::Stream;
+use tonic::Status;
 use tonic::service::Routes;
 
 /// The generated protobuf types, clients and servers of `instance_agent.v1`.
@@ -50,6 +55,15 @@ pub const SERVICE_NAMES: [&str; 5] = [
 pub fn is_served_method(path: &str) -> bool {
     auth::lookup(path).is_some() || auth::INFRASTRUCTURE_METHODS.contains(&path)
 }
+
+/// The reply of a server-streaming RPC: its messages, or the status that
+/// ends it. Boxed, so that each service adapts whatever stream its domain
+/// hands out.
+pub type ReplyStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The reply of `StreamJobLogs` and `StreamSetupLogs`: both send captured
+/// output as the same `LogChunk`.
+pub type LogChunkStream = ReplyStream<proto::LogChunk>;
 
 /// Converts a wall-clock time to a protobuf timestamp.
 pub fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {

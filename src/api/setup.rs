@@ -3,15 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::time::Duration;
 
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, setup_service_server::SetupService};
-use super::timestamp;
+use super::{LogChunkStream, timestamp};
 use crate::setup::{
     LogPiece, LogStream, RunRequest, RunState, ScriptSource, SetupError, SetupKind, SetupRun,
     SetupScripts,
@@ -36,8 +35,6 @@ impl SetupApi {
         Self { setup, shutdown }
     }
 }
-
-type LogChunks = Pin<Box<dyn Stream<Item = Result<proto::LogChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl SetupService for SetupApi {
@@ -87,7 +84,7 @@ impl SetupService for SetupApi {
         }))
     }
 
-    type StreamSetupLogsStream = LogChunks;
+    type StreamSetupLogsStream = LogChunkStream;
 
     async fn stream_setup_logs(
         &self,

@@ -1,7 +1,11 @@
-//! Connects to the daemon over its Unix socket, and turns "cannot connect"
-//! into one line that names the path and the likely fix.
+//! Connects to the daemon over its Unix socket ("connect or explain"): one
+//! classification of why the socket does not answer, the one line a command
+//! prints for it and for a call that fails later (the agent closing the
+//! connection, `--rpc-timeout`), and the `--rpc-timeout` deadline itself.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -42,15 +46,108 @@ pub fn socket_path(flag: Option<PathBuf>) -> PathBuf {
 #[error("{0}")]
 pub struct Unreachable(String);
 
+/// Why the daemon's socket does not answer: one classification, which the
+/// commands explain in one line ([`ConnectFailure::line`]) and `doctor` as
+/// a problem and its fix ([`ConnectFailure::problem_and_fix`]).
+#[derive(Debug)]
+pub enum ConnectFailure {
+    /// Something that is not a socket is at the path.
+    NotASocket,
+    /// Nothing is at the path.
+    NoSocket,
+    /// A socket nobody listens on: a stale one, left by an agent that died.
+    Refused,
+    /// The caller may not connect (not root, not in the operator group).
+    PermissionDenied,
+    /// Anything else.
+    Other(std::io::Error),
+}
+
+impl ConnectFailure {
+    /// `is_socket`: whether the path is a socket (`None` when it cannot be
+    /// stat'ed).
+    fn classify(error: std::io::Error, is_socket: Option<bool>) -> Self {
+        use std::io::ErrorKind;
+        // connect(2) on a regular file or a directory fails with ECONNREFUSED.
+        if is_socket == Some(false) && error.kind() != ErrorKind::PermissionDenied {
+            return Self::NotASocket;
+        }
+        match error.kind() {
+            ErrorKind::NotFound => Self::NoSocket,
+            ErrorKind::ConnectionRefused => Self::Refused,
+            ErrorKind::PermissionDenied => Self::PermissionDenied,
+            _ => Self::Other(error),
+        }
+    }
+
+    /// One line saying why `socket` cannot be reached and what to do.
+    pub fn line(&self, socket: &Path) -> String {
+        let path = socket.display();
+        match self {
+            Self::NotASocket => format!(
+                "{path} is not a socket: pass the agent's socket with --socket (default {DEFAULT_SOCKET})"
+            ),
+            Self::NoSocket => format!(
+                "instance-agent is not running: no socket at {path} (start it with `systemctl start instance-agent`, or pass --socket)"
+            ),
+            Self::Refused => format!(
+                "instance-agent is not running: {path} refuses connections (stale socket; start it with `systemctl start instance-agent`)"
+            ),
+            Self::PermissionDenied => format!(
+                "permission denied on {path}: run as root or as a member of the group instance-operators"
+            ),
+            Self::Other(error) => format!("cannot connect to instance-agent at {path}: {error}"),
+        }
+    }
+
+    /// What is wrong with `socket`, and the fix, as two sentences.
+    pub fn problem_and_fix(&self, socket: &Path) -> (String, String) {
+        let path = socket.display();
+        let (problem, fix) = match self {
+            Self::NotASocket => (
+                format!("{path} is not a socket"),
+                format!("pass the agent's socket with --socket (default {DEFAULT_SOCKET})"),
+            ),
+            Self::NoSocket => (
+                format!("the agent is not running: no socket at {path}"),
+                "start it: `systemctl start instance-agent` (or pass --socket)".to_owned(),
+            ),
+            Self::Refused => (
+                format!("the agent is not running: {path} refuses connections (stale socket)"),
+                "start it: `systemctl start instance-agent`".to_owned(),
+            ),
+            Self::PermissionDenied => (
+                format!("permission denied on {path}"),
+                "run as root or as a member of the group instance-operators".to_owned(),
+            ),
+            Self::Other(error) => (
+                format!("cannot connect to {path}: {error}"),
+                "check --socket and that the agent runs: `systemctl status instance-agent`"
+                    .to_owned(),
+            ),
+        };
+        (problem, fix)
+    }
+}
+
+/// Connects to `socket` once, without gRPC, to learn whether it answers and
+/// why not.
+pub async fn reach(socket: &Path) -> Result<(), ConnectFailure> {
+    let Err(error) = tokio::net::UnixStream::connect(socket).await else {
+        return Ok(());
+    };
+    let is_socket = tokio::fs::metadata(socket).await.ok().map(|meta| {
+        use std::os::unix::fs::FileTypeExt;
+        meta.file_type().is_socket()
+    });
+    Err(ConnectFailure::classify(error, is_socket))
+}
+
 /// Opens a channel to the daemon, checking first that the socket answers so
 /// the error can say why it does not.
 pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
-    if let Err(error) = tokio::net::UnixStream::connect(socket).await {
-        let is_socket = tokio::fs::metadata(socket).await.ok().map(|meta| {
-            use std::os::unix::fs::FileTypeExt;
-            meta.file_type().is_socket()
-        });
-        return Err(Unreachable(explain(socket, &error, is_socket)).into());
+    if let Err(failure) = reach(socket).await {
+        return Err(Unreachable(failure.line(socket)).into());
     }
     let path = socket.to_owned();
     // The URI is required by the API but unused: the connector ignores it.
@@ -73,35 +170,45 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
     Ok(channel)
 }
 
-/// One line saying why `socket` cannot be reached and what to do.
-/// `is_socket`: whether the path is a socket (`None` when it cannot be
-/// stat'ed).
-fn explain(socket: &Path, error: &std::io::Error, is_socket: Option<bool>) -> String {
-    use std::io::ErrorKind;
-    let path = socket.display();
-    if is_socket == Some(false) && error.kind() != ErrorKind::PermissionDenied {
-        return format!(
-            "{path} is not a socket: pass the agent's socket with --socket (default {DEFAULT_SOCKET})"
-        );
+/// Exit status for "daemon unreachable" (sysexits.h EX_UNAVAILABLE).
+pub const EX_UNAVAILABLE: u8 = 69;
+
+/// "Connect or explain", for every command that talks to the daemon:
+/// connects, then runs `command` on the channel. When the daemon cannot be
+/// reached, prints why in one line and returns 69 (1 when the socket answers
+/// but not with gRPC). Errors of the command itself are explained by
+/// [`explain`].
+pub async fn with_channel<F, Fut>(socket: &Path, command: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Channel) -> Fut,
+    Fut: Future<Output = anyhow::Result<ExitCode>>,
+{
+    match connect(socket).await {
+        Ok(channel) => command(channel).await,
+        Err(error) => {
+            eprintln!("instance-agent: {error:#}");
+            Ok(ExitCode::from(if error.is::<Unreachable>() {
+                EX_UNAVAILABLE
+            } else {
+                1
+            }))
+        }
     }
-    match error.kind() {
-        ErrorKind::NotFound => format!(
-            "instance-agent is not running: no socket at {path} (start it with `systemctl start instance-agent`, or pass --socket)"
-        ),
-        ErrorKind::ConnectionRefused => format!(
-            "instance-agent is not running: {path} refuses connections (stale socket; start it with `systemctl start instance-agent`)"
-        ),
-        ErrorKind::PermissionDenied => format!(
-            "permission denied on {path}: run as root or as a member of the group instance-operators"
-        ),
-        _ => format!("cannot connect to instance-agent at {path}: {error}"),
-    }
+}
+
+/// The one line a failed command prints: the agent closing the connection
+/// and a call running past `--rpc-timeout` are said in words, anything else
+/// as its chain of causes.
+pub fn explain(error: &anyhow::Error, socket: &Path) -> String {
+    closed_by_agent(error, socket)
+        .or_else(|| timed_out(error, socket))
+        .unwrap_or_else(|| format!("{error:#}"))
 }
 
 /// When `error` is the agent closing the connection without answering —
 /// what it does to a caller that is not root, not in `control_plane.uids`
 /// and not in the operator group — one line saying so.
-pub fn closed_by_agent(error: &anyhow::Error, socket: &Path) -> Option<String> {
+fn closed_by_agent(error: &anyhow::Error, socket: &Path) -> Option<String> {
     use std::io::ErrorKind;
     let status = error.downcast_ref::<tonic::Status>()?;
     if !matches!(
@@ -132,7 +239,7 @@ pub fn closed_by_agent(error: &anyhow::Error, socket: &Path) -> Option<String> {
 }
 
 /// When `error` is a call that hit `--rpc-timeout`, one line saying so.
-pub fn timed_out(error: &anyhow::Error, socket: &Path) -> Option<String> {
+fn timed_out(error: &anyhow::Error, socket: &Path) -> Option<String> {
     // tonic reports its own deadline as CANCELLED "Timeout expired" (a call)
     // or as a transport error of the same text (the connection handshake).
     let expired = error.chain().any(|e| {
@@ -155,32 +262,13 @@ pub fn timed_out(error: &anyhow::Error, socket: &Path) -> Option<String> {
     })
 }
 
-/// Exit status for "daemon unreachable" (sysexits.h EX_UNAVAILABLE).
-pub const EX_UNAVAILABLE: u8 = 69;
-
-/// Connects, or prints the one-line explanation and returns the exit code
-/// when the daemon cannot be reached.
-pub async fn connect_or_explain(socket: &Path) -> Result<Channel, std::process::ExitCode> {
-    match connect(socket).await {
-        Ok(channel) => Ok(channel),
-        Err(error) => {
-            eprintln!("instance-agent: {error:#}");
-            Err(std::process::ExitCode::from(if error.is::<Unreachable>() {
-                EX_UNAVAILABLE
-            } else {
-                1
-            }))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Error, ErrorKind};
 
     fn explained(kind: ErrorKind, is_socket: Option<bool>) -> String {
-        explain(Path::new("/run/x.sock"), &Error::from(kind), is_socket)
+        ConnectFailure::classify(Error::from(kind), is_socket).line(Path::new("/run/x.sock"))
     }
 
     #[test]
@@ -209,6 +297,28 @@ mod tests {
         );
         for line in [missing, stale, denied, other] {
             assert_eq!(line.lines().count(), 1, "{line}");
+        }
+    }
+
+    #[test]
+    fn doctor_names_the_same_failure_with_its_fix() {
+        let path = Path::new("/run/x.sock");
+        for (kind, is_socket, says) in [
+            (ErrorKind::NotFound, None, "no socket at"),
+            (ErrorKind::ConnectionRefused, Some(true), "stale socket"),
+            (ErrorKind::ConnectionRefused, Some(false), "is not a socket"),
+            (
+                ErrorKind::PermissionDenied,
+                Some(false),
+                "permission denied",
+            ),
+            (ErrorKind::TimedOut, None, "cannot connect"),
+        ] {
+            let failure = ConnectFailure::classify(Error::from(kind), is_socket);
+            let (problem, fix) = failure.problem_and_fix(path);
+            assert!(problem.contains("/run/x.sock"), "{problem}");
+            assert!(problem.contains(says), "{kind:?}: {problem}");
+            assert!(!fix.is_empty(), "{kind:?}");
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::ConfigCommand;
+use super::{ConfigCommand, output};
 use crate::config::{Config, DEFAULT_CONFIG_TOML};
 
 /// sysexits.h: configuration error.
@@ -14,19 +14,14 @@ const EX_CONFIG: u8 = 78;
 /// same either way.
 pub fn run(command: ConfigCommand, json: bool) -> ExitCode {
     match command {
-        ConfigCommand::Default if json => match serde_json::to_string_pretty(&Config::default()) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("instance-agent: cannot render the default config as JSON: {error}");
-                ExitCode::FAILURE
-            }
-        },
         ConfigCommand::Default => {
-            print!("{DEFAULT_CONFIG_TOML}");
-            ExitCode::SUCCESS
+            match output::reply(json, &Config::default(), |_| DEFAULT_CONFIG_TOML.to_owned()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("instance-agent: cannot render the default config as JSON: {error}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         ConfigCommand::Check { file } => {
             let result = Config::load(&file, true);

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 
 use clap::{ArgGroup, Args};
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 
-use super::client;
-use super::format;
+use super::{format, output, states};
 use crate::api::proto::{self, disk_service_client::DiskServiceClient};
 
 /// `disk` options.
@@ -60,13 +60,8 @@ pub struct DiskArgs {
     pub remove: Option<PathBuf>,
 }
 
-/// Runs `disk`. Exits 1 when a filesystem is critical (plain `disk`), 69
-/// when the daemon cannot be reached.
-pub async fn run(socket: PathBuf, json: bool, args: DiskArgs) -> anyhow::Result<ExitCode> {
-    let channel = match client::connect_or_explain(&socket).await {
-        Ok(channel) => channel,
-        Err(code) => return Ok(code),
-    };
+/// Runs `disk`. Exits 1 when a filesystem is critical (plain `disk`).
+pub async fn run(channel: Channel, json: bool, args: DiskArgs) -> anyhow::Result<ExitCode> {
     let mut client = DiskServiceClient::new(channel);
     if let Some(path) = args.top {
         return top(&mut client, json, path, args.limit, args.timeout).await;
@@ -84,11 +79,7 @@ pub async fn run(socket: PathBuf, json: bool, args: DiskArgs) -> anyhow::Result<
             all_steps: args.all_steps,
         };
         let report = client.reclaim_space(request).await?.into_inner();
-        if json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        } else {
-            print!("{}", render_reclaim(&report));
-        }
+        output::reply(json, &report, render_reclaim)?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(path) = args.add {
@@ -123,11 +114,7 @@ pub async fn run(socket: PathBuf, json: bool, args: DiskArgs) -> anyhow::Result<
         .get_disk_usage(proto::GetDiskUsageRequest {})
         .await?
         .into_inner();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&usage)?);
-    } else {
-        print!("{}", render_usage(&usage));
-    }
+    output::reply(json, &usage, render_usage)?;
     let critical = usage
         .filesystems
         .iter()
@@ -137,16 +124,6 @@ pub async fn run(socket: PathBuf, json: bool, args: DiskArgs) -> anyhow::Result<
     } else {
         ExitCode::SUCCESS
     })
-}
-
-fn state_name(state: proto::DiskState) -> &'static str {
-    match state {
-        proto::DiskState::Unspecified => "-",
-        proto::DiskState::Ok => "ok",
-        proto::DiskState::Warning => "WARNING",
-        proto::DiskState::Critical => "CRITICAL",
-        proto::DiskState::Unresponsive => "UNRESPONSIVE",
-    }
 }
 
 /// The `df -h`-like table.
@@ -206,7 +183,7 @@ fn render_usage(usage: &proto::GetDiskUsageResponse) -> String {
             },
             used_percent,
             inodes,
-            state_name(fs.state()).into(),
+            states::disk(fs.state()).to_string(),
             format::bytes(t.critical_free_bytes),
             format::bytes(t.warning_free_bytes),
             why.join("; "),
@@ -307,10 +284,7 @@ fn render_reclaim(report: &proto::ReclaimSpaceResponse) -> String {
     out
 }
 
-async fn watch(
-    client: &mut DiskServiceClient<tonic::transport::Channel>,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+async fn watch(client: &mut DiskServiceClient<Channel>, json: bool) -> anyhow::Result<ExitCode> {
     let mut alerts = client
         .watch_disk_alerts(proto::WatchDiskAlertsRequest {})
         .await?
@@ -319,15 +293,15 @@ async fn watch(
     while let Some(alert) = alerts.next().await {
         let alert = alert?;
         if json {
-            writeln!(stdout, "{}", serde_json::to_string(&alert)?)?;
+            output::json_line(&mut stdout, &alert)?;
         } else {
             writeln!(
                 stdout,
                 "{}  {:<12} {} -> {}  {}",
                 format::utc(alert.time.as_ref()),
                 alert.mount_point,
-                state_name(alert.old_state()),
-                state_name(alert.new_state()),
+                states::disk(alert.old_state()),
+                states::disk(alert.new_state()),
                 alert.message
             )?;
         }
@@ -338,7 +312,7 @@ async fn watch(
 }
 
 async fn top(
-    client: &mut DiskServiceClient<tonic::transport::Channel>,
+    client: &mut DiskServiceClient<Channel>,
     json: bool,
     path: PathBuf,
     limit: u32,
@@ -386,17 +360,28 @@ async fn top(
     let Some(result) = result else {
         anyhow::bail!("the daemon ended the walk without a result");
     };
+    output::reply(json, &result, render_top)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(ExitCode::SUCCESS);
     }
+    if let Ok(usage) = client.get_disk_usage(proto::GetDiskUsageRequest {}).await
+        && let Some(advice) = advice(&usage.into_inner(), &path)
+    {
+        println!("{advice}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The largest directories, then how much was walked and whether the walk
+/// stopped early.
+fn render_top(result: &proto::TopDirectoriesResult) -> String {
     let mut rows = vec![["SIZE".to_owned(), "DIRECTORY".into()]];
     for d in &result.directories {
         rows.push([format::bytes(d.bytes), d.path.clone()]);
     }
-    print!("{}", table(&rows));
-    println!(
-        "{} in {} entries below {} ({:.1}s{}){}",
+    let mut out = table(&rows);
+    out.push_str(&format!(
+        "{} in {} entries below {} ({:.1}s{}){}\n",
         format::bytes(result.total_bytes),
         result.entries,
         result.path,
@@ -414,13 +399,8 @@ async fn top(
                 result.stopped
             )
         }
-    );
-    if let Ok(usage) = client.get_disk_usage(proto::GetDiskUsageRequest {}).await
-        && let Some(advice) = advice(&usage.into_inner(), &path)
-    {
-        println!("{advice}");
-    }
-    Ok(ExitCode::SUCCESS)
+    ));
+    out
 }
 
 /// How much to delete on PATH's filesystem to be back above the floor plus

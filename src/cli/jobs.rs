@@ -1,15 +1,15 @@
 //! `instance-agent jobs submit|list|get|cancel|logs`.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use tokio_stream::StreamExt;
 
-use super::client;
-use super::format;
+use tonic::transport::Channel;
+
+use super::{format, output, states};
 use crate::api::proto::{self, job_service_client::JobServiceClient};
 
 /// `jobs` subcommands.
@@ -105,11 +105,7 @@ pub struct SubmitArgs {
 }
 
 /// Runs a `jobs` subcommand.
-pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
-    let channel = match client::connect_or_explain(&socket).await {
-        Ok(channel) => channel,
-        Err(code) => return Ok(code),
-    };
+pub async fn run(command: JobsCommand, channel: Channel, json: bool) -> anyhow::Result<ExitCode> {
     let mut jobs = JobServiceClient::new(channel);
     match command {
         JobsCommand::Submit(args) => {
@@ -120,7 +116,7 @@ pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::R
                 .await?
                 .into_inner();
             if !wait {
-                print_job(&job, json)?;
+                output::reply(json, &job, render_job)?;
                 return Ok(ExitCode::SUCCESS);
             }
             let id = job.id.clone();
@@ -138,7 +134,7 @@ pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::R
                 .get_job(proto::GetJobRequest { id })
                 .await?
                 .into_inner();
-            print_job(&job, json)?;
+            output::reply(json, &job, render_job)?;
             Ok(exit_of(&job))
         }
         JobsCommand::List {
@@ -148,7 +144,7 @@ pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::R
         } => {
             let states = states
                 .iter()
-                .map(|s| parse_state(s).map(|s| s as i32))
+                .map(|s| states::parse_job(s).map(|s| s as i32))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let labels = labels
                 .iter()
@@ -162,11 +158,7 @@ pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::R
                 })
                 .await?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print!("{}", table(&list.jobs));
-            }
+            output::reply(json, &list, |list| table(&list.jobs))?;
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Get { id } => {
@@ -174,7 +166,7 @@ pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::R
                 .get_job(proto::GetJobRequest { id })
                 .await?
                 .into_inner();
-            print_job(&job, json)?;
+            output::reply(json, &job, render_job)?;
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Cancel { id } => {
@@ -182,7 +174,7 @@ pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::R
                 .cancel_job(proto::CancelJobRequest { id })
                 .await?
                 .into_inner();
-            print_job(&job, json)?;
+            output::reply(json, &job, render_job)?;
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Logs { id, follow } => {
@@ -193,7 +185,7 @@ pub async fn run(command: JobsCommand, socket: PathBuf, json: bool) -> anyhow::R
             while let Some(chunk) = logs.next().await {
                 let chunk = chunk?;
                 if json {
-                    println!("{}", serde_json::to_string(&chunk)?);
+                    output::json_line(&mut std::io::stdout(), &chunk)?;
                 } else {
                     write_chunk(&chunk)?;
                 }
@@ -301,26 +293,6 @@ fn parse_mount(text: &str) -> anyhow::Result<proto::JobMount> {
     })
 }
 
-fn parse_state(text: &str) -> anyhow::Result<proto::JobState> {
-    let name = format!("JOB_STATE_{}", text.to_ascii_uppercase());
-    proto::JobState::from_str_name(&name).with_context(|| {
-        format!("--state {text:?}: expected queued, starting, running, succeeded, failed, cancelled or timed_out")
-    })
-}
-
-fn state_name(state: proto::JobState) -> &'static str {
-    match state {
-        proto::JobState::Unspecified => "?",
-        proto::JobState::Queued => "queued",
-        proto::JobState::Starting => "starting",
-        proto::JobState::Running => "running",
-        proto::JobState::Succeeded => "succeeded",
-        proto::JobState::Failed => "failed",
-        proto::JobState::Cancelled => "cancelled",
-        proto::JobState::TimedOut => "timed_out",
-    }
-}
-
 fn table(jobs: &[proto::Job]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -340,7 +312,7 @@ fn table(jobs: &[proto::Job]) -> String {
             out,
             "{:<34} {:<10} {:>5} {:>4} {:<14} {:<24} {}",
             job.id,
-            state_name(job.state()),
+            states::job(job.state()),
             spec.slots,
             job.exit_code.map_or("-".into(), |c| c.to_string()),
             format::age(job.queued_at.as_ref()),
@@ -351,41 +323,48 @@ fn table(jobs: &[proto::Job]) -> String {
     out
 }
 
-fn print_job(job: &proto::Job, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(job)?);
-        return Ok(());
-    }
+/// One job, a field a line.
+fn render_job(job: &proto::Job) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let spec = job.spec.clone().unwrap_or_default();
-    println!("job        {}", job.id);
-    println!("state      {}  ({})", state_name(job.state()), job.reason);
+    let _ = writeln!(out, "job        {}", job.id);
+    let _ = writeln!(
+        out,
+        "state      {}  ({})",
+        states::job(job.state()),
+        job.reason
+    );
     if job.state() == proto::JobState::Queued {
-        println!("queue      position {}", job.queue_position);
+        let _ = writeln!(out, "queue      position {}", job.queue_position);
     }
-    println!("image      {}", spec.image);
-    println!("command    {}", spec.command.join(" "));
-    println!(
+    let _ = writeln!(out, "image      {}", spec.image);
+    let _ = writeln!(out, "command    {}", spec.command.join(" "));
+    let _ = writeln!(
+        out,
         "slots      {}   gpus {}   priority {}",
         spec.slots, spec.gpus, spec.priority
     );
     if let Some(code) = job.exit_code {
-        println!(
+        let _ = writeln!(
+            out,
             "exit       {code}{}",
             if job.oom_killed { " (OOM killed)" } else { "" }
         );
     }
-    println!("queued     {}", format::age(job.queued_at.as_ref()));
+    let _ = writeln!(out, "queued     {}", format::age(job.queued_at.as_ref()));
     if job.running_at.is_some() {
-        println!("running    {}", format::age(job.running_at.as_ref()));
+        let _ = writeln!(out, "running    {}", format::age(job.running_at.as_ref()));
     }
     if job.finished_at.is_some() {
-        println!("finished   {}", format::age(job.finished_at.as_ref()));
+        let _ = writeln!(out, "finished   {}", format::age(job.finished_at.as_ref()));
     }
     if !job.container_id.is_empty() {
-        println!(
+        let _ = writeln!(
+            out,
             "container  {}",
             &job.container_id[..job.container_id.len().min(12)]
         );
     }
-    Ok(())
+    out
 }

@@ -1,7 +1,9 @@
 //! The operator CLI. Every command but `serve`, `config` and `completions`
 //! talks to the daemon only through its gRPC API over the Unix socket; it
-//! never imports domain modules. One file per subcommand; `format` holds the
-//! shared human formatting.
+//! never imports domain modules. One file per subcommand; shared by all of
+//! them: `client` (connect or explain, deadlines), `output` (print JSON or
+//! render), `states` (the names of the contract's state enums) and `format`
+//! (sizes, durations, times).
 
 mod client;
 mod completions;
@@ -11,7 +13,9 @@ mod doctor;
 mod format;
 mod jobs;
 mod mounts;
+mod output;
 mod setup;
+mod states;
 mod status;
 
 use std::path::PathBuf;
@@ -115,27 +119,32 @@ pub enum ConfigCommand {
 pub fn run(command: Command, socket: Option<PathBuf>, json: bool, rpc_timeout: u64) -> ExitCode {
     client::set_rpc_timeout((rpc_timeout > 0).then(|| std::time::Duration::from_secs(rpc_timeout)));
     let socket = client::socket_path(socket);
-    let shown_socket = socket.clone();
     let result = match command {
         Command::Serve(_) => unreachable_serve(),
         Command::Config(cmd) => return config_cmd::run(cmd, json),
         Command::Completions { shell } => return completions::run(shell, json),
-        Command::Status => with_runtime(status::run(socket, json)),
-        Command::Jobs(cmd) => with_runtime(jobs::run(cmd, socket, json)),
-        Command::Mounts(cmd) => with_runtime(mounts::run(cmd, socket, json)),
-        Command::Setup(cmd) => with_runtime(setup::run(cmd, socket, json)),
-        Command::Disk(args) => with_runtime(disk::run(socket, json, args)),
-        Command::Doctor(args) => with_runtime(doctor::run(args, socket, json)),
+        Command::Status => with_runtime(client::with_channel(&socket, |channel| {
+            status::run(channel, json)
+        })),
+        Command::Jobs(cmd) => with_runtime(client::with_channel(&socket, |channel| {
+            jobs::run(cmd, channel, json)
+        })),
+        Command::Mounts(cmd) => with_runtime(client::with_channel(&socket, |channel| {
+            mounts::run(cmd, channel, json)
+        })),
+        Command::Setup(cmd) => with_runtime(client::with_channel(&socket, |channel| {
+            setup::run(cmd, channel, json)
+        })),
+        Command::Disk(args) => with_runtime(client::with_channel(&socket, |channel| {
+            disk::run(channel, json, args)
+        })),
+        // Doctor connects itself: an unreachable agent is one of its checks.
+        Command::Doctor(args) => with_runtime(doctor::run(args, socket.clone(), json)),
     };
     match result {
         Ok(code) => code,
         Err(error) => {
-            let explained = client::closed_by_agent(&error, &shown_socket)
-                .or_else(|| client::timed_out(&error, &shown_socket));
-            match explained {
-                Some(explained) => eprintln!("instance-agent: {explained}"),
-                None => eprintln!("instance-agent: {error:#}"),
-            }
+            eprintln!("instance-agent: {}", client::explain(&error, &socket));
             ExitCode::FAILURE
         }
     }

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use tonic::transport::Channel;
 
-use super::client;
-use super::format;
+use super::{format, output, states};
 use crate::api::proto::{self, mount_service_client::MountServiceClient};
 use crate::secret::read_secret_file;
 
@@ -76,12 +76,8 @@ pub struct MountArgs {
     pub subdirectory: Option<String>,
 }
 
-/// Runs a `mounts` subcommand; exits 69 when the daemon cannot be reached.
-pub async fn run(command: MountsCommand, socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
-    let channel = match client::connect_or_explain(&socket).await {
-        Ok(channel) => channel,
-        Err(code) => return Ok(code),
-    };
+/// Runs a `mounts` subcommand; `list` exits 1 when a mount is not mounted.
+pub async fn run(command: MountsCommand, channel: Channel, json: bool) -> anyhow::Result<ExitCode> {
     let mut client = MountServiceClient::new(channel);
     match command {
         MountsCommand::List => {
@@ -89,11 +85,7 @@ pub async fn run(command: MountsCommand, socket: PathBuf, json: bool) -> anyhow:
                 .list_mounts(proto::ListMountsRequest {})
                 .await?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
-            } else {
-                print!("{}", render_list(&reply.mounts));
-            }
+            output::reply(json, &reply, |reply| render_list(&reply.mounts))?;
             let unhealthy = reply
                 .mounts
                 .iter()
@@ -107,7 +99,7 @@ pub async fn run(command: MountsCommand, socket: PathBuf, json: bool) -> anyhow:
         MountsCommand::Mount(args) => {
             let request = request(*args)?;
             let info = client.mount(request).await?.into_inner();
-            print_one(&info, json)?;
+            output::reply(json, &info, render_one)?;
             Ok(ExitCode::SUCCESS)
         }
         MountsCommand::Unmount { name } => {
@@ -115,29 +107,25 @@ pub async fn run(command: MountsCommand, socket: PathBuf, json: bool) -> anyhow:
                 .unmount(proto::UnmountRequest { name })
                 .await?
                 .into_inner();
-            print_one(&info, json)?;
+            output::reply(json, &info, render_one)?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn print_one(info: &proto::MountInfo, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(info)?);
-    } else {
-        println!(
-            "{} {} at {}{}",
-            info.name,
-            state_name(info.state()),
-            info.mount_path,
-            if info.message.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", info.message)
-            }
-        );
-    }
-    Ok(())
+/// One mount in one line: name, state, path and message.
+fn render_one(info: &proto::MountInfo) -> String {
+    format!(
+        "{} {} at {}{}\n",
+        info.name,
+        states::mount(info.state()),
+        info.mount_path,
+        if info.message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", info.message)
+        }
+    )
 }
 
 /// Reads a key or token from `path` ("-" for stdin). A file goes through
@@ -189,18 +177,6 @@ fn request(args: MountArgs) -> anyhow::Result<proto::MountRequest> {
     })
 }
 
-fn state_name(state: proto::MountState) -> &'static str {
-    match state {
-        proto::MountState::Unspecified => "unknown",
-        proto::MountState::Mounting => "mounting",
-        proto::MountState::Mounted => "mounted",
-        proto::MountState::Stale => "STALE",
-        proto::MountState::Remounting => "remounting",
-        proto::MountState::Failed => "FAILED",
-        proto::MountState::Unmounted => "unmounted",
-    }
-}
-
 fn render_list(mounts: &[proto::MountInfo]) -> String {
     use std::fmt::Write;
     if mounts.is_empty() {
@@ -217,7 +193,7 @@ fn render_list(mounts: &[proto::MountInfo]) -> String {
             out,
             "{:<16} {:<10} {:<28} {:<24} {:<4} {:>8} {:<8} {:<12} {}",
             m.name,
-            state_name(m.state()),
+            states::mount(m.state()),
             m.mount_path,
             format!("{}/{}", m.account, m.container),
             m.auth_mode,

@@ -10,8 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use super::client;
-use super::format;
+use super::{format, output, states};
 use crate::api::proto::{self, setup_service_client::SetupServiceClient};
 
 /// `setup` subcommands.
@@ -106,11 +105,7 @@ pub struct RunArgs {
 }
 
 /// Runs a `setup` subcommand.
-pub async fn run(command: SetupCommand, socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
-    let channel = match client::connect_or_explain(&socket).await {
-        Ok(channel) => channel,
-        Err(unavailable) => return Ok(unavailable),
-    };
+pub async fn run(command: SetupCommand, channel: Channel, json: bool) -> anyhow::Result<ExitCode> {
     let mut client = SetupServiceClient::new(channel);
     match command {
         SetupCommand::List { kind, limit } => {
@@ -122,11 +117,7 @@ pub async fn run(command: SetupCommand, socket: PathBuf, json: bool) -> anyhow::
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
-            } else {
-                print!("{}", render_list(&reply.runs));
-            }
+            output::reply(json, &reply, |reply| render_list(&reply.runs))?;
             Ok(ExitCode::SUCCESS)
         }
         SetupCommand::Show { id } => {
@@ -135,11 +126,7 @@ pub async fn run(command: SetupCommand, socket: PathBuf, json: bool) -> anyhow::
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&run)?);
-            } else {
-                print!("{}", render_run(&run));
-            }
+            output::reply(json, &run, render_run)?;
             Ok(ExitCode::SUCCESS)
         }
         SetupCommand::Run(args) => run_script(&mut client, args, json).await,
@@ -218,11 +205,9 @@ async fn run_script(
         .map_err(status_error)?
         .into_inner();
     if !args.follow {
-        if json {
-            println!("{}", serde_json::to_string_pretty(&run)?);
-        } else {
-            println!("run {} {}", run.id, state_name(run.state()));
-        }
+        output::reply(json, &run, |run| {
+            format!("run {} {}\n", run.id, states::setup_run(run.state()))
+        })?;
         return Ok(ExitCode::SUCCESS);
     }
     if !json {
@@ -234,13 +219,15 @@ async fn run_script(
         .await
         .map_err(status_error)?
         .into_inner();
+    // After the output, the outcome: as the last JSON line, or on stderr
+    // so that stdout holds only the script's output.
     if json {
-        println!("{}", serde_json::to_string(&done)?);
+        output::json_line(&mut std::io::stdout(), &done)?;
     } else {
         eprintln!(
             "run {} {}: {}",
             done.id,
-            state_name(done.state()),
+            states::setup_run(done.state()),
             done.message
         );
     }
@@ -273,7 +260,7 @@ async fn print_logs(
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(status_error)?;
         if json {
-            writeln!(out, "{}", serde_json::to_string(&chunk)?)?;
+            output::json_line(&mut out, &chunk)?;
             continue;
         }
         let text = decoder.decode(chunk.stream, &chunk.data);
@@ -359,27 +346,6 @@ fn incomplete_tail(bytes: &[u8]) -> usize {
     0
 }
 
-pub(super) fn state_name(state: proto::SetupRunState) -> &'static str {
-    match state {
-        proto::SetupRunState::Unspecified => "unknown",
-        proto::SetupRunState::Pending => "pending",
-        proto::SetupRunState::Running => "running",
-        proto::SetupRunState::Succeeded => "succeeded",
-        proto::SetupRunState::Failed => "FAILED",
-        proto::SetupRunState::TimedOut => "TIMED OUT",
-        proto::SetupRunState::Interrupted => "INTERRUPTED",
-    }
-}
-
-fn kind_name(kind: proto::SetupKind) -> &'static str {
-    match kind {
-        proto::SetupKind::Unspecified => "-",
-        proto::SetupKind::Creation => "creation",
-        proto::SetupKind::Startup => "startup",
-        proto::SetupKind::Adhoc => "adhoc",
-    }
-}
-
 fn duration_of(run: &proto::SetupRun) -> String {
     let (Some(start), Some(end)) = (&run.started_at, &run.finished_at) else {
         return "-".into();
@@ -414,8 +380,8 @@ fn render_list(runs: &[proto::SetupRun]) -> String {
             out,
             "{:<12}  {:<8}  {:<11}  {:>4}  {:<14}  {:<8}  {}",
             run.id,
-            kind_name(run.kind()),
-            state_name(run.state()),
+            states::setup_kind(run.kind()),
+            states::setup_run(run.state()),
             exit,
             started,
             duration_of(run),
@@ -432,10 +398,10 @@ fn render_run(run: &proto::SetupRun) -> String {
         out,
         "run {} ({} script, attempt {})",
         run.id,
-        kind_name(run.kind()),
+        states::setup_kind(run.kind()),
         run.attempt
     );
-    let _ = writeln!(out, "  state     {}", state_name(run.state()));
+    let _ = writeln!(out, "  state     {}", states::setup_run(run.state()));
     if let Some(code) = run.exit_code {
         let _ = writeln!(out, "  exit      {code}");
     }

@@ -1,29 +1,20 @@
 //! `instance-agent status`: version, uptime, host, conditions and slots.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::client;
-use super::format;
+use tonic::transport::Channel;
+
+use super::{format, output, states};
 use crate::api::proto::{self, agent_service_client::AgentServiceClient};
 
-/// Prints the status; exits 0 when healthy, 1 when any condition failed, 69
-/// when the daemon cannot be reached.
-pub async fn run(socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
-    let channel = match client::connect_or_explain(&socket).await {
-        Ok(channel) => channel,
-        Err(code) => return Ok(code),
-    };
+/// Prints the status; exits 0 when healthy, 1 when any condition failed.
+pub async fn run(channel: Channel, json: bool) -> anyhow::Result<ExitCode> {
     let status = AgentServiceClient::new(channel)
         .get_status(proto::GetStatusRequest {})
         .await?
         .into_inner();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print!("{}", render(&status));
-    }
+    output::reply(json, &status, render)?;
     let failed = status
         .conditions
         .iter()
@@ -33,16 +24,6 @@ pub async fn run(socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
-}
-
-fn state_name(state: proto::ConditionState) -> &'static str {
-    match state {
-        proto::ConditionState::Unknown => "unknown",
-        proto::ConditionState::Ok => "ok",
-        proto::ConditionState::Degraded => "DEGRADED",
-        proto::ConditionState::Failed => "FAILED",
-        proto::ConditionState::Disabled => "disabled",
-    }
 }
 
 fn render(s: &proto::GetStatusResponse) -> String {
@@ -91,7 +72,7 @@ fn render(s: &proto::GetStatusResponse) -> String {
             out,
             "  {:<8} {:<9} {}  (since {})",
             c.r#type,
-            state_name(c.state()),
+            states::condition(c.state()),
             c.message,
             format::age(c.since.as_ref())
         );
@@ -120,7 +101,7 @@ fn render_failed_creation(out: &mut String, run: &proto::SetupRun) {
     let _ = writeln!(
         out,
         "creation script {} (run {}, {ended})",
-        super::setup::state_name(run.state()),
+        states::setup_run(run.state()),
         run.id
     );
     if !run.log_path.is_empty() {

@@ -29,7 +29,8 @@ use anyhow::Context;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use super::{CALL_TIMEOUT, Report};
+use super::agent::CALL_TIMEOUT;
+use super::report::Report;
 use crate::api::proto::{self, agent_service_client::AgentServiceClient};
 
 /// What replaces a secret.

@@ -3,14 +3,20 @@
 //! background tasks, reloads config, and shuts down within a grace period.
 //!
 //! Owns the one cancellation token and the one task tracker of the process.
+//! This file is the assembly and the run/shutdown sequence; `dirs` keeps the
+//! state dir and the instance id, `background` the daemon's own loops (GPU
+//! discovery, engine monitor, `STATUS=`, watchdog), and the Unix socket is
+//! bound by [`api::socket`].
+
+mod background;
+mod dirs;
 
 use std::future::Future;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,18 +52,18 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    /// A listener could not be bound.
+    /// The control plane's TCP listener could not be bound.
     #[error("cannot listen on {address}: {source}")]
     Bind {
-        /// The socket path or TCP address.
+        /// The TCP address.
         address: String,
         /// Why.
         #[source]
         source: std::io::Error,
     },
-    /// Another agent already serves the socket.
-    #[error("another instance-agent is already listening on {0}; stop it first")]
-    AlreadyRunning(PathBuf),
+    /// The Unix socket could not be set up (another agent serves it, …).
+    #[error(transparent)]
+    Socket(#[from] api::socket::SocketError),
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[source] crate::store::StoreError),
@@ -123,14 +129,14 @@ impl Daemon {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
 
-        prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
-        let instance_id = instance_id(&config)?;
+        dirs::prepare_dir("state dir", &config.agent.state_dir, 0o700)?;
+        let instance_id = dirs::instance_id(&config)?;
         let hangup = crate::reload::listen_hangup();
         // Read before anything binds: a bad key or CA stops the start.
         let tls = control_plane_tls(&config).await?;
         // Bound before the store is opened, so that a second agent is told
         // "already running" rather than "database locked".
-        let unix = bind_unix(&config.agent.socket, &config.operator.group).await?;
+        let unix = api::socket::bind(&config.agent.socket, &config.operator.group).await?;
         let tcp = match config.control_plane.addr() {
             Some(addr) => {
                 Some(
@@ -264,7 +270,7 @@ impl Daemon {
             None => None,
         };
         let rpc_metrics = crate::metrics::RpcMetricsLayer::new(metrics, api::is_served_method);
-        tasks.spawn(watch_cache_dirs(
+        tasks.spawn(background::watch_cache_dirs(
             mounts.clone(),
             disk.clone(),
             cancel.clone(),
@@ -351,7 +357,7 @@ impl Daemon {
             "instance-agent ready"
         );
 
-        spawn_background(
+        background::spawn_background(
             &tasks,
             &cancel,
             &adapters,
@@ -452,102 +458,6 @@ fn build_disk_guard(
     })
 }
 
-/// Keeps the disk guard watching the file cache of every managed mount.
-async fn watch_cache_dirs(
-    mounts: MountService,
-    disk: crate::disk::DiskGuard,
-    cancel: CancellationToken,
-) {
-    let mut dirs = mounts.watch_cache_dirs();
-    // Registered as (path, reason); the guard unregisters by the same reason.
-    let mut watched: Vec<(std::path::PathBuf, String)> = Vec::new();
-    loop {
-        let now: Vec<(std::path::PathBuf, String)> = dirs
-            .borrow_and_update()
-            .iter()
-            .map(|d| (d.path.clone(), format!("cache of mount {}", d.name)))
-            .collect();
-        for (path, reason) in &watched {
-            if !now.contains(&(path.clone(), reason.clone())) {
-                disk.unregister(path.clone(), reason);
-            }
-        }
-        for (path, reason) in &now {
-            if !watched.contains(&(path.clone(), reason.clone())) {
-                disk.register(path.clone(), reason.clone());
-            }
-        }
-        watched = now;
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = dirs.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn spawn_background(
-    tasks: &TaskTracker,
-    cancel: &CancellationToken,
-    adapters: &Adapters,
-    health: &Health,
-    status: &StatusProvider,
-    events: &EventBus,
-    (gpus, gpus_discovered): (watch::Sender<Vec<crate::host::Gpu>>, watch::Sender<bool>),
-    engine_up: watch::Sender<bool>,
-    config: watch::Receiver<Arc<Config>>,
-) {
-    tasks.spawn_blocking(move || {
-        let found = crate::host::discover_gpus();
-        if !found.is_empty() {
-            tracing::info!(count = found.len(), "GPUs found");
-        }
-        gpus.send_replace(found);
-        // After the list: a reader that sees "discovered" sees the list.
-        gpus_discovered.send_replace(true);
-    });
-
-    let docker_interval = derive(&config, |c| {
-        Duration::from_secs(c.docker.check_interval_seconds.into())
-    });
-    tasks.spawn(crate::jobs::engine_monitor::run(
-        adapters.engine.clone(),
-        health.clone(),
-        engine_up,
-        docker_interval,
-        cancel.clone(),
-    ));
-
-    let status_interval = derive(&config, |c| {
-        Duration::from_secs(c.agent.status_interval_seconds.into())
-    });
-    tasks.spawn(report_status(
-        status.clone(),
-        status_interval,
-        cancel.clone(),
-    ));
-
-    if let Some(interval) = Notifier.watchdog_interval() {
-        tasks.spawn(watchdog(interval, cancel.clone()));
-    }
-
-    let events = events.clone();
-    let mut backlog_config = config;
-    let cancel = cancel.clone();
-    tasks.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                changed = backlog_config.changed() => {
-                    if changed.is_err() { return; }
-                    let capacity = backlog_config.borrow_and_update().events.backlog;
-                    events.set_capacity(capacity as usize);
-                }
-            }
-        }
-    });
-}
-
 /// A watch channel of one value derived from the live config.
 fn derive<T: Clone + PartialEq + Send + Sync + 'static>(
     config: &watch::Receiver<Arc<Config>>,
@@ -566,76 +476,6 @@ fn derive<T: Clone + PartialEq + Send + Sync + 'static>(
         }
     });
     rx
-}
-
-async fn report_status(
-    status: StatusProvider,
-    mut interval: watch::Receiver<Duration>,
-    cancel: CancellationToken,
-) {
-    let mut last = String::new();
-    loop {
-        let summary = status.status_line();
-        if summary != last {
-            Notifier.status(&summary);
-            last = summary;
-        }
-        let every = *interval.borrow_and_update();
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-            Ok(()) = interval.changed() => {}
-        }
-    }
-}
-
-async fn watchdog(interval: Duration, cancel: CancellationToken) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = ticker.tick() => Notifier.watchdog(),
-        }
-    }
-}
-
-fn prepare_dir(what: &'static str, path: &Path, mode: u32) -> Result<(), DaemonError> {
-    let err = |source| DaemonError::Directory {
-        what,
-        path: path.to_owned(),
-        source,
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
-        .map_err(err)?;
-    Ok(())
-}
-
-/// The instance id from config, else the one kept in the state dir, else a
-/// new one that is kept there from now on.
-fn instance_id(config: &Config) -> Result<String, DaemonError> {
-    if !config.agent.instance_id.is_empty() {
-        return Ok(config.agent.instance_id.clone());
-    }
-    let path = config.agent.state_dir.join("instance-id");
-    let err = |source| DaemonError::Directory {
-        what: "instance id file",
-        path: path.clone(),
-        source,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
-        Ok(_) | Err(_) => {
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
-            std::fs::rename(&tmp, &path).map_err(err)?;
-            Ok(id)
-        }
-    }
 }
 
 /// The host name, the default `CI_NAME` of setup scripts.
@@ -658,74 +498,6 @@ async fn control_plane_tls(
         .map_err(|e| DaemonError::Server(format!("TLS setup task failed: {e}")))?
         .map(Some)
         .map_err(DaemonError::Tls)
-}
-
-/// Longest the socket's set-up (a connect probe, a chmod, an NSS group
-/// lookup that may ask LDAP) may take before the start fails.
-const BIND_UNIX_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Binds the Unix socket off the runtime threads (see [`bind_unix_blocking`]).
-async fn bind_unix(path: &Path, operator_group: &str) -> Result<UnixListener, DaemonError> {
-    let address = path.display().to_string();
-    let (path, group) = (path.to_owned(), operator_group.to_owned());
-    let task = tokio::task::spawn_blocking(move || bind_unix_blocking(&path, &group));
-    let listener = tokio::time::timeout(BIND_UNIX_TIMEOUT, task)
-        .await
-        .map_err(|_| {
-            DaemonError::Server(format!(
-                "binding the Unix socket took over {} s (is the group lookup hanging?)",
-                BIND_UNIX_TIMEOUT.as_secs()
-            ))
-        })?
-        .map_err(|e| DaemonError::Server(format!("Unix socket set-up task failed: {e}")))??;
-    UnixListener::from_std(listener).map_err(|source| DaemonError::Bind { address, source })
-}
-
-/// Binds the Unix socket, owned by root and the operator group with mode
-/// 0660 (root-only when the group does not exist). A socket file left by a
-/// crashed agent is replaced; one that still answers belongs to a running agent.
-/// Blocking: a connect probe, chmod, chown and an NSS lookup.
-fn bind_unix_blocking(
-    path: &Path,
-    operator_group: &str,
-) -> Result<std::os::unix::net::UnixListener, DaemonError> {
-    let bind_err = |source| DaemonError::Bind {
-        address: path.display().to_string(),
-        source,
-    };
-    if let Some(parent) = path.parent() {
-        prepare_dir("socket directory", parent, 0o711)?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::AlreadyRunning(path.to_owned()));
-        }
-        std::fs::remove_file(path).map_err(bind_err)?;
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
-    // Tokio takes it over on the runtime.
-    listener.set_nonblocking(true).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
-    match nix::unistd::Group::from_name(operator_group) {
-        Ok(Some(group)) => {
-            // Only root may give a file away; an unprivileged agent (tests,
-            // development) keeps its own group and says so.
-            if let Err(error) = nix::unistd::chown(path, None, Some(group.gid)) {
-                tracing::warn!(
-                    socket = %path.display(),
-                    group = operator_group,
-                    %error,
-                    "cannot give the socket to the operator group; operators cannot connect"
-                );
-            }
-        }
-        Ok(None) | Err(_) => tracing::warn!(
-            socket = %path.display(),
-            group = operator_group,
-            "operator group does not exist: the socket is root-only (create the group or set operator.group)"
-        ),
-    }
-    Ok(listener)
 }
 
 /// Serves the routes behind the guard on an identified incoming stream
