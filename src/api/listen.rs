@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::auth::Role;
+use super::authority::AuthorityFix;
 use super::config::ApiConfig;
 use super::limits::KeyedCounter;
 use super::peer::{Authenticated, Peer, UserDirectory, Who, local_peer};
@@ -112,13 +113,15 @@ where
 }
 
 /// The Unix socket: every connection's uid is read with SO_PEERCRED and
-/// given a role from the live config; others are closed.
+/// given a role from the live config; others are closed. Each stream is
+/// read through [`AuthorityFix`], so stock gRPC clients' `:authority` (the
+/// socket path) reaches h2 as `localhost`.
 pub fn unix(
     listener: UnixListener,
     config: watch::Receiver<Arc<ApiConfig>>,
     users: Arc<dyn UserDirectory>,
     cancel: CancellationToken,
-) -> Incoming<UnixStream> {
+) -> Incoming<AuthorityFix<UnixStream>> {
     accept_loop(
         listener,
         move |stream: UnixStream| {
@@ -138,7 +141,7 @@ pub fn unix(
                     local_peer(uid, pid, &config, users.as_ref())
                 });
                 match tokio::time::timeout(IDENTIFY_TIMEOUT, lookup).await {
-                    Ok(Ok(Some(peer))) => Some(Authenticated::new(stream, peer)),
+                    Ok(Ok(Some(peer))) => Some(Authenticated::new(AuthorityFix::new(stream), peer)),
                     Ok(Ok(None)) => {
                         tracing::warn!(
                             target: "audit",

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod audit;
 pub mod auth;
+pub mod authority;
 pub mod config;
 pub mod disk;
 pub mod guard;
