@@ -278,6 +278,9 @@ impl<S> AuthorityFix<S> {
     }
 }
 
+/// A decoded header list: (name, value) pairs in order.
+type HeaderList = Vec<(Vec<u8>, Vec<u8>)>;
+
 fn protocol(what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -290,7 +293,7 @@ fn protocol(what: &str) -> io::Error {
 fn decode_fixed(
     decoder: &mut loona_hpack::Decoder<'static>,
     block: &[u8],
-) -> io::Result<(Vec<(Vec<u8>, Vec<u8>)>, bool)> {
+) -> io::Result<(HeaderList, bool)> {
     let mut headers = Vec::new();
     let mut size = 0usize;
     let mut rewrote = false;
@@ -324,7 +327,7 @@ fn decode_fixed(
 
 /// Encodes headers as "literal without indexing, new name" (RFC 7541
 /// 6.2.2): no table reference, no table insertion.
-fn encode_literals(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+fn encode_literals(headers: &HeaderList) -> Vec<u8> {
     let mut out = Vec::with_capacity(headers.iter().map(|(n, v)| n.len() + v.len() + 8).sum());
     for (name, value) in headers {
         out.push(0x00);

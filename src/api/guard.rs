@@ -1,8 +1,11 @@
 //! The guard in front of every service: a tower layer that, for each
 //! request, reads the caller ([`Peer`], put in the request's extensions by
 //! the listener), applies the per-peer limits, authorizes the call by its
-//! full method name ([`super::auth`]), bounds and buffers the request
-//! message, and writes the audit line of every mutating RPC.
+//! full method name and the caller's role ([`super::auth`]) before a byte
+//! of its body is read, counts the body against the caller's bytes in
+//! flight ([`super::metered`]), and writes the audit line of every
+//! mutating RPC (a refused one names the RPC and the caller, not the
+//! request's fields, which are never read).
 //!
 //! Why a layer rather than checks in each service: one place covers every
 //! RPC of the five services, including those of modules written later,
@@ -30,7 +33,8 @@ use tonic::{Code, Status};
 use super::audit::{AuditRecord, grpc_message};
 use super::auth::{self, Decision};
 use super::config::ApiConfig;
-use super::limits::{PeerLimiter, StreamSlot};
+use super::limits::{InFlight, PeerLimiter, StreamSlot};
+use super::metered::MeteredBody;
 use super::peer::Peer;
 use super::proto;
 
@@ -47,6 +51,7 @@ struct GuardState {
     config: watch::Receiver<Arc<ApiConfig>>,
     max_message_bytes: usize,
     limiter: Arc<PeerLimiter>,
+    inflight: Arc<InFlight>,
 }
 
 impl GuardLayer {
@@ -59,6 +64,7 @@ impl GuardLayer {
                 config,
                 max_message_bytes,
                 limiter: PeerLimiter::new(),
+                inflight: InFlight::new(),
             }),
         }
     }
@@ -146,32 +152,38 @@ impl GuardState {
         if let Err(status) = self.limiter.take_request(&key, &config.limits) {
             return Ok(refuse(status, audit));
         }
-        // The message is read before the decision so that a refused
-        // mutation is audited with its key fields (e.g. the job id); it is
-        // bounded by limits.max_message_bytes whoever sends it.
-        let (request, message) = match method {
-            // Outside the contract (health, reflection — a bidi stream):
-            // passed through as is.
-            None => (request, None),
-            Some(_) => {
-                let (parts, body) = request.into_parts();
-                let bytes = match read_message(body, self.max_message_bytes).await {
-                    Ok(bytes) => bytes,
-                    Err(status) => return Ok(refuse(status, audit)),
-                };
-                let message = grpc_message(&bytes).map(|m| bytes.slice_ref(m));
-                let request =
-                    http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
-                (request, message)
-            }
-        };
-        if let (Some(audit), Some(message)) = (audit.as_mut(), message.as_deref()) {
-            audit.set_request(message);
-        }
-        match auth::authorize(peer.role, &path, config.operator.allow_cancel_job) {
-            Decision::Allow => {}
+        // Decided from the method and the caller alone: a refused call's
+        // body is never read, so it costs no memory.
+        let decision = auth::authorize(peer.role, &path, config.operator.allow_cancel_job);
+        let dry_run_only = match decision {
+            Decision::Allow => false,
+            Decision::AllowIfDryRun => true,
             Decision::Deny(status) => return Ok(refuse(status, audit)),
-            Decision::AllowIfDryRun => {
+        };
+        let slot = if auth::is_stream(&path) {
+            match self.limiter.open_stream(&key, &config.limits) {
+                Ok(slot) => Some(slot),
+                Err(status) => return Ok(refuse(status, audit)),
+            }
+        } else {
+            None
+        };
+
+        let (parts, body) = request.into_parts();
+        let charge = self.inflight.charge(&key);
+        // Read here only what an audit line or the dry-run rule needs (one
+        // message, bounded by limits.max_message_bytes); tonic reads the rest.
+        let body = if audit.is_some() || dry_run_only {
+            let mut metered = MeteredBody::buffered(body, charge, &config.limits);
+            let bytes = match read_message(&mut metered, self.max_message_bytes).await {
+                Ok(bytes) => bytes,
+                Err(status) => return Ok(refuse(status, audit)),
+            };
+            let message = grpc_message(&bytes).map(|m| bytes.slice_ref(m));
+            if let (Some(audit), Some(message)) = (audit.as_mut(), message.as_deref()) {
+                audit.set_request(message);
+            }
+            if dry_run_only {
                 let dry_run = message
                     .as_deref()
                     .and_then(|m| proto::ReclaimSpaceRequest::decode(m).ok())
@@ -180,15 +192,11 @@ impl GuardState {
                     return Ok(refuse(auth::dry_run_required(peer.role, &path), audit));
                 }
             }
-        }
-
-        let slot = match method {
-            Some(m) if m.streaming => match self.limiter.open_stream(&key, &config.limits) {
-                Ok(slot) => Some(slot),
-                Err(status) => return Ok(refuse(status, audit)),
-            },
-            _ => None,
+            metered.into_held(bytes)
+        } else {
+            Body::new(MeteredBody::streaming(body, charge, &config.limits))
         };
+        let request = http::Request::from_parts(parts, body);
 
         let response = match inner.call(request).await {
             Ok(response) => response,
@@ -221,7 +229,10 @@ impl GuardState {
 /// Reads a request body of at most one message of `limit` bytes (plus the
 /// 5-byte gRPC frame header), refusing a bigger one as soon as its declared
 /// length or its bytes exceed the limit.
-async fn read_message(mut body: Body, limit: usize) -> Result<Bytes, Status> {
+async fn read_message(
+    body: &mut (impl http_body::Body<Data = Bytes, Error = Status> + Unpin),
+    limit: usize,
+) -> Result<Bytes, Status> {
     let too_big = |size: usize| {
         Status::resource_exhausted(format!(
             "request message of {size} bytes is over limits.max_message_bytes = {limit}"
@@ -446,6 +457,85 @@ mod tests {
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 1, "only the dry run reached the service");
         assert_eq!(seen[0], (reclaim.to_string(), dry), "body passed on intact");
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_is_answered_without_reading_its_body() {
+        let (seen, inner) = recording();
+        let mut guard = layer(ApiConfig::default()).layer(inner);
+        // A body that never ends: reading it would never return.
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(1);
+        let body = Body::new(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let mut request = http::Request::builder()
+            .uri("http://agent/instance_agent.v1.JobService/SubmitJob")
+            .body(body)
+            .unwrap();
+        request.extensions_mut().insert(peer(Role::Operator, 1000));
+        let ready = guard.ready().await.expect("infallible");
+        let response = tokio::time::timeout(Duration::from_secs(5), ready.call(request))
+            .await
+            .expect("answered at once")
+            .expect("infallible");
+        assert_eq!(status_of(response).await, Code::PermissionDenied);
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn health_watch_and_reflection_count_as_streams() {
+        // A service whose reply has a body, as a stream's has (tonic drops
+        // an empty one at once, and the slot with it).
+        let inner = tower::service_fn(|_: http::Request<Body>| async {
+            let mut response = http::Response::new(Body::new(http_body_util::Full::new(
+                Bytes::from_static(b"message"),
+            )));
+            response
+                .headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static("0"));
+            Ok::<_, std::convert::Infallible>(response)
+        });
+        let mut guard = layer(ApiConfig {
+            limits: crate::api::config::LimitsConfig {
+                max_streams_per_peer: 1,
+                ..Default::default()
+            },
+            ..ApiConfig::default()
+        })
+        .layer(inner);
+        let operator = Some(peer(Role::Operator, 1000));
+        let first = call(
+            &mut guard,
+            "/grpc.health.v1.Health/Watch",
+            Bytes::new(),
+            operator.clone(),
+        )
+        .await;
+        for path in [
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            let response = call(&mut guard, path, Bytes::new(), operator.clone()).await;
+            assert_eq!(status_of(response).await, Code::ResourceExhausted, "{path}");
+        }
+        // Health Check is unary: not counted.
+        let check = call(
+            &mut guard,
+            "/grpc.health.v1.Health/Check",
+            Bytes::new(),
+            operator.clone(),
+        )
+        .await;
+        assert_eq!(status_of(check).await, Code::Ok);
+        drop(first);
+        let again = call(
+            &mut guard,
+            "/grpc.health.v1.Health/Watch",
+            Bytes::new(),
+            operator,
+        )
+        .await;
+        assert_eq!(status_of(again).await, Code::Ok);
     }
 
     #[tokio::test]
