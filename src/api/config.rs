@@ -89,8 +89,8 @@ impl Default for LimitsConfig {
             max_connections_per_peer: 32,
             max_connections: 256,
             max_concurrent_streams: 64,
-            max_inflight_bytes_per_peer: 16 << 20,
-            max_inflight_bytes: 32 << 20,
+            max_inflight_bytes_per_peer: 8 << 20,
+            max_inflight_bytes: 16 << 20,
         }
     }
 }

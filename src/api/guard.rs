@@ -229,10 +229,7 @@ impl GuardState {
 /// Reads a request body of at most one message of `limit` bytes (plus the
 /// 5-byte gRPC frame header), refusing a bigger one as soon as its declared
 /// length or its bytes exceed the limit.
-async fn read_message(
-    body: &mut (impl http_body::Body<Data = Bytes, Error = Status> + Unpin),
-    limit: usize,
-) -> Result<Bytes, Status> {
+async fn read_message(body: &mut MeteredBody, limit: usize) -> Result<Bytes, Status> {
     let too_big = |size: usize| {
         Status::resource_exhausted(format!(
             "request message of {size} bytes is over limits.max_message_bytes = {limit}"
@@ -240,17 +237,25 @@ async fn read_message(
     };
     let read = async {
         let mut buf = BytesMut::new();
+        let mut reserved = false;
         while let Some(frame) = body.frame().await {
             let frame = frame?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
             buf.extend_from_slice(&data);
-            if buf.len() >= 5 {
+            if buf.len() >= 5 && !reserved {
                 let declared = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
                 if declared > limit {
                     return Err(too_big(declared));
                 }
+                // The whole message is charged (and allocated) once, as
+                // soon as its size is known: a message the budget cannot
+                // hold is refused before its bytes are taken in.
+                let rest = (declared + 5).saturating_sub(buf.len());
+                body.reserve(rest)?;
+                buf.reserve(rest);
+                reserved = true;
             }
             if buf.len() > limit + 5 {
                 return Err(too_big(buf.len() - 5));

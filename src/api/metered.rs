@@ -83,6 +83,8 @@ pub struct MeteredBody {
     framing: Framing,
     /// Bytes of complete messages not yet released.
     decoded: usize,
+    /// Bytes charged ahead of their arrival ([`MeteredBody::reserve`]).
+    prepaid: usize,
 }
 
 impl MeteredBody {
@@ -104,7 +106,16 @@ impl MeteredBody {
             mode,
             framing: Framing::default(),
             decoded: 0,
+            prepaid: 0,
         }
+    }
+
+    /// Charges `bytes` still to come now, so that a message the budget
+    /// cannot hold is refused before any more of it is read.
+    pub fn reserve(&mut self, bytes: usize) -> Result<(), Status> {
+        self.charge.add(bytes, &self.limits)?;
+        self.prepaid += bytes;
+        Ok(())
     }
 
     /// The bytes read from a buffered body, as a body that keeps them
@@ -117,6 +128,7 @@ impl MeteredBody {
             mode: Mode::Held,
             framing: Framing::default(),
             decoded: 0,
+            prepaid: 0,
         })
     }
 }
@@ -139,7 +151,9 @@ impl http_body::Body for MeteredBody {
             && let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
         {
-            if let Err(status) = this.charge.add(data.len(), &this.limits) {
+            let prepaid = this.prepaid.min(data.len());
+            this.prepaid -= prepaid;
+            if let Err(status) = this.charge.add(data.len() - prepaid, &this.limits) {
                 return Poll::Ready(Some(Err(status)));
             }
             this.decoded += this.framing.walk(data);

@@ -92,10 +92,25 @@ pub(super) async fn ask_agent(socket: &Path) -> AgentAnswer {
         .get_status(request)
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| status_failure(&status, socket, timeout));
-    AgentAnswer {
-        channel: Some(channel),
-        status,
+        .map_err(|status| {
+            let failure = client::CallFailure::of_status(&status);
+            (failure.is_some(), status_failure(&status, socket, timeout))
+        });
+    match status {
+        Ok(status) => AgentAnswer {
+            channel: Some(channel),
+            status: Ok(status),
+        },
+        // A frozen, dying or refusing agent answers no other check either:
+        // they are skipped rather than each waiting for its deadline.
+        Err((true, unreachable)) => AgentAnswer {
+            channel: None,
+            status: Err(unreachable),
+        },
+        Err((false, unreachable)) => AgentAnswer {
+            channel: Some(channel),
+            status: Err(unreachable),
+        },
     }
 }
 
