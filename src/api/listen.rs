@@ -57,15 +57,31 @@ pub struct Admission {
     config: watch::Receiver<Arc<ApiConfig>>,
     connections: Arc<ConnectionLimiter>,
     refusals: Refusals,
+    /// Half of RLIMIT_NOFILE: `limits.max_connections` never takes more,
+    /// so the agent keeps descriptors for its own work.
+    descriptor_cap: u32,
 }
 
 impl Admission {
     /// Admission reading the live `[limits]` and roles from `config`.
     pub fn new(config: watch::Receiver<Arc<ApiConfig>>) -> Self {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        let descriptor_cap = u32::try_from(soft / 2).unwrap_or(u32::MAX).max(1);
+        let configured = config.borrow().limits.max_connections;
+        if configured > descriptor_cap {
+            tracing::warn!(
+                max_connections = configured,
+                nofile = soft,
+                "limits.max_connections is over half the open-file limit: serving at most {descriptor_cap} connections"
+            );
+        }
         Self {
             config,
             connections: ConnectionLimiter::new(),
             refusals: Refusals::default(),
+            descriptor_cap,
         }
     }
 
@@ -75,7 +91,8 @@ impl Admission {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let limits = self.config.borrow().limits.clone();
+        let mut limits = self.config.borrow().limits.clone();
+        limits.max_connections = limits.max_connections.min(self.descriptor_cap);
         match self.connections.admit(&peer.who.limit_key(), &limits) {
             Ok(slot) => Some(Authenticated::new(stream, peer).with_slot(slot)),
             Err(status) => {
