@@ -172,8 +172,7 @@ mod tests {
 
     use super::*;
     use crate::setup::logfile::LogPiece;
-    use crate::setup::run_log::LiveLog;
-    use crate::setup::testing::log_limits as limits;
+    use crate::setup::run_log::{LiveLog, LogLimits};
     use tokio_stream::StreamExt;
 
     async fn read_back(live: &Arc<LiveLog>) -> Vec<LogPiece> {
@@ -230,7 +229,7 @@ mod tests {
     async fn small_output_is_all_in_the_file_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.log");
-        let writer = LogWriter::create(&path, limits(1 << 20, 1 << 20))
+        let writer = LogWriter::create(&path, LogLimits::of(1 << 20, 1 << 20))
             .await
             .unwrap();
         let live = writer.live();
@@ -254,7 +253,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.log");
         let (head, tail) = (64 * 1024, 64 * 1024);
-        let writer = LogWriter::create(&path, limits(head, tail)).await.unwrap();
+        let writer = LogWriter::create(&path, LogLimits::of(head, tail))
+            .await
+            .unwrap();
         let live = writer.live();
         let rx = mpsc::channel::<String>(1).1;
         let mut text = Vec::new();

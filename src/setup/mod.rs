@@ -199,6 +199,24 @@ impl RunRequest {
     }
 }
 
+#[cfg(test)]
+impl RunRequest {
+    /// For tests: an ad-hoc request from `source` with two arguments (one
+    /// with a space) and one variable.
+    pub(crate) fn adhoc(source: ScriptSource) -> Self {
+        Self {
+            kind: SetupKind::Adhoc,
+            source,
+            args: vec!["a b".into(), "c".into()],
+            env: BTreeMap::from([("FOO".to_owned(), "bar".to_owned())]),
+            timeout: None,
+            run_as: String::new(),
+            working_dir: None,
+            idempotency_key: String::new(),
+        }
+    }
+}
+
 /// One execution of a script: what the API shows and the store keeps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SetupRun {

@@ -171,7 +171,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::setup::testing::adhoc as request;
 
     /// Limits too wide to matter but for the script's size.
     fn limits(max_script_bytes: u64) -> RequestLimits {
@@ -200,7 +199,7 @@ mod tests {
             max_env_entries: 2,
             max_env_bytes: 12,
         };
-        let mut args = request(ScriptSource::Inline("true".into()));
+        let mut args = RunRequest::adhoc(ScriptSource::Inline("true".into()));
         args.env.clear();
         args.args = vec!["1".into(), "2".into(), "3".into()];
         let (field, problem) = refusal(&args, &tight);
@@ -218,7 +217,7 @@ mod tests {
             "{problem}"
         );
 
-        let mut env = request(ScriptSource::Inline("true".into()));
+        let mut env = RunRequest::adhoc(ScriptSource::Inline("true".into()));
         env.args.clear();
         env.env = BTreeMap::from([
             ("A".into(), "1".into()),
@@ -256,30 +255,30 @@ mod tests {
 
     #[test]
     fn paths_with_parent_components_are_refused_naming_the_field() {
-        let up = request(ScriptSource::Path("/opt/../etc/x".into()));
+        let up = RunRequest::adhoc(ScriptSource::Path("/opt/../etc/x".into()));
         let (field, problem) = refusal(&up, &limits(100));
         assert_eq!(field, "path");
         assert!(
             problem.contains("/opt/../etc/x") && problem.contains(".."),
             "{problem}"
         );
-        let mut dir = request(ScriptSource::Inline("true".into()));
+        let mut dir = RunRequest::adhoc(ScriptSource::Inline("true".into()));
         dir.working_dir = Some("/srv/../root".into());
         let (field, _) = refusal(&dir, &limits(100));
         assert_eq!(field, "working_dir");
-        let mut clean = request(ScriptSource::Path("/opt/./setup/x.sh".into()));
+        let mut clean = RunRequest::adhoc(ScriptSource::Path("/opt/./setup/x.sh".into()));
         clean.working_dir = Some("/srv/".into());
         check_shape(&clean, &limits(100)).expect("`.` and a trailing slash are harmless");
     }
 
     #[test]
     fn shape_errors_name_the_field() {
-        let empty = request(ScriptSource::Inline("  \n".into()));
+        let empty = RunRequest::adhoc(ScriptSource::Inline("  \n".into()));
         assert!(matches!(
             check_shape(&empty, &limits(100)),
             Err(SetupError::EmptyScript { .. })
         ));
-        let big = request(ScriptSource::Inline("x".repeat(101)));
+        let big = RunRequest::adhoc(ScriptSource::Inline("x".repeat(101)));
         assert!(matches!(
             check_shape(&big, &limits(100)),
             Err(SetupError::ScriptTooLarge {
@@ -287,21 +286,21 @@ mod tests {
                 limit: 100
             })
         ));
-        let relative = request(ScriptSource::Path("a.sh".into()));
+        let relative = RunRequest::adhoc(ScriptSource::Path("a.sh".into()));
         assert!(matches!(
             check_shape(&relative, &limits(100)),
             Err(SetupError::Invalid { field: "path", .. })
         ));
-        let mut bad_env = request(ScriptSource::Inline("true".into()));
+        let mut bad_env = RunRequest::adhoc(ScriptSource::Inline("true".into()));
         bad_env.env.insert("1X".into(), "v".into());
         assert!(matches!(
             check_shape(&bad_env, &limits(100)),
             Err(SetupError::Invalid { field: "env", .. })
         ));
-        let mut reserved = request(ScriptSource::Inline("true".into()));
+        let mut reserved = RunRequest::adhoc(ScriptSource::Inline("true".into()));
         reserved.env.insert(RUN_MARKER_ENV.into(), "v".into());
         assert!(check_shape(&reserved, &limits(100)).is_err());
-        let mut long = request(ScriptSource::Inline("true".into()));
+        let mut long = RunRequest::adhoc(ScriptSource::Inline("true".into()));
         long.timeout = Some(Duration::from_secs(MAX_SETUP_TIMEOUT_SECONDS + 1));
         assert!(matches!(
             check_shape(&long, &limits(100)),

@@ -305,7 +305,6 @@ fn write_inline(
 mod tests {
     use super::*;
     use crate::setup::fake::FakeAccounts;
-    use crate::setup::testing::adhoc as request;
 
     fn context(dir: &Path) -> LaunchContext {
         LaunchContext {
@@ -334,7 +333,7 @@ mod tests {
     #[test]
     fn inline_script_becomes_a_file_run_by_bash_with_args_and_env() {
         let dir = tempfile::tempdir().unwrap();
-        let req = request(ScriptSource::Inline("echo hi\n".into()));
+        let req = RunRequest::adhoc(ScriptSource::Inline("echo hi\n".into()));
         let resolved = resolve(
             &req,
             &FakeAccounts::default(),
@@ -369,7 +368,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(dir.path());
         let accounts = FakeAccounts::default();
-        let missing = request(ScriptSource::Path(dir.path().join("nope.sh")));
+        let missing = RunRequest::adhoc(ScriptSource::Path(dir.path().join("nope.sh")));
         assert!(matches!(
             resolve(&missing, &accounts, &ctx, None),
             Err(SetupError::ScriptUnreadable { .. })
@@ -378,7 +377,7 @@ mod tests {
         std::fs::write(&empty_file, "").unwrap();
         assert!(matches!(
             resolve(
-                &request(ScriptSource::Path(empty_file)),
+                &RunRequest::adhoc(ScriptSource::Path(empty_file)),
                 &accounts,
                 &ctx,
                 None
@@ -389,25 +388,25 @@ mod tests {
         std::fs::write(&blank_file, " \n\t\r\n").unwrap();
         assert!(matches!(
             resolve(
-                &request(ScriptSource::Path(blank_file)),
+                &RunRequest::adhoc(ScriptSource::Path(blank_file)),
                 &accounts,
                 &ctx,
                 None
             ),
             Err(SetupError::EmptyScript { .. })
         ));
-        let mut someone = request(ScriptSource::Inline("true".into()));
+        let mut someone = RunRequest::adhoc(ScriptSource::Inline("true".into()));
         someone.run_as = "ghost".into();
         assert!(matches!(
             resolve(&someone, &accounts, &ctx, None),
             Err(SetupError::UnknownUser { .. })
         ));
-        let odd = request(ScriptSource::Inline("#!/no/such/python\nprint(1)".into()));
+        let odd = RunRequest::adhoc(ScriptSource::Inline("#!/no/such/python\nprint(1)".into()));
         assert!(matches!(
             resolve(&odd, &accounts, &ctx, None),
             Err(SetupError::InterpreterMissing { .. })
         ));
-        let mut nowhere = request(ScriptSource::Inline("true".into()));
+        let mut nowhere = RunRequest::adhoc(ScriptSource::Inline("true".into()));
         nowhere.working_dir = Some(dir.path().join("missing"));
         assert!(matches!(
             resolve(&nowhere, &accounts, &ctx, None),

@@ -44,6 +44,18 @@ pub struct LogLimits {
     pub tail_lines: usize,
 }
 
+#[cfg(test)]
+impl LogLimits {
+    /// For tests: `head` and `tail` bytes and three tail lines.
+    pub(crate) fn of(head: u64, tail: u64) -> Self {
+        Self {
+            head_bytes: head,
+            tail_bytes: tail,
+            tail_lines: 3,
+        }
+    }
+}
+
 /// A numbered piece of output.
 #[derive(Debug)]
 struct Piece {
@@ -380,14 +392,13 @@ impl LogWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::setup::testing::log_limits as limits;
     use tokio_stream::StreamExt;
 
     #[tokio::test]
     async fn follower_sees_live_output_then_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.log");
-        let mut writer = LogWriter::create(&path, limits(1 << 20, 1 << 20))
+        let mut writer = LogWriter::create(&path, LogLimits::of(1 << 20, 1 << 20))
             .await
             .unwrap();
         let live = writer.live();

@@ -1,7 +1,6 @@
 //! The setup domain's unit-test rig: the agent's shared parts
 //! ([`crate::testing::Rig`]) plus a fake runner, declared scripts and the
-//! settings the tests vary; the requests, limits and waits the tests share.
-//! Test-only.
+//! settings the tests vary, and the waits the tests share. Test-only.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -140,30 +139,6 @@ impl SetupRig {
     /// The run as stored.
     pub fn stored(&self, id: &str) -> Option<SetupRun> {
         self.agent.store.get(RUNS, id).unwrap()
-    }
-}
-
-/// An ad-hoc request from `source` with two arguments (one with a space)
-/// and one variable.
-pub(super) fn adhoc(source: ScriptSource) -> RunRequest {
-    RunRequest {
-        kind: SetupKind::Adhoc,
-        source,
-        args: vec!["a b".into(), "c".into()],
-        env: BTreeMap::from([("FOO".to_owned(), "bar".to_owned())]),
-        timeout: None,
-        run_as: String::new(),
-        working_dir: None,
-        idempotency_key: String::new(),
-    }
-}
-
-/// Log limits of `head` and `tail` bytes and three tail lines.
-pub(super) fn log_limits(head: u64, tail: u64) -> LogLimits {
-    LogLimits {
-        head_bytes: head,
-        tail_bytes: tail,
-        tail_lines: 3,
     }
 }
 

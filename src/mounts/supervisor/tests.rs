@@ -1,4 +1,5 @@
-//! The mount state machine against the fake mounter, with paused time.
+//! The mount state machine against the fake mounter, with paused time, on
+//! the shared test rig ([`crate::testing::Rig`]).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,30 +19,27 @@ use crate::mounts::{
     MountError, MountService, MountSettings, MountState, MountStatus, ResolveError,
 };
 use crate::secret::Secret;
-use crate::store::Store;
+use crate::testing::Rig;
 
 const KEY: &str = "S3cr3tAccountKeyValue0123456789==";
 
+/// One agent's mounts domain on the fake mounter; survives restarts of the
+/// service (the dir, the store and the fake stay).
 struct World {
-    dir: tempfile::TempDir,
+    /// Temp dir, store, events, health, cancel, tasks.
+    agent: Rig,
     fake: Arc<FakeMounter>,
     service: MountService,
-    events: EventBus,
-    health: Health,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
-    store: Store,
     config: MountsConfig,
 }
 
 impl World {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self::in_dir(dir, Arc::new(FakeMounter::new()))
+        Self::with(Rig::new(), Arc::new(FakeMounter::new()))
     }
 
-    fn in_dir(dir: tempfile::TempDir, fake: Arc<FakeMounter>) -> Self {
-        let base = dir.path().canonicalize().unwrap();
+    fn with(agent: Rig, fake: Arc<FakeMounter>) -> Self {
+        let base = agent.root.clone();
         std::fs::create_dir_all(base.join("mnt")).unwrap();
         let config = MountsConfig {
             allowed_roots: vec![base.join("mnt")],
@@ -49,39 +47,32 @@ impl World {
             health_interval_seconds: 10,
             ..MountsConfig::default()
         };
-        let state_dir = base.join("state");
-        std::fs::create_dir_all(&state_dir).unwrap();
-        let store = Store::open(&state_dir).unwrap();
-        let events = EventBus::new(1000);
-        let health = Health::new();
-        let cancel = CancellationToken::new();
         let (_, interval) = watch::channel(Duration::from_secs(10));
-        let tasks = TaskTracker::new();
         let service = MountService::new(
-            MountSettings::new(&config, &state_dir, &base.join("run"), &base.join("logs")),
+            MountSettings::new(
+                &config,
+                &agent.state_dir(),
+                &base.join("run"),
+                &base.join("logs"),
+            ),
             fake.clone(),
-            store.clone(),
-            events.clone(),
-            health.clone(),
+            agent.store.clone(),
+            agent.events.clone(),
+            agent.health.clone(),
             interval,
-            cancel.clone(),
-            tasks.clone(),
+            agent.cancel.clone(),
+            agent.tasks.clone(),
         );
         Self {
-            dir,
+            agent,
             fake,
             service,
-            events,
-            health,
-            cancel,
-            tasks,
-            store,
             config,
         }
     }
 
     fn base(&self) -> PathBuf {
-        self.dir.path().canonicalize().unwrap()
+        self.agent.root.clone()
     }
 
     fn spec(&self, name: &str) -> MountSpec {
@@ -100,21 +91,25 @@ impl World {
         }
     }
 
-    /// Restarts the service on the same dirs and fake (an agent restart).
+    /// Stops the service's supervisors and waits for them.
+    async fn stop(&self) {
+        self.agent.cancel.cancel();
+        self.agent.tasks.close();
+        self.agent.tasks.wait().await;
+    }
+
+    /// Restarts the service on the same dir, store and fake (an agent
+    /// restart): its events, health, stop token and tasks are new.
     async fn restart(self) -> Self {
-        self.cancel.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.stop().await;
         let World {
-            dir,
-            fake,
-            service,
-            store,
-            ..
+            mut agent, fake, ..
         } = self;
-        drop(service);
-        drop(store);
-        Self::in_dir(dir, fake)
+        agent.events = EventBus::new(4096);
+        agent.health = Health::new();
+        agent.cancel = CancellationToken::new();
+        agent.tasks = TaskTracker::new();
+        Self::with(agent, fake)
     }
 }
 
@@ -157,7 +152,7 @@ async fn wait_for(sub: &mut Subscription, name: &str, state: MountState) -> Moun
 #[tokio::test(start_paused = true)]
 async fn mount_writes_a_private_config_and_reports_mounted() {
     let w = World::new();
-    let mut sub = w.events.subscribe(None);
+    let mut sub = w.agent.events.subscribe(None);
     let status = w.service.mount(w.spec("data")).await.unwrap();
     assert_eq!(status.state, MountState::Mounted);
     assert_eq!(status.auth_mode, "key");
@@ -172,7 +167,10 @@ async fn mount_writes_a_private_config_and_reports_mounted() {
     assert_eq!(mode & 0o777, 0o600);
     assert!(std::fs::read_to_string(&config).unwrap().contains(KEY));
     assert!(!format!("{status:?}").contains(KEY));
-    assert_eq!(w.health.get(Subsystem::Mounts).state, ConditionState::Ok);
+    assert_eq!(
+        w.agent.health.get(Subsystem::Mounts).state,
+        ConditionState::Ok
+    );
     assert_eq!(
         w.service.resolve("data").unwrap().host_path,
         w.base().join("mnt/data")
@@ -184,8 +182,8 @@ async fn mount_writes_a_private_config_and_reports_mounted() {
 async fn a_killed_blobfuse2_is_detected_and_repaired() {
     let w = World::new();
     let status = w.service.mount(w.spec("data")).await.unwrap();
-    let mut sub = w.events.subscribe(None);
-    let mut waiter = w.events.subscribe(None);
+    let mut sub = w.agent.events.subscribe(None);
+    let mut waiter = w.agent.events.subscribe(None);
     let pid = status.pid.unwrap();
     // Something left in the cache must not block the remount.
     std::fs::write(w.base().join("cache/data/leftover"), "x").unwrap();
@@ -223,7 +221,7 @@ async fn a_killed_blobfuse2_is_detected_and_repaired() {
 async fn a_job_start_on_a_dead_mount_waits_and_triggers_the_repair_at_once() {
     let w = World::new();
     let status = w.service.mount(w.spec("data")).await.unwrap();
-    let mut waiter = w.events.subscribe(None);
+    let mut waiter = w.agent.events.subscribe(None);
     let healthy = w.service.verify("data").await.expect("healthy");
     assert_eq!(healthy.host_path, w.base().join("mnt/data"));
 
@@ -254,7 +252,7 @@ async fn failed_remounts_back_off_exponentially() {
         w.fake
             .fail_next_spawn("Error: failed to authenticate azstorage credentials");
     }
-    let mut sub = w.events.subscribe(None);
+    let mut sub = w.agent.events.subscribe(None);
     w.fake.kill(pid);
     let mut failed_at = Vec::new();
     let mut retried_at = Vec::new();
@@ -288,14 +286,17 @@ async fn failed_remounts_back_off_exponentially() {
         .collect();
     assert_eq!(gaps, [1, 2, 4]);
     assert_eq!(w.fake.spawns(), 5);
-    assert_eq!(w.health.get(Subsystem::Mounts).state, ConditionState::Ok);
+    assert_eq!(
+        w.agent.health.get(Subsystem::Mounts).state,
+        ConditionState::Ok
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_hung_mount_root_counts_as_stale() {
     let w = World::new();
     w.service.mount(w.spec("data")).await.unwrap();
-    let mut sub = w.events.subscribe(None);
+    let mut sub = w.agent.events.subscribe(None);
     w.fake.set_hung(&w.base().join("mnt/data"), true);
     let stale = wait_for(&mut sub, "data", MountState::Stale).await;
     assert!(
@@ -376,7 +377,7 @@ async fn a_restarted_agent_adopts_a_healthy_mount() {
     let w = World::new();
     let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
     let w = w.restart().await;
-    let mut sub = w.events.subscribe(None);
+    let mut sub = w.agent.events.subscribe(None);
     w.service.restore(&[]).await;
     let status = wait_for(&mut sub, "data", MountState::Mounted).await;
     assert_eq!(status.pid, Some(pid));
@@ -390,7 +391,7 @@ async fn a_restarted_agent_repairs_a_mount_that_died_meanwhile() {
     let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
     let w = w.restart().await;
     w.fake.kill(pid);
-    let mut sub = w.events.subscribe(None);
+    let mut sub = w.agent.events.subscribe(None);
     w.service.restore(&[]).await;
     let status = wait_for(&mut sub, "data", MountState::Mounted).await;
     assert_ne!(status.pid, Some(pid));
@@ -413,8 +414,8 @@ async fn declared_mounts_read_their_secret_file_and_fail_clearly_without_it() {
         secret_file: secret_file.to_owned(),
         ..DeclaredMount::default()
     };
-    let mut good = w.events.subscribe(None);
-    let mut bad = w.events.subscribe(None);
+    let mut good = w.agent.events.subscribe(None);
+    let mut bad = w.agent.events.subscribe(None);
     w.service
         .restore(&[
             declared("good", &key_file),
@@ -424,7 +425,7 @@ async fn declared_mounts_read_their_secret_file_and_fail_clearly_without_it() {
     wait_for(&mut good, "good", MountState::Mounted).await;
     let failed = wait_for(&mut bad, "nokey", MountState::Failed).await;
     assert!(failed.message.contains("missing.key"), "{}", failed.message);
-    let condition = w.health.get(Subsystem::Mounts);
+    let condition = w.agent.health.get(Subsystem::Mounts);
     assert_eq!(condition.state, ConditionState::Failed);
     assert!(
         condition.message.contains("nokey failed"),
@@ -463,8 +464,9 @@ async fn busy_unmount_is_lazy_says_so_and_leaves_blobfuse2_serving_the_open_file
     assert!(w.fake.running(pid));
     assert!(w.service.list().is_empty());
     assert!(
-        w.store
-            .scan::<serde_json::Value>(super::super::service::REQUESTED)
+        w.agent
+            .store
+            .scan::<serde_json::Value>(crate::mounts::registry::REQUESTED)
             .unwrap()
             .is_empty()
     );
@@ -478,9 +480,7 @@ async fn busy_unmount_is_lazy_says_so_and_leaves_blobfuse2_serving_the_open_file
     w.fake.kill(pid);
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(!w.fake.calls().contains(&format!("stop {pid}")));
-    w.cancel.cancel();
-    w.tasks.close();
-    w.tasks.wait().await;
+    w.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -489,7 +489,7 @@ async fn a_failed_unmount_keeps_the_mount_registered_and_supervised() {
     let pid = w.service.mount(w.spec("data")).await.unwrap().pid.unwrap();
     w.fake
         .fail_next_unmount("fusermount3 did not finish within 10 s");
-    let mut sub = w.events.subscribe(None);
+    let mut sub = w.agent.events.subscribe(None);
     let err = w.service.unmount("data").await.unwrap_err();
     assert!(
         matches!(&err, MountError::Unmount { detail, .. } if detail.contains("did not finish")),
@@ -520,7 +520,7 @@ async fn another_programs_mount_at_the_path_is_never_unmounted_or_adopted() {
     w.fake.kill(pid);
     w.fake
         .set_foreign(&path, Some(("fuse.sshfs", "user@host:/data")));
-    let mut sub = w.events.subscribe(None);
+    let mut sub = w.agent.events.subscribe(None);
     w.service.restore(&[]).await;
     let failed = wait_for(&mut sub, "data", MountState::Failed).await;
     assert!(
@@ -571,8 +571,9 @@ async fn a_mount_that_never_appears_times_out_stops_blobfuse2_and_is_forgotten()
     assert!(!w.fake.running(pid));
     assert!(w.service.list().is_empty());
     assert!(
-        w.store
-            .scan::<serde_json::Value>(super::super::service::REQUESTED)
+        w.agent
+            .store
+            .scan::<serde_json::Value>(crate::mounts::registry::REQUESTED)
             .unwrap()
             .is_empty()
     );
