@@ -39,6 +39,8 @@ pub mod settings;
 pub mod spec;
 mod supervisor;
 pub mod system;
+#[cfg(test)]
+mod testing;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;

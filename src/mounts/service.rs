@@ -588,3 +588,6 @@ fn resolution(resolved: Result<MountedPath, ResolveError>) -> crate::jobs::Mount
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,8 +1,8 @@
 //! [`SetupScripts`]: the handle and the queue. Accepts runs, queues them,
-//! hands them one at a time to [`super::execute`], keeps their records (in
+//! hands them one at a time to `execute`, keeps their records (in
 //! memory and in the store), and reports through events, the setup condition
 //! and the job queue's admission gate. What those say is decided by
-//! [`super::creation`].
+//! `creation`.
 //!
 //! # Lifecycle
 //! - [`SetupScripts::open`] (at agent start, before serving): loads past runs
