@@ -35,13 +35,18 @@ const GATE_HOLDER: &str = "setup";
 pub(super) struct State {
     /// The runs and what the policy decided about them.
     pub ledger: Ledger,
+    /// Ids of PENDING runs, in their order (the service's queue).
     pub queue: VecDeque<String>,
+    /// The request of each queued run.
     pub requests: HashMap<String, RunRequest>,
+    /// Idempotency key to run id.
     pub keys: HashMap<String, String>,
+    /// The live log of the run executing now.
     pub live: HashMap<String, Arc<LiveLog>>,
     /// Runs found PENDING or RUNNING at open, now INTERRUPTED, to persist and
     /// clean up.
     pub stale: Vec<String>,
+    /// The executor has stopped: no new run is accepted.
     pub stopping: bool,
 }
 
