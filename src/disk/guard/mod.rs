@@ -5,11 +5,11 @@
 //! disk condition, the admission hold, the reserve file and automatic
 //! reclaim.
 //!
-//! - [`watchlist`]: what is watched and why, one entry per filesystem
+//! - `watchlist`: what is watched and why, one entry per filesystem
 //!   (`st_dev`), the levels of each.
-//! - [`sampling`]: probing, one probe outstanding per filesystem, answers and
+//! - `sampling`: probing, one probe outstanding per filesystem, answers and
 //!   timeouts (unresponsive).
-//! - [`alerts`]: alerts, the condition and the hold, and their delivery.
+//! - `alerts`: alerts, the condition and the hold, and their delivery.
 //!
 //! One task owns the loop. Each turn locks the state, applies one thing (a
 //! tick, probe answers, a command, a config change, a timeout), and collects
