@@ -46,6 +46,9 @@ pub(super) struct State {
     /// Runs found PENDING or RUNNING at open, now INTERRUPTED, to persist and
     /// clean up.
     pub stale: Vec<String>,
+    /// Runs found PENDING or RUNNING at open when the runner's scripts
+    /// outlive the agent: taken over (or queued again) at recovery.
+    pub adoptable: Vec<String>,
     /// The executor has stopped: no new run is accepted.
     pub stopping: bool,
 }
