@@ -425,7 +425,7 @@ fn the_package_creates_the_group_and_directories_and_the_socket_is_0660() {
 }
 
 #[test]
-fn systemd_analyze_security_prints_the_exposure() {
+fn systemd_analyze_security_rates_the_unit_at_most_5() {
     let Some(system) = System::new("") else {
         return;
     };
@@ -441,7 +441,8 @@ fn systemd_analyze_security_prints_the_exposure() {
         .and_then(|(_, level)| level.split_whitespace().next())
         .map(str::to_owned)
         .unwrap_or_else(|| panic!("no exposure line in:\n{report}"));
-    // Reported, not asserted yet (issue 16 sets the goal of 5.0).
     println!("systemd exposure (systemd-analyze security, booted) | {exposure}");
     eprintln!("{report}");
+    let level: f64 = exposure.parse().expect("a number");
+    assert!(level <= 5.0, "exposure {level} > 5.0:\n{report}");
 }
