@@ -513,7 +513,7 @@ impl Executor<'_> {
                     outcome.detached = true;
                     break;
                 }
-                _ = cancel.cancelled(), if !stopping => {
+                _ = cancel.cancelled(), if !stopping && !self.runner.outlives_agent() => {
                     stopping = true;
                     outcome.interrupted = true;
                     process.terminate();

@@ -206,10 +206,11 @@ fn new_private(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// `EnvironmentFile=` text: one `KEY='value'` line each, single quotes kept
-/// literally by systemd's parser (a `'` inside becomes `'\''`); names that
-/// are not valid shell names, which systemd would drop with a warning, are
-/// left out here too.
+/// `EnvironmentFile=` text: one `KEY="value"` line each, with `\\`, `"`,
+/// `` ` `` and `$` escaped by a backslash, which systemd's parser undoes
+/// inside double quotes (it honours quotes only around a whole value); names
+/// that are not valid shell names, which systemd would drop with a warning,
+/// are left out here too.
 fn environment_file(env: &[(String, String)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (key, value) in env {
@@ -220,9 +221,15 @@ fn environment_file(env: &[(String, String)]) -> Vec<u8> {
             continue;
         }
         out.extend_from_slice(key.as_bytes());
-        out.extend_from_slice(b"='");
-        out.extend_from_slice(value.replace('\'', "'\\''").as_bytes());
-        out.extend_from_slice(b"'\n");
+        out.extend_from_slice(b"=\"");
+        for c in value.chars() {
+            if matches!(c, '\\' | '"' | '`' | '$') {
+                out.push(b'\\');
+            }
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+        }
+        out.extend_from_slice(b"\"\n");
     }
     out
 }
@@ -668,7 +675,7 @@ mod tests {
         ];
         assert_eq!(
             String::from_utf8(environment_file(&env)).unwrap(),
-            "A='it'\\''s $HOME \"x\" \\n'\nB_2=''\n"
+            "A=\"it's \\$HOME \\\"x\\\" \\\\n\"\nB_2=\"\"\n"
         );
     }
 
