@@ -1269,6 +1269,7 @@ mod systemd_scope {
             user: None,
             kill_grace: Duration::from_secs(1),
             kill_leftovers: true,
+            timeout: Duration::from_secs(60),
         }
     }
 

@@ -187,9 +187,108 @@ impl Executor<'_> {
             return journal.ended(id, RunEnd::NotStarted { message }).await;
         }
 
+        let started = self.start_note(&request, &resolved);
+        let process = self.runner.start(resolved.launch.clone()).await;
         let (outcome, writer, capture_cut) = self
-            .run_process(journal, id, &request, &resolved, writer, cancel)
+            .run_process(journal, id, started, process, writer, timeout, cancel)
             .await;
+        self.conclude(
+            journal,
+            id,
+            timeout,
+            (outcome, writer, capture_cut),
+            resolved.script_file.clone(),
+            rerun_note,
+        )
+        .await
+    }
+
+    /// Takes over a run that an earlier agent life started and that still
+    /// exists (see [`ProcessRunner::adopt`]): its log is written again from
+    /// the script's output kept by the runner, its timeout counts from its
+    /// start, and it ends like any run.
+    pub async fn resume(
+        &self,
+        journal: &dyn Journal,
+        id: &str,
+        request: RunRequest,
+        process: Box<dyn ScriptProcess>,
+        cancel: &CancellationToken,
+    ) -> Option<SetupRun> {
+        let log_path = self.settings.log_path(id);
+        let writer = match self.create_log(&log_path).await {
+            Ok(writer) => writer,
+            Err(error) => {
+                tracing::warn!(run = id, %error, "cannot write the log of an adopted setup run");
+                return None;
+            }
+        };
+        journal.show_live(id, Some(writer.live()));
+        let run = journal.run(id);
+        let rerun_note = run.as_ref().filter(|r| r.attempt > 1).map(|r| {
+            r.message
+                .split(": running")
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        });
+        let timeout = request.timeout();
+        let elapsed = run
+            .and_then(|r| r.started_at)
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default();
+        let note = format!(
+            "the agent restarted; it took over the run's transient service after {} s (timeout {} s); output from the start:",
+            elapsed.as_secs(),
+            timeout.as_secs()
+        );
+        let (outcome, writer, capture_cut) = self
+            .run_process(
+                journal,
+                id,
+                note,
+                Ok(process),
+                writer,
+                timeout.saturating_sub(elapsed),
+                cancel,
+            )
+            .await;
+        let script_file = matches!(request.source, super::ScriptSource::Inline(_))
+            .then(|| resolve::inline_script_path(&self.settings.launch.scripts_dir, id));
+        self.conclude(
+            journal,
+            id,
+            timeout,
+            (outcome, writer, capture_cut),
+            script_file,
+            rerun_note.filter(|n| !n.is_empty()),
+        )
+        .await
+    }
+
+    /// Records how a run ended: the log's last notes, the result. A run left
+    /// to its transient service by a stopping agent is not ended: the next
+    /// agent adopts it.
+    async fn conclude(
+        &self,
+        journal: &dyn Journal,
+        id: &str,
+        timeout: Duration,
+        ran: (Outcome, Option<LogWriter>, bool),
+        script_file: Option<PathBuf>,
+        rerun_note: Option<String>,
+    ) -> Option<SetupRun> {
+        let (outcome, writer, capture_cut) = ran;
+        if outcome.detached {
+            if let Some(mut writer) = writer {
+                writer
+                    .note("the agent is stopping: the script runs on in its transient service, and the next agent takes it over")
+                    .await;
+                writer.finish().await;
+            }
+            journal.show_live(id, None);
+            return journal.run(id);
+        }
         let (state, exit_code, signal, mut message) = outcome.conclusion(timeout);
         let mut finished = None;
         if let Some(mut writer) = writer {
@@ -201,7 +300,7 @@ impl Executor<'_> {
             writer.note(&message).await;
             finished = Some(writer.finish().await);
         }
-        remove_script_file(resolved.script_file.clone()).await;
+        remove_script_file(script_file).await;
         if let Some(finished) = &finished {
             if finished.dropped_bytes > 0 {
                 message.push_str(&format!(
@@ -228,35 +327,39 @@ impl Executor<'_> {
         journal.ended(id, end).await
     }
 
-    /// Starts the script, captures its output, waits for its end (timeout
+    /// The agent's first line in a run's log.
+    fn start_note(&self, request: &RunRequest, resolved: &Resolved) -> String {
+        format!(
+            "starting {} script {} ({} argument{}) as {} in {}, timeout {} s",
+            request.kind.name(),
+            request.source.describe(),
+            request.args.len(),
+            if request.args.len() == 1 { "" } else { "s" },
+            resolved.user_name,
+            resolved.launch.working_dir.display(),
+            request.timeout().as_secs()
+        )
+    }
+
+    /// Captures the started script's output, waits for its end (timeout
     /// and agent stop included), and drains the output. Returns what
     /// happened, the log writer (unless capture panicked) and whether the
     /// drain had to be cut.
+    #[allow(clippy::too_many_arguments)]
     async fn run_process(
         &self,
         journal: &dyn Journal,
         id: &str,
-        request: &RunRequest,
-        resolved: &Resolved,
+        first_note: String,
+        process: Result<Box<dyn ScriptProcess>, super::runner::RunnerError>,
         writer: LogWriter,
+        timeout: Duration,
         cancel: &CancellationToken,
     ) -> (Outcome, Option<LogWriter>, bool) {
-        let timeout = request.timeout();
         let (notes, notes_rx) = mpsc::channel(32);
         let stop_capture = CancellationToken::new();
-        let _ = notes
-            .send(format!(
-                "starting {} script {} ({} argument{}) as {} in {}, timeout {} s",
-                request.kind.name(),
-                request.source.describe(),
-                request.args.len(),
-                if request.args.len() == 1 { "" } else { "s" },
-                resolved.user_name,
-                resolved.launch.working_dir.display(),
-                timeout.as_secs()
-            ))
-            .await;
-        let (outcome, capture_task) = match self.runner.start(resolved.launch.clone()).await {
+        let _ = notes.send(first_note).await;
+        let (outcome, capture_task) = match process {
             Ok(mut process) => {
                 let (stdout, stderr) = process.take_output().unwrap_or_else(|| {
                     (Box::new(tokio::io::empty()), Box::new(tokio::io::empty()))
@@ -288,6 +391,10 @@ impl Executor<'_> {
                 (outcome, capture_task)
             }
         };
+        if outcome.detached {
+            // The script goes on writing; the next agent reads it all again.
+            stop_capture.cancel();
+        }
         drop(notes);
 
         let mut capture_task = capture_task;
@@ -349,7 +456,14 @@ impl Executor<'_> {
     ) -> Outcome {
         let grace = self.settings.launch.kill_grace;
         let mut outcome = Outcome::default();
-        let deadline = tokio::time::sleep(timeout);
+        // A runner that enforces the timeout itself (RuntimeMaxSec=) acts
+        // first; the agent's deadline is the backstop.
+        let slack = if self.runner.outlives_agent() {
+            Duration::from_secs(3)
+        } else {
+            Duration::ZERO
+        };
+        let deadline = tokio::time::sleep(timeout + slack);
         tokio::pin!(deadline);
         let backstop = tokio::time::sleep(Duration::MAX);
         tokio::pin!(backstop);
@@ -373,6 +487,15 @@ impl Executor<'_> {
                         note(stop_summary(sigterm, sigkill, survivors, grace)).await;
                         outcome.stopped = Some((sigterm, sigkill, survivors));
                     }
+                    Some(Report::TimedOut) => {
+                        if !outcome.timed_out {
+                            note(format!(
+                                "timeout of {} s reached: the service manager stopped the script's unit (SIGTERM, SIGKILL after {} s)",
+                                timeout.as_secs(), grace.as_secs()
+                            )).await;
+                        }
+                        outcome.timed_out = true;
+                    }
                     Some(Report::Warning { message }) => note(format!("warning: {message}")).await,
                     None => break,
                 },
@@ -386,7 +509,11 @@ impl Executor<'_> {
                     process.terminate();
                     backstop.as_mut().reset(tokio::time::Instant::now() + grace + SUPERVISOR_SLACK);
                 }
-                _ = cancel.cancelled(), if !stopping => {
+                _ = cancel.cancelled(), if !stopping && self.runner.outlives_agent() => {
+                    outcome.detached = true;
+                    break;
+                }
+                _ = cancel.cancelled(), if !stopping && !self.runner.outlives_agent() => {
                     stopping = true;
                     outcome.interrupted = true;
                     process.terminate();
@@ -405,7 +532,11 @@ impl Executor<'_> {
                 }
             }
         }
-        if outcome.exit.is_none() && outcome.spawn_failed.is_none() && !outcome.lost {
+        if outcome.exit.is_none()
+            && outcome.spawn_failed.is_none()
+            && !outcome.lost
+            && !outcome.detached
+        {
             let hit = process.kill().await;
             note(format!(
                 "the script's supervisor ended without reporting the script's exit; SIGKILLed {hit} marked process(es)"
@@ -426,6 +557,8 @@ struct Outcome {
     timed_out: bool,
     interrupted: bool,
     lost: bool,
+    /// The agent stopped and left the script to a runner that outlives it.
+    detached: bool,
 }
 
 impl Outcome {

@@ -25,6 +25,8 @@
 //! - [`runner`]: the [`ProcessRunner`] trait (the outside world) and the
 //!   protocol with a supervisor; [`supervised_runner`]: its real
 //!   implementation, which starts each script under a supervisor process.
+//! - [`unit_runner`]: the [`ProcessRunner`] under systemd: each script a
+//!   transient service forked by PID 1, adopted after an agent restart.
 //! - [`supervisor`]: that supervisor, a small synchronous program (the agent's
 //!   own binary re-executed) that contains and reaps the script's process tree.
 //! - [`process_tree`]: `/proc` and cgroup v2 plumbing shared by both sides.
@@ -52,6 +54,7 @@ pub mod supervised_runner;
 pub mod supervisor;
 #[cfg(test)]
 mod testing;
+pub mod unit_runner;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -65,6 +68,7 @@ pub use runner::ProcessRunner;
 pub use service::{SetupScripts, Wiring};
 pub use settings::Settings;
 pub use supervised_runner::SupervisedRunner;
+pub use unit_runner::UnitRunner;
 
 /// The environment variable that marks every process of a run with its id,
 /// so that stragglers can be found in `/proc` even outside the process tree.

@@ -17,7 +17,7 @@ use super::creation::Ledger;
 use super::execute::{Journal, RunEnd};
 use super::run_log::LiveLog;
 use super::settings::Settings;
-use super::{RunRequest, RunState, SetupError, SetupKind, SetupRun};
+use super::{RunRequest, RunState, SetupError, SetupRun};
 use crate::admission::AdmissionGate;
 use crate::events::{EventBus, EventPayload};
 use crate::health::{Health, Subsystem};
@@ -46,6 +46,9 @@ pub(super) struct State {
     /// Runs found PENDING or RUNNING at open, now INTERRUPTED, to persist and
     /// clean up.
     pub stale: Vec<String>,
+    /// Runs found PENDING or RUNNING at open when the runner's scripts
+    /// outlive the agent: taken over (or queued again) at recovery.
+    pub adoptable: Vec<String>,
     /// The executor has stopped: no new run is accepted.
     pub stopping: bool,
 }
@@ -126,10 +129,13 @@ impl Records {
     /// Stores a new run, with its request when it is a creation run (so that
     /// an interrupted one can run again).
     pub async fn store_new(&self, run: &SetupRun, request: &RunRequest) -> Result<(), StoreError> {
-        let mut writes = vec![Write::put(RUNS, &run.id, run)];
-        if run.kind == SetupKind::Creation {
-            writes.push(Write::put(REQUESTS, &run.id, request));
-        }
+        // Every request is kept until its run is pruned: a creation run
+        // interrupted runs again from it, and under systemd any run an agent
+        // restart cut short is taken over (or queued again) with it.
+        let writes = vec![
+            Write::put(RUNS, &run.id, run),
+            Write::put(REQUESTS, &run.id, request),
+        ];
         self.store.apply(writes).await
     }
 

@@ -162,6 +162,7 @@ pub fn resolve(
             user,
             kill_grace: context.kill_grace,
             kill_leftovers: context.kill_leftovers,
+            timeout: request.timeout(),
         },
         script_file,
         user_name: account.name,

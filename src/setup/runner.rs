@@ -51,6 +51,10 @@ pub struct Launch {
     pub kill_grace: Duration,
     /// Stop what the script leaves running when it exits.
     pub kill_leftovers: bool,
+    /// The run's timeout: a runner that outlives the agent (transient
+    /// services) enforces it itself (`RuntimeMaxSec=`).
+    #[serde(default)]
+    pub timeout: Duration,
 }
 
 /// What the supervisor tells the agent.
@@ -84,6 +88,9 @@ pub enum Report {
         /// Processes still alive after everything (stuck in the kernel).
         survivors: u32,
     },
+    /// The runner itself stopped the script at its timeout (a transient
+    /// service's `RuntimeMaxSec=`, which holds while the agent is down).
+    TimedOut,
     /// Something degraded but not fatal (e.g. no cgroup).
     Warning {
         /// What.
@@ -132,6 +139,28 @@ pub trait ProcessRunner: Send + Sync {
     /// Removes what finished runs left behind once it is empty (the cgroup
     /// of a run whose leftovers were allowed to outlive it). Best effort.
     async fn tidy(&self, _run_ids: Vec<String>) {}
+
+    /// Whether scripts outlive the agent (transient services under
+    /// systemd): then a stopping agent leaves its running script alone, and
+    /// the next agent takes it over with [`ProcessRunner::adopt`] instead of
+    /// recording it interrupted.
+    fn outlives_agent(&self) -> bool {
+        false
+    }
+
+    /// Takes over a run that an earlier agent life started and that still
+    /// exists (running, or ended with its result kept): its output from the
+    /// start, then its reports as if it had just started. `None` when there
+    /// is nothing to take over.
+    async fn adopt(&self, _run_id: &str) -> Option<Box<dyn ScriptProcess>> {
+        None
+    }
+
+    /// How scripts are started and contained here, for `GetStatus` and
+    /// `doctor` (e.g. "systemd transient services").
+    fn describe(&self) -> String {
+        "agent children".into()
+    }
 }
 
 /// A started script.

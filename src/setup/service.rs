@@ -95,8 +95,12 @@ impl SetupScripts {
     /// job queue hold. Reads the store inline (call before serving).
     pub fn open(settings: Settings, wiring: Wiring) -> Result<Self, SetupError> {
         let mut state = State::default();
+        let adopts = wiring.runner.outlives_agent();
         for (id, mut run) in records::load(&wiring.store)? {
-            if creation::interrupt_if_unfinished(&mut run, now()) {
+            if adopts && !run.state.is_terminal() {
+                // Its transient service may still run: decided at recovery.
+                state.adoptable.push(id.clone());
+            } else if creation::interrupt_if_unfinished(&mut run, now()) {
                 state.stale.push(id.clone());
             }
             if !run.idempotency_key.is_empty() {
@@ -143,8 +147,23 @@ impl SetupScripts {
 
     /// Recovers, then executes queued runs one at a time until `cancel`.
     pub async fn run(self, cancel: CancellationToken) {
+        let adopted = self.adopt().await;
         self.recover().await;
         self.inner.recovered.send_replace(true);
+        for (id, request, process) in adopted {
+            if cancel.is_cancelled() {
+                // Left to its unit again; the next agent takes it over.
+                break;
+            }
+            let run = self
+                .executor()
+                .resume(&self.inner.records, &id, request, process, &cancel)
+                .await;
+            if run.is_some_and(|r| r.kind == SetupKind::Creation && r.state == RunState::Succeeded)
+            {
+                self.queue_startup_if_ready().await;
+            }
+        }
         loop {
             let next = self.lock().queue.pop_front();
             match next {
@@ -163,6 +182,79 @@ impl SetupScripts {
         // Runs still queued stay PENDING in the store: the next start records
         // them as interrupted (and re-runs a creation run once).
         self.lock().stopping = true;
+    }
+
+    /// With a runner whose scripts outlive the agent: takes over the runs an
+    /// earlier agent left RUNNING whose transient service still exists, and
+    /// queues again the runs it left PENDING (a restart of the agent is not
+    /// a new start of the instance: the batch of startup scripts it began
+    /// goes on, and is not queued a second time). A run that cannot be taken
+    /// over is INTERRUPTED like on any host, and the creation script is
+    /// planned again for it.
+    async fn adopt(&self) -> Vec<(String, RunRequest, Box<dyn super::runner::ScriptProcess>)> {
+        let mut ids = std::mem::take(&mut self.lock().adoptable);
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        {
+            let state = self.lock();
+            ids.sort_by_key(|id| state.ledger.runs.get(id).map(|r| (r.created_at, r.attempt)));
+        }
+        let mut adopted = Vec::new();
+        let mut creation_interrupted = false;
+        for id in ids {
+            let Some(run) = self.lock().ledger.runs.get(&id).cloned() else {
+                continue;
+            };
+            let request = records::stored_request(&self.inner.wiring.store, &id);
+            let taken = match (&request, run.state) {
+                (Some(_), RunState::Running) => self.inner.wiring.runner.adopt(&id).await.map(Some),
+                (Some(_), _) => Some(None),
+                (None, _) => None,
+            };
+            let mut state = self.lock();
+            match (taken, request) {
+                (Some(process), Some(request)) => {
+                    if run.kind == SetupKind::Startup {
+                        state.ledger.startup_queued = true;
+                        state.ledger.startup_runs.push(id.clone());
+                    }
+                    match process {
+                        Some(process) => {
+                            tracing::info!(run = %id, kind = run.kind.name(), "took over a setup run whose transient service outlived the last agent");
+                            adopted.push((id, request, process));
+                        }
+                        None => {
+                            state.requests.insert(id.clone(), request);
+                            state.queue.push_back(id);
+                        }
+                    }
+                }
+                _ => {
+                    if let Some(run) = state.ledger.runs.get_mut(&id)
+                        && creation::interrupt_if_unfinished(run, now())
+                    {
+                        creation_interrupted |= run.kind == SetupKind::Creation;
+                        state.stale.push(id);
+                    }
+                }
+            }
+        }
+        if creation_interrupted {
+            let store = self.inner.wiring.store.clone();
+            let mut state = self.lock();
+            let (planned, blocked) = state
+                .ledger
+                .plan_creation(&self.inner.settings.declared, |id| {
+                    records::stored_request(&store, id)
+                });
+            state.ledger.planned_creation = planned;
+            state.ledger.creation_blocked = blocked;
+        }
+        if !self.lock().queue.is_empty() {
+            self.inner.work.notify_one();
+        }
+        adopted
     }
 
     /// Persists the interrupted runs, kills their leftovers and queues the

@@ -108,6 +108,15 @@ enum Mode {
     Plain(Option<RunCgroup>),
 }
 
+/// The containment without systemd: a cgroup v2 directory per run when the
+/// unified hierarchy is mounted, else the tree and the marker alone.
+pub fn plain_containment() -> Containment {
+    match process_tree::cgroup_v2_mount() {
+        Some(mount) => Containment::Cgroup(mount.join(CGROUP_PARENT)),
+        None => Containment::TreeOnly,
+    }
+}
+
 /// The transient unit of a run under systemd.
 pub fn scope_unit(run_id: &str) -> String {
     format!("instance-agent-setup-{run_id}.scope")
@@ -118,10 +127,8 @@ impl SupervisedRunner {
     pub fn detect(exe: PathBuf) -> Self {
         let containment = if crate::systemd::booted() {
             Containment::SystemdScope
-        } else if let Some(mount) = process_tree::cgroup_v2_mount() {
-            Containment::Cgroup(mount.join(CGROUP_PARENT))
         } else {
-            Containment::TreeOnly
+            plain_containment()
         };
         tracing::info!(?containment, "setup scripts containment");
         Self::new(exe, containment)
@@ -317,6 +324,14 @@ impl ProcessRunner for SupervisedRunner {
         }
         let cgroups = run_ids.iter().filter_map(|id| self.cgroup_of(id)).collect();
         kill_runs(cgroups, run_ids, true).await
+    }
+
+    fn describe(&self) -> String {
+        match &self.containment {
+            Containment::SystemdScope => "agent children in transient scopes".into(),
+            Containment::Cgroup(_) => "agent children, a cgroup v2 directory per run".into(),
+            Containment::TreeOnly => "agent children, contained by their process tree".into(),
+        }
     }
 
     async fn tidy(&self, run_ids: Vec<String>) {
