@@ -107,6 +107,7 @@ fn status_to_proto(report: StatusReport) -> proto::GetStatusResponse {
                 })
                 .collect(),
             kernel: host.kernel,
+            supervision: host.supervision,
         }),
         conditions: report
             .conditions
