@@ -3,12 +3,17 @@
 //! answering (maybe hung or overloaded), by `status` and by `doctor`'s
 //! daemon check; an agent killed while a call waits is reported as having
 //! closed the connection (restarting or crashed), never as a permission
-//! problem. (A refused user is in `tests/security.rs`: it needs real
+//! problem, and so is a socket that accepts and closes (an agent on its
+//! way down), whether the close comes before or during the handshake. (A refused user is in `tests/security.rs`: it needs real
 //! users.)
 
 mod common;
 
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Agent, binary};
@@ -17,14 +22,14 @@ use nix::sys::signal::Signal;
 /// Runs the CLI with `args` against `agent`, killing it after `limit`.
 fn cli_within(agent: &Agent, args: &[&str], limit: Duration) -> (Output, Duration) {
     let started = Instant::now();
-    let child = spawn_cli(agent, args);
+    let child = spawn_cli(&agent.socket, args);
     (wait_output(child, limit), started.elapsed())
 }
 
-fn spawn_cli(agent: &Agent, args: &[&str]) -> Child {
+fn spawn_cli(socket: &Path, args: &[&str]) -> Child {
     Command::new(binary())
         .arg("--socket")
-        .arg(&agent.socket)
+        .arg(socket)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -135,7 +140,7 @@ fn a_frozen_agent_is_reported_within_seconds() {
 fn an_agent_killed_during_a_call_is_reported_as_closing_the_connection() {
     let mut agent = Agent::builder().start();
     let frozen = Stopped::new(&agent);
-    let waiting = spawn_cli(&agent, &["--rpc-timeout", "60", "status"]);
+    let waiting = spawn_cli(&agent.socket, &["--rpc-timeout", "60", "status"]);
     // The call waits in the frozen agent's accept queue; then the agent dies.
     let deadline = Instant::now() + Duration::from_secs(20);
     while queued_connections(&agent) == 0 {
@@ -157,4 +162,88 @@ fn an_agent_killed_during_a_call_is_reported_as_closing_the_connection() {
         !stderr.contains("operator"),
         "not a permission problem: {stderr}"
     );
+}
+
+/// A stand-in for an agent on its way down: it accepts connections and
+/// closes each, at once or after reading what the client sent first, until
+/// dropped.
+struct ClosingSocket {
+    path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl ClosingSocket {
+    fn new() -> Self {
+        use std::io::Read;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut stream) = stream else { continue };
+                if n % 2 == 1 {
+                    let _ = stream.read(&mut [0u8; 64]);
+                }
+            }
+        });
+        Self {
+            path,
+            stop,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for ClosingSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn a_socket_closed_without_a_word_is_always_reported_as_a_restarting_or_crashed_agent() {
+    let closing = ClosingSocket::new();
+    let mut lines = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..20 {
+        let out = wait_output(
+            spawn_cli(&closing.path, &["status"]),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        *lines.entry(stderr.clone()).or_default() += 1;
+        assert_eq!(out.status.code(), Some(69), "{stderr}");
+        assert!(
+            stderr.contains("closed the connection (restarting or crashed?)"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("operator"), "{stderr}");
+    }
+    println!("status, 20 times against a socket that closes: {lines:?}");
+    for _ in 0..4 {
+        let out = wait_output(
+            spawn_cli(
+                &closing.path,
+                &["doctor", "--config", "/nonexistent/config.toml"],
+            ),
+            Duration::from_secs(30),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("closed the connection (restarting or crashed?)"),
+            "{stdout}"
+        );
+    }
 }

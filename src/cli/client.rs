@@ -198,9 +198,8 @@ pub const EX_UNAVAILABLE: u8 = 69;
 
 /// "Connect or explain", for every command that talks to the daemon:
 /// connects, then runs `command` on the channel. When the daemon cannot be
-/// reached, prints why in one line and returns 69 (1 when the socket answers
-/// but not with gRPC). Errors of the command itself are explained by
-/// [`explain`].
+/// reached, prints why in one line and returns its [`exit_code`]. Errors of
+/// the command itself are explained by [`explain`].
 pub async fn with_channel<F, Fut>(socket: &Path, command: F) -> anyhow::Result<ExitCode>
 where
     F: FnOnce(Channel) -> Fut,
@@ -209,13 +208,21 @@ where
     match connect(socket).await {
         Ok(channel) => command(channel).await,
         Err(error) => {
-            eprintln!("instance-agent: {error:#}");
-            Ok(ExitCode::from(if error.is::<Unreachable>() {
-                EX_UNAVAILABLE
-            } else {
-                1
-            }))
+            eprintln!("instance-agent: {}", explain(&error, socket));
+            Ok(exit_code(&error))
         }
+    }
+}
+
+/// The exit status of a command that failed with `error`: 69 when the
+/// daemon is unavailable (the socket does not answer, or the agent closed
+/// the connection: restarting or crashed), 1 otherwise (a refusal, a call
+/// past its deadline, the socket answering but not with gRPC).
+pub fn exit_code(error: &anyhow::Error) -> ExitCode {
+    if error.is::<Unreachable>() || CallFailure::of(error) == Some(CallFailure::Closed) {
+        ExitCode::from(EX_UNAVAILABLE)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -239,8 +246,11 @@ impl CallFailure {
         if error.chain().any(is_timeout) {
             return Some(Self::TimedOut);
         }
-        let status = error.downcast_ref::<tonic::Status>()?;
-        Self::of_status(status)
+        match error.downcast_ref::<tonic::Status>() {
+            Some(status) => Self::of_status(status),
+            // The HTTP/2 handshake of `connect`: a transport error.
+            None => is_closed(error.as_ref()).then_some(Self::Closed),
+        }
     }
 
     /// The failure `status` is, if it is one of these.
@@ -250,7 +260,10 @@ impl CallFailure {
         }
         match status.code() {
             tonic::Code::PermissionDenied => Some(Self::Refused(status.message().to_owned())),
-            tonic::Code::Unknown | tonic::Code::Unavailable if is_closed(status) => {
+            // CANCELLED: hyper's "connection closed" under a call in flight.
+            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+                if is_closed(status) =>
+            {
                 Some(Self::Closed)
             }
             _ => None,
@@ -285,10 +298,12 @@ fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     )
 }
 
-/// Whether the status comes from the connection going away.
-fn is_closed(status: &tonic::Status) -> bool {
+/// Whether `error` (a status or a transport error) comes from the
+/// connection going away: the peer closed it (EOF, "connection closed"),
+/// reset it, or was gone when the client wrote (EPIPE).
+fn is_closed(error: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    let mut source = Some(error);
     let mut closed = false;
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -421,5 +436,44 @@ mod tests {
             assert!(error.is::<Unreachable>());
             assert!(error.to_string().contains("is not a socket"), "{error}");
         }
+    }
+
+    /// An agent on its way down accepts and closes: whether the close comes
+    /// before the client wrote its preface (EPIPE), during the handshake or
+    /// under the call, the line is the same.
+    #[tokio::test]
+    async fn a_close_at_any_point_is_reported_as_a_restarting_or_crashed_agent() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            for n in 0usize.. {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                if n % 2 == 1 {
+                    let _ = stream.read(&mut [0u8; 64]).await;
+                }
+            }
+        });
+        for _ in 0..20 {
+            let error = match connect(&path).await {
+                Err(error) => error,
+                Ok(channel) => {
+                    crate::api::proto::agent_service_client::AgentServiceClient::new(channel)
+                        .get_status(crate::api::proto::GetStatusRequest {})
+                        .await
+                        .expect_err("closed")
+                        .into()
+                }
+            };
+            assert_eq!(
+                CallFailure::of(&error),
+                Some(CallFailure::Closed),
+                "{error:#}"
+            );
+        }
+        server.abort();
     }
 }

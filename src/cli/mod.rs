@@ -159,7 +159,7 @@ pub fn run(
         Ok(code) => code,
         Err(error) => {
             eprintln!("instance-agent: {}", client::explain(&error, &socket));
-            ExitCode::FAILURE
+            client::exit_code(&error)
         }
     }
 }

@@ -72,10 +72,14 @@ pub(super) async fn ask_agent(socket: &Path) -> AgentAnswer {
     let channel = match tokio::time::timeout(timeout, client::connect(socket)).await {
         Ok(Ok(channel)) => channel,
         Ok(Err(error)) => {
-            return unreachable(
-                format!("{error:#}"),
-                "check that --socket names the agent's socket".to_owned(),
-            );
+            let Unreachable { problem, fix } = match client::CallFailure::of(&error) {
+                Some(failure) => failure_words(&failure, socket, timeout),
+                None => Unreachable {
+                    problem: format!("{error:#}"),
+                    fix: "check that --socket names the agent's socket".to_owned(),
+                },
+            };
+            return unreachable(problem, fix);
         }
         Err(_) => {
             return unreachable(
@@ -116,30 +120,37 @@ pub(super) async fn ask_agent(socket: &Path) -> AgentAnswer {
 
 /// Why GetStatus failed, in the words of [`client::CallFailure`].
 fn status_failure(status: &tonic::Status, socket: &Path, timeout: Duration) -> Unreachable {
+    match client::CallFailure::of_status(status) {
+        Some(failure) => failure_words(&failure, socket, timeout),
+        None => Unreachable {
+            problem: format!(
+                "GetStatus failed: {:?}: {}",
+                status.code(),
+                status.message()
+            ),
+            fix: "the agent answers but not correctly: restart it and report it with `doctor --bundle`"
+                .to_owned(),
+        },
+    }
+}
+
+/// The daemon check's problem and fix for `failure`.
+fn failure_words(failure: &client::CallFailure, socket: &Path, timeout: Duration) -> Unreachable {
     let path = socket.display();
-    let (problem, fix) = match client::CallFailure::of_status(status) {
-        Some(client::CallFailure::TimedOut) => (
+    let (problem, fix) = match failure {
+        client::CallFailure::TimedOut => (
             format!(
                 "the agent does not answer: it accepts connections on {path} but GetStatus got no reply within {timeout:?}"
             ),
             HUNG_FIX.to_owned(),
         ),
-        Some(client::CallFailure::Refused(message)) => (
+        client::CallFailure::Refused(message) => (
             format!("the agent refused this user: {message}"),
             "run as root or as a member of the operator group (operator.group)".to_owned(),
         ),
-        Some(client::CallFailure::Closed) => (
+        client::CallFailure::Closed => (
             format!("the agent at {path} closed the connection (restarting or crashed?)"),
             client::SEE_SYSTEMCTL.to_owned(),
-        ),
-        None => (
-            format!(
-                "GetStatus failed: {:?}: {}",
-                status.code(),
-                status.message()
-            ),
-            "the agent answers but not correctly: restart it and report it with `doctor --bundle`"
-                .to_owned(),
         ),
     };
     Unreachable { problem, fix }
