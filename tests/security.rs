@@ -578,6 +578,9 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         "operator gRPC checks failed:\n{helper_out}"
     );
     assert!(helper_out.contains("1 passed"), "{helper_out}");
+    for figure in helper_out.lines().filter(|l| l.contains("unfinished 4 MiB")) {
+        println!("{figure}");
+    }
     assert!(
         !helper_out.contains(&env_secret),
         "the operator read a job's env value"
@@ -924,6 +927,53 @@ async fn operator_calls_over_grpc() {
             .map(drop),
         "RunSetupScript",
     );
+
+    // Memory before authorization: a SubmitJob declaring a 4 MiB message
+    // whose end never comes is refused from its method and caller at once,
+    // not after its body (before: buffered until it ended or 30 s passed).
+    let started = Instant::now();
+    let status = unfinished_submit_job(Path::new(&socket)).await;
+    let took = started.elapsed();
+    println!("an operator's unfinished 4 MiB SubmitJob: grpc-status {status} in {took:?}");
+    assert_eq!(status, "7", "PERMISSION_DENIED");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// Sends SubmitJob with a declared 4 MiB message and only its first 32 KiB,
+/// keeping the stream open; returns the `grpc-status` of the answer (within
+/// 10 s).
+async fn unfinished_submit_job(socket: &Path) -> String {
+    let io = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(io).await.expect("handshake");
+    tokio::spawn(connection);
+    let request = http::Request::post("http://localhost/instance_agent.v1.JobService/SubmitJob")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut body) = client
+        .ready()
+        .await
+        .expect("ready")
+        .send_request(request, false)
+        .expect("send");
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&(4u32 << 20).to_be_bytes());
+    body.send_data(prefix.into(), false).expect("prefix");
+    body.send_data(vec![b'x'; 32 << 10].into(), false)
+        .expect("data");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered before the body ended")
+        .expect("a response");
+    let status = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    drop(body);
+    status.unwrap_or_else(|| format!("none in {response:?}"))
 }
 
 // --- limits --------------------------------------------------------------
