@@ -3,7 +3,8 @@
 //! stay under 64 MiB) and the answer times of the calls that must still
 //! work meanwhile:
 //!
-//! - 5,000 idle connections to the metrics port;
+//! - 5,000 idle connections to the metrics port, and connections that
+//!   send their headers a byte at a time;
 //! - request bodies sent slowly on many streams (memory before decoding);
 //! - connections and health `Watch` streams past the per-peer caps;
 //! - `ListJobs` with a huge `limit`;
@@ -143,6 +144,81 @@ async fn five_thousand_idle_metrics_connections_leave_scrapes_and_the_socket_wor
     assert!(grpc < Duration::from_secs(2), "GetStatus took {grpc:?}");
     assert!(after < RSS_LIMIT_KIB, "RSS {after} KiB");
     drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_connections_that_dribble_their_headers_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = free_port();
+    let agent = Agent::builder()
+        .config(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"))
+        .start();
+    let pid = agent.child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = rss_kib(pid);
+    // Fewer than metrics.max_connections (16): none is replaced by a newer
+    // one, so each must be closed by the header timeout itself.
+    let started = Instant::now();
+    let mut dribblers = Vec::new();
+    for _ in 0..8 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        dribblers.push(tokio::spawn(async move {
+            let opened = Instant::now();
+            let request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
+            stream.write_all(request).await.expect("request line");
+            // One byte every 200 ms, never the end of the headers, until the
+            // agent closes (a write fails or a read ends).
+            let mut byte = [0u8; 1];
+            loop {
+                tokio::select! {
+                    read = stream.read(&mut byte) => {
+                        if matches!(read, Ok(0) | Err(_)) {
+                            return opened.elapsed();
+                        }
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if stream.write_all(b"x").await.is_err() {
+                            return opened.elapsed();
+                        }
+                    }
+                }
+                assert!(
+                    opened.elapsed() < Duration::from_secs(20),
+                    "a connection sending its headers slowly was never closed"
+                );
+            }
+        }));
+    }
+    let scrape = Instant::now();
+    let (status, _) = tokio::task::spawn_blocking(move || common::http_get(port, "/metrics"))
+        .await
+        .expect("scrape");
+    let scrape = scrape.elapsed();
+    assert!(status.contains("200"), "{status}");
+    let mut closed_after = Vec::new();
+    for dribbler in dribblers {
+        closed_after.push(dribbler.await.expect("dribbler"));
+    }
+    let after = rss_kib(pid);
+    println!(
+        "8 metrics connections dribbling headers: closed after {:?} (max); a scrape meanwhile in {scrape:?}; \
+         RSS {:.1} MiB before, {:.1} MiB after, {:?} in all",
+        closed_after.iter().max(),
+        mib(before),
+        mib(after),
+        started.elapsed()
+    );
+    for took in &closed_after {
+        // metrics' header timeout is 5 s.
+        assert!(*took < Duration::from_secs(8), "{closed_after:?}");
+    }
+    assert!(after < RSS_LIMIT_KIB);
 }
 
 /// Opens `streams` SubmitJob calls on each of `connections` HTTP/2

@@ -578,7 +578,10 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         "operator gRPC checks failed:\n{helper_out}"
     );
     assert!(helper_out.contains("1 passed"), "{helper_out}");
-    for figure in helper_out.lines().filter(|l| l.contains("unfinished 4 MiB")) {
+    for figure in helper_out
+        .lines()
+        .filter(|l| l.contains("unfinished 4 MiB"))
+    {
         println!("{figure}");
     }
     assert!(
