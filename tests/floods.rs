@@ -562,6 +562,23 @@ async fn silent_connections_from_many_addresses_leave_room_for_the_control_plane
     call()
         .await
         .expect("the control plane connects before the flood");
+    // A connection that says nothing is closed at the first-byte timeout
+    // (2 s; before: the 10 s TLS handshake timeout).
+    let silent_closed = {
+        use tokio::io::AsyncReadExt;
+        let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let opened = Instant::now();
+        let _ = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut [0u8; 1]))
+            .await
+            .expect("a silent connection is closed within 20 s");
+        opened.elapsed()
+    };
+    assert!(
+        silent_closed >= Duration::from_millis(1500) && silent_closed < Duration::from_secs(4),
+        "a silent connection was closed after {silent_closed:?}"
+    );
     let before = rss_kib(pid);
 
     let stop = tokio_util::sync::CancellationToken::new();
@@ -597,7 +614,8 @@ async fn silent_connections_from_many_addresses_leave_room_for_the_control_plane
     }
     let after = rss_kib(pid);
     println!(
-        "{} silent connections from {} sources ({}): the known client's calls took {times:?}; \
+        "a silent connection closed after {silent_closed:?}; \
+         {} silent connections from {} sources ({}): the known client's calls took {times:?}; \
          RSS {:.1} MiB before, {:.1} MiB at the peak, {:.1} MiB after",
         8 * sources.len(),
         sources.len(),

@@ -323,10 +323,13 @@ pub fn tls(
 
 /// Whether the client sends something (or closes) within
 /// [`FIRST_BYTE_TIMEOUT`]; a TLS or HTTP/2 client always speaks first.
+/// Peeked, not awaited as readiness: `readable()` may report a new socket
+/// ready before a byte arrives (tokio documents such false positives).
 async fn first_byte(stream: &TcpStream) -> bool {
-    tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.readable())
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut byte))
         .await
-        .is_ok_and(|ready| ready.is_ok())
+        .is_ok_and(|peeked| peeked.is_ok())
 }
 
 /// Closes a connection whose handshake failed so that the client reads the
@@ -378,4 +381,35 @@ pub fn plaintext(
         },
         cancel,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_speaks_passes_the_first_byte_check() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = pair().await;
+        client.write_all(b"\x16").await.expect("write");
+        assert!(first_byte(&server).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_fails_the_first_byte_check_at_its_timeout() {
+        // Before: a new socket's readiness passed the check at once.
+        let (_client, server) = pair().await;
+        let started = tokio::time::Instant::now();
+        assert!(!first_byte(&server).await);
+        assert_eq!(started.elapsed(), FIRST_BYTE_TIMEOUT);
+    }
 }
