@@ -464,6 +464,8 @@ async fn list_jobs_answers_at_most_1000() {
              [limits]\nrequests_per_second_per_peer = 100000\nrequest_burst_per_peer = 100000\n",
         )
         .start();
+    let pid = agent.child.id();
+    let before = rss_kib(pid);
     let channel = agent.channel().await;
     let mut jobs = proto::job_service_client::JobServiceClient::new(channel);
     for _ in 0..1001 {
@@ -477,6 +479,7 @@ async fn list_jobs_answers_at_most_1000() {
         .await
         .expect("submit");
     }
+    let submitted = rss_kib(pid);
     let started = Instant::now();
     let listed = jobs
         .list_jobs(proto::ListJobsRequest {
@@ -488,11 +491,17 @@ async fn list_jobs_answers_at_most_1000() {
         .into_inner()
         .jobs
         .len();
+    let took = started.elapsed();
+    let after = rss_kib(pid);
     println!(
-        "ListJobs limit 1000000 over 1001 jobs: {listed} in {:?}",
-        started.elapsed()
+        "ListJobs limit 1000000 over 1001 jobs: {listed} in {took:?}; RSS {:.1} MiB before the jobs, \
+         {:.1} MiB before the list, {:.1} MiB after",
+        mib(before),
+        mib(submitted),
+        mib(after)
     );
     assert_eq!(listed, 1000, "the documented maximum");
+    assert!(after < RSS_LIMIT_KIB, "RSS {after} KiB");
 }
 
 /// Keeps `per_source` silent connections from `source` to `target` open
