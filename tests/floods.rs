@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::control_plane::{TlsControlPlane, listening, silent_connections};
 use common::{Agent, free_port, rss_kib};
 use instance_agent::api::proto::{self, agent_service_client::AgentServiceClient};
 use tonic::Code;
@@ -65,16 +66,6 @@ async fn status_time(socket: &std::path::Path) -> Duration {
     started.elapsed()
 }
 
-/// Waits until the agent listens on `port` (the gRPC socket comes first:
-/// the agent is started once it answers there).
-async fn listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Raises this process's soft open-file limit to its hard limit.
 fn raise_nofile() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -101,7 +92,7 @@ async fn five_thousand_idle_metrics_connections_leave_scrapes_and_the_socket_wor
             .arg(format!("--pid={pid}"))
             .arg("--nofile=4096:4096"),
     );
-    listening(port).await;
+    listening(SocketAddr::from(([127, 0, 0, 1], port))).await;
     let before = rss_kib(pid);
 
     // 5,000 connections that never send a byte.
@@ -182,7 +173,7 @@ async fn metrics_connections_that_dribble_their_headers_are_closed() {
         .config(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"))
         .start();
     let pid = agent.child.id();
-    listening(port).await;
+    listening(SocketAddr::from(([127, 0, 0, 1], port))).await;
     let before = rss_kib(pid);
     // Fewer than metrics.max_connections (16): none is replaced by a newer
     // one, so each must be closed by the header timeout itself.
@@ -504,51 +495,9 @@ async fn list_jobs_answers_at_most_1000() {
     assert!(after < RSS_LIMIT_KIB, "RSS {after} KiB");
 }
 
-/// Keeps `per_source` silent connections from `source` to `target` open
-/// (opening a new one when the agent closes one) until `stop`.
-fn silent_connections(
-    source: IpAddr,
-    target: SocketAddr,
-    per_source: usize,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    for _ in 0..per_source {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                let socket = match source {
-                    IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-                    IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-                }
-                .expect("socket");
-                socket
-                    .bind(SocketAddr::new(source, 0))
-                    .expect("bind the source");
-                let Ok(mut stream) = socket.connect(target).await else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                };
-                use tokio::io::AsyncReadExt;
-                let mut byte = [0u8; 1];
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = stream.read(&mut byte) => {}
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_from_many_addresses_leave_room_for_the_control_plane() {
-    use common::certs::{Ca, write_file};
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     raise_nofile();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = Ca::new("flood-ca");
-    let (server_cert, server_key) = ca.leaf("agent", &["localhost"], false, false);
-    let client = ca.leaf("control-plane", &[], true, false);
     let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
     let port = free_port();
     let listen = if ipv6 {
@@ -556,38 +505,12 @@ async fn silent_connections_from_many_addresses_leave_room_for_the_control_plane
     } else {
         format!("127.0.0.1:{port}")
     };
-    let agent = Agent::builder()
-        .config(&format!(
-            "[control_plane]\nlisten = {listen:?}\ntls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\n",
-            write_file(dir.path(), "agent.pem", &server_cert, 0o644),
-            write_file(dir.path(), "agent.key", &server_key, 0o600),
-            write_file(dir.path(), "ca.pem", &ca.pem(), 0o644),
-        ))
-        .start();
-    let pid = agent.child.id();
-    let call = || async {
-        let started = Instant::now();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca.pem()))
-            .identity(Identity::from_pem(&client.0, &client.1))
-            .domain_name("localhost");
-        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-            .expect("endpoint")
-            .tls_config(tls)
-            .expect("tls")
-            .connect_timeout(Duration::from_secs(20))
-            .timeout(Duration::from_secs(20))
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))?;
-        AgentServiceClient::new(channel)
-            .get_status(proto::GetStatusRequest {})
-            .await
-            .map_err(|e| format!("call: {e:?}"))?;
-        Ok::<_, String>(started.elapsed())
-    };
+    let control_plane = TlsControlPlane::start(&listen, port);
+    let pid = control_plane.agent.child.id();
+    let target = SocketAddr::from(([127, 0, 0, 1], port));
+    let call = || control_plane.call(target);
     // Wait for the listener, then the control plane's first handshake.
-    listening(port).await;
+    listening(target).await;
     call()
         .await
         .expect("the control plane connects before the flood");
@@ -611,7 +534,6 @@ async fn silent_connections_from_many_addresses_leave_room_for_the_control_plane
     let before = rss_kib(pid);
 
     let stop = tokio_util::sync::CancellationToken::new();
-    let target = SocketAddr::from(([127, 0, 0, 1], port));
     let mut sources: Vec<IpAddr> = (2..=17).map(|i| IpAddr::from([127, 0, 0, i])).collect();
     for source in &sources {
         silent_connections(*source, target, 8, stop.clone());

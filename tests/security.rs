@@ -80,32 +80,15 @@ fn key_lines(pem: &str) -> Vec<&str> {
     lines
 }
 
-/// Calls GetStatus over TLS; `Err` carries the failure.
+/// Calls GetStatus over TLS on 127.0.0.1; `Err` carries the failure.
 async fn tls_status(
     port: u16,
     server_ca: &str,
     identity: Option<&(String, String)>,
 ) -> Result<proto::GetStatusResponse, String> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(server_ca))
-        .domain_name("localhost");
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .expect("endpoint")
-        .tls_config(tls)
-        .expect("tls config")
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(10))
-        .connect()
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    common::control_plane::tls_get_status(target, server_ca, identity, Duration::from_secs(10))
         .await
-        .map_err(|e| format!("connect: {e:?}"))?;
-    AgentServiceClient::new(channel)
-        .get_status(proto::GetStatusRequest {})
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|e| format!("call: {e:?}"))
 }
 
 /// What a TLS 1.1-only client gets: `Some(true)` when it is refused,

@@ -5,6 +5,7 @@
 
 pub mod booted_agent;
 pub mod certs;
+pub mod control_plane;
 pub mod deb;
 pub mod engine;
 pub mod events;
