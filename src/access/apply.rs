@@ -362,6 +362,10 @@ impl Change<'_> {
             self.bring_up(before, applied.socket_changed).await?;
             self.verify_enabled(policy).await
         } else {
+            // Stopped before masked: a masked unit loses its file, and with
+            // it `KillMode=process` (Debian's ssh.service), so stopping it
+            // then would kill every session in its cgroup.
+            self.host.act(UnitAction::Stop, &units).await?;
             let unmasked: Vec<Unit> = units
                 .iter()
                 .copied()
@@ -370,7 +374,6 @@ impl Change<'_> {
             if !unmasked.is_empty() {
                 self.host.act(UnitAction::Mask, &unmasked).await?;
             }
-            self.host.act(UnitAction::Stop, &units).await?;
             if self.terminate_sessions {
                 for session in self.host.sessions().await {
                     self.host.terminate(session.pid).await?;
@@ -521,7 +524,12 @@ impl Change<'_> {
                 }
                 _ => None,
             };
-            for action in [step, run].into_iter().flatten() {
+            // A unit to stop is stopped before it is masked (see `commit`).
+            let order = match (step, run) {
+                (Some(UnitAction::Mask), Some(UnitAction::Stop)) => [run, step],
+                _ => [step, run],
+            };
+            for action in order.into_iter().flatten() {
                 if let Err(e) = self.host.act(action, &[unit]).await {
                     errors.push(e);
                 }

@@ -266,7 +266,14 @@ impl SshHost for FakeSsh {
                     ));
                 }
                 UnitAction::Start => unit_state.active = true,
-                UnitAction::Stop => unit_state.active = false,
+                UnitAction::Stop => {
+                    // A masked unit has lost its file and so `KillMode=process`:
+                    // systemd kills its whole cgroup, sessions included.
+                    if unit == Unit::Service && unit_state.masked && unit_state.active {
+                        state.sessions.clear();
+                    }
+                    unit_state.active = false;
+                }
                 UnitAction::Reload if !unit_state.active => {
                     return Err(format!(
                         "{} is not active, cannot reload.",
