@@ -385,7 +385,7 @@ fn a_refused_or_failing_change_leaves_the_old_key_working_and_drift_is_repaired_
         "/tmp",
     ]);
     wait_for("the squatter listens", Duration::from_secs(10), || {
-        let out = rig.exec(&["busybox", "nc", "-z", "127.0.0.1", "2299"]);
+        let out = rig.exec(&["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/2299"]);
         when(out.status.success(), (), text(&out))
     });
     let (ok, printed) = rig.cli(&["access", "ssh", "enable", "--port", "2299"]);
