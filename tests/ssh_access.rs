@@ -181,7 +181,8 @@ impl Rig {
     }
 
     /// Opens a session that outlives the command (a transient unit runs the
-    /// client) and beats into [`BEAT`] five times a second.
+    /// client) with a terminal (so sshd records it in utmp), and beats into
+    /// [`BEAT`] five times a second.
     fn open_session(&self) {
         self.system.booted.write(
             "/usr/local/bin/beat",
@@ -198,6 +199,7 @@ impl Rig {
             "--",
             "ssh",
             "-n",
+            "-tt",
             "-i",
             KEY,
             "-p",
@@ -313,6 +315,15 @@ fn ssh_service_enable_refuse_passwords_disable_with_a_live_session_and_enable_ag
     let sessions = rig.sessions();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     assert!(sessions[0]["pid"].as_u64().is_some(), "{sessions:?}");
+    // Its address from utmp (the session has a terminal).
+    assert_eq!(sessions[0]["fromAddress"], "127.0.0.1", "{sessions:?}");
+    assert_eq!(sessions[0]["source"], "utmp", "{sessions:?}");
+    assert!(
+        sessions[0]["tty"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("pts/")),
+        "{sessions:?}"
+    );
     let status = rig.cli_ok(&["access", "ssh", "disable"]);
     assert_eq!(status["agrees"], true, "{status}");
     assert_eq!(
