@@ -380,6 +380,39 @@ fn a_refused_or_failing_change_leaves_the_old_key_working_and_drift_is_repaired_
     rig.assert_login(PORT);
     rig.exec(&["rm", "/etc/ssh/sshd_config.d/60-broken.conf"]);
 
+    // A main config that would not let the drop-in win is refused with the
+    // reason, and never edited: no `Include` of the directory, or a drop-in
+    // that sorts first and sets one of the agent's keywords.
+    let main = rig.system.booted.ok(&["cat", "/etc/ssh/sshd_config"]);
+    let without_include: String = main
+        .lines()
+        .filter(|l| !l.starts_with("Include "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    rig.system
+        .booted
+        .write("/etc/ssh/sshd_config", &without_include);
+    let (ok, printed) = rig.cli(&["access", "ssh", "enable", "--port", "2223"]);
+    assert!(!ok, "{printed}");
+    assert!(printed.contains("has no `Include`"), "{printed}");
+    assert_eq!(
+        rig.system.booted.ok(&["cat", "/etc/ssh/sshd_config"]),
+        without_include
+    );
+    rig.system.booted.write("/etc/ssh/sshd_config", &main);
+    rig.system.booted.write(
+        "/etc/ssh/sshd_config.d/00-aaa.conf",
+        "PasswordAuthentication yes\n",
+    );
+    let (ok, printed) = rig.cli(&["access", "ssh", "enable", "--port", "2223"]);
+    assert!(!ok, "{printed}");
+    assert!(
+        printed.contains("00-aaa.conf line 1 sets passwordauthentication"),
+        "{printed}"
+    );
+    rig.exec(&["rm", "/etc/ssh/sshd_config.d/00-aaa.conf"]);
+    rig.assert_login(PORT);
+
     // A change that passes `sshd -t` but fails once applied (its port is
     // taken: the reloaded sshd cannot bind it and exits) is rolled back.
     rig.system.booted.ok(&[
