@@ -14,7 +14,9 @@
 //!   OpenSSH's grammar and their fingerprints.
 //! - [`sshd_config`]: sshd's config language: the `Include` check, the
 //!   drop-in, the staged main config, `sshd -T` read back.
-//! - `files`: the files, through directory descriptors, written atomically.
+//! - `fileset`: the files of a policy as one set (render, snapshot, write,
+//!   restore, drift); `files`: directories and files through descriptors,
+//!   written atomically.
 //! - [`sessions`]: sessions from sshd's processes, utmp and logind.
 //! - [`config`]: the `[access]` section; `settings`: the paths and names
 //!   derived from it.
@@ -32,6 +34,7 @@
 mod apply;
 pub mod config;
 mod files;
+mod fileset;
 pub mod host;
 pub mod keys;
 pub mod policy;

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::AccessError;
-use super::apply::{Change, disabled_problem, enabled_problem, file_drift, render};
+use super::apply::{Change, disabled_problem, enabled_problem};
+use super::fileset::{file_drift, render};
 use super::host::{Connection, ListenerKind, ListenerState, SshHost, Unit, UnitState};
 use super::keys::AuthorizedKey;
 use super::policy::{CheckedPolicy, DEFAULT_PORT, PolicyProblem, SshPolicy};
