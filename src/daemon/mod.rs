@@ -281,6 +281,7 @@ impl Daemon {
                 tasks.spawn(crate::metrics::serve(
                     metrics.clone(),
                     listener,
+                    config.metrics.max_connections,
                     tasks.clone(),
                     cancel.clone(),
                 ));
@@ -325,28 +326,28 @@ impl Daemon {
             })
         });
         let guard = api::guard::GuardLayer::new(api_config.clone());
+        let admission = api::listen::Admission::new(api_config);
+        let streams = config.limits.max_concurrent_streams;
         let mut servers = Vec::new();
         let local = api::listen::unix(
             unix,
-            api_config,
+            admission.clone(),
             Arc::new(api::peer::SystemUsers),
             cancel.clone(),
         );
         servers.push(tokio::spawn(serve(
             routes.clone(),
-            guard.clone(),
-            rpc_metrics.clone(),
+            (guard.clone(), rpc_metrics.clone(), streams),
             local,
             cancel.clone(),
         )));
         match (tcp, tls) {
             (Some(tcp), Some(tls)) => {
                 let names = config.control_plane.allowed_client_names.clone();
-                let remote = api::listen::tls(tcp, tls, names, cancel.clone());
+                let remote = api::listen::tls(tcp, tls, names, admission, cancel.clone());
                 servers.push(tokio::spawn(serve(
                     routes,
-                    guard,
-                    rpc_metrics,
+                    (guard, rpc_metrics, streams),
                     remote,
                     cancel.clone(),
                 )));
@@ -357,11 +358,10 @@ impl Daemon {
                     "control-plane listener is plaintext (insecure_plaintext = true): every local process \
                      that connects to it is admin; use only for local testing"
                 );
-                let remote = api::listen::plaintext(tcp, cancel.clone());
+                let remote = api::listen::plaintext(tcp, admission, cancel.clone());
                 servers.push(tokio::spawn(serve(
                     routes,
-                    guard,
-                    rpc_metrics,
+                    (guard, rpc_metrics, streams),
                     remote,
                     cancel.clone(),
                 )));
@@ -523,19 +523,29 @@ async fn control_plane_tls(
 }
 
 /// Serves the routes behind the guard on an identified incoming stream
-/// until `cancel`.
+/// until `cancel`; `layers` are the guard, the RPC metrics and
+/// `limits.max_concurrent_streams`.
 async fn serve<S>(
     routes: tonic::service::Routes,
-    guard: api::guard::GuardLayer,
-    rpc_metrics: crate::metrics::RpcMetricsLayer,
+    layers: (api::guard::GuardLayer, crate::metrics::RpcMetricsLayer, u32),
     incoming: api::listen::Incoming<S>,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Metrics outside the guard: calls it refuses are counted too.
+    let (guard, rpc_metrics, max_streams) = layers;
+    // What h2 may buffer per connection before the guard reads it: small
+    // windows (the request side of the contract is one small message), a
+    // cap on streams and on header lists. The frame size is the one the
+    // Unix socket's :authority shim splits header blocks for.
     tonic::transport::Server::builder()
+        .max_concurrent_streams(max_streams)
+        .initial_stream_window_size(api::HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(api::HTTP2_CONNECTION_WINDOW)
+        .http2_max_header_list_size(api::HTTP2_MAX_HEADER_LIST)
+        .max_frame_size(api::authority::MAX_FRAME_SIZE as u32)
+        // Metrics outside the guard: calls it refuses are counted too.
         .layer(rpc_metrics)
         .layer(guard)
         .add_routes(routes)

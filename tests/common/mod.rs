@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod booted_agent;
+pub mod certs;
+pub mod control_plane;
 pub mod deb;
 pub mod engine;
 pub mod events;
@@ -11,6 +13,7 @@ pub mod fs;
 #[cfg(feature = "test-util")]
 pub mod fuse_site;
 pub mod nspawn;
+pub mod raw_h2;
 pub mod rootfs;
 
 use std::path::{Path, PathBuf};
@@ -20,9 +23,27 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Path of the binary under test.
+/// Path of the binary under test: this build's, or
+/// `$INSTANCE_AGENT_TEST_BIN` (to run a test against another build, e.g.
+/// to see it fail on the code before a fix).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_instance-agent"))
+    std::env::var_os("INSTANCE_AGENT_TEST_BIN")
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_instance-agent")))
+}
+
+/// The resident set size of process `pid`, in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// A running agent. Killed (SIGKILL) on drop if still running, and every
