@@ -193,6 +193,8 @@ impl FuseMounter for FakeMounter {
         let s = self.lock();
         if let Some((fs_type, source)) = s.foreign.get(path) {
             return Ok(Some(MountEntry {
+                id: 0,
+                peer_group: None,
                 dev: (0, 0),
                 mount_point: path.to_owned(),
                 fs_type: fs_type.clone(),
@@ -200,6 +202,8 @@ impl FuseMounter for FakeMounter {
             }));
         }
         Ok(s.mounts.contains_key(path).then(|| MountEntry {
+            id: 0,
+            peer_group: None,
             dev: (0, 0),
             mount_point: path.to_owned(),
             fs_type: "fuse".into(),

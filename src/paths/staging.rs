@@ -1,0 +1,385 @@
+//! Root-only staging binds: how a path that a user can change is handed to
+//! another program (Docker, blobfuse2) anyway.
+//!
+//! The object is opened and checked once ([`Held`]), then bind-mounted from
+//! its descriptor (`/proc/self/fd/N` as the source of `mount(2)`) onto an
+//! entry of a staging directory that only root can reach and change (0700,
+//! root-owned, every ancestor root-only). That entry is the path the other
+//! program gets: whatever the user renames or swaps afterwards, it leads to
+//! the checked object. [`Staging::mirror`] goes the other way for mount
+//! points: the staged entry is made a shared mount and bound back onto the
+//! held directory, so a filesystem mounted on the staged path shows at the
+//! user's path too (mount propagation works on the held dentry, not by
+//! name), and nothing is ever mounted by the user's path name.
+//!
+//! Entries are flat names chosen by the caller (a job id and an index, a
+//! mount name); [`Staging::release`] takes every mount off an entry and
+//! removes it, [`Staging::names`] lists what is left (for clean-up at
+//! start). Blocking, and needs root (`CAP_SYS_ADMIN`).
+
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::mount::{MountPropagationFlags, UnmountFlags};
+
+use super::held::Held;
+use crate::mountinfo;
+
+/// How many mounts stacked on one entry a release takes off at most.
+const MAX_STACKED: usize = 16;
+
+/// A root-only directory of staging binds.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    dir: PathBuf,
+}
+
+/// Why a staging dir cannot be used or an entry not made.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    /// The dir is not root-only.
+    #[error("staging dir {}: {problem}", .dir.display())]
+    NotPrivate {
+        /// The dir.
+        dir: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A system call failed.
+    #[error("staging {}: cannot {action}: {source}", .path.display())]
+    Io {
+        /// The entry or dir.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Staging {
+    /// Creates `dir` (0700) when absent and checks that only root can
+    /// change it or any ancestor.
+    pub fn prepare(dir: &Path) -> Result<Self, StagingError> {
+        let io = |action| {
+            let path = dir.to_owned();
+            move |source| StagingError::Io {
+                path,
+                action,
+                source,
+            }
+        };
+        let held =
+            Held::open_dir_creating(dir, 0o700, &|_| Ok(())).map_err(io("create the dir"))?;
+        let not_private = |problem: String| StagingError::NotPrivate {
+            dir: held.path().to_owned(),
+            problem,
+        };
+        let stat = held.stat();
+        if stat.st_uid != 0 || stat.st_mode & 0o077 != 0 {
+            return Err(not_private(format!(
+                "must be owned by root with mode 0700 (it is uid {}, mode {:o})",
+                stat.st_uid,
+                stat.st_mode & 0o7777
+            )));
+        }
+        if let Some(who) = held.changeable().map_err(io("check the dir"))? {
+            return Err(not_private(format!(
+                "a user other than root can change it: {who}"
+            )));
+        }
+        Ok(Self {
+            dir: held.path().to_owned(),
+        })
+    }
+
+    /// The staging dir (its real path; only root can change it).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The path of entry `name`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn open_dir(&self) -> std::io::Result<Held> {
+        Held::open_no_symlinks(&self.dir)
+    }
+
+    /// Binds `source` (recursively, as Docker binds do) at entry `name`,
+    /// replacing whatever was there, and returns the entry's path. The
+    /// entry is a private mount: later mounts below the source do not
+    /// reach it.
+    pub fn bind(&self, name: &str, source: &Held) -> Result<PathBuf, StagingError> {
+        let target = self.path(name);
+        let io = |action| {
+            let path = target.clone();
+            move |source: std::io::Error| StagingError::Io {
+                path,
+                action,
+                source,
+            }
+        };
+        self.release(name)?;
+        let dir = self.open_dir().map_err(io("open the staging dir"))?;
+        if source.is_dir() {
+            rustix::fs::mkdirat(dir.fd(), name, Mode::from_raw_mode(0o700))
+                .map_err(|e| io("create the entry")(e.into()))?;
+        } else {
+            rustix::fs::openat(
+                dir.fd(),
+                name,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(|e| io("create the entry")(e.into()))?;
+        }
+        rustix::mount::mount_bind_recursive(source.proc_path(), &target)
+            .map_err(|e| io("bind the source")(e.into()))?;
+        rustix::mount::mount_change(
+            &target,
+            MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+        )
+        .map_err(|e| io("make the bind private")(e.into()))?;
+        let bound = rustix::fs::statat(dir.fd(), name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io("look at the bind")(e.into()))?;
+        if (bound.st_dev, bound.st_ino) != source.id() {
+            let _ = self.release(name);
+            return Err(io("check the bind")(std::io::Error::other(
+                "the staged entry is not the checked object",
+            )));
+        }
+        Ok(target)
+    }
+
+    /// Makes entry `name` (a directory bind from [`Self::bind`]) a shared
+    /// mount of its own peer group and binds it onto `onto` (the same held
+    /// directory), so that what is mounted on the entry later also shows at
+    /// `onto`'s path.
+    pub fn mirror(&self, name: &str, onto: &Held) -> Result<(), StagingError> {
+        let target = self.path(name);
+        let io = |action| {
+            let path = target.clone();
+            move |source: rustix::io::Errno| StagingError::Io {
+                path,
+                action,
+                source: source.into(),
+            }
+        };
+        rustix::mount::mount_change(&target, MountPropagationFlags::SHARED)
+            .map_err(io("make the entry shared"))?;
+        rustix::mount::mount_bind(&target, onto.proc_path())
+            .map_err(io("bind the entry onto the held path"))?;
+        Ok(())
+    }
+
+    /// Takes off the binds that [`Self::mirror`] put on the user's side for
+    /// entry `name`: the other members of the entry's peer group on the same
+    /// device, each unmounted through a descriptor of its mount point that
+    /// was checked to be that very mount (its mount id), so a path renamed
+    /// meanwhile never leads the unmount elsewhere. Call it before
+    /// [`Self::release`] (which ends the peer group) and after the
+    /// filesystem mounted on the entry is gone.
+    pub fn unmirror(&self, name: &str) -> Result<(), StagingError> {
+        let target = self.path(name);
+        let io = |action| {
+            let path = target.clone();
+            move |source: std::io::Error| StagingError::Io {
+                path,
+                action,
+                source,
+            }
+        };
+        let entries = mountinfo::read().map_err(io("read mountinfo"))?;
+        let Some(staged) = entries.iter().find(|e| e.mount_point == target) else {
+            return Ok(());
+        };
+        let Some(group) = staged.peer_group else {
+            return Ok(());
+        };
+        for peer in entries
+            .iter()
+            .filter(|e| e.peer_group == Some(group) && e.id != staged.id && e.dev == staged.dev)
+        {
+            let Ok(fd) = rustix::fs::openat2(
+                rustix::fs::CWD,
+                &peer.mount_point,
+                OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+                ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+            ) else {
+                tracing::warn!(entry = %target.display(), mount_point = %peer.mount_point.display(), "mirror bind not reachable without symlinks; left in place");
+                continue;
+            };
+            let mnt_id =
+                rustix::fs::statx(&fd, "", AtFlags::EMPTY_PATH, rustix::fs::StatxFlags::MNT_ID)
+                    .map(|s| s.stx_mnt_id)
+                    .map_err(|e| io("look at the mirror bind")(e.into()))?;
+            if mnt_id != peer.id {
+                tracing::warn!(entry = %target.display(), mount_point = %peer.mount_point.display(), "mirror bind is covered or moved; left in place");
+                continue;
+            }
+            let held = Held::from_fd(fd).map_err(io("hold the mirror bind"))?;
+            rustix::mount::unmount(held.proc_path(), UnmountFlags::DETACH)
+                .map_err(|e| io("unmount the mirror bind")(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Takes every mount off entry `name` (lazily) and removes it; an absent
+    /// entry is fine.
+    pub fn release(&self, name: &str) -> Result<(), StagingError> {
+        let target = self.path(name);
+        let io = |action| {
+            let path = target.clone();
+            move |source: std::io::Error| StagingError::Io {
+                path,
+                action,
+                source,
+            }
+        };
+        for _ in 0..MAX_STACKED {
+            let entries = mountinfo::read().map_err(io("read mountinfo"))?;
+            if mountinfo::find(&entries, &target).is_none() {
+                break;
+            }
+            match rustix::mount::unmount(&target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
+                Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+                Err(e) => return Err(io("unmount the entry")(e.into())),
+            }
+        }
+        let dir = match self.open_dir() {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("open the staging dir")(e)),
+        };
+        let removed = rustix::fs::unlinkat(dir.fd(), name, AtFlags::REMOVEDIR).or_else(|e| {
+            if e == rustix::io::Errno::NOTDIR {
+                rustix::fs::unlinkat(dir.fd(), name, AtFlags::empty())
+            } else {
+                Err(e)
+            }
+        });
+        match removed {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(io("remove the entry")(e.into())),
+        }
+    }
+
+    /// The entries present (for clean-up at start).
+    pub fn names(&self) -> Result<Vec<String>, StagingError> {
+        let dir = match rustix::fs::openat2(
+            rustix::fs::CWD,
+            &self.dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Ok(dir) => dir,
+            Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(StagingError::Io {
+                    path: self.dir.clone(),
+                    action: "list the staging dir",
+                    source: e.into(),
+                });
+            }
+        };
+        let mut names = Vec::new();
+        let entries = rustix::fs::Dir::read_from(dir.as_fd()).map_err(|e| StagingError::Io {
+            path: self.dir.clone(),
+            action: "list the staging dir",
+            source: e.into(),
+        })?;
+        for entry in entries.flatten() {
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name != "." && name != ".." {
+                names.push(name.to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root, in a mount namespace of this test thread's own (so nothing it
+    /// mounts can outlive it or reach the host).
+    fn root() -> bool {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: staging binds need root");
+            return false;
+        }
+        crate::testing::private_mount_namespace();
+        true
+    }
+
+    #[test]
+    fn a_user_writable_staging_dir_is_refused() {
+        if !root() {
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let open = base.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = Staging::prepare(&open.join("staging")).unwrap_err();
+        assert!(error.to_string().contains("writable by others"), "{error}");
+        let error = Staging::prepare(&open).unwrap_err();
+        assert!(error.to_string().contains("mode 0700"), "{error}");
+    }
+
+    #[test]
+    fn a_staged_bind_keeps_the_checked_object_and_mirrors_back() {
+        if !root() {
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let base = base.path().canonicalize().unwrap();
+        let staging = Staging::prepare(&base.join("staging")).unwrap();
+        let data = base.join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("marker"), b"m").unwrap();
+        let held = Held::open(&data).unwrap();
+        let staged = staging.bind("job.0", &held).unwrap();
+        // The user's path is swapped for a link to /: the stage still holds data.
+        std::fs::rename(&data, base.join("moved")).unwrap();
+        std::os::unix::fs::symlink("/", &data).unwrap();
+        assert!(staged.join("marker").exists());
+        assert!(!staged.join("etc").exists());
+        assert_eq!(staging.names().unwrap(), ["job.0"]);
+
+        // Mirror: a tmpfs mounted on the entry shows at the held dir.
+        staging.mirror("job.0", &held).unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            &staged,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .unwrap();
+        std::fs::write(staged.join("in-tmpfs"), b"t").unwrap();
+        assert!(base.join("moved/in-tmpfs").exists());
+        rustix::mount::unmount(&staged, UnmountFlags::empty()).unwrap();
+        assert!(base.join("moved/marker").exists());
+        staging.unmirror("job.0").unwrap();
+        staging.release("job.0").unwrap();
+        let entries = mountinfo::read().unwrap();
+        assert!(mountinfo::find(&entries, &base.join("moved")).is_none());
+        assert!(mountinfo::find(&entries, &staged).is_none());
+        assert!(staging.names().unwrap().is_empty());
+        assert!(
+            base.join("moved/marker").exists(),
+            "the source is untouched"
+        );
+    }
+}
