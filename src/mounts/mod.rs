@@ -29,6 +29,7 @@
 
 pub mod cache;
 pub mod config;
+mod handoff;
 pub mod reclaim;
 mod registry;
 pub mod render;

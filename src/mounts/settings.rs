@@ -17,6 +17,9 @@ pub struct MountSettings {
     /// Where rendered configs and blobfuse2's raw output go
     /// (`<agent.runtime_dir>/mounts`, 0700, root only).
     pub config_dir: PathBuf,
+    /// Root-only staging binds of mount and cache dirs a user can change
+    /// (`<agent.runtime_dir>/staging/mounts`, see [`super::handoff`]).
+    pub staging_dir: PathBuf,
     /// Where blobfuse2's own log goes (`<agent.logs_dir>/mounts`).
     pub logs_dir: PathBuf,
     /// `agent.state_dir` (API secrets live below it).
@@ -44,6 +47,7 @@ impl MountSettings {
         Self {
             blobfuse2_path: m.blobfuse2_path.clone(),
             config_dir: runtime_dir.join("mounts"),
+            staging_dir: runtime_dir.join("staging").join("mounts"),
             logs_dir: logs_dir.join("mounts"),
             state_dir: state_dir.to_owned(),
             rules: PathRules::new(
@@ -64,12 +68,18 @@ impl MountSettings {
         }
     }
 
-    /// How blobfuse2 is started for a spec.
+    /// How blobfuse2 is started for a spec, mounting at the spec's path.
     pub fn launch(&self, spec: &MountSpec) -> Launch {
+        self.launch_at(spec, &spec.mount_path)
+    }
+
+    /// How blobfuse2 is started for a spec, mounting at `mount_path` (the
+    /// path it is handed: the spec's own or a staging entry).
+    pub fn launch_at(&self, spec: &MountSpec, mount_path: &Path) -> Launch {
         Launch {
             name: spec.name.clone(),
             program: self.blobfuse2_path.clone(),
-            mount_path: spec.mount_path.clone(),
+            mount_path: mount_path.to_owned(),
             config_file: self.config_dir.join(format!("{}.yaml", spec.name)),
             // Raw output may quote a request URL with its SAS (the Azure
             // SDK's errors do): it stays beside the 0600 config, never

@@ -294,6 +294,20 @@ impl PathRules {
         self.directory_of_its_own(path, resolved)
     }
 
+    /// The rules of [`Self::mount_path`] for where a held mount dir really
+    /// is (its kernel name, nothing to resolve). Pure.
+    pub fn allows_mount_path(&self, real: &Path) -> Result<(), String> {
+        self.mount_path_allowed(real, real)?;
+        self.off_agent_dirs(real, real)
+    }
+
+    /// The rules of [`Self::cache_dir`] for where a held cache dir really
+    /// is. Pure.
+    pub fn allows_cache_dir(&self, real: &Path) -> Result<(), String> {
+        self.cache_dir_allowed(real, real)?;
+        self.off_agent_dirs(real, real)
+    }
+
     fn mount_path_allowed(&self, path: &Path, resolved: &Path) -> Result<(), String> {
         if self
             .allowed_roots

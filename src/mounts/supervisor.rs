@@ -12,14 +12,22 @@
 //! again; failures back off exponentially from `mounts.backoff_initial_seconds`
 //! to `mounts.backoff_max_seconds`. Stopping the task (agent shutdown) leaves
 //! the mount and its process running, to be adopted by the next agent.
+//!
+//! Every attempt opens and checks the mount and cache dirs again
+//! ([`super::handoff`]), a restored mount's too, and everything the
+//! supervisor does by name afterwards (mountinfo, probes, unmounts, the
+//! blobfuse2 command line) uses the paths blobfuse2 was handed, which only
+//! root can change.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::handoff::{self, Handed};
 use super::registry::{ProcessRecord, Registry};
 use super::render;
 use super::secrets;
@@ -39,6 +47,37 @@ pub(super) struct Shared {
     pub interval: watch::Receiver<Duration>,
     /// The table, the records and what they show.
     pub registry: Registry,
+    /// What each mount's blobfuse2 was handed (its own paths or staging
+    /// entries), by name; absent means the spec's own paths.
+    pub handed: Mutex<HashMap<String, Handed>>,
+}
+
+impl Shared {
+    /// The paths blobfuse2 is (or was last) handed for a mount.
+    pub fn handed(&self, spec: &MountSpec) -> Handed {
+        lock(&self.handed)
+            .get(&spec.name)
+            .cloned()
+            .unwrap_or_else(|| Handed::of(spec))
+    }
+
+    fn set_handed(&self, name: &str, handed: Handed) {
+        lock(&self.handed).insert(name.to_owned(), handed);
+    }
+
+    /// Forgets a mount's hand-off (it is gone).
+    pub fn forget_handed(&self, name: &str) {
+        lock(&self.handed).remove(name);
+    }
+
+    /// How blobfuse2 is started for a mount, at the path it is handed.
+    pub fn launch(&self, spec: &MountSpec) -> Launch {
+        self.settings.launch_at(spec, &self.handed(spec).mount_path)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How a supervisor begins.
@@ -90,7 +129,15 @@ pub(super) async fn run(
     start: Start,
     first: Option<oneshot::Sender<Result<(), MountError>>>,
 ) {
-    let launch = shared.settings.launch(&spec);
+    if start == Start::Restore {
+        let (settings_spec, found) = (spec.clone(), shared.clone());
+        let handed =
+            tokio::task::spawn_blocking(move || handoff::adopted(&found.settings, &settings_spec))
+                .await
+                .unwrap_or_else(|_| Handed::of(&spec));
+        shared.set_handed(&spec.name, handed);
+    }
+    let launch = shared.launch(&spec);
     let mut s = Supervisor {
         shared,
         spec,
@@ -255,7 +302,7 @@ impl Supervisor {
             None => mounter.find_process(&self.launch).await,
         };
         let entry = mounter
-            .mount_entry(&self.spec.mount_path)
+            .mount_entry(&self.launch.mount_path)
             .await
             .ok()
             .flatten();
@@ -270,7 +317,7 @@ impl Supervisor {
                     return Next::Mount { repair: true };
                 }
                 match mounter
-                    .probe(&self.spec.mount_path, self.shared.settings.health_timeout)
+                    .probe(&self.launch.mount_path, self.shared.settings.health_timeout)
                     .await
                 {
                     Probe::Healthy => {
@@ -326,9 +373,9 @@ impl Supervisor {
             if let ProcessState::Exited(how) = mounter.process_state(pid, &self.launch).await {
                 Some(format!("blobfuse2 (pid {pid}) {how}"))
             } else {
-                match mounter.mount_entry(&self.spec.mount_path).await {
+                match mounter.mount_entry(&self.launch.mount_path).await {
                     Ok(Some(e)) if is_blobfuse2(&e) => match mounter
-                        .probe(&self.spec.mount_path, self.shared.settings.health_timeout)
+                        .probe(&self.launch.mount_path, self.shared.settings.health_timeout)
                         .await
                     {
                         Probe::Healthy => None,
@@ -373,9 +420,9 @@ impl Supervisor {
     /// mounted there is never touched.
     async fn lazy_unmount(&self) {
         let mounter = &self.shared.mounter;
-        if let Ok(Some(entry)) = mounter.mount_entry(&self.spec.mount_path).await
+        if let Ok(Some(entry)) = mounter.mount_entry(&self.launch.mount_path).await
             && is_blobfuse2(&entry)
-            && let Err(failure) = mounter.unmount(&self.spec.mount_path, true).await
+            && let Err(failure) = mounter.unmount(&self.launch.mount_path, true).await
         {
             tracing::warn!(mount = %self.spec.name, ?failure, "lazy unmount failed");
         }
@@ -405,30 +452,37 @@ impl Supervisor {
         }
     }
 
+    /// The blobfuse2 config for the paths it is handed.
     async fn render(&self) -> Result<String, MountError> {
         let secret = self.secret().await?;
+        let handed = self.shared.handed(&self.spec);
+        let mut seen = (*self.spec).clone();
+        seen.mount_path = handed.mount_path;
+        seen.cache_dir = handed.cache_dir;
         Ok(render::render(
-            &self.spec,
+            &seen,
             secret.as_ref(),
             &self.shared.settings.log_file(&self.spec.name),
         ))
     }
 
-    /// One mount attempt: prepare dirs, empty the cache, write the config,
-    /// start blobfuse2, and wait for the mount in mountinfo.
-    async fn attempt(&self) -> Result<u32, MountError> {
-        let name = &self.spec.name;
+    /// One mount attempt: open and check the dirs, empty the cache, stage
+    /// what a user can change, write the config, start blobfuse2, and wait
+    /// for the mount in mountinfo.
+    async fn attempt(&mut self) -> Result<u32, MountError> {
+        let name = self.spec.name.clone();
+        let name = &name;
         let mounter = self.shared.mounter.clone();
         // A leftover blobfuse2 mount at the path is ours (the path was
         // checked free when the mount was requested); anything else is not.
-        match mounter.mount_entry(&self.spec.mount_path).await {
+        match mounter.mount_entry(&self.launch.mount_path).await {
             Ok(Some(e)) if is_blobfuse2(&e) => self.lazy_unmount().await,
             Ok(Some(e)) => {
                 return Err(MountError::InUse {
                     name: name.clone(),
                     what: format!(
                         "path {} is mounted by something else ({} from {})",
-                        self.spec.mount_path.display(),
+                        self.launch.mount_path.display(),
                         e.fs_type,
                         e.source
                     ),
@@ -436,6 +490,9 @@ impl Supervisor {
             }
             _ => {}
         }
+        let handed = self.prepare_dirs().await?;
+        self.shared.set_handed(name, handed);
+        self.launch = self.shared.launch(&self.spec);
         let yaml = self.render().await?;
         let secret = self.secret().await?;
         self.prepare_files(yaml).await?;
@@ -476,7 +533,7 @@ impl Supervisor {
                 self.lazy_unmount().await;
                 return Err(MountError::Timeout {
                     name: name.clone(),
-                    path: self.spec.mount_path.clone(),
+                    path: self.launch.mount_path.clone(),
                     seconds: timeout.as_secs(),
                 });
             }
@@ -493,13 +550,24 @@ impl Supervisor {
         }
     }
 
-    /// Creates the mount dir, the (emptied) cache dir and the logs dir,
-    /// writes the 0600 config and rotates blobfuse2's previous output.
+    /// The mount and cache dirs, opened, checked, claimed, emptied and
+    /// staged as needed ([`handoff::prepare`]), off the runtime.
+    async fn prepare_dirs(&self) -> Result<Handed, MountError> {
+        let (shared, spec) = (self.shared.clone(), self.spec.clone());
+        tokio::task::spawn_blocking(move || handoff::prepare(&shared.settings, &spec))
+            .await
+            .map_err(|e| MountError::Io {
+                name: self.spec.name.clone(),
+                action: "prepare",
+                path: self.spec.mount_path.clone(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    /// Creates the logs dir, writes the 0600 config and rotates blobfuse2's
+    /// previous output (all in the agent's own dirs).
     async fn prepare_files(&self, yaml: String) -> Result<(), MountError> {
         let name = self.spec.name.clone();
-        let name_for_cache = name.clone();
-        let mount_path = self.spec.mount_path.clone();
-        let cache_dir = self.spec.cache_dir.clone();
         let launch = self.launch.clone();
         let logs_dir = self.shared.settings.logs_dir.clone();
         let io = move |action: &'static str, path: PathBuf| {
@@ -513,25 +581,11 @@ impl Supervisor {
         };
         tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::DirBuilderExt;
-            let mut dirs = std::fs::DirBuilder::new();
-            dirs.recursive(true).mode(0o755);
-            dirs.create(&mount_path)
-                .map_err(io("create the mount dir", mount_path.clone()))?;
-            dirs.create(&logs_dir)
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&logs_dir)
                 .map_err(io("create the logs dir", logs_dir.clone()))?;
-            // Only a cache dir the agent owns is emptied (see `cache`).
-            super::cache::claim(&cache_dir, &name_for_cache).map_err(|e| MountError::CacheDir {
-                name: name_for_cache.clone(),
-                path: cache_dir.clone(),
-                problem: e.to_string(),
-            })?;
-            // blobfuse2 refuses a non-empty cache dir; a crashed one leaves files.
-            super::cache::empty(&cache_dir, false)
-                .map_err(io("empty the cache dir", cache_dir.clone()))?;
-            let blobfuse2_cache = super::cache::blobfuse2_dir(&cache_dir);
-            dirs.mode(0o700)
-                .create(&blobfuse2_cache)
-                .map_err(io("create the cache dir", blobfuse2_cache.clone()))?;
             secrets::write_private(&launch.config_file, yaml.as_bytes())
                 .map_err(io("write the blobfuse2 config", launch.config_file.clone()))?;
             let previous = launch.output_file.with_extension("out.1");
