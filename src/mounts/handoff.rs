@@ -5,11 +5,13 @@
 //! can change (the dir itself or any ancestor), a root-only staging entry
 //! bound from the held descriptor ([`crate::paths::staging`]) in its place.
 //!
-//! A staged mount dir is also mirrored: the entry is a shared mount bound
-//! back onto the held dir, so blobfuse2 mounts on the entry and the mount
-//! shows at the user's path by propagation. Nothing is ever mounted, probed
-//! or unmounted by the user's path name, so swapping it for a symlink (to
-//! `/usr/local/bin`, say) changes nothing the agent does as root.
+//! A staged mount dir works the other way round: blobfuse2 mounts on a
+//! plain root-only entry, and once the mount is up the agent binds it onto
+//! the held dir ([`mirror`]: `/proc/self/fd/N` as the target), so it shows at
+//! the user's path. Nothing is ever mounted, probed or unmounted by the
+//! user's path name, so swapping it for a symlink (to `/usr/local/bin`,
+//! say) changes nothing the agent does as root; the bind on the user's side
+//! is taken off by its mount id ([`unmirror`]) before blobfuse2's mount goes.
 //!
 //! Entries are `<mount>.mnt` and `<mount>.cache` in
 //! `<agent.runtime_dir>/staging/mounts`; [`release`] takes them off when the
@@ -53,9 +55,18 @@ fn cache_entry(name: &str) -> String {
     format!("{name}.cache")
 }
 
+/// What [`prepare`] made ready for one attempt.
+pub struct Prepared {
+    /// The paths blobfuse2 gets.
+    pub handed: Handed,
+    /// The held mount dir, when blobfuse2 mounts on a staging entry: the
+    /// mount goes onto it once it is up ([`mirror`]).
+    pub mirror_onto: Option<Held>,
+}
+
 /// Opens, checks, claims and empties the mount's dirs, stages what a user
 /// can change, and says what blobfuse2 is handed.
-pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Handed, MountError> {
+pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, MountError> {
     let name = &spec.name;
     let rules = &settings.rules;
     let invalid = |field: &'static str, problem: String| MountError::Invalid {
@@ -105,25 +116,28 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Handed, Mou
         ))?;
 
     let staging = || Staging::prepare(&settings.staging_dir).map_err(|e| staging_error(name, e));
-    let mount_path = match mount
+    let (mount_path, mirror_onto) = match mount
         .changeable()
         .map_err(io("check the mount dir", &spec.mount_path))?
     {
-        None => spec.mount_path.clone(),
+        None => (spec.mount_path.clone(), None),
         Some(who) => {
-            tracing::info!(mount = %name, %who, "the mount dir can be changed by a user other than root; blobfuse2 mounts on a staged bind of it");
-            let staging = staging()?;
-            let entry = mount_entry(name);
-            staging
-                .unmirror(&entry)
+            tracing::info!(mount = %name, %who, "the mount dir can be changed by a user other than root; blobfuse2 mounts on a staging entry, bound onto it once up");
+            // blobfuse2 checks that its mount dir is empty; here that dir is
+            // the entry, so the user's dir is checked through its descriptor.
+            if !is_empty(&mount).map_err(io("read the mount dir", &spec.mount_path))? {
+                return Err(invalid(
+                    "mount_path",
+                    format!(
+                        "{} is not empty (blobfuse2: mount directory is not empty)",
+                        spec.mount_path.display()
+                    ),
+                ));
+            }
+            let staged = staging()?
+                .make_dir(&mount_entry(name))
                 .map_err(|e| staging_error(name, e))?;
-            let staged = staging
-                .bind(&entry, &mount)
-                .map_err(|e| staging_error(name, e))?;
-            staging
-                .mirror(&entry, &mount)
-                .map_err(|e| staging_error(name, e))?;
-            staged
+            (staged, Some(mount))
         }
     };
     let cache_dir = match cache
@@ -138,10 +152,93 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Handed, Mou
                 .map_err(|e| staging_error(name, e))?
         }
     };
-    Ok(Handed {
-        mount_path,
-        cache_dir,
+    Ok(Prepared {
+        handed: Handed {
+            mount_path,
+            cache_dir,
+        },
+        mirror_onto,
     })
+}
+
+/// Whether a held directory has no entries.
+fn is_empty(dir: &Held) -> std::io::Result<bool> {
+    let fd = rustix::fs::openat(
+        dir.fd(),
+        ".",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let mut entries = rustix::fs::Dir::read_from(&fd)?;
+    Ok(!entries.any(|e| e.is_ok_and(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))))
+}
+
+/// Whether a path blobfuse2 is handed is a staging entry.
+pub fn is_staged(settings: &MountSettings, path: &Path) -> bool {
+    path.parent() == Some(settings.staging_dir.as_path())
+}
+
+/// Binds blobfuse2's mount on the staging entry onto the held user dir.
+pub fn mirror(settings: &MountSettings, name: &str, onto: &Held) -> Result<(), MountError> {
+    Staging::prepare(&settings.staging_dir)
+        .and_then(|staging| staging.mirror(&mount_entry(name), onto))
+        .map_err(|e| staging_error(name, e))
+}
+
+/// Takes the bind on the user's side off, before blobfuse2's mount on the
+/// staging entry goes (the bind is found through it). Never fails: what
+/// cannot go is logged.
+pub fn unmirror(settings: &MountSettings, name: &str) {
+    if std::fs::symlink_metadata(&settings.staging_dir).is_err() {
+        return;
+    }
+    let outcome = Staging::prepare(&settings.staging_dir)
+        .and_then(|staging| staging.unmirror(&mount_entry(name)));
+    if let Err(error) = outcome {
+        tracing::warn!(mount = %name, %error, "cannot take the mount off the user's path");
+    }
+}
+
+/// After an agent restart, for an adopted mount on a staging entry: binds
+/// it onto the user's dir again if that bind is missing (an agent stopped
+/// between the mount and the bind), after checking the dir once more.
+pub fn ensure_mirrored(settings: &MountSettings, spec: &MountSpec) -> Result<(), MountError> {
+    let name = &spec.name;
+    let staging = Staging::prepare(&settings.staging_dir).map_err(|e| staging_error(name, e))?;
+    if staging
+        .mirrored(&mount_entry(name))
+        .map_err(|e| staging_error(name, e))?
+    {
+        return Ok(());
+    }
+    let dir = Held::open(&spec.mount_path).map_err(|source| MountError::Io {
+        name: name.clone(),
+        action: "open the mount dir",
+        path: spec.mount_path.clone(),
+        source,
+    })?;
+    if dir.path() != spec.mount_path || !dir.is_dir() {
+        return Err(MountError::Invalid {
+            name: name.clone(),
+            field: "mount_path",
+            problem: format!(
+                "{} now leads to {}; not bound there",
+                spec.mount_path.display(),
+                dir.path().display()
+            ),
+        });
+    }
+    settings
+        .rules
+        .allows_mount_path(dir.path())
+        .map_err(|problem| MountError::Invalid {
+            name: name.clone(),
+            field: "mount_path",
+            problem,
+        })?;
+    staging
+        .mirror(&mount_entry(name), &dir)
+        .map_err(|e| staging_error(name, e))
 }
 
 fn staging_error(name: &str, error: StagingError) -> MountError {
@@ -180,9 +277,7 @@ pub fn release(settings: &MountSettings, name: &str) {
         return;
     }
     let outcome = Staging::prepare(&settings.staging_dir).and_then(|staging| {
-        let entry = mount_entry(name);
-        staging.unmirror(&entry)?;
-        staging.release(&entry)?;
+        staging.release(&mount_entry(name))?;
         staging.release(&cache_entry(name))
     });
     if let Err(error) = outcome {

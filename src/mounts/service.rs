@@ -299,6 +299,12 @@ impl MountService {
         // The path blobfuse2 was handed (a staging entry for a dir a user
         // can change; unmounting it there takes it off the user's path too).
         let path = self.shared.handed(spec).mount_path;
+        if handoff::is_staged(&self.shared.settings, &path) {
+            // Its bind on the user's side goes first (found through it).
+            let (shared, name) = (self.shared.clone(), spec.name.clone());
+            let _ = tokio::task::spawn_blocking(move || handoff::unmirror(&shared.settings, &name))
+                .await;
+        }
         let ours = mounter
             .mount_entry(&path)
             .await

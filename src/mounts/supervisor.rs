@@ -321,6 +321,10 @@ impl Supervisor {
                     .await
                 {
                     Probe::Healthy => {
+                        if let Err(error) = self.ensure_mirrored().await {
+                            self.repair(pid, error.to_string()).await;
+                            return Next::Mount { repair: true };
+                        }
                         self.status
                             .send_modify(|s| s.last_checked = Some(SystemTime::now()));
                         self.set(
@@ -351,6 +355,17 @@ impl Supervisor {
             }
             (false, None) => Next::Mount { repair: false },
         }
+    }
+
+    /// For an adopted mount on a staging entry: its bind on the user's dir.
+    async fn ensure_mirrored(&self) -> Result<(), MountError> {
+        if !handoff::is_staged(&self.shared.settings, &self.launch.mount_path) {
+            return Ok(());
+        }
+        let (shared, spec) = (self.shared.clone(), self.spec.clone());
+        tokio::task::spawn_blocking(move || handoff::ensure_mirrored(&shared.settings, &spec))
+            .await
+            .unwrap_or(Ok(()))
     }
 
     /// Whether the running mount's config is the one the agent would write now.
@@ -416,15 +431,26 @@ impl Supervisor {
         self.status.send_modify(|s| s.remount_count += 1);
     }
 
-    /// `fusermount3 -u -z` of blobfuse2's mount at the path; anything else
-    /// mounted there is never touched.
+    /// `fusermount3 -u -z` of blobfuse2's mount at the path (its bind on
+    /// the user's side first, for a staged mount); anything else mounted
+    /// there is never touched.
     async fn lazy_unmount(&self) {
+        self.unmirror().await;
         let mounter = &self.shared.mounter;
         if let Ok(Some(entry)) = mounter.mount_entry(&self.launch.mount_path).await
             && is_blobfuse2(&entry)
             && let Err(failure) = mounter.unmount(&self.launch.mount_path, true).await
         {
             tracing::warn!(mount = %self.spec.name, ?failure, "lazy unmount failed");
+        }
+    }
+
+    /// Takes a staged mount's bind off the user's path (see [`handoff`]).
+    async fn unmirror(&self) {
+        if handoff::is_staged(&self.shared.settings, &self.launch.mount_path) {
+            let (shared, name) = (self.shared.clone(), self.spec.name.clone());
+            let _ = tokio::task::spawn_blocking(move || handoff::unmirror(&shared.settings, &name))
+                .await;
         }
     }
 
@@ -490,8 +516,8 @@ impl Supervisor {
             }
             _ => {}
         }
-        let handed = self.prepare_dirs().await?;
-        self.shared.set_handed(name, handed);
+        let prepared = self.prepare_dirs().await?;
+        self.shared.set_handed(name, prepared.handed);
         self.launch = self.shared.launch(&self.spec);
         let yaml = self.render().await?;
         let secret = self.secret().await?;
@@ -521,9 +547,32 @@ impl Supervisor {
                     message,
                 });
             }
-            if let Ok(Some(entry)) = mounter.mount_entry(&self.spec.mount_path).await
+            if let Ok(Some(entry)) = mounter.mount_entry(&self.launch.mount_path).await
                 && is_blobfuse2(&entry)
             {
+                if let Some(dir) = prepared.mirror_onto {
+                    // Up on the staging entry: now onto the user's dir.
+                    let (shared, mount) = (self.shared.clone(), name.clone());
+                    let mirrored = tokio::task::spawn_blocking(move || {
+                        handoff::mirror(&shared.settings, &mount, &dir)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(MountError::Io {
+                            name: name.clone(),
+                            action: "bind the mount onto its path",
+                            path: self.spec.mount_path.clone(),
+                            source: std::io::Error::other(e),
+                        })
+                    });
+                    if let Err(error) = mirrored {
+                        mounter
+                            .stop(pid, &self.launch, self.shared.settings.stop_grace)
+                            .await;
+                        self.lazy_unmount().await;
+                        return Err(error);
+                    }
+                }
                 return Ok(pid);
             }
             if tokio::time::Instant::now() >= deadline {
@@ -552,7 +601,7 @@ impl Supervisor {
 
     /// The mount and cache dirs, opened, checked, claimed, emptied and
     /// staged as needed ([`handoff::prepare`]), off the runtime.
-    async fn prepare_dirs(&self) -> Result<Handed, MountError> {
+    async fn prepare_dirs(&self) -> Result<handoff::Prepared, MountError> {
         let (shared, spec) = (self.shared.clone(), self.spec.clone());
         tokio::task::spawn_blocking(move || handoff::prepare(&shared.settings, &spec))
             .await

@@ -157,10 +157,29 @@ impl Staging {
         Ok(target)
     }
 
-    /// Makes entry `name` (a directory bind from [`Self::bind`]) a shared
-    /// mount of its own peer group and binds it onto `onto` (the same held
-    /// directory), so that what is mounted on the entry later also shows at
-    /// `onto`'s path.
+    /// Makes entry `name` a plain empty directory (0700), replacing whatever
+    /// was there: a mount point for another program. Returns its path.
+    pub fn make_dir(&self, name: &str) -> Result<PathBuf, StagingError> {
+        let target = self.path(name);
+        self.release(name)?;
+        let dir = self.open_dir().map_err(|source| StagingError::Io {
+            path: target.clone(),
+            action: "open the staging dir",
+            source,
+        })?;
+        rustix::fs::mkdirat(dir.fd(), name, Mode::from_raw_mode(0o700)).map_err(|e| {
+            StagingError::Io {
+                path: target.clone(),
+                action: "create the entry",
+                source: e.into(),
+            }
+        })?;
+        Ok(target)
+    }
+
+    /// Makes the mount on entry `name` (from [`Self::make_dir`], mounted on
+    /// by another program) shared and binds it onto `onto` (a held
+    /// directory), so the same filesystem shows at `onto`'s path.
     pub fn mirror(&self, name: &str, onto: &Held) -> Result<(), StagingError> {
         let target = self.path(name);
         let io = |action| {
@@ -178,13 +197,24 @@ impl Staging {
         Ok(())
     }
 
+    /// Whether the mount on entry `name` has a mirror (another member of its
+    /// peer group on the same device).
+    pub fn mirrored(&self, name: &str) -> Result<bool, StagingError> {
+        let entries = mountinfo::read().map_err(|source| StagingError::Io {
+            path: self.path(name),
+            action: "read mountinfo",
+            source,
+        })?;
+        Ok(!mirrors(&entries, &self.path(name)).is_empty())
+    }
+
     /// Takes off the binds that [`Self::mirror`] put on the user's side for
-    /// entry `name`: the other members of the entry's peer group on the same
-    /// device, each unmounted through a descriptor of its mount point that
-    /// was checked to be that very mount (its mount id), so a path renamed
-    /// meanwhile never leads the unmount elsewhere. Call it before
-    /// [`Self::release`] (which ends the peer group) and after the
-    /// filesystem mounted on the entry is gone.
+    /// entry `name`: the other members of the peer group of the mount on
+    /// the entry, on the same device, each unmounted (lazily) through a
+    /// descriptor of its mount point that was checked to be that very mount
+    /// (its mount id in `/proc/self/fdinfo`, which asks no filesystem), so a
+    /// path renamed meanwhile never leads the unmount elsewhere. Call it
+    /// before the mount on the entry goes: the group is found through it.
     pub fn unmirror(&self, name: &str) -> Result<(), StagingError> {
         let target = self.path(name);
         let io = |action| {
@@ -196,16 +226,7 @@ impl Staging {
             }
         };
         let entries = mountinfo::read().map_err(io("read mountinfo"))?;
-        let Some(staged) = entries.iter().find(|e| e.mount_point == target) else {
-            return Ok(());
-        };
-        let Some(group) = staged.peer_group else {
-            return Ok(());
-        };
-        for peer in entries
-            .iter()
-            .filter(|e| e.peer_group == Some(group) && e.id != staged.id && e.dev == staged.dev)
-        {
+        for peer in mirrors(&entries, &target) {
             let Ok(fd) = rustix::fs::openat2(
                 rustix::fs::CWD,
                 &peer.mount_point,
@@ -216,23 +237,21 @@ impl Staging {
                 tracing::warn!(entry = %target.display(), mount_point = %peer.mount_point.display(), "mirror bind not reachable without symlinks; left in place");
                 continue;
             };
-            let mnt_id =
-                rustix::fs::statx(&fd, "", AtFlags::EMPTY_PATH, rustix::fs::StatxFlags::MNT_ID)
-                    .map(|s| s.stx_mnt_id)
-                    .map_err(|e| io("look at the mirror bind")(e.into()))?;
-            if mnt_id != peer.id {
+            if mount_id(&fd).map_err(io("look at the mirror bind"))? != peer.id {
                 tracing::warn!(entry = %target.display(), mount_point = %peer.mount_point.display(), "mirror bind is covered or moved; left in place");
                 continue;
             }
-            let held = Held::from_fd(fd).map_err(io("hold the mirror bind"))?;
-            rustix::mount::unmount(held.proc_path(), UnmountFlags::DETACH)
+            // By the descriptor's magic link (no `fstat`: a dead FUSE mount
+            // would not answer it).
+            let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+            rustix::mount::unmount(by_fd, UnmountFlags::DETACH)
                 .map_err(|e| io("unmount the mirror bind")(e.into()))?;
         }
         Ok(())
     }
 
     /// Takes every mount off entry `name` (lazily) and removes it; an absent
-    /// entry is fine.
+    /// entry is fine. A mount point entry is [`Self::unmirror`]ed first.
     pub fn release(&self, name: &str) -> Result<(), StagingError> {
         let target = self.path(name);
         let io = |action| {
@@ -243,6 +262,7 @@ impl Staging {
                 source,
             }
         };
+        self.unmirror(name)?;
         for _ in 0..MAX_STACKED {
             let entries = mountinfo::read().map_err(io("read mountinfo"))?;
             if mountinfo::find(&entries, &target).is_none() {
@@ -304,6 +324,37 @@ impl Staging {
         }
         Ok(names)
     }
+}
+
+/// The other members of the peer group of the topmost mount at `target`,
+/// on its device.
+fn mirrors<'a>(
+    entries: &'a [mountinfo::MountEntry],
+    target: &Path,
+) -> Vec<&'a mountinfo::MountEntry> {
+    let Some(staged) = mountinfo::find(entries, target) else {
+        return Vec::new();
+    };
+    let Some(group) = staged.peer_group else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter(|e| e.peer_group == Some(group) && e.id != staged.id && e.dev == staged.dev)
+        .collect()
+}
+
+/// The mount id of an open descriptor, from `/proc/self/fdinfo` (no
+/// filesystem is asked, so a dead FUSE mount answers too).
+fn mount_id(fd: &impl AsFd) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!(
+        "/proc/thread-self/fdinfo/{}",
+        fd.as_fd().as_raw_fd()
+    ))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:")?.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no mnt_id in fdinfo"))
 }
 
 #[cfg(test)]
