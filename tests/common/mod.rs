@@ -12,6 +12,7 @@ pub mod fs;
 pub mod fuse_site;
 pub mod nspawn;
 pub mod rootfs;
+pub mod users;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -374,6 +375,25 @@ impl Drop for Agent {
             &self.dir.path().join("logs"),
             &self.captured,
         );
+        // Staged binds in its runtime dir lead into other dirs: detach them
+        // (deepest first) so that removing the temp dir stays inside it.
+        detach_mounts_below(self.dir.path());
+    }
+}
+
+/// Lazily unmounts every mount below `root` (this process's mountinfo),
+/// deepest first.
+pub fn detach_mounts_below(root: &Path) {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root) && p != root)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
