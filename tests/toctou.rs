@@ -243,6 +243,49 @@ mod mounts {
         text.lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
     }
 
+    /// A thread looking at mountinfo every few milliseconds for a mount at
+    /// `path`, for as long as it lives: a mount the agent makes and takes
+    /// off again between two looks of the test is seen too.
+    struct MountWatch {
+        stop: Arc<AtomicBool>,
+        seen: Arc<AtomicU64>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl MountWatch {
+        fn start(path: &Path) -> Self {
+            let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+            let (stop_flag, count, path) = (stop.clone(), seen.clone(), path.to_owned());
+            let thread = std::thread::spawn(move || {
+                while !stop_flag.load(Ordering::Relaxed) {
+                    if mounted_at(&path) {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+            Self {
+                stop,
+                seen,
+                thread: Some(thread),
+            }
+        }
+
+        /// How many looks found something mounted there so far.
+        fn seen(&self) -> u64 {
+            self.seen.load(Ordering::Relaxed)
+        }
+    }
+
+    impl Drop for MountWatch {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
     fn request(name: &str, mount_path: &Path, cache_dir: Option<&Path>) -> proto::MountRequest {
         common::register_secrets(&[KEY]);
         proto::MountRequest {
@@ -285,6 +328,7 @@ mod mounts {
         let l = layout(&site, &user);
         let agent = site.agent();
         let mut mounts = MountServiceClient::new(agent.channel().await);
+        let watch = MountWatch::start(&l.victim);
         let mut swapper = Swapper::start(&l.home, vec![(os("data"), os("decoy"))]);
         let started = Instant::now();
         let (mut cycles, mut mounted, mut refused) = (0u32, 0u32, 0u32);
@@ -310,9 +354,10 @@ mod mounts {
                     assert_ne!(status.code(), tonic::Code::Internal, "{status:?}");
                 }
             }
-            assert!(
-                !mounted_at(&l.victim),
-                "cycle {cycles}: something is mounted over the symlink's target"
+            assert_eq!(
+                watch.seen(),
+                0,
+                "cycle {cycles}: something was mounted over the symlink's target"
             );
         }
         let swaps = swapper.stop();
@@ -417,8 +462,8 @@ mod mounts {
             rustix::fs::RenameFlags::EXCHANGE,
         )
         .expect("swap");
+        let watch = MountWatch::start(&l.victim);
         agent.respawn();
-        agent.wait_ready(Duration::from_secs(20));
         let mut mounts = MountServiceClient::new(agent.channel().await);
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
@@ -436,11 +481,17 @@ mod mounts {
             {
                 break kept.expect("kept");
             }
+            assert_eq!(
+                watch.seen(),
+                0,
+                "the restored mount went over the symlink's target: {kept:?}"
+            );
             assert!(Instant::now() < deadline, "the restored mount never settled: {kept:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        assert!(
-            !mounted_at(&l.victim),
+        assert_eq!(
+            watch.seen(),
+            0,
             "the restored mount went over the symlink's target: {status:?}"
         );
         // Refused, naming where the recorded path leads now.
