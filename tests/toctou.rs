@@ -60,8 +60,14 @@ impl Swapper {
         let thread = std::thread::spawn(move || {
             while !stop_flag.load(Ordering::Relaxed) {
                 for (a, b) in &pairs {
-                    if rustix::fs::renameat_with(&dir, a, &dir, b, rustix::fs::RenameFlags::EXCHANGE)
-                        .is_ok()
+                    if rustix::fs::renameat_with(
+                        &dir,
+                        a,
+                        &dir,
+                        b,
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    )
+                    .is_ok()
                     {
                         count.fetch_add(1, Ordering::Relaxed);
                     }
@@ -93,7 +99,11 @@ impl Drop for Swapper {
 
 /// Puts the real directory back at `name` (the symlink at `other`).
 fn settle(dir: &Path, name: &str, other: &str) {
-    if dir.join(name).symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+    if dir
+        .join(name)
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
+    {
         rustix::fs::renameat_with(
             rustix::fs::CWD,
             dir.join(name),
@@ -148,7 +158,9 @@ async fn a_swapped_job_bind_never_reaches_the_host_root() {
         image: IMAGE.into(),
         command: vec!["sh".into(), "-c".into(), CHECK.into()],
         mounts: vec![proto::JobMount {
-            source: Some(proto::job_mount::Source::HostPath(data.display().to_string())),
+            source: Some(proto::job_mount::Source::HostPath(
+                data.display().to_string(),
+            )),
             container_path: "/data".into(),
             read_only: true,
         }],
@@ -220,7 +232,10 @@ async fn a_swapped_job_bind_never_reaches_the_host_root() {
     assert!(
         wrong.is_empty(),
         "jobs saw something other than the real dir: {:?}",
-        wrong.iter().map(|j| (&j.id, j.exit_code, &j.reason)).collect::<Vec<_>>()
+        wrong
+            .iter()
+            .map(|j| (&j.id, j.exit_code, &j.reason))
+            .collect::<Vec<_>>()
     );
     assert!(!finished.is_empty(), "no job ran");
 }
@@ -231,7 +246,9 @@ async fn a_swapped_job_bind_never_reaches_the_host_root() {
 mod mounts {
     use super::*;
     use common::fuse_site::Site;
-    use instance_agent::api::proto::{mount_request::Auth, mount_service_client::MountServiceClient};
+    use instance_agent::api::proto::{
+        mount_request::Auth, mount_service_client::MountServiceClient,
+    };
 
     const KEY: &str = "QUNDT1VOVEtFWS1uZXZlci1pbi1hbnktbG9nLTAxMjM0NTY3ODk=";
 
@@ -240,7 +257,8 @@ mod mounts {
     fn mounted_at(path: &Path) -> bool {
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let wanted = path.display().to_string().replace(' ', "\\040");
-        text.lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+        text.lines()
+            .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
     }
 
     /// A thread looking at mountinfo every few milliseconds for a mount at
@@ -254,7 +272,10 @@ mod mounts {
 
     impl MountWatch {
         fn start(path: &Path) -> Self {
-            let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+            let (stop, seen) = (
+                Arc::new(AtomicBool::new(false)),
+                Arc::new(AtomicU64::new(0)),
+            );
             let (stop_flag, count, path) = (stop.clone(), seen.clone(), path.to_owned());
             let thread = std::thread::spawn(move || {
                 while !stop_flag.load(Ordering::Relaxed) {
@@ -293,7 +314,9 @@ mod mounts {
             account: "myacct".into(),
             container: "data".into(),
             mount_path: mount_path.display().to_string(),
-            cache_dir: cache_dir.map(|c| c.display().to_string()).unwrap_or_default(),
+            cache_dir: cache_dir
+                .map(|c| c.display().to_string())
+                .unwrap_or_default(),
             auth: Some(Auth::AccountKey(KEY.into())),
             ..Default::default()
         }
@@ -375,7 +398,9 @@ mod mounts {
         let victim = site.path().join("victim");
         std::fs::create_dir_all(&victim).expect("victim");
         const PAIRS: usize = 32;
-        let canaries: Vec<PathBuf> = (0..PAIRS).map(|i| victim.join(format!("canary-{i}"))).collect();
+        let canaries: Vec<PathBuf> = (0..PAIRS)
+            .map(|i| victim.join(format!("canary-{i}")))
+            .collect();
         for canary in &canaries {
             std::fs::write(canary, b"must survive").expect("canary");
         }
@@ -452,7 +477,10 @@ mod mounts {
                 .status();
         }
         for mount in common::fuse_site::mounts_below(&agent.path().join("run")) {
-            let _ = std::process::Command::new("umount").args(["-l"]).arg(&mount).status();
+            let _ = std::process::Command::new("umount")
+                .args(["-l"])
+                .arg(&mount)
+                .status();
         }
         rustix::fs::renameat_with(
             rustix::fs::CWD,
@@ -486,7 +514,10 @@ mod mounts {
                 0,
                 "the restored mount went over the symlink's target: {kept:?}"
             );
-            assert!(Instant::now() < deadline, "the restored mount never settled: {kept:?}");
+            assert!(
+                Instant::now() < deadline,
+                "the restored mount never settled: {kept:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(
@@ -515,7 +546,9 @@ mod mounts {
             .await
             .expect_err("a user's empty dir is refused as a cache dir");
         assert!(
-            refused.message().contains(&format!("owned by uid {}", user.uid)),
+            refused
+                .message()
+                .contains(&format!("owned by uid {}", user.uid)),
             "{refused:?}"
         );
         assert!(!theirs.join(".instance-agent-cache").exists());

@@ -106,12 +106,33 @@ pub fn resolve(
     // the supervisor, which enters only that very directory.
     let (working_dir, working_dir_id) = match &request.working_dir {
         Some(dir) => match held_dir(dir) {
-            Some(id) => (dir.clone(), Some(id)),
+            Some(held) => {
+                // A script running as root enters the directory by name when
+                // systemd starts it (WorkingDirectory=): only a directory no
+                // other user can change, or swap, is used for it.
+                if account.uid == 0
+                    && let Ok(Some(who)) = held.changeable()
+                {
+                    return Err(SetupError::Invalid {
+                        field: "working_dir",
+                        problem: format!(
+                            "{} can be changed by a user other than root ({who}); a script \
+                             running as root gets only a directory that only root can change \
+                             (or set run_as)",
+                            dir.display()
+                        ),
+                    });
+                }
+                (dir.clone(), Some(held.id()))
+            }
             None => return Err(SetupError::WorkingDirMissing { path: dir.clone() }),
         },
         None => match held_dir(&account.home) {
-            Some(id) => (account.home.clone(), Some(id)),
-            None => (PathBuf::from("/"), held_dir(Path::new("/"))),
+            Some(held) => (account.home.clone(), Some(held.id())),
+            None => (
+                PathBuf::from("/"),
+                held_dir(Path::new("/")).map(|held| held.id()),
+            ),
         },
     };
 
@@ -210,13 +231,11 @@ fn environment(
     env.into_iter().collect()
 }
 
-/// The device and inode of `dir` if it is a directory, looked at through
-/// one descriptor.
-fn held_dir(dir: &Path) -> Option<(u64, u64)> {
+/// `dir` opened once, if it is a directory.
+fn held_dir(dir: &Path) -> Option<crate::paths::held::Held> {
     crate::paths::held::Held::open(dir)
         .ok()
         .filter(|held| held.is_dir())
-        .map(|held| held.id())
 }
 
 /// The first line of a script file (at most 256 bytes); checks that it is a
