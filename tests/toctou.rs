@@ -495,12 +495,7 @@ mod mounts {
         let mut mounts = MountServiceClient::new(agent.channel().await);
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
-            let list = mounts
-                .list_mounts(proto::ListMountsRequest {})
-                .await
-                .expect("list")
-                .into_inner();
-            let kept = list.mounts.into_iter().find(|m| m.name == "kept");
+            let kept = listed(&mut mounts, "kept").await;
             if let Some(m) = &kept
                 && matches!(
                     m.state(),
@@ -531,6 +526,97 @@ mod mounts {
             status.message.contains(&l.victim.display().to_string()),
             "{status:?}"
         );
+    }
+
+    /// The managed mount `name` as `ListMounts` shows it.
+    async fn listed(
+        mounts: &mut MountServiceClient<tonic::transport::Channel>,
+        name: &str,
+    ) -> Option<proto::MountInfo> {
+        mounts
+            .list_mounts(proto::ListMountsRequest {})
+            .await
+            .expect("list")
+            .into_inner()
+            .mounts
+            .into_iter()
+            .find(|m| m.name == name)
+    }
+
+    /// Mount entries exactly at `path`.
+    fn mounts_at(path: &Path) -> usize {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let wanted = path.display().to_string().replace(' ', "\\040");
+        text.lines()
+            .filter(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+            .count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_staged_mount_serves_the_users_path_and_is_repaired_without_a_dead_bind() {
+        let user = TestUser::create("iats");
+        let site = Site::new();
+        let l = layout(&site, &user);
+        std::fs::write(site.storage("data").join("hello"), b"from storage").expect("blob");
+        let agent = site.agent();
+        let mut mounts = MountServiceClient::new(agent.channel().await);
+        let info = mounts
+            .mount(request("staged", &l.data, None))
+            .await
+            .expect("mount")
+            .into_inner();
+        assert_eq!(info.mount_path, l.data.display().to_string());
+        let staged = agent.path().join("run/staging/mounts/staged.mnt");
+        assert_eq!(
+            std::fs::read(l.data.join("hello")).expect("read at the user's path"),
+            b"from storage"
+        );
+        assert!(mounted_at(&staged), "blobfuse2 mounts on the staging entry");
+        assert_eq!(mounts_at(&l.data), 1, "one bind at the user's path");
+        // blobfuse2 dies (SIGKILL: its mount stays, dead), then exits on
+        // SIGTERM (it takes its own mount off, the bind stays behind): each
+        // time the repair leaves one live bind at the user's path.
+        for (round, signal) in [
+            nix::sys::signal::Signal::SIGKILL,
+            nix::sys::signal::Signal::SIGTERM,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let pid = listed(&mut mounts, "staged").await.expect("listed").pid;
+            assert_ne!(pid, 0, "a supervised stand-in");
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("kill");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let m = listed(&mut mounts, "staged").await.expect("listed");
+                if m.state() == proto::MountState::Mounted && m.remount_count as usize > round {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "not repaired after {signal}: {m:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(
+                std::fs::read(l.data.join("hello")).expect("read after the repair"),
+                b"from storage",
+                "after {signal}"
+            );
+            assert_eq!(
+                mounts_at(&l.data),
+                1,
+                "after {signal}: one bind at the user's path"
+            );
+        }
+        mounts
+            .unmount(proto::UnmountRequest {
+                name: "staged".into(),
+            })
+            .await
+            .expect("unmount");
+        assert_eq!(mounts_at(&l.data), 0, "nothing left at the user's path");
+        assert!(!staged.exists(), "the staging entry is gone");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,15 +18,18 @@
 //! mount goes, and [`adopted`] finds them again after an agent restart.
 //! Blocking.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::MountError;
 use super::cache;
 use super::settings::MountSettings;
 use super::spec::MountSpec;
+use super::system::{Launch, is_blobfuse2};
 use crate::mountinfo;
 use crate::paths::held::Held;
-use crate::paths::staging::{Staging, StagingError};
+use crate::paths::staging::{self, Staging, StagingError};
 
 /// The paths blobfuse2 gets for a mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +47,40 @@ impl Handed {
             mount_path: spec.mount_path.clone(),
             cache_dir: spec.cache_dir.clone(),
         }
+    }
+}
+
+/// What each mount's blobfuse2 was handed, by mount name; absent means the
+/// spec's own paths. Shared by the supervisors and the service.
+#[derive(Debug, Default)]
+pub struct HandedPaths(Mutex<HashMap<String, Handed>>);
+
+impl HandedPaths {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handed>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The paths blobfuse2 is (or was last) handed for a mount.
+    pub fn of(&self, spec: &MountSpec) -> Handed {
+        self.lock()
+            .get(&spec.name)
+            .cloned()
+            .unwrap_or_else(|| Handed::of(spec))
+    }
+
+    /// Records what a mount's blobfuse2 is handed.
+    pub fn set(&self, name: &str, handed: Handed) {
+        self.lock().insert(name.to_owned(), handed);
+    }
+
+    /// Forgets a mount (it is gone).
+    pub fn forget(&self, name: &str) {
+        self.lock().remove(name);
+    }
+
+    /// How blobfuse2 is started for a mount, at the path it is handed.
+    pub fn launch(&self, settings: &MountSettings, spec: &MountSpec) -> Launch {
+        settings.launch_at(spec, &self.of(spec).mount_path)
     }
 }
 
@@ -83,6 +120,7 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
             source,
         }
     };
+    clear_mount_path(spec)?;
     let mount = Held::open_dir_creating(&spec.mount_path, 0o755, &|p| rules.allows_mount_path(p))
         .map_err(io("open the mount dir", &spec.mount_path))?;
     if mount.path() != spec.mount_path {
@@ -159,6 +197,35 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
         },
         mirror_onto,
     })
+}
+
+/// Before the mount dir is opened: blobfuse2's mounts left at its path (a
+/// bind of an earlier staged mount whose blobfuse2 went away, dead since)
+/// are taken off, each exactly (by mount id, never through a symlink);
+/// anything else mounted there is someone else's and fails the attempt.
+fn clear_mount_path(spec: &MountSpec) -> Result<(), MountError> {
+    let entries = mountinfo::read().unwrap_or_default();
+    for entry in entries
+        .iter()
+        .rev()
+        .filter(|e| e.mount_point == spec.mount_path)
+    {
+        if !is_blobfuse2(entry) {
+            return Err(MountError::InUse {
+                name: spec.name.clone(),
+                what: format!(
+                    "path {} is mounted by something else ({} from {})",
+                    spec.mount_path.display(),
+                    entry.fs_type,
+                    entry.source
+                ),
+            });
+        }
+        if let Err(error) = staging::unmount_exact(entry) {
+            tracing::warn!(mount = %spec.name, %error, "cannot take a leftover blobfuse2 mount off the mount path");
+        }
+    }
+    Ok(())
 }
 
 /// Whether a held directory has no entries.
@@ -270,9 +337,14 @@ pub fn adopted(settings: &MountSettings, spec: &MountSpec) -> Handed {
     handed
 }
 
-/// Takes off a mount's staging entries and the mirror at the user's path,
-/// once blobfuse2's mount is gone. Never fails: what cannot go is logged.
-pub fn release(settings: &MountSettings, name: &str) {
+/// Takes off a mount's staging entries and the bind at the user's path,
+/// once blobfuse2's mount is gone (a dead bind left there too, exactly).
+/// Never fails: what cannot go is logged.
+pub fn release(settings: &MountSettings, spec: &MountSpec) {
+    let name = &spec.name;
+    if let Err(error) = clear_mount_path(spec) {
+        tracing::warn!(mount = %name, %error, "the mount path was left as it is");
+    }
     if std::fs::symlink_metadata(&settings.staging_dir).is_err() {
         return;
     }

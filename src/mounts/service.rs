@@ -491,16 +491,16 @@ impl MountService {
         self.registry().forget(&spec.name).await;
         let launch = self.shared.launch(spec);
         let shared = self.shared.clone();
-        let name = spec.name.clone();
+        let owned = spec.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(&launch.config_file);
             let _ = std::fs::remove_file(&launch.output_file);
             let _ = std::fs::remove_file(launch.output_file.with_extension("out.1"));
             // blobfuse2's mount is off by now (a lingering one is detached).
-            handoff::release(&shared.settings, &name);
+            handoff::release(&shared.settings, &owned);
         })
         .await;
-        self.shared.forget_handed(&spec.name);
+        self.shared.handed.forget(&spec.name);
         self.clear_cache(spec, keep_open).await;
     }
 

@@ -19,15 +19,14 @@
 //! blobfuse2 command line) uses the paths blobfuse2 was handed, which only
 //! root can change.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::handoff::{self, Handed};
+use super::handoff::{self, Handed, HandedPaths};
 use super::registry::{ProcessRecord, Registry};
 use super::render;
 use super::secrets;
@@ -48,36 +47,20 @@ pub(super) struct Shared {
     /// The table, the records and what they show.
     pub registry: Registry,
     /// What each mount's blobfuse2 was handed (its own paths or staging
-    /// entries), by name; absent means the spec's own paths.
-    pub handed: Mutex<HashMap<String, Handed>>,
+    /// entries).
+    pub handed: HandedPaths,
 }
 
 impl Shared {
     /// The paths blobfuse2 is (or was last) handed for a mount.
     pub fn handed(&self, spec: &MountSpec) -> Handed {
-        lock(&self.handed)
-            .get(&spec.name)
-            .cloned()
-            .unwrap_or_else(|| Handed::of(spec))
-    }
-
-    fn set_handed(&self, name: &str, handed: Handed) {
-        lock(&self.handed).insert(name.to_owned(), handed);
-    }
-
-    /// Forgets a mount's hand-off (it is gone).
-    pub fn forget_handed(&self, name: &str) {
-        lock(&self.handed).remove(name);
+        self.handed.of(spec)
     }
 
     /// How blobfuse2 is started for a mount, at the path it is handed.
     pub fn launch(&self, spec: &MountSpec) -> Launch {
-        self.settings.launch_at(spec, &self.handed(spec).mount_path)
+        self.handed.launch(&self.settings, spec)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How a supervisor begins.
@@ -135,7 +118,7 @@ pub(super) async fn run(
             tokio::task::spawn_blocking(move || handoff::adopted(&found.settings, &settings_spec))
                 .await
                 .unwrap_or_else(|_| Handed::of(&spec));
-        shared.set_handed(&spec.name, handed);
+        shared.handed.set(&spec.name, handed);
     }
     let launch = shared.launch(&spec);
     let mut s = Supervisor {
@@ -348,9 +331,7 @@ impl Supervisor {
             }
             (false, Some(pid)) => {
                 // A blobfuse2 without its mount is of no use; start clean.
-                mounter
-                    .stop(pid, &self.launch, self.shared.settings.stop_grace)
-                    .await;
+                self.stop_process(pid).await;
                 Next::Mount { repair: false }
             }
             (false, None) => Next::Mount { repair: false },
@@ -413,10 +394,7 @@ impl Supervisor {
     /// Marks the mount stale, stops its process and unmounts it lazily.
     async fn repair(&self, pid: u32, reason: String) {
         self.set(MountState::Stale, reason.clone(), Some(pid));
-        self.shared
-            .mounter
-            .stop(pid, &self.launch, self.shared.settings.stop_grace)
-            .await;
+        self.stop_process(pid).await;
         self.lazy_unmount().await;
         self.count_repair();
     }
@@ -443,6 +421,17 @@ impl Supervisor {
         {
             tracing::warn!(mount = %self.spec.name, ?failure, "lazy unmount failed");
         }
+    }
+
+    /// Stops blobfuse2: its bind on the user's path first, for a staged
+    /// mount (blobfuse2 takes its own mount off as it exits, and the bind is
+    /// found through that mount).
+    async fn stop_process(&self, pid: u32) {
+        self.unmirror().await;
+        self.shared
+            .mounter
+            .stop(pid, &self.launch, self.shared.settings.stop_grace)
+            .await;
     }
 
     /// Takes a staged mount's bind off the user's path (see [`handoff`]).
@@ -517,7 +506,7 @@ impl Supervisor {
             _ => {}
         }
         let prepared = self.prepare_dirs().await?;
-        self.shared.set_handed(name, prepared.handed);
+        self.shared.handed.set(name, prepared.handed);
         self.launch = self.shared.launch(&self.spec);
         let yaml = self.render().await?;
         let secret = self.secret().await?;
@@ -566,9 +555,7 @@ impl Supervisor {
                         })
                     });
                     if let Err(error) = mirrored {
-                        mounter
-                            .stop(pid, &self.launch, self.shared.settings.stop_grace)
-                            .await;
+                        self.stop_process(pid).await;
                         self.lazy_unmount().await;
                         return Err(error);
                     }
@@ -576,9 +563,7 @@ impl Supervisor {
                 return Ok(pid);
             }
             if tokio::time::Instant::now() >= deadline {
-                mounter
-                    .stop(pid, &self.launch, self.shared.settings.stop_grace)
-                    .await;
+                self.stop_process(pid).await;
                 self.lazy_unmount().await;
                 return Err(MountError::Timeout {
                     name: name.clone(),
@@ -590,9 +575,7 @@ impl Supervisor {
             poll = (poll * 2).min(MOUNT_POLL_MAX);
             if !slept {
                 // Stopped while starting: leave nothing half-started behind.
-                mounter
-                    .stop(pid, &self.launch, self.shared.settings.stop_grace)
-                    .await;
+                self.stop_process(pid).await;
                 self.lazy_unmount().await;
                 return Err(MountError::Cancelled(name.clone()));
             }

@@ -227,25 +227,9 @@ impl Staging {
         };
         let entries = mountinfo::read().map_err(io("read mountinfo"))?;
         for peer in mirrors(&entries, &target) {
-            let Ok(fd) = rustix::fs::openat2(
-                rustix::fs::CWD,
-                &peer.mount_point,
-                OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-                ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-            ) else {
-                tracing::warn!(entry = %target.display(), mount_point = %peer.mount_point.display(), "mirror bind not reachable without symlinks; left in place");
-                continue;
-            };
-            if mount_id(&fd).map_err(io("look at the mirror bind"))? != peer.id {
-                tracing::warn!(entry = %target.display(), mount_point = %peer.mount_point.display(), "mirror bind is covered or moved; left in place");
-                continue;
+            if !unmount_exact(peer).map_err(io("unmount the mirror bind"))? {
+                tracing::warn!(entry = %target.display(), mount_point = %peer.mount_point.display(), "mirror bind moved or covered; left in place");
             }
-            // By the descriptor's magic link (no `fstat`: a dead FUSE mount
-            // would not answer it).
-            let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-            rustix::mount::unmount(by_fd, UnmountFlags::DETACH)
-                .map_err(|e| io("unmount the mirror bind")(e.into()))?;
         }
         Ok(())
     }
@@ -342,6 +326,30 @@ fn mirrors<'a>(
         .iter()
         .filter(|e| e.peer_group == Some(group) && e.id != staged.id && e.dev == staged.dev)
         .collect()
+}
+
+/// Lazily unmounts exactly the mount `entry` of mountinfo: its mount point
+/// is opened without following any symlink, the descriptor's mount id must
+/// be the entry's (else nothing happens: false), and the unmount goes by
+/// the descriptor's magic link, so a path renamed or swapped since the
+/// mountinfo was read never leads the unmount to another mount.
+pub fn unmount_exact(entry: &mountinfo::MountEntry) -> std::io::Result<bool> {
+    let Ok(fd) = rustix::fs::openat2(
+        rustix::fs::CWD,
+        &entry.mount_point,
+        OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    ) else {
+        return Ok(false);
+    };
+    if mount_id(&fd)? != entry.id {
+        return Ok(false);
+    }
+    // By the magic link, with no `fstat`: a dead FUSE mount would not answer.
+    let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    rustix::mount::unmount(by_fd, UnmountFlags::DETACH)?;
+    Ok(true)
 }
 
 /// The mount id of an open descriptor, from `/proc/self/fdinfo` (no

@@ -14,6 +14,7 @@ pub mod nspawn;
 pub mod rootfs;
 pub mod users;
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -375,9 +376,37 @@ impl Drop for Agent {
             &self.dir.path().join("logs"),
             &self.captured,
         );
-        // Staged binds in its runtime dir lead into other dirs: detach them
-        // (deepest first) so that removing the temp dir stays inside it.
+        // blobfuse2 stand-ins mounted on its staging entries (a test that
+        // failed leaves them), then the staged binds in its runtime dir,
+        // which lead into other dirs: detached (deepest first) so that
+        // removing the temp dir stays inside it.
+        kill_standins_below(self.dir.path());
         detach_mounts_below(self.dir.path());
+    }
+}
+
+/// SIGKILLs every blobfuse2 stand-in whose mount path is below `root`.
+pub fn kill_standins_below(root: &Path) {
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let standin = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"blobfuse2-standin"));
+        let below = args
+            .get(2)
+            .is_some_and(|a| Path::new(std::ffi::OsStr::from_bytes(a)).starts_with(root));
+        if standin && below {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
