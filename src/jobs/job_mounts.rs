@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use super::engine::Bind;
 use super::spec::{self, JobMount, JobSpec, MountSource, SpecError};
 use crate::paths::held::Held;
+use crate::paths::privileged::Privileged;
 use crate::paths::staging::Staging;
 
 /// How a job refers to a managed mount, as the mounts module answers.
@@ -178,7 +179,7 @@ fn hand_over(
         ));
     };
     Staging::prepare(dir)
-        .and_then(|staging| staging.bind(entry, held))
+        .and_then(|staging| Privileged::detect().bind(&staging, entry, held))
         .map_err(|e| {
             format!(
                 "{field}: {path} can be changed by a user other than root ({who}) \
@@ -199,9 +200,10 @@ pub(super) async fn release(staging_dir: Option<&Path>, job_id: &str) {
             return Ok(());
         }
         let staging = Staging::prepare(&dir)?;
+        let privileged = Privileged::detect();
         for name in staging.names()? {
             if job_of(&name) == Some(job.as_str()) {
-                staging.release(&name)?;
+                privileged.release(&staging, &name)?;
             }
         }
         Ok::<_, crate::paths::staging::StagingError>(())
@@ -223,10 +225,11 @@ pub(super) async fn tidy_staged(staging_dir: Option<&Path>, live: HashSet<String
             return Ok(0);
         }
         let staging = Staging::prepare(&dir)?;
+        let privileged = Privileged::detect();
         let mut released = 0;
         for name in staging.names()? {
             if !job_of(&name).is_some_and(|job| live.contains(job)) {
-                staging.release(&name)?;
+                privileged.release(&staging, &name)?;
                 released += 1;
             }
         }

@@ -29,7 +29,8 @@ use super::spec::MountSpec;
 use super::system::{Launch, is_blobfuse2};
 use crate::mountinfo;
 use crate::paths::held::Held;
-use crate::paths::staging::{self, Staging, StagingError};
+use crate::paths::privileged::Privileged;
+use crate::paths::staging::{Staging, StagingError};
 
 /// The paths blobfuse2 gets for a mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +121,7 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
             source,
         }
     };
-    clear_mount_path(spec)?;
+    clear_mount_path(settings, spec)?;
     let mount = Held::open_dir_creating(&spec.mount_path, 0o755, &|p| rules.allows_mount_path(p))
         .map_err(io("open the mount dir", &spec.mount_path))?;
     if mount.path() != spec.mount_path {
@@ -154,6 +155,7 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
         ))?;
 
     let staging = || Staging::prepare(&settings.staging_dir).map_err(|e| staging_error(name, e));
+    let privileged = Privileged::detect();
     let (mount_path, mirror_onto) = match mount
         .changeable()
         .map_err(io("check the mount dir", &spec.mount_path))?
@@ -172,8 +174,8 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
                     ),
                 ));
             }
-            let staged = staging()?
-                .make_dir(&mount_entry(name))
+            let staged = privileged
+                .make_dir(&staging()?, &mount_entry(name))
                 .map_err(|e| staging_error(name, e))?;
             (staged, Some(mount))
         }
@@ -185,8 +187,8 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
         None => spec.cache_dir.clone(),
         Some(who) => {
             tracing::info!(mount = %name, %who, "the cache dir can be changed by a user other than root; blobfuse2 gets a staged bind of it");
-            staging()?
-                .bind(&cache_entry(name), &cache)
+            privileged
+                .bind(&staging()?, &cache_entry(name), &cache)
                 .map_err(|e| staging_error(name, e))?
         }
     };
@@ -203,13 +205,13 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
 /// bind of an earlier staged mount whose blobfuse2 went away, dead since)
 /// are taken off, each exactly (by mount id, never through a symlink);
 /// anything else mounted there is someone else's and fails the attempt.
-fn clear_mount_path(spec: &MountSpec) -> Result<(), MountError> {
+fn clear_mount_path(settings: &MountSettings, spec: &MountSpec) -> Result<(), MountError> {
     let entries = mountinfo::read().unwrap_or_default();
-    for entry in entries
+    let here: Vec<_> = entries
         .iter()
-        .rev()
         .filter(|e| e.mount_point == spec.mount_path)
-    {
+        .collect();
+    for entry in &here {
         if !is_blobfuse2(entry) {
             return Err(MountError::InUse {
                 name: spec.name.clone(),
@@ -221,7 +223,12 @@ fn clear_mount_path(spec: &MountSpec) -> Result<(), MountError> {
                 ),
             });
         }
-        if let Err(error) = staging::unmount_exact(entry) {
+    }
+    if !here.is_empty() {
+        let cleared = Staging::prepare(&settings.staging_dir).and_then(|staging| {
+            Privileged::detect().clear_path(&staging, &spec.mount_path, "blobfuse2", "fuse")
+        });
+        if let Err(error) = cleared {
             tracing::warn!(mount = %spec.name, %error, "cannot take a leftover blobfuse2 mount off the mount path");
         }
     }
@@ -248,7 +255,7 @@ pub fn is_staged(settings: &MountSettings, path: &Path) -> bool {
 /// Binds blobfuse2's mount on the staging entry onto the held user dir.
 pub fn mirror(settings: &MountSettings, name: &str, onto: &Held) -> Result<(), MountError> {
     Staging::prepare(&settings.staging_dir)
-        .and_then(|staging| staging.mirror(&mount_entry(name), onto))
+        .and_then(|staging| Privileged::detect().mirror(&staging, &mount_entry(name), onto))
         .map_err(|e| staging_error(name, e))
 }
 
@@ -260,7 +267,7 @@ pub fn unmirror(settings: &MountSettings, name: &str) {
         return;
     }
     let outcome = Staging::prepare(&settings.staging_dir)
-        .and_then(|staging| staging.unmirror(&mount_entry(name)));
+        .and_then(|staging| Privileged::detect().unmirror(&staging, &mount_entry(name)));
     if let Err(error) = outcome {
         tracing::warn!(mount = %name, %error, "cannot take the mount off the user's path");
     }
@@ -272,8 +279,9 @@ pub fn unmirror(settings: &MountSettings, name: &str) {
 pub fn ensure_mirrored(settings: &MountSettings, spec: &MountSpec) -> Result<(), MountError> {
     let name = &spec.name;
     let staging = Staging::prepare(&settings.staging_dir).map_err(|e| staging_error(name, e))?;
-    if staging
-        .mirrored(&mount_entry(name))
+    let privileged = Privileged::detect();
+    if privileged
+        .mirrored(&staging, &mount_entry(name))
         .map_err(|e| staging_error(name, e))?
     {
         return Ok(());
@@ -303,8 +311,8 @@ pub fn ensure_mirrored(settings: &MountSettings, spec: &MountSpec) -> Result<(),
             field: "mount_path",
             problem,
         })?;
-    staging
-        .mirror(&mount_entry(name), &dir)
+    privileged
+        .mirror(&staging, &mount_entry(name), &dir)
         .map_err(|e| staging_error(name, e))
 }
 
@@ -342,17 +350,46 @@ pub fn adopted(settings: &MountSettings, spec: &MountSpec) -> Handed {
 /// Never fails: what cannot go is logged.
 pub fn release(settings: &MountSettings, spec: &MountSpec) {
     let name = &spec.name;
-    if let Err(error) = clear_mount_path(spec) {
+    if let Err(error) = clear_mount_path(settings, spec) {
         tracing::warn!(mount = %name, %error, "the mount path was left as it is");
     }
     if std::fs::symlink_metadata(&settings.staging_dir).is_err() {
         return;
     }
     let outcome = Staging::prepare(&settings.staging_dir).and_then(|staging| {
-        staging.release(&mount_entry(name))?;
-        staging.release(&cache_entry(name))
+        let privileged = Privileged::detect();
+        privileged.release(&staging, &mount_entry(name))?;
+        privileged.release(&staging, &cache_entry(name))
     });
     if let Err(error) = outcome {
         tracing::warn!(mount = %name, %error, "cannot release the staged binds");
+    }
+}
+
+/// At agent start: takes off the staging entries of mounts that are not
+/// managed any more (removed from config, say), with their binds.
+pub fn release_stale(settings: &MountSettings, managed: &std::collections::HashSet<String>) {
+    if std::fs::symlink_metadata(&settings.staging_dir).is_err() {
+        return;
+    }
+    let outcome = Staging::prepare(&settings.staging_dir).and_then(|staging| {
+        let privileged = Privileged::detect();
+        for entry in staging.names()? {
+            let name = entry
+                .strip_suffix(".mnt")
+                .or_else(|| entry.strip_suffix(".cache"))
+                .unwrap_or(&entry);
+            if !managed.contains(name) {
+                tracing::info!(
+                    entry,
+                    "releasing the staging entry of a mount no longer managed"
+                );
+                privileged.release(&staging, &entry)?;
+            }
+        }
+        Ok(())
+    });
+    if let Err(error) = outcome {
+        tracing::warn!(%error, "cannot tidy the staged binds of mounts");
     }
 }

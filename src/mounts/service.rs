@@ -154,6 +154,13 @@ impl MountService {
             }
         }
         self.registry().refresh_condition();
+        let managed: std::collections::HashSet<String> =
+            self.registry().lock().keys().cloned().collect();
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            handoff::release_stale(&shared.settings, &managed);
+        })
+        .await;
     }
 
     /// A mount requested over the API before, checked again as a new
