@@ -263,7 +263,7 @@ fn restart_and_upgrade_during_a_job_setup_scripts_and_a_mount_lose_nothing() {
         "\n[setup]\ngate_jobs = false\n\
          [[setup.scripts]]\nkind = \"creation\"\npath = \"/usr/local/bin/ia-create.sh\"\n\
          [[setup.scripts]]\nkind = \"startup\"\npath = \"/usr/local/bin/ia-startup.sh\"\n\
-         [mounts]\nblobfuse2_path = \"/usr/local/bin/blobfuse2\"\nhealth_interval_seconds = 1\n",
+         [mounts]\nblobfuse2_path = \"/usr/local/bin/blobfuse2\"\nhealth_interval_seconds = 1\ndefault_owner = \"root\"\n",
     ) else {
         return;
     };

@@ -45,6 +45,9 @@ struct Settings {
     storage: PathBuf,
     read_only: bool,
     allow_other: bool,
+    allow_root: bool,
+    /// What every inode shows: uid, gid, and the mode bits when set.
+    shown: Shown,
     log_file: Option<PathBuf>,
     description: String,
 }
@@ -53,7 +56,7 @@ fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let settings = parse(&args)?;
     log(&settings, &format!("mounting {}", settings.description));
-    let filesystem = Passthrough::new(settings.storage.clone());
+    let filesystem = Passthrough::new(settings.storage.clone(), settings.shown);
     let mut config = fuser::Config::default();
     config.mount_options = vec![MountOption::FSName("blobfuse2".into())];
     if settings.read_only {
@@ -61,6 +64,8 @@ fn run() -> Result<(), String> {
     }
     if settings.allow_other {
         config.acl = SessionACL::All;
+    } else if settings.allow_root {
+        config.acl = SessionACL::RootAndOwner;
     }
     config.n_threads = Some(2);
     // Signals are taken by one thread with sigwait, so that SIGTERM unmounts
@@ -179,6 +184,7 @@ fn parse(args: &[String]) -> Result<Settings, String> {
     let config: Value =
         serde_norway::from_str(&text).map_err(|e| format!("invalid config file [{e}]"))?;
     let text_of = |value: &Value| value.as_str().unwrap_or_default().to_owned();
+    let number = |value: &Value| value.as_u64().and_then(|n| u32::try_from(n).ok());
     let flag = |value: &Value| value.as_bool().unwrap_or(false);
 
     let meta = std::fs::metadata(&mount_path).map_err(|_| "mount directory does not exist")?;
@@ -196,6 +202,7 @@ fn parse(args: &[String]) -> Result<Settings, String> {
     {
         return Err("directory is already mounted".into());
     }
+    let allow_other = flag(&config["allow-other"]) || options.contains(&"allow_other");
     let nonempty = flag(&config["nonempty"]) || options.contains(&"nonempty");
     if !nonempty && !is_empty_dir(&mount_path) {
         return Err("mount directory is not empty".into());
@@ -293,7 +300,19 @@ fn parse(args: &[String]) -> Result<Settings, String> {
         mount_path,
         storage,
         read_only: flag(&config["read-only"]) || options.contains(&"ro"),
-        allow_other: flag(&config["allow-other"]) || options.contains(&"allow_other"),
+        allow_other,
+        allow_root: flag(&config["allow-root"]) || options.contains(&"allow_root"),
+        shown: Shown {
+            uid: number(&config["libfuse"]["uid"])
+                .unwrap_or_else(|| nix::unistd::getuid().as_raw()),
+            gid: number(&config["libfuse"]["gid"])
+                .unwrap_or_else(|| nix::unistd::getgid().as_raw()),
+            perm: if allow_other {
+                Some(0o777)
+            } else {
+                number(&config["libfuse"]["default-permission"])
+            },
+        },
         log_file,
         description: format!("{account}/{container} ({mode})"),
     })
@@ -345,9 +364,18 @@ impl Inodes {
     }
 }
 
+/// What every inode shows (blobfuse2's `libfuse.uid`, `gid`, and mode).
+#[derive(Clone, Copy)]
+struct Shown {
+    uid: u32,
+    gid: u32,
+    perm: Option<u32>,
+}
+
 /// Serves a local directory, read-write.
 struct Passthrough {
     root: PathBuf,
+    shown: Shown,
     inodes: Mutex<Inodes>,
     files: Mutex<HashMap<u64, File>>,
     next_handle: Mutex<u64>,
@@ -366,7 +394,7 @@ fn to_time(seconds: i64, nanos: i64) -> SystemTime {
 }
 
 impl Passthrough {
-    fn new(root: PathBuf) -> Self {
+    fn new(root: PathBuf, shown: Shown) -> Self {
         let mut inodes = Inodes {
             next: 1,
             ..Inodes::default()
@@ -375,6 +403,7 @@ impl Passthrough {
         inodes.numbers.insert(PathBuf::new(), INodeNo::ROOT.0);
         Self {
             root,
+            shown,
             inodes: Mutex::new(inodes),
             files: Mutex::new(HashMap::new()),
             next_handle: Mutex::new(0),
@@ -413,10 +442,10 @@ impl Passthrough {
             ctime: to_time(meta.ctime(), meta.ctime_nsec()),
             crtime: to_time(meta.ctime(), meta.ctime_nsec()),
             kind: FileType::from_std(meta.file_type()).unwrap_or(FileType::RegularFile),
-            perm: u16::try_from(meta.mode() & 0o7777).unwrap_or(0o644),
+            perm: u16::try_from(self.shown.perm.unwrap_or(meta.mode()) & 0o7777).unwrap_or(0o644),
             nlink: u32::try_from(meta.nlink()).unwrap_or(1),
-            uid: meta.uid(),
-            gid: meta.gid(),
+            uid: self.shown.uid,
+            gid: self.shown.gid,
             rdev: u32::try_from(meta.rdev()).unwrap_or(0),
             blksize: 4096,
             flags: 0,

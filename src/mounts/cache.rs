@@ -131,7 +131,9 @@ pub fn claim(
     mount: &str,
     allowed: &dyn Fn(&Path) -> Result<(), String>,
 ) -> std::io::Result<Held> {
-    let held = Held::open_dir_creating(dir, 0o700, allowed)?;
+    // 0711, parents included: a mount's blobfuse2 that runs as its owner
+    // reaches its own subdir by name (see `hand_to`), and lists nothing.
+    let held = Held::open_dir_creating(dir, 0o711, allowed)?;
     if held.path() != dir {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -159,6 +161,22 @@ pub fn claim(
         "File cache of the instance-agent mount {mount:?}. The agent empties this directory."
     )?;
     Ok(held)
+}
+
+/// For a mount whose blobfuse2 runs as `owner`: its subdir
+/// ([`BLOBFUSE2_SUBDIR`], made by the agent) becomes theirs, and the held
+/// cache dir (root's, with the marker) traversable by them (0711).
+pub fn hand_to(held: &Held, owner: super::spec::Owner) -> std::io::Result<()> {
+    let fd = reopen(held)?;
+    rustix::fs::chownat(
+        &fd,
+        BLOBFUSE2_SUBDIR,
+        Some(rustix::fs::Uid::from_raw(owner.uid)),
+        Some(rustix::fs::Gid::from_raw(owner.gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o711))?;
+    Ok(())
 }
 
 /// Empties an owned cache dir, keeping the marker; with `keep_open`, files

@@ -189,6 +189,13 @@ impl FuseMounter for FakeMounter {
             .map(|(pid, _)| *pid)
     }
 
+    async fn is_launched(&self, pid: u32, launch: &Launch) -> bool {
+        self.lock()
+            .processes
+            .get(&pid)
+            .is_some_and(|(l, end)| end.is_none() && l == launch)
+    }
+
     async fn mount_entry(&self, path: &Path) -> std::io::Result<Option<MountEntry>> {
         let s = self.lock();
         if let Some((fs_type, source)) = s.foreign.get(path) {

@@ -153,16 +153,35 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
             "create the cache dir",
             &cache::blobfuse2_dir(&spec.cache_dir),
         ))?;
+    let owner = spec.owner();
+    if !owner.is_root() {
+        check_user_allow_other(spec)?;
+        // blobfuse2 runs as the owner: its cache subdir is theirs, the cache
+        // dir (root's, with the marker) only traversable.
+        cache::hand_to(&cache, owner).map_err(io(
+            "hand the cache dir to the mount's owner",
+            &cache::blobfuse2_dir(&spec.cache_dir),
+        ))?;
+    }
 
     let staging = || Staging::prepare(&settings.staging_dir).map_err(|e| staging_error(name, e));
     let privileged = Privileged::detect();
-    let (mount_path, mirror_onto) = match mount
+    let changeable = mount
         .changeable()
-        .map_err(io("check the mount dir", &spec.mount_path))?
-    {
-        None => (spec.mount_path.clone(), None),
-        Some(who) => {
-            tracing::info!(mount = %name, %who, "the mount dir can be changed by a user other than root; blobfuse2 mounts on a staging entry, bound onto it once up");
+        .map_err(io("check the mount dir", &spec.mount_path))?;
+    let (mount_path, mirror_onto) = match (changeable, owner.is_root()) {
+        (None, true) => (spec.mount_path.clone(), None),
+        (who, _) => {
+            match who {
+                Some(who) => {
+                    tracing::info!(mount = %name, %who, "the mount dir can be changed by a user other than root; blobfuse2 mounts on a staging entry, bound onto it once up")
+                }
+                // fusermount3 mounts only where the mounter may write: the
+                // owner's blobfuse2 gets a staging entry of theirs.
+                None => {
+                    tracing::debug!(mount = %name, uid = owner.uid, "blobfuse2 runs as the mount's owner: it mounts on a staging entry of theirs, bound onto the mount dir once up")
+                }
+            }
             // blobfuse2 checks that its mount dir is empty; here that dir is
             // the entry, so the user's dir is checked through its descriptor.
             if !is_empty(&mount).map_err(io("read the mount dir", &spec.mount_path))? {
@@ -174,8 +193,15 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
                     ),
                 ));
             }
+            let staging = staging()?;
+            let entry_owner = (!owner.is_root()).then_some((owner.uid, owner.gid));
+            if entry_owner.is_some() {
+                staging
+                    .allow_traversal()
+                    .map_err(|e| staging_error(name, e))?;
+            }
             let staged = privileged
-                .make_dir(&staging()?, &mount_entry(name))
+                .make_dir(&staging, &mount_entry(name), entry_owner)
                 .map_err(|e| staging_error(name, e))?;
             (staged, Some(mount))
         }
@@ -198,6 +224,31 @@ pub fn prepare(settings: &MountSettings, spec: &MountSpec) -> Result<Prepared, M
             cache_dir,
         },
         mirror_onto,
+    })
+}
+
+/// Where the kernel's FUSE rules for users are (fusermount3 reads it).
+const FUSE_CONF: &str = "/etc/fuse.conf";
+
+/// A mount of a user's runs with `allow-root`, which fusermount3 grants a
+/// non-root mounter only with `user_allow_other` in `/etc/fuse.conf` (root
+/// and the jobs could not reach the mount without it). The package adds
+/// the line; the agent (read-only `/etc` under systemd) only checks it, so
+/// the mount fails naming the fix rather than with fusermount3's message.
+fn check_user_allow_other(spec: &MountSpec) -> Result<(), MountError> {
+    let text = std::fs::read_to_string(FUSE_CONF).unwrap_or_default();
+    if text.lines().any(|line| line.trim() == "user_allow_other") {
+        return Ok(());
+    }
+    Err(MountError::Invalid {
+        name: spec.name.clone(),
+        field: "owner_uid",
+        problem: format!(
+            "a mount owned by uid {} runs blobfuse2 as that user with allow_root, which needs a line \
+             user_allow_other in {FUSE_CONF} (the kernel lets root and jobs into a user's FUSE mount \
+             only then); add it, or mount with owner_uid 0 for jobs only",
+            spec.owner().uid
+        ),
     })
 }
 

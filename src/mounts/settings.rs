@@ -38,6 +38,10 @@ pub struct MountSettings {
     pub backoff_max: Duration,
     /// How long blobfuse2 gets to exit after SIGTERM.
     pub stop_grace: Duration,
+    /// `mounts.default_owner`: a user name, resolved at each request.
+    pub default_owner: String,
+    /// `mounts.default_permission`.
+    pub default_permission: u32,
 }
 
 impl MountSettings {
@@ -65,6 +69,8 @@ impl MountSettings {
             backoff_initial: Duration::from_secs(m.backoff_initial_seconds.into()),
             backoff_max: Duration::from_secs(m.backoff_max_seconds.into()),
             stop_grace: Duration::from_secs(5),
+            default_owner: m.default_owner.clone(),
+            default_permission: m.default_permission,
         }
     }
 
@@ -85,11 +91,19 @@ impl MountSettings {
             // SDK's errors do): it stays beside the 0600 config, never
             // under the logs dir, and goes at cleanup.
             output_file: self.config_dir.join(format!("{}.out", spec.name)),
+            owner: spec.owner(),
         }
     }
 
-    /// blobfuse2's own log file of a mount.
-    pub fn log_file(&self, name: &str) -> PathBuf {
-        self.logs_dir.join(format!("{name}.log"))
+    /// blobfuse2's own log file of a mount. A mount's blobfuse2 that runs
+    /// as its owner writes it, and the owner cannot reach the logs dir
+    /// (0750 root), so theirs is beside the config (`<name>.log`, 0600, the
+    /// owner's, in the traversable but unlistable config dir).
+    pub fn log_file(&self, spec: &MountSpec) -> PathBuf {
+        if spec.owner().is_root() {
+            self.logs_dir.join(format!("{}.log", spec.name))
+        } else {
+            self.config_dir.join(format!("{}.log", spec.name))
+        }
     }
 }

@@ -87,6 +87,31 @@ impl Origin {
     }
 }
 
+/// Who a mount belongs to: blobfuse2 runs as this user and shows every file
+/// as theirs. Root (uid 0) means a mount for jobs only (and root).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// The owner's uid.
+    pub uid: u32,
+    /// The owner's gid.
+    pub gid: u32,
+}
+
+impl Owner {
+    /// Root: a mount for jobs only.
+    pub const ROOT: Owner = Owner { uid: 0, gid: 0 };
+
+    /// Whether this is root (a jobs-only mount, blobfuse2 runs as root).
+    pub fn is_root(self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// "No gid given" in a requested [`Owner`] (a gid no group has: `(gid_t)
+/// -1` means "unchanged" to the kernel): the owner's primary group is looked
+/// up when the spec is checked.
+pub const NO_GID: u32 = u32::MAX;
+
 /// A mount as requested: what the API or the config asked for, with the
 /// defaults for the cache already applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +138,16 @@ pub struct MountSpec {
     pub subdirectory: String,
     /// Where it was declared.
     pub origin: Origin,
+    /// Who it belongs to; `None` until checked means `mounts.default_owner`
+    /// (a checked spec always has one).
+    pub owner: Option<Owner>,
+}
+
+impl MountSpec {
+    /// The owner of a checked spec (root if none was resolved).
+    pub fn owner(&self) -> Owner {
+        self.owner.unwrap_or(Owner::ROOT)
+    }
 }
 
 /// Longest mount name.

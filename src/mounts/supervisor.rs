@@ -275,8 +275,11 @@ impl Supervisor {
             .registry
             .process(&self.spec.name)
             .and_then(|r| r.pid);
+        // The recorded pid only if it is still the agent's blobfuse2 (its
+        // command line, owner and program): never a look-alike.
         if let Some(pid) = recorded
-            && mounter.process_state(pid, &self.launch).await != ProcessState::Running
+            && (mounter.process_state(pid, &self.launch).await != ProcessState::Running
+                || !mounter.is_launched(pid, &self.launch).await)
         {
             recorded = None;
         }
@@ -477,7 +480,8 @@ impl Supervisor {
         Ok(render::render(
             &seen,
             secret.as_ref(),
-            &self.shared.settings.log_file(&self.spec.name),
+            &self.shared.settings.log_file(&self.spec),
+            self.shared.settings.default_permission,
         ))
     }
 
@@ -602,6 +606,7 @@ impl Supervisor {
         let name = self.spec.name.clone();
         let launch = self.launch.clone();
         let logs_dir = self.shared.settings.logs_dir.clone();
+        let log_file = self.shared.settings.log_file(&self.spec);
         let io = move |action: &'static str, path: PathBuf| {
             let name = name.clone();
             move |source| MountError::Io {
@@ -620,6 +625,12 @@ impl Supervisor {
                 .map_err(io("create the logs dir", logs_dir.clone()))?;
             secrets::write_private(&launch.config_file, yaml.as_bytes())
                 .map_err(io("write the blobfuse2 config", launch.config_file.clone()))?;
+            if !launch.owner.is_root() {
+                hand_files_to_owner(&launch, &log_file).map_err(io(
+                    "hand blobfuse2's files to the mount's owner",
+                    log_file.clone(),
+                ))?;
+            }
             let previous = launch.output_file.with_extension("out.1");
             let _ = std::fs::rename(&launch.output_file, previous);
             Ok(())
@@ -655,6 +666,36 @@ impl Supervisor {
             .map(|l| (*l).to_owned())
             .unwrap_or_else(|| "no output".into())
     }
+}
+
+/// blobfuse2 that runs as the mount's owner reads its config and writes its
+/// log as them: both become theirs (0600) in the config dir, which only
+/// root can change and which becomes traversable, not listable (0711). The
+/// owner may read the mount's key or SAS there, as they could in the
+/// memory of their own blobfuse2. Blocking.
+fn hand_files_to_owner(launch: &Launch, log_file: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let (uid, gid) = (Some(launch.owner.uid), Some(launch.owner.gid));
+    // The config dir and the runtime dir above it (0711 under systemd too).
+    let config_dir = launch.config_file.parent();
+    for dir in [config_dir, config_dir.and_then(std::path::Path::parent)]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(log_file)?;
+    std::os::unix::fs::fchown(&log, uid, gid)?;
+    let config = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&launch.config_file)?;
+    std::os::unix::fs::fchown(&config, uid, gid)
 }
 
 #[cfg(test)]

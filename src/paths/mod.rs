@@ -26,6 +26,19 @@ pub mod staging;
 
 use held::Held;
 
+/// Looks a program name up in `PATH` as a shell would: the first
+/// executable regular file of that name.
+pub fn find_in_path(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// A path was refused. Every message names the path and the rule it broke.
 #[derive(Debug, thiserror::Error)]
 pub enum PathError {

@@ -94,11 +94,21 @@ impl Privileged {
         }
     }
 
-    /// [`Staging::make_dir`].
-    pub fn make_dir(&self, staging: &Staging, entry: &str) -> Result<PathBuf, StagingError> {
-        match self.helper(staging, &["make-dir".as_ref(), entry.as_ref()]) {
+    /// [`Staging::make_dir`], owned by `owner` (uid, gid) when given.
+    pub fn make_dir(
+        &self,
+        staging: &Staging,
+        entry: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<PathBuf, StagingError> {
+        let ids = owner.map(|(uid, gid)| (uid.to_string(), gid.to_string()));
+        let mut op: Vec<&std::ffi::OsStr> = vec!["make-dir".as_ref(), entry.as_ref()];
+        if let Some((uid, gid)) = &ids {
+            op.extend([std::ffi::OsStr::new(uid), std::ffi::OsStr::new(gid)]);
+        }
+        match self.helper(staging, &op) {
             Some(done) => done.map(|()| staging.path(entry)),
-            None => staging.make_dir(entry),
+            None => staging.make_dir(entry, owner),
         }
     }
 
@@ -229,7 +239,16 @@ fn run_helper(args: &[OsString]) -> Result<bool, String> {
     };
     let done = match op.as_str() {
         "bind" => staging.bind(&entry, &held(3)?).map(|_| true),
-        "make-dir" => staging.make_dir(&entry).map(|_| true),
+        "make-dir" => {
+            let owner = match (args.get(3), args.get(4)) {
+                (Some(_), Some(_)) => Some((
+                    text(3)?.parse().map_err(|_| "bad uid".to_owned())?,
+                    text(4)?.parse().map_err(|_| "bad gid".to_owned())?,
+                )),
+                _ => None,
+            };
+            staging.make_dir(&entry, owner).map(|_| true)
+        }
         "mirror" => staging.mirror(&entry, &held(3)?).map(|()| true),
         "mirrored" => staging.mirrored(&entry),
         "unmirror" => staging.unmirror(&entry).map(|()| true),

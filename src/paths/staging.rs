@@ -80,9 +80,11 @@ impl Staging {
             problem,
         };
         let stat = held.stat();
-        if stat.st_uid != 0 || stat.st_mode & 0o077 != 0 {
+        // 0711 is allowed (see `allow_traversal`): others may reach a known
+        // entry, never list or change the dir.
+        if stat.st_uid != 0 || stat.st_mode & 0o066 != 0 {
             return Err(not_private(format!(
-                "must be owned by root with mode 0700 (it is uid {}, mode {:o})",
+                "must be owned by root with mode 0700 or 0711 (it is uid {}, mode {:o})",
                 stat.st_uid,
                 stat.st_mode & 0o7777
             )));
@@ -157,9 +159,44 @@ impl Staging {
         Ok(target)
     }
 
-    /// Makes entry `name` a plain empty directory (0700), replacing whatever
-    /// was there: a mount point for another program. Returns its path.
-    pub fn make_dir(&self, name: &str) -> Result<PathBuf, StagingError> {
+    /// Lets other users search (not list) the staging dir and its parent
+    /// (mode 0711): a mount's blobfuse2 that runs as its owner reaches its
+    /// own entry (a mount point it owns, see [`Self::make_dir`]) by name.
+    /// Every entry keeps its own mode, so nothing else opens to them.
+    pub fn allow_traversal(&self) -> Result<(), StagingError> {
+        for dir in [Some(self.dir.as_path()), self.dir.parent()]
+            .into_iter()
+            .flatten()
+        {
+            let io = |source: std::io::Error| StagingError::Io {
+                path: dir.to_owned(),
+                action: "let the mount's owner traverse the dir",
+                source,
+            };
+            let held = Held::open_no_symlinks(dir).map_err(io)?;
+            if held.stat().st_uid != 0 {
+                return Err(StagingError::NotPrivate {
+                    dir: dir.to_owned(),
+                    problem: format!("owned by uid {}, not root", held.stat().st_uid),
+                });
+            }
+            let fd = rustix::fs::openat(
+                held.fd(),
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| io(e.into()))?;
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o711)).map_err(|e| io(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Makes entry `name` a plain empty directory (0700, owned by `owner`,
+    /// uid and gid, when given), replacing whatever was there: a mount point
+    /// for another program (`fusermount3` wants its mounter to own it).
+    /// Returns its path.
+    pub fn make_dir(&self, name: &str, owner: Option<(u32, u32)>) -> Result<PathBuf, StagingError> {
         let target = self.path(name);
         self.release(name)?;
         let dir = self.open_dir().map_err(|source| StagingError::Io {
@@ -174,6 +211,21 @@ impl Staging {
                 source: e.into(),
             }
         })?;
+        if let Some((uid, gid)) = owner {
+            // Just made in a dir only root can change: still the same entry.
+            rustix::fs::chownat(
+                dir.fd(),
+                name,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| StagingError::Io {
+                path: target.clone(),
+                action: "hand the entry to the mount's owner",
+                source: e.into(),
+            })?;
+        }
         Ok(target)
     }
 
