@@ -69,14 +69,7 @@ impl Held {
     }
 
     fn open_with(path: &Path, resolve: ResolveFlags) -> std::io::Result<Self> {
-        let fd = rustix::fs::openat2(
-            rustix::fs::CWD,
-            path,
-            OFlags::PATH | OFlags::CLOEXEC,
-            Mode::empty(),
-            resolve,
-        )?;
-        Self::from_fd(fd)
+        Self::from_fd(open_path(path, resolve)?)
     }
 
     /// Holds an open descriptor (any kind, `O_PATH` included).
@@ -214,11 +207,8 @@ impl Held {
                     why: "not in a directory".into(),
                 }));
             };
-            let parent = rustix::fs::openat2(
-                rustix::fs::CWD,
+            let parent = open_path(
                 parent,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
                 ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
             )?;
             let there = rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
@@ -294,6 +284,53 @@ pub enum WalkError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// An `O_PATH` descriptor of the absolute `path`, resolved with `resolve`
+/// (openat2), or without openat2 by other means.
+pub fn open_path(path: &Path, resolve: ResolveFlags) -> std::io::Result<OwnedFd> {
+    let fd = match rustix::fs::openat2(
+        rustix::fs::CWD,
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        resolve,
+    ) {
+        // No openat2 (a kernel before 5.6, or a seccomp filter that does
+        // not know it, as systemd-nspawn 252's): the same by other means.
+        Err(rustix::io::Errno::NOSYS) if resolve.contains(ResolveFlags::NO_SYMLINKS) => {
+            open_without_symlinks(path)?
+        }
+        // Symlinks followed by the kernel; the caller checks where the
+        // object really is (`path()`, from the descriptor), which a
+        // magic link cannot fake.
+        Err(rustix::io::Errno::NOSYS) => {
+            rustix::fs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())?
+        }
+        other => other?,
+    };
+    Ok(fd)
+}
+
+/// Opens the absolute `path` one component at a time from `/` with
+/// `O_NOFOLLOW`, refusing a symlink anywhere (`ELOOP`): `RESOLVE_NO_SYMLINKS`
+/// without openat2.
+fn open_without_symlinks(path: &Path) -> std::io::Result<OwnedFd> {
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut fd = rustix::fs::open("/", flags | OFlags::DIRECTORY, Mode::empty())?;
+    for component in path.components() {
+        match component {
+            std::path::Component::RootDir => {}
+            std::path::Component::Normal(name) => {
+                fd = rustix::fs::openat(&fd, name, flags, Mode::empty())?;
+                if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) == FileType::Symlink {
+                    return Err(rustix::io::Errno::LOOP.into());
+                }
+            }
+            _ => return Err(rustix::io::Errno::INVAL.into()),
+        }
+    }
+    Ok(fd)
 }
 
 /// Opens the absolute `path` one component at a time from `/`, the way the
@@ -466,6 +503,24 @@ fn remove_entry(dir: &OwnedFd, name: &OsStr, flags: AtFlags) -> std::io::Result<
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn without_openat2_a_symlink_anywhere_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(base.join("a"), base.join("link")).unwrap();
+        let fd = open_without_symlinks(&base.join("a/b")).unwrap();
+        assert_eq!(fd_path(fd.as_fd()).unwrap(), base.join("a/b"));
+        for through in [base.join("link/b"), base.join("link")] {
+            let refused = open_without_symlinks(&through).unwrap_err();
+            assert_eq!(
+                refused.raw_os_error(),
+                Some(nix::libc::ELOOP),
+                "{through:?}"
+            );
+        }
+    }
 
     #[test]
     fn holds_the_object_reached_and_names_it() {

@@ -329,13 +329,20 @@ impl Staging {
 
     /// The entries present (for clean-up at start).
     pub fn names(&self) -> Result<Vec<String>, StagingError> {
-        let dir = match rustix::fs::openat2(
-            rustix::fs::CWD,
+        let dir = match super::held::open_path(
             &self.dir,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
             ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-        ) {
+        )
+        .and_then(|path| {
+            Ok(rustix::fs::openat(
+                &path,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?)
+        })
+        .map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+        {
             Ok(dir) => dir,
             Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
             Err(e) => {
@@ -386,11 +393,8 @@ fn mirrors<'a>(
 /// the descriptor's magic link, so a path renamed or swapped since the
 /// mountinfo was read never leads the unmount to another mount.
 pub fn unmount_exact(entry: &mountinfo::MountEntry) -> std::io::Result<bool> {
-    let Ok(fd) = rustix::fs::openat2(
-        rustix::fs::CWD,
+    let Ok(fd) = super::held::open_path(
         &entry.mount_point,
-        OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
         ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     ) else {
         return Ok(false);
