@@ -13,57 +13,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::run::{ReclaimMode, ReclaimReport, Reclaimer, Relevance};
+use super::run::{
+    ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimRequest, Reclaimer, Relevance,
+};
 use super::steps::ReclaimStep;
 use crate::disk::probe::{FsProbe, sample_within};
 use crate::disk::{DiskError, DiskState, FsStats, Thresholds};
 use crate::events::{EventBus, EventPayload};
 use crate::units::bytes;
-
-/// What started a reclaim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReclaimTrigger {
-    /// A `ReclaimSpace` call.
-    Api,
-    /// The disk guard, when a watched filesystem turned critical
-    /// (`disk.auto_reclaim`).
-    Automatic,
-}
-
-impl ReclaimTrigger {
-    /// Lowercase name for logs and metric labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            ReclaimTrigger::Api => "api",
-            ReclaimTrigger::Automatic => "automatic",
-        }
-    }
-}
-
-/// A reclaim that was not a dry run, as published on the event log: what
-/// deleted what, whichever way it was started.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReclaimFinished {
-    /// What started it.
-    pub trigger: ReclaimTrigger,
-    /// The paths whose filesystems it reclaimed for (empty when it was asked
-    /// for every filesystem and none was short of space).
-    pub targets: Vec<PathBuf>,
-    /// What each step did.
-    pub report: ReclaimReport,
-}
-
-/// What a reclaim is asked to do (by `ReclaimSpace` or the guard itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReclaimRequest {
-    /// A path on the filesystem to reclaim for; every watched filesystem
-    /// below its floor plus margin when `None`.
-    pub path: Option<PathBuf>,
-    /// Dry run and all steps.
-    pub mode: ReclaimMode,
-    /// Who asked, for the event and the metrics.
-    pub trigger: ReclaimTrigger,
-}
 
 /// A filesystem a reclaim is for: a path on it and the levels that apply.
 #[derive(Debug, Clone, PartialEq)]

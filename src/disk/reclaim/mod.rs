@@ -17,8 +17,9 @@ pub mod driver;
 pub mod run;
 pub mod steps;
 
-pub use driver::{
-    ReclaimDriver, ReclaimFinished, ReclaimQueue, ReclaimRequest, ReclaimTarget, ReclaimTrigger,
+pub use driver::{ReclaimDriver, ReclaimQueue, ReclaimTarget};
+pub use run::{
+    ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimRequest, ReclaimTrigger, Reclaimer,
+    Relevance, StepReport,
 };
-pub use run::{ReclaimMode, ReclaimReport, Reclaimer, Relevance, StepReport};
 pub use steps::{Freed, ReclaimError, ReclaimStep, Removals};
