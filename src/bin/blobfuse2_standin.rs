@@ -29,6 +29,10 @@ use fuser::{
 };
 use serde_norway::Value;
 
+#[path = "blobfuse2_standin/inodes.rs"]
+mod inodes;
+use inodes::Inodes;
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,7 +50,6 @@ struct Settings {
     read_only: bool,
     allow_other: bool,
     allow_root: bool,
-    /// What every inode shows: uid, gid, and the mode bits when set.
     shown: Shown,
     log_file: Option<PathBuf>,
     description: String,
@@ -184,7 +187,11 @@ fn parse(args: &[String]) -> Result<Settings, String> {
     let config: Value =
         serde_norway::from_str(&text).map_err(|e| format!("invalid config file [{e}]"))?;
     let text_of = |value: &Value| value.as_str().unwrap_or_default().to_owned();
-    let number = |value: &Value| value.as_u64().and_then(|n| u32::try_from(n).ok());
+    let id = |key: &str| {
+        config["libfuse"][key]
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+    };
     let flag = |value: &Value| value.as_bool().unwrap_or(false);
 
     let meta = std::fs::metadata(&mount_path).map_err(|_| "mount directory does not exist")?;
@@ -303,15 +310,11 @@ fn parse(args: &[String]) -> Result<Settings, String> {
         allow_other,
         allow_root: flag(&config["allow-root"]) || options.contains(&"allow_root"),
         shown: Shown {
-            uid: number(&config["libfuse"]["uid"])
-                .unwrap_or_else(|| nix::unistd::getuid().as_raw()),
-            gid: number(&config["libfuse"]["gid"])
-                .unwrap_or_else(|| nix::unistd::getgid().as_raw()),
-            perm: if allow_other {
-                Some(0o777)
-            } else {
-                number(&config["libfuse"]["default-permission"])
-            },
+            uid: id("uid").unwrap_or_else(|| nix::unistd::getuid().as_raw()),
+            gid: id("gid").unwrap_or_else(|| nix::unistd::getgid().as_raw()),
+            perm: allow_other
+                .then_some(0o777)
+                .or_else(|| id("default-permission")),
         },
         log_file,
         description: format!("{account}/{container} ({mode})"),
@@ -323,46 +326,6 @@ fn is_empty_dir(path: &Path) -> bool {
 }
 
 const TTL: Duration = Duration::from_secs(1);
-
-/// Inode numbers of the paths (relative to the storage dir) seen so far.
-#[derive(Default)]
-struct Inodes {
-    paths: HashMap<u64, PathBuf>,
-    numbers: HashMap<PathBuf, u64>,
-    next: u64,
-}
-
-impl Inodes {
-    fn number(&mut self, path: &Path) -> u64 {
-        if let Some(n) = self.numbers.get(path) {
-            return *n;
-        }
-        self.next += 1;
-        let n = self.next;
-        self.paths.insert(n, path.to_owned());
-        self.numbers.insert(path.to_owned(), n);
-        n
-    }
-
-    fn rename(&mut self, from: &Path, to: &Path) {
-        let moved: Vec<(PathBuf, u64)> = self
-            .numbers
-            .iter()
-            .filter(|(p, _)| p.starts_with(from))
-            .map(|(p, n)| (p.clone(), *n))
-            .collect();
-        for (old, n) in moved {
-            let new = match old.strip_prefix(from) {
-                Ok(rest) if rest.as_os_str().is_empty() => to.to_owned(),
-                Ok(rest) => to.join(rest),
-                Err(_) => continue,
-            };
-            self.numbers.remove(&old);
-            self.numbers.insert(new.clone(), n);
-            self.paths.insert(n, new);
-        }
-    }
-}
 
 /// What every inode shows (blobfuse2's `libfuse.uid`, `gid`, and mode).
 #[derive(Clone, Copy)]
