@@ -13,6 +13,7 @@ use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
 use instance_agent::disk::probe::SystemProbe;
 use instance_agent::jobs::engine::DockerEngine;
 use instance_agent::mounts::system::SystemMounter;
+use instance_agent::paths::privileged::{self, HELPER_ARG};
 use instance_agent::setup::UnitRunner;
 use instance_agent::setup::supervisor::{self, SUPERVISOR_ARG};
 use instance_agent::{Adapters, ConfigSource, Daemon};
@@ -27,6 +28,12 @@ fn main() -> ExitCode {
     // (see `setup::runner`); it is not a user command.
     if std::env::args_os().nth(1).as_deref() == Some(SUPERVISOR_ARG.as_ref()) {
         return supervisor::main();
+    }
+    // So is the staging helper, started by PID 1 for an agent that may not
+    // mount itself (see `paths::privileged`).
+    if std::env::args_os().nth(1).as_deref() == Some(HELPER_ARG.as_ref()) {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+        return privileged::helper_main(&args);
     }
     let cli = Cli::parse();
     match cli.command {

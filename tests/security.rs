@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::certs::{Ca, write_file};
+use common::users::userdb;
 use common::{Agent, binary, uuid_like};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, disk_service_client::DiskServiceClient,
@@ -332,23 +333,6 @@ fn plaintext_only_on_loopback_and_key_must_be_private() {
 
 // --- users ---------------------------------------------------------------
 
-/// Runs a user-database command, retrying while another process holds the
-/// passwd/group lock (tests of other modules may add users in parallel).
-fn userdb(program: &str, args: &[&str]) {
-    for _ in 0..50 {
-        let out = Command::new(program).args(args).output().expect(program);
-        if out.status.success() {
-            return;
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !stderr.contains("lock") {
-            panic!("{program} {args:?}: {stderr}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{program} {args:?}: the user database stayed locked");
-}
-
 fn id_of(flag: &str, name: &str) -> u32 {
     let out = Command::new("id").args([flag, name]).output().expect("id");
     String::from_utf8_lossy(&out.stdout)
@@ -527,7 +511,10 @@ fn unix_socket_roles_for_operators_and_outsiders() {
     // `disk --top` walks as root but enters only what the operator may list.
     let listable = tools.path().join("listable");
     let private = tools.path().join("private");
-    for (dir, mode) in [(&listable, 0o755), (&private, 0o700)] {
+    // Below `private`: a directory the operator could list, but cannot
+    // reach (they may not search `private`).
+    let hidden = private.join("hidden");
+    for (dir, mode) in [(&listable, 0o755), (&private, 0o700), (&hidden, 0o755)] {
         std::fs::create_dir(dir).expect("mkdir");
         std::fs::write(dir.join("file"), b"data").expect("write");
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
@@ -549,6 +536,7 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         .env("IA_SECURITY_HELPER_SETUP_RUN", &run_id)
         .env("IA_SECURITY_HELPER_DIR", &listable)
         .env("IA_SECURITY_HELPER_PRIVATE_DIR", &private)
+        .env("IA_SECURITY_HELPER_HIDDEN_DIR", &hidden)
         .output()
         .expect("helper");
     let helper_out = format!(
@@ -804,6 +792,16 @@ async fn operator_calls_over_grpc() {
         .find_map(Result::err)
         .expect("a directory the operator may not list is refused");
     assert_eq!(refusal.code(), tonic::Code::PermissionDenied, "{refusal:?}");
+    // Every ancestor counts as the operator would see it: a listable
+    // directory below one they may not search is refused too.
+    let hidden = var("IA_SECURITY_HELPER_HIDDEN_DIR");
+    let refusal = top_directories(&mut disk, hidden)
+        .await
+        .into_iter()
+        .find_map(Result::err)
+        .expect("a directory below one the operator may not search is refused");
+    assert_eq!(refusal.code(), tonic::Code::PermissionDenied, "{refusal:?}");
+    assert!(refusal.message().contains("search"), "{refusal:?}");
 
     MountServiceClient::new(channel.clone())
         .list_mounts(proto::ListMountsRequest {})

@@ -200,6 +200,7 @@ impl Daemon {
                 admission: admission.clone(),
                 mounts: Arc::new(mounts.clone()),
                 logs_dir: config.agent.state_dir.join("job-logs"),
+                staging_dir: Some(config.agent.runtime_dir.join("staging").join("jobs")),
                 instance_id: instance_id.clone(),
                 usable_cores: host.usable_cores,
                 memory_bytes: host.memory_total_bytes,

@@ -15,7 +15,9 @@ pub mod fuse_site;
 pub mod nspawn;
 pub mod raw_h2;
 pub mod rootfs;
+pub mod users;
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -395,6 +397,53 @@ impl Drop for Agent {
             &self.dir.path().join("logs"),
             &self.captured,
         );
+        // blobfuse2 stand-ins mounted on its staging entries (a test that
+        // failed leaves them), then the staged binds in its runtime dir,
+        // which lead into other dirs: detached (deepest first) so that
+        // removing the temp dir stays inside it.
+        kill_standins_below(self.dir.path());
+        detach_mounts_below(self.dir.path());
+    }
+}
+
+/// SIGKILLs every blobfuse2 stand-in whose mount path is below `root`.
+pub fn kill_standins_below(root: &Path) {
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let standin = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"blobfuse2-standin"));
+        let below = args
+            .get(2)
+            .is_some_and(|a| Path::new(std::ffi::OsStr::from_bytes(a)).starts_with(root));
+        if standin && below {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Lazily unmounts every mount below `root` (this process's mountinfo),
+/// deepest first.
+pub fn detach_mounts_below(root: &Path) {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root) && p != root)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
