@@ -160,10 +160,12 @@ fn tally(answers: &[(Code, Duration)]) -> (Vec<(Code, usize)>, Duration) {
 
 #[tokio::test]
 async fn a_flood_into_a_hung_filesystem_leaves_the_agent_answering_and_stoppable() {
-    let hung = HungFuse::new();
     let mut agent = Agent::builder()
         .config("[disk]\ninterval_ms = 500\nsample_timeout_ms = 1000\n")
         .start();
+    // Declared after the agent, so dropped before it, also when the test
+    // fails: an agent thread stuck in it would hold the agent's reaping.
+    let hung = HungFuse::new();
     let pid = agent.child.id();
     let rss_before = rss(pid);
     let channel = agent.channel().await;
