@@ -10,10 +10,11 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::events::EventLog;
 use common::fs::{Filler, MIB, Tmpfs};
 use common::{Agent, wait_for_fs};
 use instance_agent::api::proto::{
@@ -278,6 +279,64 @@ async fn a_flood_into_a_hung_filesystem_leaves_the_agent_answering_and_stoppable
         AgentServiceClient::new(agent.channel().await).get_status(proto::GetStatusRequest {}),
     )
     .await;
+}
+
+#[tokio::test]
+async fn the_automatic_reclaim_never_waits_behind_a_flood_of_dry_runs() {
+    let tmpfs = Tmpfs::new(64);
+    let filler = Filler::new(&tmpfs.path);
+    let agent = Agent::builder()
+        .config(&format!(
+            "[disk]\ninterval_ms = 250\nsample_timeout_ms = 1000\ncritical_free_bytes = {}\n\
+             warning_free_bytes = {}\nclear_margin_bytes = {}\ntransition_seconds = 1\n\
+             auto_reclaim = true\npaths = [{:?}]\n",
+            8 * MIB,
+            16 * MIB,
+            2 * MIB,
+            tmpfs.path
+        ))
+        .start();
+    let hung = HungFuse::new();
+    let channel = agent.channel().await;
+    let mut events = EventLog::from_now(&agent).await;
+    // 100 callers' dry runs at once, into the hung filesystem; once the
+    // first has answered the others have all been taken in.
+    let flood: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(dry_run(channel.clone(), hung.path.join("x"))))
+        .collect();
+    let mut flood = flood.into_iter();
+    let first = flood
+        .next()
+        .expect("a dry run")
+        .await
+        .expect("dry run task");
+    println!("first dry run: {first:?}");
+    filler.set_free(5 * MIB);
+    let crossed = Instant::now();
+    let event = events
+        .until("an automatic reclaim", Duration::from_secs(10), |e| {
+            matches!(&e.kind, Some(proto::event::Kind::Reclaim(r)) if r.trigger() == proto::ReclaimTrigger::Automatic)
+        })
+        .await;
+    println!(
+        "automatic reclaim published {:?} after the tmpfs turned critical, 100 dry runs beside it",
+        crossed.elapsed()
+    );
+    let Some(proto::event::Kind::Reclaim(reclaim)) = event.kind else {
+        unreachable!("matched above");
+    };
+    assert!(
+        reclaim.targets.iter().any(|t| Path::new(t) == tmpfs.path),
+        "{reclaim:?}"
+    );
+    let mut answered = 1;
+    for dry_run in flood {
+        let (code, _) = dry_run.await.expect("dry run task");
+        assert_ne!(code, Code::Ok, "a dry run into a hung filesystem");
+        answered += 1;
+    }
+    assert_eq!(answered, 100);
+    filler.empty();
 }
 
 #[tokio::test]
