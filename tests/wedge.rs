@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -337,6 +338,100 @@ async fn the_automatic_reclaim_never_waits_behind_a_flood_of_dry_runs() {
     }
     assert_eq!(answered, 100);
     filler.empty();
+}
+
+/// Reads notifications from `notify` until `until` holds for what was read,
+/// for at most `within`; returns what was read.
+fn notifications(notify: &UnixDatagram, within: Duration, until: impl Fn(&str) -> bool) -> String {
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    while !until(&seen) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        notify.set_read_timeout(Some(left)).expect("timeout");
+        if let Ok(n) = notify.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn the_watchdog_stops_pinging_once_the_blocking_pool_is_stuck() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    let roots = std::env::temp_dir().canonicalize().expect("temp dir");
+    // A 2 s watchdog: a ping every second, each after its proof of progress.
+    let agent = Agent::builder()
+        .config(&format!("[jobs]\nallowed_host_roots = [{roots:?}]\n"))
+        .env("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8 path"))
+        .env("WATCHDOG_USEC", "2000000")
+        .start();
+    let hung = HungFuse::new();
+    let seen = notifications(&notify, Duration::from_secs(10), |s| {
+        s.matches("WATCHDOG=1").count() >= 2
+    });
+    assert!(seen.matches("WATCHDOG=1").count() >= 2, "{seen}");
+    // Job binds are still resolved in the agent's blocking threads: enough
+    // of them into the hung filesystem take every one (the pool has 16).
+    let channel = agent.channel().await;
+    let submits: Vec<_> = (0..20)
+        .map(|i| {
+            let channel = channel.clone();
+            let source = hung.path.join("data").display().to_string();
+            tokio::spawn(async move {
+                let mut jobs = JobServiceClient::new(channel);
+                let request = proto::SubmitJobRequest {
+                    spec: Some(proto::JobSpec {
+                        id: format!("bind-{i}"),
+                        image: "instance-agent/busybox:test".into(),
+                        command: vec!["true".into()],
+                        mounts: vec![proto::JobMount {
+                            source: Some(proto::job_mount::Source::HostPath(source)),
+                            container_path: "/data".into(),
+                            read_only: true,
+                        }],
+                        ..Default::default()
+                    }),
+                };
+                tokio::time::timeout(Duration::from_secs(30), jobs.submit_job(request)).await
+            })
+        })
+        .collect();
+    // The agent says so, then systemd hears nothing for a whole watchdog
+    // period: it would restart the agent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent.log().contains("not pinging systemd's watchdog") {
+        assert!(
+            Instant::now() < deadline,
+            "still pinging; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = notifications(&notify, Duration::from_millis(100), |_| false);
+    let quiet = notifications(&notify, Duration::from_secs(2), |s| {
+        s.contains("WATCHDOG=1")
+    });
+    assert!(!quiet.contains("WATCHDOG=1"), "pinged while stuck: {quiet}");
+    println!("no WATCHDOG=1 for 2 s (WatchdogSec) while the blocking pool was stuck");
+    // Let go of the threads: the hung server goes, every stuck call returns.
+    drop(hung);
+    for submit in submits {
+        let _ = submit.await;
+    }
+    let again = notifications(&notify, Duration::from_secs(10), |s| {
+        s.contains("WATCHDOG=1")
+    });
+    assert!(
+        again.contains("WATCHDOG=1"),
+        "pings again once unstuck: {again}"
+    );
 }
 
 #[tokio::test]
