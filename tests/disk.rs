@@ -892,7 +892,9 @@ async fn a_critical_state_filesystem_holds_real_queued_jobs_and_releases_them() 
     let filler = Filler::new(&tmpfs.path);
     let config = format!(
         "{}[jobs]\nslots = 2\n",
-        disk_config(250, &[], &format!("reserve_bytes = {}", MIB))
+        // Named in `disk.paths`, the tmpfs keeps the small byte levels
+        // (unnamed, a memory-backed filesystem gets levels relative to its size).
+        disk_config(250, &[&tmpfs.path], &format!("reserve_bytes = {}", MIB))
     );
     let agent = Agent::builder()
         .config(&config)
