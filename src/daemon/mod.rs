@@ -5,11 +5,13 @@
 //! Owns the one cancellation token and the one task tracker of the process.
 //! This file is the assembly and the run/shutdown sequence; `dirs` keeps the
 //! state dir and the instance id, `background` the daemon's own loops (GPU
-//! discovery, engine monitor, `STATUS=`, watchdog), and the Unix socket is
+//! discovery, engine monitor, `STATUS=`, watchdog), `watchdog` the proof of
+//! progress behind each watchdog ping, and the Unix socket is
 //! bound by [`api::socket`].
 
 mod background;
 mod dirs;
+mod watchdog;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -98,8 +100,11 @@ pub struct Adapters {
     pub mounter: Arc<dyn FuseMounter>,
     /// The engine as the disk guard sees it (data root, reclaimable data).
     pub disk_docker: Arc<dyn crate::disk::docker::DockerSpace>,
-    /// Filesystems as the disk guard sees them.
+    /// The agent's own well-known filesystems as the disk guard sees them.
     pub disk_probe: Arc<dyn crate::disk::probe::FsProbe>,
+    /// Paths that users or remote storage control, probed in helper
+    /// processes (the disk guard, job binds).
+    pub isolated_probe: Arc<dyn crate::disk::probe::IsolatedProbe>,
     /// Starts setup scripts.
     pub setup_runner: Arc<dyn crate::setup::ProcessRunner>,
     /// sshd, its units, its port and its sessions.
@@ -389,6 +394,7 @@ impl Daemon {
             (gpus_tx, gpus_discovered_tx),
             engine_up_tx,
             config_rx,
+            &store,
         );
         tasks.spawn(setup.run(cancel.clone()));
         access.start(&tasks, &cancel);
@@ -472,6 +478,7 @@ fn build_disk_guard(
         config: derive(config_rx, |c| c.disk.clone()),
         state_dir: config.agent.state_dir.clone(),
         probe: adapters.disk_probe.clone(),
+        isolated: adapters.isolated_probe.clone(),
         docker: adapters.disk_docker.clone(),
         steps,
         store: store.clone(),

@@ -1,6 +1,8 @@
 //! The outside world of mounts: starting blobfuse2 in its own session,
 //! watching its process, reading `/proc/self/mountinfo`, probing a mount
-//! root off the async runtime, and `fusermount3 -u`. [`FuseMounter`] is the
+//! root in a probe helper process (`disk::probe`: a blobfuse2 that stops
+//! answering must never hold an agent thread in the kernel), and
+//! `fusermount3 -u`. [`FuseMounter`] is the
 //! narrow interface the supervisor uses; [`SystemMounter`] is the real one.
 
 use std::collections::HashMap;
@@ -17,6 +19,7 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 
 use super::spec::Owner;
+use crate::disk::probe::IsolatedProbe;
 use crate::mountinfo::{self, MountEntry};
 
 /// How to start blobfuse2 for one mount.
@@ -132,10 +135,11 @@ pub trait FuseMounter: Send + Sync + 'static {
 /// `fusermount3` the same way (`systemd-run --wait`), since an unmount in the
 /// agent's own namespace would not reach the host's. Elsewhere blobfuse2 is
 /// the agent's child in its own session.
-#[derive(Debug, Default)]
 pub struct SystemMounter {
     /// Transient services (under systemd), else direct children.
     units: Option<crate::transient::Tools>,
+    /// Where health probes run: helper processes.
+    isolated: Arc<dyn IsolatedProbe>,
     /// Probes in flight, by mount root: a caller that finds one waits for
     /// its answer instead of starting another (the supervisor and every job
     /// start probe the same root), so probes blocked on a hung FUSE daemon
@@ -145,11 +149,13 @@ pub struct SystemMounter {
 
 impl SystemMounter {
     /// The real mounter, as this host allows: transient services under
-    /// systemd, else the agent's children.
-    pub fn new() -> Self {
+    /// systemd, else the agent's children; health probes through
+    /// `isolated`.
+    pub fn new(isolated: Arc<dyn IsolatedProbe>) -> Self {
         Self {
             units: crate::systemd::booted().then(crate::transient::Tools::default),
-            ..Self::default()
+            isolated,
+            probing: Arc::default(),
         }
     }
 }
@@ -264,16 +270,21 @@ impl FuseMounter for SystemMounter {
                     probing.insert(path.to_owned(), rx.clone());
                     let probing = self.probing.clone();
                     let owned = path.to_owned();
-                    // statfs always reaches the FUSE daemon (stat may be
-                    // answered from the kernel's attribute cache while the
-                    // daemon is dead).
-                    tokio::task::spawn_blocking(move || {
-                        let probe = match nix::sys::statvfs::statvfs(&owned) {
-                            Ok(_) => Probe::Healthy,
-                            Err(errno) => Probe::Stale(std::io::Error::from(errno).to_string()),
-                        };
+                    // The sample's statfs always reaches the FUSE daemon
+                    // (stat alone may be answered from the kernel's
+                    // attribute cache while the daemon is dead). The probe
+                    // stays in flight until its helper is gone: a helper
+                    // stuck in the kernel is never joined by another.
+                    let mut run = self.isolated.sample(vec![(owned.clone(), false)], timeout);
+                    tokio::spawn(async move {
+                        if let Some((_, outcome)) = run.answers.recv().await {
+                            let _ = tx.send(Some(match outcome {
+                                Ok(_) => Probe::Healthy,
+                                Err(error) => Probe::Stale(error.to_string()),
+                            }));
+                        }
+                        while run.answers.recv().await.is_some() {}
                         lock(&probing).remove(&owned);
-                        let _ = tx.send(Some(probe));
                     });
                     rx
                 }
@@ -656,7 +667,7 @@ mod tests {
         let mut l = launch(&dir.path().join("m").display().to_string());
         l.program = script;
         l.output_file = dir.path().join("out");
-        let m = SystemMounter::new();
+        let m = SystemMounter::new(Arc::new(crate::disk::probe::SystemProbe));
         let pid = m.spawn(&l).await.unwrap();
         // `exec sleep` replaces the command line; the process is still ours.
         assert_eq!(m.process_state(pid, &l).await, ProcessState::Running);
@@ -671,7 +682,7 @@ mod tests {
 
     #[tokio::test]
     async fn probe_of_a_plain_directory_is_healthy_and_of_nothing_is_stale() {
-        let m = SystemMounter::new();
+        let m = SystemMounter::new(Arc::new(crate::disk::probe::SystemProbe));
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(
             m.probe(dir.path(), Duration::from_secs(5)).await,

@@ -725,3 +725,30 @@ pub fn sum_of(text: &str, prefix: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Polls GetDiskUsage until `check` holds for the filesystem mounted at `mount`.
+pub async fn wait_for_fs(
+    client: &mut instance_agent::api::proto::disk_service_client::DiskServiceClient<Channel>,
+    mount: &Path,
+    what: &str,
+    check: impl Fn(&instance_agent::api::proto::FilesystemUsage) -> bool,
+) -> instance_agent::api::proto::FilesystemUsage {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let usage = client
+            .get_disk_usage(instance_agent::api::proto::GetDiskUsageRequest {})
+            .await
+            .expect("GetDiskUsage")
+            .into_inner();
+        if let Some(fs) = usage
+            .filesystems
+            .iter()
+            .find(|f| Path::new(&f.mount_point) == mount)
+            && check(fs)
+        {
+            return fs.clone();
+        }
+        assert!(Instant::now() < deadline, "{what}: {usage:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
