@@ -89,6 +89,8 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
         ));
         let adapters = Adapters {
             engine: engine.clone(),
+            image_engine: engine.clone(),
+            registry: Arc::new(instance_agent::images::http::HttpRegistry::new()),
             disk_docker: engine,
             disk_probe: Arc::new(SystemProbe),
             mounter: Arc::new(SystemMounter::new()),

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod disk;
 pub mod guard;
+pub mod images;
 pub mod jobs;
 pub mod limits;
 pub mod listen;
@@ -40,10 +41,11 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/instance_agent_descriptor.bin"));
 }
 
-/// The full names of the five services, as reflection and health list them.
-pub const SERVICE_NAMES: [&str; 5] = [
+/// The full names of the six services, as reflection and health list them.
+pub const SERVICE_NAMES: [&str; 6] = [
     "instance_agent.v1.AgentService",
     "instance_agent.v1.JobService",
+    "instance_agent.v1.ImageService",
     "instance_agent.v1.DiskService",
     "instance_agent.v1.SetupService",
     "instance_agent.v1.MountService",
@@ -82,6 +84,8 @@ pub struct ApiParts {
     pub agent: agent::AgentApi,
     /// Jobs.
     pub jobs: jobs::JobApi,
+    /// Images and registry credentials.
+    pub images: images::ImageApi,
     /// File share mounts.
     pub mounts: mounts::MountApi,
     /// Setup scripts.
@@ -99,6 +103,7 @@ pub fn routes(
 ) -> Result<(Routes, tonic_health::server::HealthReporter), tonic_reflection::server::Error> {
     use proto::agent_service_server::AgentServiceServer;
     use proto::disk_service_server::DiskServiceServer;
+    use proto::image_service_server::ImageServiceServer;
     use proto::job_service_server::JobServiceServer;
     use proto::mount_service_server::MountServiceServer;
     use proto::setup_service_server::SetupServiceServer;
@@ -118,6 +123,7 @@ pub fn routes(
         .add_service(reflection_v1alpha)
         .add_service(AgentServiceServer::new(parts.agent).max_decoding_message_size(max))
         .add_service(JobServiceServer::new(parts.jobs).max_decoding_message_size(max))
+        .add_service(ImageServiceServer::new(parts.images).max_decoding_message_size(max))
         .add_service(DiskServiceServer::new(parts.disk).max_decoding_message_size(max))
         .add_service(SetupServiceServer::new(parts.setup).max_decoding_message_size(max))
         .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max));
