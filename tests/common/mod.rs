@@ -11,6 +11,7 @@ pub mod fs;
 #[cfg(feature = "test-util")]
 pub mod fuse_site;
 pub mod nspawn;
+pub mod registry;
 pub mod rootfs;
 
 use std::path::{Path, PathBuf};
