@@ -221,11 +221,13 @@ async fn wait_for_image(
             .into_inner();
     }
     if let Some(display) = display {
-        display.finish(&format!(
-            "image {}: {}",
-            job.spec.clone().unwrap_or_default().image,
-            job.reason
-        ));
+        let image = job.spec.clone().unwrap_or_default().image;
+        display.finish(&match job.state() {
+            proto::JobState::Queued | proto::JobState::Starting | proto::JobState::Running => {
+                format!("image {image} is local")
+            }
+            _ => format!("image {image}: {}", job.reason),
+        });
     }
     Ok(())
 }

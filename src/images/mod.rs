@@ -9,8 +9,9 @@
 //! records of the images it pulled and used ([`records`], in the store),
 //! the pulls in flight (`state.rs`, `pulls.rs`) and their progress
 //! ([`progress`]), the handle ([`ImageService`], which implements the job
-//! queue's [`crate::jobs::ImageProvider`]) and the disk guard's image
-//! reclaim steps ([`reclaim`]).
+//! queue's [`crate::jobs::ImageProvider`]; the images on the instance and
+//! the credentials as the API sees them in `catalog.rs`) and the disk
+//! guard's image reclaim steps ([`reclaim`]).
 //!
 //! Reaches the outside world through [`engine::ImageEngine`] (the engine:
 //! pull, inspect, remove; bollard in `docker.rs`), [`registry::Registry`]
@@ -19,6 +20,7 @@
 //! guard's public handle). Fakes of the three are in `fake.rs` (behind
 //! `test-util`).
 
+mod catalog;
 pub mod config;
 pub mod credentials;
 pub mod docker;
@@ -38,10 +40,11 @@ mod state;
 #[cfg(test)]
 mod tests;
 
+pub use catalog::{ImageView, RemoveReport};
 pub use credentials::{CredentialInfo, CredentialStore};
 pub use progress::{LayerProgress, PullProgress};
 pub use pulls::needed_bytes;
-pub use service::{ImageParts, ImageService, ImageView, PullWatch, RemoveReport};
+pub use service::{ImageParts, ImageService, PullWatch};
 
 use crate::jobs::engine::EngineError;
 use crate::store::StoreError;

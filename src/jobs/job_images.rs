@@ -107,6 +107,25 @@ pub struct PullView {
     pub needed_bytes: u64,
 }
 
+impl PullView {
+    /// A queued job's reason while its image is not local.
+    pub fn job_reason(&self, image: &str) -> String {
+        use crate::units::bytes;
+        match self.phase {
+            PullPhase::Pulling if self.bytes_total > 0 => format!(
+                "pulling image {image}: {} of {}, {}/{} layers",
+                bytes(self.bytes_done),
+                bytes(self.bytes_total),
+                self.layers_done,
+                self.layers_total
+            ),
+            PullPhase::Pulling | PullPhase::Resolving => format!("pulling image {image}"),
+            _ if self.reason.is_empty() => format!("waiting for image {image}"),
+            _ => format!("waiting for image {image}: {}", self.reason),
+        }
+    }
+}
+
 /// A job's image, as the provider answers from memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageState {

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use super::SlotUsage;
 use super::config::JobsConfig;
 use super::engine::ContainerEngine;
-use super::job_images::{ImageProvider, ImageState, PullPhase, PullView, RegistryAuth};
+use super::job_images::{ImageProvider, ImageState, PullView, RegistryAuth};
 use super::job_mounts::{self, MountResolver};
 use super::logs::{JobLogs, LogRecord};
 use super::record::{JobRecord, JobState};
@@ -402,7 +402,7 @@ impl JobManager {
             if let ImageState::Pulling(view) =
                 self.inner.images.state(record.id(), &record.spec.image)
             {
-                record.reason = pull_reason(&record.spec.image, &view);
+                record.reason = view.job_reason(&record.spec.image);
                 pull = Some(view);
             }
             if let Some(held) = self.inner.admission.held_reason() {
@@ -630,23 +630,6 @@ impl JobManager {
         }
         edit(record);
         Some(record.clone())
-    }
-}
-
-/// A queued job's reason while its image is not local.
-fn pull_reason(image: &str, pull: &PullView) -> String {
-    use crate::units::bytes;
-    match pull.phase {
-        PullPhase::Pulling if pull.bytes_total > 0 => format!(
-            "pulling image {image}: {} of {}, {}/{} layers",
-            bytes(pull.bytes_done),
-            bytes(pull.bytes_total),
-            pull.layers_done,
-            pull.layers_total
-        ),
-        PullPhase::Pulling | PullPhase::Resolving => format!("pulling image {image}"),
-        _ if pull.reason.is_empty() => format!("waiting for image {image}"),
-        _ => format!("waiting for image {image}: {}", pull.reason),
     }
 }
 
