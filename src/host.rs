@@ -37,6 +37,10 @@ pub struct HostFacts {
     pub memory_total_bytes: u64,
     /// GPUs found; empty when none.
     pub gpus: Vec<Gpu>,
+    /// How setup scripts and blobfuse2 are started and supervised here,
+    /// chosen at start: transient services under systemd, else the agent's
+    /// children (set by the daemon from its adapters).
+    pub supervision: String,
 }
 
 impl HostFacts {
@@ -62,6 +66,7 @@ impl HostFacts {
             usable_cores: usable_cores(),
             memory_total_bytes: memory().0,
             gpus: Vec::new(),
+            supervision: String::new(),
         }
     }
 }

@@ -15,6 +15,8 @@
 //! - [`store`]: the embedded crash-safe store (redb) shared by the domains.
 //! - [`admission`]: holds on the job queue placed by disk guard and setup.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING).
+//! - [`transient`]: transient services forked by PID 1 (`systemd-run`,
+//!   `systemctl`), for setup scripts and blobfuse2 under systemd.
 //! - `testing` (unit tests only): the shared rig of the domains' unit tests.
 //! - [`units`]: byte sizes and durations for people (messages, config, CLI).
 //! - [`jobs`]: the job queue: specs, states, slots, logs and the container engine.
@@ -60,6 +62,7 @@ pub mod store;
 pub mod systemd;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod transient;
 pub mod units;
 pub mod validate;
 

@@ -12,7 +12,7 @@ use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
 use instance_agent::disk::probe::SystemProbe;
 use instance_agent::jobs::engine::DockerEngine;
 use instance_agent::mounts::system::SystemMounter;
-use instance_agent::setup::SupervisedRunner;
+use instance_agent::setup::UnitRunner;
 use instance_agent::setup::supervisor::{self, SUPERVISOR_ARG};
 use instance_agent::{Adapters, ConfigSource, Daemon};
 
@@ -36,6 +36,12 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
     init_tracing(args.log_format);
+    // No core dumps and no ptrace by other processes of the same user: the
+    // agent's memory holds storage keys, SAS tokens and the TLS key (the
+    // unit also sets LimitCORE=0). Children get their own value at exec.
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(%error, "cannot turn core dumps off (PR_SET_DUMPABLE)");
+    }
     let source = ConfigSource {
         must_exist: args.config.is_some(),
         path: args.config.unwrap_or_else(default_config_path),
@@ -94,7 +100,11 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
             disk_docker: engine,
             disk_probe: Arc::new(SystemProbe),
             mounter: Arc::new(SystemMounter::new()),
-            setup_runner: Arc::new(SupervisedRunner::detect(agent_binary())),
+            setup_runner: UnitRunner::for_host(
+                agent_binary(),
+                &config.agent.runtime_dir,
+                &config.agent.logs_dir,
+            ),
         };
         Daemon::new(config, source, adapters)
             .run(stop_signal())

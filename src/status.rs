@@ -162,6 +162,7 @@ mod tests {
             usable_cores: 2.5,
             memory_total_bytes: 8 << 30,
             gpus: Vec::new(),
+            supervision: String::new(),
         };
         let provider = StatusProvider::new(
             "inst-1",

@@ -5,9 +5,6 @@
 //! Test-only (`cfg(test)`); fakes of the outside world stay in each domain's
 //! `fake.rs`. A domain's test harness embeds a [`Rig`] and adds its own parts.
 
-// Until every domain's tests have moved onto it (issue 12).
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 
 use tokio_util::sync::CancellationToken;
@@ -20,8 +17,8 @@ use crate::store::Store;
 
 /// What every domain's unit test needs from the daemon.
 pub(crate) struct Rig {
-    /// Removed when the rig is dropped.
-    pub dir: tempfile::TempDir,
+    /// Removed when the rig is dropped (held only for that).
+    _dir: tempfile::TempDir,
     /// The canonical path of `dir` (tests compare paths the agent resolved).
     pub root: PathBuf,
     /// A store in `root/state`.
@@ -47,7 +44,7 @@ impl Rig {
         std::fs::create_dir_all(&state).expect("state dir");
         let store = Store::open(&state).expect("store");
         Self {
-            dir,
+            _dir: dir,
             root,
             store,
             events: EventBus::new(4096),

@@ -1244,9 +1244,8 @@ mod systemd_scope {
     use std::time::Duration;
 
     use instance_agent::setup::RUN_MARKER_ENV;
-    use instance_agent::setup::runner::{
-        Containment, Launch, ProcessRunner, Report, SUPERVISOR_ARG, SupervisedRunner,
-    };
+    use instance_agent::setup::runner::{Launch, ProcessRunner, Report, SUPERVISOR_ARG};
+    use instance_agent::setup::supervised_runner::{Containment, SupervisedRunner};
     use tokio::io::AsyncReadExt;
 
     fn fake_systemd_run(dir: &Path, body: &str) -> PathBuf {
@@ -1270,6 +1269,7 @@ mod systemd_scope {
             user: None,
             kill_grace: Duration::from_secs(1),
             kill_leftovers: true,
+            timeout: Duration::from_secs(60),
         }
     }
 

@@ -122,6 +122,7 @@ fn status_to_proto(report: StatusReport) -> proto::GetStatusResponse {
                 })
                 .collect(),
             kernel: host.kernel,
+            supervision: host.supervision,
         }),
         conditions: report
             .conditions

@@ -12,9 +12,8 @@ use super::auth::Role;
 use super::peer::{Peer, Who};
 use super::proto::{self, disk_service_server::DiskService};
 use super::{ReplyStream, timestamp};
-use crate::disk::guard::ReclaimRequest;
 use crate::disk::reclaim::{
-    ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimTrigger, StepReport,
+    ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimRequest, ReclaimTrigger, StepReport,
 };
 use crate::disk::top::{TopReport, TopRequest};
 use crate::disk::{

@@ -136,6 +136,7 @@ mod tests {
                     ..Default::default()
                 }],
                 kernel: "6.1.0".into(),
+                supervision: String::new(),
             }),
             conditions: vec![
                 proto::Condition {

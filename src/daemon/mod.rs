@@ -169,9 +169,14 @@ impl Daemon {
         let (gpus_discovered_tx, gpus_discovered_rx) = watch::channel(false);
         let (engine_up_tx, engine_up_rx) = watch::channel(false);
         // Reads /proc and /sys (cgroup files): off the runtime's threads.
-        let host = tokio::task::spawn_blocking(HostFacts::discover)
+        let mut host = tokio::task::spawn_blocking(HostFacts::discover)
             .await
             .map_err(|e| DaemonError::HostFacts(e.to_string()))?;
+        host.supervision = format!(
+            "setup scripts: {}; mounts: {}",
+            adapters.setup_runner.describe(),
+            adapters.mounter.describe()
+        );
         let mounts = MountService::new(
             MountSettings::new(
                 &config.mounts,

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -170,6 +171,68 @@ impl DiskConfig {
     }
 }
 
+/// The levels the section yields.
+impl Thresholds {
+    /// The `[disk]` levels, without per-path overrides.
+    pub fn from_config(config: &DiskConfig) -> Self {
+        Self {
+            warning_free_bytes: config.warning_free_bytes,
+            critical_free_bytes: config.critical_free_bytes,
+            warning_free_inodes_percent: config.warning_free_inodes_percent,
+            critical_free_inodes_percent: config.critical_free_inodes_percent,
+            clear_margin_bytes: config.clear_margin_bytes,
+            clear_margin_inodes_percent: config.clear_margin_inodes_percent,
+            transition: Duration::from_secs(config.transition_seconds.into()),
+        }
+    }
+
+    /// The `[disk]` levels with one override applied; a key the override
+    /// leaves out keeps the `[disk]` value.
+    pub fn with_override(config: &DiskConfig, o: &DiskOverride) -> Self {
+        let base = Self::from_config(config);
+        Self {
+            critical_free_bytes: o.critical_free_bytes.unwrap_or(base.critical_free_bytes),
+            warning_free_bytes: o.warning_free_bytes.unwrap_or(base.warning_free_bytes),
+            critical_free_inodes_percent: o
+                .critical_free_inodes_percent
+                .unwrap_or(base.critical_free_inodes_percent),
+            warning_free_inodes_percent: o
+                .warning_free_inodes_percent
+                .unwrap_or(base.warning_free_inodes_percent),
+            clear_margin_bytes: o.clear_margin_bytes.unwrap_or(base.clear_margin_bytes),
+            ..base
+        }
+    }
+
+    /// The levels for a filesystem that holds `paths`: the `[disk]` levels
+    /// with the overrides of those paths applied, the strictest winning.
+    pub fn for_paths<'a>(config: &DiskConfig, paths: impl IntoIterator<Item = &'a Path>) -> Self {
+        let mut overridden: Option<Self> = None;
+        for path in paths {
+            let Some(o) = path.to_str().and_then(|p| config.overrides.get(p)) else {
+                continue;
+            };
+            let mine = Self::with_override(config, o);
+            overridden = Some(match overridden {
+                None => mine,
+                Some(acc) => Self {
+                    warning_free_bytes: acc.warning_free_bytes.max(mine.warning_free_bytes),
+                    critical_free_bytes: acc.critical_free_bytes.max(mine.critical_free_bytes),
+                    warning_free_inodes_percent: acc
+                        .warning_free_inodes_percent
+                        .max(mine.warning_free_inodes_percent),
+                    critical_free_inodes_percent: acc
+                        .critical_free_inodes_percent
+                        .max(mine.critical_free_inodes_percent),
+                    clear_margin_bytes: acc.clear_margin_bytes.max(mine.clear_margin_bytes),
+                    ..acc
+                },
+            });
+        }
+        overridden.unwrap_or_else(|| Self::from_config(config))
+    }
+}
+
 /// Refuses a percentage outside 0 to 100.
 fn percent(key: &str, value: f64) -> Result<(), FieldError> {
     if (0.0..=100.0).contains(&value) {
@@ -224,5 +287,31 @@ mod tests {
         assert_eq!(error.problem, "100.5 is out of range: allowed 0 to 100");
         let error = parse("interval_ms = 10\n").validate().unwrap_err();
         assert_eq!(error.problem, "10 is out of range: allowed 100 to 60000");
+    }
+
+    #[test]
+    fn strictest_override_wins() {
+        let mut config = DiskConfig::default();
+        config.overrides.insert(
+            "/a".into(),
+            DiskOverride {
+                critical_free_bytes: Some(1),
+                ..Default::default()
+            },
+        );
+        config.overrides.insert(
+            "/b".into(),
+            DiskOverride {
+                critical_free_bytes: Some(7 << 30),
+                ..Default::default()
+            },
+        );
+        let none = Thresholds::for_paths(&config, [Path::new("/c")]);
+        assert_eq!(none, Thresholds::from_config(&config));
+        let one = Thresholds::for_paths(&config, [Path::new("/a")]);
+        assert_eq!(one.critical_free_bytes, 1);
+        let both = Thresholds::for_paths(&config, [Path::new("/a"), Path::new("/b")]);
+        assert_eq!(both.critical_free_bytes, 7 << 30);
+        assert_eq!(both.warning_free_bytes, 10 << 30);
     }
 }

@@ -2,18 +2,22 @@
 //! recovery floor with hysteresis, alerts, admission holds, safe reclaim and
 //! operator diagnostics.
 //!
-//! Owns the `[disk]` section ([`config`]), which paths are watched and why
-//! ([`guard`]), the pressure state machine ([`hysteresis`]), the reserve file
-//! in the state dir ([`reserve`]), the reclaim driver and its steps
-//! ([`reclaim`], [`docker`]) and the walk behind `disk --top` ([`top`]).
-//! Reaches the outside world only through [`probe::FsProbe`] (statvfs, stat,
-//! mountinfo) and [`docker::DockerSpace`] (the engine; implemented in
-//! `jobs::docker_space`). Knows nothing of gRPC; must not touch user files:
-//! the only files it deletes are its own reserve file and what reclaim steps
-//! own.
+//! Owns the `[disk]` section ([`config`]) and the levels it yields per
+//! filesystem ([`Thresholds`]), the guard ([`guard`]: what is watched and
+//! why, sampling, alerts), the pressure state machine ([`hysteresis`]), the
+//! reserve file in the state dir ([`reserve`]), reclaim ([`reclaim`]: the
+//! steps, running them, when and for what) with the Docker steps
+//! ([`docker`]), and the walk behind `disk --top` ([`top`]). Reaches the
+//! outside world only through [`probe::FsProbe`] (statvfs, stat, mountinfo)
+//! and [`docker::DockerSpace`] (the engine; implemented in
+//! `jobs::docker_space`); fakes of both in [`fake`]. Knows nothing of gRPC;
+//! must not touch user files: the only files it deletes are its own reserve
+//! file and what reclaim steps own.
 
 pub mod config;
 pub mod docker;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
 pub mod guard;
 pub mod hysteresis;
 pub mod probe;
@@ -25,7 +29,6 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use crate::store::StoreError;
-use config::{DiskConfig, DiskOverride};
 
 pub use guard::{DiskGuard, DiskParts};
 
@@ -57,7 +60,8 @@ impl DiskState {
     }
 }
 
-/// The levels applied to one filesystem.
+/// The levels applied to one filesystem (built from the `[disk]` section
+/// in [`config`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Thresholds {
     /// Free bytes below which the state is warning.
@@ -77,68 +81,6 @@ pub struct Thresholds {
 }
 
 impl Thresholds {
-    /// The `[disk]` levels, without per-path overrides.
-    pub fn from_config(config: &DiskConfig) -> Self {
-        Self {
-            warning_free_bytes: config.warning_free_bytes,
-            critical_free_bytes: config.critical_free_bytes,
-            warning_free_inodes_percent: config.warning_free_inodes_percent,
-            critical_free_inodes_percent: config.critical_free_inodes_percent,
-            clear_margin_bytes: config.clear_margin_bytes,
-            clear_margin_inodes_percent: config.clear_margin_inodes_percent,
-            transition: Duration::from_secs(config.transition_seconds.into()),
-        }
-    }
-
-    /// The `[disk]` levels with one override applied; a key the override
-    /// leaves out keeps the `[disk]` value.
-    pub fn with_override(config: &DiskConfig, o: &DiskOverride) -> Self {
-        let base = Self::from_config(config);
-        Self {
-            critical_free_bytes: o.critical_free_bytes.unwrap_or(base.critical_free_bytes),
-            warning_free_bytes: o.warning_free_bytes.unwrap_or(base.warning_free_bytes),
-            critical_free_inodes_percent: o
-                .critical_free_inodes_percent
-                .unwrap_or(base.critical_free_inodes_percent),
-            warning_free_inodes_percent: o
-                .warning_free_inodes_percent
-                .unwrap_or(base.warning_free_inodes_percent),
-            clear_margin_bytes: o.clear_margin_bytes.unwrap_or(base.clear_margin_bytes),
-            ..base
-        }
-    }
-
-    /// The levels for a filesystem that holds `paths`: the `[disk]` levels
-    /// with the overrides of those paths applied, the strictest winning.
-    pub fn for_paths<'a>(
-        config: &DiskConfig,
-        paths: impl IntoIterator<Item = &'a std::path::Path>,
-    ) -> Self {
-        let mut overridden: Option<Self> = None;
-        for path in paths {
-            let Some(o) = path.to_str().and_then(|p| config.overrides.get(p)) else {
-                continue;
-            };
-            let mine = Self::with_override(config, o);
-            overridden = Some(match overridden {
-                None => mine,
-                Some(acc) => Self {
-                    warning_free_bytes: acc.warning_free_bytes.max(mine.warning_free_bytes),
-                    critical_free_bytes: acc.critical_free_bytes.max(mine.critical_free_bytes),
-                    warning_free_inodes_percent: acc
-                        .warning_free_inodes_percent
-                        .max(mine.warning_free_inodes_percent),
-                    critical_free_inodes_percent: acc
-                        .critical_free_inodes_percent
-                        .max(mine.critical_free_inodes_percent),
-                    clear_margin_bytes: acc.clear_margin_bytes.max(mine.clear_margin_bytes),
-                    ..acc
-                },
-            });
-        }
-        overridden.unwrap_or_else(|| Self::from_config(config))
-    }
-
     /// Free bytes the filesystem needs before reclaim may stop: the floor
     /// plus the margin.
     pub fn reclaim_target_bytes(&self) -> u64 {
@@ -332,35 +274,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strictest_override_wins() {
-        let mut config = DiskConfig::default();
-        config.overrides.insert(
-            "/a".into(),
-            DiskOverride {
-                critical_free_bytes: Some(1),
-                ..Default::default()
-            },
-        );
-        config.overrides.insert(
-            "/b".into(),
-            DiskOverride {
-                critical_free_bytes: Some(7 << 30),
-                ..Default::default()
-            },
-        );
-        let none = Thresholds::for_paths(&config, [std::path::Path::new("/c")]);
-        assert_eq!(none, Thresholds::from_config(&config));
-        let one = Thresholds::for_paths(&config, [std::path::Path::new("/a")]);
-        assert_eq!(one.critical_free_bytes, 1);
-        let both = Thresholds::for_paths(
-            &config,
-            [std::path::Path::new("/a"), std::path::Path::new("/b")],
-        );
-        assert_eq!(both.critical_free_bytes, 7 << 30);
-        assert_eq!(both.warning_free_bytes, 10 << 30);
-    }
-
-    #[test]
     fn inode_percent_ignores_filesystems_without_inodes() {
         let stats = FsStats {
             total_inodes: 0,
@@ -377,7 +290,16 @@ mod tests {
 
     #[test]
     fn reclaim_shortfall_counts_bytes_and_inodes() {
-        let t = Thresholds::from_config(&DiskConfig::default());
+        // The `[disk]` defaults.
+        let t = Thresholds {
+            warning_free_bytes: 10 << 30,
+            critical_free_bytes: 5 << 30,
+            warning_free_inodes_percent: 10.0,
+            critical_free_inodes_percent: 5.0,
+            clear_margin_bytes: 1 << 30,
+            clear_margin_inodes_percent: 1.0,
+            transition: Duration::from_secs(30),
+        };
         let target = t.reclaim_target_bytes();
         let plenty = FsStats {
             total_bytes: 4 * target,

@@ -3,13 +3,16 @@
 //!
 //! Every call may block for as long as the filesystem wants (a hung network
 //! or FUSE mount blocks `stat` and `statvfs` indefinitely), so callers run it
-//! in `spawn_blocking` with a timeout and never on the async runtime.
+//! in `spawn_blocking` with a timeout and never on the async runtime:
+//! [`sample_within`] does both for one path. A fake sits in `disk::fake`.
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::{FsStats, MountInfo};
+use super::{DiskError, FsStats, MountInfo};
 use crate::mountinfo::MountEntry;
 
 /// What one probe of a path found.
@@ -58,6 +61,33 @@ impl FsProbe for SystemProbe {
     }
 }
 
+/// Samples one path off the runtime, giving up after `timeout` (the blocked
+/// thread is left to the hung filesystem; its answer is dropped).
+pub async fn sample_within(
+    probe: &Arc<dyn FsProbe>,
+    path: &Path,
+    timeout: Duration,
+) -> Result<PathSample, DiskError> {
+    let probe = probe.clone();
+    let owned = path.to_owned();
+    let handle = tokio::task::spawn_blocking(move || probe.sample(&owned));
+    match tokio::time::timeout(timeout, handle).await {
+        Ok(Ok(Ok(sample))) => Ok(sample),
+        Ok(Ok(Err(source))) => Err(DiskError::Path {
+            path: path.to_owned(),
+            source,
+        }),
+        Ok(Err(join)) => Err(DiskError::Path {
+            path: path.to_owned(),
+            source: std::io::Error::other(join.to_string()),
+        }),
+        Err(_) => Err(DiskError::Timeout {
+            path: path.to_owned(),
+            timeout,
+        }),
+    }
+}
+
 /// The mount in the mount table that holds `path`: the longest mount point
 /// that is a prefix of it, preferring entries with the same device number
 /// (bind mounts of one filesystem share it).
@@ -74,158 +104,6 @@ pub fn mount_for(table: Vec<MountEntry>, path: &Path, dev: u64) -> Option<MountI
             device: entry.source,
             fs_type: entry.fs_type,
         })
-}
-
-/// A fake filesystem world for tests: paths map to filesystems whose numbers
-/// the test sets, and a filesystem can be made to hang until released.
-#[cfg(any(test, feature = "test-util"))]
-pub mod fake {
-    use std::collections::BTreeMap;
-    use std::io;
-    use std::path::{Path, PathBuf};
-    use std::sync::{Arc, Condvar, Mutex};
-
-    use super::{FsProbe, PathSample};
-    use crate::disk::{FsStats, MountInfo};
-
-    #[derive(Default)]
-    struct World {
-        /// path → device number.
-        paths: BTreeMap<PathBuf, u64>,
-        /// device number → (mount, stats).
-        filesystems: BTreeMap<u64, (MountInfo, FsStats)>,
-        /// Devices whose calls block until released.
-        hung: BTreeMap<u64, bool>,
-        /// Calls of `sample`, by path.
-        calls: BTreeMap<PathBuf, u32>,
-        /// Calls currently blocked.
-        blocked: u32,
-    }
-
-    /// The fake probe. Cheap to clone; clones share the world.
-    #[derive(Clone, Default)]
-    pub struct FakeProbe {
-        world: Arc<(Mutex<World>, Condvar)>,
-    }
-
-    impl FakeProbe {
-        /// An empty world: every path is absent.
-        pub fn new() -> Self {
-            Self::default()
-        }
-
-        fn world(&self) -> std::sync::MutexGuard<'_, World> {
-            self.world.0.lock().unwrap_or_else(|p| p.into_inner())
-        }
-
-        /// Adds a filesystem mounted at `mount_point` with device `dev`.
-        pub fn add_fs(&self, dev: u64, mount_point: &str, stats: FsStats) {
-            let mut world = self.world();
-            world.filesystems.insert(
-                dev,
-                (
-                    MountInfo {
-                        mount_point: mount_point.into(),
-                        device: format!("fake{dev}"),
-                        fs_type: "fakefs".into(),
-                    },
-                    stats,
-                ),
-            );
-            world.paths.insert(mount_point.into(), dev);
-        }
-
-        /// Puts `path` on filesystem `dev`.
-        pub fn add_path(&self, path: &str, dev: u64) {
-            self.world().paths.insert(path.into(), dev);
-        }
-
-        /// Removes `path`: it becomes absent.
-        pub fn remove_path(&self, path: &str) {
-            self.world().paths.remove(Path::new(path));
-        }
-
-        /// Sets the free bytes of filesystem `dev`.
-        pub fn set_free(&self, dev: u64, free_bytes: u64) {
-            if let Some((_, stats)) = self.world().filesystems.get_mut(&dev) {
-                stats.free_bytes = free_bytes;
-            }
-        }
-
-        /// Sets the free inodes of filesystem `dev`.
-        pub fn set_free_inodes(&self, dev: u64, free_inodes: u64) {
-            if let Some((_, stats)) = self.world().filesystems.get_mut(&dev) {
-                stats.free_inodes = free_inodes;
-            }
-        }
-
-        /// Makes every call on filesystem `dev` block until [`Self::release`].
-        pub fn hang(&self, dev: u64) {
-            self.world().hung.insert(dev, true);
-        }
-
-        /// Unblocks filesystem `dev`.
-        pub fn release(&self, dev: u64) {
-            self.world().hung.remove(&dev);
-            self.world.1.notify_all();
-        }
-
-        /// How many times `path` was sampled.
-        pub fn calls(&self, path: &str) -> u32 {
-            self.world()
-                .calls
-                .get(Path::new(path))
-                .copied()
-                .unwrap_or(0)
-        }
-
-        /// How many calls are blocked right now.
-        pub fn blocked(&self) -> u32 {
-            self.world().blocked
-        }
-
-        fn dev_of(&self, path: &Path) -> io::Result<u64> {
-            let mut world = self.world();
-            *world.calls.entry(path.to_owned()).or_default() += 1;
-            let dev = world
-                .paths
-                .get(path)
-                .copied()
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-            if world.hung.contains_key(&dev) {
-                world.blocked += 1;
-                let (lock, cvar) = &*self.world;
-                drop(world);
-                let mut world = lock.lock().unwrap_or_else(|p| p.into_inner());
-                while world.hung.contains_key(&dev) {
-                    world = cvar.wait(world).unwrap_or_else(|p| p.into_inner());
-                }
-                world.blocked -= 1;
-            }
-            Ok(dev)
-        }
-    }
-
-    impl FsProbe for FakeProbe {
-        fn sample(&self, path: &Path) -> io::Result<PathSample> {
-            let dev = self.dev_of(path)?;
-            let world = self.world();
-            let (_, stats) = world
-                .filesystems
-                .get(&dev)
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-            Ok(PathSample { dev, stats: *stats })
-        }
-
-        fn mount_of(&self, _path: &Path, dev: u64) -> io::Result<MountInfo> {
-            let world = self.world();
-            world
-                .filesystems
-                .get(&dev)
-                .map(|(mount, _)| mount.clone())
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
-        }
-    }
 }
 
 #[cfg(test)]

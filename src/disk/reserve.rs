@@ -3,13 +3,103 @@
 //! agent's own writes (the store, a clean stop) still find room, and
 //! preallocated again once space has returned.
 //!
-//! Blocking file I/O: call from `spawn_blocking`.
+//! [`ReserveKeeper`] decides when (pure: the guard calls it under its lock);
+//! [`ReserveFile`] does the blocking file I/O: call it from `spawn_blocking`.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{DiskState, FsStats, Thresholds};
 
 /// The file's name in the state dir.
 pub const RESERVE_FILE_NAME: &str = "disk-reserve";
+
+/// A failed reserve allocation is retried this much later.
+const RESERVE_RETRY: Duration = Duration::from_secs(10);
+
+/// What to do with the reserve file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveAction {
+    /// Delete it: its filesystem is critical, or the reserve is turned off.
+    Release,
+    /// Allocate it with this many bytes.
+    Create(u64),
+}
+
+/// How a [`ReserveAction`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReserveOutcome {
+    /// Whether the file is there now.
+    pub present: bool,
+    /// Whether the action failed (a failed allocation is retried later).
+    pub failed: bool,
+}
+
+/// When to release and when to allocate the reserve file, between the
+/// blocking operations that do it: at most one runs at a time, and a failed
+/// allocation waits before it is tried again.
+#[derive(Debug, Default)]
+pub struct ReserveKeeper {
+    present: bool,
+    busy: bool,
+    retry_at: Option<Instant>,
+}
+
+impl ReserveKeeper {
+    /// A keeper that knows whether the file is there already.
+    pub fn new(present: bool) -> Self {
+        Self {
+            present,
+            ..Self::default()
+        }
+    }
+
+    /// What to do now, given the wanted size (`disk.reserve_bytes`) and the
+    /// state filesystem's state, numbers and levels: release it while that
+    /// filesystem is critical or the reserve is off; allocate it once there
+    /// is room for it on top of the floor plus the margin. An action
+    /// returned is in progress until [`ReserveKeeper::done`].
+    pub fn decide(
+        &mut self,
+        wanted: u64,
+        state: DiskState,
+        stats: Option<FsStats>,
+        thresholds: &Thresholds,
+        now: Instant,
+    ) -> Option<ReserveAction> {
+        if self.busy {
+            return None;
+        }
+        if self.present && (wanted == 0 || state == DiskState::Critical) {
+            self.busy = true;
+            return Some(ReserveAction::Release);
+        }
+        let room = stats.is_some_and(|s| {
+            s.free_bytes >= thresholds.reclaim_target_bytes().saturating_add(wanted)
+        });
+        let may_retry = self.retry_at.is_none_or(|at| now >= at);
+        if !self.present
+            && wanted > 0
+            && matches!(state, DiskState::Ok | DiskState::Warning)
+            && room
+            && may_retry
+        {
+            self.busy = true;
+            return Some(ReserveAction::Create(wanted));
+        }
+        None
+    }
+
+    /// The action in progress ended with `outcome`.
+    pub fn done(&mut self, outcome: ReserveOutcome, now: Instant) {
+        self.present = outcome.present;
+        self.busy = false;
+        self.retry_at = outcome.failed.then(|| now + RESERVE_RETRY);
+    }
+}
 
 /// The reserve file of one state dir.
 #[derive(Debug, Clone)]
@@ -58,6 +148,45 @@ impl ReserveFile {
             Ok(()) => Ok(size),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Carries out `action` and logs how it went. Blocking.
+    pub fn apply(&self, action: ReserveAction) -> ReserveOutcome {
+        let path = self.path.display();
+        match action {
+            ReserveAction::Release => {
+                let present = match self.release() {
+                    Ok(bytes) => {
+                        tracing::warn!(path = %path, bytes, "state filesystem critical: reserve file released");
+                        false
+                    }
+                    Err(error) => {
+                        tracing::error!(path = %path, %error, "cannot release the reserve file");
+                        true
+                    }
+                };
+                ReserveOutcome {
+                    present,
+                    failed: present,
+                }
+            }
+            ReserveAction::Create(bytes) => match self.ensure(bytes) {
+                Ok(()) => {
+                    tracing::info!(path = %path, bytes, "reserve file in place");
+                    ReserveOutcome {
+                        present: true,
+                        failed: false,
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(path = %path, %error, "cannot allocate the reserve file; retrying later");
+                    ReserveOutcome {
+                        present: false,
+                        failed: true,
+                    }
+                }
+            },
         }
     }
 }

@@ -2,9 +2,11 @@
 //! below PATH, by allocated bytes (what `du -x` counts), staying on PATH's
 //! filesystem, bounded in time and in entries, reporting progress as it goes.
 //!
-//! Blocking: runs in `spawn_blocking`. Memory stays small whatever the tree:
-//! a depth-first walk keeps one frame per level and a heap of the current
-//! top N. Reads only metadata; never opens or changes a file.
+//! Blocking: [`walk`] runs in `spawn_blocking`, and [`TopWalks`] runs at
+//! most one at a time, bounded even when blocked inside one call on a hung
+//! filesystem. Memory stays small whatever the tree: a depth-first walk keeps
+//! one frame per level and a heap of the current top N. Reads only metadata;
+//! never opens or changes a file.
 //!
 //! The daemon runs as root, but a walk asked for by an operator only enters
 //! the directories that operator could list themselves (read and search
@@ -19,7 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+use super::DiskError;
 
 /// What to walk and how far.
 #[derive(Debug, Clone)]
@@ -35,6 +40,73 @@ pub struct TopRequest {
     /// Walk with the permissions of this user (an operator) instead of
     /// root's; `None` for an admin.
     pub as_uid: Option<u32>,
+}
+
+/// The walks of `disk --top`, one at a time, so that a walk stuck on a hung
+/// filesystem cannot pile up threads.
+#[derive(Debug, Default)]
+pub struct TopWalks {
+    busy: Arc<AtomicBool>,
+}
+
+impl TopWalks {
+    /// Walks `request.path` off the runtime. Progress goes to `progress`
+    /// (dropped when it is full). Fails with [`DiskError::Busy`] while
+    /// another walk runs, and with [`DiskError::Timeout`] when the walk
+    /// overruns its timeout by 5 s (blocked inside one call); dropping the
+    /// future stops the walk too.
+    pub async fn run(
+        &self,
+        request: TopRequest,
+        progress: mpsc::Sender<TopProgress>,
+    ) -> Result<TopReport, DiskError> {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return Err(DiskError::Busy);
+        }
+        let busy = self.busy.clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        // A client that goes away drops this future: the walk stops too.
+        let _stop_walk = CancelOnDrop(cancel.clone());
+        let walk_cancel = cancel.clone();
+        let walk_request = request.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            let result = walk(&walk_request, &walk_cancel, |p| {
+                let _ = progress.try_send(p);
+            });
+            busy.store(false, Ordering::Release);
+            result
+        });
+        // The walk checks its own deadline between entries; this one covers
+        // a walk blocked inside one call on a hung filesystem.
+        let limit = request.timeout + Duration::from_secs(5);
+        match tokio::time::timeout(limit, handle).await {
+            Ok(Ok(Ok(report))) => Ok(report),
+            Ok(Ok(Err(source))) => Err(DiskError::Path {
+                path: request.path,
+                source,
+            }),
+            Ok(Err(join)) => Err(DiskError::Path {
+                path: request.path,
+                source: std::io::Error::other(join.to_string()),
+            }),
+            Err(_) => {
+                cancel.store(true, Ordering::Relaxed);
+                Err(DiskError::Timeout {
+                    path: request.path,
+                    timeout: limit,
+                })
+            }
+        }
+    }
+}
+
+/// Sets its flag when dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The user whose permissions a walk honours.

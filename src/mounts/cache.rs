@@ -11,6 +11,7 @@
 //! empty one at start), and no cache file can shadow a blob named like it.
 //! All functions here block.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -93,7 +94,7 @@ pub fn empty(dir: &Path, keep_open: bool) -> std::io::Result<u64> {
             ),
         ));
     }
-    super::service::empty_dir(dir, keep_open)
+    empty_dir(dir, keep_open)
 }
 
 /// Gives up an owned cache dir: empties it, and once only the marker is
@@ -112,6 +113,85 @@ pub fn release(dir: &Path, keep_open: bool, remove_dir: bool) -> std::io::Result
         }
     }
     Ok(())
+}
+
+/// Removes everything inside `dir` (not `dir` itself, nor the agent's cache
+/// marker in it), never following symlinks; with `keep_open`, files some
+/// process holds open stay. Returns the bytes freed. Callers go through
+/// [`empty`], which checks that the agent owns the dir.
+fn empty_dir(dir: &Path, keep_open: bool) -> std::io::Result<u64> {
+    let open = if keep_open {
+        open_files_below(dir)
+    } else {
+        HashSet::new()
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+        Ok(meta) if !meta.is_dir() => {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    let mut freed = 0;
+    remove_children(dir, &open, &dir.join(MARKER), &mut freed)?;
+    Ok(freed)
+}
+
+/// Returns whether `dir` is now empty.
+fn remove_children(
+    dir: &Path,
+    open: &HashSet<PathBuf>,
+    keep: &Path,
+    freed: &mut u64,
+) -> std::io::Result<bool> {
+    let mut empty = true;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if path == keep {
+            empty = false;
+            continue;
+        }
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            if remove_children(&path, open, keep, freed)? {
+                std::fs::remove_dir(&path)?;
+            } else {
+                empty = false;
+            }
+        } else if open.contains(&path) {
+            empty = false;
+        } else {
+            std::fs::remove_file(&path)?;
+            *freed += meta.len();
+        }
+    }
+    Ok(empty)
+}
+
+/// Files below `dir` that some process has open (from `/proc/*/fd`).
+fn open_files_below(dir: &Path) -> HashSet<PathBuf> {
+    let mut open = HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return open;
+    };
+    for proc_entry in procs.flatten() {
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && target.starts_with(dir)
+            {
+                open.insert(target);
+            }
+        }
+    }
+    open
 }
 
 #[cfg(test)]

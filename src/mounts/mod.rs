@@ -1,15 +1,25 @@
 //! File share mounts: Azure Blob containers mounted with blobfuse2 and
 //! supervised by the agent.
 //!
-//! Owns the `[mounts]` section ([`config`]), the mount rules ([`spec`]:
-//! names, allowed paths, cache placement),
-//! which cache dirs the agent may empty ([`cache`]), the blobfuse2
-//! config rendering ([`render`]), the per-mount state machine
-//! ([`supervisor`]: mount, health checks, stale detection, repair with
-//! backoff), adoption of mounts that survived an agent restart, where secrets
-//! are kept ([`secrets`]), the `mounts.*` store tables and the mounts
-//! condition. The outside world (processes, `/proc`, FUSE, `fusermount3`) is
-//! reached only through [`system::FuseMounter`]; a fake sits in [`fake`].
+//! # Layout
+//! - [`MountService`] (`service`): the handle: Mount, Unmount, list, restore
+//!   at agent start, and what jobs and the disk guard may ask of mounts.
+//! - `registry`: the table of managed mounts, the `mounts.*` store records,
+//!   the secret files of API mounts, and what the table shows (mount events,
+//!   the mounts condition, the cache dirs for the disk guard).
+//! - `request`: a request from the API or config turned into a checked spec.
+//! - `supervisor`: the per-mount state machine (mount, health checks, stale
+//!   detection, repair with backoff, adoption of mounts that survived an
+//!   agent restart).
+//! - [`config`] (the `[mounts]` section) and [`settings`] ([`MountSettings`],
+//!   derived from it and the agent's dirs).
+//! - [`spec`]: the mount rules (names, allowed paths, cache placement).
+//! - [`cache`]: which cache dirs the agent may empty, and emptying them.
+//! - [`render`]: the blobfuse2 config; [`secrets`]: where secrets are kept.
+//! - [`reclaim`]: the disk guard's `mount_caches` step.
+//!
+//! The outside world (processes, `/proc`, FUSE, `fusermount3`) is reached
+//! only through [`system::FuseMounter`]; a fake sits in [`fake`].
 //! Knows nothing of gRPC.
 //!
 //! What other modules may use: [`MountService::resolve`] (jobs bind-mount a
@@ -20,12 +30,17 @@
 pub mod cache;
 pub mod config;
 pub mod reclaim;
+mod registry;
 pub mod render;
+mod request;
 pub mod secrets;
 mod service;
+pub mod settings;
 pub mod spec;
 mod supervisor;
 pub mod system;
+#[cfg(test)]
+mod testing;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
@@ -33,7 +48,9 @@ pub mod fake;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-pub use service::{CacheDir, MountService, MountSettings, MountedPath, ResolveError};
+pub use registry::CacheDir;
+pub use service::{MountService, MountedPath, ResolveError};
+pub use settings::MountSettings;
 pub use spec::{Auth, MountSpec, Origin};
 
 /// The health of a mount, as the API shows it.

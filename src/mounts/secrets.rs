@@ -32,7 +32,7 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
             .mode(0o700)
             .create(parent)?;
     }
-    let tmp = path.with_extension("tmp");
+    let tmp = temp_path(path);
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -43,6 +43,17 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     file.sync_all()?;
     drop(file);
     std::fs::rename(&tmp, path)
+}
+
+/// The temporary file [`write_private`] writes before its rename: a hidden
+/// name (`.<file>.tmp`) in the same directory. Mount names never start with
+/// a dot, so it cannot be another mount's file (`x.tmp` for `x` would be the
+/// kept secret of a mount named `x.tmp`).
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(".tmp");
+    path.with_file_name(name)
 }
 
 /// Keeps an API mount's secret. Blocking.
@@ -169,6 +180,23 @@ mod tests {
         forget(dir.path(), "data").unwrap();
         forget(dir.path(), "data").unwrap();
         assert!(load_stored(dir.path(), "data").is_err());
+    }
+
+    #[test]
+    fn a_secret_written_never_touches_another_mounts_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = Secret::from_text("the-other-mounts-key");
+        store(dir.path(), "x.tmp", &other).unwrap();
+        store(dir.path(), "x", &Secret::from_text("this-mounts-key")).unwrap();
+        assert_eq!(load_stored(dir.path(), "x.tmp").unwrap(), other);
+        store(dir.path(), "a.b", &Secret::from_text("dotted-name-key")).unwrap();
+        let names: Vec<String> = std::fs::read_dir(secrets_dir(dir.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut names = names;
+        names.sort();
+        assert_eq!(names, ["a.b", "x", "x.tmp"], "no temp file left behind");
     }
 
     #[test]

@@ -20,14 +20,26 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::registry::{ProcessRecord, Registry};
 use super::render;
 use super::secrets;
-use super::service::{Inner, PROCESSES, ProcessRecord};
+use super::settings::MountSettings;
 use super::spec::{MountSpec, SecretSource};
-use super::system::{Launch, Probe, ProcessState, is_blobfuse2};
+use super::system::{FuseMounter, Launch, Probe, ProcessState, is_blobfuse2};
 use super::{MountError, MountState, MountStatus};
 use crate::secret::Secret;
-use crate::store::Write;
+
+/// What every supervisor works with, shared with the service.
+pub(super) struct Shared {
+    /// Timeouts, backoff, where a mount's files go.
+    pub settings: MountSettings,
+    /// The outside world.
+    pub mounter: Arc<dyn FuseMounter>,
+    /// `mounts.health_interval_seconds`, as it is now.
+    pub interval: watch::Receiver<Duration>,
+    /// The table, the records and what they show.
+    pub registry: Registry,
+}
 
 /// How a supervisor begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +56,7 @@ const MOUNT_POLL_FIRST: Duration = Duration::from_millis(10);
 const MOUNT_POLL_MAX: Duration = Duration::from_millis(100);
 
 struct Supervisor {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     spec: Arc<MountSpec>,
     launch: Launch,
     status: watch::Sender<MountStatus>,
@@ -72,15 +84,15 @@ pub(super) struct Control {
 
 /// Runs one mount until `control.stop` fires.
 pub(super) async fn run(
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     spec: Arc<MountSpec>,
     control: Control,
     start: Start,
     first: Option<oneshot::Sender<Result<(), MountError>>>,
 ) {
-    let launch = inner.settings.launch(&spec);
+    let launch = shared.settings.launch(&spec);
     let mut s = Supervisor {
-        inner,
+        shared,
         spec,
         launch,
         status: control.status,
@@ -95,7 +107,7 @@ pub(super) async fn run(
         Start::Fresh => Next::Mount { repair: false },
         Start::Restore => s.adopt().await,
     };
-    let mut backoff = s.inner.settings.backoff_initial;
+    let mut backoff = s.shared.settings.backoff_initial;
     loop {
         if s.stop.is_cancelled() {
             return;
@@ -110,7 +122,7 @@ pub(super) async fn run(
                 s.set(state, String::new(), None);
                 match s.attempt().await {
                     Ok(pid) => {
-                        backoff = s.inner.settings.backoff_initial;
+                        backoff = s.shared.settings.backoff_initial;
                         s.set(MountState::Mounted, String::new(), Some(pid));
                         s.record_process().await;
                         s.report_first(Ok(()));
@@ -129,13 +141,13 @@ pub(super) async fn run(
                         if !s.sleep(backoff).await {
                             return;
                         }
-                        backoff = (backoff * 2).min(s.inner.settings.backoff_max);
+                        backoff = (backoff * 2).min(s.shared.settings.backoff_max);
                         Next::Mount { repair }
                     }
                 }
             }
             Next::Watch(pid) => {
-                let interval = *s.inner.interval.borrow();
+                let interval = *s.shared.interval.borrow();
                 if !s.until_next_check(interval).await {
                     return;
                 }
@@ -174,7 +186,7 @@ impl Supervisor {
         if changed {
             let status = self.status.borrow().clone();
             tracing::info!(mount = %status.name, state = status.state.name(), detail = %status.message, "mount state changed");
-            self.inner.publish(&status);
+            self.shared.registry.publish(&status);
         }
     }
 
@@ -203,11 +215,7 @@ impl Supervisor {
     }
 
     fn restore_counts(&self) {
-        if let Ok(Some(record)) = self
-            .inner
-            .store
-            .get::<ProcessRecord>(PROCESSES, &self.spec.name)
-        {
+        if let Some(record) = self.shared.registry.process(&self.spec.name) {
             self.status
                 .send_modify(|s| s.remount_count = record.remount_count);
         }
@@ -220,9 +228,9 @@ impl Supervisor {
             remount_count: status.remount_count,
         };
         if let Err(error) = self
-            .inner
-            .store
-            .apply(vec![Write::put(PROCESSES, self.spec.name.clone(), &record)])
+            .shared
+            .registry
+            .record_process(&self.spec.name, &record)
             .await
         {
             tracing::warn!(mount = %self.spec.name, %error, "cannot record the blobfuse2 pid; a restarted agent will find it by its command line");
@@ -231,13 +239,11 @@ impl Supervisor {
 
     /// At agent start: takes over a healthy running mount, or says what to do.
     async fn adopt(&mut self) -> Next {
-        let mounter = self.inner.mounter.clone();
+        let mounter = self.shared.mounter.clone();
         let mut recorded = self
-            .inner
-            .store
-            .get::<ProcessRecord>(PROCESSES, &self.spec.name)
-            .ok()
-            .flatten()
+            .shared
+            .registry
+            .process(&self.spec.name)
             .and_then(|r| r.pid);
         if let Some(pid) = recorded
             && mounter.process_state(pid, &self.launch).await != ProcessState::Running
@@ -264,7 +270,7 @@ impl Supervisor {
                     return Next::Mount { repair: true };
                 }
                 match mounter
-                    .probe(&self.spec.mount_path, self.inner.settings.health_timeout)
+                    .probe(&self.spec.mount_path, self.shared.settings.health_timeout)
                     .await
                 {
                     Probe::Healthy => {
@@ -292,7 +298,7 @@ impl Supervisor {
             (false, Some(pid)) => {
                 // A blobfuse2 without its mount is of no use; start clean.
                 mounter
-                    .stop(pid, &self.launch, self.inner.settings.stop_grace)
+                    .stop(pid, &self.launch, self.shared.settings.stop_grace)
                     .await;
                 Next::Mount { repair: false }
             }
@@ -315,14 +321,14 @@ impl Supervisor {
 
     /// One health check. `None` when healthy, else why it is stale.
     async fn check(&self, pid: u32) -> Option<String> {
-        let mounter = &self.inner.mounter;
+        let mounter = &self.shared.mounter;
         let reason =
             if let ProcessState::Exited(how) = mounter.process_state(pid, &self.launch).await {
                 Some(format!("blobfuse2 (pid {pid}) {how}"))
             } else {
                 match mounter.mount_entry(&self.spec.mount_path).await {
                     Ok(Some(e)) if is_blobfuse2(&e) => match mounter
-                        .probe(&self.spec.mount_path, self.inner.settings.health_timeout)
+                        .probe(&self.spec.mount_path, self.shared.settings.health_timeout)
                         .await
                     {
                         Probe::Healthy => None,
@@ -345,9 +351,9 @@ impl Supervisor {
     /// Marks the mount stale, stops its process and unmounts it lazily.
     async fn repair(&self, pid: u32, reason: String) {
         self.set(MountState::Stale, reason.clone(), Some(pid));
-        self.inner
+        self.shared
             .mounter
-            .stop(pid, &self.launch, self.inner.settings.stop_grace)
+            .stop(pid, &self.launch, self.shared.settings.stop_grace)
             .await;
         self.lazy_unmount().await;
         self.count_repair();
@@ -366,7 +372,7 @@ impl Supervisor {
     /// `fusermount3 -u -z` of blobfuse2's mount at the path; anything else
     /// mounted there is never touched.
     async fn lazy_unmount(&self) {
-        let mounter = &self.inner.mounter;
+        let mounter = &self.shared.mounter;
         if let Ok(Some(entry)) = mounter.mount_entry(&self.spec.mount_path).await
             && is_blobfuse2(&entry)
             && let Err(failure) = mounter.unmount(&self.spec.mount_path, true).await
@@ -404,7 +410,7 @@ impl Supervisor {
         Ok(render::render(
             &self.spec,
             secret.as_ref(),
-            &self.inner.settings.log_file(&self.spec.name),
+            &self.shared.settings.log_file(&self.spec.name),
         ))
     }
 
@@ -412,7 +418,7 @@ impl Supervisor {
     /// start blobfuse2, and wait for the mount in mountinfo.
     async fn attempt(&self) -> Result<u32, MountError> {
         let name = &self.spec.name;
-        let mounter = self.inner.mounter.clone();
+        let mounter = self.shared.mounter.clone();
         // A leftover blobfuse2 mount at the path is ours (the path was
         // checked free when the mount was requested); anything else is not.
         match mounter.mount_entry(&self.spec.mount_path).await {
@@ -442,7 +448,7 @@ impl Supervisor {
                 source,
             })?;
         self.status.send_modify(|s| s.pid = Some(pid));
-        let timeout = self.inner.settings.mount_timeout;
+        let timeout = self.shared.settings.mount_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut poll = MOUNT_POLL_FIRST;
         loop {
@@ -465,7 +471,7 @@ impl Supervisor {
             }
             if tokio::time::Instant::now() >= deadline {
                 mounter
-                    .stop(pid, &self.launch, self.inner.settings.stop_grace)
+                    .stop(pid, &self.launch, self.shared.settings.stop_grace)
                     .await;
                 self.lazy_unmount().await;
                 return Err(MountError::Timeout {
@@ -479,7 +485,7 @@ impl Supervisor {
             if !slept {
                 // Stopped while starting: leave nothing half-started behind.
                 mounter
-                    .stop(pid, &self.launch, self.inner.settings.stop_grace)
+                    .stop(pid, &self.launch, self.shared.settings.stop_grace)
                     .await;
                 self.lazy_unmount().await;
                 return Err(MountError::Cancelled(name.clone()));
@@ -495,7 +501,7 @@ impl Supervisor {
         let mount_path = self.spec.mount_path.clone();
         let cache_dir = self.spec.cache_dir.clone();
         let launch = self.launch.clone();
-        let logs_dir = self.inner.settings.logs_dir.clone();
+        let logs_dir = self.shared.settings.logs_dir.clone();
         let io = move |action: &'static str, path: PathBuf| {
             let name = name.clone();
             move |source| MountError::Io {

@@ -104,11 +104,26 @@ pub trait FuseMounter: Send + Sync + 'static {
     async fn unmount(&self, path: &Path, lazy: bool) -> Result<(), UnmountFailure>;
     /// SIGTERM, then SIGKILL after `grace`; returns once it is gone.
     async fn stop(&self, pid: u32, launch: &Launch, grace: Duration);
+    /// How blobfuse2 is started here, for `GetStatus` and `doctor`.
+    fn describe(&self) -> String {
+        "agent children".into()
+    }
 }
 
 /// The real system: processes, `/proc`, FUSE and `fusermount3`.
+///
+/// Under systemd (chosen once, at construction) blobfuse2 runs as a
+/// transient service of its own, `instance-agent-mount-<name>.service`,
+/// forked by PID 1 in the host's mount namespace: the mount is the host's
+/// and every container's even while the agent has a namespace of its own
+/// (its sandbox), and an agent restart leaves it alone. Unmounting then runs
+/// `fusermount3` the same way (`systemd-run --wait`), since an unmount in the
+/// agent's own namespace would not reach the host's. Elsewhere blobfuse2 is
+/// the agent's child in its own session.
 #[derive(Debug, Default)]
 pub struct SystemMounter {
+    /// Transient services (under systemd), else direct children.
+    units: Option<crate::transient::Tools>,
     /// Probes in flight, by mount root: a caller that finds one waits for
     /// its answer instead of starting another (the supervisor and every job
     /// start probe the same root), so probes blocked on a hung FUSE daemon
@@ -117,10 +132,22 @@ pub struct SystemMounter {
 }
 
 impl SystemMounter {
-    /// The real mounter.
+    /// The real mounter, as this host allows: transient services under
+    /// systemd, else the agent's children.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            units: crate::systemd::booted().then(crate::transient::Tools::default),
+            ..Self::default()
+        }
     }
+}
+
+/// The transient service of a mount under systemd.
+pub fn mount_unit(name: &str) -> String {
+    format!(
+        "instance-agent-mount-{}.service",
+        crate::transient::escape(name)
+    )
 }
 
 /// Deadline for `fusermount3` itself.
@@ -166,7 +193,19 @@ fn process_state(pid: u32, launch: &Launch) -> ProcessState {
 impl FuseMounter for SystemMounter {
     async fn spawn(&self, launch: &Launch) -> std::io::Result<u32> {
         let launch = launch.clone();
-        blocking(move || spawn_detached(&launch)).await?
+        let units = self.units.clone();
+        blocking(move || match units {
+            Some(tools) => spawn_unit(&tools, &launch),
+            None => spawn_detached(&launch),
+        })
+        .await?
+    }
+
+    fn describe(&self) -> String {
+        match self.units {
+            Some(_) => "systemd transient services (instance-agent-mount-<name>.service)".into(),
+            None => "agent children".into(),
+        }
     }
 
     async fn process_state(&self, pid: u32, launch: &Launch) -> ProcessState {
@@ -227,6 +266,31 @@ impl FuseMounter for SystemMounter {
 
     async fn unmount(&self, path: &Path, lazy: bool) -> Result<(), UnmountFailure> {
         let owned = path.to_owned();
+        if let Some(tools) = self.units.clone() {
+            let argv: Vec<OsString> = ["fusermount3", "-u"]
+                .into_iter()
+                .chain(lazy.then_some("-z"))
+                .chain(["--"])
+                .map(OsString::from)
+                .chain([owned.into_os_string()])
+                .collect();
+            let run = blocking(move || tools.run_waiting("instance-agent unmount", &argv));
+            return match tokio::time::timeout(FUSERMOUNT_TIMEOUT, run).await {
+                Ok(Ok(Ok((true, _)))) => Ok(()),
+                Ok(Ok(Ok((false, message)))) if message.contains("busy") => {
+                    Err(UnmountFailure::Busy(message))
+                }
+                Ok(Ok(Ok((false, message)))) => Err(UnmountFailure::Other(message)),
+                Ok(Ok(Err(e))) => Err(UnmountFailure::Other(format!(
+                    "systemd-run fusermount3: {e}"
+                ))),
+                Ok(Err(e)) => Err(UnmountFailure::Other(e.to_string())),
+                Err(_) => Err(UnmountFailure::Other(format!(
+                    "fusermount3 did not finish within {} s",
+                    FUSERMOUNT_TIMEOUT.as_secs()
+                ))),
+            };
+        }
         let run = blocking(move || {
             let mut command = std::process::Command::new("fusermount3");
             command.arg("-u");
@@ -304,30 +368,60 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn spawn_detached(launch: &Launch) -> std::io::Result<u32> {
+/// blobfuse2's output file: 0600, since its own messages may quote a
+/// request URL with its SAS. Blocking.
+fn open_output(launch: &Launch) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    use std::process::{Command, Stdio};
-    // 0600: blobfuse2's own messages may quote a request URL with its SAS.
-    let output = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(&launch.output_file)?;
-    // Under systemd blobfuse2 goes in its own scope, out of the agent's
-    // cgroup, which systemd kills on a restart.
-    let mut command = if crate::systemd::booted() {
-        let mut c = Command::new("systemd-run");
-        let unit = format!(
-            "instance-agent-mount-{}-{}",
-            launch.name.replace(['.', '_'], "-"),
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        c.args(["--scope", "--quiet", "--collect", "--unit", &unit, "--"])
-            .arg(&launch.program);
-        c
-    } else {
-        Command::new(&launch.program)
+        .open(&launch.output_file)
+}
+
+/// Starts blobfuse2 as the mount's transient service; returns its pid.
+/// Blocking.
+fn spawn_unit(tools: &crate::transient::Tools, launch: &Launch) -> std::io::Result<u32> {
+    drop(open_output(launch)?);
+    let unit = mount_unit(&launch.name);
+    // A failed unit of an earlier attempt would hold the name.
+    tools.act("reset-failed", &[], &unit);
+    let mut argv = vec![launch.program.clone().into_os_string()];
+    argv.extend(launch.args());
+    let output = launch.output_file.display();
+    let spec = crate::transient::ServiceSpec {
+        unit: unit.clone(),
+        description: format!("instance-agent mount {} (blobfuse2)", launch.name),
+        properties: vec![
+            "Type=exec".into(),
+            "KillMode=control-group".into(),
+            "StandardInput=null".into(),
+            format!("StandardOutput=append:{output}"),
+            format!("StandardError=append:{output}"),
+            // As before, when it was the agent's child: a dead mount daemon
+            // breaks every job using it, so it goes after jobs under OOM.
+            "OOMScoreAdjust=-500".into(),
+        ],
+        argv,
+        collect: true,
     };
+    tools
+        .start(&spec)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let state = tools.state(&unit)?;
+    if state.main_pid == 0 {
+        return Err(std::io::Error::other(format!(
+            "{unit} started but has no main process ({}, {})",
+            state.active, state.result
+        )));
+    }
+    Ok(state.main_pid)
+}
+
+fn spawn_detached(launch: &Launch) -> std::io::Result<u32> {
+    use std::process::{Command, Stdio};
+    let output = open_output(launch)?;
+    let mut command = Command::new(&launch.program);
     command
         .args(launch.args())
         .stdin(Stdio::null())

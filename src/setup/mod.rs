@@ -7,16 +7,26 @@
 //! setup health condition and the `"setup"` hold on the job queue.
 //!
 //! # Layout
-//! - [`service`]: [`SetupScripts`], the queue, the executor and recovery after
-//!   a restart.
-//! - [`config`]: the `[setup]` section and its declared scripts.
-//! - [`request`]: validating a request and resolving it into a [`runner::Launch`]
+//! - [`service`]: [`SetupScripts`], the handle and the queue: accepts runs,
+//!   keeps their records, recovery after a restart.
+//! - `creation`: the policy, as pure functions over the runs: which scripts
+//!   run at this start, the creation-once rules, the job gate, the condition.
+//! - `execute`: one run from start to end: resolve, log, start, capture,
+//!   timeout, agent stop, result.
+//! - [`settings`]: [`Settings`], derived from [`config`] (the `[setup]`
+//!   section and its declared scripts) and the agent's dirs.
+//! - [`request`]: checking the shape of a request (no I/O).
+//! - [`resolve`]: resolving a request on the host into a [`runner::Launch`]
 //!   (interpreter, user, environment, working directory).
-//! - [`capture`] and [`logfile`]: output capture with bounded memory, the log
-//!   file format (one timestamped record per line, bytes kept exactly), and
-//!   reading it back live or after the fact.
-//! - [`runner`]: the [`ProcessRunner`] trait (the outside world) and its real
+//! - [`capture`], [`run_log`] and [`logfile`]: reading a script's output, the
+//!   run's log with bounded memory, the log file format (one timestamped
+//!   record per line, bytes kept exactly), and reading it back live or after
+//!   the fact.
+//! - [`runner`]: the [`ProcessRunner`] trait (the outside world) and the
+//!   protocol with a supervisor; [`supervised_runner`]: its real
 //!   implementation, which starts each script under a supervisor process.
+//! - [`unit_runner`]: the [`ProcessRunner`] under systemd: each script a
+//!   transient service forked by PID 1, adopted after an agent restart.
 //! - [`supervisor`]: that supervisor, a small synchronous program (the agent's
 //!   own binary re-executed) that contains and reaps the script's process tree.
 //! - [`process_tree`]: `/proc` and cgroup v2 plumbing shared by both sides.
@@ -27,14 +37,24 @@
 pub mod accounts;
 pub mod capture;
 pub mod config;
+mod creation;
+mod execute;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 pub mod logfile;
 pub mod process_tree;
+mod records;
 pub mod request;
+pub mod resolve;
+pub mod run_log;
 pub mod runner;
 pub mod service;
+pub mod settings;
+pub mod supervised_runner;
 pub mod supervisor;
+#[cfg(test)]
+mod testing;
+pub mod unit_runner;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,8 +64,11 @@ use serde::{Deserialize, Serialize};
 
 pub use accounts::{Account, Accounts, SystemAccounts};
 pub use logfile::{LogPiece, LogStream};
-pub use runner::{ProcessRunner, SupervisedRunner};
-pub use service::{Settings, SetupScripts, Wiring};
+pub use runner::ProcessRunner;
+pub use service::{SetupScripts, Wiring};
+pub use settings::Settings;
+pub use supervised_runner::SupervisedRunner;
+pub use unit_runner::UnitRunner;
 
 /// The environment variable that marks every process of a run with its id,
 /// so that stragglers can be found in `/proc` even outside the process tree.
@@ -177,6 +200,24 @@ impl RunRequest {
             hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
         }
         format!("{hash:016x}")
+    }
+}
+
+#[cfg(test)]
+impl RunRequest {
+    /// For tests: an ad-hoc request from `source` with two arguments (one
+    /// with a space) and one variable.
+    pub(crate) fn adhoc(source: ScriptSource) -> Self {
+        Self {
+            kind: SetupKind::Adhoc,
+            source,
+            args: vec!["a b".into(), "c".into()],
+            env: BTreeMap::from([("FOO".to_owned(), "bar".to_owned())]),
+            timeout: None,
+            run_as: String::new(),
+            working_dir: None,
+            idempotency_key: String::new(),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The script supervisor: a small synchronous program (the agent's binary
 //! started with [`SUPERVISOR_ARG`]) that runs one script and contains its
-//! whole process tree. See [`super::runner`] for why it exists and for its
-//! protocol.
+//! whole process tree. See [`super::supervised_runner`] for why it exists
+//! and [`super::runner`] for its protocol.
 //!
 //! It is single-threaded, so it may allocate and take locks between fork and
 //! exec, and may reap with `waitpid(-1)`: it has no children but the

@@ -117,11 +117,17 @@ pub(super) fn daemon_check(agent: &AgentAnswer, socket: &Path) -> Check {
         Ok(status) => Check::pass(
             "daemon",
             format!(
-                "instance-agent {} answers on {} (up {}): {}",
+                "instance-agent {} answers on {} (up {}): {}{}",
                 status.version,
                 socket.display(),
                 format::duration(Duration::from_secs_f64(status.uptime_seconds.max(0.0))),
-                status.summary
+                status.summary,
+                status
+                    .host
+                    .as_ref()
+                    .filter(|h| !h.supervision.is_empty())
+                    .map(|h| format!("; {}", h.supervision))
+                    .unwrap_or_default()
             ),
         ),
         Err(unreachable) => Check::fail("daemon", &unreachable.problem, &unreachable.fix),

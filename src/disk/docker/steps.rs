@@ -1,8 +1,5 @@
-//! The disk guard's narrow interface to the container engine
-//! ([`DockerSpace`]: where the engine keeps its data, the agent's exited
-//! containers, dangling images) and the two reclaim steps built on it:
-//! "exited_containers" and "dangling_images". The real implementation sits
-//! next to the engine, in `jobs::docker_space`; a fake in [`fake`].
+//! The reclaim steps on the engine: "exited_containers" and
+//! "dangling_images".
 //!
 //! Only containers labelled with this instance's id whose job has finished
 //! are removed; containers without a job label, and every other container,
@@ -13,46 +10,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::reclaim::{Freed, ReclaimError, ReclaimStep, Removals};
-use crate::jobs::engine::EngineError;
-
-/// An exited container of this instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExitedContainer {
-    /// Container id.
-    pub id: String,
-    /// The job it ran (its `io.instance-agent.job` label), if labelled.
-    pub job_id: Option<String>,
-    /// Bytes in its writable layer (freed by removing it).
-    pub size_bytes: u64,
-}
-
-/// A dangling (untagged, unused) image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DanglingImage {
-    /// Image id.
-    pub id: String,
-    /// Its size in bytes (layers shared with other images are counted too).
-    pub size_bytes: u64,
-}
-
-/// What the disk guard needs from the engine.
-#[async_trait]
-pub trait DockerSpace: Send + Sync + 'static {
-    /// Where the engine keeps images and containers (`docker info`'s DockerRootDir).
-    async fn data_root(&self) -> Result<PathBuf, EngineError>;
-    /// Exited (or dead) containers labelled with `instance_id`.
-    async fn exited_containers(
-        &self,
-        instance_id: &str,
-    ) -> Result<Vec<ExitedContainer>, EngineError>;
-    /// Removes one container (not its named volumes).
-    async fn remove_container(&self, id: &str) -> Result<(), EngineError>;
-    /// Dangling images.
-    async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError>;
-    /// Removes every dangling image; returns what the engine reclaimed.
-    async fn prune_dangling_images(&self) -> Result<Freed, EngineError>;
-}
+use super::{DockerSpace, ExitedContainer};
+use crate::disk::reclaim::{Freed, ReclaimError, ReclaimStep, Removals};
 
 /// Is the job with this id finished (so its container may go)? Supplied by
 /// the job queue.
@@ -177,92 +136,11 @@ pub fn docker_steps(
     ]
 }
 
-/// An engine with scripted containers and images, for tests.
-#[cfg(any(test, feature = "test-util"))]
-pub mod fake {
-    use std::sync::Mutex;
-
-    use super::*;
-
-    /// The fake engine's contents.
-    #[derive(Default)]
-    pub struct FakeDockerState {
-        /// Data root; `None` makes `data_root` fail as if unreachable.
-        pub data_root: Option<PathBuf>,
-        /// (instance id, container).
-        pub containers: Vec<(String, ExitedContainer)>,
-        /// Dangling images.
-        pub images: Vec<DanglingImage>,
-        /// Container ids whose removal fails.
-        pub fail_removal: Vec<String>,
-        /// Calls of `data_root`.
-        pub data_root_calls: u32,
-    }
-
-    /// The fake engine.
-    #[derive(Default)]
-    pub struct FakeDocker {
-        /// Its contents, for the test to arrange and inspect.
-        pub state: Mutex<FakeDockerState>,
-    }
-
-    impl FakeDocker {
-        fn lock(&self) -> std::sync::MutexGuard<'_, FakeDockerState> {
-            self.state.lock().unwrap_or_else(|p| p.into_inner())
-        }
-    }
-
-    fn unreachable() -> EngineError {
-        EngineError::Unreachable {
-            socket: "/fake/docker.sock".into(),
-            message: "fake engine is down".into(),
-        }
-    }
-
-    #[async_trait]
-    impl DockerSpace for FakeDocker {
-        async fn data_root(&self) -> Result<PathBuf, EngineError> {
-            let mut state = self.lock();
-            state.data_root_calls += 1;
-            state.data_root.clone().ok_or_else(unreachable)
-        }
-        async fn exited_containers(
-            &self,
-            instance_id: &str,
-        ) -> Result<Vec<ExitedContainer>, EngineError> {
-            Ok(self
-                .lock()
-                .containers
-                .iter()
-                .filter(|(instance, _)| instance == instance_id)
-                .map(|(_, c)| c.clone())
-                .collect())
-        }
-        async fn remove_container(&self, id: &str) -> Result<(), EngineError> {
-            let mut state = self.lock();
-            if state.fail_removal.iter().any(|f| f == id) {
-                return Err(EngineError::Api {
-                    operation: "remove container",
-                    message: format!("{id} is busy"),
-                });
-            }
-            state.containers.retain(|(_, c)| c.id != id);
-            Ok(())
-        }
-        async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError> {
-            Ok(self.lock().images.clone())
-        }
-        async fn prune_dangling_images(&self) -> Result<Freed, EngineError> {
-            let images = std::mem::take(&mut self.lock().images);
-            Ok(images.iter().map(|i| Freed::item(i.size_bytes)).sum())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::fake::FakeDocker;
     use super::*;
+    use crate::disk::docker::DanglingImage;
+    use crate::disk::fake::FakeDocker;
 
     fn container(id: &str, job: Option<&str>, size: u64) -> ExitedContainer {
         ExitedContainer {

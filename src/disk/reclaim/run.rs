@@ -1,135 +1,14 @@
-//! Reclaiming space in safe steps: the [`ReclaimStep`] trait that each
-//! owner of reclaimable data implements (exited job containers and dangling
-//! images here; expired job logs by jobs; mount caches by mounts), and the
-//! [`Reclaimer`] that runs the registered steps in order and stops as soon as
-//! the target filesystems are back above the floor plus the margin.
-//!
-//! A step that fails is reported and the next one still runs. One reclaim
-//! runs at a time. Never user files: each step deletes only what its owner
-//! created.
+//! Running the registered steps in order ([`Reclaimer`]): one reclaim at a
+//! time, measuring before each step what the target filesystems still lack
+//! and stopping as soon as they are back above the floor plus the margin; a
+//! dry run estimates instead and subtracts. A step that fails is reported
+//! and the next one still runs; the result is a per-step [`ReclaimReport`].
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-
-use crate::jobs::engine::EngineError;
-
-/// What a step freed, or would free.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Freed {
-    /// Bytes.
-    pub bytes: u64,
-    /// Items removed (containers, images, files, caches).
-    pub items: u32,
-}
-
-impl Freed {
-    /// One item of `bytes`.
-    pub fn item(bytes: u64) -> Self {
-        Self { bytes, items: 1 }
-    }
-
-    /// Adds another amount.
-    pub fn add(&mut self, other: Freed) {
-        self.bytes = self.bytes.saturating_add(other.bytes);
-        self.items = self.items.saturating_add(other.items);
-    }
-}
-
-impl std::iter::Sum for Freed {
-    fn sum<I: Iterator<Item = Freed>>(iter: I) -> Self {
-        let mut total = Freed::default();
-        for freed in iter {
-            total.add(freed);
-        }
-        total
-    }
-}
-
-/// The outcome of a step that removes items one by one and goes on past a
-/// failure: what was freed, and how many failed with the first error.
-#[derive(Debug, Default)]
-pub struct Removals {
-    freed: Freed,
-    failed: u32,
-    first: Option<ReclaimError>,
-}
-
-impl Removals {
-    /// One item of `bytes` was removed.
-    pub fn removed(&mut self, bytes: u64) {
-        self.freed.add(Freed::item(bytes));
-    }
-
-    /// One item could not be removed.
-    pub fn failed(&mut self, error: impl Into<ReclaimError>) {
-        self.failed = self.failed.saturating_add(1);
-        self.first.get_or_insert(error.into());
-    }
-
-    /// What was freed, or [`ReclaimError::Partial`] when anything failed.
-    pub fn finish(self) -> Result<Freed, ReclaimError> {
-        match self.first {
-            None => Ok(self.freed),
-            Some(first) => Err(ReclaimError::Partial {
-                freed: self.freed,
-                failed: self.failed,
-                first: Box::new(first),
-            }),
-        }
-    }
-}
-
-/// A reclaim step failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReclaimError {
-    /// The container engine refused or did not answer.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    /// A file or directory could not be removed.
-    #[error("cannot remove {path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Some items were removed, then others failed.
-    #[error("{failed} item(s) could not be removed; first error: {first}")]
-    Partial {
-        /// What was freed before and after the failures.
-        freed: Freed,
-        /// How many items failed.
-        failed: u32,
-        /// The first failure.
-        #[source]
-        first: Box<ReclaimError>,
-    },
-    /// A step's own error (for steps owned by other modules).
-    #[error(transparent)]
-    Other(Box<dyn std::error::Error + Send + Sync>),
-}
-
-/// One kind of reclaimable data.
-#[async_trait]
-pub trait ReclaimStep: Send + Sync + 'static {
-    /// Its name in reports: "exited_containers", "dangling_images",
-    /// "expired_job_logs", "mount_caches".
-    fn name(&self) -> &'static str;
-    /// What [`ReclaimStep::run`] would free now, deleting nothing.
-    async fn estimate(&self) -> Result<Freed, ReclaimError>;
-    /// Frees what it can.
-    async fn run(&self) -> Result<Freed, ReclaimError>;
-    /// A path on the filesystem whose space this step frees, so that it is
-    /// skipped when that filesystem is not short of space (pruning images
-    /// cannot help a full /mnt). `None`: it may free space anywhere.
-    async fn location(&self) -> Option<PathBuf> {
-        None
-    }
-}
+use super::steps::{Freed, ReclaimError, ReclaimStep};
 
 /// Whether a step's location is on a filesystem that needs space.
 pub trait Relevance {
@@ -162,39 +41,6 @@ pub struct ReclaimReport {
     pub steps: Vec<StepReport>,
     /// Sum of the steps' bytes.
     pub total_bytes: u64,
-}
-
-/// What started a reclaim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReclaimTrigger {
-    /// A `ReclaimSpace` call.
-    Api,
-    /// The disk guard, when a watched filesystem turned critical
-    /// (`disk.auto_reclaim`).
-    Automatic,
-}
-
-impl ReclaimTrigger {
-    /// Lowercase name for logs and metric labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            ReclaimTrigger::Api => "api",
-            ReclaimTrigger::Automatic => "automatic",
-        }
-    }
-}
-
-/// A reclaim that was not a dry run, as published on the event log: what
-/// deleted what, whichever way it was started.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReclaimFinished {
-    /// What started it.
-    pub trigger: ReclaimTrigger,
-    /// The paths whose filesystems it reclaimed for (empty when it was asked
-    /// for every filesystem and none was short of space).
-    pub targets: Vec<PathBuf>,
-    /// What each step did.
-    pub report: ReclaimReport,
 }
 
 /// How a reclaim should run.
@@ -317,79 +163,49 @@ impl Reclaimer {
     }
 }
 
-/// A step with scripted results, for tests.
-#[cfg(any(test, feature = "test-util"))]
-pub mod fake {
-    use std::sync::Mutex;
+/// What started a reclaim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReclaimTrigger {
+    /// A `ReclaimSpace` call.
+    Api,
+    /// The disk guard, when a watched filesystem turned critical
+    /// (`disk.auto_reclaim`).
+    Automatic,
+}
 
-    use super::*;
-
-    /// A step that frees a fixed amount or fails, and counts its calls.
-    pub struct FakeStep {
-        name: &'static str,
-        freed: Freed,
-        fail: bool,
-        /// (estimates, runs).
-        pub calls: Mutex<(u32, u32)>,
-        /// Called on each run, e.g. to give the fake filesystem its space back.
-        pub on_run: Box<dyn Fn() + Send + Sync>,
-        /// Where it frees space.
-        pub location: Option<PathBuf>,
-    }
-
-    impl FakeStep {
-        /// A step that frees `bytes` in one item.
-        pub fn freeing(name: &'static str, bytes: u64) -> Self {
-            Self {
-                name,
-                freed: Freed { bytes, items: 1 },
-                fail: false,
-                calls: Mutex::new((0, 0)),
-                on_run: Box::new(|| {}),
-                location: None,
-            }
-        }
-
-        /// A step that always fails.
-        pub fn failing(name: &'static str) -> Self {
-            Self {
-                fail: true,
-                ..Self::freeing(name, 0)
-            }
-        }
-
-        /// (estimates, runs) so far.
-        pub fn calls(&self) -> (u32, u32) {
-            *self.calls.lock().unwrap_or_else(|p| p.into_inner())
-        }
-
-        fn result(&self) -> Result<Freed, ReclaimError> {
-            if self.fail {
-                Err(ReclaimError::Other(format!("{} broke", self.name).into()))
-            } else {
-                Ok(self.freed)
-            }
+impl ReclaimTrigger {
+    /// Lowercase name for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReclaimTrigger::Api => "api",
+            ReclaimTrigger::Automatic => "automatic",
         }
     }
+}
 
-    #[async_trait]
-    impl ReclaimStep for FakeStep {
-        fn name(&self) -> &'static str {
-            self.name
-        }
-        async fn estimate(&self) -> Result<Freed, ReclaimError> {
-            self.calls.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
-            self.result()
-        }
-        async fn run(&self) -> Result<Freed, ReclaimError> {
-            self.calls.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
-            (self.on_run)();
-            self.result()
-        }
-        async fn location(&self) -> Option<PathBuf> {
-            self.location.clone()
-        }
-    }
+/// A reclaim that was not a dry run, as published on the event log: what
+/// deleted what, whichever way it was started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReclaimFinished {
+    /// What started it.
+    pub trigger: ReclaimTrigger,
+    /// The paths whose filesystems it reclaimed for (empty when it was asked
+    /// for every filesystem and none was short of space).
+    pub targets: Vec<PathBuf>,
+    /// What each step did.
+    pub report: ReclaimReport,
+}
+
+/// What a reclaim is asked to do (by `ReclaimSpace` or the guard itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReclaimRequest {
+    /// A path on the filesystem to reclaim for; every watched filesystem
+    /// below its floor plus margin when `None`.
+    pub path: Option<PathBuf>,
+    /// Dry run and all steps.
+    pub mode: ReclaimMode,
+    /// Who asked, for the event and the metrics.
+    pub trigger: ReclaimTrigger,
 }
 
 #[cfg(test)]
@@ -397,8 +213,8 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use super::fake::FakeStep;
     use super::*;
+    use crate::disk::fake::FakeStep;
 
     /// Locations under /full help; others do not.
     struct OnlyFull;
@@ -452,38 +268,6 @@ mod tests {
         assert_eq!(ran, [true, true, false]);
         assert_eq!(report.total_bytes, 200);
         assert_eq!(steps[2].calls(), (0, 0), "third step never touched");
-    }
-
-    #[test]
-    fn removals_count_every_failure_and_keep_the_first() {
-        let mut ok = Removals::default();
-        ok.removed(10);
-        ok.removed(5);
-        assert_eq!(
-            ok.finish().unwrap(),
-            Freed {
-                bytes: 15,
-                items: 2
-            }
-        );
-        let mut partial = Removals::default();
-        partial.removed(10);
-        partial.failed(ReclaimError::Other("first".into()));
-        partial.failed(ReclaimError::Other("second".into()));
-        match partial.finish() {
-            Err(ReclaimError::Partial {
-                freed,
-                failed,
-                first,
-            }) => {
-                assert_eq!(freed, Freed::item(10));
-                assert_eq!(failed, 2);
-                assert_eq!(first.to_string(), "first");
-            }
-            other => panic!("{other:?}"),
-        }
-        let sum: Freed = [Freed::item(1), Freed::item(2)].into_iter().sum();
-        assert_eq!(sum, Freed { bytes: 3, items: 2 });
     }
 
     #[tokio::test]
