@@ -497,9 +497,8 @@ fn build_disk_guard(
     let finished = jobs.clone();
     let job_finished: crate::disk::docker::JobFinished =
         Arc::new(move |job: &str| finished.is_finished(job));
-    // Not `disk::docker::docker_steps`: its dangling-image step prunes every
-    // untagged image on the host; the images domain's removes only the
-    // agent's own.
+    // The image steps are the images domain's: they remove only images the
+    // agent pulled, never every untagged image on the host.
     let steps: Vec<Arc<dyn crate::disk::reclaim::ReclaimStep>> = vec![
         Arc::new(crate::disk::docker::ExitedContainers::new(
             adapters.disk_docker.clone(),

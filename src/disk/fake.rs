@@ -1,7 +1,7 @@
 //! Fakes of the disk guard's outside world, for unit tests and (with the
 //! `test-util` feature) integration tests: a filesystem world whose numbers
 //! the test sets and whose filesystems can hang ([`FakeProbe`]), an engine
-//! with scripted containers and images ([`FakeDocker`]), and a reclaim step
+//! with scripted containers ([`FakeDocker`]), and a reclaim step
 //! with scripted results ([`FakeStep`]). Each records its calls.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use async_trait::async_trait;
 
-use super::docker::{DanglingImage, DockerSpace, ExitedContainer};
+use super::docker::{DockerSpace, ExitedContainer};
 use super::probe::{FsProbe, PathSample};
 use super::reclaim::{Freed, ReclaimError, ReclaimStep};
 use super::{FsStats, MountInfo};
@@ -166,15 +166,13 @@ pub struct FakeDockerState {
     pub data_root: Option<PathBuf>,
     /// (instance id, container).
     pub containers: Vec<(String, ExitedContainer)>,
-    /// Dangling images.
-    pub images: Vec<DanglingImage>,
     /// Container ids whose removal fails.
     pub fail_removal: Vec<String>,
     /// Calls of `data_root`.
     pub data_root_calls: u32,
 }
 
-/// A fake [`DockerSpace`] with scripted containers and images.
+/// A fake [`DockerSpace`] with scripted containers.
 #[derive(Default)]
 pub struct FakeDocker {
     /// Its contents, for the test to arrange and inspect.
@@ -223,13 +221,6 @@ impl DockerSpace for FakeDocker {
         }
         state.containers.retain(|(_, c)| c.id != id);
         Ok(())
-    }
-    async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError> {
-        Ok(self.lock().images.clone())
-    }
-    async fn prune_dangling_images(&self) -> Result<Freed, EngineError> {
-        let images = std::mem::take(&mut self.lock().images);
-        Ok(images.iter().map(|i| Freed::item(i.size_bytes)).sum())
     }
 }
 
