@@ -6,15 +6,14 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use tokio_stream::StreamExt;
-
 use tonic::transport::Channel;
 
 use super::progress::PullDisplay;
 use super::{format, output, states};
+use crate::api::proto::{self, job_service_client::JobServiceClient};
 
 /// How often `jobs submit --wait` looks at a job whose image is pulled.
 const PULL_POLL: std::time::Duration = std::time::Duration::from_millis(500);
-use crate::api::proto::{self, job_service_client::JobServiceClient};
 
 /// `jobs` subcommands.
 #[derive(Debug, Subcommand)]
