@@ -416,6 +416,28 @@ async fn a_pull_that_would_cross_the_floor_waits_and_one_that_never_fits_fails()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pull_waiting_for_space_reclaims_the_agents_unused_images_then_runs() {
+    let t = Images::default();
+    // The agent pulled A (4 GiB) earlier; nothing needs it any more.
+    t.engine
+        .script(A, PullScript::image(A, "sha256:a", 1, 4 << 30));
+    start_pull(&t, "old", A).await;
+    t.wait_for("A pulled", |t| t.state("old", A) == ImageState::Ready)
+        .await;
+    t.service.want(Vec::new());
+    // B needs ~6 GiB; 8 GiB free is 3 GiB above the 5 GiB floor.
+    t.registry.answer(B, Ok(FakeRegistry::sized(2, 1 << 30)));
+    t.engine
+        .script(B, PullScript::image(B, "sha256:b", 2, 1 << 30));
+    t.space.set_free(8 << 30);
+    start_pull(&t, "new", B).await;
+    t.wait_for("B pulled", |t| t.state("new", B) == ImageState::Ready)
+        .await;
+    assert!(!t.engine.has(A), "the unused image made room");
+    assert_eq!(t.engine.pulls(B), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_disk_guards_hold_holds_pulls() {
     let t = Images::default();
     t.engine.script(A, PullScript::image(A, "sha256:a", 1, 10));
@@ -543,9 +565,6 @@ async fn reclaim_removes_only_the_agents_unused_images_least_recently_used_first
         !t.service.lock().jobs_on_image("sha256:c").is_empty()
     })
     .await;
-    // A user tag on the agent's image B makes it the user's too.
-    let keep = vec![];
-    t.keep.send_replace(keep);
     t.space.set_free(5 << 30); // at the floor: 1 GiB margin missing
     let step = UnusedImages::new(t.service.clone());
     let estimate = step.estimate().await.unwrap();
