@@ -1,6 +1,7 @@
 //! Images against a real registry (Debian's `docker-registry`, started per
 //! test on a free loopback port by `common::registry`) and the real engine:
-//! pulls with stored and per-job credentials, the reason of each failure,
+//! pulls with stored and per-job credentials (never in the log, the store,
+//! the support bundle or the metrics), the reason of each failure,
 //! single flight counted at the registry, prefetch, a pinned digest, the
 //! disk-aware wait on a real small filesystem, the image reclaim steps, a
 //! cancelled pull, and a pull cut by an agent crash. Every registry, image
@@ -152,11 +153,58 @@ async fn failure_of(agent: &Agent, id: &str, image: &str) -> String {
     job.reason
 }
 
+/// Asserts that none of `secrets` is in the agent's support bundle
+/// (`doctor --bundle`: status, the event backlog, the config, the log) or in
+/// its metrics (`metrics_port`).
+fn assert_no_secret_in_bundle_or_metrics(agent: &Agent, metrics_port: u16, secrets: &[&str]) {
+    use std::io::Read;
+    let bundle = agent.path().join("support.tgz");
+    let out = cli(
+        &agent.socket,
+        &[
+            "doctor",
+            "--config",
+            agent.config_path.to_str().expect("utf-8"),
+            "--bundle",
+            bundle.to_str().expect("utf-8"),
+            "--log-file",
+            agent.log_path.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("support bundle written to"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut archive = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&bundle).expect("bundle"))
+        .read_to_end(&mut archive)
+        .expect("gunzip");
+    let archive = String::from_utf8_lossy(&archive);
+    assert!(archive.contains("events.json"), "a bundle with its events");
+    let (_, metrics) = common::http_get(metrics_port, "/metrics");
+    assert!(metrics.contains("instance_agent_"), "{metrics}");
+    for secret in secrets {
+        assert!(!archive.contains(secret), "a registry secret in the bundle");
+        assert!(
+            !metrics.contains(secret),
+            "a registry secret in the metrics"
+        );
+    }
+}
+
+/// Config that serves metrics on a free loopback port; the port.
+fn with_metrics() -> (String, u16) {
+    let port = common::free_port();
+    (format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"), port)
+}
+
 #[tokio::test]
 async fn a_private_image_is_pulled_with_the_stored_credential_and_its_digest_runs() {
     let registry = TestRegistry::start(Kind::TlsAuth);
     let image = registry.push("env", "1", 3, 8);
-    let agent = agent("");
+    let (metrics, metrics_port) = with_metrics();
+    let agent = agent(&metrics);
     login(&agent, &registry, &registry.password);
     let mut c = jobs(&agent).await;
     let submitted = submit(
@@ -197,6 +245,7 @@ async fn a_private_image_is_pulled_with_the_stored_credential_and_its_digest_run
         log.contains("registry credential set"),
         "audit of the login"
     );
+    assert_no_secret_in_bundle_or_metrics(&agent, metrics_port, &[&registry.password]);
 }
 
 /// A registry of `kind` with one small image, and an agent with `extra`
@@ -395,7 +444,8 @@ async fn a_digest_reference_runs_that_digest_after_the_tag_moved() {
 async fn a_jobs_own_token_is_used_for_its_pull_and_never_kept_or_shown() {
     let registry = TestRegistry::start(Kind::TlsAuth);
     let image = registry.push("token", "1", 1, 4);
-    let agent = agent("");
+    let (metrics, metrics_port) = with_metrics();
+    let agent = agent(&metrics);
     let mut c = jobs(&agent).await;
     let mut spec = job("with-token", &image.reference, &["true"]);
     spec.registry_auth = Some(proto::RegistryAuth {
@@ -425,6 +475,7 @@ async fn a_jobs_own_token_is_used_for_its_pull_and_never_kept_or_shown() {
         !String::from_utf8_lossy(&store).contains(&registry.token),
         "the token reached the store"
     );
+    assert_no_secret_in_bundle_or_metrics(&agent, metrics_port, &[&registry.token]);
 }
 
 #[tokio::test]
@@ -461,6 +512,72 @@ async fn pull_image_streams_progress_and_shares_the_jobs_pull() {
         stderr.contains(&format!("pulled {}", image.reference)),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn the_cli_lists_and_removes_images_refuses_a_needed_one_and_logs_out() {
+    let registry = TestRegistry::start(Kind::Plain);
+    let image = registry.push("cli", "1", 1, 2);
+    let markers = tempfile::tempdir().expect("markers");
+    let agent = one_slot_agent(markers.path());
+    let pulled = cli(&agent.socket, &["images", "pull", &image.reference]);
+    common::assert_success(&"images pull", &pulled);
+    let list = cli(&agent.socket, &["images", "list"]);
+    common::assert_success(&"images list", &list);
+    let text = String::from_utf8_lossy(&list.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&image.reference))
+        .unwrap_or_else(|| panic!("{} not listed:\n{text}", image.reference));
+    assert!(row.contains(" agent "), "pulled by the agent: {row}");
+
+    // A running job needs it: refused, and the image stays.
+    let mut c = jobs(&agent).await;
+    let holder = job(
+        "holder",
+        &image.reference,
+        &["sh", "-c", "while [ ! -e /markers/go ]; do sleep 0.1; done"],
+    );
+    submit(&mut c, with_markers(holder, markers.path())).await;
+    wait_job(&mut c, "holder", "running", Duration::from_secs(60), |j| {
+        j.state() == proto::JobState::Running
+    })
+    .await;
+    let refused = cli(&agent.socket, &["images", "rm", &image.reference]);
+    assert!(!refused.status.success(), "removed while a job runs it");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("is in use") && stderr.contains("holder"),
+        "{stderr}"
+    );
+    assert!(registry.is_local(&image.reference));
+    std::fs::write(markers.path().join("go"), "").expect("go");
+    let done = final_state(&mut c, "holder").await;
+    assert_eq!(done.state(), proto::JobState::Succeeded, "{done:?}");
+
+    let removed = cli(&agent.socket, &["images", "rm", &image.reference]);
+    common::assert_success(&"images rm", &removed);
+    assert!(
+        String::from_utf8_lossy(&removed.stdout).contains("removed"),
+        "{}",
+        String::from_utf8_lossy(&removed.stdout)
+    );
+    assert!(!registry.is_local(&image.reference));
+
+    login(&agent, &registry, &registry.password);
+    let logout = cli(&agent.socket, &["images", "logout", &registry.host]);
+    common::assert_success(&"images logout", &logout);
+    assert_eq!(
+        String::from_utf8_lossy(&logout.stdout),
+        format!("logged out of {}\n", registry.host)
+    );
+    let logins = images(&agent)
+        .await
+        .list_registry_credentials(proto::ListRegistryCredentialsRequest {})
+        .await
+        .expect("logins")
+        .into_inner();
+    assert!(logins.credentials.is_empty(), "{logins:?}");
 }
 
 #[tokio::test]
