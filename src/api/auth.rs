@@ -153,6 +153,12 @@ pub const METHODS: &[Method] = &[
     ),
     // Registries and user names only, never a secret.
     read("/instance_agent.v1.ImageService/ListRegistryCredentials"),
+    read("/instance_agent.v1.AccessService/GetSshPolicy"),
+    mutate(
+        "/instance_agent.v1.AccessService/SetSshPolicy",
+        Access::Mutate,
+    ),
+    read("/instance_agent.v1.AccessService/ListSessions"),
 ];
 
 /// The methods served besides those of the contract: the standard health
