@@ -7,6 +7,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/instance_agent/v1/common.proto",
+        "proto/instance_agent/v1/images.proto",
         "proto/instance_agent/v1/jobs.proto",
         "proto/instance_agent/v1/disk.proto",
         "proto/instance_agent/v1/setup.proto",

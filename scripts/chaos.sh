@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Fault-injection suite (tests/chaos.rs): kill -9 of the agent during jobs,
 # a Docker engine restart mid-run, the state filesystem filled to 100 %, the
-# FUSE stand-in killed, the engine frozen with SIGSTOP. Prints one table row
+# FUSE stand-in killed, the engine frozen with SIGSTOP, kill -9 of the agent
+# while the images of its jobs are pulled from a local registry. Prints one table row
 # per scenario; exits non-zero when a job was lost or ran twice, or a
 # scenario broke its promise. It stops and freezes the host's Docker engine:
 # run nothing else against that engine meanwhile.
 #   scripts/chaos.sh          short mode (what scripts/test.sh runs)
 #   scripts/chaos.sh long     the full sizes (200 jobs, ten kills, ...)
 #   scripts/chaos.sh short fuse-killed   one scenario (kill-9, engine-restart,
-#                             state-full, fuse-killed, engine-frozen)
+#                             state-full, fuse-killed, engine-frozen, pulls-kill-9)
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -9,6 +9,12 @@
 #   dir defaults to $INSTANCE_AGENT_TEST_LOGS, else target/test-logs.
 # Prints each offending file with the id of the secret (the test source line
 # that registered it), never the secret itself.
+#
+# The image tests (tests/images.rs) register each registry's password and the
+# per-job token of JobSpec.registry_auth (tests/common/registry.rs) and keep
+# the registry's own log beside the agent's; when they ran (a captured
+# directory images-*) but neither secret is registered, the sweep would prove
+# nothing about them, and that fails too.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,6 +53,15 @@ fi
 found=$(while IFS= read -r -d '' file && IFS= read -r match; do
   printf '%s: secret registered at %s\n' "$file" "${id_of[$match]:-<unknown id>}"
 done <"$matches" | sort -u)
+
+# The registry password and the per-job token: one registering line each.
+if compgen -G "$dir/images-*" >/dev/null; then
+  registry_ids=$(cut -f1 "$list" | grep -o 'tests/common/registry.rs:[0-9]*' | sort -u | wc -l)
+  if ((registry_ids < 2)); then
+    echo "[check-test-logs] FAILED: the image tests ran but the registry password and the per-job token are not both registered in $list" >&2
+    exit 1
+  fi
+fi
 
 files=$(find "$dir" -type f ! -name secrets.list | wc -l)
 secrets=$(wc -l <"$patterns")

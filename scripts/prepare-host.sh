@@ -7,6 +7,8 @@
 #     python3 python3-venv (scripts/python-client-check.sh: a venv, then grpcio from PyPI)
 #     mmdebstrap systemd-container (tests/systemd_boot.rs and tests/deb_package.rs: a Debian 12
 #     rootfs made once and cached under target/, booted with systemd-nspawn)
+#     docker-registry apache2-utils (tests/images.rs: each test starts its own registry on a
+#     loopback port, with htpasswd users; the package's own service is never left running)
 #   * a running Docker engine (started by hand: there is no systemd here)
 #   * the local image instance-agent/busybox:test (built from busybox-static,
 #     no registry access needed)
@@ -16,7 +18,9 @@
 set -euo pipefail
 
 readonly PACKAGES=(docker.io fuse3 busybox-static e2fsprogs util-linux procps systemd openssl passwd python3 python3-venv
-  mmdebstrap systemd-container)
+  mmdebstrap systemd-container docker-registry apache2-utils)
+# The command line of the registry service Debian's docker-registry package runs.
+readonly REGISTRY_SERVICE='^/usr/bin/docker-registry serve /etc/docker/registry/config.yml'
 readonly TEST_IMAGE="instance-agent/busybox:test"
 readonly DOCKERD_LOG="/var/log/instance-agent-test-dockerd.log"
 readonly DOCKERD_WAIT_SECS=60
@@ -62,6 +66,25 @@ else
   done
   say "packages: installed ${missing[*]}"
 fi
+
+# The tests start registries of their own; the package's service (port 5000)
+# must not run. policy-rc.d keeps the install from starting it; if something
+# started it anyway, stop it.
+if pids=$(pgrep -f "$REGISTRY_SERVICE"); then
+  say "registry: the docker-registry package's own service runs (pid $pids); stopping it"
+  if [[ -x /etc/init.d/docker-registry ]]; then
+    /etc/init.d/docker-registry stop >/dev/null 2>&1 || true
+  fi
+  # shellcheck disable=SC2086 # one pid per word
+  kill $pids 2>/dev/null || true
+  sleep 1
+  if pgrep -f "$REGISTRY_SERVICE" >/dev/null; then
+    die "the docker-registry service still runs; stop it (the tests start their own registries)"
+  fi
+fi
+command -v docker-registry >/dev/null || die "docker-registry not found (is the docker-registry package installed?)"
+command -v htpasswd >/dev/null || die "htpasswd not found (is apache2-utils installed?)"
+say "registry: docker-registry $(dpkg-query -W -f='${Version}' docker-registry) installed, its service not running"
 
 # --- Docker engine -----------------------------------------------------------
 # /usr/local/bin/docker (a newer client) shadows Debian's /usr/bin/docker; the

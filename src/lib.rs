@@ -20,6 +20,8 @@
 //! - `testing` (unit tests only): the shared rig of the domains' unit tests.
 //! - [`units`]: byte sizes and durations for people (messages, config, CLI).
 //! - [`jobs`]: the job queue: specs, states, slots, logs and the container engine.
+//! - [`images`]: image pulls (credentials, single flight, prefetch, disk-aware),
+//!   the agent's image records and the image reclaim steps.
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
@@ -49,6 +51,7 @@ pub mod disk;
 pub mod events;
 pub mod health;
 pub mod host;
+pub mod images;
 pub mod jobs;
 pub mod metrics;
 pub mod mountinfo;

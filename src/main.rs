@@ -110,6 +110,8 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
         let isolated_probe = Arc::new(HelperProbe::new(agent_binary()));
         let adapters = Adapters {
             engine: engine.clone(),
+            image_engine: engine.clone(),
+            registry: Arc::new(instance_agent::images::http::HttpRegistry::new()),
             disk_docker: engine,
             disk_probe: Arc::new(SystemProbe),
             isolated_probe: isolated_probe.clone(),

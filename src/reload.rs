@@ -127,6 +127,10 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.docker.check_interval_seconds = new.docker.check_interval_seconds;
     running.events.backlog = new.events.backlog;
     running.jobs = new.jobs.clone();
+    running.images.pull_policy = new.images.pull_policy;
+    running.images.max_concurrent_pulls = new.images.max_concurrent_pulls;
+    running.images.pull_timeout_seconds = new.images.pull_timeout_seconds;
+    running.images.prefetch_queued = new.images.prefetch_queued;
     running.control_plane.uids = new.control_plane.uids.clone();
     running.operator.allow_cancel_job = new.operator.allow_cancel_job;
     running.limits.max_streams_per_peer = new.limits.max_streams_per_peer;
@@ -204,7 +208,11 @@ mod tests {
             Value::Integer(i) => vec![Value::Integer(i + 1), Value::Integer(i.saturating_sub(1))],
             Value::Float(f) => vec![Value::Float(f + 0.5)],
             Value::Boolean(b) => vec![Value::Boolean(!b)],
-            Value::String(text) => vec![Value::String(format!("{text}x"))],
+            // The other value of a two-valued enum key (images.pull_policy).
+            Value::String(text) => vec![
+                Value::String(format!("{text}x")),
+                Value::String("always".into()),
+            ],
             Value::Array(items) => {
                 let mut longer = items.clone();
                 longer.push(items.first().cloned().unwrap_or(Value::Integer(1000)));

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::engine::{EngineGuard, freeze_engine, start_engine, stop_engine, thaw_engine};
 use common::fs::{Filler, LoopExt4, MIB};
 use common::fuse_site::Site;
+use common::registry::{Kind, TestRegistry};
 use common::{Agent, is_final, marked_job as marked, runs, try_connect};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, job_service_client::JobServiceClient,
@@ -56,7 +57,7 @@ impl Mode {
 type Scenario = fn(Mode) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome>>>;
 
 /// Every scenario, by the name `scripts/chaos.sh MODE NAME` runs alone.
-const SCENARIOS: [(&str, Scenario); 5] = [
+const SCENARIOS: [(&str, Scenario); 6] = [
     ("kill-9", |mode| Box::pin(kill_9_during_jobs(mode))),
     ("engine-restart", |mode| {
         Box::pin(engine_restart_mid_run(mode))
@@ -64,6 +65,7 @@ const SCENARIOS: [(&str, Scenario); 5] = [
     ("state-full", |mode| Box::pin(state_filesystem_full(mode))),
     ("fuse-killed", |mode| Box::pin(fuse_standin_killed(mode))),
     ("engine-frozen", |mode| Box::pin(engine_frozen(mode))),
+    ("pulls-kill-9", |mode| Box::pin(kill_9_during_pulls(mode))),
 ];
 
 fn main() {
@@ -828,6 +830,76 @@ async fn engine_frozen(mode: Mode) -> Outcome {
             .push(format!("docker condition: {docker_seen:?}"));
     }
     outcome.broken.extend(broken);
+    drop(agent);
+    outcome
+}
+
+/// `kill -9` of the agent again and again while the images of its jobs are
+/// pulled: every job's image is in a local registry (slowed down, so that
+/// each kill cuts pulls in the middle) and none is on the instance yet. A
+/// pull cut by a kill is asked for again after the restart; every job runs
+/// exactly once.
+async fn kill_9_during_pulls(mode: Mode) -> Outcome {
+    let (images, per_image, kills) = (mode.pick(3, 8), mode.pick(2, 4), mode.pick(3, 8));
+    let registry = TestRegistry::start(Kind::Plain);
+    let pushed: Vec<_> = (0..images)
+        .map(|i| registry.push(&format!("chaos{i}"), "1", 2, 8))
+        .collect();
+    // About 2 s per image on loopback: kills land in the middle of pulls.
+    registry.throttle(8 * MIB);
+    let markers = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::builder()
+        .config(&jobs_config(markers.path()))
+        .start();
+    let socket = agent.socket.clone();
+    let killer = std::thread::spawn(move || {
+        let mut agent = agent;
+        for _ in 0..kills {
+            std::thread::sleep(Duration::from_millis(1500));
+            agent.crash_and_restart();
+        }
+        agent
+    });
+    let give_up = Instant::now() + Duration::from_secs(120);
+    let specs: Vec<proto::JobSpec> = ids("pulls", 0..images * per_image)
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut spec = marked(id, "0.3", markers.path());
+            spec.image = pushed[i % images].reference.clone();
+            spec
+        })
+        .collect();
+    let acked = submit_all(&socket, specs.into_iter(), give_up).await;
+    let agent = tokio::task::spawn_blocking(move || killer.join())
+        .await
+        .expect("join")
+        .expect("killer thread");
+    let mut outcome = account(
+        format!(
+            "kill -9 of the agent ×{kills} during pulls of {images} images for {} jobs",
+            images * per_image
+        ),
+        &socket,
+        markers.path(),
+        &acked,
+        Duration::from_secs(300),
+    )
+    .await;
+    if acked.len() < images * per_image {
+        outcome.broken.push(format!(
+            "{} submissions never acknowledged",
+            images * per_image - acked.len()
+        ));
+    }
+    let fetches: usize = pushed
+        .iter()
+        .map(|p| registry.blob_fetches(&p.repository))
+        .sum();
+    outcome.notes.push(format!(
+        "{fetches} blob fetches for {} blobs (cut pulls fetch again)",
+        pushed.iter().map(|p| p.layers + 1).sum::<usize>()
+    ));
     drop(agent);
     outcome
 }

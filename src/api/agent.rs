@@ -15,6 +15,7 @@ pub struct AgentApi {
     events: EventBus,
     shutdown: CancellationToken,
     setup: Option<crate::setup::SetupScripts>,
+    images: Option<crate::images::ImageService>,
 }
 
 impl AgentApi {
@@ -26,7 +27,14 @@ impl AgentApi {
             events,
             shutdown,
             setup: None,
+            images: None,
         }
+    }
+
+    /// Reports the image pulls in progress in `GetStatus`.
+    pub fn with_images(mut self, images: crate::images::ImageService) -> Self {
+        self.images = Some(images);
+        self
     }
 
     /// Reports the latest creation script run in `GetStatus`.
@@ -48,6 +56,13 @@ impl AgentService for AgentApi {
             .as_ref()
             .and_then(|setup| setup.latest_creation())
             .map(|run| super::setup::run_to_proto(&run));
+        if let Some(images) = &self.images {
+            status.pulls = images
+                .pulls()
+                .iter()
+                .map(super::images::progress_to_proto)
+                .collect();
+        }
         Ok(Response::new(status))
     }
 
@@ -129,6 +144,7 @@ fn status_to_proto(report: StatusReport) -> proto::GetStatusResponse {
         summary: report.summary,
         last_event_sequence: report.last_event_sequence,
         creation_run: None,
+        pulls: Vec::new(),
     }
 }
 
@@ -188,6 +204,7 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
             job: Some(super::jobs::job_to_proto(&crate::jobs::JobView {
                 record: (**record).clone(),
                 queue_position: None,
+                pull: None,
             })),
         }),
         EventPayload::Mount(status) => proto::event::Kind::Mount(proto::MountEvent {

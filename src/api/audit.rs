@@ -54,6 +54,10 @@ pub fn request_fields(path: &str, message: &[u8]) -> Vec<(&'static str, String)>
                 fields.push(("image", shown(&spec.image)));
                 fields.push(("env_entries", spec.env.len().to_string()));
                 fields.push(("mounts", spec.mounts.len().to_string()));
+                // Whether a job credential came, never what it is.
+                if spec.registry_auth.is_some() {
+                    fields.push(("registry_auth", "set".into()));
+                }
             }
         }
         "CancelJob" => {
@@ -115,6 +119,28 @@ pub fn request_fields(path: &str, message: &[u8]) -> Vec<(&'static str, String)>
         "Unmount" => {
             if let Ok(req) = proto::UnmountRequest::decode(message) {
                 fields.push(("name", shown(&req.name)));
+            }
+        }
+        "PullImage" => {
+            if let Ok(req) = proto::PullImageRequest::decode(message) {
+                fields.push(("image", shown(&req.image)));
+            }
+        }
+        "RemoveImage" => {
+            if let Ok(req) = proto::RemoveImageRequest::decode(message) {
+                fields.push(("image", shown(&req.image)));
+            }
+        }
+        "SetRegistryCredential" => {
+            // The registry and the user; never the secret.
+            if let Ok(req) = proto::SetRegistryCredentialRequest::decode(message) {
+                fields.push(("registry", shown(&req.registry)));
+                fields.push(("username", shown(&req.username)));
+            }
+        }
+        "DeleteRegistryCredential" => {
+            if let Ok(req) = proto::DeleteRegistryCredentialRequest::decode(message) {
+                fields.push(("registry", shown(&req.registry)));
             }
         }
         "SetSshPolicy" => {
@@ -290,6 +316,10 @@ mod tests {
             ..Default::default()
         };
         spec.env.insert("TOKEN".into(), "S3CRET-ENV-VALUE".into());
+        spec.registry_auth = Some(proto::RegistryAuth {
+            username: "robot".into(),
+            password: "S3CRET-REGISTRY-TOKEN".into(),
+        });
         let submit = proto::SubmitJobRequest { spec: Some(spec) };
         let fields = request_fields(
             "/instance_agent.v1.JobService/SubmitJob",
@@ -298,6 +328,20 @@ mod tests {
         let shown = format!("{fields:?}");
         assert!(!shown.contains("S3CRET"), "{shown}");
         assert!(shown.contains("job-1"), "{shown}");
+        assert!(shown.contains("registry_auth"), "{shown}");
+
+        let login = proto::SetRegistryCredentialRequest {
+            registry: "registry.example:5000".into(),
+            username: "robot".into(),
+            secret: "S3CRET-REGISTRY-PASSWORD".into(),
+        };
+        let fields = request_fields(
+            "/instance_agent.v1.ImageService/SetRegistryCredential",
+            &login.encode_to_vec(),
+        );
+        let shown = format!("{fields:?}");
+        assert!(!shown.contains("S3CRET"), "{shown}");
+        assert!(shown.contains("registry.example:5000"), "{shown}");
 
         let script = proto::RunSetupScriptRequest {
             source: Some(proto::run_setup_script_request::Source::Script(

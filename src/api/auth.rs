@@ -84,6 +84,14 @@ const fn stream(path: &'static str) -> Method {
     }
 }
 
+const fn mutate_stream(path: &'static str) -> Method {
+    Method {
+        path,
+        access: Access::Mutate,
+        streaming: true,
+    }
+}
+
 const fn mutate(path: &'static str, access: Access) -> Method {
     Method {
         path,
@@ -128,6 +136,23 @@ pub const METHODS: &[Method] = &[
     mutate("/instance_agent.v1.MountService/Mount", Access::Mutate),
     mutate("/instance_agent.v1.MountService/Unmount", Access::Mutate),
     read("/instance_agent.v1.MountService/ListMounts"),
+    // Pulls change the disk and the images on it: admin, streamed progress.
+    mutate_stream("/instance_agent.v1.ImageService/PullImage"),
+    read("/instance_agent.v1.ImageService/ListImages"),
+    mutate(
+        "/instance_agent.v1.ImageService/RemoveImage",
+        Access::Mutate,
+    ),
+    mutate(
+        "/instance_agent.v1.ImageService/SetRegistryCredential",
+        Access::Mutate,
+    ),
+    mutate(
+        "/instance_agent.v1.ImageService/DeleteRegistryCredential",
+        Access::Mutate,
+    ),
+    // Registries and user names only, never a secret.
+    read("/instance_agent.v1.ImageService/ListRegistryCredentials"),
     read("/instance_agent.v1.AccessService/GetSshPolicy"),
     mutate(
         "/instance_agent.v1.AccessService/SetSshPolicy",
@@ -259,7 +284,9 @@ mod tests {
                 row.streaming, *streaming,
                 "{path}: the table's streaming flag disagrees with the proto"
             );
-            if *streaming {
+            // Streams are reads, but for the ones listed here, each a decision.
+            const MUTATING_STREAMS: &[&str] = &["/instance_agent.v1.ImageService/PullImage"];
+            if *streaming && !MUTATING_STREAMS.contains(&path.as_str()) {
                 assert_eq!(row.access, Access::Read, "{path}: streams are reads");
             }
         }

@@ -10,7 +10,9 @@ use super::{LogChunkStream, timestamp};
 use crate::jobs::logs::{LogRecord, LogSource};
 use crate::jobs::{
     JobError, JobFilter, JobManager, JobMount, JobRecord, JobSpec, JobState, JobView, MountSource,
+    RegistryAuth,
 };
+use crate::secret::Secret;
 
 /// Most jobs one `ListJobs` answers (a larger `limit` is taken as this).
 pub const MAX_LIST_JOBS: usize = 1000;
@@ -57,13 +59,40 @@ pub fn sees_env_values<T>(request: &Request<T>) -> bool {
 
 /// `job` as a caller sees it: env values replaced by `<redacted>` unless it
 /// [`sees_env_values`] (the names stay: they say what the job was given).
+/// The job's `registry_auth` is never shown to anyone (it is not kept, so
+/// it is never there; cleared all the same).
 pub fn job_for_caller(mut job: proto::Job, sees_env_values: bool) -> proto::Job {
-    if !sees_env_values && let Some(spec) = job.spec.as_mut() {
-        for value in spec.env.values_mut() {
-            *value = crate::secret::REDACTED.to_owned();
+    if let Some(spec) = job.spec.as_mut() {
+        spec.registry_auth = None;
+        if !sees_env_values {
+            for value in spec.env.values_mut() {
+                *value = crate::secret::REDACTED.to_owned();
+            }
         }
     }
     job
+}
+
+/// A job's own registry credential; unset or empty means none.
+fn auth_from_proto(auth: Option<proto::RegistryAuth>) -> Result<Option<RegistryAuth>, Status> {
+    let Some(auth) = auth else { return Ok(None) };
+    if auth.username.is_empty() && auth.password.is_empty() {
+        return Ok(None);
+    }
+    if auth.username.is_empty() || auth.password.is_empty() {
+        return Err(Status::invalid_argument(
+            "spec.registry_auth: set both username and password (or neither)",
+        ));
+    }
+    if auth.username.len() > 256 || auth.password.len() > 16 << 10 {
+        return Err(Status::invalid_argument(
+            "spec.registry_auth: username at most 256 characters, password at most 16 KiB",
+        ));
+    }
+    Ok(Some(RegistryAuth {
+        username: auth.username,
+        password: Secret::new(auth.password),
+    }))
 }
 
 #[tonic::async_trait]
@@ -72,12 +101,18 @@ impl JobService for JobApi {
         &self,
         request: Request<proto::SubmitJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
-        let spec = request
+        let mut spec = request
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: must be set"))?;
+        // A secret: taken out before anything else sees the spec.
+        let auth = auth_from_proto(spec.registry_auth.take())?;
         let spec = spec_from_proto(spec)?;
-        let view = self.jobs.submit(spec).await.map_err(status_of)?;
+        let view = self
+            .jobs
+            .submit_with_auth(spec, auth)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(job_to_proto(&view)))
     }
 
@@ -130,6 +165,7 @@ impl JobService for JobApi {
         let job = job_to_proto(&JobView {
             record,
             queue_position: None,
+            pull: None,
         });
         Ok(Response::new(job_for_caller(job, sees_env)))
     }
@@ -254,6 +290,7 @@ fn spec_to_proto(spec: &JobSpec) -> proto::JobSpec {
         priority: spec.priority,
         network: spec.network.clone(),
         kill_grace_seconds: spec.kill_grace_seconds,
+        registry_auth: None,
     }
 }
 
@@ -301,6 +338,11 @@ pub fn job_to_proto(view: &JobView) -> proto::Job {
         container_id: r.container_id.clone(),
         gpu_indices: r.gpu_indices.clone(),
         queue_position: view.queue_position.unwrap_or(0),
+        image_digest: r.image_digest.clone(),
+        pull: view
+            .pull
+            .as_ref()
+            .map(|pull| super::images::view_to_proto(pull, &r.spec.image)),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod config;
 pub mod disk;
 pub mod guard;
 pub mod handshakes;
+pub mod images;
 pub mod jobs;
 pub mod limits;
 pub mod listen;
@@ -54,9 +55,10 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 256 * 1024;
 pub const HTTP2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// The full names of the services, as reflection and health list them.
-pub const SERVICE_NAMES: [&str; 6] = [
+pub const SERVICE_NAMES: [&str; 7] = [
     "instance_agent.v1.AgentService",
     "instance_agent.v1.JobService",
+    "instance_agent.v1.ImageService",
     "instance_agent.v1.DiskService",
     "instance_agent.v1.SetupService",
     "instance_agent.v1.MountService",
@@ -96,6 +98,8 @@ pub struct ApiParts {
     pub agent: agent::AgentApi,
     /// Jobs.
     pub jobs: jobs::JobApi,
+    /// Images and registry credentials.
+    pub images: images::ImageApi,
     /// File share mounts.
     pub mounts: mounts::MountApi,
     /// Setup scripts.
@@ -116,6 +120,7 @@ pub fn routes(
     use proto::access_service_server::AccessServiceServer;
     use proto::agent_service_server::AgentServiceServer;
     use proto::disk_service_server::DiskServiceServer;
+    use proto::image_service_server::ImageServiceServer;
     use proto::job_service_server::JobServiceServer;
     use proto::mount_service_server::MountServiceServer;
     use proto::setup_service_server::SetupServiceServer;
@@ -135,6 +140,7 @@ pub fn routes(
         .add_service(reflection_v1alpha)
         .add_service(AgentServiceServer::new(parts.agent).max_decoding_message_size(max))
         .add_service(JobServiceServer::new(parts.jobs).max_decoding_message_size(max))
+        .add_service(ImageServiceServer::new(parts.images).max_decoding_message_size(max))
         .add_service(DiskServiceServer::new(parts.disk).max_decoding_message_size(max))
         .add_service(SetupServiceServer::new(parts.setup).max_decoding_message_size(max))
         .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max))

@@ -6,11 +6,14 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use tokio_stream::StreamExt;
-
 use tonic::transport::Channel;
 
+use super::progress::PullDisplay;
 use super::{format, output, states};
 use crate::api::proto::{self, job_service_client::JobServiceClient};
+
+/// How often `jobs submit --wait` looks at a job whose image is pulled.
+const PULL_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// `jobs` subcommands.
 #[derive(Debug, Subcommand)]
@@ -52,7 +55,8 @@ pub enum JobsCommand {
 /// `jobs submit` options.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// Image reference (must be present on the instance or pullable).
+    /// Image reference; pulled (with the stored credential of its registry)
+    /// when not on the instance.
     #[arg(long)]
     pub image: String,
     /// Job id for idempotent submission; generated when absent.
@@ -96,7 +100,8 @@ pub struct SubmitArgs {
     /// Working directory in the container.
     #[arg(long, short = 'w')]
     pub workdir: Option<String>,
-    /// Wait until the job ends and exit with its status.
+    /// Wait until the job ends (showing its image's pull, then its output)
+    /// and exit with its status.
     #[arg(long)]
     pub wait: bool,
     /// The command to run (after `--`).
@@ -120,6 +125,7 @@ pub async fn run(command: JobsCommand, channel: Channel, json: bool) -> anyhow::
                 return Ok(ExitCode::SUCCESS);
             }
             let id = job.id.clone();
+            wait_for_image(&mut jobs, job).await?;
             let mut logs = jobs
                 .stream_job_logs(proto::StreamJobLogsRequest {
                     id: id.clone(),
@@ -195,6 +201,36 @@ pub async fn run(command: JobsCommand, channel: Channel, json: bool) -> anyhow::
     }
 }
 
+/// While the job is queued for its image, shows the pull (a bar on a
+/// terminal, lines otherwise), polling the job.
+async fn wait_for_image(
+    jobs: &mut JobServiceClient<Channel>,
+    mut job: proto::Job,
+) -> anyhow::Result<()> {
+    let mut display: Option<PullDisplay> = None;
+    while job.state() == proto::JobState::Queued {
+        let Some(pull) = job.pull.as_ref() else {
+            break;
+        };
+        display.get_or_insert_with(PullDisplay::new).show(pull);
+        tokio::time::sleep(PULL_POLL).await;
+        job = jobs
+            .get_job(proto::GetJobRequest { id: job.id.clone() })
+            .await?
+            .into_inner();
+    }
+    if let Some(display) = display {
+        let image = job.spec.clone().unwrap_or_default().image;
+        display.finish(&match job.state() {
+            proto::JobState::Queued | proto::JobState::Starting | proto::JobState::Running => {
+                format!("image {image} is local")
+            }
+            _ => format!("image {image}: {}", job.reason),
+        });
+    }
+    Ok(())
+}
+
 fn write_chunk(chunk: &proto::LogChunk) -> anyhow::Result<()> {
     match chunk.stream() {
         proto::LogStream::Stdout | proto::LogStream::Unspecified => {
@@ -252,6 +288,7 @@ fn spec_from_args(args: SubmitArgs) -> anyhow::Result<proto::JobSpec> {
         priority: args.priority,
         network: args.network.unwrap_or_default(),
         kill_grace_seconds: args.kill_grace_seconds.unwrap_or(0),
+        registry_auth: None,
     })
 }
 
@@ -339,6 +376,12 @@ fn render_job(job: &proto::Job) -> String {
         let _ = writeln!(out, "queue      position {}", job.queue_position);
     }
     let _ = writeln!(out, "image      {}", spec.image);
+    if !job.image_digest.is_empty() {
+        let _ = writeln!(out, "digest     {}", job.image_digest);
+    }
+    if let Some(pull) = &job.pull {
+        let _ = writeln!(out, "pull       {}", super::images::pull_line(pull));
+    }
     let _ = writeln!(out, "command    {}", spec.command.join(" "));
     let _ = writeln!(
         out,

@@ -2,8 +2,8 @@
 //! talks to the daemon only through its gRPC API over the Unix socket; it
 //! never imports domain modules. One file per subcommand; shared by all of
 //! them: `client` (connect or explain, deadlines), `output` (print JSON or
-//! render), `states` (the names of the contract's state enums) and `format`
-//! (sizes, durations, times).
+//! render), `states` (the names of the contract's state enums), `format`
+//! (sizes, durations, times) and `progress` (a pull's progress bar or lines).
 
 mod access;
 mod client;
@@ -12,9 +12,11 @@ mod config_cmd;
 mod disk;
 mod doctor;
 mod format;
+mod images;
 mod jobs;
 mod mounts;
 mod output;
+mod progress;
 mod setup;
 mod states;
 mod status;
@@ -26,8 +28,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use client::DEFAULT_SOCKET;
 
-/// The agent of a cloud ML compute instance: jobs, disk guard, setup scripts
-/// and file share mounts.
+/// The agent of a cloud ML compute instance: jobs, images, disk guard, setup
+/// scripts and file share mounts.
 #[derive(Debug, Parser)]
 #[command(name = "instance-agent", version, propagate_version = true)]
 pub struct Cli {
@@ -58,6 +60,9 @@ pub enum Command {
     /// Submit, list, inspect, cancel jobs and read their logs.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Images and registry credentials: list, pull, remove, login, logout.
+    #[command(subcommand)]
+    Images(images::ImagesCommand),
     /// Show every watched filesystem like `df -h` with its state and levels;
     /// find what fills a disk (--top), follow alerts (--watch), reclaim space.
     Disk(disk::DiskArgs),
@@ -146,6 +151,9 @@ pub fn run(
         })),
         Command::Jobs(cmd) => with_runtime(client::with_channel(&socket, |channel| {
             jobs::run(cmd, channel, json)
+        })),
+        Command::Images(cmd) => with_runtime(client::with_channel(&socket, |channel| {
+            images::run(cmd, channel, json)
         })),
         Command::Mounts(cmd) => with_runtime(client::with_channel(&socket, |channel| {
             mounts::run(cmd, channel, json)

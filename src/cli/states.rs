@@ -121,6 +121,22 @@ pub fn setup_run(state: proto::SetupRunState) -> StateName {
     }
 }
 
+/// Where an image pull is.
+pub fn pull_phase(phase: proto::PullPhase) -> StateName {
+    use proto::PullPhase as P;
+    match phase {
+        P::Unspecified => StateName::calm("-"),
+        P::Queued => StateName::calm("queued"),
+        P::Held => StateName::alarm("held"),
+        P::WaitingForDisk => StateName::alarm("waiting for disk"),
+        P::Resolving => StateName::calm("resolving"),
+        P::Pulling => StateName::calm("pulling"),
+        P::Retrying => StateName::alarm("retrying"),
+        P::Done => StateName::calm("done"),
+        P::Failed => StateName::alarm("failed"),
+    }
+}
+
 /// How sshd is started.
 pub fn ssh_listener(listener: proto::SshListener) -> StateName {
     use proto::SshListener as L;
@@ -159,6 +175,10 @@ mod tests {
         assert_eq!(disk(proto::DiskState::Critical).to_string(), "CRITICAL");
         assert_eq!(condition(proto::ConditionState::Ok).to_string(), "ok");
         assert_eq!(job(proto::JobState::Failed).to_string(), "failed");
+        assert_eq!(
+            pull_phase(proto::PullPhase::WaitingForDisk).to_string(),
+            "WAITING FOR DISK"
+        );
     }
 
     #[test]

@@ -66,6 +66,9 @@ fn render(s: &proto::GetStatusResponse) -> String {
         let _ = write!(out, " (held: {})", slots.held_reason);
     }
     let _ = writeln!(out);
+    for pull in &s.pulls {
+        let _ = writeln!(out, "  pull      {}", super::images::pull_line(pull));
+    }
     let _ = writeln!(out, "conditions");
     for c in &s.conditions {
         let _ = writeln!(

@@ -3,9 +3,10 @@
 //! that name the file, the key's line and what is allowed.
 //!
 //! Each section's struct, defaults, ranges and validation live with the
-//! domain that owns it (`jobs::config`, `disk::config`, `mounts::config`,
-//! `setup::config`, `api::config`, `metrics::config`, `access::config`,
-//! `events`; `[agent]`, which no domain owns, in [`agent`]). A section validates its own keys and
+//! domain that owns it (`jobs::config`, `images::config`, `disk::config`,
+//! `mounts::config`, `setup::config`, `api::config`, `metrics::config`,
+//! `access::config`, `events`; `[agent]`, which no domain owns, in
+//! [`agent`]). A section validates its own keys and
 //! returns a [`FieldError`] with the key relative to the section; this module
 //! prefixes the table, adds the file and the line, and applies the rules
 //! between sections (the mount rules need the agent's dirs; `--state-dir`
@@ -31,6 +32,7 @@ use crate::access::config::AccessConfig;
 use crate::api::config::{ControlPlaneConfig, LimitsConfig, OperatorConfig};
 use crate::disk::config::DiskConfig;
 use crate::events::EventsConfig;
+use crate::images::config::ImagesConfig;
 use crate::jobs::config::{DockerConfig, JobsConfig};
 use crate::metrics::config::MetricsConfig;
 use crate::mounts::config::MountsConfig;
@@ -105,6 +107,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// The job queue.
     pub jobs: JobsConfig,
+    /// Image pulls.
+    pub images: ImagesConfig,
     /// File share mounts (blobfuse2).
     pub mounts: MountsConfig,
     /// Setup scripts.
@@ -231,6 +235,7 @@ impl Config {
             ("docker", self.docker.validate()),
             ("events", self.events.validate()),
             ("jobs", self.jobs.validate()),
+            ("images", self.images.validate()),
             // No mount or cache may go in the agent's own directories.
             ("mounts", self.mounts.validate(&self.agent.dirs())),
             ("setup", self.setup.validate()),

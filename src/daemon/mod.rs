@@ -30,6 +30,8 @@ use crate::config::Config;
 use crate::events::{EventBus, EventPayload};
 use crate::health::Health;
 use crate::host::HostFacts;
+use crate::images::space::GuardSpace;
+use crate::images::{CredentialStore, ImageParts, ImageService};
 use crate::jobs::engine::ContainerEngine;
 use crate::jobs::{JobManager, JobsDeps};
 use crate::mounts::system::FuseMounter;
@@ -72,6 +74,9 @@ pub enum DaemonError {
     /// The job store could not be loaded.
     #[error("cannot load jobs: {0}")]
     Jobs(#[source] crate::jobs::JobError),
+    /// The images domain could not start (its records or credentials).
+    #[error("cannot start the images domain: {0}")]
+    Images(#[source] crate::images::ImageError),
     /// The setup scripts' records could not be loaded.
     #[error("cannot load setup runs: {0}")]
     Setup(#[source] crate::setup::SetupError),
@@ -96,6 +101,10 @@ pub enum DaemonError {
 pub struct Adapters {
     /// The container engine.
     pub engine: Arc<dyn ContainerEngine>,
+    /// The container engine as the images domain uses it (pulls).
+    pub image_engine: Arc<dyn crate::images::engine::ImageEngine>,
+    /// Registries, as the agent asks them itself before a pull.
+    pub registry: Arc<dyn crate::images::registry::Registry>,
     /// blobfuse2 processes, mountinfo, FUSE probes and fusermount3.
     pub mounter: Arc<dyn FuseMounter>,
     /// The engine as the disk guard sees it (data root, reclaimable data).
@@ -197,6 +206,9 @@ impl Daemon {
         );
         mounts.restore(&config.mounts.mount).await;
 
+        let (images, image_space) = build_images(
+            &config, &adapters, &store, &admission, &config_rx, &cancel, &tasks,
+        )?;
         let jobs = JobManager::start(
             JobsDeps {
                 engine: adapters.engine.clone(),
@@ -204,6 +216,7 @@ impl Daemon {
                 events: events.clone(),
                 admission: admission.clone(),
                 mounts: Arc::new(mounts.clone()),
+                images: Arc::new(images.clone()),
                 logs_dir: config.agent.state_dir.join("job-logs"),
                 staging_dir: Some(config.agent.runtime_dir.join("staging").join("jobs")),
                 instance_id: instance_id.clone(),
@@ -268,7 +281,9 @@ impl Daemon {
             &config_rx,
             &jobs,
             &mounts,
+            &images,
         );
+        image_space.set_guard(disk.clone());
         let metrics = match config.metrics.addr() {
             Some(addr) => {
                 let listener = crate::metrics::bind(addr).await?;
@@ -305,8 +320,10 @@ impl Daemon {
 
         let (routes, health_reporter) = api::routes(api::ApiParts {
             agent: api::agent::AgentApi::new(status.clone(), events.clone(), cancel.clone())
-                .with_setup(setup.clone()),
+                .with_setup(setup.clone())
+                .with_images(images.clone()),
             jobs: api::jobs::JobApi::new(jobs.clone()),
+            images: api::images::ImageApi::new(images.clone(), cancel.clone()),
             mounts: api::mounts::MountApi::new(mounts),
             disk: api::disk::DiskApi::new(disk, cancel.clone()),
             setup: api::setup::SetupApi::new(setup.clone(), cancel.clone()),
@@ -446,8 +463,47 @@ impl Daemon {
     }
 }
 
+/// Builds the images domain: its credential store, its view of disk space
+/// (on the disk guard, handed over once the guard is built), its records.
+fn build_images(
+    config: &Config,
+    adapters: &Adapters,
+    store: &Store,
+    admission: &AdmissionGate,
+    config_rx: &watch::Receiver<Arc<Config>>,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(ImageService, Arc<GuardSpace>), DaemonError> {
+    let credentials =
+        CredentialStore::open(&config.images.credentials_path(&config.agent.state_dir))
+            .map_err(DaemonError::Images)?;
+    let space = Arc::new(GuardSpace::new(
+        adapters.disk_probe.clone(),
+        adapters.disk_docker.clone(),
+        admission.clone(),
+        derive(config_rx, |c| c.disk.clone()),
+        config.images.space_check_override(),
+    ));
+    let images = ImageService::new(
+        ImageParts {
+            engine: adapters.image_engine.clone(),
+            registry: adapters.registry.clone(),
+            space: space.clone(),
+            credentials,
+            store: store.clone(),
+            config: derive(config_rx, |c| c.images.clone()),
+            keep: derive(config_rx, |c| c.jobs.keep_images.clone()),
+        },
+        cancel.clone(),
+        tasks.clone(),
+    )
+    .map_err(DaemonError::Images)?;
+    Ok((images, space))
+}
+
 /// Builds the disk guard with every reclaim step, in order: exited job
-/// containers, dangling images, expired job logs, mount caches.
+/// containers, dangling images the agent pulled, expired job logs, unused
+/// images the agent pulled, mount caches.
 #[allow(clippy::too_many_arguments)]
 fn build_disk_guard(
     config: &Config,
@@ -460,20 +516,30 @@ fn build_disk_guard(
     config_rx: &watch::Receiver<Arc<Config>>,
     jobs: &JobManager,
     mounts: &MountService,
+    images: &ImageService,
 ) -> (crate::disk::DiskGuard, crate::disk::guard::DiskRunner) {
     let finished = jobs.clone();
     let job_finished: crate::disk::docker::JobFinished =
         Arc::new(move |job: &str| finished.is_finished(job));
-    let mut steps =
-        crate::disk::docker::docker_steps(adapters.disk_docker.clone(), instance_id, job_finished);
-    steps.push(Arc::new(crate::jobs::reclaim::ExpiredJobLogs::new(
-        jobs.clone(),
-        config.agent.state_dir.clone(),
-    )));
-    steps.push(Arc::new(crate::mounts::reclaim::MountCaches::new(
-        mounts.clone(),
-        config.mounts.cache_root.clone(),
-    )));
+    // The image steps are the images domain's: they remove only images the
+    // agent pulled, never every untagged image on the host.
+    let steps: Vec<Arc<dyn crate::disk::reclaim::ReclaimStep>> = vec![
+        Arc::new(crate::disk::docker::ExitedContainers::new(
+            adapters.disk_docker.clone(),
+            instance_id,
+            job_finished,
+        )),
+        Arc::new(crate::images::reclaim::DanglingImages::new(images.clone())),
+        Arc::new(crate::jobs::reclaim::ExpiredJobLogs::new(
+            jobs.clone(),
+            config.agent.state_dir.clone(),
+        )),
+        Arc::new(crate::images::reclaim::UnusedImages::new(images.clone())),
+        Arc::new(crate::mounts::reclaim::MountCaches::new(
+            mounts.clone(),
+            config.mounts.cache_root.clone(),
+        )),
+    ];
     crate::disk::DiskGuard::new(crate::disk::DiskParts {
         config: derive(config_rx, |c| c.disk.clone()),
         state_dir: config.agent.state_dir.clone(),

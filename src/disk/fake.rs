@@ -3,7 +3,7 @@
 //! the test sets and whose filesystems can hang ([`FakeProbe`], both the
 //! in-agent and the isolated probe: its "helpers" are blocking threads, gone
 //! when the hung call returns), an engine
-//! with scripted containers and images ([`FakeDocker`]), and a reclaim step
+//! with scripted containers ([`FakeDocker`]), and a reclaim step
 //! with scripted results ([`FakeStep`]). Each records its calls.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::docker::{DanglingImage, DockerSpace, ExitedContainer};
+use super::docker::{DockerSpace, ExitedContainer};
 use super::probe::{
     FsProbe, IsolatedProbe, PathSample, ProbeRun, SampleAnswer, SystemProbe, WalkAnswer,
     lexical_mount,
@@ -256,15 +256,13 @@ pub struct FakeDockerState {
     pub data_root: Option<PathBuf>,
     /// (instance id, container).
     pub containers: Vec<(String, ExitedContainer)>,
-    /// Dangling images.
-    pub images: Vec<DanglingImage>,
     /// Container ids whose removal fails.
     pub fail_removal: Vec<String>,
     /// Calls of `data_root`.
     pub data_root_calls: u32,
 }
 
-/// A fake [`DockerSpace`] with scripted containers and images.
+/// A fake [`DockerSpace`] with scripted containers.
 #[derive(Default)]
 pub struct FakeDocker {
     /// Its contents, for the test to arrange and inspect.
@@ -313,13 +311,6 @@ impl DockerSpace for FakeDocker {
         }
         state.containers.retain(|(_, c)| c.id != id);
         Ok(())
-    }
-    async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError> {
-        Ok(self.lock().images.clone())
-    }
-    async fn prune_dangling_images(&self) -> Result<Freed, EngineError> {
-        let images = std::mem::take(&mut self.lock().images);
-        Ok(images.iter().map(|i| Freed::item(i.size_bytes)).sum())
     }
 }
 

@@ -31,10 +31,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::DiskError;
 use crate::paths::held::{self, Held};
 
 /// What to walk and how far.

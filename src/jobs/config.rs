@@ -97,6 +97,9 @@ pub struct JobsConfig {
     pub max_command_args: u32,
     /// Total bytes of a job's command.
     pub max_command_bytes: u32,
+    /// Images the `unused_images` reclaim step never removes: a tag or
+    /// digest (`repo:tag`, `repo@sha256:...`), or a repository (all its tags).
+    pub keep_images: Vec<String>,
 }
 
 impl Default for JobsConfig {
@@ -122,6 +125,7 @@ impl Default for JobsConfig {
             max_labels: 64,
             max_command_args: 4096,
             max_command_bytes: 128 << 10,
+            keep_images: Vec::new(),
         }
     }
 }
@@ -188,6 +192,17 @@ impl JobsConfig {
                 return Err(FieldError::new(
                     format!("allowed_host_roots[{i}]"),
                     format!("{} must be an absolute path without `..`", root.display()),
+                ));
+            }
+        }
+        for (i, image) in self.keep_images.iter().enumerate() {
+            if image.is_empty()
+                || image.len() > 1024
+                || image.parse::<oci_spec::distribution::Reference>().is_err()
+            {
+                return Err(FieldError::new(
+                    format!("keep_images[{i}]"),
+                    format!("{image:?} is not an image reference or repository"),
                 ));
             }
         }

@@ -2,7 +2,9 @@
 //! become possible, and the pass that applies the scheduling rules
 //! ([`super::scheduler`]) to the queue: it reserves slots and GPUs for the
 //! jobs chosen and hands each to its task ([`super::job_task`]), and ends
-//! the queued jobs that never can start or were asked to cancel.
+//! the queued jobs that never can start or were asked to cancel. It also
+//! tells the images domain which images the queue needs, in order
+//! ([`super::job_images`]): a job starts only once its image is local.
 //!
 //! The pass runs under the state lock and never awaits: the engine is only
 //! asked by the jobs' tasks. Until the records are reconciled with the
@@ -10,12 +12,14 @@
 
 use std::time::Duration;
 
+use super::job_images::{ImageState, ImageWant, WantStage};
 use super::job_mounts::MountResolution;
 use super::job_task::Launch;
 use super::manager::{JobManager, MAX_BACKOFF};
 use super::record::JobState;
 use super::scheduler::{self, Candidate, Free};
 use super::spec::MountSource;
+use super::state::State;
 
 impl JobManager {
     /// Runs until shutdown: reconciles with the engine once it answers, then
@@ -26,6 +30,7 @@ impl JobManager {
         let mut engine_up = self.inner.engine_up.clone();
         let mut config = self.inner.config.clone();
         let mut gpus_discovered = self.inner.gpus_discovered.clone();
+        let mut images = self.inner.images.changes();
         let mut backoff = Duration::from_secs(1);
         loop {
             if !self.lock().reconciled && *engine_up.borrow() {
@@ -47,6 +52,7 @@ impl JobManager {
                 Ok(()) = engine_up.changed() => {}
                 Ok(()) = config.changed() => {}
                 Ok(()) = gpus_discovered.changed() => {}
+                Ok(()) = images.changed() => {}
                 // Starvation bounds and retries are time-based.
                 _ = tokio::time::sleep(backoff) => {}
             }
@@ -54,8 +60,11 @@ impl JobManager {
     }
 
     /// Starts every queued job that may start now, and ends the queued jobs
-    /// that never can (a shrunk capacity, fewer GPUs than asked for) or were
-    /// asked to cancel, so that none blocks the queue behind it.
+    /// that never can (a shrunk capacity, fewer GPUs than asked for, an image
+    /// that could not be pulled) or were asked to cancel, so that none blocks
+    /// the queue behind it. Tells the images domain what the jobs need, in
+    /// queue order, whether or not anything can start: the images of queued
+    /// jobs are pulled while the slots are busy.
     fn schedule(&self) {
         let config = self.jobs_config();
         let capacity = self.capacity();
@@ -65,18 +74,18 @@ impl JobManager {
         let inventory_len = inventory.as_ref().map(Vec::len);
         let may_start =
             self.inner.admission.held_reason().is_none() && *self.inner.engine_up.borrow();
-        let (launches, ended) = {
-            let mut state = self.lock();
+        let images = self.inner.images.clone();
+        let (launches, ended, wants) = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
             let limits_changed = state.limits_checked != Some((capacity, inventory_len));
             state.limits_checked = Some((capacity, inventory_len));
             let free_slots = capacity.saturating_sub(state.slots_in_use);
             let may_start = may_start && free_slots > 0;
-            if state.queue.is_empty() || (!may_start && !limits_changed) {
-                return;
-            }
             let now = tokio::time::Instant::now();
             let mut candidates = Vec::new();
             let mut ending = Vec::new();
+            let mut queued = Vec::new();
             for record in state.queue.iter().filter_map(|key| state.jobs.get(&key.id)) {
                 if record.cancel_requested {
                     ending.push((
@@ -91,6 +100,20 @@ impl JobManager {
                     ending.push((record.clone(), JobState::Failed, why));
                     continue;
                 }
+                let image_ready = match images.state(record.id(), &record.spec.image) {
+                    ImageState::Ready => true,
+                    ImageState::Pulling(_) => false,
+                    ImageState::Failed(why) => {
+                        let why = format!("cannot pull image {}: {why}", record.spec.image);
+                        ending.push((record.clone(), JobState::Failed, why));
+                        continue;
+                    }
+                };
+                queued.push((
+                    record.id().to_owned(),
+                    record.spec.image.clone(),
+                    image_ready,
+                ));
                 // A GPU job waits for the inventory to be known.
                 if !may_start || (gpus > 0 && inventory.is_none()) {
                     continue;
@@ -109,6 +132,7 @@ impl JobManager {
                         }
                         MountSource::HostPath(_) => true,
                     }),
+                    image_ready,
                 });
             }
             let mut ended = Vec::new();
@@ -129,11 +153,15 @@ impl JobManager {
                     .filter(|g| !busy.contains(g))
                     .collect(),
             };
-            let starts = if may_start {
-                scheduler::select(&candidates, free, reserve_after)
+            let (starts, due) = if may_start && (limits_changed || !candidates.is_empty()) {
+                (
+                    scheduler::select(&candidates, free.clone(), reserve_after),
+                    due_for_images(&candidates, free, reserve_after),
+                )
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
+            let wants = image_wants(state, &queued, &due);
             let mut launches = Vec::new();
             for start in starts {
                 let Some(record) = state.jobs.get(&start.id).cloned() else {
@@ -147,8 +175,14 @@ impl JobManager {
                 }
                 launches.push((start.id, cancel));
             }
-            (launches, ended)
+            // A job's own credential lives as long as the job may still pull.
+            let jobs = &state.jobs;
+            state
+                .registry_auth
+                .retain(|id, _| jobs.get(id).is_some_and(|r| !r.state.is_final()));
+            (launches, ended, wants)
         };
+        images.want(wants);
         for record in ended {
             let manager = self.clone();
             self.inner.tasks.spawn(async move {
@@ -163,6 +197,50 @@ impl JobManager {
                 .spawn(self.clone().run(id, Launch::Fresh, cancel));
         }
     }
+}
+
+/// The queued jobs that would start now if their images were local: their
+/// pulls come first.
+fn due_for_images(candidates: &[Candidate], free: Free, reserve_after: Duration) -> Vec<String> {
+    let mut all_local = candidates.to_vec();
+    for candidate in &mut all_local {
+        candidate.image_ready = true;
+    }
+    scheduler::select(&all_local, free, reserve_after)
+        .into_iter()
+        .map(|start| start.id)
+        .filter(|id| candidates.iter().any(|c| &c.id == id && !c.image_ready))
+        .collect()
+}
+
+/// What the jobs need of the images domain: the queued jobs in queue order
+/// (`queued`: id, image, whether it is local), the due ones marked, then the
+/// started jobs.
+fn image_wants(state: &State, queued: &[(String, String, bool)], due: &[String]) -> Vec<ImageWant> {
+    let auth = |id: &str| state.registry_auth.get(id).cloned();
+    let mut wants: Vec<ImageWant> = queued
+        .iter()
+        .map(|(id, image, _)| ImageWant {
+            job: id.clone(),
+            image: image.clone(),
+            auth: auth(id),
+            stage: if due.contains(id) {
+                WantStage::Due
+            } else {
+                WantStage::Queued
+            },
+        })
+        .collect();
+    wants.extend(state.active.keys().filter_map(|id| {
+        let record = state.jobs.get(id)?;
+        Some(ImageWant {
+            job: id.clone(),
+            image: record.spec.image.clone(),
+            auth: None,
+            stage: WantStage::Active,
+        })
+    }));
+    wants
 }
 
 #[cfg(test)]

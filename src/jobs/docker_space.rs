@@ -1,6 +1,6 @@
 //! [`DockerSpace`], the disk guard's view of the engine, implemented on
 //! [`DockerEngine`] through bollard: where the engine keeps its data, this
-//! instance's exited containers, dangling images, and removing them. It sits
+//! instance's exited containers, and removing them. It sits
 //! next to the engine (the trait is the disk guard's, in `disk::docker`), so
 //! that the disk guard never reaches bollard.
 
@@ -11,8 +11,7 @@ use async_trait::async_trait;
 
 use super::engine::{DockerEngine, EngineError};
 use super::{LABEL_INSTANCE, LABEL_JOB};
-use crate::disk::docker::{DanglingImage, DockerSpace, ExitedContainer};
-use crate::disk::reclaim::Freed;
+use crate::disk::docker::{DockerSpace, ExitedContainer};
 
 /// Runs one engine call with the engine's deadline, mapping errors.
 async fn call<T>(
@@ -101,62 +100,5 @@ impl DockerSpace for DockerEngine {
             client.remove_container(id, Some(RemoveContainerOptions::default())),
         )
         .await
-    }
-
-    async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError> {
-        use bollard::query_parameters::ListImagesOptions;
-        let client = self.client().await?;
-        let options = ListImagesOptions {
-            filters: Some(HashMap::from([(
-                "dangling".to_owned(),
-                vec!["true".to_owned()],
-            )])),
-            ..Default::default()
-        };
-        let list = call(
-            self,
-            "list images",
-            ENGINE_CALL_TIMEOUT,
-            client.list_images(Some(options)),
-        )
-        .await?;
-        Ok(list
-            .into_iter()
-            .map(|i| DanglingImage {
-                id: i.id,
-                size_bytes: u64::try_from(i.size).unwrap_or(0),
-            })
-            .collect())
-    }
-
-    async fn prune_dangling_images(&self) -> Result<Freed, EngineError> {
-        use bollard::query_parameters::PruneImagesOptions;
-        let client = self.client().await?;
-        let options = PruneImagesOptions {
-            filters: Some(HashMap::from([(
-                "dangling".to_owned(),
-                vec!["true".to_owned()],
-            )])),
-        };
-        let pruned = call(
-            self,
-            "prune images",
-            ENGINE_CALL_TIMEOUT,
-            client.prune_images(Some(options)),
-        )
-        .await?;
-        let items = pruned
-            .images_deleted
-            .unwrap_or_default()
-            .iter()
-            .filter(|d| d.deleted.is_some())
-            .count();
-        Ok(Freed {
-            bytes: pruned
-                .space_reclaimed
-                .and_then(|b| u64::try_from(b).ok())
-                .unwrap_or(0),
-            items: u32::try_from(items).unwrap_or(u32::MAX),
-        })
     }
 }

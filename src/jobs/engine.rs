@@ -207,6 +207,11 @@ impl DockerEngine {
         }
     }
 
+    /// The engine's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// The connected client, connecting and negotiating first if needed.
     pub async fn client(&self) -> Result<Docker, EngineError> {
         let mut slot = self.client.lock().await;

@@ -338,3 +338,133 @@ impl ContainerEngine for FakeEngine {
         Ok(Box::pin(stream))
     }
 }
+
+/// An images domain for unit tests of the job queue: the test says which
+/// images are local (and as which digest) and which pulls failed; every
+/// statement of wants is kept, so a test sees what the dispatcher asked
+/// for and in which order.
+#[derive(Default)]
+pub struct FakeImages {
+    state: Mutex<FakeImagesState>,
+    changes: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct FakeImagesState {
+    /// Local images by reference, with their digest.
+    local: HashMap<String, String>,
+    /// Failed pulls by image.
+    failed: HashMap<String, String>,
+    /// The wants of each pass that changed them.
+    wants: Vec<Vec<super::job_images::ImageWant>>,
+    /// Images the manager said were missing after all.
+    forgotten: Vec<String>,
+    /// Images that vanish between the dispatcher's look and the job's.
+    vanishing: std::collections::HashSet<String>,
+}
+
+impl FakeImages {
+    /// No image is local.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeImagesState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn announce(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Makes `image` local as `digest` (a pull finished).
+    pub fn make_local(&self, image: &str, digest: &str) {
+        self.lock().local.insert(image.into(), digest.into());
+        self.announce();
+    }
+
+    /// Makes the pull of `image` fail with `reason`.
+    pub fn fail(&self, image: &str, reason: &str) {
+        self.lock().failed.insert(image.into(), reason.into());
+        self.announce();
+    }
+
+    /// Makes `image` vanish once, after the dispatcher saw it local and
+    /// before the job's task resolves it (removed behind the agent's back).
+    pub fn vanish_before_create(&self, image: &str) {
+        self.lock().vanishing.insert(image.into());
+    }
+
+    /// The latest wants.
+    pub fn wants(&self) -> Vec<super::job_images::ImageWant> {
+        self.lock().wants.last().cloned().unwrap_or_default()
+    }
+
+    /// Every statement of wants that changed them, in order.
+    pub fn wants_history(&self) -> Vec<Vec<super::job_images::ImageWant>> {
+        self.lock().wants.clone()
+    }
+
+    /// Images the manager found missing after all.
+    pub fn forgotten(&self) -> Vec<String> {
+        self.lock().forgotten.clone()
+    }
+}
+
+#[async_trait]
+impl super::job_images::ImageProvider for FakeImages {
+    fn want(&self, wants: Vec<super::job_images::ImageWant>) {
+        let mut state = self.lock();
+        if state.wants.last() != Some(&wants) {
+            state.wants.push(wants);
+        }
+    }
+
+    fn state(&self, _job: &str, image: &str) -> super::job_images::ImageState {
+        use super::job_images::{ImageState, PullPhase, PullView};
+        let state = self.lock();
+        if state.local.contains_key(image) {
+            ImageState::Ready
+        } else if let Some(reason) = state.failed.get(image) {
+            ImageState::Failed(reason.clone())
+        } else {
+            ImageState::Pulling(PullView {
+                phase: PullPhase::Pulling,
+                reason: String::new(),
+                bytes_done: 1 << 20,
+                bytes_total: 4 << 20,
+                layers_done: 1,
+                layers_total: 4,
+                needed_bytes: 12 << 20,
+            })
+        }
+    }
+
+    async fn resolve(
+        &self,
+        _job: &str,
+        image: &str,
+    ) -> Result<super::job_images::ResolvedImage, super::job_images::ResolveError> {
+        let mut state = self.lock();
+        if state.vanishing.remove(image) {
+            state.local.remove(image);
+        }
+        match state.local.get(image) {
+            Some(digest) => Ok(super::job_images::ResolvedImage {
+                run: digest.clone(),
+                digest: digest.clone(),
+            }),
+            None => Err(super::job_images::ResolveError::Missing),
+        }
+    }
+
+    fn forget(&self, image: &str) {
+        let mut state = self.lock();
+        state.local.remove(image);
+        state.forgotten.push(image.into());
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}

@@ -22,7 +22,9 @@ use super::fake::FakeEngine;
 use super::manager::{JobManager, JobsDeps, RECORDS};
 use super::record::{JobRecord, JobState};
 use super::spec::JobSpec;
-use super::{LABEL_INSTANCE, LABEL_JOB, MountResolver, NoManagedMounts};
+use super::{
+    ImageProvider, LABEL_INSTANCE, LABEL_JOB, LocalImagesOnly, MountResolver, NoManagedMounts,
+};
 use crate::events::{Delivery, EventPayload};
 use crate::host::Gpu;
 use crate::store::Write;
@@ -50,6 +52,8 @@ pub(super) struct Harness {
     pub gpus_discovered: watch::Sender<bool>,
     /// Kept for a restart.
     mounts: Arc<dyn MountResolver>,
+    /// Kept for a restart.
+    images: Arc<dyn ImageProvider>,
 }
 
 /// `slots` slots and a 1 s kill grace, the rest as the defaults.
@@ -89,6 +93,23 @@ impl Harness {
         config: JobsConfig,
         mounts: Arc<dyn MountResolver>,
     ) -> Self {
+        Self::with_parts(
+            rig,
+            engine,
+            config,
+            mounts,
+            Arc::new(LocalImagesOnly::default()),
+        )
+    }
+
+    /// The same, with managed mounts and an images domain.
+    pub fn with_parts(
+        rig: Rig,
+        engine: Arc<FakeEngine>,
+        config: JobsConfig,
+        mounts: Arc<dyn MountResolver>,
+        images: Arc<dyn ImageProvider>,
+    ) -> Self {
         let (engine_up, engine_up_rx) = watch::channel(!engine.is_down());
         let (config_tx, config_rx) = watch::channel(config);
         let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
@@ -100,6 +121,7 @@ impl Harness {
                 events: rig.events.clone(),
                 admission: rig.admission.clone(),
                 mounts: mounts.clone(),
+                images: images.clone(),
                 logs_dir: rig.root.join("logs"),
                 staging_dir: None,
                 instance_id: "inst".into(),
@@ -123,6 +145,7 @@ impl Harness {
             gpus: gpus_tx,
             gpus_discovered: gpus_discovered_tx,
             mounts,
+            images,
         }
     }
 
@@ -136,6 +159,7 @@ impl Harness {
             engine,
             config,
             mounts,
+            images,
             ..
         } = self;
         rig.cancel.cancel();
@@ -145,7 +169,7 @@ impl Harness {
         rig.cancel = CancellationToken::new();
         rig.tasks = TaskTracker::new();
         let config = config.borrow().clone();
-        Self::with_mounts(rig, engine, config, mounts)
+        Self::with_parts(rig, engine, config, mounts, images)
     }
 
     /// Submits [`spec`]`(id)`.

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{ContainerSpec, EngineError};
+use super::job_images::ResolveError;
 use super::job_mounts;
 use super::manager::{JobManager, MAX_BACKOFF};
 use super::record::{JobRecord, JobState};
@@ -87,7 +88,32 @@ impl JobManager {
     /// Records the intent, then creates and starts the container. `None`
     /// when the job ended or went back to the queue instead.
     async fn create_and_start(&self, id: &str, cancel: &CancellationToken) -> Option<String> {
-        let record = self.get(id).ok().map(|v| v.record)?;
+        let image = self.get(id).ok()?.record.spec.image;
+        // The digest is recorded with the intent, before the container
+        // exists: what the job ran is known even if the agent dies next.
+        let resolved = match self.inner.images.resolve(id, &image).await {
+            Ok(resolved) => resolved,
+            Err(ResolveError::Missing) => {
+                self.inner.images.forget(&image);
+                self.requeue(
+                    id,
+                    format!("waiting for image {image}: it is no longer local"),
+                )
+                .await;
+                return None;
+            }
+            Err(ResolveError::Engine(error)) => {
+                self.requeue(id, format!("waiting for the engine: {error}"))
+                    .await;
+                return None;
+            }
+        };
+        let record = {
+            let mut state = self.lock();
+            let r = state.jobs.get_mut(id)?;
+            r.image_digest = resolved.digest.clone();
+            r.clone()
+        };
         if let Err(error) = self.persist(id).await {
             tracing::warn!(job = id, %error, "cannot record the start; job goes back to the queue");
             self.requeue(id, format!("waiting: cannot record the start: {error}"))
@@ -95,7 +121,7 @@ impl JobManager {
             return None;
         }
         self.publish(&record);
-        let spec = match self.container_spec(&record).await {
+        let spec = match self.container_spec(&record, resolved.run).await {
             Ok(spec) => spec,
             Err(reason) => {
                 self.requeue(id, reason).await;
@@ -276,7 +302,12 @@ impl JobManager {
         }
     }
 
-    async fn container_spec(&self, record: &JobRecord) -> Result<ContainerSpec, String> {
+    /// The container of `record`, created from `image` (the resolved digest).
+    async fn container_spec(
+        &self,
+        record: &JobRecord,
+        image: String,
+    ) -> Result<ContainerSpec, String> {
         let s = &record.spec;
         let config = self.jobs_config();
         let binds = job_mounts::binds(
@@ -296,7 +327,7 @@ impl JobManager {
         labels.insert(LABEL_JOB.into(), s.id.clone());
         Ok(ContainerSpec {
             name: self.container_name(&s.id),
-            image: s.image.clone(),
+            image,
             command: s.command.clone(),
             env: s.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
             working_dir: s.working_dir.clone(),

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use super::SlotUsage;
 use super::config::JobsConfig;
 use super::engine::ContainerEngine;
+use super::job_images::{ImageProvider, ImageState, PullView, RegistryAuth};
 use super::job_mounts::{self, MountResolver};
 use super::logs::{JobLogs, LogRecord};
 use super::record::{JobRecord, JobState};
@@ -93,6 +94,8 @@ pub struct JobsDeps {
     pub admission: AdmissionGate,
     /// Managed mounts.
     pub mounts: Arc<dyn MountResolver>,
+    /// Images: whether a job's image is local, pulls, digests.
+    pub images: Arc<dyn ImageProvider>,
     /// Directory of job logs.
     pub logs_dir: PathBuf,
     /// Root-only dir of staged binds (`<agent.runtime_dir>/staging/jobs`);
@@ -133,6 +136,8 @@ pub struct JobView {
     pub record: JobRecord,
     /// Position in the queue (0 = next), while queued.
     pub queue_position: Option<u32>,
+    /// While queued for its image: the pull.
+    pub pull: Option<PullView>,
 }
 
 /// The job manager. Cheap to clone.
@@ -148,6 +153,7 @@ pub(super) struct Inner {
     pub(super) events: EventBus,
     pub(super) admission: AdmissionGate,
     pub(super) mounts: Arc<dyn MountResolver>,
+    pub(super) images: Arc<dyn ImageProvider>,
     pub(super) logs: JobLogs,
     pub(super) staging_dir: Option<PathBuf>,
     pub(super) instance_id: String,
@@ -210,6 +216,7 @@ impl JobManager {
             events: deps.events,
             admission: deps.admission,
             mounts: deps.mounts,
+            images: deps.images,
             logs: JobLogs::new(deps.logs_dir),
             staging_dir: deps.staging_dir,
             instance_id: deps.instance_id,
@@ -294,6 +301,17 @@ impl JobManager {
     /// Queues a job and returns it as [`JobManager::get`] would. Idempotent
     /// on the spec's id: the same spec again returns the existing job.
     pub async fn submit(&self, spec: JobSpec) -> Result<JobView, JobError> {
+        self.submit_with_auth(spec, None).await
+    }
+
+    /// [`JobManager::submit`] with a credential for this job's pull only,
+    /// kept in memory while the job is queued and never stored (a repeated
+    /// submit of the same job replaces it).
+    pub async fn submit_with_auth(
+        &self,
+        spec: JobSpec,
+        auth: Option<RegistryAuth>,
+    ) -> Result<JobView, JobError> {
         let config = self.jobs_config();
         // Until discovery has ended the inventory is unknown: a GPU job is
         // queued and judged once it is known (see `schedule`).
@@ -326,6 +344,11 @@ impl JobManager {
             let mut state = self.lock();
             if let Some(existing) = state.jobs.get(&spec.id) {
                 return if existing.spec == spec {
+                    if let Some(auth) = auth
+                        && existing.state == JobState::Queued
+                    {
+                        state.registry_auth.insert(spec.id.clone(), auth);
+                    }
                     self.view_of(&state, &spec.id)
                 } else {
                     Err(JobError::IdConflict(spec.id))
@@ -338,6 +361,9 @@ impl JobManager {
             }
             let record = JobRecord::queued(spec, state.next_seq);
             state.next_seq += 1;
+            if let Some(auth) = auth {
+                state.registry_auth.insert(record.id().to_owned(), auth);
+            }
             // Visible at once so that a concurrent duplicate submit is
             // answered from it; queued only once it is durable.
             state.jobs.insert(record.id().to_owned(), record.clone());
@@ -345,7 +371,9 @@ impl JobManager {
         };
         let id = record.id();
         if let Err(error) = self.persist(id).await {
-            self.lock().jobs.remove(id);
+            let mut state = self.lock();
+            state.jobs.remove(id);
+            state.registry_auth.remove(id);
             return Err(error.into());
         }
         let view = {
@@ -386,17 +414,26 @@ impl JobManager {
         Ok(self.view(record.clone(), queue_position))
     }
 
-    /// A record as clients see it: a queued job held by the admission gate
-    /// says why instead of "waiting for slots".
+    /// A record as clients see it: a queued job waiting for its image says
+    /// so (with the pull), and one held by the admission gate says why,
+    /// instead of "waiting for slots".
     fn view(&self, mut record: JobRecord, queue_position: Option<u32>) -> JobView {
-        if record.state == JobState::Queued
-            && let Some(held) = self.inner.admission.held_reason()
-        {
-            record.reason = format!("held: {held}");
+        let mut pull = None;
+        if record.state == JobState::Queued {
+            if let ImageState::Pulling(view) =
+                self.inner.images.state(record.id(), &record.spec.image)
+            {
+                record.reason = view.job_reason(&record.spec.image);
+                pull = Some(view);
+            }
+            if let Some(held) = self.inner.admission.held_reason() {
+                record.reason = format!("held: {held}");
+            }
         }
         JobView {
             record,
             queue_position,
+            pull,
         }
     }
 

@@ -12,8 +12,9 @@
 //! The manager is one type, [`JobManager`], split by duty: the handle and
 //! the shared state ([`manager`], `state.rs`), starting queued jobs
 //! (`dispatch.rs`), one job's life (`job_task.rs`, `capture.rs`), crash
-//! recovery (`recovery.rs`), retention (`retention.rs`), and the jobs' view
-//! of managed mounts ([`job_mounts`]). The fakes for tests are in `fake.rs`
+//! recovery (`recovery.rs`), retention (`retention.rs`), the jobs' view
+//! of managed mounts ([`job_mounts`]) and of their images ([`job_images`],
+//! implemented by the images domain). The fakes for tests are in `fake.rs`
 //! (behind `test-util`), the unit tests' harness in `harness.rs`.
 
 mod capture;
@@ -26,6 +27,7 @@ pub mod engine_monitor;
 pub mod fake;
 #[cfg(test)]
 mod harness;
+pub mod job_images;
 pub mod job_mounts;
 mod job_task;
 pub mod logs;
@@ -38,6 +40,10 @@ pub mod scheduler;
 pub mod spec;
 mod state;
 
+pub use job_images::{
+    ImageProvider, ImageState, ImageWant, LocalImagesOnly, PullPhase, PullView, RegistryAuth,
+    ResolveError, ResolvedImage, WantStage,
+};
 pub use job_mounts::{MountResolution, MountResolver, NoManagedMounts};
 pub use manager::{JobError, JobFilter, JobManager, JobView, JobsDeps};
 pub use record::{JobRecord, JobState};

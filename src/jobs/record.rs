@@ -100,6 +100,10 @@ pub struct JobRecord {
     /// A cancel was asked for; honoured by the run task.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The digest the job runs (`repo@sha256:...`, or the image id),
+    /// recorded before its container is created.
+    #[serde(default)]
+    pub image_digest: String,
 }
 
 impl JobRecord {
@@ -119,6 +123,7 @@ impl JobRecord {
             container_id: String::new(),
             gpu_indices: Vec::new(),
             cancel_requested: false,
+            image_digest: String::new(),
         }
     }
 

@@ -20,6 +20,9 @@ pub struct Candidate {
     /// Its managed mounts are healthy (a job waiting for a mount does not
     /// block others).
     pub mounts_ready: bool,
+    /// Its image is local (a job whose image is being pulled holds no slot
+    /// and does not block others).
+    pub image_ready: bool,
 }
 
 /// A decision to start a job with these GPUs.
@@ -49,7 +52,7 @@ pub struct Free {
 pub fn select(candidates: &[Candidate], mut free: Free, reserve_after: Duration) -> Vec<Start> {
     let mut starts = Vec::new();
     for c in candidates {
-        if !c.mounts_ready {
+        if !c.mounts_ready || !c.image_ready {
             continue;
         }
         let short_of_slots = c.slots > free.slots;
@@ -121,6 +124,7 @@ mod tests {
             gpus: 0,
             waited: Duration::from_secs(waited_s),
             mounts_ready: true,
+            image_ready: true,
         }
     }
 
@@ -187,6 +191,15 @@ mod tests {
     fn a_job_waiting_for_a_mount_does_not_block() {
         let mut q = [c("mounting", 1, 1000), c("next", 1, 0)];
         q[0].mounts_ready = false;
+        assert_eq!(ids(&select(&q, free(1), Duration::from_secs(60))), ["next"]);
+    }
+
+    #[test]
+    fn a_job_waiting_for_its_image_holds_no_slot_even_when_it_waited_long() {
+        // Waiting past reserve_after would reserve slots for a job that does
+        // not fit; a job whose image is not local reserves nothing.
+        let mut q = [c("pulling", 1, 1000), c("next", 1, 0)];
+        q[0].image_ready = false;
         assert_eq!(ids(&select(&q, free(1), Duration::from_secs(60))), ["next"]);
     }
 

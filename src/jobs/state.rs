@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio_util::sync::CancellationToken;
 
+use super::job_images::RegistryAuth;
 use super::record::JobRecord;
 
 /// A queued job's place: priority first, then submission order.
@@ -60,6 +61,9 @@ pub(super) struct State {
     /// The capacity and GPU inventory the queue was last checked against
     /// for jobs that can never start.
     pub(super) limits_checked: Option<(u32, Option<usize>)>,
+    /// Credentials passed with a job for its pull only (`registry_auth`):
+    /// in memory while the job has not ended, never stored.
+    pub(super) registry_auth: HashMap<String, RegistryAuth>,
 }
 
 impl State {

@@ -14,6 +14,7 @@ pub mod fs;
 pub mod fuse_site;
 pub mod nspawn;
 pub mod raw_h2;
+pub mod registry;
 pub mod rootfs;
 pub mod users;
 

@@ -215,7 +215,7 @@ async fn recent_events(
 
 /// Whether a field or key name suggests its value is a credential.
 fn looks_secret(name: &str) -> bool {
-    const WORDS: [&str; 8] = [
+    const WORDS: [&str; 9] = [
         "key",
         "sas",
         "token",
@@ -224,6 +224,8 @@ fn looks_secret(name: &str) -> bool {
         "secret",
         "private",
         "credential",
+        // A job's registry_auth (`registryAuth` in JSON).
+        "registryauth",
     ];
     let name = name.to_ascii_lowercase();
     WORDS.iter().any(|w| name.contains(w))
@@ -424,7 +426,8 @@ mod tests {
     #[test]
     fn secret_keys_and_job_env_are_redacted_in_json() {
         let mut value = serde_json::json!({
-            "job": {"spec": {"env": {"HOME": "/root", "X": "hunter2"}, "command": ["true"]}},
+            "job": {"spec": {"env": {"HOME": "/root", "X": "hunter2"}, "command": ["true"],
+                             "registryAuth": {"username": "robot", "password": "hunter2-registry"}}},
             "auth": {"sasToken": "sv=1&sig=abc", "accountKey": "k", "clientId": "id"},
             "endpoint": "https://a.blob.core.windows.net/?sv=2020&sig=abc",
             "keepContainers": true,

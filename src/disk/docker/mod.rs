@@ -1,7 +1,7 @@
 //! The disk guard's narrow interface to the container engine
 //! ([`DockerSpace`]: where the engine keeps its data, the agent's exited
-//! containers, dangling images) and the two reclaim steps built on it
-//! ([`steps`]: "exited_containers" and "dangling_images"). The real
+//! containers) and the reclaim step built on it ([`steps`]:
+//! "exited_containers"). The real
 //! implementation sits next to the engine, in `jobs::docker_space`; a fake in
 //! `disk::fake`.
 
@@ -11,10 +11,9 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 
-use crate::disk::reclaim::Freed;
 use crate::jobs::engine::EngineError;
 
-pub use steps::{DanglingImages, ExitedContainers, JobFinished, docker_steps};
+pub use steps::{ExitedContainers, JobFinished};
 
 /// An exited container of this instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,15 +23,6 @@ pub struct ExitedContainer {
     /// The job it ran (its `io.instance-agent.job` label), if labelled.
     pub job_id: Option<String>,
     /// Bytes in its writable layer (freed by removing it).
-    pub size_bytes: u64,
-}
-
-/// A dangling (untagged, unused) image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DanglingImage {
-    /// Image id.
-    pub id: String,
-    /// Its size in bytes (layers shared with other images are counted too).
     pub size_bytes: u64,
 }
 
@@ -48,8 +38,4 @@ pub trait DockerSpace: Send + Sync + 'static {
     ) -> Result<Vec<ExitedContainer>, EngineError>;
     /// Removes one container (not its named volumes).
     async fn remove_container(&self, id: &str) -> Result<(), EngineError>;
-    /// Dangling images.
-    async fn dangling_images(&self) -> Result<Vec<DanglingImage>, EngineError>;
-    /// Removes every dangling image; returns what the engine reclaimed.
-    async fn prune_dangling_images(&self) -> Result<Freed, EngineError>;
 }

@@ -1,5 +1,7 @@
-//! The reclaim steps on the engine: "exited_containers" and
-//! "dangling_images".
+//! The reclaim step on the engine: "exited_containers". (The image steps,
+//! "dangling_images" and "unused_images", live in `images::reclaim`: they
+//! remove only images the agent pulled, never every untagged image on the
+//! host.)
 //!
 //! Only containers labelled with this instance's id whose job has finished
 //! are removed; containers without a job label, and every other container,
@@ -80,66 +82,9 @@ impl ReclaimStep for ExitedContainers {
     }
 }
 
-/// Reclaim step "dangling_images": prunes untagged, unused images.
-pub struct DanglingImages {
-    docker: Arc<dyn DockerSpace>,
-}
-
-impl DanglingImages {
-    /// The step.
-    pub fn new(docker: Arc<dyn DockerSpace>) -> Self {
-        Self { docker }
-    }
-}
-
-#[async_trait]
-impl ReclaimStep for DanglingImages {
-    fn name(&self) -> &'static str {
-        "dangling_images"
-    }
-
-    async fn estimate(&self) -> Result<Freed, ReclaimError> {
-        let images = self.docker.dangling_images().await?;
-        Ok(images.iter().map(|i| Freed::item(i.size_bytes)).sum())
-    }
-
-    async fn location(&self) -> Option<PathBuf> {
-        self.docker.data_root().await.ok()
-    }
-
-    async fn run(&self) -> Result<Freed, ReclaimError> {
-        let freed = self.docker.prune_dangling_images().await?;
-        if freed.items > 0 {
-            tracing::info!(
-                images = freed.items,
-                bytes = freed.bytes,
-                "reclaim: pruned dangling images"
-            );
-        }
-        Ok(freed)
-    }
-}
-
-/// The Docker-side steps in the order they run.
-pub fn docker_steps(
-    docker: Arc<dyn DockerSpace>,
-    instance_id: &str,
-    job_finished: JobFinished,
-) -> Vec<Arc<dyn ReclaimStep>> {
-    vec![
-        Arc::new(ExitedContainers::new(
-            docker.clone(),
-            instance_id,
-            job_finished,
-        )),
-        Arc::new(DanglingImages::new(docker)),
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::docker::DanglingImage;
     use crate::disk::fake::FakeDocker;
 
     fn container(id: &str, job: Option<&str>, size: u64) -> ExitedContainer {
@@ -160,10 +105,6 @@ mod tests {
                 ("me".into(), container("c3", None, 300)),
                 ("other".into(), container("c4", Some("done"), 400)),
             ];
-            s.images = vec![DanglingImage {
-                id: "sha256:1".into(),
-                size_bytes: 1000,
-            }];
         }
         docker
     }
@@ -226,14 +167,5 @@ mod tests {
             }
             other => panic!("expected a partial failure, got {other:?}"),
         }
-    }
-
-    #[tokio::test]
-    async fn dangling_images_are_estimated_then_pruned() {
-        let docker = docker();
-        let step = DanglingImages::new(docker.clone());
-        assert_eq!(step.estimate().await.unwrap().bytes, 1000);
-        assert_eq!(step.run().await.unwrap().items, 1);
-        assert!(docker.state.lock().unwrap().images.is_empty());
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::health::{ConditionState, Subsystem};
+use crate::jobs::WantStage;
 use crate::jobs::engine_monitor;
 use crate::jobs::fake::FakeEngine;
 use crate::jobs::harness::{Harness, config, gpu, spec};
@@ -251,5 +252,150 @@ async fn a_queued_job_above_the_capacity_after_a_restart_fails_at_start() {
             .contains("capacity is now 2")
     );
     h.wait_for("small runs", |h| h.state("small") == Running)
+        .await;
+}
+
+/// A manager with `slots` slots on the fake images domain.
+fn with_images(slots: u32) -> (Harness, Arc<crate::jobs::fake::FakeImages>) {
+    let images = Arc::new(crate::jobs::fake::FakeImages::new());
+    let h = Harness::with_parts(
+        Rig::new(),
+        Arc::new(FakeEngine::new()),
+        config(slots),
+        Arc::new(crate::jobs::NoManagedMounts),
+        images.clone(),
+    );
+    (h, images)
+}
+
+fn on_image(id: &str, image: &str) -> crate::jobs::JobSpec {
+    let mut s = spec(id);
+    s.image = image.into();
+    s
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_holds_no_slot_while_its_image_is_pulled() {
+    let (h, images) = with_images(1);
+    images.make_local("busybox", "busybox@sha256:1");
+    h.manager
+        .submit(on_image("pulling", "team/env:1"))
+        .await
+        .unwrap();
+    h.submit("local").await;
+    h.wait_for("the local job runs", |h| h.state("local") == Running)
+        .await;
+    let view = h.manager.get("pulling").unwrap();
+    assert_eq!(view.record.state, Queued);
+    assert!(
+        view.record.reason.starts_with("pulling image team/env:1"),
+        "{}",
+        view.record.reason
+    );
+    assert_eq!(view.pull.expect("the pull").layers_total, 4);
+    // Pulled meanwhile: it starts the moment the slot frees.
+    images.make_local("team/env:1", "team/env@sha256:2");
+    let local = h.container_of("local");
+    h.engine.exit(&local, 0, false);
+    h.wait_for("the pulled job runs", |h| h.state("pulling") == Running)
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn wants_follow_the_queue_with_the_due_job_first_and_running_jobs_last() {
+    let (h, images) = with_images(1);
+    images.make_local("busybox", "busybox@sha256:1");
+    h.submit("running").await;
+    h.wait_for("running", |h| h.state("running") == Running)
+        .await;
+    h.manager
+        .submit(on_image("second", "team/b:1"))
+        .await
+        .unwrap();
+    let mut high = on_image("first", "team/a:1");
+    high.priority = 5;
+    h.manager.submit(high).await.unwrap();
+    h.wait_quietly_for("both wanted", |_| images.wants().len() == 3)
+        .await;
+    let wants: Vec<(String, WantStage)> = images
+        .wants()
+        .into_iter()
+        .map(|w| (w.job, w.stage))
+        .collect();
+    assert_eq!(
+        wants,
+        [
+            ("first".to_owned(), WantStage::Queued),
+            ("second".to_owned(), WantStage::Queued),
+            ("running".to_owned(), WantStage::Active),
+        ],
+        "nothing is due while the only slot is busy"
+    );
+    let running = h.container_of("running");
+    h.engine.exit(&running, 0, false);
+    h.wait_quietly_for("the first is due", |_| {
+        images
+            .wants()
+            .first()
+            .is_some_and(|w| w.job == "first" && w.stage == WantStage::Due)
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_pull_fails_the_job_with_its_reason() {
+    let (h, images) = with_images(1);
+    h.manager.submit(on_image("j", "team/env:1")).await.unwrap();
+    images.fail(
+        "team/env:1",
+        "registry 127.0.0.1:5443 requires credentials and none are set",
+    );
+    h.wait_for("failed", |h| h.state("j") == JobState::Failed)
+        .await;
+    assert_eq!(
+        h.manager.get("j").unwrap().record.reason,
+        "cannot pull image team/env:1: registry 127.0.0.1:5443 requires credentials and none are set"
+    );
+    assert!(h.engine.calls().iter().all(|c| !c.starts_with("create")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_digest_is_recorded_before_the_container_is_created_from_it() {
+    let (h, images) = with_images(1);
+    images.make_local("team/env:1", "team/env@sha256:abc");
+    h.manager.submit(on_image("j", "team/env:1")).await.unwrap();
+    h.wait_for("running", |h| h.state("j") == Running).await;
+    let container = h.container_of("j");
+    assert_eq!(
+        h.engine.spec_of(&container).unwrap().image,
+        "team/env@sha256:abc"
+    );
+    assert_eq!(h.stored("j").image_digest, "team/env@sha256:abc");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_gone_before_create_is_pulled_again() {
+    let (h, images) = with_images(1);
+    images.make_local("team/env:1", "team/env@sha256:abc");
+    images.vanish_before_create("team/env:1");
+    h.manager.submit(on_image("j", "team/env:1")).await.unwrap();
+    h.wait_quietly_for("forgotten", |_| !images.forgotten().is_empty())
+        .await;
+    assert_eq!(images.forgotten(), ["team/env:1"]);
+    h.wait_for("back in the queue", |h| h.state("j") == Queued)
+        .await;
+    assert!(h.engine.calls().iter().all(|c| !c.starts_with("create")));
+    images.make_local("team/env:1", "team/env@sha256:abc");
+    h.wait_for("running", |h| h.state("j") == Running).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_job_is_no_longer_wanted() {
+    let (h, images) = with_images(1);
+    h.manager.submit(on_image("j", "team/env:1")).await.unwrap();
+    h.wait_quietly_for("wanted", |_| images.wants().len() == 1)
+        .await;
+    h.manager.cancel("j").await.unwrap();
+    h.wait_quietly_for("released", |_| images.wants().is_empty())
         .await;
 }
