@@ -1,4 +1,4 @@
-//! One condition per subsystem (docker, disk, mounts, setup) and the one-line
+//! One condition per subsystem (docker, disk, mounts, setup, store) and the one-line
 //! summary built from them.
 //!
 //! Subsystems report here; `GetStatus`, systemd's `STATUS=` line and the CLI
@@ -20,15 +20,19 @@ pub enum Subsystem {
     Mounts,
     /// Setup scripts.
     Setup,
+    /// The agent's own store (damage found at start, skipped records,
+    /// containers of unknown origin).
+    Store,
 }
 
 impl Subsystem {
     /// Every subsystem, in display order.
-    pub const ALL: [Subsystem; 4] = [
+    pub const ALL: [Subsystem; 5] = [
         Subsystem::Docker,
         Subsystem::Disk,
         Subsystem::Mounts,
         Subsystem::Setup,
+        Subsystem::Store,
     ];
 
     /// The name used on the wire and in the CLI.
@@ -38,6 +42,7 @@ impl Subsystem {
             Subsystem::Disk => "disk",
             Subsystem::Mounts => "mounts",
             Subsystem::Setup => "setup",
+            Subsystem::Store => "store",
         }
     }
 }
