@@ -244,6 +244,8 @@ pub struct FakeStep {
     pub on_run: Box<dyn Fn() + Send + Sync>,
     /// Where it frees space.
     pub location: Option<PathBuf>,
+    /// Runs only when asked for.
+    pub only_when_asked: bool,
 }
 
 impl FakeStep {
@@ -256,6 +258,7 @@ impl FakeStep {
             calls: Mutex::new((0, 0)),
             on_run: Box::new(|| {}),
             location: None,
+            only_when_asked: false,
         }
     }
 
@@ -297,5 +300,8 @@ impl ReclaimStep for FakeStep {
     }
     async fn location(&self) -> Option<PathBuf> {
         self.location.clone()
+    }
+    fn only_when_asked(&self) -> bool {
+        self.only_when_asked
     }
 }

@@ -12,8 +12,9 @@
 //! The manager is one type, [`JobManager`], split by duty: the handle and
 //! the shared state ([`manager`], `state.rs`), starting queued jobs
 //! (`dispatch.rs`), one job's life (`job_task.rs`, `capture.rs`), crash
-//! recovery (`recovery.rs`), retention (`retention.rs`), and the jobs' view
-//! of managed mounts ([`job_mounts`]). The fakes for tests are in `fake.rs`
+//! recovery (`recovery.rs`) and the containers no record owns ([`unknown`]),
+//! retention (`retention.rs`), and the jobs' view of managed mounts
+//! ([`job_mounts`]). The fakes for tests are in `fake.rs`
 //! (behind `test-util`), the unit tests' harness in `harness.rs`.
 
 mod capture;
@@ -37,11 +38,13 @@ mod retention;
 pub mod scheduler;
 pub mod spec;
 mod state;
+pub mod unknown;
 
 pub use job_mounts::{MountResolution, MountResolver, NoManagedMounts};
 pub use manager::{JobError, JobFilter, JobManager, JobView, JobsDeps};
 pub use record::{JobRecord, JobState};
 pub use spec::{JobMount, JobSpec, MountSource};
+pub use unknown::{UnknownContainer, UnknownContainers};
 
 /// Job slot usage, as GetStatus reports it.
 #[derive(Debug, Clone, Default, PartialEq)]
