@@ -160,7 +160,7 @@ pub(super) struct Inner {
     /// Wakes the dispatch loop (a job was queued or slots were freed).
     pub(super) wake: Notify,
     /// Containers of this instance that no record owns (`unknown.rs`).
-    pub(super) unknown: watch::Sender<Vec<super::unknown::UnknownContainer>>,
+    pub(super) unknown: watch::Sender<Vec<super::state::UnknownContainer>>,
     pub(super) shutdown: CancellationToken,
     pub(super) tasks: TaskTracker,
 }

@@ -44,7 +44,8 @@ pub use job_mounts::{MountResolution, MountResolver, NoManagedMounts};
 pub use manager::{JobError, JobFilter, JobManager, JobView, JobsDeps};
 pub use record::{JobRecord, JobState};
 pub use spec::{JobMount, JobSpec, MountSource};
-pub use unknown::{UnknownContainer, UnknownContainers};
+pub use state::UnknownContainer;
+pub use unknown::UnknownContainers;
 
 /// Job slot usage, as GetStatus reports it.
 #[derive(Debug, Clone, Default, PartialEq)]

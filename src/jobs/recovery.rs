@@ -18,7 +18,7 @@ use super::engine::EngineError;
 use super::job_task::Launch;
 use super::manager::JobManager;
 use super::record::{JobRecord, JobState};
-use super::unknown::UnknownContainer;
+use super::state::UnknownContainer;
 use super::{LABEL_INSTANCE, LABEL_JOB};
 
 impl JobManager {

@@ -19,30 +19,9 @@ use async_trait::async_trait;
 
 use super::engine::EngineError;
 use super::manager::JobManager;
+use super::state::UnknownContainer;
 use super::{LABEL_INSTANCE, LABEL_JOB};
 use crate::disk::reclaim::{Freed, ReclaimError, ReclaimStep, Removals};
-
-/// A container of this instance that no job record owns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnknownContainer {
-    /// Container id.
-    pub container_id: String,
-    /// Its job label, when it has one.
-    pub job_id: Option<String>,
-    /// "running", "exited", "created", ...
-    pub state: String,
-}
-
-impl UnknownContainer {
-    /// `0123456789ab (job j1, running)`, for conditions and logs.
-    pub fn describe(&self) -> String {
-        let short: String = self.container_id.chars().take(12).collect();
-        match &self.job_id {
-            Some(job) => format!("{short} (job {job}, {})", self.state),
-            None => format!("{short} (no job label, {})", self.state),
-        }
-    }
-}
 
 impl JobManager {
     /// The containers of unknown origin found so far (empty until the
