@@ -37,9 +37,14 @@ fn talker(id: &str) -> proto::JobSpec {
     }
 }
 
+/// Low disk levels: the shared test host's free space must not hold the
+/// jobs these tests need running.
 fn agent() -> Agent {
     Agent::builder()
-        .config("[jobs]\nslots = 4\nkill_grace_seconds = 1\n")
+        .config(
+            "[jobs]\nslots = 4\nkill_grace_seconds = 1\n\
+             [disk]\ncritical_free_bytes = 1048576\nwarning_free_bytes = 2097152\n",
+        )
         .start()
 }
 
@@ -282,6 +287,14 @@ async fn a_truncated_store_is_moved_aside_and_its_running_job_is_kept_until_aske
         );
     }
     assert!(status.summary.starts_with("failed"), "{}", status.summary);
+    let doctor = common::cli(&agent.socket, &["doctor", "--config", "/nonexistent.toml"]);
+    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL  store") && l.contains("could not be opened")),
+        "{text}"
+    );
+    assert!(text.contains("--unknown-containers"), "{text}");
     let unknown = unknown_job(&status, "t1").expect("t1");
     assert_eq!(unknown.container_id, container);
     assert_eq!(unknown.state, "running");
@@ -516,7 +529,7 @@ async fn bad_job_and_setup_records_are_skipped_and_named_and_their_neighbours_ke
         &store_file(&agent),
         &[
             ("jobs.records", "bad-job", quoted.as_bytes()),
-            ("setup.runs", "bad-run", b"{\"id\": 7"),
+            ("setup.runs", "bad-run", b"{\"id\": \"run-"),
         ],
     );
 

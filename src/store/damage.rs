@@ -193,7 +193,7 @@ pub fn condition(damage: &StoreDamage, unknown_containers: &[String]) -> (Condit
         state = state.max(ConditionState::Degraded);
         parts.push(format!(
             "{} container(s) of unknown origin (labelled with this instance, no job record) are \
-             kept, never removed by the agent: {}; remove them with `instance-agent disk reclaim \
+             kept, never removed by the agent: {}; remove them with `instance-agent disk --reclaim \
              --unknown-containers` or `docker rm -f`",
             unknown_containers.len(),
             quoted(unknown_containers.iter().cloned()),
