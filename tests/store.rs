@@ -666,3 +666,65 @@ async fn a_bad_mount_record_is_skipped_and_the_other_mounts_kept() {
     let names: Vec<&str> = mounts.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["good"], "{mounts:?}");
 }
+
+#[tokio::test]
+async fn a_full_state_filesystem_after_a_crash_is_not_taken_for_damage() {
+    use common::fs::{Filler, Tmpfs};
+
+    let tmpfs = Tmpfs::new(64);
+    let mut agent = Agent::builder()
+        .state_dir(&tmpfs.path.join("state"))
+        .config(
+            "[disk]\ncritical_free_bytes = 1048576\nwarning_free_bytes = 2097152\n\
+             reserve_bytes = 0\n",
+        )
+        .start();
+    let good = format!("/nonexistent-{}/kept", common::uuid_like());
+    DiskServiceClient::new(agent.channel().await)
+        .add_watched_path(proto::AddWatchedPathRequest {
+            path: good.clone(),
+            reason: "datasets".into(),
+        })
+        .await
+        .expect("add a path");
+    // A crash: the next open has to repair the file, which needs space.
+    agent.signal(Signal::SIGKILL);
+    assert!(agent.exited(Duration::from_secs(30)).await.is_some());
+    let filler = Filler::new(&tmpfs.path);
+    filler.fill_completely();
+
+    // A store that cannot be checked or repaired for lack of space is opened
+    // as it is, never moved aside: nothing says it is damaged.
+    agent.respawn();
+    let status = get_status(&agent).await;
+    let condition = store_condition(&status);
+    assert_eq!(
+        condition.state(),
+        proto::ConditionState::Ok,
+        "{}",
+        condition.message
+    );
+    assert!(
+        damaged_files(&agent).is_empty(),
+        "{:?}",
+        damaged_files(&agent)
+    );
+    let mut disk = DiskServiceClient::new(agent.channel().await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let usage = disk
+            .get_disk_usage(proto::GetDiskUsageRequest {})
+            .await
+            .expect("disk usage")
+            .into_inner();
+        if usage.skipped.iter().any(|s| s.path == good) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{good} is no longer watched: {usage:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    filler.empty();
+}
