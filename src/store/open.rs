@@ -338,3 +338,35 @@ fn storage(path: &Path, error: std::io::Error) -> StoreError {
         detail: error.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(error: std::io::Error) -> redb::DatabaseError {
+        redb::DatabaseError::Storage(redb::StorageError::Io(error))
+    }
+
+    #[test]
+    fn only_errors_about_the_content_count_as_damage() {
+        use std::io::{Error, ErrorKind};
+        let enospc = io(Error::from_raw_os_error(nix::libc::ENOSPC));
+        assert!(no_space(&enospc));
+        assert!(!damaged(&enospc), "a full disk says nothing of the file");
+        for outside in [
+            io(Error::from_raw_os_error(nix::libc::EACCES)),
+            io(Error::from_raw_os_error(nix::libc::EIO)),
+            redb::DatabaseError::DatabaseAlreadyOpen,
+        ] {
+            assert!(!damaged(&outside), "{outside}");
+            assert!(!no_space(&outside), "{outside}");
+        }
+        for content in [
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted("checksum".into())),
+            io(Error::from(ErrorKind::UnexpectedEof)),
+            io(Error::from(ErrorKind::InvalidData)),
+        ] {
+            assert!(damaged(&content), "{content}");
+        }
+    }
+}
