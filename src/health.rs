@@ -1,4 +1,4 @@
-//! One condition per subsystem (docker, disk, mounts, setup, store) and the one-line
+//! One condition per subsystem (docker, disk, mounts, setup, ssh, store) and the one-line
 //! summary built from them.
 //!
 //! Subsystems report here; `GetStatus`, systemd's `STATUS=` line and the CLI
@@ -20,6 +20,8 @@ pub enum Subsystem {
     Mounts,
     /// Setup scripts.
     Setup,
+    /// The SSH access policy.
+    Ssh,
     /// The agent's own store (damage found at start, skipped records,
     /// containers of unknown origin).
     Store,
@@ -27,11 +29,12 @@ pub enum Subsystem {
 
 impl Subsystem {
     /// Every subsystem, in display order.
-    pub const ALL: [Subsystem; 5] = [
+    pub const ALL: [Subsystem; 6] = [
         Subsystem::Docker,
         Subsystem::Disk,
         Subsystem::Mounts,
         Subsystem::Setup,
+        Subsystem::Ssh,
         Subsystem::Store,
     ];
 
@@ -42,6 +45,7 @@ impl Subsystem {
             Subsystem::Disk => "disk",
             Subsystem::Mounts => "mounts",
             Subsystem::Setup => "setup",
+            Subsystem::Ssh => "ssh",
             Subsystem::Store => "store",
         }
     }
