@@ -398,7 +398,7 @@ fn cli_status_prints_a_summary_and_json() {
     let out = cli(&agent.socket, &["status", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
     assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(json["conditions"].as_array().map(Vec::len), Some(5));
+    assert_eq!(json["conditions"].as_array().map(Vec::len), Some(6));
 }
 
 #[test]
