@@ -1,4 +1,4 @@
-//! One condition per subsystem (docker, disk, mounts, setup, ssh) and the one-line
+//! One condition per subsystem (docker, disk, mounts, setup, ssh, store) and the one-line
 //! summary built from them.
 //!
 //! Subsystems report here; `GetStatus`, systemd's `STATUS=` line and the CLI
@@ -22,16 +22,20 @@ pub enum Subsystem {
     Setup,
     /// The SSH access policy.
     Ssh,
+    /// The agent's own store (damage found at start, skipped records,
+    /// containers of unknown origin).
+    Store,
 }
 
 impl Subsystem {
     /// Every subsystem, in display order.
-    pub const ALL: [Subsystem; 5] = [
+    pub const ALL: [Subsystem; 6] = [
         Subsystem::Docker,
         Subsystem::Disk,
         Subsystem::Mounts,
         Subsystem::Setup,
         Subsystem::Ssh,
+        Subsystem::Store,
     ];
 
     /// The name used on the wire and in the CLI.
@@ -42,6 +46,7 @@ impl Subsystem {
             Subsystem::Mounts => "mounts",
             Subsystem::Setup => "setup",
             Subsystem::Ssh => "ssh",
+            Subsystem::Store => "store",
         }
     }
 }

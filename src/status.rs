@@ -36,6 +36,8 @@ pub struct StatusReport {
     pub summary: String,
     /// Latest event sequence number.
     pub last_event_sequence: u64,
+    /// Containers of this instance that no job record owns.
+    pub unknown_containers: Vec<crate::jobs::UnknownContainer>,
 }
 
 /// Assembles status reports. Cheap to clone.
@@ -141,6 +143,11 @@ impl StatusProvider {
             },
             summary,
             last_event_sequence: self.events.last_sequence(),
+            unknown_containers: self
+                .jobs
+                .as_ref()
+                .map(crate::jobs::JobManager::unknown_containers)
+                .unwrap_or_default(),
         }
     }
 }

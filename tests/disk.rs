@@ -514,6 +514,7 @@ async fn reclaim_space_reports_steps_and_skips_docker_for_another_filesystem() {
             dry_run: false,
             path: tmpfs.path.display().to_string(),
             all_steps: false,
+            unknown_containers: false,
         })
         .await
         .expect("reclaim")
@@ -547,6 +548,7 @@ async fn reclaim_space_reports_steps_and_skips_docker_for_another_filesystem() {
             dry_run: true,
             path: "relative/path".into(),
             all_steps: false,
+            unknown_containers: false,
         })
         .await
         .expect_err("relative path");
@@ -1065,6 +1067,7 @@ async fn reclaim_everything(
         dry_run,
         path: String::new(),
         all_steps: true,
+        unknown_containers: false,
     })
     .await
     .expect("ReclaimSpace")

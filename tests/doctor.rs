@@ -13,7 +13,7 @@ use common::{Agent, cli, is_final};
 use instance_agent::api::proto::{self, job_service_client::JobServiceClient};
 
 /// The check names, in the order doctor runs them.
-const ORDER: [&str; 10] = [
+const ORDER: [&str; 11] = [
     "daemon",
     "config",
     "docker",
@@ -22,6 +22,7 @@ const ORDER: [&str; 10] = [
     "disk",
     "mounts",
     "setup",
+    "store",
     "socket",
     "systemd",
 ];
@@ -198,7 +199,7 @@ fn with_the_daemon_down_it_fails_naming_the_socket_and_the_fix() {
     );
     // An absent config means defaults, which is fine.
     assert_eq!(check(&lines, "config").0, "PASS", "{text}");
-    for name in ["disk", "mounts", "setup"] {
+    for name in ["disk", "mounts", "setup", "store"] {
         let line = check(&lines, name);
         assert_eq!(line.0, "WARN", "{text}");
         assert!(line.2.contains("not checked"), "{text}");
@@ -299,6 +300,7 @@ async fn the_bundle_holds_status_events_config_and_logs_without_secrets() {
         "sv=2022&sig=hunter2-sas",
         "hunter2-pw",
         "hunter2-table",
+        "hunter2-arg",
     ]);
     let agent = Agent::builder().start();
     // A queued job whose environment carries a credential: its events are in
@@ -326,7 +328,9 @@ async fn the_bundle_holds_status_events_config_and_logs_without_secrets() {
     text.push_str(
         "[extra]\naccount_key = \"hunter2-key\"\nsas_token = \"sv=2022&sig=hunter2-sas\"\n\
          [extra.auth]\npassword = \"hunter2-pw\"\nnote = \"kept\"\n\
-         [extra.secrets]\nanything = \"hunter2-table\"\n",
+         [extra.secrets]\nanything = \"hunter2-table\"\n\
+         [[setup.scripts]]\nkind = \"startup\"\npath = \"/opt/setup.sh\"\n\
+         args = [\"--token\", \"hunter2-arg\"]\nenv = { CONDA_ENV = \"hunter2-env\" }\n",
     );
     std::fs::write(&config, text).expect("write config");
     let bundle = agent.path().join("support.tgz");
@@ -402,6 +406,14 @@ async fn the_bundle_holds_status_events_config_and_logs_without_secrets() {
     let parsed: toml::Table = config.parse().expect("the redacted config is TOML");
     assert_eq!(parsed["extra"]["account_key"].as_str(), Some("<redacted>"));
     assert_eq!(parsed["extra"]["auth"]["note"].as_str(), Some("kept"));
+    // Setup arguments are redacted like the environment, the path kept.
+    let script = &parsed["setup"]["scripts"][0];
+    assert_eq!(script["path"].as_str(), Some("/opt/setup.sh"));
+    assert_eq!(
+        script["args"],
+        toml::Value::Array(vec!["<redacted>".into(), "<redacted>".into()])
+    );
+    assert_eq!(script["env"]["CONDA_ENV"].as_str(), Some("<redacted>"));
     assert_eq!(
         parsed["agent"]["socket"].as_str(),
         Some(agent.socket.to_str().expect("utf-8"))
@@ -540,4 +552,82 @@ fn a_filesystem_below_the_floor_fails_with_the_reclaim_fix() {
             .contains("instance-agent disk --reclaim"),
         "{disk}"
     );
+}
+
+#[test]
+fn the_bundle_never_overwrites_a_file_or_follows_a_planted_link_unless_forced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("absent.toml");
+    let config = config.to_str().expect("utf-8");
+    let doctor = |bundle: &Path, force: bool| {
+        let mut args = vec![
+            "doctor",
+            "--config",
+            config,
+            "--bundle",
+            bundle.to_str().expect("utf-8"),
+        ];
+        if force {
+            args.push("--force");
+        }
+        cli(&socket, &args)
+    };
+
+    // An existing file: refused before any check runs, left as it was.
+    let existing = dir.path().join("existing.tgz");
+    std::fs::write(&existing, b"an earlier bundle").expect("write");
+    let out = doctor(&existing, false);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("already exists") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(stdout(&out).is_empty(), "no check ran: {}", stdout(&out));
+    assert_eq!(
+        std::fs::read(&existing).expect("read"),
+        b"an earlier bundle"
+    );
+
+    // A symlink planted at the path (as another user could in /tmp), to a
+    // file the doctor may write as root, or to a name that does not exist
+    // yet: never followed.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"not yours").expect("write");
+    let link = dir.path().join("planted.tgz");
+    std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+    let dangling = dir.path().join("dangling.tgz");
+    let nowhere = dir.path().join("created-through-the-link");
+    std::os::unix::fs::symlink(&nowhere, &dangling).expect("symlink");
+    for path in [&link, &dangling] {
+        let out = doctor(path, false);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(std::fs::read(&victim).expect("read"), b"not yours");
+    assert!(!nowhere.exists(), "a file was created through the link");
+
+    // --force replaces the file, and the link itself (never its target).
+    for path in [&existing, &link] {
+        let out = doctor(path, true);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "the daemon is down: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(read_bundle(path).contains_key("README.txt"));
+    }
+    assert!(
+        !std::fs::symlink_metadata(&link)
+            .expect("bundle")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read(&victim).expect("read"), b"not yours");
 }

@@ -918,6 +918,7 @@ async fn reclaim_removes_only_the_images_the_agent_pulled_and_nothing_needs() {
             dry_run: false,
             path: tmpfs.path.display().to_string(),
             all_steps: false,
+            unknown_containers: false,
         })
         .await
         .expect("reclaim")

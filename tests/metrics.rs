@@ -187,6 +187,7 @@ async fn a_requested_reclaim_counts_the_bytes_it_freed_by_step() {
             dry_run: false,
             path: rig.logs_dir.display().to_string(),
             all_steps: false,
+            unknown_containers: false,
         })
         .await
         .expect("ReclaimSpace")

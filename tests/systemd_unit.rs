@@ -81,3 +81,10 @@ fn unit_relies_on_the_default_config_path_and_does_not_loop_on_a_bad_config() {
         "{prevent:?}"
     );
 }
+
+#[test]
+fn the_unit_allows_no_core_dump() {
+    // A dump would hold storage keys, SAS tokens and the TLS key; the agent
+    // also calls prctl(PR_SET_DUMPABLE, 0) at the start of `serve`.
+    assert_eq!(service_values("LimitCORE"), ["0"]);
+}

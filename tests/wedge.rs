@@ -122,6 +122,7 @@ async fn dry_run(channel: Channel, path: PathBuf) -> (Code, Duration) {
             dry_run: true,
             path: path.display().to_string(),
             all_steps: true,
+            unknown_containers: false,
         })
         .await;
     let code = outcome.map_or_else(|s| s.code(), |_| Code::Ok);

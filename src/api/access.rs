@@ -183,9 +183,7 @@ fn error_to_status(error: AccessError) -> Status {
         AccessError::RollbackFailed { .. } => Status::internal(message),
         AccessError::Store(source) => match source {
             crate::store::StoreError::NoSpace { .. } => Status::resource_exhausted(message),
-            crate::store::StoreError::Storage { .. } | crate::store::StoreError::Corrupt { .. } => {
-                Status::internal(message)
-            }
+            crate::store::StoreError::Storage { .. } => Status::internal(message),
         },
     }
 }

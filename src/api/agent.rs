@@ -145,6 +145,15 @@ fn status_to_proto(report: StatusReport) -> proto::GetStatusResponse {
         last_event_sequence: report.last_event_sequence,
         creation_run: None,
         pulls: Vec::new(),
+        unknown_containers: report
+            .unknown_containers
+            .into_iter()
+            .map(|c| proto::UnknownContainer {
+                container_id: c.container_id,
+                job_id: c.job_id.unwrap_or_default(),
+                state: c.state,
+            })
+            .collect(),
     }
 }
 

@@ -69,6 +69,9 @@ pub fn request_fields(path: &str, message: &[u8]) -> Vec<(&'static str, String)>
             if let Ok(req) = proto::ReclaimSpaceRequest::decode(message) {
                 fields.push(("dry_run", req.dry_run.to_string()));
                 fields.push(("path", shown(&req.path)));
+                if req.unknown_containers {
+                    fields.push(("unknown_containers", "true".into()));
+                }
             }
         }
         "RunSetupScript" => {

@@ -86,6 +86,7 @@ impl DiskService for DiskApi {
                 mode: ReclaimMode {
                     dry_run: request.dry_run,
                     all_steps: request.all_steps,
+                    asked_steps: request.unknown_containers,
                 },
                 trigger: ReclaimTrigger::Api,
             })
@@ -209,7 +210,7 @@ fn status(error: DiskError) -> Status {
             StoreError::NoSpace { .. } => Status::resource_exhausted(format!(
                 "{message}; free space on the state filesystem (`instance-agent disk --top` shows where it went)"
             )),
-            StoreError::Storage { .. } | StoreError::Corrupt { .. } => Status::internal(message),
+            StoreError::Storage { .. } => Status::internal(message),
         },
         DiskError::Stopped => Status::unavailable(message),
     }

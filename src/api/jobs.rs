@@ -40,9 +40,7 @@ pub fn status_of(error: JobError) -> Status {
         JobError::NotFound(_) => Status::not_found(message),
         JobError::IdConflict(_) => Status::already_exists(message),
         JobError::Store(StoreError::NoSpace { .. }) => Status::resource_exhausted(message),
-        JobError::Store(StoreError::Storage { .. } | StoreError::Corrupt { .. }) => {
-            Status::internal(message)
-        }
+        JobError::Store(StoreError::Storage { .. }) => Status::internal(message),
     }
 }
 

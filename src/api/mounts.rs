@@ -139,9 +139,7 @@ fn error_to_status(error: MountError) -> Status {
         }
         MountError::Store { source, .. } => match source {
             crate::store::StoreError::NoSpace { .. } => Status::resource_exhausted(message),
-            crate::store::StoreError::Storage { .. } | crate::store::StoreError::Corrupt { .. } => {
-                Status::internal(message)
-            }
+            crate::store::StoreError::Storage { .. } => Status::internal(message),
         },
         MountError::Cancelled(_) => Status::aborted(message),
     }

@@ -220,7 +220,7 @@ fn to_status(error: SetupError) -> Status {
         }
         SetupError::Store(store) => match store {
             StoreError::NoSpace { .. } => Status::resource_exhausted(message),
-            StoreError::Storage { .. } | StoreError::Corrupt { .. } => Status::internal(message),
+            StoreError::Storage { .. } => Status::internal(message),
         },
     }
 }

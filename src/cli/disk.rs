@@ -45,6 +45,11 @@ pub struct DiskArgs {
     /// With --reclaim: run every step even when enough space is free.
     #[arg(long, requires = "reclaim")]
     pub all_steps: bool,
+    /// With --reclaim: also stop and remove the containers of unknown origin
+    /// (labelled with this instance, no job record owns them; see `status`),
+    /// running ones included. Never done otherwise.
+    #[arg(long, requires = "reclaim")]
+    pub unknown_containers: bool,
     /// With --reclaim: reclaim for the filesystem holding PATH (default:
     /// every filesystem below its floor plus margin).
     #[arg(long, value_name = "PATH", requires = "reclaim")]
@@ -77,6 +82,7 @@ pub async fn run(channel: Channel, json: bool, args: DiskArgs) -> anyhow::Result
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             all_steps: args.all_steps,
+            unknown_containers: args.unknown_containers,
         };
         let report = client.reclaim_space(request).await?.into_inner();
         output::reply(json, &report, render_reclaim)?;

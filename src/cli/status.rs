@@ -90,6 +90,21 @@ fn render(s: &proto::GetStatusResponse) -> String {
     }) {
         render_failed_creation(&mut out, run);
     }
+    if !s.unknown_containers.is_empty() {
+        let _ = writeln!(
+            out,
+            "containers of unknown origin (kept; `disk --reclaim --unknown-containers` removes them)"
+        );
+        for c in &s.unknown_containers {
+            let job = if c.job_id.is_empty() {
+                "no job label"
+            } else {
+                c.job_id.as_str()
+            };
+            let id: String = c.container_id.chars().take(12).collect();
+            let _ = writeln!(out, "  {id}  {:<9} {job}", c.state);
+        }
+    }
     out
 }
 
@@ -190,6 +205,31 @@ mod tests {
         );
         assert_eq!(lines[7], "  disk     FAILED    / is 99% full  (since -)");
         assert_eq!(lines.len(), 8, "{text}");
+    }
+
+    #[test]
+    fn containers_of_unknown_origin_are_listed() {
+        let mut status = sample();
+        status.unknown_containers = vec![
+            proto::UnknownContainer {
+                container_id: "0123456789abcdef".into(),
+                job_id: "train-7".into(),
+                state: "running".into(),
+            },
+            proto::UnknownContainer {
+                container_id: "fedcba9876543210".into(),
+                job_id: String::new(),
+                state: "exited".into(),
+            },
+        ];
+        let text = render(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[8].starts_with("containers of unknown origin"),
+            "{text}"
+        );
+        assert_eq!(lines[9], "  0123456789ab  running   train-7");
+        assert_eq!(lines[10], "  fedcba987654  exited    no job label");
     }
 
     #[test]

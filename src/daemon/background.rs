@@ -1,7 +1,8 @@
 //! The daemon's own background loops: GPU discovery, the Docker engine
 //! monitor, systemd's `STATUS=` line and watchdog (its proof of progress in
-//! `watchdog`), the event backlog's live capacity, and the disk guard
-//! following the mounts' cache dirs.
+//! `watchdog`), the event backlog's live capacity, the disk guard following
+//! the mounts' cache dirs, and the `store` condition following the store's
+//! damage and the containers of unknown origin.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,32 @@ pub(super) async fn watch_cache_dirs(
         tokio::select! {
             _ = cancel.cancelled() => return,
             changed = dirs.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Keeps the `store` condition equal to what is known to be wrong with the
+/// store and to the containers of unknown origin the jobs found.
+pub(super) async fn watch_store(
+    store: crate::store::Store,
+    jobs: crate::jobs::JobManager,
+    health: Health,
+    cancel: CancellationToken,
+) {
+    let mut damage = store.watch_damage();
+    let mut unknown = jobs.watch_unknown_containers();
+    loop {
+        let containers: Vec<String> = unknown
+            .borrow_and_update()
+            .iter()
+            .map(crate::jobs::UnknownContainer::describe)
+            .collect();
+        let (state, message) = crate::store::condition(&damage.borrow_and_update(), &containers);
+        health.set(crate::health::Subsystem::Store, state, message);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = damage.changed() => if changed.is_err() { return },
+            changed = unknown.changed() => if changed.is_err() { return },
         }
     }
 }

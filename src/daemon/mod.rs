@@ -68,7 +68,8 @@ pub enum DaemonError {
     /// The Unix socket could not be set up (another agent serves it, …).
     #[error(transparent)]
     Socket(#[from] api::socket::SocketError),
-    /// The store could not be opened.
+    /// The store could not be opened, for a reason outside the file (a
+    /// damaged file is moved aside instead).
     #[error("cannot open the store: {0}")]
     Store(#[source] crate::store::StoreError),
     /// The job store could not be loaded.
@@ -174,6 +175,10 @@ impl Daemon {
         let admission = AdmissionGate::new();
 
         let health = Health::new();
+        // Before the domains load: a damaged store is reported even if a
+        // later step fails.
+        let (state, message) = crate::store::condition(&store.damage(), &[]);
+        health.set(crate::health::Subsystem::Store, state, message);
         let events = EventBus::new(config.events.backlog as usize);
         let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
         let (gpus_discovered_tx, gpus_discovered_rx) = watch::channel(false);
@@ -315,6 +320,12 @@ impl Daemon {
         tasks.spawn(background::watch_cache_dirs(
             mounts.clone(),
             disk.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(background::watch_store(
+            store.clone(),
+            jobs.clone(),
+            health.clone(),
             cancel.clone(),
         ));
 
@@ -503,7 +514,8 @@ fn build_images(
 
 /// Builds the disk guard with every reclaim step, in order: exited job
 /// containers, dangling images the agent pulled, expired job logs, unused
-/// images the agent pulled, mount caches.
+/// images the agent pulled, mount caches, and the containers of unknown
+/// origin (only when asked for).
 #[allow(clippy::too_many_arguments)]
 fn build_disk_guard(
     config: &Config,
@@ -539,6 +551,8 @@ fn build_disk_guard(
             mounts.clone(),
             config.mounts.cache_root.clone(),
         )),
+        // Only when a ReclaimSpace asks for it.
+        Arc::new(crate::jobs::UnknownContainers::new(jobs.clone())),
     ];
     crate::disk::DiskGuard::new(crate::disk::DiskParts {
         config: derive(config_rx, |c| c.disk.clone()),

@@ -327,6 +327,8 @@ pub struct FakeStep {
     pub location: Option<PathBuf>,
     /// How long each estimate and run takes (tokio time).
     pub delay: Duration,
+    /// Runs only when asked for.
+    pub only_when_asked: bool,
 }
 
 impl FakeStep {
@@ -340,6 +342,7 @@ impl FakeStep {
             on_run: Box::new(|| {}),
             location: None,
             delay: Duration::ZERO,
+            only_when_asked: false,
         }
     }
 
@@ -383,5 +386,8 @@ impl ReclaimStep for FakeStep {
     }
     async fn location(&self) -> Option<PathBuf> {
         self.location.clone()
+    }
+    fn only_when_asked(&self) -> bool {
+        self.only_when_asked
     }
 }

@@ -51,16 +51,10 @@ pub struct Records {
 
 impl Records {
     /// Loads the records. A record that cannot be decoded is skipped and
-    /// logged; the others load.
+    /// named in the store's condition (see `store::Store::scan`); the others
+    /// load.
     pub fn load(store: Store) -> Result<Self, StoreError> {
-        let map = match store.scan::<ImageRecord>(RECORDS) {
-            Ok(all) => all.into_iter().collect(),
-            Err(StoreError::Corrupt { key, detail, .. }) => {
-                tracing::error!(%key, %detail, "an image record is unreadable; image records start empty");
-                HashMap::new()
-            }
-            Err(other) => return Err(other),
-        };
+        let map = store.scan::<ImageRecord>(RECORDS)?.into_iter().collect();
         Ok(Self {
             store,
             map: Arc::new(Mutex::new(map)),

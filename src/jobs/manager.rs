@@ -169,6 +169,8 @@ pub(super) struct Inner {
     save_turns: Vec<tokio::sync::Mutex<()>>,
     /// Wakes the dispatch loop (a job was queued or slots were freed).
     pub(super) wake: Notify,
+    /// Containers of this instance that no record owns (`unknown.rs`).
+    pub(super) unknown: watch::Sender<Vec<super::state::UnknownContainer>>,
     pub(super) shutdown: CancellationToken,
     pub(super) tasks: TaskTracker,
 }
@@ -231,6 +233,7 @@ impl JobManager {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             wake: Notify::new(),
+            unknown: watch::channel(Vec::new()).0,
             shutdown,
             tasks,
         });
@@ -376,6 +379,7 @@ impl JobManager {
             state.registry_auth.remove(id);
             return Err(error.into());
         }
+        self.claim_unknown(id);
         let view = {
             let mut state = self.lock();
             // A cancel that came while the record was being saved has ended
@@ -470,12 +474,13 @@ impl JobManager {
             .collect()
     }
 
-    /// True when the job has reached a final state, or is no longer known:
-    /// every job that has not ended is kept in memory from submit (or load)
-    /// to its end, so an unknown id is one that retention has removed — its
-    /// container, kept by `keep_containers`, is finished too.
+    /// True when the job has reached a final state. An unknown id is not
+    /// finished: its record may have been lost with a damaged store, and
+    /// its container is then one of unknown origin (`unknown.rs`), never
+    /// removed by an automatic step (retention removes the containers that
+    /// `keep_containers` kept before it forgets their records).
     pub fn is_finished(&self, id: &str) -> bool {
-        self.lock().jobs.get(id).is_none_or(|r| r.state.is_final())
+        self.lock().jobs.get(id).is_some_and(|r| r.state.is_final())
     }
 
     /// Cancels a job; idempotent. A queued job leaves the queue at once. A

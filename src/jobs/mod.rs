@@ -12,9 +12,10 @@
 //! The manager is one type, [`JobManager`], split by duty: the handle and
 //! the shared state ([`manager`], `state.rs`), starting queued jobs
 //! (`dispatch.rs`), one job's life (`job_task.rs`, `capture.rs`), crash
-//! recovery (`recovery.rs`), retention (`retention.rs`), the jobs' view
-//! of managed mounts ([`job_mounts`]) and of their images ([`job_images`],
-//! implemented by the images domain). The fakes for tests are in `fake.rs`
+//! recovery (`recovery.rs`) and the containers no record owns ([`unknown`]),
+//! retention (`retention.rs`), the jobs' view of managed mounts
+//! ([`job_mounts`]) and of their images ([`job_images`], implemented by the
+//! images domain). The fakes for tests are in `fake.rs`
 //! (behind `test-util`), the unit tests' harness in `harness.rs`.
 
 mod capture;
@@ -39,6 +40,7 @@ mod retention;
 pub mod scheduler;
 pub mod spec;
 mod state;
+pub mod unknown;
 
 pub use job_images::{
     ImageProvider, ImageState, ImageWant, LocalImagesOnly, PullPhase, PullView, RegistryAuth,
@@ -48,6 +50,8 @@ pub use job_mounts::{MountResolution, MountResolver, NoManagedMounts};
 pub use manager::{JobError, JobFilter, JobManager, JobView, JobsDeps};
 pub use record::{JobRecord, JobState};
 pub use spec::{JobMount, JobSpec, MountSource};
+pub use state::UnknownContainer;
+pub use unknown::UnknownContainers;
 
 /// Job slot usage, as GetStatus reports it.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -3,8 +3,10 @@
 //! label. What runs is adopted (never started twice), what was created but
 //! never started is started (or, if asked to cancel, removed), what ended
 //! is recorded, a recorded intent without a container is re-queued, a
-//! running job whose container vanished fails, and containers nobody owns
-//! are removed.
+//! running job whose container vanished fails, the containers of finished
+//! jobs are removed, and containers that no record owns are kept and
+//! reported as of unknown origin (`unknown.rs`): their records may have been
+//! lost with a damaged or deleted store, and they may be jobs still running.
 //!
 //! Relies on the manager's ordering (the intent is stored before the
 //! container is created, and the container name is derived from the job
@@ -16,12 +18,14 @@ use super::engine::EngineError;
 use super::job_task::Launch;
 use super::manager::JobManager;
 use super::record::{JobRecord, JobState};
+use super::state::UnknownContainer;
 use super::{LABEL_INSTANCE, LABEL_JOB};
 
 impl JobManager {
     /// Matches the records with the engine's containers after a start (or a
     /// failed removal): adopts what runs, records what ended, re-queues what
-    /// never started, fails what vanished, removes what nobody owns.
+    /// never started, fails what vanished, removes the containers of
+    /// finished jobs and keeps those that no record owns.
     pub(super) async fn reconcile(&self) -> Result<(), EngineError> {
         let containers = self
             .inner
@@ -30,12 +34,17 @@ impl JobManager {
             .await?;
         let mut by_job: HashMap<String, (String, String)> = HashMap::new();
         let mut orphans = Vec::new();
+        let mut unknown = Vec::new();
         for c in containers {
             match c.labels.get(LABEL_JOB) {
                 Some(job) => {
                     by_job.insert(job.clone(), (c.id, c.state));
                 }
-                None => orphans.push(c.id),
+                None => unknown.push(UnknownContainer {
+                    container_id: c.id,
+                    job_id: None,
+                    state: c.state,
+                }),
             }
         }
         let mut launches = Vec::new();
@@ -97,15 +106,26 @@ impl JobManager {
                     }
                 }
             }
-            // Containers of finished or unknown jobs: their exit is recorded
-            // (or they belong to nothing), so they only take space.
-            for (job, (container, _)) in by_job {
-                if !state.active.contains_key(&job) {
+            // Containers of finished jobs: their exit is recorded, so they
+            // only take space. Those of jobs without a record are not ours
+            // to judge: the record may be what was lost.
+            for (job, (container, status)) in by_job {
+                if state.active.contains_key(&job) {
+                    continue;
+                }
+                if state.jobs.contains_key(&job) {
                     orphans.push(container);
+                } else {
+                    unknown.push(UnknownContainer {
+                        container_id: container,
+                        job_id: Some(job),
+                        state: status,
+                    });
                 }
             }
             state.reconciled = true;
         }
+        self.set_unknown(unknown);
         for record in &changed {
             if self.persist_until_done(record.id()).await {
                 self.publish(record);

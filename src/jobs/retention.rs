@@ -6,7 +6,9 @@
 //!
 //! Ages are wall-clock times (a record's `finished_at`), so they hold across
 //! agent restarts. Only final jobs are touched: a job that has not ended is
-//! always kept.
+//! always kept. A container kept by `jobs.keep_containers` goes with its
+//! record: a container without a record is one of unknown origin, which
+//! only an explicit step removes (`unknown.rs`).
 
 use std::time::{Duration, SystemTime};
 
@@ -22,10 +24,16 @@ impl JobManager {
         self.inner.config.borrow().log_retention_seconds
     }
 
-    /// Sweeps at start, then every [`SWEEP_EVERY`], until shutdown.
+    /// Sweeps at start, then every [`SWEEP_EVERY`], until shutdown; while
+    /// there are containers of unknown origin, lists them again too.
     pub(super) async fn retention_loop(self) {
         loop {
             self.sweep().await;
+            if !self.inner.unknown.borrow().is_empty()
+                && let Err(error) = self.refresh_unknown().await
+            {
+                tracing::debug!(%error, "cannot list the containers of unknown origin");
+            }
             tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(SWEEP_EVERY) => {}
@@ -39,7 +47,7 @@ impl JobManager {
         let cutoff = SystemTime::now()
             .checked_sub(Duration::from_secs(config.retention_seconds))
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let expired: Vec<String> = {
+        let expired: Vec<(String, String)> = {
             let mut state = self.lock();
             let mut finished: Vec<(SystemTime, String)> = state
                 .jobs
@@ -51,28 +59,34 @@ impl JobManager {
             let excess = finished
                 .len()
                 .saturating_sub(config.retention_count as usize);
-            let expired: Vec<String> = finished
+            let ids: Vec<String> = finished
                 .into_iter()
                 .enumerate()
                 .filter(|(i, (t, _))| *i < excess || *t < cutoff)
                 .map(|(_, (_, id))| id)
                 .collect();
-            for id in &expired {
-                state.jobs.remove(id);
-            }
-            expired
+            ids.into_iter()
+                .filter_map(|id| state.jobs.remove(&id).map(|r| (id, r.container_id)))
+                .collect()
         };
         if expired.is_empty() {
             return;
         }
+        if config.keep_containers {
+            for (id, container) in expired.iter().filter(|(_, c)| !c.is_empty()) {
+                if let Err(error) = self.inner.engine.remove(container).await {
+                    tracing::warn!(job = %id, %container, %error, "cannot remove the kept container of an expired job");
+                }
+            }
+        }
         let writes = expired
             .iter()
-            .map(|id| Write::Delete(RECORDS, id.clone()))
+            .map(|(id, _)| Write::Delete(RECORDS, id.clone()))
             .collect();
         if let Err(error) = self.inner.store.apply(writes).await {
             tracing::warn!(%error, "cannot remove expired job records");
         }
-        for id in &expired {
+        for (id, _) in &expired {
             self.inner.logs.remove(id).await;
         }
         tracing::info!(

@@ -1,5 +1,6 @@
 //! The job manager's in-memory state: every job's record, the queue in start
-//! order, and what each started job holds (slots, GPUs, its cancel token).
+//! order, what each started job holds (slots, GPUs, its cancel token), and
+//! the shape of a container that no record owns (`unknown.rs` keeps the list).
 //!
 //! Plain data under the manager's one lock: no I/O, no awaits, so that every
 //! critical section leaves it consistent. The rules of who may change what
@@ -109,5 +110,27 @@ impl State {
             },
         );
         cancel
+    }
+}
+
+/// A container of this instance that no job record owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownContainer {
+    /// Container id.
+    pub container_id: String,
+    /// Its job label, when it has one.
+    pub job_id: Option<String>,
+    /// "running", "exited", "created", ...
+    pub state: String,
+}
+
+impl UnknownContainer {
+    /// `0123456789ab (job j1, running)`, for conditions and logs.
+    pub fn describe(&self) -> String {
+        let short: String = self.container_id.chars().take(12).collect();
+        match &self.job_id {
+            Some(job) => format!("{short} (job {job}, {})", self.state),
+            None => format!("{short} (no job label, {})", self.state),
+        }
     }
 }

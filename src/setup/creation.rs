@@ -18,7 +18,11 @@
 //!   creation script (if there is one) has succeeded;
 //! - with `setup.gate_jobs`, the job queue is held until the creation script
 //!   has succeeded;
-//! - pruning never removes the latest creation run.
+//! - pruning never removes the latest creation run;
+//! - when the store's record of the runs may be incomplete (a damaged or
+//!   deleted store), a creation script with no run on record is not run by
+//!   itself: whether it ran before is unknown, and running it twice may do
+//!   harm. The condition fails and says how to run it or record it as done.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -163,6 +167,23 @@ impl Ledger {
         }
     }
 
+    /// Holds back a first creation run planned at this start because the
+    /// record of the runs may be incomplete (`why`, from the store).
+    pub fn hold_creation(&mut self, why: &str) {
+        let first = self
+            .planned_creation
+            .as_ref()
+            .is_some_and(|plan| plan.attempt == 1);
+        if first && self.latest_creation().is_none() {
+            self.planned_creation = None;
+            self.creation_blocked = Some(format!(
+                "is not run by itself: {why}, so whether it ran before is unknown; run it with \
+                 `instance-agent setup run --kind creation PATH` if it must run, or record it as \
+                 done with `instance-agent setup run --kind creation -c true`"
+            ));
+        }
+    }
+
     /// Whether a new creation run may be accepted: not once one succeeded,
     /// not while one is pending or running.
     pub fn admit_creation(&self) -> Result<(), SetupError> {
@@ -225,6 +246,9 @@ impl Ledger {
                 run.id,
                 run.state.name()
             )),
+            None if self.creation_blocked.is_some() => {
+                Some("the creation script is not run by itself (see the setup condition)".into())
+            }
             None if self.planned_creation.is_some() || declared_creation(declared).is_some() => {
                 Some("the creation script has not run yet".into())
             }
@@ -248,6 +272,8 @@ impl Ledger {
             );
         } else if let Some(last) = self.latest_creation() {
             return self.creation_condition(last);
+        } else if let Some(why) = &self.creation_blocked {
+            return (ConditionState::Failed, format!("creation script {why}"));
         } else if declared_creation(declared).is_some() {
             return (
                 ConditionState::Unknown,

@@ -113,6 +113,9 @@ impl SetupScripts {
         });
         state.ledger.planned_creation = planned;
         state.ledger.creation_blocked = blocked;
+        if let Some(why) = wiring.store.history_lost(records::RUNS) {
+            state.ledger.hold_creation(&why);
+        }
         let records = Records::new(
             state,
             &settings,

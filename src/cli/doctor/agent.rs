@@ -1,6 +1,6 @@
 //! The checks made through the agent's API: the daemon itself (GetStatus),
-//! the Docker engine as the agent sees it, the disk guard, the mounts and
-//! the setup scripts. An RPC whose capability is not in the running agent
+//! the Docker engine as the agent sees it, the disk guard, the mounts, the
+//! setup scripts and the agent's own store. An RPC whose capability is not in the running agent
 //! (UNIMPLEMENTED) is a WARN "not available".
 
 use std::collections::BTreeMap;
@@ -243,6 +243,35 @@ pub(super) fn docker_check(agent: &AgentAnswer, config: &Result<Config, ConfigEr
                 "jobs need the Docker engine; see the agent's [docker] config",
             ),
         },
+    }
+}
+
+/// The agent's own store, as its `store` condition reports it: damage found
+/// at start (a file moved aside, a deleted store), records skipped, and
+/// containers of unknown origin. The condition's message says what to do.
+pub(super) fn store_check(agent: &AgentAnswer) -> Check {
+    let Ok(status) = &agent.status else {
+        return not_checked("store");
+    };
+    let Some(c) = condition(status, "store") else {
+        return Check::warn(
+            "store",
+            "the agent reports no store condition",
+            "upgrade the agent",
+        );
+    };
+    let fix = if status.unknown_containers.is_empty() {
+        "see the message; `instance-agent status` repeats it"
+    } else {
+        "see `instance-agent status` for the containers of unknown origin; remove them with \
+         `instance-agent disk --reclaim --unknown-containers` once they are not needed"
+    };
+    match c.state() {
+        proto::ConditionState::Ok => Check::pass("store", &c.message),
+        proto::ConditionState::Failed => Check::fail("store", &c.message, fix),
+        proto::ConditionState::Degraded
+        | proto::ConditionState::Unknown
+        | proto::ConditionState::Disabled => Check::warn("store", &c.message, fix),
     }
 }
 
@@ -493,6 +522,34 @@ fn setup_run_check(run: &proto::SetupRun) -> Check {
 mod tests {
     use super::*;
     use crate::cli::doctor::report::Verdict;
+
+    #[test]
+    fn the_store_check_follows_the_store_condition() {
+        let answer = |state: proto::ConditionState, unknown: usize| AgentAnswer {
+            channel: None,
+            status: Ok(proto::GetStatusResponse {
+                conditions: vec![proto::Condition {
+                    r#type: "store".into(),
+                    state: state as i32,
+                    message: "the store was moved to /s/agent.redb.damaged-x".into(),
+                    since: None,
+                }],
+                unknown_containers: vec![proto::UnknownContainer::default(); unknown],
+                ..Default::default()
+            }),
+        };
+        let check = store_check(&answer(proto::ConditionState::Failed, 1));
+        assert_eq!(check.result, Verdict::Fail);
+        assert!(check.message.contains("damaged-x"), "{}", check.message);
+        assert!(check.fix.contains("--unknown-containers"), "{}", check.fix);
+        let check = store_check(&answer(proto::ConditionState::Degraded, 0));
+        assert_eq!(check.result, Verdict::Warn);
+        assert!(!check.fix.contains("--unknown-containers"), "{}", check.fix);
+        assert_eq!(
+            store_check(&answer(proto::ConditionState::Ok, 0)).result,
+            Verdict::Pass
+        );
+    }
 
     #[test]
     fn setup_checks_name_the_failed_run_and_how_to_rerun_it() {

@@ -17,8 +17,10 @@
 //! looks secret (key, sas, token, password, secret, private, credential) is
 //! replaced in the config, the status and the events, and so is every value
 //! of an `env` table (jobs, setup scripts: the usual carrier of credentials,
-//! under any name); a config that does not parse is left out entirely rather
-//! than risk quoting one.
+//! under any name) and every setup `args` entry (visible in `ps`, yet a
+//! credential is sometimes passed there); a config that does not parse is
+//! left out entirely rather than risk quoting one. The file is created
+//! exclusively and never through a symlink ([`create`]).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -63,8 +65,48 @@ pub struct Inputs<'a> {
     pub under_systemd: bool,
 }
 
-/// Writes the bundle to `path`; returns the names of the entries.
-pub async fn write(path: &Path, inputs: Inputs<'_>) -> anyhow::Result<Vec<String>> {
+/// Creates the bundle's file at `path`, mode 0600, with
+/// `O_CREAT|O_EXCL|O_NOFOLLOW`: an existing file is refused, and so is a
+/// symlink planted at the path (doctor often runs as root, the path may be
+/// in a directory others can write). With `force` an existing entry is
+/// unlinked first (a symlink itself, never its target) and the exclusive
+/// create tried once more, so a name planted again in between still fails.
+/// Done before the checks run, so that a refused path costs nothing.
+pub fn create(path: &Path, force: bool) -> anyhow::Result<std::fs::File> {
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(path)
+    };
+    match open() {
+        Ok(file) => Ok(file),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && force => {
+            std::fs::remove_file(path).with_context(|| {
+                format!("--force: cannot remove the existing {}", path.display())
+            })?;
+            open().with_context(|| format!("cannot create the bundle {}", path.display()))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!(
+            "the bundle {} already exists (a file or a link); choose a new name, or pass \
+             --force to replace it",
+            path.display()
+        ),
+        Err(error) => {
+            Err(error).with_context(|| format!("cannot create the bundle {}", path.display()))
+        }
+    }
+}
+
+/// Writes the bundle into `file` (made by [`create`] at `path`); returns
+/// the names of the entries.
+pub async fn write(
+    file: std::fs::File,
+    path: &Path,
+    inputs: Inputs<'_>,
+) -> anyhow::Result<Vec<String>> {
     let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
     entries.push(("README.txt".into(), readme(&inputs).into_bytes()));
 
@@ -111,7 +153,7 @@ pub async fn write(path: &Path, inputs: Inputs<'_>) -> anyhow::Result<Vec<String
         Err(why) => entries.push(("agent-log.txt".into(), note(&why))),
     }
 
-    write_archive(path, &entries)?;
+    write_archive(file, path, &entries)?;
     Ok(entries.into_iter().map(|(name, _)| name).collect())
 }
 
@@ -143,7 +185,7 @@ fn readme(inputs: &Inputs<'_>) -> String {
          config.toml  the config file, secret-looking values replaced by {REDACTED}\n\
          agent.log    the agent's last {LOG_LINES} log lines\n\
          A <name>.txt file instead of one of these says why it could not be collected.\n\
-         Environment values (jobs, setup scripts) and secret-looking fields are replaced by {REDACTED}.\n",
+         Environment values (jobs, setup scripts), setup arguments and secret-looking fields are replaced by {REDACTED}.\n",
         env!("CARGO_PKG_VERSION"),
         inputs.config_path.display(),
         inputs.report.result,
@@ -232,7 +274,8 @@ fn looks_secret(name: &str) -> bool {
 }
 
 /// Replaces secret-looking values in a JSON document: values of secret-looking
-/// keys, every job environment value, and strings that carry a SAS signature.
+/// keys, every environment value, every setup argument, and strings that
+/// carry a SAS signature.
 fn redact_json(value: &mut serde_json::Value) {
     use serde_json::Value;
     match value {
@@ -244,6 +287,10 @@ fn redact_json(value: &mut serde_json::Value) {
                     if let Value::Object(env) = inner {
                         env.values_mut().for_each(blank_json);
                     }
+                } else if key == "args" {
+                    // Setup script arguments: a credential passed on a
+                    // command line is still one.
+                    blank_json(inner);
                 } else {
                     redact_json(inner);
                 }
@@ -303,9 +350,9 @@ fn redacted_config(path: &Path) -> Result<String, String> {
 
 fn redact_toml(table: &mut toml::Table) {
     for (key, value) in table.iter_mut() {
-        // `env` tables (setup scripts' environment) carry credentials under
-        // any name.
-        if looks_secret(key) || key == "env" {
+        // `env` tables and `args` lists (setup scripts' environment and
+        // arguments) carry credentials under any name.
+        if looks_secret(key) || key == "env" || key == "args" {
             blank_toml(value);
         } else {
             match value {
@@ -387,14 +434,11 @@ fn log_tail(path: &Path) -> std::io::Result<String> {
     Ok(tail)
 }
 
-fn write_archive(path: &Path, entries: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create the bundle {}", path.display()))?;
+fn write_archive(
+    file: std::fs::File,
+    path: &Path,
+    entries: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
     let mtime = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -420,79 +464,4 @@ fn write_archive(path: &Path, entries: &[(String, Vec<u8>)]) -> anyhow::Result<(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secret_keys_and_job_env_are_redacted_in_json() {
-        let mut value = serde_json::json!({
-            "job": {"spec": {"env": {"HOME": "/root", "X": "hunter2"}, "command": ["true"],
-                             "registryAuth": {"username": "robot", "password": "hunter2-registry"}}},
-            "auth": {"sasToken": "sv=1&sig=abc", "accountKey": "k", "clientId": "id"},
-            "endpoint": "https://a.blob.core.windows.net/?sv=2020&sig=abc",
-            "keepContainers": true,
-        });
-        redact_json(&mut value);
-        let text = value.to_string();
-        assert!(!text.contains("hunter2"), "{text}");
-        assert!(!text.contains("sig=abc"), "{text}");
-        assert!(!text.contains("\"k\""), "{text}");
-        assert_eq!(value["job"]["spec"]["env"]["HOME"], REDACTED);
-        assert_eq!(value["job"]["spec"]["command"][0], "true");
-        assert_eq!(value["auth"]["clientId"], "id");
-        assert_eq!(value["keepContainers"], true);
-    }
-
-    #[test]
-    fn secret_keys_are_redacted_in_toml_at_any_depth() {
-        let mut table: toml::Table = r#"
-            [control_plane]
-            listen = "127.0.0.1:7000"
-            tls_private_key = "/etc/instance-agent/key.pem"
-            [[mounts.mount]]
-            name = "data"
-            account_key = """
-            multi
-            line"""
-            [[setup.scripts]]
-            path = "/opt/setup.sh"
-            env = { CONNECTION_STRING = "hunter2-env" }
-            [extra]
-            api_token = "hunter2"
-            password = 1234
-            "#
-        .parse()
-        .expect("toml");
-        redact_toml(&mut table);
-        let text = toml::to_string(&table).expect("serialise");
-        assert!(!text.contains("hunter2"), "{text}");
-        assert!(!text.contains("multi"), "{text}");
-        assert!(!text.contains("1234"), "{text}");
-        assert!(!text.contains("key.pem"), "{text}");
-        assert!(text.contains("127.0.0.1:7000"), "{text}");
-        assert!(text.contains("name = \"data\""), "{text}");
-        assert!(text.contains("/opt/setup.sh"), "{text}");
-    }
-
-    #[test]
-    fn a_config_that_does_not_parse_is_left_out() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, "account_key = \"hunter2\n").expect("write");
-        let why = redacted_config(&path).expect_err("must not parse");
-        assert!(!why.contains("hunter2"), "{why}");
-    }
-
-    #[test]
-    fn log_tail_keeps_the_last_lines() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("agent.log");
-        let text: String = (0..1500).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&path, text).expect("write");
-        let tail = log_tail(&path).expect("tail");
-        let lines: Vec<&str> = tail.lines().collect();
-        assert_eq!(lines.len(), LOG_LINES);
-        assert_eq!(lines[0], "line 500");
-        assert_eq!(lines[LOG_LINES - 1], "line 1499");
-    }
-}
+mod tests;

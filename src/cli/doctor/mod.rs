@@ -29,6 +29,7 @@ use super::output;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use agent::{
     ask_agent, daemon_check, disk_checks, docker_check, mount_checks, not_checked, setup_checks,
+    store_check,
 };
 use host::{blobfuse2_check, config_check, fuse_check, socket_check, systemd_check};
 use report::Report;
@@ -48,6 +49,10 @@ pub struct DoctorArgs {
     /// status, recent events, the config without secrets and recent logs.
     #[arg(long, value_name = "FILE")]
     pub bundle: Option<PathBuf>,
+    /// With --bundle: replace FILE if it exists (a link at FILE is removed,
+    /// never followed). Without it an existing FILE is refused.
+    #[arg(long, requires = "bundle")]
+    pub force: bool,
     /// The agent's log file, for the bundle when the agent does not run under
     /// systemd (under systemd the journal is read instead).
     #[arg(long, value_name = "FILE")]
@@ -57,6 +62,11 @@ pub struct DoctorArgs {
 /// Runs every check, prints them, writes the bundle when asked, and returns
 /// the exit status (0 pass, 1 warn, 2 fail).
 pub async fn run(args: DoctorArgs, socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    // Before the checks: a refused path is told at once.
+    let bundle_file = match &args.bundle {
+        Some(path) => Some((bundle::create(path, args.force)?, path)),
+        None => None,
+    };
     let agent = ask_agent(&socket).await;
     let local_config = Config::load(&args.config, false);
     let under_systemd = Path::new("/run/systemd/system").is_dir();
@@ -80,6 +90,7 @@ pub async fn run(args: DoctorArgs, socket: PathBuf, json: bool) -> anyhow::Resul
             }
         }
     }
+    checks.push(store_check(&agent));
     let operator_group = local_config
         .as_ref()
         .map_or(OPERATOR_GROUP, |c| c.operator.group.as_str());
@@ -88,8 +99,9 @@ pub async fn run(args: DoctorArgs, socket: PathBuf, json: bool) -> anyhow::Resul
 
     let report = Report::new(checks);
     output::reply(json, &report, report::render)?;
-    if let Some(path) = &args.bundle {
+    if let Some((file, path)) = bundle_file {
         let written = bundle::write(
+            file,
             path,
             bundle::Inputs {
                 report: &report,

@@ -40,7 +40,7 @@ impl Verdict {
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     /// What was checked: daemon, config, docker, fuse, blobfuse2, disk,
-    /// mounts, setup, socket, systemd.
+    /// mounts, setup, store, socket, systemd.
     pub name: &'static str,
     /// The outcome.
     pub result: Verdict,

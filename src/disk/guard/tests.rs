@@ -367,6 +367,7 @@ async fn turning_critical_reclaims_automatically() {
             mode: ReclaimMode {
                 dry_run: true,
                 all_steps: true,
+                asked_steps: false,
             },
             trigger: ReclaimTrigger::Api,
         })

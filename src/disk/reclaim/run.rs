@@ -56,6 +56,10 @@ pub struct ReclaimMode {
     pub dry_run: bool,
     /// Run every step even when enough space is free.
     pub all_steps: bool,
+    /// Also run the steps that only run when asked for
+    /// ([`ReclaimStep::only_when_asked`]: "unknown_containers"), whatever
+    /// the need.
+    pub asked_steps: bool,
 }
 
 /// Runs the registered steps in order.
@@ -118,6 +122,10 @@ impl Reclaimer {
             None
         };
         for step in &self.steps {
+            let asked = step.only_when_asked();
+            if asked && !mode.asked_steps {
+                continue;
+            }
             if !automatic && turn.is_some() && self.turns.automatic_waiting() {
                 // Its turn first; this one goes on with what is left after.
                 drop(turn.take());
@@ -127,7 +135,7 @@ impl Reclaimer {
                 Some(need) => need,
                 None => still_needed().await,
             };
-            let skipped = if mode.all_steps {
+            let skipped = if mode.all_steps || asked {
                 None
             } else if need == 0 {
                 Some("enough space is free".to_owned())
@@ -333,7 +341,7 @@ mod tests {
             .run(
                 ReclaimMode {
                     dry_run: true,
-                    all_steps: false,
+                    ..ReclaimMode::default()
                 },
                 ReclaimTrigger::Api,
                 move || {
@@ -359,8 +367,8 @@ mod tests {
         let report = reclaimer(&steps)
             .run(
                 ReclaimMode {
-                    dry_run: false,
                     all_steps: true,
+                    ..ReclaimMode::default()
                 },
                 ReclaimTrigger::Api,
                 || async { 0 },
@@ -381,6 +389,42 @@ mod tests {
             skipped.steps[0].skipped.as_deref(),
             Some("enough space is free")
         );
+    }
+
+    #[tokio::test]
+    async fn a_step_run_only_when_asked_never_runs_otherwise() {
+        let mut asked = FakeStep::freeing("asked", 1);
+        asked.only_when_asked = true;
+        let steps = [Arc::new(FakeStep::freeing("a", 1)), Arc::new(asked)];
+        for mode in [
+            ReclaimMode::default(),
+            ReclaimMode {
+                all_steps: true,
+                ..ReclaimMode::default()
+            },
+        ] {
+            let report = reclaimer(&steps)
+                .run(mode, ReclaimTrigger::Api, || async { 1_000 }, OnlyFull)
+                .await;
+            let names: Vec<&str> = report.steps.iter().map(|s| s.name).collect();
+            assert_eq!(names, ["a"], "{mode:?}");
+        }
+        assert_eq!(steps[1].calls(), (0, 0));
+        // Asked for, it runs even when no space is needed.
+        let report = reclaimer(&steps)
+            .run(
+                ReclaimMode {
+                    asked_steps: true,
+                    ..ReclaimMode::default()
+                },
+                ReclaimTrigger::Api,
+                || async { 0 },
+                OnlyFull,
+            )
+            .await;
+        assert!(!report.steps[0].ran);
+        assert!(report.steps[1].ran, "{report:?}");
+        assert_eq!(steps[1].calls(), (0, 1));
     }
 
     #[tokio::test]
@@ -424,6 +468,7 @@ mod tests {
     const ALL: ReclaimMode = ReclaimMode {
         dry_run: false,
         all_steps: true,
+        asked_steps: false,
     };
 
     #[tokio::test(start_paused = true)]

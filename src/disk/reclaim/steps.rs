@@ -112,8 +112,14 @@ pub enum ReclaimError {
 #[async_trait]
 pub trait ReclaimStep: Send + Sync + 'static {
     /// Its name in reports: "exited_containers", "dangling_images",
-    /// "expired_job_logs", "mount_caches".
+    /// "expired_job_logs", "mount_caches", "unknown_containers".
     fn name(&self) -> &'static str;
+    /// True for a step that only runs when a reclaim asks for it
+    /// ([`super::ReclaimMode::asked_steps`]): never in an automatic reclaim,
+    /// whatever the need, and left out of the report when not asked for.
+    fn only_when_asked(&self) -> bool {
+        false
+    }
     /// What [`ReclaimStep::run`] would free now, deleting nothing.
     async fn estimate(&self) -> Result<Freed, ReclaimError>;
     /// Frees what it can.

@@ -51,6 +51,7 @@ async fn reconcile_handles_every_crash_window() {
     engine.insert("cc", labelled("created"), "created", None);
     engine.insert("cd", labelled("done"), "exited", Some(0));
     engine.insert("orphan", labelled("unknown-job"), "exited", Some(0));
+    engine.insert("lost", labelled("lost-job"), "running", None);
 
     let h = Harness::on(rig, engine, config(4));
     h.wait_for("exited recorded", |h| h.state("exited") == JobState::Failed)
@@ -72,11 +73,30 @@ async fn reconcile_handles_every_crash_window() {
     );
     h.wait_for("intent re-run", |h| h.state("intent") == Running)
         .await;
-    h.wait_for("leftovers removed", |h| {
-        let existing = h.engine.existing();
-        !existing.contains(&"cd".to_string()) && !existing.contains(&"orphan".to_string())
+    h.wait_for("a finished job's container removed", |h| {
+        !h.engine.existing().contains(&"cd".to_string())
     })
     .await;
+    // Containers that no record owns are kept, running or not, and
+    // reported: their records may be what was lost.
+    let existing = h.engine.existing();
+    assert!(existing.contains(&"orphan".to_string()), "{existing:?}");
+    assert!(existing.contains(&"lost".to_string()), "{existing:?}");
+    let mut unknown: Vec<String> = h
+        .manager
+        .unknown_containers()
+        .iter()
+        .map(|c| c.describe())
+        .collect();
+    unknown.sort();
+    assert_eq!(
+        unknown,
+        [
+            "lost (job lost-job, running)",
+            "orphan (job unknown-job, exited)"
+        ]
+    );
+    assert!(!h.manager.is_finished("unknown-job"));
     let calls = h.engine.calls();
     assert!(
         !calls.iter().any(|c| c == "start cx"),
@@ -151,4 +171,51 @@ async fn a_cancel_before_reconciliation_is_durable_and_honoured() {
         h.wait_for("stored", |h| h.stored(id).state == Cancelled)
             .await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn containers_of_unknown_origin_go_only_through_the_step_that_is_asked_for() {
+    use crate::disk::reclaim::ReclaimStep;
+    use crate::jobs::UnknownContainers;
+
+    let (rig, engine) = crashed_with(&[("known", Running)]).await;
+    engine.insert("ck", labelled("known"), "running", None);
+    engine.insert("lost", labelled("lost-job"), "running", None);
+    let mut no_job = labelled("x");
+    no_job.labels.remove(crate::jobs::LABEL_JOB);
+    engine.insert("nolabel", no_job, "exited", Some(0));
+    let h = Harness::on(rig, engine, config(4));
+    h.wait_for("reported", |h| h.manager.unknown_containers().len() == 2)
+        .await;
+    h.wait_for("known adopted", |h| h.state("known") == Running)
+        .await;
+    let step = UnknownContainers::new(h.manager.clone());
+    assert!(step.only_when_asked());
+    let estimate = step.estimate().await.unwrap();
+    assert_eq!(estimate.items, 2);
+    assert_eq!(h.engine.existing().len(), 3, "an estimate removes nothing");
+    let freed = step.run().await.unwrap();
+    assert_eq!(freed.items, 2);
+    assert_eq!(h.engine.existing(), ["ck".to_string()]);
+    assert!(h.manager.unknown_containers().is_empty());
+    assert_eq!(h.state("known"), Running, "a known job is never touched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn submitting_the_lost_job_again_takes_its_container_over() {
+    let (rig, engine) = crashed_with(&[]).await;
+    engine.insert("lost", labelled("j1"), "running", None);
+    let h = Harness::on(rig, engine, config(4));
+    h.wait_for("reported", |h| h.manager.unknown_containers().len() == 1)
+        .await;
+    h.submit("j1").await;
+    assert!(h.manager.unknown_containers().is_empty());
+    h.wait_for("adopted", |h| h.state("j1") == Running).await;
+    assert_eq!(h.manager.get("j1").unwrap().record.container_id, "lost");
+    let calls = h.engine.calls();
+    assert!(!calls.iter().any(|c| c == "start lost"), "{calls:?}");
+    h.engine.exit("lost", 3, false);
+    h.wait_for("its exit recorded", |h| h.state("j1") == JobState::Failed)
+        .await;
+    assert_eq!(h.manager.get("j1").unwrap().record.exit_code, Some(3));
 }

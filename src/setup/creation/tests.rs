@@ -336,3 +336,32 @@ fn pruning_keeps_the_newest_finished_runs_and_always_the_latest_creation() {
     assert_eq!(book.prune_victims(1), vec!["a2", "a1"]);
     assert_eq!(book.prune_victims(0), vec!["a3", "a2", "a1"]);
 }
+
+#[test]
+fn a_first_creation_run_is_held_when_the_record_of_runs_may_be_incomplete() {
+    let declared = [script(SetupScriptKind::Creation, "/opt/create.sh")];
+    let mut book = ledger(Vec::new());
+    (book.planned_creation, book.creation_blocked) = book.plan_creation(&declared, nothing_stored);
+    assert!(book.planned_creation.is_some());
+    book.hold_creation("the store was missing at this start");
+    assert_eq!(book.planned_creation, None);
+    let (state, message) = book.condition(&declared);
+    assert_eq!(state, ConditionState::Failed);
+    assert!(
+        message.contains("not run by itself: the store was missing"),
+        "{message}"
+    );
+    assert!(message.contains("--kind creation -c true"), "{message}");
+    assert!(
+        book.gate_reason(true, &declared)
+            .is_some_and(|r| r.contains("not run by itself")),
+    );
+
+    // A re-run after an interruption is on record: it goes ahead.
+    let mut interrupted = run("a", SetupKind::Creation, RunState::Interrupted, 0);
+    interrupted.attempt = 1;
+    let mut book = ledger(vec![interrupted]);
+    (book.planned_creation, book.creation_blocked) = book.plan_creation(&declared, nothing_stored);
+    book.hold_creation("the store was missing at this start");
+    assert_eq!(book.planned_creation.map(|p| p.attempt), Some(2));
+}

@@ -10,10 +10,24 @@
 //! After a failed write redb refuses every later write ("previous I/O error")
 //! until the database is opened again, so the store reopens it before the
 //! next write: once space returns, writes succeed again by themselves.
+//!
+//! Damage never stops the agent ([`open`]): a file that cannot be opened is
+//! moved aside and its readable records copied into a new one; a record that
+//! cannot be decoded is skipped by [`Store::scan`] (and reads as absent in
+//! [`Store::get`]) without touching its neighbours. Both are kept in
+//! [`StoreDamage`], which the daemon turns into the `store` condition
+//! ([`damage`]).
+
+mod damage;
+mod open;
+
+pub use damage::{MovedAside, MovedNote, Salvage, SkippedRecord, StoreDamage, condition};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -51,18 +65,6 @@ pub enum StoreError {
         /// The underlying error.
         detail: String,
     },
-    /// A record could not be decoded (written by an incompatible version).
-    #[error("store {path}: record {table}/{key} is unreadable: {detail}")]
-    Corrupt {
-        /// The database file.
-        path: PathBuf,
-        /// Table name.
-        table: &'static str,
-        /// Record key.
-        key: String,
-        /// Why.
-        detail: String,
-    },
 }
 
 /// One change in a batch.
@@ -92,24 +94,41 @@ pub struct Store {
     /// Set when a write failed on I/O: redb then needs a reopen.
     needs_reopen: Arc<AtomicBool>,
     path: Arc<PathBuf>,
+    /// What is known to be wrong with it; grows as records are skipped.
+    damage: Arc<watch::Sender<StoreDamage>>,
 }
 
 impl Store {
-    /// Opens (or creates) `dir/agent.redb`. Blocking: call before serving or
-    /// from `spawn_blocking`.
+    /// Opens (or creates) `dir/agent.redb`, every page checked; a file that
+    /// cannot be opened for what is in it is moved aside and an empty store
+    /// takes its place (see [`StoreDamage`]). Fails only for reasons outside
+    /// the file (permissions, disk, another holder). Blocking: call before
+    /// serving or from `spawn_blocking`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("agent.redb");
-        // The working set is small (records are also held in memory by their
-        // domains); redb's default cache would grow to 1 GiB.
-        let db = redb::Database::builder()
-            .set_cache_size(STORE_CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| classify(&path, e.into()))?;
+        let opened = open::open_or_recover(dir, &path)?;
         Ok(Self {
-            db: Arc::new(RwLock::new(Some(db))),
+            db: Arc::new(RwLock::new(Some(opened.db))),
             needs_reopen: Arc::new(AtomicBool::new(false)),
             path: Arc::new(path),
+            damage: Arc::new(watch::channel(opened.damage).0),
         })
+    }
+
+    /// What is known to be wrong with the store now.
+    pub fn damage(&self) -> StoreDamage {
+        self.damage.borrow().clone()
+    }
+
+    /// [`Store::damage`], changing as records are skipped.
+    pub fn watch_damage(&self) -> watch::Receiver<StoreDamage> {
+        self.damage.subscribe()
+    }
+
+    /// Why the records of `table` may be incomplete (see
+    /// [`StoreDamage::history_lost`]).
+    pub fn history_lost(&self, table: Table) -> Option<String> {
+        self.damage.borrow().history_lost(table.0)
     }
 
     /// Runs one operation on the open database. Readers and writers share
@@ -149,7 +168,9 @@ impl Store {
         // The old handle holds the file lock: it must be closed before the
         // file can be opened again.
         drop(slot.take());
-        let db = redb::Database::create(self.path.as_path())
+        let db = redb::Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(self.path.as_path())
             .map_err(|e| classify(&self.path, e.into()))?;
         *slot = Some(db);
         self.needs_reopen.store(false, Ordering::Release);
@@ -195,7 +216,8 @@ impl Store {
     }
 
     /// One record. Reads are served from the page cache and do not fsync, so
-    /// they run inline.
+    /// they run inline. A record that cannot be decoded reads as absent and
+    /// is recorded as skipped.
     pub fn get<T: DeserializeOwned>(
         &self,
         table: Table,
@@ -210,13 +232,14 @@ impl Store {
             };
             Ok(t.get(key)?.map(|v| v.value().to_vec()))
         };
-        match self.with_db(read)? {
-            Some(bytes) => self.decode(table, key, &bytes).map(Some),
-            None => Ok(None),
-        }
+        Ok(self
+            .with_db(read)?
+            .and_then(|bytes| self.decode(table, key, &bytes)))
     }
 
-    /// Every record of a table in key order.
+    /// Every record of a table that can be decoded, in key order; the others
+    /// are skipped (logged and recorded in [`StoreDamage`]), their neighbours
+    /// kept.
     pub fn scan<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>, StoreError> {
         let read = |db: &redb::Database| -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
             let txn = db.begin_read()?;
@@ -232,28 +255,52 @@ impl Store {
             }
             Ok(out)
         };
-        self.with_db(read)?
+        Ok(self
+            .with_db(read)?
             .into_iter()
-            .map(|(k, v)| {
-                let value = self.decode(table, &k, &v)?;
-                Ok((k, value))
-            })
-            .collect()
+            .filter_map(|(k, v)| self.decode(table, &k, &v).map(|value| (k, value)))
+            .collect())
     }
 
-    fn decode<T: DeserializeOwned>(
-        &self,
-        table: Table,
-        key: &str,
-        bytes: &[u8],
-    ) -> Result<T, StoreError> {
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-            path: self.path.to_path_buf(),
-            table: table.0,
-            key: key.to_owned(),
-            detail: e.to_string(),
-        })
+    /// Decodes a record; one that cannot be decoded is recorded as skipped
+    /// (once per table and key) and gives `None`.
+    fn decode<T: DeserializeOwned>(&self, table: Table, key: &str, bytes: &[u8]) -> Option<T> {
+        match serde_json::from_slice(bytes) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                let detail = decode_problem(&error);
+                self.damage.send_if_modified(|damage| {
+                    if damage
+                        .skipped
+                        .iter()
+                        .any(|s| s.table == table.0 && s.key == key)
+                    {
+                        return false;
+                    }
+                    tracing::error!(table = table.0, key, %detail, "a store record cannot be decoded: skipped");
+                    damage.skipped.push(SkippedRecord {
+                        table: table.0,
+                        key: key.to_owned(),
+                        detail: detail.clone(),
+                    });
+                    true
+                });
+                None
+            }
+        }
     }
+}
+
+/// Why a record cannot be decoded, without quoting it: serde's own message
+/// may quote a value, and a record may hold a credential.
+fn decode_problem(error: &serde_json::Error) -> String {
+    let what = match error.classify() {
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Eof => "cut short",
+        serde_json::error::Category::Data => "not of the expected shape",
+        serde_json::error::Category::Io => "unreadable",
+    };
+    format!("{what} at line {} column {}", error.line(), error.column())
 }
 
 /// Tells "disk full" apart from other failures, since the API answers them
@@ -280,64 +327,4 @@ fn classify(path: &Path, error: redb::Error) -> StoreError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const T: Table = Table("test");
-
-    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-    struct Rec {
-        n: u32,
-    }
-
-    #[tokio::test]
-    async fn put_get_scan_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.get::<Rec>(T, "a").unwrap(), None);
-        assert!(store.scan::<Rec>(T).unwrap().is_empty());
-        store
-            .apply(vec![
-                Write::put(T, "b", &Rec { n: 2 }),
-                Write::put(T, "a", &Rec { n: 1 }),
-            ])
-            .await
-            .unwrap();
-        assert_eq!(store.get::<Rec>(T, "a").unwrap(), Some(Rec { n: 1 }));
-        let all = store.scan::<Rec>(T).unwrap();
-        assert_eq!(
-            all.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
-        store
-            .apply(vec![Write::Delete(T, "a".into())])
-            .await
-            .unwrap();
-        assert_eq!(store.get::<Rec>(T, "a").unwrap(), None);
-    }
-
-    #[tokio::test]
-    async fn survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = Store::open(dir.path()).unwrap();
-            store
-                .apply(vec![Write::put(T, "k", &Rec { n: 7 })])
-                .await
-                .unwrap();
-        }
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.get::<Rec>(T, "k").unwrap(), Some(Rec { n: 7 }));
-    }
-
-    #[test]
-    fn undecodable_record_is_reported_with_its_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store
-            .apply_blocking(vec![Write::Put(T, "bad".into(), b"not json".to_vec())])
-            .unwrap();
-        let err = store.get::<Rec>(T, "bad").unwrap_err().to_string();
-        assert!(err.contains("test/bad"), "{err}");
-    }
-}
+mod tests;
