@@ -150,6 +150,13 @@ else
   [[ -c /dev/fuse ]] || die "/dev/fuse missing and could not be created (no fuse in kernel?)"
   say "fuse: created /dev/fuse"
 fi
+# The kernel makes /dev/fuse 0666 (users mount through it, fusermount3 only
+# checks the mount point); a container's static /dev may have it 0600, and
+# then no user's FUSE daemon (a mount's blobfuse2 runs as its owner) can mount.
+if [[ "$(stat -c %a /dev/fuse)" != 666 ]]; then
+  chmod 0666 /dev/fuse
+  say "fuse: /dev/fuse made 0666, as the kernel has it"
+fi
 
 fuse_conf=/etc/fuse.conf
 if grep -qE '^[[:space:]]*user_allow_other[[:space:]]*$' "$fuse_conf" 2>/dev/null; then

@@ -11,8 +11,10 @@ use instance_agent::access::system::SystemSsh;
 use instance_agent::cli::{self, Cli, Command, LogFormat, ServeArgs};
 use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
 use instance_agent::disk::probe::SystemProbe;
+use instance_agent::disk::probe::helper::{HelperProbe, PROBE_ARG};
 use instance_agent::jobs::engine::DockerEngine;
 use instance_agent::mounts::system::SystemMounter;
+use instance_agent::paths::privileged::{self, HELPER_ARG};
 use instance_agent::setup::UnitRunner;
 use instance_agent::setup::supervisor::{self, SUPERVISOR_ARG};
 use instance_agent::{Adapters, ConfigSource, Daemon};
@@ -27,6 +29,17 @@ fn main() -> ExitCode {
     // (see `setup::runner`); it is not a user command.
     if std::env::args_os().nth(1).as_deref() == Some(SUPERVISOR_ARG.as_ref()) {
         return supervisor::main();
+    }
+    // So is the staging helper, started by PID 1 for an agent that may not
+    // mount itself (see `paths::privileged`).
+    if std::env::args_os().nth(1).as_deref() == Some(HELPER_ARG.as_ref()) {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+        return privileged::helper_main(&args);
+    }
+    // So is the probe helper (see `disk::probe`): paths that users or remote
+    // storage control are looked at there, never in the agent's threads.
+    if std::env::args_os().nth(1).as_deref() == Some(PROBE_ARG.as_ref()) {
+        return instance_agent::disk::probe::child::main();
     }
     let cli = Cli::parse();
     match cli.command {
@@ -94,11 +107,13 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
             &config.docker.socket,
             Duration::from_secs(config.docker.request_timeout_seconds.into()),
         ));
+        let isolated_probe = Arc::new(HelperProbe::new(agent_binary()));
         let adapters = Adapters {
             engine: engine.clone(),
             disk_docker: engine,
             disk_probe: Arc::new(SystemProbe),
-            mounter: Arc::new(SystemMounter::new()),
+            isolated_probe: isolated_probe.clone(),
+            mounter: Arc::new(SystemMounter::new(isolated_probe)),
             setup_runner: UnitRunner::for_host(
                 agent_binary(),
                 &config.agent.runtime_dir,
@@ -137,7 +152,8 @@ fn default_config_path() -> std::path::PathBuf {
         .map_or_else(|| DEFAULT_CONFIG_PATH.into(), std::path::PathBuf::from)
 }
 
-/// This binary, for re-executing it as the setup supervisor. `/proc/self/exe`
+/// This binary, for re-executing it as the setup supervisor and the probe
+/// helper. `/proc/self/exe`
 /// opens the running binary even after a package upgrade replaced the file.
 fn agent_binary() -> std::path::PathBuf {
     std::path::PathBuf::from("/proc/self/exe")

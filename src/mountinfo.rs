@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 /// One line of mountinfo, the fields the agent needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The mount's id (what `statx` reports as `stx_mnt_id`).
+    pub id: u64,
+    /// The peer group it shares mount events with (`shared:N`), if any.
+    pub peer_group: Option<u64>,
     /// Major and minor device numbers of the filesystem (what `st_dev` of a
     /// file on it holds).
     pub dev: (u64, u64),
@@ -32,9 +36,13 @@ pub fn parse(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }
 
-/// Reads `/proc/self/mountinfo`. Blocking but never touches a mounted filesystem.
+/// Reads the calling thread's mountinfo (`/proc/thread-self`: the same as
+/// the process's in the agent, and right in a test thread that has a mount
+/// namespace of its own). Blocking but never touches a mounted filesystem.
 pub fn read() -> std::io::Result<Vec<MountEntry>> {
-    Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
+    Ok(parse(&std::fs::read_to_string(
+        "/proc/thread-self/mountinfo",
+    )?))
 }
 
 /// The topmost entry mounted exactly at `path`, if any.
@@ -46,12 +54,18 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     // id parent major:minor root mount_point options [optional...] - type source super_options
     let (before, after) = line.split_once(" - ")?;
     let mut before = before.split(' ');
-    let (major, minor) = before.nth(2)?.split_once(':')?;
+    let id = before.next()?.parse().ok()?;
+    let (major, minor) = before.nth(1)?.split_once(':')?;
     let mount_point = before.nth(1)?;
+    let peer_group = before
+        .skip(1)
+        .find_map(|field| field.strip_prefix("shared:")?.parse().ok());
     let mut after = after.split(' ');
     let fs_type = after.next()?;
     let source = after.next()?;
     Some(MountEntry {
+        id,
+        peer_group,
         dev: (major.parse().ok()?, minor.parse().ok()?),
         mount_point: PathBuf::from(unescape(mount_point)),
         fs_type: unescape(fs_type),
@@ -102,9 +116,11 @@ bad line
         assert_eq!(data.fs_type, "fuse");
         assert_eq!(data.dev, (0, 50));
         assert_eq!(data.source, "blobfuse2");
+        assert_eq!((data.id, data.peer_group), (98, Some(60)));
         assert!(data.is_fuse());
         let spaced = find(&entries, Path::new("/mnt/my data")).unwrap();
         assert!(spaced.is_fuse());
+        assert_eq!((spaced.id, spaced.peer_group), (99, None));
         assert!(!find(&entries, Path::new("/")).unwrap().is_fuse());
         assert!(find(&entries, Path::new("/mnt/dat")).is_none());
     }

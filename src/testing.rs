@@ -74,6 +74,22 @@ impl Drop for Rig {
     }
 }
 
+/// Moves the calling test thread into a mount namespace of its own, with
+/// every mount private: what the test mounts stays in it and goes with the
+/// thread. Needs root. Descriptors to bind from must be opened after this
+/// call (a bind source must be in the caller's namespace).
+pub fn private_mount_namespace() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare a mount namespace");
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("make the test's mounts private");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

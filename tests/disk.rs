@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::events::{self, EventLog, time_of};
 use common::fs::{Filler, LoopExt4, MIB, Tmpfs, run};
-use common::{Agent, cli};
+use common::{Agent, cli, wait_for_fs};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, disk_service_client::DiskServiceClient,
 };
@@ -98,33 +98,6 @@ async fn agent_on_tmpfs(interval_ms: u32) -> (Tmpfs, Filler, Agent, DiskServiceC
 
 async fn disk_client(agent: &Agent) -> DiskServiceClient<Channel> {
     DiskServiceClient::new(agent.channel().await)
-}
-
-/// Polls GetDiskUsage until `check` holds for the filesystem mounted at `mount`.
-async fn wait_for_fs(
-    client: &mut DiskServiceClient<Channel>,
-    mount: &Path,
-    what: &str,
-    check: impl Fn(&proto::FilesystemUsage) -> bool,
-) -> proto::FilesystemUsage {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let usage = client
-            .get_disk_usage(proto::GetDiskUsageRequest {})
-            .await
-            .expect("GetDiskUsage")
-            .into_inner();
-        if let Some(fs) = usage
-            .filesystems
-            .iter()
-            .find(|f| Path::new(&f.mount_point) == mount)
-            && check(fs)
-        {
-            return fs.clone();
-        }
-        assert!(Instant::now() < deadline, "{what}: {usage:#?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The next alert about `mount`, skipping the others.
@@ -919,7 +892,9 @@ async fn a_critical_state_filesystem_holds_real_queued_jobs_and_releases_them() 
     let filler = Filler::new(&tmpfs.path);
     let config = format!(
         "{}[jobs]\nslots = 2\n",
-        disk_config(250, &[], &format!("reserve_bytes = {}", MIB))
+        // Named in `disk.paths`, the tmpfs keeps the small byte levels
+        // (unnamed, a memory-backed filesystem gets levels relative to its size).
+        disk_config(250, &[&tmpfs.path], &format!("reserve_bytes = {}", MIB))
     );
     let agent = Agent::builder()
         .config(&config)

@@ -472,7 +472,7 @@ fn a_failed_creation_script_and_a_failing_mount_fail_with_their_fixes() {
     // blobfuse2 is /bin/false: the configured mount fails and is retried.
     let agent = Agent::builder()
         .config(&format!(
-            "[mounts]\nblobfuse2_path = \"/bin/false\"\nallowed_roots = [{mnt:?}]\ncache_root = {:?}\n\
+            "[mounts]\nblobfuse2_path = \"/bin/false\"\nallowed_roots = [{mnt:?}]\ncache_root = {:?}\ndefault_owner = \"root\"\n\
              [[mounts.mount]]\nname = \"data\"\naccount = \"acct\"\ncontainer = \"data\"\n\
              mount_path = {:?}\nauth = \"key\"\nsecret_file = {secret:?}\n\
              [[setup.scripts]]\nkind = \"creation\"\npath = {script:?}\n",

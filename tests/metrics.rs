@@ -84,11 +84,14 @@ async fn logs_on_tmpfs(auto_reclaim: bool) -> LogsOnTmpfs {
             "[jobs]\nlog_retention_seconds = 0\n\
              [disk]\ninterval_ms = 200\ncritical_free_bytes = {}\nwarning_free_bytes = {}\n\
              clear_margin_bytes = {}\ntransition_seconds = 2\nreserve_bytes = 0\n\
-             auto_reclaim = {auto_reclaim}\n\
+             auto_reclaim = {auto_reclaim}\npaths = [{:?}]\n\
              [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
             8 * MIB,
             16 * MIB,
             2 * MIB,
+            // Named, the tmpfs keeps these byte levels (unnamed, a
+            // memory-backed filesystem gets levels relative to its size).
+            tmpfs.path,
         ))
         .start();
     run_job(

@@ -338,7 +338,7 @@ async fn a_restarted_agent_adopts_the_healthy_mount_without_remounting() {
         site.standins().iter().any(|(pid, _)| *pid == info.pid),
         "blobfuse2 survives the agent"
     );
-    restart(&mut agent, &site);
+    site.restart(&mut agent);
 
     let adopted = mount_reaching(&agent, "data", "adoption", Duration::from_secs(20), |m| {
         m.state() == proto::MountState::Mounted
@@ -374,26 +374,6 @@ fn dead(pid: u32) -> bool {
                 .is_none_or(|(_, rest)| rest.starts_with('Z'))
         })
         .unwrap_or(true)
-}
-
-/// Kills nothing; starts a new agent on the same config, state and log.
-fn restart(agent: &mut Agent, site: &Site) {
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&agent.log_path)
-        .expect("log");
-    agent.child = Command::new(common::binary())
-        .args(["serve", "--config"])
-        .arg(&agent.config_path)
-        .env("RUST_LOG", "info,instance_agent=debug")
-        .env("STANDIN_STORAGE_ROOT", site.path().join("storage"))
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("restart the agent");
-    agent.wait_ready(Duration::from_secs(20));
 }
 
 #[tokio::test]
@@ -510,7 +490,7 @@ async fn a_restarted_agent_leaves_another_programs_mount_at_the_path_alone() {
     .await;
     let _tmpfs = TmpfsGuard::mount(&path);
     std::fs::write(path.join("theirs.txt"), "not the agent's").unwrap();
-    restart(&mut agent, &site);
+    site.restart(&mut agent);
 
     // The first attempt and two retries after it (backing off 1 s, then
     // 2 s) each fail on the other mount, and nothing else happens to "data".
@@ -895,7 +875,7 @@ async fn mounts_are_restored_after_a_reboot_from_config_and_from_the_store() {
             .unwrap();
     }
     std::fs::remove_dir_all(agent.path().join("run")).unwrap();
-    restart(&mut agent, &site);
+    site.restart(&mut agent);
 
     for name in ["declared", "api"] {
         mount_reaching(&agent, name, name, Duration::from_secs(20), |m| {

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::certs::{Ca, write_file};
+use common::users::userdb;
 use common::{Agent, binary, uuid_like};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, disk_service_client::DiskServiceClient,
@@ -49,68 +51,6 @@ fn wait_log(agent: &Agent, what: &str, check: impl Fn(&str) -> bool) -> String {
 
 // --- certificates --------------------------------------------------------
 
-/// A CA that signs leaves.
-struct Ca {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let key = rcgen::KeyPair::generate().expect("key");
-        Self {
-            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("CA"),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A leaf certificate: (certificate PEM, key PEM).
-    fn leaf(&self, cn: &str, sans: &[&str], client: bool, expired: bool) -> (String, String) {
-        let mut params =
-            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        if !client {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip")));
-        }
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-/// Writes `content` to `dir/name` with `mode`.
-fn write_file(dir: &Path, name: &str, content: &str, mode: u32) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, content).expect("write");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    path
-}
-
 /// Waits until the agent's TCP listener accepts (it is bound just after
 /// the Unix socket, which is what `start` waits for).
 fn wait_listening(port: u16) {
@@ -141,32 +81,15 @@ fn key_lines(pem: &str) -> Vec<&str> {
     lines
 }
 
-/// Calls GetStatus over TLS; `Err` carries the failure.
+/// Calls GetStatus over TLS on 127.0.0.1; `Err` carries the failure.
 async fn tls_status(
     port: u16,
     server_ca: &str,
     identity: Option<&(String, String)>,
 ) -> Result<proto::GetStatusResponse, String> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(server_ca))
-        .domain_name("localhost");
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .expect("endpoint")
-        .tls_config(tls)
-        .expect("tls config")
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(10))
-        .connect()
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    common::control_plane::tls_get_status(target, server_ca, identity, Duration::from_secs(10))
         .await
-        .map_err(|e| format!("connect: {e:?}"))?;
-    AgentServiceClient::new(channel)
-        .get_status(proto::GetStatusRequest {})
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|e| format!("call: {e:?}"))
 }
 
 /// What a TLS 1.1-only client gets: `Some(true)` when it is refused,
@@ -410,23 +333,6 @@ fn plaintext_only_on_loopback_and_key_must_be_private() {
 
 // --- users ---------------------------------------------------------------
 
-/// Runs a user-database command, retrying while another process holds the
-/// passwd/group lock (tests of other modules may add users in parallel).
-fn userdb(program: &str, args: &[&str]) {
-    for _ in 0..50 {
-        let out = Command::new(program).args(args).output().expect(program);
-        if out.status.success() {
-            return;
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !stderr.contains("lock") {
-            panic!("{program} {args:?}: {stderr}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{program} {args:?}: the user database stayed locked");
-}
-
 fn id_of(flag: &str, name: &str) -> u32 {
     let out = Command::new("id").args([flag, name]).output().expect("id");
     String::from_utf8_lossy(&out.stdout)
@@ -605,7 +511,10 @@ fn unix_socket_roles_for_operators_and_outsiders() {
     // `disk --top` walks as root but enters only what the operator may list.
     let listable = tools.path().join("listable");
     let private = tools.path().join("private");
-    for (dir, mode) in [(&listable, 0o755), (&private, 0o700)] {
+    // Below `private`: a directory the operator could list, but cannot
+    // reach (they may not search `private`).
+    let hidden = private.join("hidden");
+    for (dir, mode) in [(&listable, 0o755), (&private, 0o700), (&hidden, 0o755)] {
         std::fs::create_dir(dir).expect("mkdir");
         std::fs::write(dir.join("file"), b"data").expect("write");
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
@@ -627,6 +536,7 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         .env("IA_SECURITY_HELPER_SETUP_RUN", &run_id)
         .env("IA_SECURITY_HELPER_DIR", &listable)
         .env("IA_SECURITY_HELPER_PRIVATE_DIR", &private)
+        .env("IA_SECURITY_HELPER_HIDDEN_DIR", &hidden)
         .output()
         .expect("helper");
     let helper_out = format!(
@@ -639,6 +549,12 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         "operator gRPC checks failed:\n{helper_out}"
     );
     assert!(helper_out.contains("1 passed"), "{helper_out}");
+    for figure in helper_out
+        .lines()
+        .filter(|l| l.contains("unfinished 4 MiB"))
+    {
+        println!("{figure}");
+    }
     assert!(
         !helper_out.contains(&env_secret),
         "the operator read a job's env value"
@@ -656,7 +572,8 @@ fn unix_socket_roles_for_operators_and_outsiders() {
         .expect("audit line");
     assert!(line.contains(&format!("uid {uid}")), "{line}");
     assert!(line.contains("PermissionDenied"), "{line}");
-    assert!(line.contains("some-job"), "{line}");
+    // Refused before its body was read: the line has no request fields.
+    assert!(!line.contains("some-job"), "{line}");
 
     // A user outside the group: the socket's mode stops them...
     let as_outsider = |args: &[&str]| {
@@ -670,15 +587,30 @@ fn unix_socket_roles_for_operators_and_outsiders() {
     assert_eq!(out.status.code(), Some(69));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("permission denied"), "{stderr}");
-    // ...and were the socket opened to everyone, the agent itself closes
-    // the connection after reading their credentials.
+    // ...and were the socket opened to everyone, the agent itself refuses
+    // them after reading their credentials, in words the CLI shows (never
+    // as a closed connection, which means a crash or a restart).
     std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666))
         .expect("chmod socket");
     let out = as_outsider(&["status"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("closed the connection"), "{stderr}");
     let outsider_uid = id_of("-u", &users.outsider);
+    assert!(
+        stderr.contains(&format!(
+            "permission denied: uid {outsider_uid} may not use instance-agent"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&users.group), "{stderr}");
+    assert!(!stderr.contains("closed the connection"), "{stderr}");
+    let out = as_outsider(&["doctor", "--config", "/nonexistent/config.toml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("the agent refused this user"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_log(&agent, "the refused connection", |log| {
         log.contains(&format!("connection refused: uid {outsider_uid}"))
     });
@@ -860,6 +792,16 @@ async fn operator_calls_over_grpc() {
         .find_map(Result::err)
         .expect("a directory the operator may not list is refused");
     assert_eq!(refusal.code(), tonic::Code::PermissionDenied, "{refusal:?}");
+    // Every ancestor counts as the operator would see it: a listable
+    // directory below one they may not search is refused too.
+    let hidden = var("IA_SECURITY_HELPER_HIDDEN_DIR");
+    let refusal = top_directories(&mut disk, hidden)
+        .await
+        .into_iter()
+        .find_map(Result::err)
+        .expect("a directory below one the operator may not search is refused");
+    assert_eq!(refusal.code(), tonic::Code::PermissionDenied, "{refusal:?}");
+    assert!(refusal.message().contains("search"), "{refusal:?}");
 
     MountServiceClient::new(channel.clone())
         .list_mounts(proto::ListMountsRequest {})
@@ -969,6 +911,53 @@ async fn operator_calls_over_grpc() {
             .map(drop),
         "RunSetupScript",
     );
+
+    // Memory before authorization: a SubmitJob declaring a 4 MiB message
+    // whose end never comes is refused from its method and caller at once,
+    // not after its body (before: buffered until it ended or 30 s passed).
+    let started = Instant::now();
+    let status = unfinished_submit_job(Path::new(&socket)).await;
+    let took = started.elapsed();
+    println!("an operator's unfinished 4 MiB SubmitJob: grpc-status {status} in {took:?}");
+    assert_eq!(status, "7", "PERMISSION_DENIED");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// Sends SubmitJob with a declared 4 MiB message and only its first 32 KiB,
+/// keeping the stream open; returns the `grpc-status` of the answer (within
+/// 10 s).
+async fn unfinished_submit_job(socket: &Path) -> String {
+    let io = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(io).await.expect("handshake");
+    tokio::spawn(connection);
+    let request = http::Request::post("http://localhost/instance_agent.v1.JobService/SubmitJob")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut body) = client
+        .ready()
+        .await
+        .expect("ready")
+        .send_request(request, false)
+        .expect("send");
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&(4u32 << 20).to_be_bytes());
+    body.send_data(prefix.into(), false).expect("prefix");
+    body.send_data(vec![b'x'; 32 << 10].into(), false)
+        .expect("data");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered before the body ended")
+        .expect("a response");
+    let status = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    drop(body);
+    status.unwrap_or_else(|| format!("none in {response:?}"))
 }
 
 // --- limits --------------------------------------------------------------

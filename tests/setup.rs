@@ -1266,6 +1266,7 @@ mod systemd_scope {
                 (RUN_MARKER_ENV.into(), run_id.into()),
             ],
             working_dir: "/".into(),
+            working_dir_id: None,
             user: None,
             kill_grace: Duration::from_secs(1),
             kill_leftovers: true,

@@ -263,7 +263,7 @@ fn restart_and_upgrade_during_a_job_setup_scripts_and_a_mount_lose_nothing() {
         "\n[setup]\ngate_jobs = false\n\
          [[setup.scripts]]\nkind = \"creation\"\npath = \"/usr/local/bin/ia-create.sh\"\n\
          [[setup.scripts]]\nkind = \"startup\"\npath = \"/usr/local/bin/ia-startup.sh\"\n\
-         [mounts]\nblobfuse2_path = \"/usr/local/bin/blobfuse2\"\nhealth_interval_seconds = 1\n",
+         [mounts]\nblobfuse2_path = \"/usr/local/bin/blobfuse2\"\nhealth_interval_seconds = 1\ndefault_owner = \"root\"\n",
     ) else {
         return;
     };
@@ -595,4 +595,133 @@ fn systemd_analyze_security_rates_the_unit_at_most_5() {
     eprintln!("{report}");
     let level: f64 = exposure.parse().expect("a number");
     assert!(level <= 5.0, "exposure {level} > 5.0:\n{report}");
+}
+
+/// A mount of a user's under systemd (issue 13): blobfuse2 is its unit's
+/// main process with `User=` the owner, its mount point a staging entry
+/// made through PID 1 (the sandboxed agent may not mount: `paths::privileged`)
+/// and bound onto the mount path in the host's namespace; only the owner
+/// (and root) get in; after an agent restart the same process is adopted
+/// by its unit's `MainPID` (the agent may not read the owner's
+/// `/proc/PID/exe`).
+#[test]
+fn a_users_mount_runs_as_them_through_pid_1_and_only_they_get_in() {
+    let Some(system) = System::new(
+        "\n[mounts]\nblobfuse2_path = \"/usr/local/bin/blobfuse2\"\nhealth_interval_seconds = 1\n\
+         default_owner = \"ia-owner\"\n",
+    ) else {
+        return;
+    };
+    if !system.install_blobfuse2_standin() {
+        return;
+    }
+    for user in ["ia-owner", "ia-other"] {
+        system
+            .booted
+            .ok(&["useradd", "-M", "-U", "-s", "/bin/sh", user]);
+    }
+    system
+        .booted
+        .ok(&["chown", "-R", "ia-owner:ia-owner", "/srv/storage"]);
+    // The package's postinst: allow_root for a user's FUSE mount.
+    let fuse_conf = system.booted.ok(&["cat", "/etc/fuse.conf"]);
+    assert!(
+        fuse_conf.lines().any(|l| l.trim() == "user_allow_other"),
+        "{fuse_conf}"
+    );
+    system.start();
+    system.booted.ok(&[
+        "instance-agent",
+        "mounts",
+        "mount",
+        "data",
+        "--account",
+        "acct",
+        "--container",
+        "data",
+        "--path",
+        "/mnt/data",
+        "--account-key-file",
+        "/etc/instance-agent/data.key",
+    ]);
+    let mount = system.mount("data");
+    assert_eq!(mount["state"], "MOUNT_STATE_MOUNTED", "{mount}");
+    let owner_uid = system.booted.ok(&["id", "-u", "ia-owner"]);
+    let unit = unit_show(
+        &system,
+        "instance-agent-mount-data.service",
+        &["ActiveState", "MainPID", "User"],
+    );
+    assert_eq!(unit["ActiveState"], "active", "{unit:?}");
+    assert_eq!(unit["User"], owner_uid.trim(), "{unit:?}");
+    let pid = mount["pid"].as_u64().expect("pid");
+    assert_eq!(unit["MainPID"], pid.to_string());
+    let status = system.booted.ok(&["cat", &format!("/proc/{pid}/status")]);
+    assert!(
+        status.lines().any(|l| l.starts_with("Uid:")
+            && l.split_whitespace().nth(1) == Some(owner_uid.trim())),
+        "{status}"
+    );
+    // In the host's namespace (PID 1's): the staging entry and its bind on
+    // the mount path, both blobfuse2's.
+    let host_ns = system.booted.ok(&["cat", "/proc/1/mountinfo"]);
+    for at in [
+        " /mnt/data ",
+        " /run/instance-agent/staging/mounts/data.mnt ",
+    ] {
+        assert!(
+            host_ns
+                .lines()
+                .any(|l| l.contains(at) && l.contains(" - fuse blobfuse2")),
+            "{at}: {host_ns}"
+        );
+    }
+    let listing = system.booted.ok(&["ls", "-ld", "/mnt/data"]);
+    assert!(
+        listing.starts_with("drwxr-x---") && listing.contains("ia-owner ia-owner"),
+        "{listing}"
+    );
+    let owner = system.booted.ok(&[
+        "runuser",
+        "-u",
+        "ia-owner",
+        "--",
+        "sh",
+        "-c",
+        "cat /mnt/data/hello.txt && echo mine > /mnt/data/mine.txt",
+    ]);
+    assert_eq!(owner, "hello from storage\n");
+    let other = system.booted.exec(&[
+        "runuser",
+        "-u",
+        "ia-other",
+        "--",
+        "cat",
+        "/mnt/data/hello.txt",
+    ]);
+    assert!(!other.status.success(), "{other:?}");
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("Permission denied"),
+        "{other:?}"
+    );
+    assert_eq!(
+        system.booted.ok(&["cat", "/mnt/data/mine.txt"]),
+        "mine\n",
+        "root reads"
+    );
+
+    system.systemctl_ok(&["restart"]);
+    let adopted = wait_for("the mount adopted", Duration::from_secs(30), || {
+        let mount = system.mount("data");
+        when(
+            mount["state"] == "MOUNT_STATE_MOUNTED"
+                && mount["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("adopted"),
+            mount.clone(),
+            &mount,
+        )
+    });
+    assert_eq!(adopted["pid"].as_u64(), Some(pid), "{adopted}");
 }

@@ -146,6 +146,19 @@ pub const INFRASTRUCTURE_METHODS: [&str; 5] = [
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
+/// The streaming methods among [`INFRASTRUCTURE_METHODS`]: they count
+/// against `limits.max_streams_per_peer` like the contract's streams.
+pub const INFRASTRUCTURE_STREAMS: [&str; 3] = [
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Whether `path` is a streaming RPC (of the contract, health or reflection).
+pub fn is_stream(path: &str) -> bool {
+    lookup(path).map_or_else(|| INFRASTRUCTURE_STREAMS.contains(&path), |m| m.streaming)
+}
+
 /// The row of a method of the contract; `None` for anything else (health,
 /// reflection, unknown paths).
 pub fn lookup(path: &str) -> Option<&'static Method> {

@@ -65,6 +65,18 @@ pub struct LimitsConfig {
     pub requests_per_second_per_peer: u32,
     /// Requests one peer may send in a burst (token bucket size).
     pub request_burst_per_peer: u32,
+    /// Connections one peer may hold open at once (both listeners).
+    pub max_connections_per_peer: u32,
+    /// Connections the agent serves at once, all peers and both listeners.
+    pub max_connections: u32,
+    /// Streams (calls) open at once on one HTTP/2 connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Bytes of request bodies one peer may have in the agent's buffers at
+    /// once (received, not yet decoded).
+    pub max_inflight_bytes_per_peer: u32,
+    /// The same, all peers together.
+    pub max_inflight_bytes: u32,
 }
 
 impl Default for LimitsConfig {
@@ -74,6 +86,11 @@ impl Default for LimitsConfig {
             max_streams_per_peer: 32,
             requests_per_second_per_peer: 200,
             request_burst_per_peer: 400,
+            max_connections_per_peer: 32,
+            max_connections: 256,
+            max_concurrent_streams: 64,
+            max_inflight_bytes_per_peer: 8 << 20,
+            max_inflight_bytes: 16 << 20,
         }
     }
 }
@@ -202,7 +219,62 @@ impl LimitsConfig {
                 1,
                 1_000_000,
             ),
-        ])
+            (
+                "max_connections_per_peer",
+                self.max_connections_per_peer.into(),
+                1,
+                10_000,
+            ),
+            ("max_connections", self.max_connections.into(), 1, 60_000),
+            (
+                "max_concurrent_streams",
+                self.max_concurrent_streams.into(),
+                1,
+                10_000,
+            ),
+            (
+                "max_inflight_bytes_per_peer",
+                self.max_inflight_bytes_per_peer.into(),
+                64 << 10,
+                2 << 30,
+            ),
+            (
+                "max_inflight_bytes",
+                self.max_inflight_bytes.into(),
+                64 << 10,
+                2 << 30,
+            ),
+        ])?;
+        // A peer must be able to send one message of the largest size.
+        let message = u64::from(self.max_message_bytes) + 5;
+        if u64::from(self.max_inflight_bytes_per_peer) < message {
+            return Err(FieldError::new(
+                "max_inflight_bytes_per_peer",
+                format!(
+                    "{} is below max_message_bytes + 5 = {message}: no peer could send the largest message",
+                    self.max_inflight_bytes_per_peer
+                ),
+            ));
+        }
+        if self.max_inflight_bytes < self.max_inflight_bytes_per_peer {
+            return Err(FieldError::new(
+                "max_inflight_bytes",
+                format!(
+                    "{} is below max_inflight_bytes_per_peer = {}",
+                    self.max_inflight_bytes, self.max_inflight_bytes_per_peer
+                ),
+            ));
+        }
+        if self.max_connections < self.max_connections_per_peer {
+            return Err(FieldError::new(
+                "max_connections",
+                format!(
+                    "{} is below max_connections_per_peer = {}",
+                    self.max_connections, self.max_connections_per_peer
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -268,6 +340,21 @@ mod tests {
             ..LimitsConfig::default()
         };
         assert_eq!(limits.validate().unwrap_err().key, "max_message_bytes");
+        let limits = LimitsConfig {
+            max_inflight_bytes_per_peer: 1 << 20,
+            ..LimitsConfig::default()
+        };
+        let error = limits.validate().unwrap_err();
+        assert_eq!(error.key, "max_inflight_bytes_per_peer");
+        assert!(error.problem.contains("max_message_bytes"), "{error:?}");
+        let limits = LimitsConfig {
+            max_inflight_bytes: 1 << 20,
+            max_inflight_bytes_per_peer: 1 << 20,
+            max_message_bytes: 16 << 10,
+            max_connections: 4,
+            ..LimitsConfig::default()
+        };
+        assert_eq!(limits.validate().unwrap_err().key, "max_connections");
         let operator = OperatorConfig {
             group: "a b".into(),
             ..OperatorConfig::default()

@@ -203,7 +203,8 @@ fn status(error: DiskError) -> Status {
             _ => Status::failed_precondition(message),
         },
         DiskError::Timeout { .. } => Status::deadline_exceeded(message),
-        DiskError::Busy => Status::resource_exhausted(message),
+        DiskError::Unresponsive { .. } => Status::unavailable(message),
+        DiskError::Busy(_) => Status::resource_exhausted(message),
         DiskError::Store(store) => match store {
             StoreError::NoSpace { .. } => Status::resource_exhausted(format!(
                 "{message}; free space on the state filesystem (`instance-agent disk --top` shows where it went)"

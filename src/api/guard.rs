@@ -1,8 +1,11 @@
 //! The guard in front of every service: a tower layer that, for each
 //! request, reads the caller ([`Peer`], put in the request's extensions by
 //! the listener), applies the per-peer limits, authorizes the call by its
-//! full method name ([`super::auth`]), bounds and buffers the request
-//! message, and writes the audit line of every mutating RPC.
+//! full method name and the caller's role ([`super::auth`]) before a byte
+//! of its body is read, counts the body against the caller's bytes in
+//! flight ([`super::metered`]), and writes the audit line of every
+//! mutating RPC (a refused one names the RPC and the caller, not the
+//! request's fields, which are never read).
 //!
 //! Why a layer rather than checks in each service: one place covers every
 //! RPC of the five services, including those of modules written later,
@@ -30,7 +33,8 @@ use tonic::{Code, Status};
 use super::audit::{AuditRecord, grpc_message};
 use super::auth::{self, Decision};
 use super::config::ApiConfig;
-use super::limits::{PeerLimiter, StreamSlot};
+use super::limits::{InFlight, PeerLimiter, StreamSlot};
+use super::metered::MeteredBody;
 use super::peer::Peer;
 use super::proto;
 
@@ -47,6 +51,7 @@ struct GuardState {
     config: watch::Receiver<Arc<ApiConfig>>,
     max_message_bytes: usize,
     limiter: Arc<PeerLimiter>,
+    inflight: Arc<InFlight>,
 }
 
 impl GuardLayer {
@@ -59,6 +64,7 @@ impl GuardLayer {
                 config,
                 max_message_bytes,
                 limiter: PeerLimiter::new(),
+                inflight: InFlight::new(),
             }),
         }
     }
@@ -146,32 +152,38 @@ impl GuardState {
         if let Err(status) = self.limiter.take_request(&key, &config.limits) {
             return Ok(refuse(status, audit));
         }
-        // The message is read before the decision so that a refused
-        // mutation is audited with its key fields (e.g. the job id); it is
-        // bounded by limits.max_message_bytes whoever sends it.
-        let (request, message) = match method {
-            // Outside the contract (health, reflection — a bidi stream):
-            // passed through as is.
-            None => (request, None),
-            Some(_) => {
-                let (parts, body) = request.into_parts();
-                let bytes = match read_message(body, self.max_message_bytes).await {
-                    Ok(bytes) => bytes,
-                    Err(status) => return Ok(refuse(status, audit)),
-                };
-                let message = grpc_message(&bytes).map(|m| bytes.slice_ref(m));
-                let request =
-                    http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
-                (request, message)
-            }
-        };
-        if let (Some(audit), Some(message)) = (audit.as_mut(), message.as_deref()) {
-            audit.set_request(message);
-        }
-        match auth::authorize(peer.role, &path, config.operator.allow_cancel_job) {
-            Decision::Allow => {}
+        // Decided from the method and the caller alone: a refused call's
+        // body is never read, so it costs no memory.
+        let decision = auth::authorize(peer.role, &path, config.operator.allow_cancel_job);
+        let dry_run_only = match decision {
+            Decision::Allow => false,
+            Decision::AllowIfDryRun => true,
             Decision::Deny(status) => return Ok(refuse(status, audit)),
-            Decision::AllowIfDryRun => {
+        };
+        let slot = if auth::is_stream(&path) {
+            match self.limiter.open_stream(&key, &config.limits) {
+                Ok(slot) => Some(slot),
+                Err(status) => return Ok(refuse(status, audit)),
+            }
+        } else {
+            None
+        };
+
+        let (parts, body) = request.into_parts();
+        let charge = self.inflight.charge(&key);
+        // Read here only what an audit line or the dry-run rule needs (one
+        // message, bounded by limits.max_message_bytes); tonic reads the rest.
+        let body = if audit.is_some() || dry_run_only {
+            let mut metered = MeteredBody::buffered(body, charge, &config.limits);
+            let bytes = match read_message(&mut metered, self.max_message_bytes).await {
+                Ok(bytes) => bytes,
+                Err(status) => return Ok(refuse(status, audit)),
+            };
+            let message = grpc_message(&bytes).map(|m| bytes.slice_ref(m));
+            if let (Some(audit), Some(message)) = (audit.as_mut(), message.as_deref()) {
+                audit.set_request(message);
+            }
+            if dry_run_only {
                 let dry_run = message
                     .as_deref()
                     .and_then(|m| proto::ReclaimSpaceRequest::decode(m).ok())
@@ -180,15 +192,11 @@ impl GuardState {
                     return Ok(refuse(auth::dry_run_required(peer.role, &path), audit));
                 }
             }
-        }
-
-        let slot = match method {
-            Some(m) if m.streaming => match self.limiter.open_stream(&key, &config.limits) {
-                Ok(slot) => Some(slot),
-                Err(status) => return Ok(refuse(status, audit)),
-            },
-            _ => None,
+            metered.into_held(bytes)
+        } else {
+            Body::new(MeteredBody::streaming(body, charge, &config.limits))
         };
+        let request = http::Request::from_parts(parts, body);
 
         let response = match inner.call(request).await {
             Ok(response) => response,
@@ -221,7 +229,7 @@ impl GuardState {
 /// Reads a request body of at most one message of `limit` bytes (plus the
 /// 5-byte gRPC frame header), refusing a bigger one as soon as its declared
 /// length or its bytes exceed the limit.
-async fn read_message(mut body: Body, limit: usize) -> Result<Bytes, Status> {
+async fn read_message(body: &mut MeteredBody, limit: usize) -> Result<Bytes, Status> {
     let too_big = |size: usize| {
         Status::resource_exhausted(format!(
             "request message of {size} bytes is over limits.max_message_bytes = {limit}"
@@ -229,17 +237,25 @@ async fn read_message(mut body: Body, limit: usize) -> Result<Bytes, Status> {
     };
     let read = async {
         let mut buf = BytesMut::new();
+        let mut reserved = false;
         while let Some(frame) = body.frame().await {
             let frame = frame?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
             buf.extend_from_slice(&data);
-            if buf.len() >= 5 {
+            if buf.len() >= 5 && !reserved {
                 let declared = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
                 if declared > limit {
                     return Err(too_big(declared));
                 }
+                // The whole message is charged (and allocated) once, as
+                // soon as its size is known: a message the budget cannot
+                // hold is refused before its bytes are taken in.
+                let rest = (declared + 5).saturating_sub(buf.len());
+                body.reserve(rest)?;
+                buf.reserve(rest);
+                reserved = true;
             }
             if buf.len() > limit + 5 {
                 return Err(too_big(buf.len() - 5));
@@ -310,208 +326,4 @@ impl http_body::Body for GuardedBody {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::api::auth::Role;
-    use crate::api::peer::Who;
-    use std::sync::Mutex;
-    use tower::{Layer, Service, ServiceExt};
-
-    fn framed(message: &impl Message) -> Bytes {
-        let body = message.encode_to_vec();
-        let mut out = vec![0u8];
-        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        out.extend_from_slice(&body);
-        out.into()
-    }
-
-    fn request(path: &str, body: Bytes, peer: Option<Peer>) -> http::Request<Body> {
-        let mut request = http::Request::builder()
-            .uri(format!("http://agent{path}"))
-            .header("content-type", "application/grpc")
-            .body(Body::new(http_body_util::Full::new(body)))
-            .unwrap();
-        if let Some(peer) = peer {
-            request.extensions_mut().insert(peer);
-        }
-        request
-    }
-
-    fn peer(role: Role, uid: u32) -> Peer {
-        Peer {
-            role,
-            who: Who::Local {
-                uid,
-                user: None,
-                pid: None,
-            },
-        }
-    }
-
-    type Seen = Arc<Mutex<Vec<(String, Bytes)>>>;
-
-    /// An inner service that records the bodies it was given and answers OK.
-    fn recording() -> (
-        Seen,
-        impl tower::Service<
-            http::Request<Body>,
-            Response = http::Response<Body>,
-            Error = std::convert::Infallible,
-            Future = impl Send,
-        > + Clone
-        + Send
-        + 'static,
-    ) {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let seen2 = seen.clone();
-        let service = tower::service_fn(move |req: http::Request<Body>| {
-            let seen = seen2.clone();
-            async move {
-                let path = req.uri().path().to_owned();
-                let bytes = req.into_body().collect().await.unwrap().to_bytes();
-                seen.lock().unwrap().push((path, bytes));
-                let mut response = http::Response::new(Body::empty());
-                response
-                    .headers_mut()
-                    .insert("grpc-status", http::HeaderValue::from_static("0"));
-                Ok::<_, std::convert::Infallible>(response)
-            }
-        });
-        (seen, service)
-    }
-
-    fn layer(config: ApiConfig) -> GuardLayer {
-        let (_tx, rx) = watch::channel(Arc::new(config));
-        GuardLayer::new(rx)
-    }
-
-    async fn call<S>(
-        guard: &mut Guard<S>,
-        path: &str,
-        body: Bytes,
-        peer: Option<Peer>,
-    ) -> http::Response<Body>
-    where
-        S: tower::Service<
-                http::Request<Body>,
-                Response = http::Response<Body>,
-                Error = std::convert::Infallible,
-            > + Clone
-            + Send
-            + 'static,
-        S::Future: Send,
-    {
-        let ready = guard.ready().await.expect("infallible");
-        ready
-            .call(request(path, body, peer))
-            .await
-            .expect("infallible")
-    }
-
-    async fn status_of(response: http::Response<Body>) -> Code {
-        Status::from_header_map(response.headers())
-            .map(|s| s.code())
-            .unwrap_or(Code::Unknown)
-    }
-
-    #[tokio::test]
-    async fn operator_is_refused_mutations_and_real_reclaims() {
-        let (seen, inner) = recording();
-        let mut guard = layer(ApiConfig::default()).layer(inner);
-        let operator = peer(Role::Operator, 1000);
-        let cancel = framed(&proto::CancelJobRequest { id: "j".into() });
-        let response = call(
-            &mut guard,
-            "/instance_agent.v1.JobService/CancelJob",
-            cancel,
-            Some(operator.clone()),
-        )
-        .await;
-        assert_eq!(status_of(response).await, Code::PermissionDenied);
-
-        let reclaim = "/instance_agent.v1.DiskService/ReclaimSpace";
-        let real = framed(&proto::ReclaimSpaceRequest {
-            dry_run: false,
-            ..Default::default()
-        });
-        let response = call(&mut guard, reclaim, real, Some(operator.clone())).await;
-        assert_eq!(status_of(response).await, Code::PermissionDenied);
-
-        let dry = framed(&proto::ReclaimSpaceRequest {
-            dry_run: true,
-            ..Default::default()
-        });
-        let response = call(&mut guard, reclaim, dry.clone(), Some(operator.clone())).await;
-        assert_eq!(status_of(response).await, Code::Ok);
-        let seen = seen.lock().unwrap().clone();
-        assert_eq!(seen.len(), 1, "only the dry run reached the service");
-        assert_eq!(seen[0], (reclaim.to_string(), dry), "body passed on intact");
-    }
-
-    #[tokio::test]
-    async fn missing_peer_is_unauthenticated() {
-        let (_seen, inner) = recording();
-        let mut guard = layer(ApiConfig::default()).layer(inner);
-        let response = call(
-            &mut guard,
-            "/instance_agent.v1.AgentService/GetStatus",
-            Bytes::new(),
-            None,
-        )
-        .await;
-        assert_eq!(status_of(response).await, Code::Unauthenticated);
-    }
-
-    #[tokio::test]
-    async fn oversized_message_names_the_limit() {
-        let (seen, inner) = recording();
-        let mut guard = layer(ApiConfig {
-            limits: crate::api::config::LimitsConfig {
-                max_message_bytes: 16384,
-                ..Default::default()
-            },
-            ..ApiConfig::default()
-        })
-        .layer(inner);
-        let mut spec = proto::JobSpec::default();
-        spec.labels.insert("big".into(), "x".repeat(20_000));
-        let big = framed(&proto::SubmitJobRequest { spec: Some(spec) });
-        let response = call(
-            &mut guard,
-            "/instance_agent.v1.JobService/SubmitJob",
-            big,
-            Some(peer(Role::Admin, 0)),
-        )
-        .await;
-        let status = Status::from_header_map(response.headers()).unwrap();
-        assert_eq!(status.code(), Code::ResourceExhausted);
-        assert!(
-            status
-                .message()
-                .contains("limits.max_message_bytes = 16384"),
-            "{status:?}"
-        );
-        assert!(seen.lock().unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn cancel_job_grant_applies() {
-        let (_seen, inner) = recording();
-        let mut guard = layer(ApiConfig {
-            operator: crate::api::config::OperatorConfig {
-                allow_cancel_job: true,
-                ..Default::default()
-            },
-            ..ApiConfig::default()
-        })
-        .layer(inner);
-        let response = call(
-            &mut guard,
-            "/instance_agent.v1.JobService/CancelJob",
-            framed(&proto::CancelJobRequest { id: "j".into() }),
-            Some(peer(Role::Operator, 1000)),
-        )
-        .await;
-        assert_eq!(status_of(response).await, Code::Ok);
-    }
-}
+mod tests;

@@ -12,6 +12,9 @@ use crate::jobs::{
     JobError, JobFilter, JobManager, JobMount, JobRecord, JobSpec, JobState, JobView, MountSource,
 };
 
+/// Most jobs one `ListJobs` answers (a larger `limit` is taken as this).
+pub const MAX_LIST_JOBS: usize = 1000;
+
 /// The job service.
 pub struct JobApi {
     jobs: JobManager,
@@ -101,7 +104,8 @@ impl JobService for JobApi {
         let filter = JobFilter {
             states,
             labels: request.labels.into_iter().collect(),
-            limit: request.limit as usize,
+            // 0 is the domain's default (1000); more is never sent at once.
+            limit: (request.limit as usize).min(MAX_LIST_JOBS),
         };
         let jobs = self
             .jobs

@@ -1,8 +1,12 @@
 //! Per-peer limits applied before any service runs: a token bucket of
 //! requests (`limits.requests_per_second_per_peer`, burst
-//! `limits.request_burst_per_peer`) and a count of open streaming RPCs
-//! (`limits.max_streams_per_peer`). A peer is a uid on the Unix socket, a
-//! certificate name on TCP (see [`super::peer::Who::limit_key`]).
+//! `limits.request_burst_per_peer`), a count of open streaming RPCs
+//! (`limits.max_streams_per_peer`), of open connections
+//! (`limits.max_connections_per_peer`, `limits.max_connections`:
+//! [`ConnectionLimiter`]) and of request bytes held in the agent's buffers
+//! (`limits.max_inflight_bytes_per_peer`, `limits.max_inflight_bytes`:
+//! [`InFlight`]). A peer is a uid on the Unix socket, a certificate name on
+//! TCP (see [`super::peer::Who::limit_key`]).
 //!
 //! Time comes from `tokio::time`, so tests pause and advance it.
 
@@ -92,6 +96,165 @@ impl PeerLimiter {
 
 /// One open streaming RPC; counted until dropped.
 pub type StreamSlot = Held<String>;
+
+/// Open connections, per peer and in total.
+#[derive(Debug, Default)]
+pub struct ConnectionLimiter {
+    per_peer: Arc<KeyedCounter<String>>,
+    total: Arc<KeyedCounter<()>>,
+}
+
+/// One open connection; counted until dropped (when the connection ends).
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    _peer: Held<String>,
+    _total: Held<()>,
+}
+
+impl ConnectionLimiter {
+    /// An empty table.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Counts one more connection for `key`, or says which limit it is over.
+    pub fn admit(&self, key: &str, limits: &LimitsConfig) -> Result<ConnectionSlot, Status> {
+        let total = self.total.enter((), limits.max_connections).map_err(|open| {
+            Status::resource_exhausted(format!(
+                "the agent already serves {open} connections: limits.max_connections = {}; retry later",
+                limits.max_connections
+            ))
+        })?;
+        let peer = self
+            .per_peer
+            .enter(key.to_owned(), limits.max_connections_per_peer)
+            .map_err(|open| {
+                Status::resource_exhausted(format!(
+                    "{key} already holds {open} connections: limits.max_connections_per_peer = {}; \
+                     close one first",
+                    limits.max_connections_per_peer
+                ))
+            })?;
+        Ok(ConnectionSlot {
+            _peer: peer,
+            _total: total,
+        })
+    }
+
+    /// Connections open for `key`.
+    pub fn open(&self, key: &str) -> u32 {
+        self.per_peer.count(&key.to_owned())
+    }
+}
+
+/// Bytes of request bodies held in the agent's buffers, per peer and in
+/// total, each capped. A [`Charge`] holds some of them until released or
+/// dropped.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    held: Mutex<InFlightCounts>,
+}
+
+#[derive(Debug, Default)]
+struct InFlightCounts {
+    total: u64,
+    per_peer: HashMap<String, u64>,
+}
+
+impl InFlight {
+    /// Nothing held.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// An empty charge for `key`'s bytes.
+    pub fn charge(self: &Arc<Self>, key: &str) -> Charge {
+        Charge {
+            table: self.clone(),
+            key: key.to_owned(),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes held in total.
+    pub fn total(&self) -> u64 {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total
+    }
+}
+
+/// Bytes one request holds in the agent's buffers.
+#[derive(Debug)]
+pub struct Charge {
+    table: Arc<InFlight>,
+    key: String,
+    bytes: u64,
+}
+
+impl Charge {
+    /// Adds `n` bytes, or answers RESOURCE_EXHAUSTED naming the limit it
+    /// would pass (nothing is added then).
+    pub fn add(&mut self, n: usize, limits: &LimitsConfig) -> Result<(), Status> {
+        let n = n as u64;
+        let mut held = self
+            .table
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let peer = held.per_peer.get(&self.key).copied().unwrap_or(0);
+        if peer + n > u64::from(limits.max_inflight_bytes_per_peer) {
+            return Err(Status::resource_exhausted(format!(
+                "{} already has {peer} request bytes in flight: limits.max_inflight_bytes_per_peer = {}; \
+                 send fewer or smaller requests at once",
+                self.key, limits.max_inflight_bytes_per_peer
+            )));
+        }
+        if held.total + n > u64::from(limits.max_inflight_bytes) {
+            return Err(Status::resource_exhausted(format!(
+                "the agent already holds {} request bytes in flight: limits.max_inflight_bytes = {}; retry later",
+                held.total, limits.max_inflight_bytes
+            )));
+        }
+        held.total += n;
+        *held.per_peer.entry(self.key.clone()).or_insert(0) += n;
+        self.bytes += n;
+        Ok(())
+    }
+
+    /// Gives back `n` of the bytes held (at most all of them).
+    pub fn release(&mut self, n: usize) {
+        let n = (n as u64).min(self.bytes);
+        if n == 0 {
+            return;
+        }
+        self.bytes -= n;
+        let mut held = self
+            .table
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        held.total = held.total.saturating_sub(n);
+        if let Some(peer) = held.per_peer.get_mut(&self.key) {
+            *peer = peer.saturating_sub(n);
+            if *peer == 0 {
+                held.per_peer.remove(&self.key);
+            }
+        }
+    }
+
+    /// Bytes held by this charge.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release(usize::try_from(self.bytes).unwrap_or(usize::MAX));
+    }
+}
 
 /// Things in progress per key (open streams per peer, pending handshakes
 /// per address), each capped.
@@ -194,6 +357,69 @@ mod tests {
             limiter.take_request("uid:1", &l).unwrap();
         }
         assert!(limiter.take_request("uid:1", &l).is_err());
+    }
+
+    #[test]
+    fn connections_are_capped_per_peer_and_in_total() {
+        let table = ConnectionLimiter::new();
+        let l = LimitsConfig {
+            max_connections_per_peer: 2,
+            max_connections: 3,
+            ..LimitsConfig::default()
+        };
+        let a = table.admit("uid:1", &l).unwrap();
+        let _b = table.admit("uid:1", &l).unwrap();
+        let refused = table.admit("uid:1", &l).unwrap_err();
+        assert!(
+            refused
+                .message()
+                .contains("limits.max_connections_per_peer = 2"),
+            "{refused:?}"
+        );
+        let _c = table.admit("uid:2", &l).unwrap();
+        let refused = table.admit("uid:3", &l).unwrap_err();
+        assert!(
+            refused.message().contains("limits.max_connections = 3"),
+            "{refused:?}"
+        );
+        drop(a);
+        assert_eq!(table.open("uid:1"), 1);
+        table.admit("uid:3", &l).unwrap();
+    }
+
+    #[test]
+    fn bytes_in_flight_are_capped_per_peer_and_in_total() {
+        let table = InFlight::new();
+        let l = LimitsConfig {
+            max_inflight_bytes_per_peer: 100,
+            max_inflight_bytes: 150,
+            ..LimitsConfig::default()
+        };
+        let mut a = table.charge("uid:1");
+        a.add(60, &l).unwrap();
+        let mut b = table.charge("uid:1");
+        let refused = b.add(41, &l).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused
+                .message()
+                .contains("limits.max_inflight_bytes_per_peer = 100"),
+            "{refused:?}"
+        );
+        b.add(40, &l).unwrap();
+        let mut c = table.charge("uid:2");
+        let refused = c.add(51, &l).unwrap_err();
+        assert!(
+            refused
+                .message()
+                .contains("limits.max_inflight_bytes = 150"),
+            "{refused:?}"
+        );
+        a.release(30);
+        c.add(51, &l).unwrap();
+        assert_eq!(table.total(), 121);
+        drop((a, b, c));
+        assert_eq!(table.total(), 0);
     }
 
     #[test]

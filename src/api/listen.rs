@@ -2,15 +2,20 @@
 //! Each turns raw connections into [`Authenticated`] streams for
 //! `serve_with_incoming`, identifying the peer first: SO_PEERCRED and group
 //! membership on the Unix socket, the TLS handshake and certificate names on
-//! TCP. A connection whose peer has no role, or whose handshake fails, is
-//! closed there and never reaches HTTP/2; the refusal is logged (target
-//! `audit`).
+//! TCP. A local peer without a role, or a peer over
+//! `limits.max_connections_per_peer` / `limits.max_connections`, gets its
+//! calls answered with PERMISSION_DENIED or RESOURCE_EXHAUSTED by
+//! [`Refusals`] and never reaches the services; a failed TLS handshake is
+//! closed after its alert. Every refusal is logged (target `audit`).
 //!
 //! Identification runs in its own task per connection (with a timeout and a
-//! cap on how many are pending), so a slow client cannot hold up others.
+//! cap on how many are pending), so a slow client cannot hold up others. On
+//! TCP, [`Handshakes`] counts pending handshakes per source (/64 for IPv6),
+//! closes connections silent for [`FIRST_BYTE_TIMEOUT`] and keeps a share
+//! of handshake slots for sources that completed one before.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,18 +29,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::auth::Role;
+use super::authority::AuthorityFix;
 use super::config::ApiConfig;
-use super::limits::KeyedCounter;
+use super::handshakes::{FIRST_BYTE_TIMEOUT, Handshakes, MAX_PENDING, Source};
+use super::limits::ConnectionLimiter;
 use super::peer::{Authenticated, Peer, UserDirectory, Who, local_peer};
+use super::refusal::Refusals;
 use super::tls::{allowed_name, certificate_names};
 
 /// Longest a TLS handshake or a user lookup may take.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections being identified at once; further accepts wait.
-const MAX_PENDING: usize = 64;
-/// TLS handshakes pending from one source address; more are closed at once,
-/// so one host cannot hold every handshake slot.
-const MAX_PENDING_PER_ADDRESS: u32 = 8;
 /// How long, and how many bytes, a refused TLS client is read after the
 /// alert before the socket is closed (see [`close_after_alert`]).
 const LINGER: Duration = Duration::from_secs(1);
@@ -46,6 +49,60 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The stream of identified connections handed to tonic.
 pub type Incoming<S> = ReceiverStream<std::io::Result<Authenticated<S>>>;
+
+/// What every listener shares: the live limits and grants, the count of
+/// open connections, and the refusals being answered. Cheap to clone.
+#[derive(Clone)]
+pub struct Admission {
+    config: watch::Receiver<Arc<ApiConfig>>,
+    connections: Arc<ConnectionLimiter>,
+    refusals: Refusals,
+    /// Half of RLIMIT_NOFILE: `limits.max_connections` never takes more,
+    /// so the agent keeps descriptors for its own work.
+    descriptor_cap: u32,
+}
+
+impl Admission {
+    /// Admission reading the live `[limits]` and roles from `config`.
+    pub fn new(config: watch::Receiver<Arc<ApiConfig>>) -> Self {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        let descriptor_cap = u32::try_from(soft / 2).unwrap_or(u32::MAX).max(1);
+        let configured = config.borrow().limits.max_connections;
+        if configured > descriptor_cap {
+            tracing::warn!(
+                max_connections = configured,
+                nofile = soft,
+                "limits.max_connections is over half the open-file limit: serving at most {descriptor_cap} connections"
+            );
+        }
+        Self {
+            config,
+            connections: ConnectionLimiter::new(),
+            refusals: Refusals::default(),
+            descriptor_cap,
+        }
+    }
+
+    /// `stream` with its peer, holding a connection slot; or, when the peer
+    /// is over a connection limit, the refusal answered and `None`.
+    fn admit<S>(&self, stream: S, peer: Peer) -> Option<Authenticated<S>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut limits = self.config.borrow().limits.clone();
+        limits.max_connections = limits.max_connections.min(self.descriptor_cap);
+        match self.connections.admit(&peer.who.limit_key(), &limits) {
+            Ok(slot) => Some(Authenticated::new(stream, peer).with_slot(slot)),
+            Err(status) => {
+                tracing::warn!(target: "audit", who = %peer.who, "connection refused: {}", status.message());
+                self.refusals.answer(stream, status);
+                None
+            }
+        }
+    }
+}
 
 /// A listener that yields raw connections and a description for logs.
 trait Acceptor: Send + 'static {
@@ -112,17 +169,21 @@ where
 }
 
 /// The Unix socket: every connection's uid is read with SO_PEERCRED and
-/// given a role from the live config; others are closed.
+/// given a role from the live config; a uid without one is answered
+/// PERMISSION_DENIED. Each stream is read through [`AuthorityFix`], so
+/// stock gRPC clients' `:authority` (the socket path) reaches h2 as
+/// `localhost`.
 pub fn unix(
     listener: UnixListener,
-    config: watch::Receiver<Arc<ApiConfig>>,
+    admission: Admission,
     users: Arc<dyn UserDirectory>,
     cancel: CancellationToken,
-) -> Incoming<UnixStream> {
+) -> Incoming<AuthorityFix<UnixStream>> {
     accept_loop(
         listener,
         move |stream: UnixStream| {
-            let config = config.borrow().clone();
+            let config = admission.config.borrow().clone();
+            let admission = admission.clone();
             let users = users.clone();
             async move {
                 let cred = match stream.peer_cred() {
@@ -137,8 +198,9 @@ pub fn unix(
                 let lookup = tokio::task::spawn_blocking(move || {
                     local_peer(uid, pid, &config, users.as_ref())
                 });
+                let stream = AuthorityFix::new(stream);
                 match tokio::time::timeout(IDENTIFY_TIMEOUT, lookup).await {
-                    Ok(Ok(Some(peer))) => Some(Authenticated::new(stream, peer)),
+                    Ok(Ok(Some(peer))) => admission.admit(stream, peer),
                     Ok(Ok(None)) => {
                         tracing::warn!(
                             target: "audit",
@@ -146,6 +208,7 @@ pub fn unix(
                             pid,
                             "connection refused: uid {uid} is not root, not in control_plane.uids and not a member of group {group}"
                         );
+                        admission.refusals.answer(stream, not_allowed(uid, &group));
                         None
                     }
                     Ok(Err(error)) => {
@@ -163,30 +226,51 @@ pub fn unix(
     )
 }
 
+/// The answer to a local uid without a role. The CLI recognises it by its
+/// code and shows the message as is.
+pub fn not_allowed(uid: u32, group: &str) -> tonic::Status {
+    tonic::Status::permission_denied(format!(
+        "uid {uid} may not use instance-agent: only root, the uids in control_plane.uids and \
+         members of the group {group} (operator.group) may"
+    ))
+}
+
 /// The control-plane listener over mutual TLS: a client must complete the
 /// handshake with a certificate that chains to `client_ca` and, when
 /// `allowed_names` is not empty, carries one of them. It is then admin.
+/// Before the handshake, [`Handshakes`] admits the connection by source and
+/// it must speak within [`FIRST_BYTE_TIMEOUT`].
 pub fn tls(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     allowed_names: Vec<String>,
+    admission: Admission,
     cancel: CancellationToken,
 ) -> Incoming<TlsStream<TcpStream>> {
     let acceptor = TlsAcceptor::from(config);
     let allowed_names = Arc::new(allowed_names);
-    let pending = Arc::new(KeyedCounter::<IpAddr>::default());
+    let handshakes = Handshakes::new();
     accept_loop(
         listener,
         move |stream: TcpStream| {
             let acceptor = acceptor.clone();
             let allowed_names = allowed_names.clone();
-            let pending = pending.clone();
+            let handshakes = handshakes.clone();
+            let admission = admission.clone();
             async move {
                 let addr = stream.peer_addr().ok()?;
-                let Ok(_pending) = pending.enter(addr.ip(), MAX_PENDING_PER_ADDRESS) else {
-                    tracing::warn!(target: "audit", %addr, "control-plane connection refused: {MAX_PENDING_PER_ADDRESS} handshakes from this address are already pending");
-                    return None;
+                let source = Source::of(addr.ip());
+                let _pending = match handshakes.admit(source) {
+                    Ok(pending) => pending,
+                    Err(refused) => {
+                        tracing::warn!(target: "audit", %addr, %source, "control-plane connection refused: {refused}");
+                        return None;
+                    }
                 };
+                if !first_byte(&stream).await {
+                    tracing::info!(target: "audit", %addr, "control-plane connection closed: it sent nothing within {} s", FIRST_BYTE_TIMEOUT.as_secs());
+                    return None;
+                }
                 // gRPC sends many small frames: no Nagle delay.
                 let _ = stream.set_nodelay(true);
                 let handshake = acceptor
@@ -213,13 +297,14 @@ pub fn tls(
                     .map(certificate_names)
                     .unwrap_or_default();
                 match allowed_name(&names, &allowed_names) {
-                    Some(name) => Some(Authenticated::new(
-                        tls,
-                        Peer {
+                    Some(name) => {
+                        handshakes.completed(source);
+                        let peer = Peer {
                             role: Role::Admin,
                             who: Who::Certificate { name, addr },
-                        },
-                    )),
+                        };
+                        admission.admit(tls, peer)
+                    }
                     None => {
                         tracing::warn!(
                             target: "audit",
@@ -234,6 +319,17 @@ pub fn tls(
         },
         cancel,
     )
+}
+
+/// Whether the client sends something (or closes) within
+/// [`FIRST_BYTE_TIMEOUT`]; a TLS or HTTP/2 client always speaks first.
+/// Peeked, not awaited as readiness: `readable()` may report a new socket
+/// ready before a byte arrives (tokio documents such false positives).
+async fn first_byte(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut byte))
+        .await
+        .is_ok_and(|peeked| peeked.is_ok())
 }
 
 /// Closes a connection whose handshake failed so that the client reads the
@@ -261,19 +357,27 @@ async fn close_after_alert(mut stream: TcpStream) {
 
 /// The plaintext loopback listener (`insecure_plaintext`): every client is
 /// admin. For local testing only; the daemon warns at every start.
-pub fn plaintext(listener: TcpListener, cancel: CancellationToken) -> Incoming<TcpStream> {
+pub fn plaintext(
+    listener: TcpListener,
+    admission: Admission,
+    cancel: CancellationToken,
+) -> Incoming<TcpStream> {
     accept_loop(
         listener,
-        |stream: TcpStream| async move {
-            let addr: SocketAddr = stream.peer_addr().ok()?;
-            let _ = stream.set_nodelay(true);
-            Some(Authenticated::new(
-                stream,
-                Peer {
+        move |stream: TcpStream| {
+            let admission = admission.clone();
+            async move {
+                let addr: SocketAddr = stream.peer_addr().ok()?;
+                if !first_byte(&stream).await {
+                    return None;
+                }
+                let _ = stream.set_nodelay(true);
+                let peer = Peer {
                     role: Role::Admin,
                     who: Who::Plaintext { addr },
-                },
-            ))
+                };
+                admission.admit(stream, peer)
+            }
         },
         cancel,
     )
@@ -283,21 +387,29 @@ pub fn plaintext(listener: TcpListener, cancel: CancellationToken) -> Incoming<T
 mod tests {
     use super::*;
 
-    #[test]
-    fn pending_handshakes_are_capped_per_address() {
-        let table = Arc::new(KeyedCounter::<IpAddr>::default());
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let held: Vec<_> = (0..MAX_PENDING_PER_ADDRESS)
-            .map(|_| table.enter(a, MAX_PENDING_PER_ADDRESS).unwrap())
-            .collect();
-        assert_eq!(
-            table.enter(a, MAX_PENDING_PER_ADDRESS).unwrap_err(),
-            MAX_PENDING_PER_ADDRESS
-        );
-        assert!(table.enter(b, MAX_PENDING_PER_ADDRESS).is_ok());
-        drop(held);
-        assert_eq!(table.count(&a), 0);
-        assert!(table.enter(a, MAX_PENDING_PER_ADDRESS).is_ok());
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_speaks_passes_the_first_byte_check() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = pair().await;
+        client.write_all(b"\x16").await.expect("write");
+        assert!(first_byte(&server).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_fails_the_first_byte_check_at_its_timeout() {
+        // Before: a new socket's readiness passed the check at once.
+        let (_client, server) = pair().await;
+        let started = tokio::time::Instant::now();
+        assert!(!first_byte(&server).await);
+        assert_eq!(started.elapsed(), FIRST_BYTE_TIMEOUT);
     }
 }

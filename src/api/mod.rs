@@ -11,14 +11,18 @@ pub mod access;
 pub mod agent;
 pub mod audit;
 pub mod auth;
+pub mod authority;
 pub mod config;
 pub mod disk;
 pub mod guard;
+pub mod handshakes;
 pub mod jobs;
 pub mod limits;
 pub mod listen;
+pub mod metered;
 pub mod mounts;
 pub mod peer;
+pub mod refusal;
 pub mod setup;
 pub mod socket;
 pub mod tls;
@@ -40,6 +44,14 @@ pub mod proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/instance_agent_descriptor.bin"));
 }
+
+/// HTTP/2 flow-control window of one request stream: what a client may
+/// send before the agent reads it.
+pub const HTTP2_STREAM_WINDOW: u32 = 64 * 1024;
+/// The same for a whole connection.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Largest header list accepted (hyper's default, said here).
+pub const HTTP2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// The full names of the services, as reflection and health list them.
 pub const SERVICE_NAMES: [&str; 6] = [

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto::{self, mount_service_server::MountService as MountRpc};
 use super::timestamp;
-use crate::mounts::spec::{ManagedIdentity, SecretSource};
+use crate::mounts::spec::{ManagedIdentity, NO_GID, Owner, SecretSource};
 use crate::mounts::{Auth, MountError, MountService, MountSpec, MountState, MountStatus, Origin};
 use crate::secret::Secret;
 
@@ -30,7 +30,13 @@ impl MountRpc for MountApi {
         &self,
         request: Request<proto::MountRequest>,
     ) -> Result<Response<proto::MountInfo>, Status> {
-        let spec = spec_from_proto(request.into_inner());
+        let request = request.into_inner();
+        if request.owner_gid.is_some() && request.owner_uid.is_none() {
+            return Err(Status::invalid_argument(
+                "owner_gid: given without owner_uid (the owner is a uid, its group optional)",
+            ));
+        }
+        let spec = spec_from_proto(request);
         let status = self.mounts.mount(spec).await.map_err(error_to_status)?;
         Ok(Response::new(info_to_proto(&status)))
     }
@@ -78,6 +84,10 @@ fn spec_from_proto(r: proto::MountRequest) -> MountSpec {
         endpoint: r.endpoint,
         subdirectory: r.subdirectory,
         origin: Origin::Api,
+        owner: r.owner_uid.map(|uid| Owner {
+            uid,
+            gid: r.owner_gid.unwrap_or(NO_GID),
+        }),
     }
 }
 
@@ -109,6 +119,8 @@ pub fn info_to_proto(s: &MountStatus) -> proto::MountInfo {
         cache_max_bytes: s.cache_max_bytes,
         pid: s.pid.unwrap_or(0),
         origin: s.origin.name().to_owned(),
+        owner_uid: s.owner.uid,
+        owner_gid: s.owner.gid,
     }
 }
 

@@ -149,12 +149,24 @@ pub fn local_peer(
 pub struct Authenticated<S> {
     stream: S,
     peer: Peer,
+    /// Its place among the peer's connections, given back when it closes.
+    _slot: Option<super::limits::ConnectionSlot>,
 }
 
 impl<S> Authenticated<S> {
     /// Wraps an accepted stream with its peer.
     pub fn new(stream: S, peer: Peer) -> Self {
-        Self { stream, peer }
+        Self {
+            stream,
+            peer,
+            _slot: None,
+        }
+    }
+
+    /// Holds `slot` for as long as the connection lasts.
+    pub fn with_slot(mut self, slot: super::limits::ConnectionSlot) -> Self {
+        self._slot = Some(slot);
+        self
     }
 }
 

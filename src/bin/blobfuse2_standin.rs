@@ -29,6 +29,10 @@ use fuser::{
 };
 use serde_norway::Value;
 
+#[path = "blobfuse2_standin/inodes.rs"]
+mod inodes;
+use inodes::Inodes;
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -45,6 +49,8 @@ struct Settings {
     storage: PathBuf,
     read_only: bool,
     allow_other: bool,
+    allow_root: bool,
+    shown: Shown,
     log_file: Option<PathBuf>,
     description: String,
 }
@@ -53,7 +59,7 @@ fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let settings = parse(&args)?;
     log(&settings, &format!("mounting {}", settings.description));
-    let filesystem = Passthrough::new(settings.storage.clone());
+    let filesystem = Passthrough::new(settings.storage.clone(), settings.shown);
     let mut config = fuser::Config::default();
     config.mount_options = vec![MountOption::FSName("blobfuse2".into())];
     if settings.read_only {
@@ -61,6 +67,8 @@ fn run() -> Result<(), String> {
     }
     if settings.allow_other {
         config.acl = SessionACL::All;
+    } else if settings.allow_root {
+        config.acl = SessionACL::RootAndOwner;
     }
     config.n_threads = Some(2);
     // Signals are taken by one thread with sigwait, so that SIGTERM unmounts
@@ -179,6 +187,11 @@ fn parse(args: &[String]) -> Result<Settings, String> {
     let config: Value =
         serde_norway::from_str(&text).map_err(|e| format!("invalid config file [{e}]"))?;
     let text_of = |value: &Value| value.as_str().unwrap_or_default().to_owned();
+    let id = |key: &str| {
+        config["libfuse"][key]
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+    };
     let flag = |value: &Value| value.as_bool().unwrap_or(false);
 
     let meta = std::fs::metadata(&mount_path).map_err(|_| "mount directory does not exist")?;
@@ -196,6 +209,7 @@ fn parse(args: &[String]) -> Result<Settings, String> {
     {
         return Err("directory is already mounted".into());
     }
+    let allow_other = flag(&config["allow-other"]) || options.contains(&"allow_other");
     let nonempty = flag(&config["nonempty"]) || options.contains(&"nonempty");
     if !nonempty && !is_empty_dir(&mount_path) {
         return Err("mount directory is not empty".into());
@@ -293,7 +307,15 @@ fn parse(args: &[String]) -> Result<Settings, String> {
         mount_path,
         storage,
         read_only: flag(&config["read-only"]) || options.contains(&"ro"),
-        allow_other: flag(&config["allow-other"]) || options.contains(&"allow_other"),
+        allow_other,
+        allow_root: flag(&config["allow-root"]) || options.contains(&"allow_root"),
+        shown: Shown {
+            uid: id("uid").unwrap_or_else(|| nix::unistd::getuid().as_raw()),
+            gid: id("gid").unwrap_or_else(|| nix::unistd::getgid().as_raw()),
+            perm: allow_other
+                .then_some(0o777)
+                .or_else(|| id("default-permission")),
+        },
         log_file,
         description: format!("{account}/{container} ({mode})"),
     })
@@ -305,49 +327,18 @@ fn is_empty_dir(path: &Path) -> bool {
 
 const TTL: Duration = Duration::from_secs(1);
 
-/// Inode numbers of the paths (relative to the storage dir) seen so far.
-#[derive(Default)]
-struct Inodes {
-    paths: HashMap<u64, PathBuf>,
-    numbers: HashMap<PathBuf, u64>,
-    next: u64,
-}
-
-impl Inodes {
-    fn number(&mut self, path: &Path) -> u64 {
-        if let Some(n) = self.numbers.get(path) {
-            return *n;
-        }
-        self.next += 1;
-        let n = self.next;
-        self.paths.insert(n, path.to_owned());
-        self.numbers.insert(path.to_owned(), n);
-        n
-    }
-
-    fn rename(&mut self, from: &Path, to: &Path) {
-        let moved: Vec<(PathBuf, u64)> = self
-            .numbers
-            .iter()
-            .filter(|(p, _)| p.starts_with(from))
-            .map(|(p, n)| (p.clone(), *n))
-            .collect();
-        for (old, n) in moved {
-            let new = match old.strip_prefix(from) {
-                Ok(rest) if rest.as_os_str().is_empty() => to.to_owned(),
-                Ok(rest) => to.join(rest),
-                Err(_) => continue,
-            };
-            self.numbers.remove(&old);
-            self.numbers.insert(new.clone(), n);
-            self.paths.insert(n, new);
-        }
-    }
+/// What every inode shows (blobfuse2's `libfuse.uid`, `gid`, and mode).
+#[derive(Clone, Copy)]
+struct Shown {
+    uid: u32,
+    gid: u32,
+    perm: Option<u32>,
 }
 
 /// Serves a local directory, read-write.
 struct Passthrough {
     root: PathBuf,
+    shown: Shown,
     inodes: Mutex<Inodes>,
     files: Mutex<HashMap<u64, File>>,
     next_handle: Mutex<u64>,
@@ -366,7 +357,7 @@ fn to_time(seconds: i64, nanos: i64) -> SystemTime {
 }
 
 impl Passthrough {
-    fn new(root: PathBuf) -> Self {
+    fn new(root: PathBuf, shown: Shown) -> Self {
         let mut inodes = Inodes {
             next: 1,
             ..Inodes::default()
@@ -375,6 +366,7 @@ impl Passthrough {
         inodes.numbers.insert(PathBuf::new(), INodeNo::ROOT.0);
         Self {
             root,
+            shown,
             inodes: Mutex::new(inodes),
             files: Mutex::new(HashMap::new()),
             next_handle: Mutex::new(0),
@@ -413,10 +405,10 @@ impl Passthrough {
             ctime: to_time(meta.ctime(), meta.ctime_nsec()),
             crtime: to_time(meta.ctime(), meta.ctime_nsec()),
             kind: FileType::from_std(meta.file_type()).unwrap_or(FileType::RegularFile),
-            perm: u16::try_from(meta.mode() & 0o7777).unwrap_or(0o644),
+            perm: u16::try_from(self.shown.perm.unwrap_or(meta.mode()) & 0o7777).unwrap_or(0o644),
             nlink: u32::try_from(meta.nlink()).unwrap_or(1),
-            uid: meta.uid(),
-            gid: meta.gid(),
+            uid: self.shown.uid,
+            gid: self.shown.gid,
             rdev: u32::try_from(meta.rdev()).unwrap_or(0),
             blksize: 4096,
             flags: 0,

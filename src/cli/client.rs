@@ -1,7 +1,8 @@
 //! Connects to the daemon over its Unix socket ("connect or explain"): one
-//! classification of why the socket does not answer, the one line a command
-//! prints for it and for a call that fails later (the agent closing the
-//! connection, `--rpc-timeout`), and the `--rpc-timeout` deadline itself.
+//! classification of why the socket does not answer, one of why a call
+//! failed ([`CallFailure`]: no answer in time, a refusal by the agent, the
+//! agent closing the connection), the one line a command prints for each,
+//! and the `--rpc-timeout` deadline itself (short for the diagnostics).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,15 @@ pub const DEFAULT_SOCKET: &str = "/run/instance-agent/agent.sock";
 /// frozen agent does not hang the CLI forever.
 pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Default of `--rpc-timeout` for the short diagnostics (`status`, the
+/// daemon check of `doctor`): the agent answers them from memory, so an
+/// operator hears within seconds that it does not.
+pub const DIAGNOSTIC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The fix printed when the agent does not answer or closed the connection.
+pub const SEE_SYSTEMCTL: &str =
+    "see `systemctl status instance-agent` and `journalctl -u instance-agent`";
+
 /// The deadline of unary calls (and of the connection handshake) for this
 /// process, set once from `--rpc-timeout` before any command runs. A process
 /// global rather than a parameter of every command: the CLI is one short
@@ -31,7 +41,8 @@ pub fn set_rpc_timeout(timeout: Option<Duration>) {
     let _ = RPC_TIMEOUT.set(timeout);
 }
 
-fn rpc_timeout() -> Option<Duration> {
+/// The deadline of unary calls for this process (`None`: none).
+pub fn rpc_timeout() -> Option<Duration> {
     *RPC_TIMEOUT.get_or_init(|| Some(DEFAULT_RPC_TIMEOUT))
 }
 
@@ -59,6 +70,8 @@ pub enum ConnectFailure {
     Refused,
     /// The caller may not connect (not root, not in the operator group).
     PermissionDenied,
+    /// The socket's backlog is full: the agent does not accept connections.
+    Backlogged,
     /// Anything else.
     Other(std::io::Error),
 }
@@ -76,6 +89,7 @@ impl ConnectFailure {
             ErrorKind::NotFound => Self::NoSocket,
             ErrorKind::ConnectionRefused => Self::Refused,
             ErrorKind::PermissionDenied => Self::PermissionDenied,
+            ErrorKind::WouldBlock => Self::Backlogged,
             _ => Self::Other(error),
         }
     }
@@ -95,6 +109,9 @@ impl ConnectFailure {
             ),
             Self::PermissionDenied => format!(
                 "permission denied on {path}: run as root or as a member of the group instance-operators"
+            ),
+            Self::Backlogged => format!(
+                "the agent at {path} does not accept connections (its backlog is full): it may be hung or overloaded; {SEE_SYSTEMCTL}"
             ),
             Self::Other(error) => format!("cannot connect to instance-agent at {path}: {error}"),
         }
@@ -119,6 +136,12 @@ impl ConnectFailure {
             Self::PermissionDenied => (
                 format!("permission denied on {path}"),
                 "run as root or as a member of the group instance-operators".to_owned(),
+            ),
+            Self::Backlogged => (
+                format!(
+                    "the agent does not accept connections on {path} (its backlog is full): it may be hung or overloaded"
+                ),
+                SEE_SYSTEMCTL.to_owned(),
             ),
             Self::Other(error) => (
                 format!("cannot connect to {path}: {error}"),
@@ -175,9 +198,8 @@ pub const EX_UNAVAILABLE: u8 = 69;
 
 /// "Connect or explain", for every command that talks to the daemon:
 /// connects, then runs `command` on the channel. When the daemon cannot be
-/// reached, prints why in one line and returns 69 (1 when the socket answers
-/// but not with gRPC). Errors of the command itself are explained by
-/// [`explain`].
+/// reached, prints why in one line and returns its [`exit_code`]. Errors of
+/// the command itself are explained by [`explain`].
 pub async fn with_channel<F, Fut>(socket: &Path, command: F) -> anyhow::Result<ExitCode>
 where
     F: FnOnce(Channel) -> Fut,
@@ -186,38 +208,102 @@ where
     match connect(socket).await {
         Ok(channel) => command(channel).await,
         Err(error) => {
-            eprintln!("instance-agent: {error:#}");
-            Ok(ExitCode::from(if error.is::<Unreachable>() {
-                EX_UNAVAILABLE
-            } else {
-                1
-            }))
+            eprintln!("instance-agent: {}", explain(&error, socket));
+            Ok(exit_code(&error))
         }
     }
 }
 
-/// The one line a failed command prints: the agent closing the connection
-/// and a call running past `--rpc-timeout` are said in words, anything else
-/// as its chain of causes.
-pub fn explain(error: &anyhow::Error, socket: &Path) -> String {
-    closed_by_agent(error, socket)
-        .or_else(|| timed_out(error, socket))
-        .unwrap_or_else(|| format!("{error:#}"))
+/// The exit status of a command that failed with `error`: 69 when the
+/// daemon is unavailable (the socket does not answer, or the agent closed
+/// the connection: restarting or crashed), 1 otherwise (a refusal, a call
+/// past its deadline, the socket answering but not with gRPC).
+pub fn exit_code(error: &anyhow::Error) -> ExitCode {
+    if error.is::<Unreachable>() || CallFailure::of(error) == Some(CallFailure::Closed) {
+        ExitCode::from(EX_UNAVAILABLE)
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
-/// When `error` is the agent closing the connection without answering —
-/// what it does to a caller that is not root, not in `control_plane.uids`
-/// and not in the operator group — one line saying so.
-fn closed_by_agent(error: &anyhow::Error, socket: &Path) -> Option<String> {
-    use std::io::ErrorKind;
-    let status = error.downcast_ref::<tonic::Status>()?;
-    if !matches!(
-        status.code(),
-        tonic::Code::Unknown | tonic::Code::Unavailable
-    ) {
-        return None;
+/// Why a call to the agent failed, for the failures a person needs told in
+/// words.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CallFailure {
+    /// No answer within the deadline (`--rpc-timeout`).
+    TimedOut,
+    /// The agent refused this caller (PERMISSION_DENIED), with its words:
+    /// a local user without a role, or a role that may not call this RPC.
+    Refused(String),
+    /// The connection was closed without an answer: the agent is
+    /// restarting or crashed (a refusal would have said so).
+    Closed,
+}
+
+impl CallFailure {
+    /// The failure `error` is, if it is one of these.
+    pub fn of(error: &anyhow::Error) -> Option<Self> {
+        if error.chain().any(is_timeout) {
+            return Some(Self::TimedOut);
+        }
+        match error.downcast_ref::<tonic::Status>() {
+            Some(status) => Self::of_status(status),
+            // The HTTP/2 handshake of `connect`: a transport error.
+            None => is_closed(error.as_ref()).then_some(Self::Closed),
+        }
     }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
+
+    /// The failure `status` is, if it is one of these.
+    pub fn of_status(status: &tonic::Status) -> Option<Self> {
+        if is_timeout(status) {
+            return Some(Self::TimedOut);
+        }
+        match status.code() {
+            tonic::Code::PermissionDenied => Some(Self::Refused(status.message().to_owned())),
+            // CANCELLED: hyper's "connection closed" under a call in flight.
+            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+                if is_closed(status) =>
+            {
+                Some(Self::Closed)
+            }
+            _ => None,
+        }
+    }
+
+    /// One line saying what happened on `socket` and what to do.
+    pub fn line(&self, socket: &Path) -> String {
+        let path = socket.display();
+        match self {
+            Self::TimedOut => format!(
+                "the agent at {path} did not answer within {} s: it may be hung or overloaded ({SEE_SYSTEMCTL}), \
+                 or the call needs longer (--rpc-timeout SECONDS, 0 for none)",
+                rpc_timeout().map_or(0, |t| t.as_secs())
+            ),
+            Self::Refused(message) => format!("permission denied: {message}"),
+            Self::Closed => format!(
+                "the agent at {path} closed the connection (restarting or crashed?): {SEE_SYSTEMCTL}"
+            ),
+        }
+    }
+}
+
+/// tonic reports its own deadline as CANCELLED "Timeout expired" (a call)
+/// or as a transport error of the same text (the connection handshake).
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<tonic::Status>().map_or_else(
+        || e.to_string().contains("Timeout expired"),
+        |status| {
+            status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired")
+        },
+    )
+}
+
+/// Whether `error` (a status or a transport error) comes from the
+/// connection going away: the peer closed it (EOF, "connection closed"),
+/// reset it, or was gone when the client wrote (EPIPE).
+fn is_closed(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut source = Some(error);
     let mut closed = false;
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -226,40 +312,20 @@ fn closed_by_agent(error: &anyhow::Error, socket: &Path) -> Option<String> {
                 ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
             );
         }
-        closed |= e.to_string().contains("connection closed");
+        let text = e.to_string();
+        closed |= text.contains("connection closed")
+            || text.contains("connection reset")
+            || text.contains("connection error");
         source = e.source();
     }
-    closed.then(|| {
-        format!(
-            "the agent at {} closed the connection: only root, the uids in control_plane.uids and \
-             members of the operator group (operator.group, default instance-operators) may use it",
-            socket.display()
-        )
-    })
+    closed
 }
 
-/// When `error` is a call that hit `--rpc-timeout`, one line saying so.
-fn timed_out(error: &anyhow::Error, socket: &Path) -> Option<String> {
-    // tonic reports its own deadline as CANCELLED "Timeout expired" (a call)
-    // or as a transport error of the same text (the connection handshake).
-    let expired = error.chain().any(|e| {
-        e.downcast_ref::<tonic::Status>().map_or_else(
-            || e.to_string().contains("Timeout expired"),
-            |status| {
-                status.code() == tonic::Code::Cancelled
-                    && status.message().contains("Timeout expired")
-            },
-        )
-    });
-    let timeout = rpc_timeout()?;
-    expired.then(|| {
-        format!(
-            "the agent at {} did not answer within {} s: it may be frozen (see `journalctl -u instance-agent`), \
-             or the call needs longer (--rpc-timeout SECONDS, 0 for none)",
-            socket.display(),
-            timeout.as_secs()
-        )
-    })
+/// The one line a failed command prints: a call that got no answer in
+/// time, a refusal and the agent closing the connection are said in words,
+/// anything else as its chain of causes.
+pub fn explain(error: &anyhow::Error, socket: &Path) -> String {
+    CallFailure::of(error).map_or_else(|| format!("{error:#}"), |failure| failure.line(socket))
 }
 
 #[cfg(test)]
@@ -324,12 +390,32 @@ mod tests {
 
     #[test]
     fn a_deadline_is_reported_with_the_socket_and_the_flag() {
+        let socket = Path::new("/run/x.sock");
         let status = tonic::Status::cancelled("Timeout expired");
-        let msg = timed_out(&status.into(), Path::new("/run/x.sock")).expect("a timeout");
+        let msg = explain(&status.into(), socket);
         assert!(msg.contains("/run/x.sock did not answer within"), "{msg}");
+        assert!(msg.contains("hung or overloaded"), "{msg}");
+        assert!(msg.contains("systemctl status instance-agent"), "{msg}");
         assert!(msg.contains("--rpc-timeout"), "{msg}");
         let other = tonic::Status::cancelled("cancelled by the agent");
-        assert!(timed_out(&other.into(), Path::new("/run/x.sock")).is_none());
+        assert_eq!(CallFailure::of(&other.into()), None);
+    }
+
+    #[test]
+    fn a_refusal_and_a_close_are_told_apart() {
+        let socket = Path::new("/run/x.sock");
+        let refused = tonic::Status::permission_denied("uid 7 may not use instance-agent");
+        assert_eq!(
+            explain(&refused.into(), socket),
+            "permission denied: uid 7 may not use instance-agent"
+        );
+        let closed = tonic::Status::unavailable("error trying to connect: connection closed");
+        let line = explain(&closed.into(), socket);
+        assert!(
+            line.contains("closed the connection (restarting or crashed?)"),
+            "{line}"
+        );
+        assert!(!line.contains("operator"), "{line}");
     }
 
     #[test]
@@ -350,5 +436,44 @@ mod tests {
             assert!(error.is::<Unreachable>());
             assert!(error.to_string().contains("is not a socket"), "{error}");
         }
+    }
+
+    /// An agent on its way down accepts and closes: whether the close comes
+    /// before the client wrote its preface (EPIPE), during the handshake or
+    /// under the call, the line is the same.
+    #[tokio::test]
+    async fn a_close_at_any_point_is_reported_as_a_restarting_or_crashed_agent() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            for n in 0usize.. {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                if n % 2 == 1 {
+                    let _ = stream.read(&mut [0u8; 64]).await;
+                }
+            }
+        });
+        for _ in 0..20 {
+            let error = match connect(&path).await {
+                Err(error) => error,
+                Ok(channel) => {
+                    crate::api::proto::agent_service_client::AgentServiceClient::new(channel)
+                        .get_status(crate::api::proto::GetStatusRequest {})
+                        .await
+                        .expect_err("closed")
+                        .into()
+                }
+            };
+            assert_eq!(
+                CallFailure::of(&error),
+                Some(CallFailure::Closed),
+                "{error:#}"
+            );
+        }
+        server.abort();
     }
 }

@@ -38,10 +38,11 @@ pub struct Cli {
     /// Print JSON (the protobuf JSON mapping) instead of human output.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Deadline in seconds of each call to the daemon (0: none). Streams
-    /// (`-f`, `--watch`) are not cut once they started.
-    #[arg(long, global = true, value_name = "SECONDS", default_value_t = client::DEFAULT_RPC_TIMEOUT.as_secs())]
-    pub rpc_timeout: u64,
+    /// Deadline in seconds of each call to the daemon (0: none) [default:
+    /// 5 for `status` and `doctor`, 120 otherwise]. Streams (`-f`,
+    /// `--watch`) are not cut once they started.
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub rpc_timeout: Option<u64>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -120,8 +121,21 @@ pub enum ConfigCommand {
 }
 
 /// Runs a client command and returns the process exit code.
-pub fn run(command: Command, socket: Option<PathBuf>, json: bool, rpc_timeout: u64) -> ExitCode {
-    client::set_rpc_timeout((rpc_timeout > 0).then(|| std::time::Duration::from_secs(rpc_timeout)));
+pub fn run(
+    command: Command,
+    socket: Option<PathBuf>,
+    json: bool,
+    rpc_timeout: Option<u64>,
+) -> ExitCode {
+    let timeout = match (rpc_timeout, &command) {
+        (Some(0), _) => None,
+        (Some(seconds), _) => Some(std::time::Duration::from_secs(seconds)),
+        // The diagnostics: an operator must hear within seconds that the
+        // agent does not answer.
+        (None, Command::Status | Command::Doctor(_)) => Some(client::DIAGNOSTIC_TIMEOUT),
+        (None, _) => Some(client::DEFAULT_RPC_TIMEOUT),
+    };
+    client::set_rpc_timeout(timeout);
     let socket = client::socket_path(socket);
     let result = match command {
         Command::Serve(_) => unreachable_serve(),
@@ -152,7 +166,7 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool, rpc_timeout: u
         Ok(code) => code,
         Err(error) => {
             eprintln!("instance-agent: {}", client::explain(&error, &socket));
-            ExitCode::FAILURE
+            client::exit_code(&error)
         }
     }
 }

@@ -74,6 +74,13 @@ pub struct MountArgs {
     /// Mount only this virtual directory of the container.
     #[arg(long)]
     pub subdirectory: Option<String>,
+    /// The uid the mount belongs to: blobfuse2 runs as it, and only it, root
+    /// and jobs reach the mount (0: jobs only). Default: mounts.default_owner.
+    #[arg(long, value_name = "UID")]
+    pub owner_uid: Option<u32>,
+    /// The owner's gid (default: the owner's primary group).
+    #[arg(long, value_name = "GID", requires = "owner_uid")]
+    pub owner_gid: Option<u32>,
 }
 
 /// Runs a `mounts` subcommand; `list` exits 1 when a mount is not mounted.
@@ -174,6 +181,8 @@ fn request(args: MountArgs) -> anyhow::Result<proto::MountRequest> {
         cache_max_bytes: args.cache_max_bytes.unwrap_or(0),
         endpoint: args.endpoint.unwrap_or_default(),
         subdirectory: args.subdirectory.unwrap_or_default(),
+        owner_uid: args.owner_uid,
+        owner_gid: args.owner_gid,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The daemon's own background loops: GPU discovery, the Docker engine
-//! monitor, systemd's `STATUS=` line and watchdog, the event backlog's live
-//! capacity, and the disk guard following the mounts' cache dirs.
+//! monitor, systemd's `STATUS=` line and watchdog (its proof of progress in
+//! `watchdog`), the event backlog's live capacity, and the disk guard
+//! following the mounts' cache dirs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +63,7 @@ pub(super) fn spawn_background(
     (gpus, gpus_discovered): (watch::Sender<Vec<crate::host::Gpu>>, watch::Sender<bool>),
     engine_up: watch::Sender<bool>,
     config: watch::Receiver<Arc<Config>>,
+    store: &crate::store::Store,
 ) {
     tasks.spawn_blocking(move || {
         let found = crate::host::discover_gpus();
@@ -94,7 +96,13 @@ pub(super) fn spawn_background(
     ));
 
     if let Some(interval) = Notifier.watchdog_interval() {
-        tasks.spawn(watchdog(interval, cancel.clone()));
+        let store = store.clone();
+        tasks.spawn(super::watchdog::run(
+            interval,
+            move || super::watchdog::progress(store.clone()),
+            || Notifier.watchdog(),
+            cancel.clone(),
+        ));
     }
 
     let events = events.clone();
@@ -132,18 +140,6 @@ async fn report_status(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
             Ok(()) = interval.changed() => {}
-        }
-    }
-}
-
-/// Pets systemd's watchdog at `interval` (half of `WatchdogSec`).
-async fn watchdog(interval: Duration, cancel: CancellationToken) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = ticker.tick() => Notifier.watchdog(),
         }
     }
 }

@@ -5,11 +5,13 @@
 //! Owns the one cancellation token and the one task tracker of the process.
 //! This file is the assembly and the run/shutdown sequence; `dirs` keeps the
 //! state dir and the instance id, `background` the daemon's own loops (GPU
-//! discovery, engine monitor, `STATUS=`, watchdog), and the Unix socket is
+//! discovery, engine monitor, `STATUS=`, watchdog), `watchdog` the proof of
+//! progress behind each watchdog ping, and the Unix socket is
 //! bound by [`api::socket`].
 
 mod background;
 mod dirs;
+mod watchdog;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -98,8 +100,11 @@ pub struct Adapters {
     pub mounter: Arc<dyn FuseMounter>,
     /// The engine as the disk guard sees it (data root, reclaimable data).
     pub disk_docker: Arc<dyn crate::disk::docker::DockerSpace>,
-    /// Filesystems as the disk guard sees them.
+    /// The agent's own well-known filesystems as the disk guard sees them.
     pub disk_probe: Arc<dyn crate::disk::probe::FsProbe>,
+    /// Paths that users or remote storage control, probed in helper
+    /// processes (the disk guard, job binds).
+    pub isolated_probe: Arc<dyn crate::disk::probe::IsolatedProbe>,
     /// Starts setup scripts.
     pub setup_runner: Arc<dyn crate::setup::ProcessRunner>,
     /// sshd, its units, its port and its sessions.
@@ -200,6 +205,7 @@ impl Daemon {
                 admission: admission.clone(),
                 mounts: Arc::new(mounts.clone()),
                 logs_dir: config.agent.state_dir.join("job-logs"),
+                staging_dir: Some(config.agent.runtime_dir.join("staging").join("jobs")),
                 instance_id: instance_id.clone(),
                 usable_cores: host.usable_cores,
                 memory_bytes: host.memory_total_bytes,
@@ -281,6 +287,7 @@ impl Daemon {
                 tasks.spawn(crate::metrics::serve(
                     metrics.clone(),
                     listener,
+                    config.metrics.max_connections,
                     tasks.clone(),
                     cancel.clone(),
                 ));
@@ -325,28 +332,28 @@ impl Daemon {
             })
         });
         let guard = api::guard::GuardLayer::new(api_config.clone());
+        let admission = api::listen::Admission::new(api_config);
+        let streams = config.limits.max_concurrent_streams;
         let mut servers = Vec::new();
         let local = api::listen::unix(
             unix,
-            api_config,
+            admission.clone(),
             Arc::new(api::peer::SystemUsers),
             cancel.clone(),
         );
         servers.push(tokio::spawn(serve(
             routes.clone(),
-            guard.clone(),
-            rpc_metrics.clone(),
+            (guard.clone(), rpc_metrics.clone(), streams),
             local,
             cancel.clone(),
         )));
         match (tcp, tls) {
             (Some(tcp), Some(tls)) => {
                 let names = config.control_plane.allowed_client_names.clone();
-                let remote = api::listen::tls(tcp, tls, names, cancel.clone());
+                let remote = api::listen::tls(tcp, tls, names, admission, cancel.clone());
                 servers.push(tokio::spawn(serve(
                     routes,
-                    guard,
-                    rpc_metrics,
+                    (guard, rpc_metrics, streams),
                     remote,
                     cancel.clone(),
                 )));
@@ -357,11 +364,10 @@ impl Daemon {
                     "control-plane listener is plaintext (insecure_plaintext = true): every local process \
                      that connects to it is admin; use only for local testing"
                 );
-                let remote = api::listen::plaintext(tcp, cancel.clone());
+                let remote = api::listen::plaintext(tcp, admission, cancel.clone());
                 servers.push(tokio::spawn(serve(
                     routes,
-                    guard,
-                    rpc_metrics,
+                    (guard, rpc_metrics, streams),
                     remote,
                     cancel.clone(),
                 )));
@@ -388,6 +394,7 @@ impl Daemon {
             (gpus_tx, gpus_discovered_tx),
             engine_up_tx,
             config_rx,
+            &store,
         );
         tasks.spawn(setup.run(cancel.clone()));
         access.start(&tasks, &cancel);
@@ -471,6 +478,7 @@ fn build_disk_guard(
         config: derive(config_rx, |c| c.disk.clone()),
         state_dir: config.agent.state_dir.clone(),
         probe: adapters.disk_probe.clone(),
+        isolated: adapters.isolated_probe.clone(),
         docker: adapters.disk_docker.clone(),
         steps,
         store: store.clone(),
@@ -523,19 +531,29 @@ async fn control_plane_tls(
 }
 
 /// Serves the routes behind the guard on an identified incoming stream
-/// until `cancel`.
+/// until `cancel`; `layers` are the guard, the RPC metrics and
+/// `limits.max_concurrent_streams`.
 async fn serve<S>(
     routes: tonic::service::Routes,
-    guard: api::guard::GuardLayer,
-    rpc_metrics: crate::metrics::RpcMetricsLayer,
+    layers: (api::guard::GuardLayer, crate::metrics::RpcMetricsLayer, u32),
     incoming: api::listen::Incoming<S>,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Metrics outside the guard: calls it refuses are counted too.
+    let (guard, rpc_metrics, max_streams) = layers;
+    // What h2 may buffer per connection before the guard reads it: small
+    // windows (the request side of the contract is one small message), a
+    // cap on streams and on header lists. The frame size is the one the
+    // Unix socket's :authority shim splits header blocks for.
     tonic::transport::Server::builder()
+        .max_concurrent_streams(max_streams)
+        .initial_stream_window_size(api::HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(api::HTTP2_CONNECTION_WINDOW)
+        .http2_max_header_list_size(api::HTTP2_MAX_HEADER_LIST)
+        .max_frame_size(api::authority::MAX_FRAME_SIZE as u32)
+        // Metrics outside the guard: calls it refuses are counted too.
         .layer(rpc_metrics)
         .layer(guard)
         .add_routes(routes)

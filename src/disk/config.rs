@@ -1,6 +1,7 @@
 //! The `[disk]` section: the guard's levels, timings and extra paths, the
-//! per-path overrides (`[disk.overrides."PATH"]`), their defaults, ranges and
-//! validation.
+//! per-path overrides (`[disk.overrides."PATH"]`), the levels of
+//! memory-backed filesystems (relative to their size), their defaults,
+//! ranges and validation.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,14 @@ pub struct DiskConfig {
     pub clear_margin_inodes_percent: f64,
     /// Seconds the improvement must hold before the state improves.
     pub transition_seconds: u32,
+    /// On a memory-backed filesystem (tmpfs, ramfs) that no `paths` or
+    /// `overrides` entry names: free space, in percent of its size, below
+    /// which it is critical (instead of `critical_free_bytes`).
+    pub memory_fs_critical_free_percent: f64,
+    /// The same for warning (instead of `warning_free_bytes`).
+    pub memory_fs_warning_free_percent: f64,
+    /// The same for the margin (instead of `clear_margin_bytes`).
+    pub memory_fs_clear_margin_percent: f64,
     /// Extra paths to watch, besides /, /tmp, /mnt, the Docker data root,
     /// the state dir and the mount caches.
     pub paths: Vec<PathBuf>,
@@ -59,6 +68,9 @@ impl Default for DiskConfig {
             clear_margin_bytes: GIB,
             clear_margin_inodes_percent: 1.0,
             transition_seconds: 30,
+            memory_fs_critical_free_percent: 5.0,
+            memory_fs_warning_free_percent: 10.0,
+            memory_fs_clear_margin_percent: 1.0,
             paths: Vec::new(),
             overrides: BTreeMap::new(),
             auto_reclaim: true,
@@ -167,9 +179,48 @@ impl DiskConfig {
         percent(
             "clear_margin_inodes_percent",
             self.clear_margin_inodes_percent,
-        )
+        )?;
+        for (key, value) in [
+            (
+                "memory_fs_critical_free_percent",
+                self.memory_fs_critical_free_percent,
+            ),
+            (
+                "memory_fs_warning_free_percent",
+                self.memory_fs_warning_free_percent,
+            ),
+            (
+                "memory_fs_clear_margin_percent",
+                self.memory_fs_clear_margin_percent,
+            ),
+        ] {
+            percent(key, value)?;
+        }
+        if self.memory_fs_warning_free_percent < self.memory_fs_critical_free_percent {
+            return Err(FieldError::new(
+                "memory_fs_warning_free_percent",
+                format!(
+                    "{} is below memory_fs_critical_free_percent ({})",
+                    self.memory_fs_warning_free_percent, self.memory_fs_critical_free_percent
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the config names `path` (in `paths` or `overrides`), so that
+    /// its filesystem keeps the absolute levels even when memory-backed.
+    fn names(&self, path: &Path) -> bool {
+        self.paths.iter().any(|p| crate::paths::tidy(p) == path)
+            || path
+                .to_str()
+                .is_some_and(|p| self.overrides.contains_key(p))
     }
 }
+
+/// Filesystem types held in memory: sized as a share of RAM, not like a
+/// disk, so the absolute levels made for the OS disk do not fit them.
+pub const MEMORY_FS_TYPES: [&str; 2] = ["tmpfs", "ramfs"];
 
 /// The levels the section yields.
 impl Thresholds {
@@ -201,6 +252,34 @@ impl Thresholds {
                 .unwrap_or(base.warning_free_inodes_percent),
             clear_margin_bytes: o.clear_margin_bytes.unwrap_or(base.clear_margin_bytes),
             ..base
+        }
+    }
+
+    /// The levels for a filesystem of type `fs_type`, `total_bytes` large
+    /// once sampled, that holds `paths`: relative to its size when it is
+    /// memory-backed and the config names none of its paths (a small tmpfs
+    /// `/tmp` must not be held to the OS disk's 5 GiB floor), else those of
+    /// [`Thresholds::for_paths`].
+    pub fn for_filesystem<'a>(
+        config: &DiskConfig,
+        paths: impl IntoIterator<Item = &'a Path>,
+        fs_type: &str,
+        total_bytes: Option<u64>,
+    ) -> Self {
+        let paths: Vec<&Path> = paths.into_iter().collect();
+        let absolute = Self::for_paths(config, paths.iter().copied());
+        let memory = MEMORY_FS_TYPES.contains(&fs_type);
+        match total_bytes {
+            Some(total) if memory && !paths.iter().any(|p| config.names(p)) => {
+                let share = |percent: f64| (total as f64 * percent / 100.0) as u64;
+                Self {
+                    critical_free_bytes: share(config.memory_fs_critical_free_percent),
+                    warning_free_bytes: share(config.memory_fs_warning_free_percent),
+                    clear_margin_bytes: share(config.memory_fs_clear_margin_percent),
+                    ..absolute
+                }
+            }
+            _ => absolute,
         }
     }
 
@@ -313,5 +392,58 @@ mod tests {
         let both = Thresholds::for_paths(&config, [Path::new("/a"), Path::new("/b")]);
         assert_eq!(both.critical_free_bytes, 7 << 30);
         assert_eq!(both.warning_free_bytes, 10 << 30);
+    }
+
+    #[test]
+    fn a_memory_backed_filesystem_gets_levels_relative_to_its_size() {
+        let config = DiskConfig::default();
+        let tmp = [Path::new("/tmp")];
+        let gib = 1u64 << 30;
+        let small = Thresholds::for_filesystem(&config, tmp, "tmpfs", Some(2 * gib));
+        assert_eq!(small.critical_free_bytes, 2 * gib / 20, "5 %");
+        assert_eq!(small.warning_free_bytes, 2 * gib / 10, "10 %");
+        assert_eq!(small.clear_margin_bytes, 2 * gib / 100, "1 %");
+        assert_eq!(small.critical_free_inodes_percent, 5.0, "inodes as ever");
+        // ramfs has no size: nothing to fall below.
+        let ramfs = Thresholds::for_filesystem(&config, tmp, "ramfs", Some(0));
+        assert_eq!(ramfs.critical_free_bytes, 0);
+        // /tmp on the OS disk keeps the absolute floor; so does a tmpfs not
+        // sampled yet.
+        let disk = Thresholds::for_filesystem(&config, tmp, "ext4", Some(100 * gib));
+        assert_eq!(disk, Thresholds::from_config(&config));
+        let unsampled = Thresholds::for_filesystem(&config, tmp, "tmpfs", None);
+        assert_eq!(unsampled, Thresholds::from_config(&config));
+    }
+
+    #[test]
+    fn a_memory_backed_filesystem_named_in_the_config_keeps_absolute_levels() {
+        let gib = 1u64 << 30;
+        let mut config = DiskConfig::default();
+        config.overrides.insert(
+            "/tmp".into(),
+            DiskOverride {
+                critical_free_bytes: Some(gib),
+                warning_free_bytes: Some(gib),
+                ..Default::default()
+            },
+        );
+        let t = Thresholds::for_filesystem(&config, [Path::new("/tmp")], "tmpfs", Some(2 * gib));
+        assert_eq!(t.critical_free_bytes, gib);
+        let mut config = DiskConfig::default();
+        config.paths.push("/scratch/".into());
+        let t = Thresholds::for_filesystem(&config, [Path::new("/scratch")], "tmpfs", Some(gib));
+        assert_eq!(t, Thresholds::from_config(&config));
+    }
+
+    #[test]
+    fn memory_levels_are_checked() {
+        let error = parse("memory_fs_warning_free_percent = 2.0\n")
+            .validate()
+            .unwrap_err();
+        assert_eq!(error.key, "memory_fs_warning_free_percent");
+        let error = parse("memory_fs_critical_free_percent = 101.0\n")
+            .validate()
+            .unwrap_err();
+        assert_eq!(error.key, "memory_fs_critical_free_percent");
     }
 }

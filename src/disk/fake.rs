@@ -1,6 +1,8 @@
 //! Fakes of the disk guard's outside world, for unit tests and (with the
 //! `test-util` feature) integration tests: a filesystem world whose numbers
-//! the test sets and whose filesystems can hang ([`FakeProbe`]), an engine
+//! the test sets and whose filesystems can hang ([`FakeProbe`], both the
+//! in-agent and the isolated probe: its "helpers" are blocking threads, gone
+//! when the hung call returns), an engine
 //! with scripted containers and images ([`FakeDocker`]), and a reclaim step
 //! with scripted results ([`FakeStep`]). Each records its calls.
 
@@ -8,12 +10,18 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 
 use super::docker::{DanglingImage, DockerSpace, ExitedContainer};
-use super::probe::{FsProbe, PathSample};
+use super::probe::{
+    FsProbe, IsolatedProbe, PathSample, ProbeRun, SampleAnswer, SystemProbe, WalkAnswer,
+    lexical_mount,
+};
 use super::reclaim::{Freed, ReclaimError, ReclaimStep};
+use super::top::TopRequest;
 use super::{FsStats, MountInfo};
 use crate::jobs::engine::EngineError;
 
@@ -65,6 +73,13 @@ impl FakeProbe {
             ),
         );
         world.paths.insert(mount_point.into(), dev);
+    }
+
+    /// Gives filesystem `dev` the type `fs_type` ("tmpfs", …).
+    pub fn set_fs_type(&self, dev: u64, fs_type: &str) {
+        if let Some((mount, _)) = self.world().filesystems.get_mut(&dev) {
+            mount.fs_type = fs_type.into();
+        }
     }
 
     /// Puts `path` on filesystem `dev`.
@@ -159,6 +174,81 @@ impl FsProbe for FakeProbe {
     }
 }
 
+impl IsolatedProbe for FakeProbe {
+    fn sample(&self, paths: Vec<(PathBuf, bool)>, _timeout: Duration) -> ProbeRun<SampleAnswer> {
+        sample_in_threads(self, paths)
+    }
+
+    fn walk(&self, request: TopRequest, _limit: Duration) -> ProbeRun<WalkAnswer> {
+        walk_in_a_thread(request)
+    }
+
+    fn filesystem_of(&self, path: &Path) -> PathBuf {
+        let world = self.world();
+        world
+            .filesystems
+            .values()
+            .map(|(mount, _)| &mount.mount_point)
+            .filter(|m| path.starts_with(m))
+            .max_by_key(|m| m.components().count())
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("/"))
+    }
+}
+
+/// For unit tests, which cannot re-execute the agent's binary: the real
+/// filesystems, probed in blocking threads instead of helper processes.
+impl IsolatedProbe for SystemProbe {
+    fn sample(&self, paths: Vec<(PathBuf, bool)>, _timeout: Duration) -> ProbeRun<SampleAnswer> {
+        sample_in_threads(self, paths)
+    }
+
+    fn walk(&self, request: TopRequest, _limit: Duration) -> ProbeRun<WalkAnswer> {
+        walk_in_a_thread(request)
+    }
+
+    fn filesystem_of(&self, path: &Path) -> PathBuf {
+        lexical_mount(&crate::mountinfo::read().unwrap_or_default(), path)
+    }
+}
+
+/// Each path sampled through `probe` in a blocking thread of its own; the
+/// answers close once every thread has returned (a hung one: once it is
+/// released), as a helper's would once it is gone.
+fn sample_in_threads<P: FsProbe + Clone>(
+    probe: &P,
+    paths: Vec<(PathBuf, bool)>,
+) -> ProbeRun<SampleAnswer> {
+    let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
+    for (index, (path, want_mount)) in paths.into_iter().enumerate() {
+        let (probe, tx) = (probe.clone(), tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let outcome = super::probe::sample_with_mount(&probe, &path, want_mount);
+            let _ = tx.send((index, outcome));
+        });
+    }
+    ProbeRun {
+        answers,
+        kill: CancellationToken::new(),
+    }
+}
+
+/// The real walk in a blocking thread.
+fn walk_in_a_thread(request: TopRequest) -> ProbeRun<WalkAnswer> {
+    let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
+    tokio::task::spawn_blocking(move || {
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let result = super::top::walk(&request, &cancel, |p| {
+            let _ = tx.send(WalkAnswer::Progress(p));
+        });
+        let _ = tx.send(WalkAnswer::Done(result));
+    });
+    ProbeRun {
+        answers,
+        kill: CancellationToken::new(),
+    }
+}
+
 /// The fake engine's contents.
 #[derive(Default)]
 pub struct FakeDockerState {
@@ -244,6 +334,8 @@ pub struct FakeStep {
     pub on_run: Box<dyn Fn() + Send + Sync>,
     /// Where it frees space.
     pub location: Option<PathBuf>,
+    /// How long each estimate and run takes (tokio time).
+    pub delay: Duration,
 }
 
 impl FakeStep {
@@ -256,6 +348,7 @@ impl FakeStep {
             calls: Mutex::new((0, 0)),
             on_run: Box::new(|| {}),
             location: None,
+            delay: Duration::ZERO,
         }
     }
 
@@ -288,10 +381,12 @@ impl ReclaimStep for FakeStep {
     }
     async fn estimate(&self) -> Result<Freed, ReclaimError> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+        tokio::time::sleep(self.delay).await;
         self.result()
     }
     async fn run(&self) -> Result<Freed, ReclaimError> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
+        tokio::time::sleep(self.delay).await;
         (self.on_run)();
         self.result()
     }

@@ -258,9 +258,24 @@ pub enum DiskError {
         /// The limit.
         timeout: Duration,
     },
-    /// A directory walk is still running (possibly stuck on a hung filesystem).
-    #[error("another `disk --top` walk is still running; try again when it ends")]
-    Busy,
+    /// A probe of the filesystem was stuck when this one was asked for: the
+    /// filesystem is unresponsive, answered without probing it again.
+    #[error(
+        "{path}: the filesystem at {filesystem} is not answering: a probe of it has been stuck for {} s (a hung network or FUSE filesystem?); it is not probed again until that probe returns",
+        stuck_for.as_secs()
+    )]
+    Unresponsive {
+        /// The path asked for.
+        path: PathBuf,
+        /// The filesystem it names (its mount point).
+        filesystem: PathBuf,
+        /// How long the stuck probe has been running.
+        stuck_for: Duration,
+    },
+    /// Too much of the same work is running (a walk of the filesystem, or
+    /// the limit of probes at once); says which.
+    #[error("{0}")]
+    Busy(String),
     /// The store refused a write or read.
     #[error("cannot save the disk guard's settings: {0}")]
     Store(#[source] StoreError),

@@ -2,29 +2,40 @@
 //! below PATH, by allocated bytes (what `du -x` counts), staying on PATH's
 //! filesystem, bounded in time and in entries, reporting progress as it goes.
 //!
-//! Blocking: [`walk`] runs in `spawn_blocking`, and [`TopWalks`] runs at
-//! most one at a time, bounded even when blocked inside one call on a hung
-//! filesystem. Memory stays small whatever the tree: a depth-first walk keeps
-//! one frame per level and a heap of the current top N. Reads only metadata;
-//! never opens or changes a file.
+//! Blocking, and into trees that users control: [`walk`] runs in the probe
+//! helper process (`disk::probe::child`), never in the agent's threads, at
+//! most one per filesystem (`disk::probe::flights`), killed when it overruns.
+//! Memory stays small whatever the tree: a depth-first walk keeps one frame
+//! (one open directory) per level and a heap of the current top N. Reads only
+//! metadata; never opens or changes a file.
 //!
-//! The daemon runs as root, but a walk asked for by an operator only enters
-//! the directories that operator could list themselves (read and search
-//! permission by owner, group and mode bits), so `--top` shows no more of
-//! other users' trees than `du` run by the operator would.
+//! The daemon runs as root, but a walk asked for by an operator only goes
+//! where that operator could go themselves: the start is reached one
+//! component at a time from `/`, each directory on the way checked for the
+//! operator's search permission (and the start for read and search), and
+//! below it only the directories they could list are entered (owner, group
+//! and mode bits), so `--top` shows no more of other users' trees than `du`
+//! run by the operator would. The walk goes by descriptors: each directory
+//! is opened from its parent's descriptor with `O_NOFOLLOW | O_DIRECTORY`,
+//! checked on that descriptor, and read through it, never reopened by a
+//! path after its check, so renames and symlinks swapped in meanwhile cannot
+//! take it anywhere else.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
-use std::os::unix::fs::MetadataExt;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::DiskError;
+use crate::paths::held::{self, Held};
 
 /// What to walk and how far.
 #[derive(Debug, Clone)]
@@ -40,73 +51,6 @@ pub struct TopRequest {
     /// Walk with the permissions of this user (an operator) instead of
     /// root's; `None` for an admin.
     pub as_uid: Option<u32>,
-}
-
-/// The walks of `disk --top`, one at a time, so that a walk stuck on a hung
-/// filesystem cannot pile up threads.
-#[derive(Debug, Default)]
-pub struct TopWalks {
-    busy: Arc<AtomicBool>,
-}
-
-impl TopWalks {
-    /// Walks `request.path` off the runtime. Progress goes to `progress`
-    /// (dropped when it is full). Fails with [`DiskError::Busy`] while
-    /// another walk runs, and with [`DiskError::Timeout`] when the walk
-    /// overruns its timeout by 5 s (blocked inside one call); dropping the
-    /// future stops the walk too.
-    pub async fn run(
-        &self,
-        request: TopRequest,
-        progress: mpsc::Sender<TopProgress>,
-    ) -> Result<TopReport, DiskError> {
-        if self.busy.swap(true, Ordering::AcqRel) {
-            return Err(DiskError::Busy);
-        }
-        let busy = self.busy.clone();
-        let cancel = Arc::new(AtomicBool::new(false));
-        // A client that goes away drops this future: the walk stops too.
-        let _stop_walk = CancelOnDrop(cancel.clone());
-        let walk_cancel = cancel.clone();
-        let walk_request = request.clone();
-        let handle = tokio::task::spawn_blocking(move || {
-            let result = walk(&walk_request, &walk_cancel, |p| {
-                let _ = progress.try_send(p);
-            });
-            busy.store(false, Ordering::Release);
-            result
-        });
-        // The walk checks its own deadline between entries; this one covers
-        // a walk blocked inside one call on a hung filesystem.
-        let limit = request.timeout + Duration::from_secs(5);
-        match tokio::time::timeout(limit, handle).await {
-            Ok(Ok(Ok(report))) => Ok(report),
-            Ok(Ok(Err(source))) => Err(DiskError::Path {
-                path: request.path,
-                source,
-            }),
-            Ok(Err(join)) => Err(DiskError::Path {
-                path: request.path,
-                source: std::io::Error::other(join.to_string()),
-            }),
-            Err(_) => {
-                cancel.store(true, Ordering::Relaxed);
-                Err(DiskError::Timeout {
-                    path: request.path,
-                    timeout: limit,
-                })
-            }
-        }
-    }
-}
-
-/// Sets its flag when dropped.
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
 }
 
 /// The user whose permissions a walk honours.
@@ -132,20 +76,30 @@ impl Caller {
         Self { uid, gids }
     }
 
-    /// Whether the caller may list `dir` (read and search permission).
-    fn may_list(&self, dir: &std::fs::Metadata) -> bool {
+    /// The caller's permission bits (`rwx`, 0 to 7) on an object.
+    fn bits(&self, stat: &Stat) -> u32 {
         if self.uid == 0 {
-            return true;
+            return 0o7;
         }
-        let mode = dir.mode();
-        let bits = if dir.uid() == self.uid {
+        let mode = stat.st_mode;
+        let bits = if stat.st_uid == self.uid {
             mode >> 6
-        } else if self.gids.contains(&dir.gid()) {
+        } else if self.gids.contains(&stat.st_gid) {
             mode >> 3
         } else {
             mode
         };
-        bits & 0o5 == 0o5
+        bits & 0o7
+    }
+
+    /// Whether the caller may list `dir` (read and search permission).
+    fn may_list(&self, dir: &Stat) -> bool {
+        self.bits(dir) & 0o5 == 0o5
+    }
+
+    /// Whether the caller may look names up in `dir` (search permission).
+    fn may_search(&self, dir: &Stat) -> bool {
+        self.bits(dir) & 0o1 == 0o1
     }
 }
 
@@ -190,8 +144,35 @@ pub struct TopReport {
 
 struct Frame {
     path: PathBuf,
-    entries: std::fs::ReadDir,
+    entries: Dir,
     bytes: u64,
+}
+
+/// A directory opened for reading from its parent's descriptor, never
+/// through a symlink.
+fn open_child_dir(parent: &Dir, name: &OsStr) -> std::io::Result<(Dir, Stat)> {
+    let fd = rustix::fs::openat(
+        parent.fd()?,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOATIME,
+        Mode::empty(),
+    )
+    .or_else(|e| {
+        // O_NOATIME is refused (EPERM) on files root does not own in some
+        // setups; it only spares an atime update.
+        if e == rustix::io::Errno::PERM {
+            rustix::fs::openat(
+                parent.fd()?,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        } else {
+            Err(e)
+        }
+    })?;
+    let stat = rustix::fs::fstat(&fd)?;
+    Ok((Dir::new(fd)?, stat))
 }
 
 /// How often progress is reported.
@@ -207,25 +188,45 @@ pub fn walk(
 ) -> std::io::Result<TopReport> {
     let started = Instant::now();
     let deadline = started + request.timeout;
-    let root = std::fs::symlink_metadata(&request.path)?;
-    if !root.is_dir() {
+    let caller = request.as_uid.map(Caller::lookup);
+    let denied = |what: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("uid {} may not {what}", request.as_uid.unwrap_or_default()),
+        )
+    };
+    // The start as the caller reaches it: every directory on the way must
+    // be searchable by them.
+    let start = match &caller {
+        None => Held::open(&request.path)?,
+        Some(c) => {
+            held::open_searching(&request.path, |dir| c.may_search(dir)).map_err(|e| match e {
+                held::WalkError::Denied(dir) => denied(format!(
+                    "search {} on the way to this directory",
+                    dir.display()
+                )),
+                held::WalkError::Io { source, .. } => source,
+            })?
+        }
+    };
+    if !start.is_dir() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::NotADirectory,
             "not a directory",
         ));
     }
-    let caller = request.as_uid.map(Caller::lookup);
-    let may_list = |dir: &std::fs::Metadata| caller.as_ref().is_none_or(|c| c.may_list(dir));
+    let may_list = |dir: &Stat| caller.as_ref().is_none_or(|c| c.may_list(dir));
+    let dir = Dir::new(rustix::fs::openat(
+        start.fd(),
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)?;
+    let root = rustix::fs::fstat(dir.fd()?)?;
     if !may_list(&root) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "uid {} may not list this directory",
-                request.as_uid.unwrap_or_default()
-            ),
-        ));
+        return Err(denied("list this directory".into()));
     }
-    let dev = root.dev();
+    let dev = root.st_dev;
     let mut top = TopHeap::new(request.limit);
     let mut seen_links: HashSet<(u64, u64)> = HashSet::new();
     let mut entries: u64 = 0;
@@ -235,7 +236,7 @@ pub fn walk(
     let mut last_progress = started;
     let mut stack = vec![Frame {
         path: request.path.clone(),
-        entries: std::fs::read_dir(&request.path)?,
+        entries: dir,
         bytes: allocated(&root),
     }];
     total += allocated(&root);
@@ -266,7 +267,7 @@ pub fn walk(
         let next = if stopped.is_some() {
             None
         } else {
-            frame.entries.next()
+            frame.entries.read()
         };
         let Some(entry) = next else {
             let Some(done) = stack.pop() else { break };
@@ -279,38 +280,56 @@ pub fn walk(
             });
             continue;
         };
-        entries += 1;
         let Ok(entry) = entry else {
+            entries += 1;
             unreadable += 1;
             continue;
         };
-        let path = entry.path();
-        // lstat: symlinks are counted as themselves, never followed.
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_owned();
+        if name == "." || name == ".." {
+            continue;
+        }
+        entries += 1;
+        // lstat from the directory's own descriptor: symlinks are counted
+        // as themselves, never followed.
+        let Ok(meta) = frame
+            .entries
+            .fd()
+            .and_then(|fd| rustix::fs::statat(fd, &name, AtFlags::SYMLINK_NOFOLLOW))
+        else {
             unreadable += 1;
             continue;
         };
-        if meta.dev() != dev {
+        if meta.st_dev != dev {
             // Another filesystem mounted below: not ours to count.
             continue;
         }
-        if meta.nlink() > 1 && !meta.is_dir() && !seen_links.insert((meta.dev(), meta.ino())) {
+        let is_dir = FileType::from_raw_mode(meta.st_mode) == FileType::Directory;
+        if meta.st_nlink > 1 && !is_dir && !seen_links.insert((meta.st_dev, meta.st_ino)) {
             continue;
         }
         let bytes = allocated(&meta);
         total += bytes;
-        if meta.is_dir() && !may_list(&meta) {
+        if is_dir && !may_list(&meta) {
             // Counted as an entry the caller cannot see into.
             unreadable += 1;
             frame_add(&mut stack, bytes);
-        } else if meta.is_dir() {
-            match std::fs::read_dir(&path) {
-                Ok(children) => stack.push(Frame {
-                    path,
-                    entries: children,
-                    bytes,
-                }),
-                Err(_) => {
+        } else if is_dir {
+            let path = frame.path.join(&name);
+            // The directory read is the one just looked at (same inode, still
+            // listable): anything swapped in meanwhile is not entered.
+            match open_child_dir(&frame.entries, &name) {
+                Ok((children, opened))
+                    if (opened.st_dev, opened.st_ino) == (meta.st_dev, meta.st_ino)
+                        && may_list(&opened) =>
+                {
+                    stack.push(Frame {
+                        path,
+                        entries: children,
+                        bytes,
+                    })
+                }
+                _ => {
                     unreadable += 1;
                     frame_add(&mut stack, bytes);
                 }
@@ -337,8 +356,8 @@ fn frame_add(stack: &mut [Frame], bytes: u64) {
 }
 
 /// Bytes allocated on disk (`st_blocks` counts 512-byte units).
-fn allocated(meta: &std::fs::Metadata) -> u64 {
-    meta.blocks().saturating_mul(512)
+fn allocated(meta: &Stat) -> u64 {
+    (meta.st_blocks as u64).saturating_mul(512)
 }
 
 /// The N largest directories seen so far.
@@ -451,6 +470,24 @@ mod tests {
         assert!(report.total_bytes >= 5 << 20, "{report:?}");
         // A start the caller may not list is refused.
         let mut req = request(&root.join("private"));
+        req.as_uid = Some(4_000_321);
+        let error = walk(&req, &Arc::new(AtomicBool::new(false)), |_| {}).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
+        // So is one they could list but cannot reach: an ancestor is closed.
+        std::fs::set_permissions(
+            root.join("private/secret-name"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let mut req = request(&root.join("private/secret-name"));
+        req.as_uid = Some(4_000_321);
+        let error = walk(&req, &Arc::new(AtomicBool::new(false)), |_| {}).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(error.to_string().contains("search"), "{error}");
+        // Through a symlink the operator may follow, the real ancestors count too.
+        std::os::unix::fs::symlink(root.join("private/secret-name"), root.join("open/link"))
+            .unwrap();
+        let mut req = request(&root.join("open/link"));
         req.as_uid = Some(4_000_321);
         let error = walk(&req, &Arc::new(AtomicBool::new(false)), |_| {}).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);

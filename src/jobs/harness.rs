@@ -101,6 +101,7 @@ impl Harness {
                 admission: rig.admission.clone(),
                 mounts: mounts.clone(),
                 logs_dir: rig.root.join("logs"),
+                staging_dir: None,
                 instance_id: "inst".into(),
                 usable_cores: 2.0,
                 memory_bytes: 8 << 30,

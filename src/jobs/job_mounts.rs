@@ -5,13 +5,26 @@
 //! bind, or a reason to wait), and after it failed (which managed mounts
 //! died under it).
 //!
+//! A host path is opened once and held ([`crate::paths::held`]); Docker gets
+//! its real path only when no user but root can change it or any of its
+//! ancestors. Otherwise (a user's own directory) the held object is first
+//! bind-mounted into the root-only staging dir (`<agent.runtime_dir>/
+//! staging/jobs`, [`crate::paths::staging`]) and Docker binds that entry: a
+//! symlink swapped in after the check cannot redirect the bind. The entries
+//! (`<job id>.<attempt>.<index>`) go when the job ends or goes back to the
+//! queue, and at start-up for jobs that no longer run ([`tidy_staged`]).
+//!
 //! Knows nothing of the manager's state; must not touch the mounts domain's
 //! internals (only the trait it implements).
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use super::engine::Bind;
 use super::spec::{self, JobMount, JobSpec, MountSource, SpecError};
+use crate::paths::held::Held;
+use crate::paths::privileged::Privileged;
+use crate::paths::staging::Staging;
 
 /// How a job refers to a managed mount, as the mounts module answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,13 +103,18 @@ pub(super) async fn check(
 
 /// Just before the container is created: each mount as a bind, managed
 /// mounts checked once more (see [`MountResolver::verify`]) and host paths
-/// resolved again (the tree may have changed since submit). `Err` is the
-/// reason the job waits in the queue.
+/// opened again (the tree may have changed since submit) and handed over as
+/// a path only root can change (staged when needed, see the module doc).
+/// `Err` is the reason the job waits in the queue; entries staged by then
+/// are for the caller to [`release`].
 pub(super) async fn binds(
     resolver: &dyn MountResolver,
+    job_id: &str,
     mounts: &[JobMount],
     roots: &[PathBuf],
+    staging_dir: Option<&Path>,
 ) -> Result<Vec<Bind>, String> {
+    let attempt = uuid::Uuid::new_v4().simple().to_string();
     let mut binds = Vec::new();
     for (i, mount) in mounts.iter().enumerate() {
         let source = match &mount.source {
@@ -115,12 +133,16 @@ pub(super) async fn binds(
                     path.clone(),
                     roots.to_vec(),
                 );
+                let entry = format!("{job_id}.{attempt}.{i}");
+                let staging_dir = staging_dir.map(Path::to_owned);
                 match tokio::task::spawn_blocking(move || {
-                    spec::confine_host_path(&field, &path, &roots)
+                    let held = spec::confine_host_path(&field, &path, &roots)
+                        .map_err(|e| e.to_string())?;
+                    hand_over(&field, &held, &entry, staging_dir.as_deref())
                 })
                 .await
                 {
-                    Ok(Ok(real)) => real,
+                    Ok(Ok(source)) => source,
                     Ok(Err(e)) => return Err(format!("waiting: {e}")),
                     Err(e) => return Err(format!("waiting: {e}")),
                 }
@@ -133,6 +155,101 @@ pub(super) async fn binds(
         });
     }
     Ok(binds)
+}
+
+/// The path Docker gets for a held host path: its own when only root can
+/// change it, else a staging entry bound from the descriptor. Blocking.
+fn hand_over(
+    field: &str,
+    held: &Held,
+    entry: &str,
+    staging_dir: Option<&Path>,
+) -> Result<PathBuf, String> {
+    let path = held.path().display();
+    let who = held
+        .changeable()
+        .map_err(|e| format!("{field}: {path} cannot be checked: {e}"))?;
+    let Some(who) = who else {
+        return Ok(held.path().to_owned());
+    };
+    let Some(dir) = staging_dir else {
+        return Err(format!(
+            "{field}: {path} can be changed by a user other than root ({who}), \
+             and this agent has no staging dir to bind it from"
+        ));
+    };
+    Staging::prepare(dir)
+        .and_then(|staging| Privileged::detect().bind(&staging, entry, held))
+        .map_err(|e| {
+            format!(
+                "{field}: {path} can be changed by a user other than root ({who}) \
+                 and cannot be staged: {e}"
+            )
+        })
+}
+
+/// Takes off a job's staging entries (every attempt's). Never fails: what
+/// cannot go now is left for [`tidy_staged`] at the next start.
+pub(super) async fn release(staging_dir: Option<&Path>, job_id: &str) {
+    let Some(dir) = staging_dir.map(Path::to_owned) else {
+        return;
+    };
+    let job = job_id.to_owned();
+    let outcome = tokio::task::spawn_blocking(move || {
+        if std::fs::symlink_metadata(&dir).is_err() {
+            return Ok(());
+        }
+        let staging = Staging::prepare(&dir)?;
+        let privileged = Privileged::detect();
+        for name in staging.names()? {
+            if job_of(&name) == Some(job.as_str()) {
+                privileged.release(&staging, &name)?;
+            }
+        }
+        Ok::<_, crate::paths::staging::StagingError>(())
+    })
+    .await;
+    if let Ok(Err(error)) = outcome {
+        tracing::warn!(job = job_id, %error, "cannot release the job's staged binds");
+    }
+}
+
+/// At start-up: takes off the staging entries of every job that is not
+/// `live` (starting or running): what a crash left behind.
+pub(super) async fn tidy_staged(staging_dir: Option<&Path>, live: HashSet<String>) {
+    let Some(dir) = staging_dir.map(Path::to_owned) else {
+        return;
+    };
+    let outcome = tokio::task::spawn_blocking(move || {
+        if std::fs::symlink_metadata(&dir).is_err() {
+            return Ok(0);
+        }
+        let staging = Staging::prepare(&dir)?;
+        let privileged = Privileged::detect();
+        let mut released = 0;
+        for name in staging.names()? {
+            if !job_of(&name).is_some_and(|job| live.contains(job)) {
+                privileged.release(&staging, &name)?;
+                released += 1;
+            }
+        }
+        Ok::<_, crate::paths::staging::StagingError>(released)
+    })
+    .await;
+    match outcome {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(
+            entries = n,
+            "released staged binds of jobs that no longer run"
+        ),
+        Ok(Err(error)) => tracing::warn!(%error, "cannot tidy the staged binds of jobs"),
+        Err(error) => tracing::warn!(%error, "cannot tidy the staged binds of jobs"),
+    }
+}
+
+/// The job of a staging entry `<job id>.<attempt>.<index>` (ids may hold dots).
+fn job_of(entry: &str) -> Option<&str> {
+    entry.rsplitn(3, '.').nth(2)
 }
 
 /// The repair counts of a job's managed mounts, taken when it starts.

@@ -237,6 +237,9 @@ impl JobManager {
     /// as cancelled when a cancel was asked for meanwhile (the request fired
     /// the launch's token, which the next launch would not carry).
     async fn requeue(&self, id: &str, reason: String) {
+        // No container uses the staged binds of this attempt; the next one
+        // opens and checks the paths again.
+        job_mounts::release(self.inner.staging_dir.as_deref(), id).await;
         let record = {
             let mut state = self.lock();
             let Some(r) = state.jobs.get_mut(id) else {
@@ -278,8 +281,10 @@ impl JobManager {
         let config = self.jobs_config();
         let binds = job_mounts::binds(
             self.inner.mounts.as_ref(),
+            &s.id,
             &s.mounts,
             &config.allowed_host_roots,
+            self.inner.staging_dir.as_deref(),
         )
         .await?;
         let mut labels: HashMap<String, String> = s
@@ -496,6 +501,7 @@ impl JobManager {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+        job_mounts::release(self.inner.staging_dir.as_deref(), id).await;
         self.lock().release(id);
         self.inner.wake.notify_one();
     }

@@ -95,6 +95,9 @@ pub struct JobsDeps {
     pub mounts: Arc<dyn MountResolver>,
     /// Directory of job logs.
     pub logs_dir: PathBuf,
+    /// Root-only dir of staged binds (`<agent.runtime_dir>/staging/jobs`);
+    /// `None`: a host path a user can change is refused instead.
+    pub staging_dir: Option<PathBuf>,
     /// Labels the containers.
     pub instance_id: String,
     /// Usable CPU cores.
@@ -146,6 +149,7 @@ pub(super) struct Inner {
     pub(super) admission: AdmissionGate,
     pub(super) mounts: Arc<dyn MountResolver>,
     pub(super) logs: JobLogs,
+    pub(super) staging_dir: Option<PathBuf>,
     pub(super) instance_id: String,
     pub(super) usable_cores: f64,
     pub(super) memory_bytes: u64,
@@ -161,6 +165,17 @@ pub(super) struct Inner {
     pub(super) wake: Notify,
     pub(super) shutdown: CancellationToken,
     pub(super) tasks: TaskTracker,
+}
+
+/// Jobs that may still use their staged binds at start: starting or running.
+fn manager_live_jobs(inner: &Inner) -> std::collections::HashSet<String> {
+    let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+    state
+        .jobs
+        .values()
+        .filter(|r| matches!(r.state, JobState::Starting | JobState::Running))
+        .map(|r| r.id().to_owned())
+        .collect()
 }
 
 impl Inner {
@@ -196,6 +211,7 @@ impl JobManager {
             admission: deps.admission,
             mounts: deps.mounts,
             logs: JobLogs::new(deps.logs_dir),
+            staging_dir: deps.staging_dir,
             instance_id: deps.instance_id,
             usable_cores: deps.usable_cores,
             memory_bytes: deps.memory_bytes,
@@ -210,6 +226,11 @@ impl JobManager {
             wake: Notify::new(),
             shutdown,
             tasks,
+        });
+        let live: std::collections::HashSet<String> = manager_live_jobs(&inner);
+        let staging_dir = inner.staging_dir.clone();
+        inner.tasks.spawn(async move {
+            job_mounts::tidy_staged(staging_dir.as_deref(), live).await;
         });
         let manager = Self { inner };
         manager.inner.tasks.spawn(manager.clone().schedule_loop());

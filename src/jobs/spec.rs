@@ -340,14 +340,14 @@ pub fn validate(
     Ok(spec)
 }
 
-/// Resolves a host path and checks that it stays under an allowed root once
-/// symlinks are followed (the shared rule of [`crate::paths::confine`]).
-/// Blocking (it stats the filesystem).
+/// Opens a host path once and checks that the object it leads to lies under
+/// an allowed root (the shared rule of [`crate::paths::confine`]); the
+/// object stays held for the bind. Blocking (it opens the path).
 pub fn confine_host_path(
     field: &str,
     path: &Path,
     roots: &[PathBuf],
-) -> Result<PathBuf, SpecError> {
+) -> Result<crate::paths::held::Held, SpecError> {
     crate::paths::confine(path, roots).map_err(|e| bad(field, e.to_string()))
 }
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::validate::FieldError;
+use crate::validate::{FieldError, check_ranges};
 
 /// `[metrics]`: the Prometheus text endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -13,12 +13,16 @@ use crate::validate::FieldError;
 pub struct MetricsConfig {
     /// Loopback host:port serving `GET /metrics`; off when empty.
     pub listen: String,
+    /// Connections served at once; past it, a new one replaces the oldest
+    /// that has not sent its request yet.
+    pub max_connections: u32,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9464".into(),
+            max_connections: 16,
         }
     }
 }
@@ -31,6 +35,7 @@ impl MetricsConfig {
 
     /// Checks the section; keys are relative to `[metrics]`.
     pub fn validate(&self) -> Result<(), FieldError> {
+        check_ranges(&[("max_connections", self.max_connections.into(), 1, 1024)])?;
         let listen = &self.listen;
         if listen.is_empty() {
             return Ok(());
@@ -61,6 +66,7 @@ mod tests {
     fn listen(listen: &str) -> MetricsConfig {
         MetricsConfig {
             listen: listen.into(),
+            ..MetricsConfig::default()
         }
     }
 
@@ -79,5 +85,10 @@ mod tests {
         for bad in ["0.0.0.0:9464", "10.0.0.1:9464", "localhost"] {
             assert_eq!(listen(bad).validate().unwrap_err().key, "listen", "{bad}");
         }
+        let none = MetricsConfig {
+            max_connections: 0,
+            ..MetricsConfig::default()
+        };
+        assert_eq!(none.validate().unwrap_err().key, "max_connections");
     }
 }

@@ -81,6 +81,7 @@ fn mount_state_is_one_hot_and_remounts_count_once_per_repair() {
         cache_max_bytes: 0,
         pid: None,
         origin: crate::mounts::Origin::Api,
+        owner: crate::mounts::spec::Owner::ROOT,
     };
     for state in [
         MountState::Mounted,

@@ -33,6 +33,13 @@ pub struct MountsConfig {
     pub backoff_initial_seconds: u32,
     /// Longest delay between mount attempts.
     pub backoff_max_seconds: u32,
+    /// The user a mount belongs to when its request names no owner (the
+    /// instance's user): blobfuse2 runs as them and only they and root
+    /// (jobs included) reach the mount. "root" makes such mounts jobs-only.
+    pub default_owner: String,
+    /// Mode of every file and directory of a mount (blobfuse2's
+    /// `libfuse.default-permission`), at most 0o777.
+    pub default_permission: u32,
     /// Mounts declared here (`[[mounts.mount]]`), mounted at every start.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mount: Vec<DeclaredMount>,
@@ -50,6 +57,8 @@ impl Default for MountsConfig {
             mount_timeout_seconds: 30,
             backoff_initial_seconds: 1,
             backoff_max_seconds: 300,
+            default_owner: "azureuser".into(),
+            default_permission: 0o750,
             mount: Vec::new(),
         }
     }
@@ -88,6 +97,8 @@ pub struct DeclaredMount {
     pub endpoint: String,
     /// Mount only this virtual directory of the container.
     pub subdirectory: String,
+    /// The user the mount belongs to; `mounts.default_owner` when empty.
+    pub owner: String,
 }
 
 /// The key of a problem with the roots. It names both keys because the
@@ -137,6 +148,21 @@ impl MountsConfig {
                 1 << 50,
             ),
         ])?;
+        if self.default_permission > 0o777 {
+            return Err(FieldError::new(
+                "default_permission",
+                format!(
+                    "{:#o} is not a file mode: at most 0o777 (no setuid, setgid or sticky bits)",
+                    self.default_permission
+                ),
+            ));
+        }
+        if self.default_owner.is_empty() {
+            return Err(FieldError::new(
+                "default_owner",
+                "must name a user (\"root\" for mounts only jobs use)",
+            ));
+        }
         if self.blobfuse2_path.as_os_str().is_empty() {
             return Err(FieldError::new("blobfuse2_path", "must not be empty"));
         }

@@ -189,10 +189,19 @@ impl FuseMounter for FakeMounter {
             .map(|(pid, _)| *pid)
     }
 
+    async fn is_launched(&self, pid: u32, launch: &Launch) -> bool {
+        self.lock()
+            .processes
+            .get(&pid)
+            .is_some_and(|(l, end)| end.is_none() && l == launch)
+    }
+
     async fn mount_entry(&self, path: &Path) -> std::io::Result<Option<MountEntry>> {
         let s = self.lock();
         if let Some((fs_type, source)) = s.foreign.get(path) {
             return Ok(Some(MountEntry {
+                id: 0,
+                peer_group: None,
                 dev: (0, 0),
                 mount_point: path.to_owned(),
                 fs_type: fs_type.clone(),
@@ -200,6 +209,8 @@ impl FuseMounter for FakeMounter {
             }));
         }
         Ok(s.mounts.contains_key(path).then(|| MountEntry {
+            id: 0,
+            peer_group: None,
             dev: (0, 0),
             mount_point: path.to_owned(),
             fs_type: "fuse".into(),

@@ -29,6 +29,7 @@
 
 pub mod cache;
 pub mod config;
+mod handoff;
 pub mod reclaim;
 mod registry;
 pub mod render;
@@ -115,6 +116,8 @@ pub struct MountStatus {
     pub pid: Option<u32>,
     /// Where it was declared.
     pub origin: Origin,
+    /// Who it belongs to (blobfuse2 runs as them).
+    pub owner: spec::Owner,
 }
 
 impl MountStatus {
@@ -135,6 +138,7 @@ impl MountStatus {
             cache_max_bytes: spec.cache_max_bytes,
             pid: None,
             origin: spec.origin,
+            owner: spec.owner(),
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::secrets;
-use super::spec::{Auth, ManagedIdentity, MountSpec, Origin, SecretSource};
+use super::spec::{Auth, ManagedIdentity, MountSpec, Origin, Owner, SecretSource};
 use super::{MountError, MountState, MountStatus};
 use crate::events::{EventBus, EventPayload};
 use crate::health::{ConditionState, Health, Subsystem};
@@ -55,6 +55,9 @@ pub(super) struct RequestedRecord {
     pub cache_max_bytes: u64,
     pub endpoint: String,
     pub subdirectory: String,
+    /// Absent in records from before owners: `mounts.default_owner`.
+    #[serde(default)]
+    pub owner: Option<Owner>,
 }
 
 impl RequestedRecord {
@@ -75,6 +78,7 @@ impl RequestedRecord {
             cache_max_bytes: spec.cache_max_bytes,
             endpoint: spec.endpoint.clone(),
             subdirectory: spec.subdirectory.clone(),
+            owner: spec.owner,
         }
     }
 
@@ -98,6 +102,7 @@ impl RequestedRecord {
             endpoint: self.endpoint,
             subdirectory: self.subdirectory,
             origin: Origin::Api,
+            owner: self.owner,
         }
     }
 }

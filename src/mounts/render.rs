@@ -1,11 +1,18 @@
 //! Renders the blobfuse2 YAML config of a mount from typed structs through
 //! serde (never by string templating, so a value cannot break the YAML).
 //!
-//! The shape follows blobfuse2's documented config: top-level `allow-other`
-//! and `read-only`, `logging` to a file under the logs dir, and the
+//! The shape follows blobfuse2's documented config: top-level `allow-other`,
+//! `allow-root` and `read-only`, `logging` to a file under the logs dir, and the
 //! components `libfuse`, `file_cache`, `attr_cache`, `azstorage` in that
 //! order. `file_cache.max-size-mb` is always set: blobfuse2's own default
 //! (80% of the free space at mount time) could push the disk under its floor.
+//!
+//! Ownership (issue 13): `allow-other` is never set (with it blobfuse2
+//! shows everything 0777 and, passing no `default_permissions`, lets every
+//! local user in). blobfuse2 runs as the mount's owner, with `allow-root`
+//! so that root, the Docker engine and jobs reach the mount, and
+//! `libfuse.uid`/`gid` and `default-permission` say what `ls -l` shows. A
+//! jobs-only mount (owner root) needs no `allow-root`: root is its mounter.
 
 use std::path::Path;
 
@@ -18,8 +25,15 @@ use crate::secret::Secret;
 const CACHE_TIMEOUT_SECONDS: u32 = 120;
 
 /// Renders the config. `secret` is the account key or SAS token for those
-/// modes (ignored for managed identity); `log_file` is blobfuse2's own log.
-pub fn render(spec: &MountSpec, secret: Option<&Secret>, log_file: &Path) -> String {
+/// modes (ignored for managed identity); `log_file` is blobfuse2's own log;
+/// `permission` is `mounts.default_permission`.
+pub fn render(
+    spec: &MountSpec,
+    secret: Option<&Secret>,
+    log_file: &Path,
+    permission: u32,
+) -> String {
+    let owner = spec.owner();
     let secret = secret.map(|s| s.expose().as_str()).unwrap_or_default();
     let (mode, account_key, sas, identity) = match &spec.auth {
         Auth::AccountKey(_) => ("key", Some(secret), None, None),
@@ -27,7 +41,8 @@ pub fn render(spec: &MountSpec, secret: Option<&Secret>, log_file: &Path) -> Str
         Auth::ManagedIdentity(id) => ("msi", None, None, Some(id)),
     };
     let config = Blobfuse2Config {
-        allow_other: true,
+        allow_other: false,
+        allow_root: !owner.is_root(),
         read_only: spec.read_only,
         logging: Logging {
             kind: "base",
@@ -36,6 +51,9 @@ pub fn render(spec: &MountSpec, secret: Option<&Secret>, log_file: &Path) -> Str
         },
         components: ["libfuse", "file_cache", "attr_cache", "azstorage"],
         libfuse: Libfuse {
+            uid: owner.uid,
+            gid: owner.gid,
+            default_permission: permission,
             attribute_expiration_sec: CACHE_TIMEOUT_SECONDS,
             entry_expiration_sec: CACHE_TIMEOUT_SECONDS,
             negative_entry_expiration_sec: CACHE_TIMEOUT_SECONDS,
@@ -85,6 +103,8 @@ fn is_false(b: &bool) -> bool {
 struct Blobfuse2Config<'a> {
     #[serde(rename = "allow-other")]
     allow_other: bool,
+    #[serde(rename = "allow-root", skip_serializing_if = "is_false")]
+    allow_root: bool,
     #[serde(rename = "read-only", skip_serializing_if = "is_false")]
     read_only: bool,
     logging: Logging<'a>,
@@ -107,6 +127,11 @@ struct Logging<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct Libfuse {
+    uid: u32,
+    gid: u32,
+    /// A plain integer (0o750 is 488): blobfuse2 reads it into a uint32,
+    /// and YAML's octal spellings differ between 1.1 and 1.2.
+    default_permission: u32,
     attribute_expiration_sec: u32,
     entry_expiration_sec: u32,
     negative_entry_expiration_sec: u32,

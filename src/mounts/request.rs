@@ -8,7 +8,7 @@ use super::MountError;
 use super::cache;
 use super::config::DeclaredMount;
 use super::settings::MountSettings;
-use super::spec::{self, Auth, ManagedIdentity, MountSpec, Origin, SecretSource};
+use super::spec::{self, Auth, ManagedIdentity, MountSpec, NO_GID, Origin, Owner, SecretSource};
 use super::system::FuseMounter;
 use crate::paths;
 
@@ -46,6 +46,16 @@ pub(super) async fn check(
             format!("{} is below the minimum of 1 MiB", spec.cache_max_bytes),
         ));
     }
+    let requested = spec.owner;
+    let field = if requested.is_some() {
+        "owner_uid"
+    } else {
+        "owner"
+    };
+    let owner = resolve_owner(settings, requested)
+        .await
+        .map_err(|p| invalid(field, p))?;
+    spec.owner = Some(owner);
     let rules = settings.rules.clone();
     let (name, path, cache) = (
         spec.name.clone(),
@@ -91,6 +101,43 @@ pub(super) async fn check(
     Ok(spec)
 }
 
+/// The owner of a mount: as requested (a uid whose gid, when not given, is
+/// the user's primary group), or `mounts.default_owner` looked up by name.
+async fn resolve_owner(
+    settings: &MountSettings,
+    requested: Option<Owner>,
+) -> Result<Owner, String> {
+    let default = settings.default_owner.clone();
+    tokio::task::spawn_blocking(move || match requested {
+        Some(owner) if owner.gid != NO_GID => Ok(owner),
+        Some(owner) => match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner.uid)) {
+            Ok(Some(user)) => Ok(Owner {
+                uid: owner.uid,
+                gid: user.gid.as_raw(),
+            }),
+            _ => Err(format!(
+                "uid {} is no user on this host: give owner_gid as well",
+                owner.uid
+            )),
+        },
+        None => owner_named(&default).map_err(|p| format!("mounts.default_owner {p}")),
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// The owner called `name` (a user of this host). Blocking.
+pub(super) fn owner_named(name: &str) -> Result<Owner, String> {
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(user)) => Ok(Owner {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }),
+        Ok(None) => Err(format!("{name:?} is no user on this host")),
+        Err(e) => Err(format!("{name:?}: cannot look the user up: {e}")),
+    }
+}
+
 /// The spec of a mount declared in config; on a problem, the spec as far
 /// as it goes and the problem.
 pub(super) async fn declared_spec(
@@ -118,6 +165,20 @@ pub(super) async fn declared_spec(
         endpoint: d.endpoint.clone(),
         subdirectory: d.subdirectory.clone(),
         origin: Origin::Config,
+        owner: None,
+    };
+    let spec = if d.owner.is_empty() {
+        spec
+    } else {
+        let name = d.owner.clone();
+        match tokio::task::spawn_blocking(move || owner_named(&name)).await {
+            Ok(Ok(owner)) => MountSpec {
+                owner: Some(owner),
+                ..spec
+            },
+            Ok(Err(problem)) => return Err((spec, format!("[[mounts.mount]] owner {problem}"))),
+            Err(e) => return Err((spec, e.to_string())),
+        }
     };
     let mut fallback = spec.clone();
     if fallback.cache_dir.as_os_str().is_empty() {

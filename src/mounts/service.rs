@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::cache;
 use super::config::DeclaredMount;
+use super::handoff;
 use super::registry::{CacheDir, Entry, Registry};
 use super::request;
 use super::settings::MountSettings;
@@ -105,6 +106,7 @@ impl MountService {
                 mounter,
                 interval,
                 registry,
+                handed: Default::default(),
             }),
             shutdown,
             tasks,
@@ -133,7 +135,8 @@ impl MountService {
                         continue;
                     }
                     let secret_file = self.registry().secret_file(&name);
-                    specs.push(Ok(record.into_spec(&name, secret_file)));
+                    let stored = record.into_spec(&name, secret_file);
+                    specs.push(self.recheck(stored).await);
                 }
             }
             Err(error) => tracing::error!(%error, "cannot read the requested mounts"),
@@ -151,6 +154,39 @@ impl MountService {
             }
         }
         self.registry().refresh_condition();
+        let managed: std::collections::HashSet<String> =
+            self.registry().lock().keys().cloned().collect();
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            handoff::release_stale(&shared.settings, &managed);
+        })
+        .await;
+    }
+
+    /// A mount requested over the API before, checked again as a new
+    /// request would be (the tree, the allowed roots or the config may have
+    /// changed since): it must still lead to the very paths recorded.
+    async fn recheck(&self, stored: MountSpec) -> Result<MountSpec, (MountSpec, String)> {
+        match request::check(&self.shared.settings, stored.clone()).await {
+            Ok(checked)
+                if checked.mount_path == stored.mount_path
+                    && checked.cache_dir == stored.cache_dir =>
+            {
+                Ok(stored)
+            }
+            Ok(checked) => {
+                let problem = format!(
+                    "mount {:?}: its paths now lead to {} and {} instead of the recorded {} and {}; not restored",
+                    stored.name,
+                    checked.mount_path.display(),
+                    checked.cache_dir.display(),
+                    stored.mount_path.display(),
+                    stored.cache_dir.display()
+                );
+                Err((stored, problem))
+            }
+            Err(error) => Err((stored, error.to_string())),
+        }
     }
 
     /// Mounts over the API: validates the request (paths not yet checked;
@@ -213,7 +249,7 @@ impl MountService {
                 return Err(error);
             }
         };
-        let launch = self.shared.settings.launch(&spec);
+        let launch = self.shared.launch(&spec);
         let mounter = &self.shared.mounter;
         let pid = match pid {
             Some(pid) => Some(pid),
@@ -267,8 +303,17 @@ impl MountService {
     /// Anything else mounted there is left alone.
     async fn detach(&self, spec: &MountSpec) -> Result<Detached, MountError> {
         let mounter = &self.shared.mounter;
+        // The path blobfuse2 was handed (a staging entry for a dir a user
+        // can change; unmounting it there takes it off the user's path too).
+        let path = self.shared.handed(spec).mount_path;
+        if handoff::is_staged(&self.shared.settings, &path) {
+            // Its bind on the user's side goes first (found through it).
+            let (shared, name) = (self.shared.clone(), spec.name.clone());
+            let _ = tokio::task::spawn_blocking(move || handoff::unmirror(&shared.settings, &name))
+                .await;
+        }
         let ours = mounter
-            .mount_entry(&spec.mount_path)
+            .mount_entry(&path)
             .await
             .ok()
             .flatten()
@@ -281,14 +326,12 @@ impl MountService {
             path: spec.mount_path.clone(),
             detail,
         };
-        match mounter.unmount(&spec.mount_path, false).await {
+        match mounter.unmount(&path, false).await {
             Ok(()) => Ok(Detached::Cleanly),
-            Err(UnmountFailure::Busy(detail)) => {
-                match mounter.unmount(&spec.mount_path, true).await {
-                    Ok(()) => Ok(Detached::Lazily(detail)),
-                    Err(UnmountFailure::Busy(d) | UnmountFailure::Other(d)) => Err(failed(d)),
-                }
-            }
+            Err(UnmountFailure::Busy(detail)) => match mounter.unmount(&path, true).await {
+                Ok(()) => Ok(Detached::Lazily(detail)),
+                Err(UnmountFailure::Busy(d) | UnmountFailure::Other(d)) => Err(failed(d)),
+            },
             Err(UnmountFailure::Other(detail)) => Err(failed(detail)),
         }
     }
@@ -367,9 +410,16 @@ impl MountService {
                 message: status.message,
             });
         }
+        // Jobs bind what blobfuse2 was handed: a path only root can change.
+        let host_path = self
+            .registry()
+            .lock()
+            .get(name)
+            .map(|e| self.shared.handed(&e.spec).mount_path)
+            .unwrap_or(status.mount_path);
         Ok(MountedPath {
             name: status.name,
-            host_path: status.mount_path,
+            host_path,
             read_only: status.read_only,
         })
     }
@@ -446,13 +496,18 @@ impl MountService {
     /// holds open stay (a lingering blobfuse2 still serves them).
     async fn cleanup(&self, spec: &MountSpec, keep_open: bool) {
         self.registry().forget(&spec.name).await;
-        let launch = self.shared.settings.launch(spec);
+        let launch = self.shared.launch(spec);
+        let shared = self.shared.clone();
+        let owned = spec.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(&launch.config_file);
             let _ = std::fs::remove_file(&launch.output_file);
             let _ = std::fs::remove_file(launch.output_file.with_extension("out.1"));
+            // blobfuse2's mount is off by now (a lingering one is detached).
+            handoff::release(&shared.settings, &owned);
         })
         .await;
+        self.shared.handed.forget(&spec.name);
         self.clear_cache(spec, keep_open).await;
     }
 

@@ -87,6 +87,31 @@ impl Origin {
     }
 }
 
+/// Who a mount belongs to: blobfuse2 runs as this user and shows every file
+/// as theirs. Root (uid 0) means a mount for jobs only (and root).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// The owner's uid.
+    pub uid: u32,
+    /// The owner's gid.
+    pub gid: u32,
+}
+
+impl Owner {
+    /// Root: a mount for jobs only.
+    pub const ROOT: Owner = Owner { uid: 0, gid: 0 };
+
+    /// Whether this is root (a jobs-only mount, blobfuse2 runs as root).
+    pub fn is_root(self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// "No gid given" in a requested [`Owner`] (a gid no group has: `(gid_t)
+/// -1` means "unchanged" to the kernel): the owner's primary group is looked
+/// up when the spec is checked.
+pub const NO_GID: u32 = u32::MAX;
+
 /// A mount as requested: what the API or the config asked for, with the
 /// defaults for the cache already applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +138,16 @@ pub struct MountSpec {
     pub subdirectory: String,
     /// Where it was declared.
     pub origin: Origin,
+    /// Who it belongs to; `None` until checked means `mounts.default_owner`
+    /// (a checked spec always has one).
+    pub owner: Option<Owner>,
+}
+
+impl MountSpec {
+    /// The owner of a checked spec (root if none was resolved).
+    pub fn owner(&self) -> Owner {
+        self.owner.unwrap_or(Owner::ROOT)
+    }
 }
 
 /// Longest mount name.
@@ -292,6 +327,20 @@ impl PathRules {
         let resolved = resolve(path)?;
         self.cache_dir_allowed(path, &resolved)?;
         self.directory_of_its_own(path, resolved)
+    }
+
+    /// The rules of [`Self::mount_path`] for where a held mount dir really
+    /// is (its kernel name, nothing to resolve). Pure.
+    pub fn allows_mount_path(&self, real: &Path) -> Result<(), String> {
+        self.mount_path_allowed(real, real)?;
+        self.off_agent_dirs(real, real)
+    }
+
+    /// The rules of [`Self::cache_dir`] for where a held cache dir really
+    /// is. Pure.
+    pub fn allows_cache_dir(&self, real: &Path) -> Result<(), String> {
+        self.cache_dir_allowed(real, real)?;
+        self.off_agent_dirs(real, real)
     }
 
     fn mount_path_allowed(&self, path: &Path, resolved: &Path) -> Result<(), String> {

@@ -12,6 +12,12 @@
 //! again; failures back off exponentially from `mounts.backoff_initial_seconds`
 //! to `mounts.backoff_max_seconds`. Stopping the task (agent shutdown) leaves
 //! the mount and its process running, to be adopted by the next agent.
+//!
+//! Every attempt opens and checks the mount and cache dirs again
+//! ([`super::handoff`]), a restored mount's too, and everything the
+//! supervisor does by name afterwards (mountinfo, probes, unmounts, the
+//! blobfuse2 command line) uses the paths blobfuse2 was handed, which only
+//! root can change.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +26,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::handoff::{self, Handed, HandedPaths};
 use super::registry::{ProcessRecord, Registry};
 use super::render;
 use super::secrets;
@@ -39,6 +46,21 @@ pub(super) struct Shared {
     pub interval: watch::Receiver<Duration>,
     /// The table, the records and what they show.
     pub registry: Registry,
+    /// What each mount's blobfuse2 was handed (its own paths or staging
+    /// entries).
+    pub handed: HandedPaths,
+}
+
+impl Shared {
+    /// The paths blobfuse2 is (or was last) handed for a mount.
+    pub fn handed(&self, spec: &MountSpec) -> Handed {
+        self.handed.of(spec)
+    }
+
+    /// How blobfuse2 is started for a mount, at the path it is handed.
+    pub fn launch(&self, spec: &MountSpec) -> Launch {
+        self.handed.launch(&self.settings, spec)
+    }
 }
 
 /// How a supervisor begins.
@@ -90,7 +112,15 @@ pub(super) async fn run(
     start: Start,
     first: Option<oneshot::Sender<Result<(), MountError>>>,
 ) {
-    let launch = shared.settings.launch(&spec);
+    if start == Start::Restore {
+        let (settings_spec, found) = (spec.clone(), shared.clone());
+        let handed =
+            tokio::task::spawn_blocking(move || handoff::adopted(&found.settings, &settings_spec))
+                .await
+                .unwrap_or_else(|_| Handed::of(&spec));
+        shared.handed.set(&spec.name, handed);
+    }
+    let launch = shared.launch(&spec);
     let mut s = Supervisor {
         shared,
         spec,
@@ -245,8 +275,11 @@ impl Supervisor {
             .registry
             .process(&self.spec.name)
             .and_then(|r| r.pid);
+        // The recorded pid only if it is still the agent's blobfuse2 (its
+        // command line, owner and program): never a look-alike.
         if let Some(pid) = recorded
-            && mounter.process_state(pid, &self.launch).await != ProcessState::Running
+            && (mounter.process_state(pid, &self.launch).await != ProcessState::Running
+                || !mounter.is_launched(pid, &self.launch).await)
         {
             recorded = None;
         }
@@ -255,7 +288,7 @@ impl Supervisor {
             None => mounter.find_process(&self.launch).await,
         };
         let entry = mounter
-            .mount_entry(&self.spec.mount_path)
+            .mount_entry(&self.launch.mount_path)
             .await
             .ok()
             .flatten();
@@ -270,10 +303,14 @@ impl Supervisor {
                     return Next::Mount { repair: true };
                 }
                 match mounter
-                    .probe(&self.spec.mount_path, self.shared.settings.health_timeout)
+                    .probe(&self.launch.mount_path, self.shared.settings.health_timeout)
                     .await
                 {
                     Probe::Healthy => {
+                        if let Err(error) = self.ensure_mirrored().await {
+                            self.repair(pid, error.to_string()).await;
+                            return Next::Mount { repair: true };
+                        }
                         self.status
                             .send_modify(|s| s.last_checked = Some(SystemTime::now()));
                         self.set(
@@ -297,13 +334,22 @@ impl Supervisor {
             }
             (false, Some(pid)) => {
                 // A blobfuse2 without its mount is of no use; start clean.
-                mounter
-                    .stop(pid, &self.launch, self.shared.settings.stop_grace)
-                    .await;
+                self.stop_process(pid).await;
                 Next::Mount { repair: false }
             }
             (false, None) => Next::Mount { repair: false },
         }
+    }
+
+    /// For an adopted mount on a staging entry: its bind on the user's dir.
+    async fn ensure_mirrored(&self) -> Result<(), MountError> {
+        if !handoff::is_staged(&self.shared.settings, &self.launch.mount_path) {
+            return Ok(());
+        }
+        let (shared, spec) = (self.shared.clone(), self.spec.clone());
+        tokio::task::spawn_blocking(move || handoff::ensure_mirrored(&shared.settings, &spec))
+            .await
+            .unwrap_or(Ok(()))
     }
 
     /// Whether the running mount's config is the one the agent would write now.
@@ -326,9 +372,9 @@ impl Supervisor {
             if let ProcessState::Exited(how) = mounter.process_state(pid, &self.launch).await {
                 Some(format!("blobfuse2 (pid {pid}) {how}"))
             } else {
-                match mounter.mount_entry(&self.spec.mount_path).await {
+                match mounter.mount_entry(&self.launch.mount_path).await {
                     Ok(Some(e)) if is_blobfuse2(&e) => match mounter
-                        .probe(&self.spec.mount_path, self.shared.settings.health_timeout)
+                        .probe(&self.launch.mount_path, self.shared.settings.health_timeout)
                         .await
                     {
                         Probe::Healthy => None,
@@ -351,10 +397,7 @@ impl Supervisor {
     /// Marks the mount stale, stops its process and unmounts it lazily.
     async fn repair(&self, pid: u32, reason: String) {
         self.set(MountState::Stale, reason.clone(), Some(pid));
-        self.shared
-            .mounter
-            .stop(pid, &self.launch, self.shared.settings.stop_grace)
-            .await;
+        self.stop_process(pid).await;
         self.lazy_unmount().await;
         self.count_repair();
     }
@@ -369,15 +412,37 @@ impl Supervisor {
         self.status.send_modify(|s| s.remount_count += 1);
     }
 
-    /// `fusermount3 -u -z` of blobfuse2's mount at the path; anything else
-    /// mounted there is never touched.
+    /// `fusermount3 -u -z` of blobfuse2's mount at the path (its bind on
+    /// the user's side first, for a staged mount); anything else mounted
+    /// there is never touched.
     async fn lazy_unmount(&self) {
+        self.unmirror().await;
         let mounter = &self.shared.mounter;
-        if let Ok(Some(entry)) = mounter.mount_entry(&self.spec.mount_path).await
+        if let Ok(Some(entry)) = mounter.mount_entry(&self.launch.mount_path).await
             && is_blobfuse2(&entry)
-            && let Err(failure) = mounter.unmount(&self.spec.mount_path, true).await
+            && let Err(failure) = mounter.unmount(&self.launch.mount_path, true).await
         {
             tracing::warn!(mount = %self.spec.name, ?failure, "lazy unmount failed");
+        }
+    }
+
+    /// Stops blobfuse2: its bind on the user's path first, for a staged
+    /// mount (blobfuse2 takes its own mount off as it exits, and the bind is
+    /// found through that mount).
+    async fn stop_process(&self, pid: u32) {
+        self.unmirror().await;
+        self.shared
+            .mounter
+            .stop(pid, &self.launch, self.shared.settings.stop_grace)
+            .await;
+    }
+
+    /// Takes a staged mount's bind off the user's path (see [`handoff`]).
+    async fn unmirror(&self) {
+        if handoff::is_staged(&self.shared.settings, &self.launch.mount_path) {
+            let (shared, name) = (self.shared.clone(), self.spec.name.clone());
+            let _ = tokio::task::spawn_blocking(move || handoff::unmirror(&shared.settings, &name))
+                .await;
         }
     }
 
@@ -405,30 +470,38 @@ impl Supervisor {
         }
     }
 
+    /// The blobfuse2 config for the paths it is handed.
     async fn render(&self) -> Result<String, MountError> {
         let secret = self.secret().await?;
+        let handed = self.shared.handed(&self.spec);
+        let mut seen = (*self.spec).clone();
+        seen.mount_path = handed.mount_path;
+        seen.cache_dir = handed.cache_dir;
         Ok(render::render(
-            &self.spec,
+            &seen,
             secret.as_ref(),
-            &self.shared.settings.log_file(&self.spec.name),
+            &self.shared.settings.log_file(&self.spec),
+            self.shared.settings.default_permission,
         ))
     }
 
-    /// One mount attempt: prepare dirs, empty the cache, write the config,
-    /// start blobfuse2, and wait for the mount in mountinfo.
-    async fn attempt(&self) -> Result<u32, MountError> {
-        let name = &self.spec.name;
+    /// One mount attempt: open and check the dirs, empty the cache, stage
+    /// what a user can change, write the config, start blobfuse2, and wait
+    /// for the mount in mountinfo.
+    async fn attempt(&mut self) -> Result<u32, MountError> {
+        let name = self.spec.name.clone();
+        let name = &name;
         let mounter = self.shared.mounter.clone();
         // A leftover blobfuse2 mount at the path is ours (the path was
         // checked free when the mount was requested); anything else is not.
-        match mounter.mount_entry(&self.spec.mount_path).await {
+        match mounter.mount_entry(&self.launch.mount_path).await {
             Ok(Some(e)) if is_blobfuse2(&e) => self.lazy_unmount().await,
             Ok(Some(e)) => {
                 return Err(MountError::InUse {
                     name: name.clone(),
                     what: format!(
                         "path {} is mounted by something else ({} from {})",
-                        self.spec.mount_path.display(),
+                        self.launch.mount_path.display(),
                         e.fs_type,
                         e.source
                     ),
@@ -436,6 +509,9 @@ impl Supervisor {
             }
             _ => {}
         }
+        let prepared = self.prepare_dirs().await?;
+        self.shared.handed.set(name, prepared.handed);
+        self.launch = self.shared.launch(&self.spec);
         let yaml = self.render().await?;
         let secret = self.secret().await?;
         self.prepare_files(yaml).await?;
@@ -464,19 +540,38 @@ impl Supervisor {
                     message,
                 });
             }
-            if let Ok(Some(entry)) = mounter.mount_entry(&self.spec.mount_path).await
+            if let Ok(Some(entry)) = mounter.mount_entry(&self.launch.mount_path).await
                 && is_blobfuse2(&entry)
             {
+                if let Some(dir) = prepared.mirror_onto {
+                    // Up on the staging entry: now onto the user's dir.
+                    let (shared, mount) = (self.shared.clone(), name.clone());
+                    let mirrored = tokio::task::spawn_blocking(move || {
+                        handoff::mirror(&shared.settings, &mount, &dir)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(MountError::Io {
+                            name: name.clone(),
+                            action: "bind the mount onto its path",
+                            path: self.spec.mount_path.clone(),
+                            source: std::io::Error::other(e),
+                        })
+                    });
+                    if let Err(error) = mirrored {
+                        self.stop_process(pid).await;
+                        self.lazy_unmount().await;
+                        return Err(error);
+                    }
+                }
                 return Ok(pid);
             }
             if tokio::time::Instant::now() >= deadline {
-                mounter
-                    .stop(pid, &self.launch, self.shared.settings.stop_grace)
-                    .await;
+                self.stop_process(pid).await;
                 self.lazy_unmount().await;
                 return Err(MountError::Timeout {
                     name: name.clone(),
-                    path: self.spec.mount_path.clone(),
+                    path: self.launch.mount_path.clone(),
                     seconds: timeout.as_secs(),
                 });
             }
@@ -484,24 +579,34 @@ impl Supervisor {
             poll = (poll * 2).min(MOUNT_POLL_MAX);
             if !slept {
                 // Stopped while starting: leave nothing half-started behind.
-                mounter
-                    .stop(pid, &self.launch, self.shared.settings.stop_grace)
-                    .await;
+                self.stop_process(pid).await;
                 self.lazy_unmount().await;
                 return Err(MountError::Cancelled(name.clone()));
             }
         }
     }
 
-    /// Creates the mount dir, the (emptied) cache dir and the logs dir,
-    /// writes the 0600 config and rotates blobfuse2's previous output.
+    /// The mount and cache dirs, opened, checked, claimed, emptied and
+    /// staged as needed ([`handoff::prepare`]), off the runtime.
+    async fn prepare_dirs(&self) -> Result<handoff::Prepared, MountError> {
+        let (shared, spec) = (self.shared.clone(), self.spec.clone());
+        tokio::task::spawn_blocking(move || handoff::prepare(&shared.settings, &spec))
+            .await
+            .map_err(|e| MountError::Io {
+                name: self.spec.name.clone(),
+                action: "prepare",
+                path: self.spec.mount_path.clone(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    /// Creates the logs dir, writes the 0600 config and rotates blobfuse2's
+    /// previous output (all in the agent's own dirs).
     async fn prepare_files(&self, yaml: String) -> Result<(), MountError> {
         let name = self.spec.name.clone();
-        let name_for_cache = name.clone();
-        let mount_path = self.spec.mount_path.clone();
-        let cache_dir = self.spec.cache_dir.clone();
         let launch = self.launch.clone();
         let logs_dir = self.shared.settings.logs_dir.clone();
+        let log_file = self.shared.settings.log_file(&self.spec);
         let io = move |action: &'static str, path: PathBuf| {
             let name = name.clone();
             move |source| MountError::Io {
@@ -513,27 +618,19 @@ impl Supervisor {
         };
         tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::DirBuilderExt;
-            let mut dirs = std::fs::DirBuilder::new();
-            dirs.recursive(true).mode(0o755);
-            dirs.create(&mount_path)
-                .map_err(io("create the mount dir", mount_path.clone()))?;
-            dirs.create(&logs_dir)
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&logs_dir)
                 .map_err(io("create the logs dir", logs_dir.clone()))?;
-            // Only a cache dir the agent owns is emptied (see `cache`).
-            super::cache::claim(&cache_dir, &name_for_cache).map_err(|e| MountError::CacheDir {
-                name: name_for_cache.clone(),
-                path: cache_dir.clone(),
-                problem: e.to_string(),
-            })?;
-            // blobfuse2 refuses a non-empty cache dir; a crashed one leaves files.
-            super::cache::empty(&cache_dir, false)
-                .map_err(io("empty the cache dir", cache_dir.clone()))?;
-            let blobfuse2_cache = super::cache::blobfuse2_dir(&cache_dir);
-            dirs.mode(0o700)
-                .create(&blobfuse2_cache)
-                .map_err(io("create the cache dir", blobfuse2_cache.clone()))?;
             secrets::write_private(&launch.config_file, yaml.as_bytes())
                 .map_err(io("write the blobfuse2 config", launch.config_file.clone()))?;
+            if !launch.owner.is_root() {
+                hand_files_to_owner(&launch, &log_file).map_err(io(
+                    "hand blobfuse2's files to the mount's owner",
+                    log_file.clone(),
+                ))?;
+            }
             let previous = launch.output_file.with_extension("out.1");
             let _ = std::fs::rename(&launch.output_file, previous);
             Ok(())
@@ -569,6 +666,36 @@ impl Supervisor {
             .map(|l| (*l).to_owned())
             .unwrap_or_else(|| "no output".into())
     }
+}
+
+/// blobfuse2 that runs as the mount's owner reads its config and writes its
+/// log as them: both become theirs (0600) in the config dir, which only
+/// root can change and which becomes traversable, not listable (0711). The
+/// owner may read the mount's key or SAS there, as they could in the
+/// memory of their own blobfuse2. Blocking.
+fn hand_files_to_owner(launch: &Launch, log_file: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let (uid, gid) = (Some(launch.owner.uid), Some(launch.owner.gid));
+    // The config dir and the runtime dir above it (0711 under systemd too).
+    let config_dir = launch.config_file.parent();
+    for dir in [config_dir, config_dir.and_then(std::path::Path::parent)]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(log_file)?;
+    std::os::unix::fs::fchown(&log, uid, gid)?;
+    let config = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&launch.config_file)?;
+    std::os::unix::fs::fchown(&config, uid, gid)
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The outside world of mounts: starting blobfuse2 in its own session,
 //! watching its process, reading `/proc/self/mountinfo`, probing a mount
-//! root off the async runtime, and `fusermount3 -u`. [`FuseMounter`] is the
+//! root in a probe helper process (`disk::probe`: a blobfuse2 that stops
+//! answering must never hold an agent thread in the kernel), and
+//! `fusermount3 -u`. [`FuseMounter`] is the
 //! narrow interface the supervisor uses; [`SystemMounter`] is the real one.
 
 use std::collections::HashMap;
@@ -16,6 +18,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
+use super::spec::Owner;
+use crate::disk::probe::IsolatedProbe;
 use crate::mountinfo::{self, MountEntry};
 
 /// How to start blobfuse2 for one mount.
@@ -32,6 +36,8 @@ pub struct Launch {
     /// Where the process's stdout and stderr go (never a pipe to the agent,
     /// which would break when the agent restarts).
     pub output_file: PathBuf,
+    /// Who blobfuse2 runs as: the mount's owner (root for a jobs-only mount).
+    pub owner: Owner,
 }
 
 impl Launch {
@@ -94,8 +100,17 @@ pub trait FuseMounter: Send + Sync + 'static {
     /// Whether `pid` still runs as `launch`'s blobfuse2; reaps it when it is
     /// the agent's own child. Reads `/proc` off the async runtime.
     async fn process_state(&self, pid: u32, launch: &Launch) -> ProcessState;
-    /// A running blobfuse2 serving `launch` (found by its command line).
+    /// A running blobfuse2 serving `launch`: its command line, run as the
+    /// launch's owner, from the agent's program ([`Self::is_launched`]).
     async fn find_process(&self, launch: &Launch) -> Option<u32>;
+    /// Whether `pid` is `launch`'s blobfuse2 as the agent starts it, before
+    /// it is adopted after a restart: its command line, its real and
+    /// effective uid (the launch's owner), and its program (`/proc/PID/exe`
+    /// is the agent's blobfuse2; under systemd, where the sandboxed agent
+    /// may not read another user's `exe`, the main process of the mount's
+    /// own unit, which only PID 1 starts). A user's own FUSE process named
+    /// like blobfuse2 is none of these.
+    async fn is_launched(&self, pid: u32, launch: &Launch) -> bool;
     /// The mountinfo entry at `path`, if anything is mounted there.
     async fn mount_entry(&self, path: &Path) -> std::io::Result<Option<MountEntry>>;
     /// Checks that the mount root answers within `timeout`, off the runtime.
@@ -120,10 +135,11 @@ pub trait FuseMounter: Send + Sync + 'static {
 /// `fusermount3` the same way (`systemd-run --wait`), since an unmount in the
 /// agent's own namespace would not reach the host's. Elsewhere blobfuse2 is
 /// the agent's child in its own session.
-#[derive(Debug, Default)]
 pub struct SystemMounter {
     /// Transient services (under systemd), else direct children.
     units: Option<crate::transient::Tools>,
+    /// Where health probes run: helper processes.
+    isolated: Arc<dyn IsolatedProbe>,
     /// Probes in flight, by mount root: a caller that finds one waits for
     /// its answer instead of starting another (the supervisor and every job
     /// start probe the same root), so probes blocked on a hung FUSE daemon
@@ -133,11 +149,13 @@ pub struct SystemMounter {
 
 impl SystemMounter {
     /// The real mounter, as this host allows: transient services under
-    /// systemd, else the agent's children.
-    pub fn new() -> Self {
+    /// systemd, else the agent's children; health probes through
+    /// `isolated`.
+    pub fn new(isolated: Arc<dyn IsolatedProbe>) -> Self {
         Self {
             units: crate::systemd::booted().then(crate::transient::Tools::default),
-            ..Self::default()
+            isolated,
+            probing: Arc::default(),
         }
     }
 }
@@ -180,7 +198,9 @@ fn process_state(pid: u32, launch: &Launch) -> ProcessState {
         Err(_) => {
             if is_zombie_or_gone(pid) {
                 ProcessState::Exited("exited".into())
-            } else if read_cmdline(pid).is_some_and(|argv| launch.matches(&argv)) {
+            } else if read_cmdline(pid).is_some_and(|argv| launch.matches(&argv))
+                && runs_as(pid, launch.owner.uid)
+            {
                 ProcessState::Running
             } else {
                 ProcessState::Exited("exited (its pid now belongs to another process)".into())
@@ -220,7 +240,19 @@ impl FuseMounter for SystemMounter {
 
     async fn find_process(&self, launch: &Launch) -> Option<u32> {
         let launch = launch.clone();
-        blocking(move || find_process(&launch)).await.ok().flatten()
+        let units = self.units.clone();
+        blocking(move || find_process(&launch, units.as_ref()))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn is_launched(&self, pid: u32, launch: &Launch) -> bool {
+        let launch = launch.clone();
+        let units = self.units.clone();
+        blocking(move || is_launched(pid, &launch, units.as_ref()))
+            .await
+            .unwrap_or(false)
     }
 
     async fn mount_entry(&self, path: &Path) -> std::io::Result<Option<MountEntry>> {
@@ -238,16 +270,21 @@ impl FuseMounter for SystemMounter {
                     probing.insert(path.to_owned(), rx.clone());
                     let probing = self.probing.clone();
                     let owned = path.to_owned();
-                    // statfs always reaches the FUSE daemon (stat may be
-                    // answered from the kernel's attribute cache while the
-                    // daemon is dead).
-                    tokio::task::spawn_blocking(move || {
-                        let probe = match nix::sys::statvfs::statvfs(&owned) {
-                            Ok(_) => Probe::Healthy,
-                            Err(errno) => Probe::Stale(std::io::Error::from(errno).to_string()),
-                        };
+                    // The sample's statfs always reaches the FUSE daemon
+                    // (stat alone may be answered from the kernel's
+                    // attribute cache while the daemon is dead). The probe
+                    // stays in flight until its helper is gone: a helper
+                    // stuck in the kernel is never joined by another.
+                    let mut run = self.isolated.sample(vec![(owned.clone(), false)], timeout);
+                    tokio::spawn(async move {
+                        if let Some((_, outcome)) = run.answers.recv().await {
+                            let _ = tx.send(Some(match outcome {
+                                Ok(_) => Probe::Healthy,
+                                Err(error) => Probe::Stale(error.to_string()),
+                            }));
+                        }
+                        while run.answers.recv().await.is_some() {}
                         lock(&probing).remove(&owned);
-                        let _ = tx.send(Some(probe));
                     });
                     rx
                 }
@@ -382,7 +419,16 @@ fn open_output(launch: &Launch) -> std::io::Result<std::fs::File> {
 /// Starts blobfuse2 as the mount's transient service; returns its pid.
 /// Blocking.
 fn spawn_unit(tools: &crate::transient::Tools, launch: &Launch) -> std::io::Result<u32> {
-    drop(open_output(launch)?);
+    let output = open_output(launch)?;
+    if !launch.owner.is_root() {
+        // Whichever side of the user change PID 1 opens it on.
+        rustix::fs::fchown(
+            &output,
+            Some(rustix::fs::Uid::from_raw(launch.owner.uid)),
+            Some(rustix::fs::Gid::from_raw(launch.owner.gid)),
+        )?;
+    }
+    drop(output);
     let unit = mount_unit(&launch.name);
     // A failed unit of an earlier attempt would hold the name.
     tools.act("reset-failed", &[], &unit);
@@ -401,7 +447,20 @@ fn spawn_unit(tools: &crate::transient::Tools, launch: &Launch) -> std::io::Resu
             // As before, when it was the agent's child: a dead mount daemon
             // breaks every job using it, so it goes after jobs under OOM.
             "OOMScoreAdjust=-500".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            (!launch.owner.is_root())
+                .then(|| {
+                    [
+                        format!("User={}", launch.owner.uid),
+                        format!("Group={}", launch.owner.gid),
+                    ]
+                })
+                .into_iter()
+                .flatten(),
+        )
+        .collect(),
         argv,
         collect: true,
     };
@@ -431,6 +490,11 @@ fn spawn_detached(launch: &Launch) -> std::io::Result<u32> {
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID");
+    if !launch.owner.is_root() {
+        use std::os::unix::process::CommandExt;
+        // std drops the supplementary groups too (setgroups before setuid).
+        command.uid(launch.owner.uid).gid(launch.owner.gid);
+    }
     new_session(&mut command);
     let child = command.spawn()?;
     Ok(child.id())
@@ -473,15 +537,68 @@ fn is_zombie_or_gone(pid: u32) -> bool {
     }
 }
 
-fn find_process(launch: &Launch) -> Option<u32> {
+fn find_process(launch: &Launch, units: Option<&crate::transient::Tools>) -> Option<u32> {
     let me = std::process::id();
     std::fs::read_dir("/proc")
         .ok()?
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| *pid != me)
-        .find(|pid| {
-            !is_zombie_or_gone(*pid) && read_cmdline(*pid).is_some_and(|argv| launch.matches(&argv))
+        .find(|pid| is_launched(*pid, launch, units))
+}
+
+/// [`FuseMounter::is_launched`] of the real system. Blocking.
+fn is_launched(pid: u32, launch: &Launch, units: Option<&crate::transient::Tools>) -> bool {
+    if is_zombie_or_gone(pid)
+        || !read_cmdline(pid).is_some_and(|argv| launch.matches(&argv))
+        || !runs_as(pid, launch.owner.uid)
+    {
+        return false;
+    }
+    match units {
+        Some(tools) => tools
+            .state(&mount_unit(&launch.name))
+            .is_ok_and(|state| state.main_pid == pid),
+        None => runs_program(pid, &launch.program),
+    }
+}
+
+/// Whether the real and effective uid of `pid` are `uid` (from
+/// `/proc/PID/status`, which anyone may read).
+fn runs_as(pid: u32, uid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .is_some_and(|ids| {
+            let ids: Vec<&str> = ids.split_whitespace().take(2).collect();
+            ids.len() == 2 && ids.iter().all(|id| id.parse() == Ok(uid))
         })
+}
+
+/// Whether `pid` runs `program` (`/proc/PID/exe`; a program looked up in
+/// `PATH` when not a path, as it was started).
+fn runs_program(pid: u32, program: &Path) -> bool {
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    // An upgraded program shows as "<path> (deleted)"; the path still counts.
+    let exe = exe
+        .to_str()
+        .and_then(|e| e.strip_suffix(" (deleted)"))
+        .map(PathBuf::from)
+        .unwrap_or(exe);
+    resolve_program(program).is_some_and(|wanted| wanted == exe)
+}
+
+/// The real path of a program as `execvp` finds it.
+fn resolve_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 || program.is_absolute() {
+        return std::fs::canonicalize(program).ok();
+    }
+    crate::paths::find_in_path(program.to_str()?)
+        .and_then(|found| std::fs::canonicalize(found).ok())
 }
 
 #[cfg(test)]
@@ -495,6 +612,7 @@ mod tests {
             mount_path: path.into(),
             config_file: "/run/instance-agent/mounts/data.yaml".into(),
             output_file: "/tmp/x".into(),
+            owner: Owner::ROOT,
         }
     }
 
@@ -549,7 +667,7 @@ mod tests {
         let mut l = launch(&dir.path().join("m").display().to_string());
         l.program = script;
         l.output_file = dir.path().join("out");
-        let m = SystemMounter::new();
+        let m = SystemMounter::new(Arc::new(crate::disk::probe::SystemProbe));
         let pid = m.spawn(&l).await.unwrap();
         // `exec sleep` replaces the command line; the process is still ours.
         assert_eq!(m.process_state(pid, &l).await, ProcessState::Running);
@@ -564,7 +682,7 @@ mod tests {
 
     #[tokio::test]
     async fn probe_of_a_plain_directory_is_healthy_and_of_nothing_is_stale() {
-        let m = SystemMounter::new();
+        let m = SystemMounter::new(Arc::new(crate::disk::probe::SystemProbe));
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(
             m.probe(dir.path(), Duration::from_secs(5)).await,

@@ -44,6 +44,8 @@ impl World {
             allowed_roots: vec![base.join("mnt")],
             cache_root: base.join("cache"),
             health_interval_seconds: 10,
+            // The test host has no instance user: mounts for jobs only.
+            default_owner: "root".into(),
             ..MountsConfig::default()
         };
         let (_, interval) = watch::channel(Duration::from_secs(10));
@@ -87,6 +89,7 @@ impl World {
             endpoint: String::new(),
             subdirectory: String::new(),
             origin: Origin::Api,
+            owner: None,
         }
     }
 

@@ -102,11 +102,38 @@ pub fn resolve(
             });
         }
     };
-    let working_dir = match &request.working_dir {
-        Some(dir) if dir.is_dir() => dir.clone(),
-        Some(dir) => return Err(SetupError::WorkingDirMissing { path: dir.clone() }),
-        None if account.home.is_dir() => account.home.clone(),
-        None => PathBuf::from("/"),
+    // Opened once and checked through the descriptor; its identity goes to
+    // the supervisor, which enters only that very directory.
+    let (working_dir, working_dir_id) = match &request.working_dir {
+        Some(dir) => match held_dir(dir) {
+            Some(held) => {
+                // A script running as root enters the directory by name when
+                // systemd starts it (WorkingDirectory=): only a directory no
+                // other user can change, or swap, is used for it.
+                if account.uid == 0
+                    && let Ok(Some(who)) = held.changeable()
+                {
+                    return Err(SetupError::Invalid {
+                        field: "working_dir",
+                        problem: format!(
+                            "{} can be changed by a user other than root ({who}); a script \
+                             running as root gets only a directory that only root can change \
+                             (or set run_as)",
+                            dir.display()
+                        ),
+                    });
+                }
+                (dir.clone(), Some(held.id()))
+            }
+            None => return Err(SetupError::WorkingDirMissing { path: dir.clone() }),
+        },
+        None => match held_dir(&account.home) {
+            Some(held) => (account.home.clone(), Some(held.id())),
+            None => (
+                PathBuf::from("/"),
+                held_dir(Path::new("/")).map(|held| held.id()),
+            ),
+        },
     };
 
     let (first_line, script_path, script_file) = match &request.source {
@@ -159,6 +186,7 @@ pub fn resolve(
             args,
             env: environment(request, &account, context, run_id),
             working_dir,
+            working_dir_id,
             user,
             kill_grace: context.kill_grace,
             kill_leftovers: context.kill_leftovers,
@@ -203,20 +231,33 @@ fn environment(
     env.into_iter().collect()
 }
 
+/// `dir` opened once, if it is a directory.
+fn held_dir(dir: &Path) -> Option<crate::paths::held::Held> {
+    crate::paths::held::Held::open(dir)
+        .ok()
+        .filter(|held| held.is_dir())
+}
+
 /// The first line of a script file (at most 256 bytes); checks that it is a
-/// non-empty regular file.
+/// non-empty regular file. Opened once: the checks look at the open file
+/// (`fstat`), not at whatever the path names by then. A FIFO or device is
+/// opened non-blocking so that the open itself cannot hang.
 fn read_first_line(path: &Path) -> Result<Vec<u8>, SetupError> {
     let unreadable = |source| SetupError::ScriptUnreadable {
         path: path.to_owned(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(unreadable)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
     if !meta.is_file() {
         return Err(SetupError::NotAFile {
             path: path.to_owned(),
         });
     }
-    let mut file = std::fs::File::open(path).map_err(unreadable)?;
     // Like an inline script, a file of nothing but whitespace is empty. The
     // scan stops at the first other byte, so a real script costs one read.
     if meta.len() == 0 || is_blank(&mut file).map_err(unreadable)? {
@@ -413,5 +454,36 @@ mod tests {
             resolve(&nowhere, &accounts, &ctx, None),
             Err(SetupError::WorkingDirMissing { .. })
         ));
+    }
+
+    #[test]
+    fn the_script_and_working_dir_are_checked_through_one_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let accounts = FakeAccounts::default();
+        // A FIFO is refused as not a file, without the open hanging on it.
+        let fifo = dir.path().join("fifo.sh");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(
+            resolve(
+                &RunRequest::adhoc(ScriptSource::Path(fifo)),
+                &accounts,
+                &ctx,
+                None
+            ),
+            Err(SetupError::NotAFile { .. })
+        ));
+        // The working dir's identity goes with the launch.
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let mut request = RunRequest::adhoc(ScriptSource::Inline("true".into()));
+        request.working_dir = Some(work.clone());
+        let resolved = resolve(&request, &accounts, &ctx, Some("r1")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&work).unwrap();
+        assert_eq!(
+            resolved.launch.working_dir_id,
+            Some((meta.dev(), meta.ino()))
+        );
     }
 }

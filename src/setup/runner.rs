@@ -45,6 +45,11 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// Working directory.
     pub working_dir: PathBuf,
+    /// Device and inode of the working directory when it was checked: the
+    /// supervisor opens the directory once, refuses another one in its
+    /// place, and enters it by that descriptor (`fchdir`).
+    #[serde(default)]
+    pub working_dir_id: Option<(u64, u64)>,
     /// Drop to this user; stay root when `None`.
     pub user: Option<UserIds>,
     /// Between SIGTERM and SIGKILL when the tree is stopped.

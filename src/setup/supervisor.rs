@@ -110,6 +110,7 @@ fn supervise(reporter: &mut Reporter) -> Result<(), String> {
     let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("cannot open a signalfd: {e}"))?;
 
+    let working_dir = open_working_dir(&spec.launch)?;
     let cgroup = spec.cgroup.clone().map(RunCgroup::at);
     let procs = cgroup.as_ref().and_then(|cgroup| {
         match cgroup.create().and_then(|()| cgroup.open_procs()) {
@@ -127,7 +128,7 @@ fn supervise(reporter: &mut Reporter) -> Result<(), String> {
     });
     let cgroup = cgroup.filter(|_| procs.is_some());
 
-    let child = match script_command(&spec.launch, procs.as_ref()).spawn() {
+    let child = match script_command(&spec.launch, procs.as_ref(), &working_dir).spawn() {
         Ok(child) => child,
         Err(error) => {
             if let Some(cgroup) = &cgroup {
@@ -207,16 +208,46 @@ fn supervise(reporter: &mut Reporter) -> Result<(), String> {
     Ok(())
 }
 
+/// The working directory, opened once; refused when it is not the one the
+/// agent checked (swapped since). The script enters it by this descriptor.
+fn open_working_dir(launch: &Launch) -> Result<OwnedFd, String> {
+    let dir = rustix::fs::open(
+        &launch.working_dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| {
+        format!(
+            "cannot open the working dir {}: {e}",
+            launch.working_dir.display()
+        )
+    })?;
+    if let Some(id) = launch.working_dir_id {
+        let stat = rustix::fs::fstat(&dir).map_err(|e| e.to_string())?;
+        if (stat.st_dev, stat.st_ino) != id {
+            return Err(format!(
+                "the working dir {} is no longer the directory that was checked; not started",
+                launch.working_dir.display()
+            ));
+        }
+    }
+    Ok(dir)
+}
+
 /// The script's command: interpreter, args, environment, new session,
-/// `oom_score_adj` 0, cgroup, user.
+/// `oom_score_adj` 0, cgroup, user, working dir (entered by descriptor).
 #[allow(unsafe_code)]
-fn script_command(launch: &Launch, cgroup_procs: Option<&std::fs::File>) -> Command {
+fn script_command(
+    launch: &Launch,
+    cgroup_procs: Option<&std::fs::File>,
+    working_dir: &OwnedFd,
+) -> Command {
     let mut command = Command::new(&launch.program);
+    let working_dir = working_dir.as_raw_fd();
     command
         .args(&launch.args)
         .env_clear()
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&launch.working_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
@@ -225,7 +256,7 @@ fn script_command(launch: &Launch, cgroup_procs: Option<&std::fs::File>) -> Comm
     // SAFETY: the supervisor is single-threaded, so after fork no other
     // thread can hold a lock (malloc's included) that the child would wait
     // on; the closure only makes system calls on descriptors that are open in
-    // the parent until spawn returns, writes to /proc/self, and resets signal
+    // the parent until spawn returns (the cgroup file, the working dir), writes to /proc/self, and resets signal
     // dispositions to their defaults (no handler of ours runs in the child).
     unsafe {
         command.pre_exec(move || {
@@ -239,6 +270,10 @@ fn script_command(launch: &Launch, cgroup_procs: Option<&std::fs::File>) -> Comm
                 }
             }
             nix::unistd::setsid()?;
+            // The checked directory itself, whatever its path names now.
+            if nix::libc::fchdir(working_dir) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // Best effort: 0 is a raise from the unit's -500 (always allowed);
             // from a positive value it needs CAP_SYS_RESOURCE, and a script
             // must not fail to start over its OOM priority.

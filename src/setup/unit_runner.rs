@@ -696,6 +696,7 @@ mod tests {
             args: vec!["-c".into(), "echo $SECRET".into()],
             env: vec![("SECRET".into(), "s3cr3t".into())],
             working_dir: "/home/u".into(),
+            working_dir_id: None,
             user: Some(super::super::runner::UserIds {
                 uid: 1000,
                 gid: 1000,

@@ -52,7 +52,7 @@ impl Site {
         format!(
             "[mounts]\nblobfuse2_path = {:?}\nallowed_roots = [{:?}]\ncache_root = {:?}\n\
              health_interval_seconds = {}\nhealth_timeout_seconds = 2\nbackoff_initial_seconds = 1\n\
-             backoff_max_seconds = 2\nmount_timeout_seconds = 20\n",
+             backoff_max_seconds = 2\nmount_timeout_seconds = 20\ndefault_owner = \"root\"\n",
             standin(),
             self.path().join("mnt"),
             self.path().join("cache"),
@@ -72,6 +72,27 @@ impl Site {
                 &self.path().join("storage").display().to_string(),
             )
             .start()
+    }
+
+    /// Starts a new agent on `agent`'s config, state and log (the old one
+    /// is gone; nothing is killed), with this site's storage.
+    pub fn restart(&self, agent: &mut Agent) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&agent.log_path)
+            .expect("log");
+        agent.child = Command::new(super::binary())
+            .args(["serve", "--config"])
+            .arg(&agent.config_path)
+            .env("RUST_LOG", "info,instance_agent=debug")
+            .env("STANDIN_STORAGE_ROOT", self.path().join("storage"))
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("restart the agent");
+        agent.wait_ready(std::time::Duration::from_secs(20));
     }
 
     /// Stand-ins serving a path below this site.

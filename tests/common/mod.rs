@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod booted_agent;
+pub mod certs;
+pub mod control_plane;
 pub mod deb;
 pub mod engine;
 pub mod events;
@@ -11,8 +13,11 @@ pub mod fs;
 #[cfg(feature = "test-util")]
 pub mod fuse_site;
 pub mod nspawn;
+pub mod raw_h2;
 pub mod rootfs;
+pub mod users;
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,9 +25,27 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Path of the binary under test.
+/// Path of the binary under test: this build's, or
+/// `$INSTANCE_AGENT_TEST_BIN` (to run a test against another build, e.g.
+/// to see it fail on the code before a fix).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_instance-agent"))
+    std::env::var_os("INSTANCE_AGENT_TEST_BIN")
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_instance-agent")))
+}
+
+/// The resident set size of process `pid`, in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// A running agent. Killed (SIGKILL) on drop if still running, and every
@@ -374,6 +397,53 @@ impl Drop for Agent {
             &self.dir.path().join("logs"),
             &self.captured,
         );
+        // blobfuse2 stand-ins mounted on its staging entries (a test that
+        // failed leaves them), then the staged binds in its runtime dir,
+        // which lead into other dirs: detached (deepest first) so that
+        // removing the temp dir stays inside it.
+        kill_standins_below(self.dir.path());
+        detach_mounts_below(self.dir.path());
+    }
+}
+
+/// SIGKILLs every blobfuse2 stand-in whose mount path is below `root`.
+pub fn kill_standins_below(root: &Path) {
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let standin = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"blobfuse2-standin"));
+        let below = args
+            .get(2)
+            .is_some_and(|a| Path::new(std::ffi::OsStr::from_bytes(a)).starts_with(root));
+        if standin && below {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Lazily unmounts every mount below `root` (this process's mountinfo),
+/// deepest first.
+pub fn detach_mounts_below(root: &Path) {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root) && p != root)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -654,4 +724,31 @@ pub fn sum_of(text: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Polls GetDiskUsage until `check` holds for the filesystem mounted at `mount`.
+pub async fn wait_for_fs(
+    client: &mut instance_agent::api::proto::disk_service_client::DiskServiceClient<Channel>,
+    mount: &Path,
+    what: &str,
+    check: impl Fn(&instance_agent::api::proto::FilesystemUsage) -> bool,
+) -> instance_agent::api::proto::FilesystemUsage {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let usage = client
+            .get_disk_usage(instance_agent::api::proto::GetDiskUsageRequest {})
+            .await
+            .expect("GetDiskUsage")
+            .into_inner();
+        if let Some(fs) = usage
+            .filesystems
+            .iter()
+            .find(|f| Path::new(&f.mount_point) == mount)
+            && check(fs)
+        {
+            return fs.clone();
+        }
+        assert!(Instant::now() < deadline, "{what}: {usage:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -22,8 +22,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline of each RPC: the agent serves all of them from memory.
 pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The fix when the agent accepts connections but does not answer.
-const HUNG_FIX: &str =
-    "the agent is hung: `systemctl restart instance-agent`, then report it with `doctor --bundle`";
+const HUNG_FIX: &str = "it may be hung or overloaded: see `systemctl status instance-agent` and \
+     `journalctl -u instance-agent`; `systemctl restart instance-agent` if it stays so, then \
+     report it with `doctor --bundle`";
+
+/// The daemon check's deadline for the HTTP/2 handshake and GetStatus:
+/// `--rpc-timeout` (default 5 s for `doctor`).
+fn daemon_timeout() -> Duration {
+    client::rpc_timeout().unwrap_or(Duration::from_secs(24 * 3600))
+}
 
 /// What the agent answered, or why it could not be asked.
 pub(super) struct AgentAnswer {
@@ -61,26 +68,61 @@ pub(super) async fn ask_agent(socket: &Path) -> AgentAnswer {
         }
         Ok(Ok(())) => {}
     }
-    let channel = match tokio::time::timeout(CALL_TIMEOUT, client::connect(socket)).await {
+    let timeout = daemon_timeout();
+    let channel = match tokio::time::timeout(timeout, client::connect(socket)).await {
         Ok(Ok(channel)) => channel,
         Ok(Err(error)) => {
-            return unreachable(
-                format!("{error:#}"),
-                "check that --socket names the agent's socket".to_owned(),
-            );
+            let Unreachable { problem, fix } = match client::CallFailure::of(&error) {
+                Some(failure) => failure_words(&failure, socket, timeout),
+                None => Unreachable {
+                    problem: format!("{error:#}"),
+                    fix: "check that --socket names the agent's socket".to_owned(),
+                },
+            };
+            return unreachable(problem, fix);
         }
         Err(_) => {
             return unreachable(
-                format!("no HTTP/2 handshake on {path} within {CALL_TIMEOUT:?}"),
+                format!(
+                    "the agent does not answer: no HTTP/2 handshake on {path} within {timeout:?}"
+                ),
                 HUNG_FIX.to_owned(),
             );
         }
     };
+    let mut request = tonic::Request::new(proto::GetStatusRequest {});
+    request.set_timeout(timeout);
     let status = AgentServiceClient::new(channel.clone())
-        .get_status(deadline(proto::GetStatusRequest {}))
+        .get_status(request)
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| Unreachable {
+        .map_err(|status| {
+            let failure = client::CallFailure::of_status(&status);
+            (failure.is_some(), status_failure(&status, socket, timeout))
+        });
+    match status {
+        Ok(status) => AgentAnswer {
+            channel: Some(channel),
+            status: Ok(status),
+        },
+        // A frozen, dying or refusing agent answers no other check either:
+        // they are skipped rather than each waiting for its deadline.
+        Err((true, unreachable)) => AgentAnswer {
+            channel: None,
+            status: Err(unreachable),
+        },
+        Err((false, unreachable)) => AgentAnswer {
+            channel: Some(channel),
+            status: Err(unreachable),
+        },
+    }
+}
+
+/// Why GetStatus failed, in the words of [`client::CallFailure`].
+fn status_failure(status: &tonic::Status, socket: &Path, timeout: Duration) -> Unreachable {
+    match client::CallFailure::of_status(status) {
+        Some(failure) => failure_words(&failure, socket, timeout),
+        None => Unreachable {
             problem: format!(
                 "GetStatus failed: {:?}: {}",
                 status.code(),
@@ -88,11 +130,30 @@ pub(super) async fn ask_agent(socket: &Path) -> AgentAnswer {
             ),
             fix: "the agent answers but not correctly: restart it and report it with `doctor --bundle`"
                 .to_owned(),
-        });
-    AgentAnswer {
-        channel: Some(channel),
-        status,
+        },
     }
+}
+
+/// The daemon check's problem and fix for `failure`.
+fn failure_words(failure: &client::CallFailure, socket: &Path, timeout: Duration) -> Unreachable {
+    let path = socket.display();
+    let (problem, fix) = match failure {
+        client::CallFailure::TimedOut => (
+            format!(
+                "the agent does not answer: it accepts connections on {path} but GetStatus got no reply within {timeout:?}"
+            ),
+            HUNG_FIX.to_owned(),
+        ),
+        client::CallFailure::Refused(message) => (
+            format!("the agent refused this user: {message}"),
+            "run as root or as a member of the operator group (operator.group)".to_owned(),
+        ),
+        client::CallFailure::Closed => (
+            format!("the agent at {path} closed the connection (restarting or crashed?)"),
+            client::SEE_SYSTEMCTL.to_owned(),
+        ),
+    };
+    Unreachable { problem, fix }
 }
 
 /// A request with the per-call deadline (sent as grpc-timeout too).

@@ -3,7 +3,7 @@
 //! systemd unit.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use super::report::Check;
@@ -34,16 +34,7 @@ pub(super) fn config_check(path: &Path, loaded: &Result<Config, ConfigError>) ->
     }
 }
 
-/// Looks a program up in PATH, as a shell would.
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| {
-            std::fs::metadata(candidate)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-}
+use crate::paths::find_in_path;
 
 /// The FUSE device and fusermount3, which every mount needs.
 pub(super) fn fuse_check() -> Check {

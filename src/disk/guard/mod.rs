@@ -17,7 +17,11 @@
 //! condition, hold); both happen after the lock is released, so that nothing
 //! slow or reentrant runs under it. A hung mount costs one blocked thread,
 //! is reported unresponsive once its probe is older than
-//! `disk.sample_timeout_ms`, and never delays the others. An absent path is
+//! `disk.sample_timeout_ms`, and never delays the others. Paths that users
+//! or remote storage control are probed in a helper process (one per tick,
+//! for all of them), the agent's own well-known filesystems in the agent
+//! (see `disk::probe`); callers' paths (`ReclaimSpace`, `disk --top`) go
+//! through bounded flights of their own, apart from the guard's. An absent path is
 //! skipped and reported, and probed again at every tick so that it joins as
 //! soon as it appears (a mount, a cache dir created later).
 
@@ -42,14 +46,15 @@ use tokio_util::task::TaskTracker;
 use crate::admission::AdmissionGate;
 use crate::disk::config::DiskConfig;
 use crate::disk::docker::DockerSpace;
-use crate::disk::probe::{FsProbe, sample_within};
+use crate::disk::probe::flights::Flights;
+use crate::disk::probe::{FsProbe, IsolatedProbe};
 use crate::disk::reclaim::{
     ReclaimDriver, ReclaimMode, ReclaimQueue, ReclaimReport, ReclaimRequest, ReclaimStep,
     ReclaimTarget, ReclaimTrigger,
 };
 use crate::disk::reserve::{ReserveAction, ReserveFile, ReserveKeeper, ReserveOutcome};
-use crate::disk::top::{TopProgress, TopReport, TopRequest, TopWalks};
-use crate::disk::{DiskError, DiskState, DiskUsage};
+use crate::disk::top::{TopProgress, TopReport, TopRequest};
+use crate::disk::{DiskError, DiskState, DiskUsage, Thresholds};
 use crate::events::EventBus;
 use crate::health::{ConditionState, Health, Subsystem};
 use crate::store::Store;
@@ -63,8 +68,10 @@ pub struct DiskParts {
     pub config: watch::Receiver<DiskConfig>,
     /// The agent's state dir (watched; holds the reserve file).
     pub state_dir: PathBuf,
-    /// Filesystems.
+    /// The agent's own well-known filesystems, probed in the agent.
     pub probe: Arc<dyn FsProbe>,
+    /// Everything else, probed in helper processes.
+    pub isolated: Arc<dyn IsolatedProbe>,
     /// The container engine, for its data root.
     pub docker: Arc<dyn DockerSpace>,
     /// Reclaim steps in the order they run.
@@ -110,12 +117,14 @@ struct GuardState {
 impl GuardState {
     /// Probes `paths` (new ones, with their mounts) once the lock is released.
     fn probe_now(&mut self, paths: impl IntoIterator<Item = PathBuf>) {
-        self.actions.extend(paths.into_iter().map(|path| {
-            Action::Probe(ProbeRequest {
+        for path in paths {
+            let isolated = self.watch.paths.get(&path).is_none_or(|e| e.isolated());
+            self.actions.push(Action::Probe(ProbeRequest {
                 path,
                 want_mount: true,
-            })
-        }));
+                isolated,
+            }));
+        }
     }
 
     fn on_command(&mut self, command: Command, now: Instant) {
@@ -207,11 +216,16 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     outlets: Outlets,
     probe: Arc<dyn FsProbe>,
+    isolated: Arc<dyn IsolatedProbe>,
+    /// Probes callers ask for (`ReclaimSpace`, `disk --top`).
+    callers: Flights,
+    /// The guard's own probes of isolated paths outside sampling (the
+    /// automatic reclaim's targets): never behind callers'.
+    own: Flights,
     reclaimer: ReclaimDriver,
     store: Store,
     reserve: ReserveFile,
     config: watch::Receiver<DiskConfig>,
-    top: TopWalks,
 }
 
 impl Inner {
@@ -294,6 +308,7 @@ impl DiskGuard {
             config,
             state_dir,
             probe,
+            isolated,
             docker,
             steps,
             store,
@@ -325,11 +340,13 @@ impl DiskGuard {
             commands,
             outlets: Outlets::new(health, admission, events.clone()),
             probe: probe.clone(),
+            callers: Flights::new(isolated.clone()),
+            own: Flights::new(isolated.clone()),
+            isolated,
             reclaimer: ReclaimDriver::new(steps, probe, events),
             store,
             reserve,
             config: config.clone(),
-            top: TopWalks::default(),
         });
         let guard = DiskGuard { inner };
         let runner = DiskRunner {
@@ -414,36 +431,50 @@ impl DiskGuard {
     /// watched one below its floor plus margin (see [`ReclaimDriver::reclaim`]:
     /// published unless a dry run, run to its end even if the caller goes
     /// away).
+    ///
+    /// A caller's path is probed in a helper, through the callers' flights
+    /// (a hung filesystem is answered [`DiskError::Unresponsive`] at once);
+    /// the automatic reclaim uses flights of its own.
     pub async fn reclaim(&self, request: ReclaimRequest) -> Result<ReclaimReport, DiskError> {
         let timeout = self.sample_timeout();
+        let flights = match request.trigger {
+            ReclaimTrigger::Api => self.inner.callers.clone(),
+            ReclaimTrigger::Automatic => self.inner.own.clone(),
+        };
         let targets = match &request.path {
             Some(path) => {
                 check_absolute("path", path)?;
-                let sample = sample_within(&self.inner.probe, path, timeout).await?;
-                let thresholds = self.lock().watch.thresholds_for_dev(sample.dev, path);
-                vec![ReclaimTarget {
+                let isolated = match request.trigger {
+                    ReclaimTrigger::Api => true,
+                    ReclaimTrigger::Automatic => self.lock().watch.isolated(path),
+                };
+                let mut target = ReclaimTarget {
                     path: path.clone(),
-                    thresholds,
-                }]
+                    thresholds: Thresholds::from_config(&self.inner.config.borrow()),
+                    isolated,
+                };
+                let sample = target.sample(&self.inner.probe, &flights, timeout).await?;
+                target.thresholds = self.lock().watch.thresholds_for_dev(sample.dev, path);
+                vec![target]
             }
             None => self.lock().watch.reclaim_targets(),
         };
         self.inner
             .reclaimer
-            .reclaim(targets, request, timeout)
+            .reclaim(targets, request, timeout, flights)
             .await
     }
 
     /// Lists the largest directories below `request.path`. Progress goes to
-    /// `progress` (dropped when it is full). At most one walk runs at a time,
-    /// so a walk stuck on a hung filesystem cannot pile up threads.
+    /// `progress` (dropped when it is full). The walk runs in a helper
+    /// process, at most one per filesystem (see [`Flights::walk`]).
     pub async fn top_directories(
         &self,
         request: TopRequest,
         progress: mpsc::Sender<TopProgress>,
     ) -> Result<TopReport, DiskError> {
         check_absolute("path", &request.path)?;
-        self.inner.top.run(request, progress).await
+        self.inner.callers.walk(request, progress).await
     }
 
     fn sample_timeout(&self) -> Duration {
@@ -510,8 +541,17 @@ impl DiskGuard {
                 }),
             };
             self.inner.outlets.deliver(turn.outbox);
+            // Isolated paths of one turn share one helper.
+            let mut batch = Vec::new();
             for action in turn.actions {
-                self.perform(action, &results_tx);
+                match action {
+                    Action::Probe(request) if request.isolated => batch.push(request),
+                    other => self.perform(other, &results_tx),
+                }
+            }
+            if !batch.is_empty() {
+                let timeout = self.sample_timeout();
+                sampling::spawn_batch(&self.inner.isolated, batch, timeout, &results_tx);
             }
         }
         tracing::debug!("disk guard stopped");

@@ -5,9 +5,13 @@
 //! (a filesystem joined or left, new numbers for the state machine, an absent
 //! path skipped) and when a probe has taken too long (UNRESPONSIVE).
 //!
-//! Each probe (`stat` + `statvfs`) runs in `spawn_blocking`, off the task
-//! tracker, and reports back on a channel: a probe stuck on a hung mount
-//! never delays the others nor the agent's stop.
+//! A probe (`stat` + `statvfs`) of the agent's own well-known filesystems
+//! runs in `spawn_blocking`; the isolated paths of one turn (those users or
+//! remote storage control) share one helper process ([`spawn_batch`]), which
+//! is killed at the timeout. Both run off the task tracker and report back
+//! on a channel: a probe stuck on a hung mount never delays the others nor
+//! the agent's stop, and an isolated path stays in flight until its helper
+//! is really gone, so a hung one never costs more than one helper.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,7 +24,7 @@ use tokio::time::Instant;
 use super::alerts::AlertLog;
 use super::watchlist::{FsEntry, FsKey, Watchlist};
 use crate::disk::config::DiskConfig;
-use crate::disk::probe::{FsProbe, PathSample};
+use crate::disk::probe::{FsProbe, IsolatedProbe, PathSample, ProbeRun};
 use crate::disk::{DiskState, MountInfo, Thresholds};
 
 /// Paths that are not a filesystem's representative are probed every this
@@ -34,6 +38,8 @@ pub(super) struct ProbeRequest {
     pub(super) path: PathBuf,
     /// Look up where its filesystem is mounted too.
     pub(super) want_mount: bool,
+    /// Probe it in a helper process (users or remote storage control it).
+    pub(super) isolated: bool,
 }
 
 /// What a probe found.
@@ -48,19 +54,60 @@ pub(super) fn spawn_probe(
     request: ProbeRequest,
     results: &mpsc::UnboundedSender<ProbeResult>,
 ) {
-    let ProbeRequest { path, want_mount } = request;
+    let ProbeRequest {
+        path, want_mount, ..
+    } = request;
     let probe = probe.clone();
     let results = results.clone();
     // Not on the task tracker: a probe stuck on a hung mount must not hold
     // up the agent's stop.
     tokio::task::spawn_blocking(move || {
-        let outcome = probe.sample(&path).map(|sample| {
-            let mount = want_mount
-                .then(|| probe.mount_of(&path, sample.dev).ok())
-                .flatten();
-            (sample, mount)
-        });
+        let outcome = crate::disk::probe::sample_with_mount(probe.as_ref(), &path, want_mount);
         let _ = results.send(ProbeResult { path, outcome });
+    });
+}
+
+/// Starts the isolated `requests` of one turn in one helper process, killed
+/// after `timeout`; each answer arrives on `results` as soon as it is
+/// known. Once the helper is gone, every path it did not answer gets an
+/// error (so that it may be probed again); a helper stuck in a hung
+/// filesystem may be gone only when the filesystem lets go.
+pub(super) fn spawn_batch(
+    isolated: &Arc<dyn IsolatedProbe>,
+    requests: Vec<ProbeRequest>,
+    timeout: Duration,
+    results: &mpsc::UnboundedSender<ProbeResult>,
+) {
+    let paths: Vec<(PathBuf, bool)> = requests
+        .into_iter()
+        .map(|r| (r.path, r.want_mount))
+        .collect();
+    let ProbeRun { mut answers, .. } = isolated.sample(paths.clone(), timeout);
+    let results = results.clone();
+    tokio::spawn(async move {
+        let mut answered = vec![false; paths.len()];
+        while let Some((index, outcome)) = answers.recv().await {
+            let Some(seen) = answered.get_mut(index) else {
+                continue;
+            };
+            if !*seen {
+                *seen = true;
+                let path = paths[index].0.clone();
+                let _ = results.send(ProbeResult { path, outcome });
+            }
+        }
+        for ((path, _), seen) in paths.into_iter().zip(answered) {
+            if !seen {
+                let outcome = Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer: its probe helper was killed after {} ms",
+                        timeout.as_millis()
+                    ),
+                ));
+                let _ = results.send(ProbeResult { path, outcome });
+            }
+        }
     });
 }
 
@@ -134,6 +181,7 @@ pub(super) fn tick(watch: &mut Watchlist, now: Instant) -> Vec<ProbeRequest> {
             probes.push(ProbeRequest {
                 want_mount: entry.mount.is_none(),
                 path: representative,
+                isolated: entry.isolated(),
             });
         }
     }
@@ -164,6 +212,7 @@ pub(super) fn tick(watch: &mut Watchlist, now: Instant) -> Vec<ProbeRequest> {
             probes.push(ProbeRequest {
                 path: path.clone(),
                 want_mount: true,
+                isolated: entry.isolated(),
             });
         }
     }
@@ -280,11 +329,14 @@ pub(super) fn on_result(
             }
             alerts.drop_unwatched(watch);
             watch.refresh_mount(&key);
+            // The levels of a memory-backed filesystem follow its size.
+            if let Some(fs) = watch.filesystems.get_mut(&key) {
+                fs.stats = Some(sample.stats);
+            }
             watch.refresh_thresholds();
             let Some(fs) = watch.filesystems.get_mut(&key) else {
                 return;
             };
-            fs.stats = Some(sample.stats);
             fs.sampled_at = Some(SystemTime::now());
             fs.error = None;
             if let Some(transition) = fs.machine.observe(&sample.stats, &fs.thresholds, taken_at) {

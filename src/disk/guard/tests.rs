@@ -72,6 +72,7 @@ fn rig(config: DiskConfig) -> GuardRig {
             config: config_rx,
             state_dir,
             probe: Arc::new(probe.clone()),
+            isolated: Arc::new(probe.clone()),
             docker: docker.clone(),
             steps: vec![step.clone() as Arc<dyn ReclaimStep>],
             store: base.store.clone(),
@@ -240,6 +241,24 @@ async fn paths_are_deduplicated_and_absent_ones_reported() {
     assert!(usage.skipped.is_empty());
     let mnt = rig.fs_usage("/mnt");
     assert!(mnt.paths.iter().any(|p| p.path == Path::new("/data")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_state_dir_on_a_tmpfs_gets_levels_relative_to_its_size() {
+    let rig = rig(config());
+    // 64 MiB: warning below 6.4 MiB free, critical below 3.2 MiB (not the
+    // absolute 16 and 8 MiB).
+    rig.probe.set_fs_type(STATE, "tmpfs");
+    let mut sub = rig.guard.subscribe();
+    discovered(&mut sub, &["/", "/mnt", &rig.state_mount()]).await;
+    rig.probe.set_free(STATE, 6 * MIB);
+    assert_eq!(next(&mut sub).await.2, DiskState::Warning);
+    let state = rig.fs_usage(&rig.state_mount());
+    assert_eq!(state.thresholds.critical_free_bytes, 64 * MIB / 20);
+    rig.probe.set_free(STATE, 3 * MIB);
+    assert_eq!(next(&mut sub).await.2, DiskState::Critical);
+    let reason = rig.base.admission.held_reason().expect("held");
+    assert!(reason.contains("below the 3.2 MiB floor"), "{reason}");
 }
 
 #[tokio::test(start_paused = true)]

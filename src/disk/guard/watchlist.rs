@@ -37,6 +37,16 @@ const REASON_MNT: &str = "temp disk";
 /// The state dir and the Docker data root also decide the admission hold.
 pub(super) const REASON_STATE: &str = "state dir";
 pub(super) const REASON_DOCKER: &str = "docker data root";
+/// The agent's own well-known paths: their mount points belong to root, so
+/// no user can put a FUSE server under them, and they are probed in the
+/// agent; every other path is probed in a helper process.
+const OWN_REASONS: [&str; 5] = [
+    REASON_ROOT,
+    REASON_TMP,
+    REASON_MNT,
+    REASON_STATE,
+    REASON_DOCKER,
+];
 const REASON_CONFIG: &str = "disk.paths";
 const REASON_OVERRIDE: &str = "disk.overrides";
 /// Prefix of the reason of paths added over the API.
@@ -69,6 +79,17 @@ pub(super) struct PathEntry {
     pub(super) last_probe: Option<Instant>,
     /// Why it is skipped (absent, not a directory).
     pub(super) problem: Option<String>,
+}
+
+impl PathEntry {
+    /// Whether the path is probed in a helper process: it is watched for
+    /// none of the agent's own reasons (callers, config, mounts control it).
+    pub(super) fn isolated(&self) -> bool {
+        !self
+            .reasons
+            .iter()
+            .any(|r| OWN_REASONS.contains(&r.as_str()))
+    }
 }
 
 /// One watched filesystem.
@@ -222,6 +243,12 @@ impl Watchlist {
         Duration::from_millis(self.config.sample_timeout_ms.into())
     }
 
+    /// Whether `path` is probed in a helper process (also when it is not
+    /// watched at all).
+    pub(super) fn isolated(&self, path: &Path) -> bool {
+        self.paths.get(&tidy(path)).is_none_or(PathEntry::isolated)
+    }
+
     /// The filesystem `path` is on, if it is watched and known.
     pub(super) fn key_of(&self, path: &Path) -> Option<FsKey> {
         let entry = self.paths.get(path)?;
@@ -269,11 +296,20 @@ impl Watchlist {
         }
     }
 
-    /// Gives every filesystem the levels of the paths now on it.
+    /// Gives every filesystem the levels of the paths now on it, of its type
+    /// and size (see [`Thresholds::for_filesystem`]).
     pub(super) fn refresh_thresholds(&mut self) {
         let keys: Vec<FsKey> = self.filesystems.keys().cloned().collect();
         for key in keys {
-            let thresholds = Thresholds::for_paths(&self.config, self.members(&key));
+            let Some(fs) = self.filesystems.get(&key) else {
+                continue;
+            };
+            let thresholds = Thresholds::for_filesystem(
+                &self.config,
+                self.members(&key),
+                &fs.mount.fs_type,
+                fs.stats.map(|s| s.total_bytes),
+            );
             if let Some(fs) = self.filesystems.get_mut(&key) {
                 fs.thresholds = thresholds;
             }
@@ -378,6 +414,7 @@ impl Watchlist {
                 self.members(key).first().map(|p| ReclaimTarget {
                     path: p.to_path_buf(),
                     thresholds: fs.thresholds.clone(),
+                    isolated: self.isolated(p),
                 })
             })
             .collect()

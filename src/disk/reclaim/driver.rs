@@ -2,8 +2,10 @@
 //! event: the filesystems a reclaim is for ([`ReclaimTarget`],
 //! [`wants_space`]), one automatic reclaim at a time with the others queued
 //! ([`ReclaimQueue`]), and [`ReclaimDriver`], which runs a reclaim to its end
-//! in a task of its own, measures its targets' shortfall through the probe
-//! before each step, logs it and publishes it on the event log.
+//! in a task of its own, measures its targets' shortfall before each step
+//! (in the agent for its own well-known filesystems, in a probe helper for
+//! the others: [`ReclaimTarget::isolated`]), logs it and publishes it on the
+//! event log.
 //!
 //! Knows nothing of the guard's state: the guard hands it targets and asks
 //! the queue whether to start.
@@ -14,10 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::run::{
-    ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimRequest, Reclaimer, Relevance,
+    ReclaimFinished, ReclaimMode, ReclaimReport, ReclaimRequest, ReclaimTrigger, Reclaimer,
+    Relevance,
 };
 use super::steps::ReclaimStep;
-use crate::disk::probe::{FsProbe, sample_within};
+use crate::disk::probe::flights::Flights;
+use crate::disk::probe::{FsProbe, PathSample, sample_within};
 use crate::disk::{DiskError, DiskState, FsStats, Thresholds};
 use crate::events::{EventBus, EventPayload};
 use crate::units::bytes;
@@ -29,6 +33,26 @@ pub struct ReclaimTarget {
     pub path: PathBuf,
     /// Its levels (what the reclaim must get it back above).
     pub thresholds: Thresholds,
+    /// Whether the path is one that users or remote storage control, so
+    /// that it is measured in a probe helper rather than in the agent.
+    pub isolated: bool,
+}
+
+impl ReclaimTarget {
+    /// Measures the target: through `flights` when it is isolated, else in
+    /// the agent through `probe`; bounded by `timeout` either way.
+    pub async fn sample(
+        &self,
+        probe: &Arc<dyn FsProbe>,
+        flights: &Flights,
+        timeout: Duration,
+    ) -> Result<PathSample, DiskError> {
+        if self.isolated {
+            flights.sample(&self.path, timeout).await
+        } else {
+            sample_within(probe, &self.path, timeout).await
+        }
+    }
 }
 
 /// Whether a reclaim for every filesystem should target one in `state` with
@@ -117,7 +141,8 @@ impl ReclaimDriver {
     }
 
     /// Reclaims space for `targets` (or, in a dry run, says what would be
-    /// reclaimed); `timeout` bounds each probe of a target. A reclaim that
+    /// reclaimed); `timeout` bounds each probe of a target, and isolated
+    /// targets are probed through `flights`. A reclaim that
     /// is not a dry run is published on the event log
     /// ([`EventPayload::Reclaim`]), so that the control plane and the metrics
     /// see automatic reclaims as well as requested ones. Once started it runs
@@ -128,10 +153,14 @@ impl ReclaimDriver {
         targets: Vec<ReclaimTarget>,
         request: ReclaimRequest,
         timeout: Duration,
+        flights: Flights,
     ) -> Result<ReclaimReport, DiskError> {
         let driver = self.clone();
-        let task =
-            tokio::spawn(async move { driver.run_and_report(targets, request, timeout).await });
+        let task = tokio::spawn(async move {
+            driver
+                .run_and_report(targets, request, timeout, flights)
+                .await
+        });
         match task.await {
             Ok(report) => Ok(report),
             // A bug in a step surfaces where it would have without the task.
@@ -146,9 +175,12 @@ impl ReclaimDriver {
         targets: Vec<ReclaimTarget>,
         request: ReclaimRequest,
         timeout: Duration,
+        flights: Flights,
     ) -> ReclaimReport {
         let paths: Vec<PathBuf> = targets.iter().map(|t| t.path.clone()).collect();
-        let report = self.run(targets, request.mode, timeout).await;
+        let report = self
+            .run(targets, request.mode, request.trigger, timeout, flights)
+            .await;
         tracing::info!(
             trigger = request.trigger.name(),
             dry_run = report.dry_run,
@@ -171,12 +203,14 @@ impl ReclaimDriver {
         &self,
         targets: Vec<ReclaimTarget>,
         mode: ReclaimMode,
+        trigger: ReclaimTrigger,
         timeout: Duration,
+        flights: Flights,
     ) -> ReclaimReport {
         let probe = self.probe.clone();
         let mut devs = BTreeSet::new();
         for target in &targets {
-            if let Ok(sample) = sample_within(&probe, &target.path, timeout).await {
+            if let Ok(sample) = target.sample(&probe, &flights, timeout).await {
                 devs.insert(sample.dev);
             }
         }
@@ -189,15 +223,17 @@ impl ReclaimDriver {
         self.reclaimer
             .run(
                 mode,
+                trigger,
                 move || {
                     let probe = probe.clone();
                     let targets = targets.clone();
+                    let flights = flights.clone();
                     async move {
                         let mut need = 0;
                         for target in targets.iter() {
                             // A target that does not answer cannot be helped
                             // by deleting elsewhere: it needs nothing.
-                            if let Ok(sample) = sample_within(&probe, &target.path, timeout).await {
+                            if let Ok(sample) = target.sample(&probe, &flights, timeout).await {
                                 need = need.max(target.thresholds.reclaim_shortfall(&sample.stats));
                             }
                         }

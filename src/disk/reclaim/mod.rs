@@ -16,6 +16,7 @@
 pub mod driver;
 pub mod run;
 pub mod steps;
+pub mod turns;
 
 pub use driver::{ReclaimDriver, ReclaimQueue, ReclaimTarget};
 pub use run::{

@@ -1,5 +1,7 @@
-//! Running the registered steps in order ([`Reclaimer`]): one reclaim at a
-//! time, measuring before each step what the target filesystems still lack
+//! Running the registered steps in order ([`Reclaimer`]): one reclaim that
+//! deletes at a time, the automatic one first (see [`super::turns`]), a
+//! few dry runs beside them (they delete nothing and never hold up a
+//! reclaim that does), measuring before each step what the target filesystems still lack
 //! and stopping as soon as they are back above the floor plus the margin; a
 //! dry run estimates instead and subtracts. A step that fails is reported
 //! and the next one still runs; the result is a per-step [`ReclaimReport`].
@@ -9,6 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::steps::{Freed, ReclaimError, ReclaimStep};
+use super::turns::Turns;
+
+/// Dry runs at once; more wait for one of them to end.
+const DRY_RUNS_AT_ONCE: usize = 2;
 
 /// Whether a step's location is on a filesystem that needs space.
 pub trait Relevance {
@@ -55,7 +61,8 @@ pub struct ReclaimMode {
 /// Runs the registered steps in order.
 pub struct Reclaimer {
     steps: Vec<Arc<dyn ReclaimStep>>,
-    running: tokio::sync::Mutex<()>,
+    turns: Turns,
+    dry_runs: tokio::sync::Semaphore,
 }
 
 impl Reclaimer {
@@ -63,7 +70,8 @@ impl Reclaimer {
     pub fn new(steps: Vec<Arc<dyn ReclaimStep>>) -> Self {
         Self {
             steps,
-            running: tokio::sync::Mutex::new(()),
+            turns: Turns::default(),
+            dry_runs: tokio::sync::Semaphore::new(DRY_RUNS_AT_ONCE),
         }
     }
 
@@ -76,10 +84,13 @@ impl Reclaimer {
     /// bytes the target filesystems still lack to be above the floor plus
     /// the margin (0: enough). A dry run measures once and subtracts the
     /// estimates instead. Unless `all_steps`, a step whose location does not
-    /// help (`relevance`) is skipped.
+    /// help (`relevance`) is skipped. A reclaim that deletes waits for its
+    /// turn, `trigger` [`ReclaimTrigger::Automatic`] first, and a requested
+    /// one gives its turn up between steps while an automatic one waits.
     pub async fn run<F, Fut>(
         &self,
         mode: ReclaimMode,
+        trigger: ReclaimTrigger,
         mut still_needed: F,
         mut relevance: impl Relevance,
     ) -> ReclaimReport
@@ -87,9 +98,19 @@ impl Reclaimer {
         F: FnMut() -> Fut,
         Fut: Future<Output = u64>,
     {
-        // One reclaim at a time: a second one waits and then measures what
-        // the first left to do.
-        let _running = self.running.lock().await;
+        let automatic = trigger == ReclaimTrigger::Automatic;
+        // A dry run deletes nothing: it takes no turn. The semaphore is never
+        // closed, so acquiring fails only if it were.
+        let _dry_run = match mode.dry_run {
+            true => self.dry_runs.acquire().await.ok(),
+            false => None,
+        };
+        // One reclaim that deletes at a time: the next one measures what the
+        // one before left to do.
+        let mut turn = match mode.dry_run {
+            true => None,
+            false => Some(self.turns.take(automatic).await),
+        };
         let mut steps = Vec::with_capacity(self.steps.len());
         let mut simulated_need = if mode.dry_run {
             Some(still_needed().await)
@@ -97,6 +118,11 @@ impl Reclaimer {
             None
         };
         for step in &self.steps {
+            if !automatic && turn.is_some() && self.turns.automatic_waiting() {
+                // Its turn first; this one goes on with what is left after.
+                drop(turn.take());
+                turn = Some(self.turns.take(false).await);
+            }
             let need = match simulated_need {
                 Some(need) => need,
                 None => still_needed().await,
@@ -212,6 +238,9 @@ pub struct ReclaimRequest {
 mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use tokio::time::Instant;
 
     use super::*;
     use crate::disk::fake::FakeStep;
@@ -257,6 +286,7 @@ mod tests {
         let report = r
             .run(
                 ReclaimMode::default(),
+                ReclaimTrigger::Api,
                 || {
                     let need = need.clone();
                     async move { need.load(Ordering::SeqCst) }
@@ -277,7 +307,12 @@ mod tests {
             Arc::new(FakeStep::freeing("ok", 10)),
         ];
         let report = reclaimer(&steps)
-            .run(ReclaimMode::default(), || async { 1_000 }, OnlyFull)
+            .run(
+                ReclaimMode::default(),
+                ReclaimTrigger::Api,
+                || async { 1_000 },
+                OnlyFull,
+            )
             .await;
         assert_eq!(report.steps[0].error.as_deref(), Some("broken broke"));
         assert!(report.steps[0].ran);
@@ -300,6 +335,7 @@ mod tests {
                     dry_run: true,
                     all_steps: false,
                 },
+                ReclaimTrigger::Api,
                 move || {
                     *count.lock().unwrap() += 1;
                     async { 150 }
@@ -326,13 +362,19 @@ mod tests {
                     dry_run: false,
                     all_steps: true,
                 },
+                ReclaimTrigger::Api,
                 || async { 0 },
                 OnlyFull,
             )
             .await;
         assert!(report.steps.iter().all(|s| s.ran));
         let skipped = reclaimer(&steps)
-            .run(ReclaimMode::default(), || async { 0 }, OnlyFull)
+            .run(
+                ReclaimMode::default(),
+                ReclaimTrigger::Api,
+                || async { 0 },
+                OnlyFull,
+            )
             .await;
         assert!(skipped.steps.iter().all(|s| !s.ran));
         assert_eq!(
@@ -349,7 +391,12 @@ mod tests {
         here.location = Some("/full/cache".into());
         let steps = [Arc::new(elsewhere), Arc::new(here)];
         let report = reclaimer(&steps)
-            .run(ReclaimMode::default(), || async { 1_000 }, OnlyFull)
+            .run(
+                ReclaimMode::default(),
+                ReclaimTrigger::Api,
+                || async { 1_000 },
+                OnlyFull,
+            )
             .await;
         assert!(!report.steps[0].ran);
         assert!(
@@ -361,5 +408,87 @@ mod tests {
         );
         assert_eq!(steps[0].calls(), (0, 0));
         assert!(report.steps[1].ran);
+    }
+
+    fn slow_steps(names: &[&'static str]) -> Vec<Arc<FakeStep>> {
+        names
+            .iter()
+            .map(|name| {
+                let mut step = FakeStep::freeing(name, 10);
+                step.delay = Duration::from_secs(10);
+                Arc::new(step)
+            })
+            .collect()
+    }
+
+    const ALL: ReclaimMode = ReclaimMode {
+        dry_run: false,
+        all_steps: true,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn the_automatic_reclaim_never_waits_behind_dry_runs() {
+        let steps = slow_steps(&["slow"]);
+        let r = Arc::new(reclaimer(&steps));
+        let start = Instant::now();
+        let dry_runs: Vec<_> = (0..10)
+            .map(|_| {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mode = ReclaimMode {
+                        dry_run: true,
+                        ..ALL
+                    };
+                    r.run(mode, ReclaimTrigger::Api, || async { 1_000 }, OnlyFull)
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let report = r
+            .run(ALL, ReclaimTrigger::Automatic, || async { 1_000 }, OnlyFull)
+            .await;
+        assert!(report.steps[0].ran && !report.dry_run);
+        // Its own step and nothing else, although ten dry runs were queued.
+        assert!(
+            start.elapsed() < Duration::from_secs(11),
+            "{:?}",
+            start.elapsed()
+        );
+        for dry_run in dry_runs {
+            assert!(dry_run.await.unwrap().dry_run);
+        }
+        // Two at a time.
+        assert!(start.elapsed() >= Duration::from_secs(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requested_reclaim_gives_its_turn_to_the_automatic_one_between_steps() {
+        let steps = slow_steps(&["a", "b", "c"]);
+        let r = Arc::new(reclaimer(&steps));
+        let start = Instant::now();
+        let requested = {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.run(ALL, ReclaimTrigger::Api, || async { 1_000 }, OnlyFull)
+                    .await;
+                start.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        r.run(ALL, ReclaimTrigger::Automatic, || async { 1_000 }, OnlyFull)
+            .await;
+        // The requested reclaim's first step (10 s), then its own three.
+        let automatic_done = start.elapsed();
+        assert!(
+            automatic_done < Duration::from_secs(41),
+            "{automatic_done:?}"
+        );
+        let requested_done = requested.await.unwrap();
+        assert!(
+            requested_done >= Duration::from_secs(60),
+            "{requested_done:?}"
+        );
+        assert!(steps.iter().all(|s| s.calls().1 == 2), "each ran twice");
     }
 }

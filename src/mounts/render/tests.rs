@@ -2,7 +2,7 @@
 //! property test) that any value comes back from the YAML unchanged.
 
 use super::*;
-use crate::mounts::spec::{ManagedIdentity, Origin, SecretSource};
+use crate::mounts::spec::{ManagedIdentity, Origin, Owner, SecretSource};
 
 fn spec(auth: Auth) -> MountSpec {
     MountSpec {
@@ -17,13 +17,18 @@ fn spec(auth: Auth) -> MountSpec {
         endpoint: String::new(),
         subdirectory: String::new(),
         origin: Origin::Api,
+        owner: Some(Owner {
+            uid: 1000,
+            gid: 1001,
+        }),
     }
 }
 
 const LOG: &str = "/var/log/instance-agent/mounts/data.log";
 
 const HEAD: &str = "\
-allow-other: true
+allow-other: false
+allow-root: true
 logging:
   type: base
   level: log_warning
@@ -34,6 +39,9 @@ components:
 - attr_cache
 - azstorage
 libfuse:
+  uid: 1000
+  gid: 1001
+  default-permission: 488
   attribute-expiration-sec: 120
   entry-expiration-sec: 120
   negative-entry-expiration-sec: 120
@@ -54,7 +62,7 @@ fn golden_account_key() {
     let expected = format!(
         "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: key\n  account-key: bXlrZXk=+/x==\n"
     );
-    assert_eq!(render(&s, Some(&key), Path::new(LOG)), expected);
+    assert_eq!(render(&s, Some(&key), Path::new(LOG), 0o750), expected);
 }
 
 #[test]
@@ -65,17 +73,34 @@ fn golden_sas_read_only_with_endpoint_and_subdirectory() {
     s.endpoint = "https://myacct.blob.core.windows.net".into();
     s.subdirectory = "team/a".into();
     let expected = format!(
-        "allow-other: true\nread-only: true\n{}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  endpoint: https://myacct.blob.core.windows.net\n  subdirectory: team/a\n  mode: sas\n  sas: ?sv=2022-11-02&ss=b&sig=abc%2Bdef%3D\n",
-        HEAD.strip_prefix("allow-other: true\n").unwrap()
+        "allow-other: false\nallow-root: true\nread-only: true\n{}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  endpoint: https://myacct.blob.core.windows.net\n  subdirectory: team/a\n  mode: sas\n  sas: ?sv=2022-11-02&ss=b&sig=abc%2Bdef%3D\n",
+        HEAD.strip_prefix("allow-other: false\nallow-root: true\n")
+            .unwrap()
     );
-    assert_eq!(render(&s, Some(&sas), Path::new(LOG)), expected);
+    assert_eq!(render(&s, Some(&sas), Path::new(LOG), 0o750), expected);
+}
+
+#[test]
+fn a_jobs_only_mount_is_roots_without_allow_root_and_never_allow_other() {
+    let mut s = spec(Auth::ManagedIdentity(ManagedIdentity::default()));
+    s.owner = Some(Owner::ROOT);
+    let yaml = render(&s, None, Path::new(LOG), 0o700);
+    let parsed: serde_norway::Value = serde_norway::from_str(&yaml).unwrap();
+    assert_eq!(parsed["allow-other"].as_bool(), Some(false));
+    assert!(parsed.get("allow-root").is_none(), "{yaml}");
+    assert_eq!(parsed["libfuse"]["uid"].as_u64(), Some(0));
+    assert_eq!(parsed["libfuse"]["gid"].as_u64(), Some(0));
+    assert_eq!(
+        parsed["libfuse"]["default-permission"].as_u64(),
+        Some(0o700)
+    );
 }
 
 #[test]
 fn golden_managed_identity() {
     let system = spec(Auth::ManagedIdentity(ManagedIdentity::default()));
     assert_eq!(
-        render(&system, None, Path::new(LOG)),
+        render(&system, None, Path::new(LOG), 0o750),
         format!(
             "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n"
         )
@@ -85,7 +110,7 @@ fn golden_managed_identity() {
         ..Default::default()
     }));
     assert_eq!(
-        render(&user, None, Path::new(LOG)),
+        render(&user, None, Path::new(LOG), 0o750),
         format!(
             "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n  appid: 11111111-2222-3333-4444-555555555555\n"
         )
@@ -99,7 +124,7 @@ fn golden_managed_identity_by_resource_id_and_by_object_id() {
             ..Default::default()
         }));
     assert_eq!(
-        render(&by_resource, None, Path::new(LOG)),
+        render(&by_resource, None, Path::new(LOG), 0o750),
         format!(
             "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n  resid: /subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1\n"
         )
@@ -109,7 +134,7 @@ fn golden_managed_identity_by_resource_id_and_by_object_id() {
         ..Default::default()
     }));
     assert_eq!(
-        render(&by_object, None, Path::new(LOG)),
+        render(&by_object, None, Path::new(LOG), 0o750),
         format!(
             "{HEAD}azstorage:\n  type: block\n  account-name: myacct\n  container: data\n  mode: msi\n  objid: 66666666-7777-8888-9999-000000000000\n"
         )
@@ -121,7 +146,7 @@ fn hostile_values_stay_values() {
     // A secret that looks like YAML must come back as the same string.
     let key = Secret::from_text("a: b\n- c # d");
     let s = spec(Auth::AccountKey(SecretSource::Given(key.clone())));
-    let yaml = render(&s, Some(&key), Path::new(LOG));
+    let yaml = render(&s, Some(&key), Path::new(LOG), 0o750);
     let parsed: serde_norway::Value = serde_norway::from_str(&yaml).unwrap();
     assert_eq!(
         parsed["azstorage"]["account-key"].as_str(),
@@ -182,7 +207,7 @@ mod properties {
             s.subdirectory = subdirectory.clone();
             s.read_only = read_only;
             s.cache_dir = format!("/mnt/cache/{cache}").into();
-            let yaml = render(&s, Some(&given), Path::new(LOG));
+            let yaml = render(&s, Some(&given), Path::new(LOG), 0o750);
             let parsed: serde_norway::Value = serde_norway::from_str(&yaml)
                 .map_err(|e| TestCaseError::fail(format!("{e}: {yaml}")))?;
             let mut keys: Vec<&str> = parsed
@@ -193,8 +218,8 @@ mod properties {
                 .collect();
             keys.sort_unstable();
             let mut expected = vec![
-                "allow-other", "attr_cache", "azstorage", "components", "file_cache",
-                "libfuse", "logging",
+                "allow-other", "allow-root", "attr_cache", "azstorage", "components",
+                "file_cache", "libfuse", "logging",
             ];
             if read_only {
                 expected.push("read-only");

@@ -254,3 +254,37 @@ fn an_unhealthy_mount_reads_well_with_and_without_a_message() {
         "mount \"data\" is remounting (attempt 2)"
     );
 }
+
+#[tokio::test]
+async fn the_owner_is_resolved_and_an_unknown_one_is_refused_naming_the_field() {
+    use crate::mounts::spec::{NO_GID, Owner};
+    let w = World::new();
+    // The default owner (root in the rig): a jobs-only mount, shown as root's.
+    let status = w.service.mount(w.spec("jobs")).await.unwrap();
+    assert_eq!(status.owner, Owner::ROOT);
+    // A uid given alone gets its primary group from the user database.
+    let mut by_uid = w.spec("byuid");
+    by_uid.owner = Some(Owner {
+        uid: 0,
+        gid: NO_GID,
+    });
+    assert_eq!(w.service.mount(by_uid).await.unwrap().owner, Owner::ROOT);
+    // A uid of no user and no gid: refused, naming owner_uid.
+    let mut nobody = w.spec("nobody");
+    nobody.owner = Some(Owner {
+        uid: 4_000_000_000,
+        gid: NO_GID,
+    });
+    let err = w.service.mount(nobody).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MountError::Invalid {
+                field: "owner_uid",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("give owner_gid"), "{err}");
+}

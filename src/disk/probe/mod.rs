@@ -1,17 +1,40 @@
 //! The disk guard's narrow interface to filesystems: which filesystem a path
 //! is on, its free space and inodes, and where it is mounted.
 //!
-//! Every call may block for as long as the filesystem wants (a hung network
-//! or FUSE mount blocks `stat` and `statvfs` indefinitely), so callers run it
-//! in `spawn_blocking` with a timeout and never on the async runtime:
-//! [`sample_within`] does both for one path. A fake sits in `disk::fake`.
+//! Two ways to ask, by who controls the path:
+//! - [`FsProbe`], in the agent's own threads, for the agent's own well-known
+//!   filesystems only (`/`, `/tmp`, `/mnt`, the state dir, the Docker data
+//!   root: their mount points belong to root, so no user can put a FUSE
+//!   server under them). Every call may still block, so callers run it in
+//!   `spawn_blocking` with a timeout: [`sample_within`] does both.
+//! - [`IsolatedProbe`], in a short-lived helper process, for every path that
+//!   users or remote storage control (callers' paths, paths added over the
+//!   API or in config, mount caches, managed mount roots, `disk --top`
+//!   walks). A call into a FUSE server that never answers can leave a thread
+//!   in the kernel beyond the reach of SIGKILL; in a helper that is the
+//!   helper's problem, not the agent's: the agent stops waiting, kills it and
+//!   goes on. [`helper::HelperProbe`] is the real one, [`child`] the program
+//!   it runs, [`wire`] what they say to each other, and [`flights`] what
+//!   keeps probes asked for by callers bounded (one per filesystem, a hung
+//!   filesystem answered at once).
+//!
+//! Fakes of both sit in `disk::fake`.
+
+pub mod child;
+pub mod flights;
+pub mod helper;
+pub mod wire;
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::top::{TopProgress, TopReport, TopRequest};
 use super::{DiskError, FsStats, MountInfo};
 use crate::mountinfo::MountEntry;
 
@@ -31,6 +54,51 @@ pub trait FsProbe: Send + Sync + 'static {
     fn sample(&self, path: &Path) -> io::Result<PathSample>;
     /// Where the filesystem with device `dev` that holds `path` is mounted.
     fn mount_of(&self, path: &Path, dev: u64) -> io::Result<MountInfo>;
+}
+
+/// What a sample of one path found: its numbers, and where its filesystem
+/// is mounted when that was asked for.
+pub type Sampled = (PathSample, Option<MountInfo>);
+
+/// One answer of a batch sample: the index of the path asked for, and what
+/// its probe found.
+pub type SampleAnswer = (usize, io::Result<Sampled>);
+
+/// One answer of a walk in a helper.
+#[derive(Debug)]
+pub enum WalkAnswer {
+    /// How far it has got.
+    Progress(TopProgress),
+    /// Its end.
+    Done(io::Result<TopReport>),
+}
+
+/// A probe running where a hang cannot hold the agent. Its answers arrive
+/// as they are known; the channel closes only once the probe is really gone
+/// (the helper reaped), which for a helper stuck in a hung filesystem may be
+/// never: holding on to a run until then is how callers keep one probe per
+/// filesystem.
+pub struct ProbeRun<T> {
+    /// Answers as they come.
+    pub answers: mpsc::UnboundedReceiver<T>,
+    /// Cancel to kill the probe now (it is killed at its deadline anyway).
+    pub kill: CancellationToken,
+}
+
+/// Probes of paths that users or remote storage control, each run in a
+/// helper process that is killed at its deadline. Must be called within the
+/// tokio runtime.
+pub trait IsolatedProbe: Send + Sync + 'static {
+    /// Samples every `(path, want_mount)` in one helper: `stat` and
+    /// `statvfs`, and where its filesystem is mounted when `want_mount`.
+    /// Answers are `(index, outcome)`; the helper is killed after `timeout`.
+    fn sample(&self, paths: Vec<(PathBuf, bool)>, timeout: Duration) -> ProbeRun<SampleAnswer>;
+    /// Walks `request` (`disk --top`) in a helper, killed after `limit`.
+    fn walk(&self, request: TopRequest, limit: Duration) -> ProbeRun<WalkAnswer>;
+    /// Which filesystem `path` names, by its text alone (the mount point of
+    /// the deepest mount that is a prefix of it), without touching any
+    /// filesystem: the key of one probe at a time.
+    fn filesystem_of(&self, path: &Path) -> PathBuf;
 }
 
 /// The real thing: `stat(2)`, `statvfs(3)` and `/proc/self/mountinfo`.
@@ -59,6 +127,21 @@ impl FsProbe for SystemProbe {
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
         Ok(mount_for(table, &path, dev).unwrap_or_else(|| MountInfo::unknown(&path)))
     }
+}
+
+/// `stat` and `statvfs` of `path` through `probe`, and where its filesystem
+/// is mounted when `want_mount` (a mount table that cannot be read leaves it
+/// unknown). Blocking.
+pub fn sample_with_mount<P: FsProbe + ?Sized>(
+    probe: &P,
+    path: &Path,
+    want_mount: bool,
+) -> io::Result<Sampled> {
+    let sample = probe.sample(path)?;
+    let mount = want_mount
+        .then(|| probe.mount_of(path, sample.dev).ok())
+        .flatten();
+    Ok((sample, mount))
 }
 
 /// Samples one path off the runtime, giving up after `timeout` (the blocked
@@ -106,6 +189,18 @@ pub fn mount_for(table: Vec<MountEntry>, path: &Path, dev: u64) -> Option<MountI
         })
 }
 
+/// The mount point of the deepest mount in `table` that is a prefix of
+/// `path`, by text alone (`/` when none is): which filesystem a path names
+/// before anything is asked of it. Symlinks are not followed, so a link
+/// into another filesystem counts as the filesystem it lives on.
+pub fn lexical_mount(table: &[MountEntry], path: &Path) -> PathBuf {
+    table
+        .iter()
+        .filter(|entry| path.starts_with(&entry.mount_point))
+        .max_by_key(|entry| entry.mount_point.components().count())
+        .map_or_else(|| PathBuf::from("/"), |entry| entry.mount_point.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +244,21 @@ mod tests {
     }
 
     #[test]
+    fn a_path_names_the_deepest_mount_it_is_below() {
+        let table = crate::mountinfo::parse(TABLE);
+        assert_eq!(
+            lexical_mount(&table, Path::new("/mnt/cache/x")),
+            Path::new("/mnt")
+        );
+        assert_eq!(lexical_mount(&table, Path::new("/mntx")), Path::new("/"));
+        assert_eq!(
+            lexical_mount(&table, Path::new("/var/lib/docker")),
+            Path::new("/var/lib/docker")
+        );
+        assert_eq!(lexical_mount(&[], Path::new("/a")), Path::new("/"));
+    }
+
+    #[test]
     fn escaped_mount_points_are_decoded() {
         let m = mount_for(
             crate::mountinfo::parse(TABLE),
@@ -163,14 +273,14 @@ mod tests {
     #[test]
     fn real_probe_samples_the_root_filesystem() {
         let probe = SystemProbe;
-        let sample = probe.sample(Path::new("/")).expect("stat /");
+        let sample = FsProbe::sample(&probe, Path::new("/")).expect("stat /");
         assert!(sample.stats.total_bytes > 0);
         assert!(sample.stats.free_bytes <= sample.stats.total_bytes);
         let mount = probe
             .mount_of(Path::new("/"), sample.dev)
             .expect("mountinfo");
         assert_eq!(mount.mount_point, Path::new("/"));
-        let missing = probe.sample(Path::new("/nonexistent/instance-agent"));
+        let missing = FsProbe::sample(&probe, Path::new("/nonexistent/instance-agent"));
         assert_eq!(missing.unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 }

@@ -3,10 +3,12 @@
 //! cache dirs) and the disk guard (watched paths, reclaim targets) share.
 //!
 //! [`confine`] accepts a path only when it is absolute, has no `.` or `..`
-//! component and no NUL byte, and — after every symlink is resolved — lies
-//! under one of the allowed roots (themselves resolved). The resolved path is
-//! returned and is what callers must use, so a symlink swapped in later
-//! cannot redirect an already checked path. [`normalise`] is the lighter
+//! component and no NUL byte, and the object it leads to (opened once and
+//! held, [`held::Held`]) lies under one of the allowed roots (themselves
+//! resolved). Callers act through the held descriptor, or hand another
+//! program a path only root can change ([`held::Held::changeable`],
+//! [`staging`]), so a symlink swapped in later cannot redirect an already
+//! checked path. [`normalise`] is the lighter
 //! lexical rule for paths that are tidied rather than refused for a `.`, and
 //! [`resolve_existing_prefix`] resolves a path that may not exist yet (a mount
 //! point the agent will create). Resolution touches the filesystem (and may
@@ -17,6 +19,25 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+
+pub mod held;
+pub mod privileged;
+pub mod staging;
+
+use held::Held;
+
+/// Looks a program name up in `PATH` as a shell would: the first
+/// executable regular file of that name.
+pub fn find_in_path(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
 
 /// A path was refused. Every message names the path and the rule it broke.
 #[derive(Debug, thiserror::Error)]
@@ -139,25 +160,26 @@ pub fn resolve_existing_prefix(path: &Path) -> Result<PathBuf, PathError> {
     Ok(resolved)
 }
 
-/// Resolves `path` and returns it if it lies under one of `roots`. Roots
-/// that do not exist are skipped. Blocking: resolves symlinks.
-pub fn confine(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, PathError> {
+/// Opens `path` once (following symlinks) and holds it if the object it
+/// reached lies under one of `roots`. Roots that do not exist are skipped.
+/// Blocking.
+pub fn confine(path: &Path, roots: &[PathBuf]) -> Result<Held, PathError> {
     check_clean_absolute(path)?;
-    let resolved = std::fs::canonicalize(path).map_err(|source| PathError::Unresolvable {
+    let held = Held::open(path).map_err(|source| PathError::Unresolvable {
         path: path.to_owned(),
         source,
     })?;
     let inside = roots.iter().any(|root| {
         std::fs::canonicalize(root)
-            .map(|real_root| is_under(&resolved, &real_root))
+            .map(|real_root| is_under(held.path(), &real_root))
             .unwrap_or(false)
     });
     if inside {
-        Ok(resolved)
+        Ok(held)
     } else {
         Err(PathError::OutsideRoots {
             path: path.to_owned(),
-            resolved,
+            resolved: held.path().to_owned(),
             roots: roots.to_vec(),
         })
     }
@@ -254,7 +276,10 @@ mod tests {
             "{err}"
         );
         let real = confine(&root.path().join("in"), &roots).unwrap();
-        assert_eq!(real, root.path().join("data").canonicalize().unwrap());
+        assert_eq!(
+            real.path(),
+            root.path().join("data").canonicalize().unwrap()
+        );
         assert!(matches!(
             confine(&root.path().join("missing"), &roots),
             Err(PathError::Unresolvable { .. })
@@ -309,7 +334,8 @@ mod tests {
             }
             let path = from_bytes(&raw);
             match confine(path, &roots) {
-                Ok(resolved) => {
+                Ok(held) => {
+                    let resolved = held.path().to_owned();
                     prop_assert!(is_under(&resolved, &real_root), "{} escaped to {}", path.display(), resolved.display());
                     prop_assert_eq!(&resolved, &path.canonicalize().unwrap());
                     prop_assert!(!parts.iter().any(|p| *p == ".." || *p == "."));
