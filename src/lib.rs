@@ -27,6 +27,7 @@
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
 //! - [`access`]: the SSH access policy (sshd's drop-in, keys, the listener)
 //!   and the SSH sessions open now.
+//! - [`lifecycle`]: activity (why the instance is not idle) and idle shutdown.
 //! - [`paths`]: client-given paths: lexical rules, resolution, confinement.
 //! - [`mountinfo`]: parsing the kernel's mount table (disk guard and mounts).
 //! - [`secret`]: the redacting `Secret` wrapper and permission-checked secret files.
@@ -53,6 +54,7 @@ pub mod health;
 pub mod host;
 pub mod images;
 pub mod jobs;
+pub mod lifecycle;
 pub mod metrics;
 pub mod mountinfo;
 pub mod mounts;

@@ -5,8 +5,8 @@
 //! Each section's struct, defaults, ranges and validation live with the
 //! domain that owns it (`jobs::config`, `images::config`, `disk::config`,
 //! `mounts::config`, `setup::config`, `api::config`, `metrics::config`,
-//! `access::config`, `events`; `[agent]`, which no domain owns, in
-//! [`agent`]). A section validates its own keys and
+//! `access::config`, `lifecycle::config`, `events`; `[agent]`, which no
+//! domain owns, in [`agent`]). A section validates its own keys and
 //! returns a [`FieldError`] with the key relative to the section; this module
 //! prefixes the table, adds the file and the line, and applies the rules
 //! between sections (the mount rules need the agent's dirs; `--state-dir`
@@ -34,6 +34,7 @@ use crate::disk::config::DiskConfig;
 use crate::events::EventsConfig;
 use crate::images::config::ImagesConfig;
 use crate::jobs::config::{DockerConfig, JobsConfig};
+use crate::lifecycle::config::LifecycleConfig;
 use crate::metrics::config::MetricsConfig;
 use crate::mounts::config::MountsConfig;
 use crate::setup::config::SetupConfig;
@@ -123,6 +124,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The SSH access policy.
     pub access: AccessConfig,
+    /// Activity sampling and idle shutdown.
+    pub lifecycle: LifecycleConfig,
 }
 
 /// Command-line flags that override the file.
@@ -245,6 +248,7 @@ impl Config {
             ("operator", self.operator.validate()),
             ("limits", self.limits.validate()),
             ("access", self.access.validate()),
+            ("lifecycle", self.lifecycle.validate()),
         ];
         for (table, result) in sections {
             result.map_err(|error| {
