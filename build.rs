@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/instance_agent/v1/common.proto",
         "proto/instance_agent/v1/jobs.proto",
+        "proto/instance_agent/v1/apps.proto",
         "proto/instance_agent/v1/disk.proto",
         "proto/instance_agent/v1/setup.proto",
         "proto/instance_agent/v1/mounts.proto",

@@ -20,6 +20,8 @@
 //! - `testing` (unit tests only): the shared rig of the domains' unit tests.
 //! - [`units`]: byte sizes and durations for people (messages, config, CLI).
 //! - [`jobs`]: the job queue: specs, states, slots, logs and the container engine.
+//! - [`apps`]: long-running containers on loopback ports: health, restarts,
+//!   the inference preset.
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
@@ -39,6 +41,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod apps;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -95,6 +95,10 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
         ));
         let adapters = Adapters {
             engine: engine.clone(),
+            apps: Arc::new(instance_agent::apps::engine::DockerApps::new(
+                engine.clone(),
+            )),
+            prober: Arc::new(instance_agent::apps::probe::SocketProber),
             disk_docker: engine,
             disk_probe: Arc::new(SystemProbe),
             mounter: Arc::new(SystemMounter::new()),

@@ -8,6 +8,7 @@
 //! [`auth`] table and the [`audit`] log to every call.
 
 pub mod agent;
+pub mod apps;
 pub mod audit;
 pub mod auth;
 pub mod config;
@@ -40,10 +41,11 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/instance_agent_descriptor.bin"));
 }
 
-/// The full names of the five services, as reflection and health list them.
-pub const SERVICE_NAMES: [&str; 5] = [
+/// The full names of the six services, as reflection and health list them.
+pub const SERVICE_NAMES: [&str; 6] = [
     "instance_agent.v1.AgentService",
     "instance_agent.v1.JobService",
+    "instance_agent.v1.AppService",
     "instance_agent.v1.DiskService",
     "instance_agent.v1.SetupService",
     "instance_agent.v1.MountService",
@@ -82,6 +84,8 @@ pub struct ApiParts {
     pub agent: agent::AgentApi,
     /// Jobs.
     pub jobs: jobs::JobApi,
+    /// Apps.
+    pub apps: apps::AppApi,
     /// File share mounts.
     pub mounts: mounts::MountApi,
     /// Setup scripts.
@@ -98,6 +102,7 @@ pub fn routes(
     parts: ApiParts,
 ) -> Result<(Routes, tonic_health::server::HealthReporter), tonic_reflection::server::Error> {
     use proto::agent_service_server::AgentServiceServer;
+    use proto::app_service_server::AppServiceServer;
     use proto::disk_service_server::DiskServiceServer;
     use proto::job_service_server::JobServiceServer;
     use proto::mount_service_server::MountServiceServer;
@@ -118,6 +123,7 @@ pub fn routes(
         .add_service(reflection_v1alpha)
         .add_service(AgentServiceServer::new(parts.agent).max_decoding_message_size(max))
         .add_service(JobServiceServer::new(parts.jobs).max_decoding_message_size(max))
+        .add_service(AppServiceServer::new(parts.apps).max_decoding_message_size(max))
         .add_service(DiskServiceServer::new(parts.disk).max_decoding_message_size(max))
         .add_service(SetupServiceServer::new(parts.setup).max_decoding_message_size(max))
         .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max));

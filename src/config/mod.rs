@@ -28,6 +28,7 @@ pub use agent::AgentConfig;
 pub use live::ConfigChanges;
 
 use crate::api::config::{ControlPlaneConfig, LimitsConfig, OperatorConfig};
+use crate::apps::config::AppsConfig;
 use crate::disk::config::DiskConfig;
 use crate::events::EventsConfig;
 use crate::jobs::config::{DockerConfig, JobsConfig};
@@ -104,6 +105,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// The job queue.
     pub jobs: JobsConfig,
+    /// Apps: long-running containers on loopback ports.
+    pub apps: AppsConfig,
     /// File share mounts (blobfuse2).
     pub mounts: MountsConfig,
     /// Setup scripts.
@@ -228,6 +231,7 @@ impl Config {
             ("docker", self.docker.validate()),
             ("events", self.events.validate()),
             ("jobs", self.jobs.validate()),
+            ("apps", self.apps.validate()),
             // No mount or cache may go in the agent's own directories.
             ("mounts", self.mounts.validate(&self.agent.dirs())),
             ("setup", self.setup.validate()),
