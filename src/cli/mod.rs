@@ -5,6 +5,7 @@
 //! render), `states` (the names of the contract's state enums) and `format`
 //! (sizes, durations, times).
 
+mod apps;
 mod client;
 mod completions;
 mod config_cmd;
@@ -56,6 +57,10 @@ pub enum Command {
     /// Submit, list, inspect, cancel jobs and read their logs.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Apps (long-running containers on loopback ports, local inference
+    /// endpoints): deploy, list, get, rm, restart, logs, invoke.
+    #[command(subcommand)]
+    Apps(apps::AppsCommand),
     /// Show every watched filesystem like `df -h` with its state and levels;
     /// find what fills a disk (--top), follow alerts (--watch), reclaim space.
     Disk(disk::DiskArgs),
@@ -128,6 +133,9 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool, rpc_timeout: u
         })),
         Command::Jobs(cmd) => with_runtime(client::with_channel(&socket, |channel| {
             jobs::run(cmd, channel, json)
+        })),
+        Command::Apps(cmd) => with_runtime(client::with_channel(&socket, |channel| {
+            apps::run(cmd, channel, json)
         })),
         Command::Mounts(cmd) => with_runtime(client::with_channel(&socket, |channel| {
             mounts::run(cmd, channel, json)
