@@ -402,28 +402,10 @@ impl AppManager {
             .events
             .publish(EventPayload::App(Box::new(record.clone())));
     }
-
-    /// Starts the app's supervisor (once; later calls do nothing).
-    pub(super) fn spawn_supervisor(
-        &self,
-        handle: &Arc<AppHandle>,
-        adopt: Option<super::recovery::Found>,
-    ) {
-        let mailbox = handle
-            .mailbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mailbox) = mailbox {
-            let supervisor =
-                super::supervisor::Supervisor::new(self.clone(), handle.clone(), mailbox);
-            self.inner.tasks.spawn(supervisor.run(adopt));
-        }
-    }
 }
 
 impl AppHandle {
-    fn new(record: AppRecord) -> Self {
+    pub(super) fn new(record: AppRecord) -> Self {
         let (commands, mailbox) = mpsc::unbounded_channel();
         Self {
             record: watch::channel(record).0,

@@ -11,34 +11,12 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::manager::Command;
 use super::probe::ProbeTarget;
 use super::record::{AppState, ProbeResult};
 use super::spec::{AppSpec, Probe, RestartPolicy};
-use super::supervisor::{LaunchError, Next, Supervisor, apply_spec, assign_ports, startup_window};
-
-/// Where a watched container is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Phase {
-    /// Not yet READY; failures do not count until this deadline.
-    Startup(Instant),
-    /// Has been READY: failures count.
-    Serving,
-}
-
-/// Why watching ended.
-pub(super) enum End {
-    /// The container exited with this status.
-    Exited(i64),
-    /// Health failed and the policy restarts (or the startup timed out).
-    Unhealthy(String),
-    /// READY (only when watching a rolling replace's new container).
-    Ready,
-    /// A command arrived.
-    Command(Command),
-    /// The agent stops.
-    Shutdown,
-}
+use super::supervisor::{
+    End, LaunchError, Next, Phase, Supervisor, apply_spec, assign_ports, startup_window,
+};
 
 /// The probe target of `spec` with `host_ports`, if it has a probe.
 fn target(spec: &AppSpec, host_ports: &BTreeMap<String, u32>) -> Option<ProbeTarget> {

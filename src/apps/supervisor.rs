@@ -17,7 +17,6 @@ use tokio::time::Instant;
 
 use super::engine::{AppContainer, Published};
 use super::manager::{AppHandle, AppManager, Command, RECORDS, Rollout, holds_slots, slot_holder};
-use super::monitor::{End, Phase};
 use super::ports::{self, PortError};
 use super::record::{AppRecord, AppState};
 use super::recovery::Found;
@@ -37,6 +36,29 @@ const BACKOFF_RESET: Duration = Duration::from_secs(600);
 /// How often a PENDING app looks again at what it waits for (mounts and
 /// slots have no change signal of their own).
 const PENDING_RECHECK: Duration = Duration::from_secs(1);
+
+/// Where a watched container is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Not yet READY; failures do not count until this deadline.
+    Startup(Instant),
+    /// Has been READY: failures count.
+    Serving,
+}
+
+/// Why watching ended.
+pub(super) enum End {
+    /// The container exited with this status.
+    Exited(i64),
+    /// Health failed and the policy restarts (or the startup timed out).
+    Unhealthy(String),
+    /// READY (only when watching a rolling replace's new container).
+    Ready,
+    /// A command arrived.
+    Command(Command),
+    /// The agent stops.
+    Shutdown,
+}
 
 /// What the supervisor does next.
 pub(super) enum Next {
@@ -71,6 +93,22 @@ pub(super) struct Supervisor {
     pub(super) mailbox: mpsc::UnboundedReceiver<Command>,
     backoff: Duration,
     pub(super) ready_since: Option<Instant>,
+}
+
+impl AppManager {
+    /// Starts the app's supervisor (once; later calls do nothing).
+    pub(super) fn spawn_supervisor(&self, handle: &Arc<AppHandle>, adopt: Option<Found>) {
+        let mailbox = handle
+            .mailbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mailbox) = mailbox {
+            let supervisor =
+                super::supervisor::Supervisor::new(self.clone(), handle.clone(), mailbox);
+            self.inner.tasks.spawn(supervisor.run(adopt));
+        }
+    }
 }
 
 impl Supervisor {
