@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/instance_agent/v1/setup.proto",
         "proto/instance_agent/v1/mounts.proto",
         "proto/instance_agent/v1/agent.proto",
+        "proto/instance_agent/v1/access.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(files, ["proto"])?;

@@ -1,4 +1,4 @@
-//! One condition per subsystem (docker, disk, mounts, setup) and the one-line
+//! One condition per subsystem (docker, disk, mounts, setup, ssh) and the one-line
 //! summary built from them.
 //!
 //! Subsystems report here; `GetStatus`, systemd's `STATUS=` line and the CLI
@@ -20,15 +20,18 @@ pub enum Subsystem {
     Mounts,
     /// Setup scripts.
     Setup,
+    /// The SSH access policy.
+    Ssh,
 }
 
 impl Subsystem {
     /// Every subsystem, in display order.
-    pub const ALL: [Subsystem; 4] = [
+    pub const ALL: [Subsystem; 5] = [
         Subsystem::Docker,
         Subsystem::Disk,
         Subsystem::Mounts,
         Subsystem::Setup,
+        Subsystem::Ssh,
     ];
 
     /// The name used on the wire and in the CLI.
@@ -38,6 +41,7 @@ impl Subsystem {
             Subsystem::Disk => "disk",
             Subsystem::Mounts => "mounts",
             Subsystem::Setup => "setup",
+            Subsystem::Ssh => "ssh",
         }
     }
 }

@@ -25,6 +25,8 @@
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
+//! - [`access`]: the SSH access policy (sshd's drop-in, keys, the listener)
+//!   and the SSH sessions open now.
 //! - [`paths`]: client-given paths: lexical rules, resolution, confinement.
 //! - [`mountinfo`]: parsing the kernel's mount table (disk guard and mounts).
 //! - [`secret`]: the redacting `Secret` wrapper and permission-checked secret files.
@@ -39,6 +41,7 @@
 //! modules → adapters (Docker, processes, FUSE, filesystems). Domain modules
 //! publish to `events` and `health`; `api` and `systemd` read from them.
 
+pub mod access;
 pub mod admission;
 pub mod api;
 pub mod apps;

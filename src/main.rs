@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use instance_agent::access::system::SystemSsh;
 use instance_agent::cli::{self, Cli, Command, LogFormat, ServeArgs};
 use instance_agent::config::{DEFAULT_CONFIG_PATH, Overrides};
 use instance_agent::disk::probe::SystemProbe;
@@ -107,6 +108,7 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
                 &config.agent.runtime_dir,
                 &config.agent.logs_dir,
             ),
+            ssh: Arc::new(SystemSsh::new(&config.access)),
         };
         Daemon::new(config, source, adapters)
             .run(stop_signal())

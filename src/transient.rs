@@ -177,6 +177,25 @@ impl Tools {
         run(command).is_ok_and(|output| output.status.success())
     }
 
+    /// `systemctl ARGS…`: Ok, or what it printed on stderr (or why it
+    /// could not run), for the caller's message.
+    pub fn systemctl(&self, args: &[&str]) -> Result<(), String> {
+        let mut command = Command::new(&self.systemctl);
+        command.args(args);
+        match run(command) {
+            Ok(output) if output.status.success() => Ok(()),
+            Ok(output) => Err(format!(
+                "systemctl {} failed ({}): {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+                    .trim()
+                    .replace('\n', " | ")
+            )),
+            Err(e) => Err(format!("cannot run systemctl {}: {e}", args.join(" "))),
+        }
+    }
+
     /// Runs `argv` as a transient service and waits for it
     /// (`systemd-run --wait --pipe`): for commands that must act in the
     /// host's mount namespace when the agent has its own (`fusermount3 -u`).
@@ -311,7 +330,13 @@ impl Tools {
 
 /// Runs a command to its end with no stdin, within [`CALL_TIMEOUT`]
 /// (killed after it).
-fn run(mut command: Command) -> std::io::Result<std::process::Output> {
+fn run(command: Command) -> std::io::Result<std::process::Output> {
+    run_bounded(command, CALL_TIMEOUT)
+}
+
+/// Runs a command to its end with no stdin, within `limit` (killed after
+/// it), its stdout and stderr captured. Blocking.
+pub fn run_bounded(mut command: Command, limit: Duration) -> std::io::Result<std::process::Output> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -326,7 +351,7 @@ fn run(mut command: Command) -> std::io::Result<std::process::Output> {
     let waiter = std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    match rx.recv_timeout(CALL_TIMEOUT) {
+    match rx.recv_timeout(limit) {
         Ok(result) => {
             let _ = waiter.join();
             result
@@ -341,7 +366,7 @@ fn run(mut command: Command) -> std::io::Result<std::process::Output> {
             let _ = waiter.join();
             Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("did not finish within {} s", CALL_TIMEOUT.as_secs()),
+                format!("did not finish within {} s", limit.as_secs()),
             ))
         }
     }

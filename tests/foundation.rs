@@ -97,7 +97,7 @@ async fn get_status_reports_version_host_and_conditions() {
         .iter()
         .map(|c| c.r#type.as_str())
         .collect();
-    assert_eq!(types, ["docker", "disk", "mounts", "setup"]);
+    assert_eq!(types, ["docker", "disk", "mounts", "setup", "ssh"]);
     assert!(status.conditions.iter().all(|c| !c.message.is_empty()));
 }
 
@@ -398,7 +398,7 @@ fn cli_status_prints_a_summary_and_json() {
     let out = cli(&agent.socket, &["status", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
     assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(json["conditions"].as_array().map(Vec::len), Some(4));
+    assert_eq!(json["conditions"].as_array().map(Vec::len), Some(5));
 }
 
 #[test]

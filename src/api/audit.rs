@@ -5,6 +5,7 @@
 //! Key fields are picked one by one from the decoded request and reply;
 //! anything that may hold a secret (env values, script content and
 //! arguments, account keys, SAS tokens) is never picked, so it cannot leak.
+//! SSH keys are shown by their fingerprints only.
 
 use std::fmt::Write as _;
 
@@ -128,6 +129,33 @@ pub fn request_fields(path: &str, message: &[u8]) -> Vec<(&'static str, String)>
         "Unmount" => {
             if let Ok(req) = proto::UnmountRequest::decode(message) {
                 fields.push(("name", shown(&req.name)));
+            }
+        }
+        "SetSshPolicy" => {
+            if let Ok(req) = proto::SetSshPolicyRequest::decode(message) {
+                let policy = req.policy.unwrap_or_default();
+                fields.push(("enabled", policy.enabled.to_string()));
+                fields.push(("port", policy.port.to_string()));
+                fields.push(("user", shown(&policy.user)));
+                // Fingerprints only: never the key lines themselves.
+                let fingerprints: Vec<String> = policy
+                    .authorized_keys
+                    .iter()
+                    .map(|line| crate::access::keys::fingerprint_or_invalid(line))
+                    .collect();
+                fields.push(("keys", fingerprints.len().to_string()));
+                if !fingerprints.is_empty() {
+                    fields.push(("fingerprints", shown(&fingerprints.join(","))));
+                }
+                fields.push((
+                    "password_authentication",
+                    policy.password_authentication.to_string(),
+                ));
+                fields.push((
+                    "allow_tcp_forwarding",
+                    policy.allow_tcp_forwarding.to_string(),
+                ));
+                fields.push(("terminate_sessions", req.terminate_sessions.to_string()));
             }
         }
         _ => {}
@@ -298,6 +326,31 @@ mod tests {
         );
         let shown = format!("{fields:?}");
         assert!(!shown.contains("S3CRET"), "{shown}");
+
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC8ol+J/mG3vQbhy512jQo3QxQgNbIeZ9eaPJNPwIEDS alice@laptop";
+        let ssh = proto::SetSshPolicyRequest {
+            policy: Some(proto::SshPolicy {
+                enabled: true,
+                user: "azureuser".into(),
+                authorized_keys: vec![key.into(), "ssh-ed25519 S3CRET-NOT-A-KEY".into()],
+                ..Default::default()
+            }),
+            terminate_sessions: false,
+        };
+        let fields = request_fields(
+            "/instance_agent.v1.AccessService/SetSshPolicy",
+            &ssh.encode_to_vec(),
+        );
+        let shown = format!("{fields:?}");
+        assert!(
+            !shown.contains("AAAAC3Nza") && !shown.contains("alice@laptop"),
+            "{shown}"
+        );
+        assert!(!shown.contains("S3CRET"), "{shown}");
+        assert!(
+            shown.contains("SHA256:qQEZdaiI4cPVnhmfa02UVEeqa1aI6kSxm/auEuqKi58,invalid"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -134,6 +134,12 @@ pub const METHODS: &[Method] = &[
     mutate("/instance_agent.v1.MountService/Mount", Access::Mutate),
     mutate("/instance_agent.v1.MountService/Unmount", Access::Mutate),
     read("/instance_agent.v1.MountService/ListMounts"),
+    read("/instance_agent.v1.AccessService/GetSshPolicy"),
+    mutate(
+        "/instance_agent.v1.AccessService/SetSshPolicy",
+        Access::Mutate,
+    ),
+    read("/instance_agent.v1.AccessService/ListSessions"),
 ];
 
 /// The methods served besides those of the contract: the standard health

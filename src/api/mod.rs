@@ -7,6 +7,7 @@
 //! [`tls`]), and the [`guard`] layer applies the per-peer [`limits`], the
 //! [`auth`] table and the [`audit`] log to every call.
 
+pub mod access;
 pub mod agent;
 pub mod apps;
 pub mod audit;
@@ -41,14 +42,15 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/instance_agent_descriptor.bin"));
 }
 
-/// The full names of the six services, as reflection and health list them.
-pub const SERVICE_NAMES: [&str; 6] = [
+/// The full names of the services, as reflection and health list them.
+pub const SERVICE_NAMES: [&str; 7] = [
     "instance_agent.v1.AgentService",
     "instance_agent.v1.JobService",
     "instance_agent.v1.AppService",
     "instance_agent.v1.DiskService",
     "instance_agent.v1.SetupService",
     "instance_agent.v1.MountService",
+    "instance_agent.v1.AccessService",
 ];
 
 /// Whether `path` (`/package.Service/Method`) is a method these routes
@@ -92,6 +94,8 @@ pub struct ApiParts {
     pub setup: setup::SetupApi,
     /// The disk guard.
     pub disk: disk::DiskApi,
+    /// SSH access.
+    pub access: access::AccessApi,
     /// `limits.max_message_bytes`: the largest request message each service decodes.
     pub max_message_bytes: usize,
 }
@@ -101,6 +105,7 @@ pub struct ApiParts {
 pub fn routes(
     parts: ApiParts,
 ) -> Result<(Routes, tonic_health::server::HealthReporter), tonic_reflection::server::Error> {
+    use proto::access_service_server::AccessServiceServer;
     use proto::agent_service_server::AgentServiceServer;
     use proto::app_service_server::AppServiceServer;
     use proto::disk_service_server::DiskServiceServer;
@@ -126,7 +131,8 @@ pub fn routes(
         .add_service(AppServiceServer::new(parts.apps).max_decoding_message_size(max))
         .add_service(DiskServiceServer::new(parts.disk).max_decoding_message_size(max))
         .add_service(SetupServiceServer::new(parts.setup).max_decoding_message_size(max))
-        .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max));
+        .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max))
+        .add_service(AccessServiceServer::new(parts.access).max_decoding_message_size(max));
     Ok((routes, reporter))
 }
 

@@ -5,6 +5,7 @@
 //! render), `states` (the names of the contract's state enums) and `format`
 //! (sizes, durations, times).
 
+mod access;
 mod apps;
 mod client;
 mod completions;
@@ -75,6 +76,9 @@ pub enum Command {
     /// Setup scripts: list runs, run a script, show its logs.
     #[command(subcommand)]
     Setup(setup::SetupCommand),
+    /// SSH access: the policy (show, enable, disable, keys) and the open sessions.
+    #[command(subcommand)]
+    Access(access::AccessCommand),
     /// Print a shell completion script (`--json` does not apply).
     Completions {
         /// The shell.
@@ -142,6 +146,9 @@ pub fn run(command: Command, socket: Option<PathBuf>, json: bool, rpc_timeout: u
         })),
         Command::Setup(cmd) => with_runtime(client::with_channel(&socket, |channel| {
             setup::run(cmd, channel, json)
+        })),
+        Command::Access(cmd) => with_runtime(client::with_channel(&socket, |channel| {
+            access::run(cmd, channel, json)
         })),
         Command::Disk(args) => with_runtime(client::with_channel(&socket, |channel| {
             disk::run(channel, json, args)

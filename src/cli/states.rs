@@ -121,6 +121,16 @@ pub fn setup_run(state: proto::SetupRunState) -> StateName {
     }
 }
 
+/// How sshd is started.
+pub fn ssh_listener(listener: proto::SshListener) -> StateName {
+    use proto::SshListener as L;
+    StateName::calm(match listener {
+        L::Unspecified => "unknown",
+        L::Service => "service",
+        L::Socket => "socket",
+    })
+}
+
 /// When a setup script runs.
 pub fn setup_kind(kind: proto::SetupKind) -> StateName {
     use proto::SetupKind as K;

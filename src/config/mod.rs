@@ -4,8 +4,8 @@
 //!
 //! Each section's struct, defaults, ranges and validation live with the
 //! domain that owns it (`jobs::config`, `disk::config`, `mounts::config`,
-//! `setup::config`, `api::config`, `metrics::config`, `events`; `[agent]`,
-//! which no domain owns, in [`agent`]). A section validates its own keys and
+//! `setup::config`, `api::config`, `metrics::config`, `access::config`,
+//! `events`; `[agent]`, which no domain owns, in [`agent`]). A section validates its own keys and
 //! returns a [`FieldError`] with the key relative to the section; this module
 //! prefixes the table, adds the file and the line, and applies the rules
 //! between sections (the mount rules need the agent's dirs; `--state-dir`
@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 pub use agent::AgentConfig;
 pub use live::ConfigChanges;
 
+use crate::access::config::AccessConfig;
 use crate::api::config::{ControlPlaneConfig, LimitsConfig, OperatorConfig};
 use crate::apps::config::AppsConfig;
 use crate::disk::config::DiskConfig;
@@ -119,6 +120,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
+    /// The SSH access policy.
+    pub access: AccessConfig,
 }
 
 /// Command-line flags that override the file.
@@ -240,6 +243,7 @@ impl Config {
             ("control_plane", self.control_plane.validate()),
             ("operator", self.operator.validate()),
             ("limits", self.limits.validate()),
+            ("access", self.access.validate()),
         ];
         for (table, result) in sections {
             result.map_err(|error| {

@@ -76,6 +76,9 @@ pub enum DaemonError {
     /// The setup scripts' records could not be loaded.
     #[error("cannot load setup runs: {0}")]
     Setup(#[source] crate::setup::SetupError),
+    /// The SSH policy could not be loaded.
+    #[error("cannot load the SSH policy: {0}")]
+    Access(#[source] crate::access::AccessError),
     /// The metrics listener could not be bound.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::BindError),
@@ -106,6 +109,8 @@ pub struct Adapters {
     pub disk_probe: Arc<dyn crate::disk::probe::FsProbe>,
     /// Starts setup scripts.
     pub setup_runner: Arc<dyn crate::setup::ProcessRunner>,
+    /// sshd, its units, its port and its sessions.
+    pub ssh: Arc<dyn crate::access::SshHost>,
 }
 
 /// The agent, assembled but not yet running.
@@ -275,6 +280,16 @@ impl Daemon {
         )
         .map_err(DaemonError::Setup)?;
 
+        // Touches sshd only when a policy was set (then at once: a policy
+        // changed by hand is applied again).
+        let access = crate::access::AccessService::new(
+            crate::access::AccessSettings::new(&config.access),
+            adapters.ssh.clone(),
+            store.clone(),
+            health.clone(),
+        )
+        .map_err(DaemonError::Access)?;
+
         let (disk, disk_runner) = build_disk_guard(
             &config,
             &instance_id,
@@ -330,6 +345,7 @@ impl Daemon {
             mounts: api::mounts::MountApi::new(mounts),
             disk: api::disk::DiskApi::new(disk, cancel.clone()),
             setup: api::setup::SetupApi::new(setup.clone(), cancel.clone()),
+            access: api::access::AccessApi::new(access.clone()),
             max_message_bytes: config.limits.max_message_bytes as usize,
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
@@ -416,6 +432,7 @@ impl Daemon {
             config_rx,
         );
         tasks.spawn(setup.run(cancel.clone()));
+        access.start(&tasks, &cancel);
         // After "started": the first disk alerts follow it in the event log.
         disk_runner.start(&tasks, &cancel);
         tasks.spawn(crate::reload::run(
