@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/instance_agent/v1/common.proto",
         "proto/instance_agent/v1/images.proto",
         "proto/instance_agent/v1/jobs.proto",
+        "proto/instance_agent/v1/apps.proto",
         "proto/instance_agent/v1/disk.proto",
         "proto/instance_agent/v1/setup.proto",
         "proto/instance_agent/v1/mounts.proto",

@@ -55,6 +55,8 @@ pub enum EventPayload {
     DiskAlert(Box<crate::disk::DiskAlert>),
     /// A reclaim that was not a dry run finished (requested or automatic).
     Reclaim(Box<crate::disk::reclaim::ReclaimFinished>),
+    /// An app changed state (the record after the change).
+    App(Box<crate::apps::AppRecord>),
 }
 
 /// One recorded event.

@@ -22,6 +22,8 @@
 //! - [`jobs`]: the job queue: specs, states, slots, logs and the container engine.
 //! - [`images`]: image pulls (credentials, single flight, prefetch, disk-aware),
 //!   the agent's image records and the image reclaim steps.
+//! - [`apps`]: long-running containers on loopback ports: health, restarts,
+//!   the inference preset.
 //! - [`mounts`]: blobfuse2 file share mounts, their health and repair.
 //! - [`setup`]: creation, startup and ad-hoc scripts.
 //! - [`disk`]: the disk guard: watched filesystems, alerts, reclaim.
@@ -45,6 +47,7 @@
 pub mod access;
 pub mod admission;
 pub mod api;
+pub mod apps;
 pub mod cli;
 pub mod config;
 pub mod daemon;

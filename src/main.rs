@@ -112,6 +112,10 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
             engine: engine.clone(),
             image_engine: engine.clone(),
             registry: Arc::new(instance_agent::images::http::HttpRegistry::new()),
+            apps: Arc::new(instance_agent::apps::engine::DockerApps::new(
+                engine.clone(),
+            )),
+            prober: Arc::new(instance_agent::apps::probe::SocketProber),
             disk_docker: engine,
             disk_probe: Arc::new(SystemProbe),
             isolated_probe: isolated_probe.clone(),

@@ -21,7 +21,7 @@ channel = grpc.insecure_channel(f"unix://{socket}")
 
 status = agent_pb2_grpc.AgentServiceStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
 assert status.version, status
-assert [c.type for c in status.conditions] == ["docker", "disk", "mounts", "setup", "ssh"], status.conditions
+assert [c.type for c in status.conditions] == ["docker", "disk", "mounts", "setup", "ssh", "store"], status.conditions
 print(f"GetStatus: version {status.version}, {status.host.usable_cores} cores, summary {status.summary!r}")
 
 # A server stream: the backlog from the start holds the agent's "started" event.
@@ -40,6 +40,6 @@ print("Health: SERVING overall and per service")
 stub = reflection_pb2_grpc.ServerReflectionStub(channel)
 replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
 names = sorted(s.name for r in replies for s in r.list_services_response.service)
-for expected in ["AgentService", "JobService", "DiskService", "SetupService", "MountService", "AccessService"]:
+for expected in ["AgentService", "JobService", "ImageService", "AppService", "DiskService", "SetupService", "MountService", "AccessService"]:
     assert f"instance_agent.v1.{expected}" in names, names
 print("reflection:", ", ".join(names))

@@ -191,7 +191,7 @@ fn delivery_to_proto(delivery: Delivery, run_id: &str) -> proto::Event {
     }
 }
 
-/// A job event's env values redacted for a caller that may not read them
+/// A job or app event's env values redacted for a caller that may not read them
 /// (see [`super::jobs::sees_env_values`]).
 fn for_caller(mut event: proto::Event, sees_env_values: bool) -> proto::Event {
     if let Some(proto::event::Kind::Job(job_event)) = event.kind.as_mut() {
@@ -199,6 +199,12 @@ fn for_caller(mut event: proto::Event, sees_env_values: bool) -> proto::Event {
             .job
             .take()
             .map(|job| super::jobs::job_for_caller(job, sees_env_values));
+    }
+    if let Some(proto::event::Kind::App(app_event)) = event.kind.as_mut() {
+        app_event.app = app_event
+            .app
+            .take()
+            .map(|app| super::apps::app_for_caller(app, sees_env_values));
     }
     event
 }
@@ -228,6 +234,9 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
         EventPayload::Reclaim(finished) => {
             proto::event::Kind::Reclaim(super::disk::reclaim_event_to_proto(finished))
         }
+        EventPayload::App(record) => proto::event::Kind::App(proto::AppEvent {
+            app: Some(super::apps::app_to_proto(record)),
+        }),
     };
     proto::Event {
         sequence: event.sequence,

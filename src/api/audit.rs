@@ -60,6 +60,20 @@ pub fn request_fields(path: &str, message: &[u8]) -> Vec<(&'static str, String)>
                 }
             }
         }
+        "DeployApp" => {
+            if let Ok(req) = proto::DeployAppRequest::decode(message) {
+                let spec = req.spec.unwrap_or_default();
+                fields.push(("app", shown(&spec.name)));
+                fields.push(("image", shown(&spec.image)));
+                fields.push(("env_entries", spec.env.len().to_string()));
+                fields.push(("ports", spec.ports.len().to_string()));
+            }
+        }
+        "RemoveApp" | "RestartApp" => {
+            if let Ok(req) = proto::GetAppRequest::decode(message) {
+                fields.push(("app", shown(&req.name)));
+            }
+        }
         "CancelJob" => {
             if let Ok(req) = proto::CancelJobRequest::decode(message) {
                 fields.push(("job_id", shown(&req.id)));

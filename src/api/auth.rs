@@ -109,6 +109,12 @@ pub const METHODS: &[Method] = &[
     read("/instance_agent.v1.JobService/ListJobs"),
     mutate("/instance_agent.v1.JobService/CancelJob", Access::CancelJob),
     stream("/instance_agent.v1.JobService/StreamJobLogs"),
+    mutate("/instance_agent.v1.AppService/DeployApp", Access::Mutate),
+    read("/instance_agent.v1.AppService/GetApp"),
+    read("/instance_agent.v1.AppService/ListApps"),
+    mutate("/instance_agent.v1.AppService/RemoveApp", Access::Mutate),
+    mutate("/instance_agent.v1.AppService/RestartApp", Access::Mutate),
+    stream("/instance_agent.v1.AppService/StreamAppLogs"),
     read("/instance_agent.v1.DiskService/GetDiskUsage"),
     stream("/instance_agent.v1.DiskService/WatchDiskAlerts"),
     mutate(

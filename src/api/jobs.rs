@@ -207,9 +207,9 @@ pub fn log_chunk(record: LogRecord) -> proto::LogChunk {
     }
 }
 
-fn spec_from_proto(spec: proto::JobSpec) -> Result<JobSpec, Status> {
-    let mounts = spec
-        .mounts
+/// Mounts from protobuf (jobs and apps share the shape).
+pub(super) fn mounts_from_proto(mounts: Vec<proto::JobMount>) -> Result<Vec<JobMount>, Status> {
+    mounts
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
@@ -230,7 +230,11 @@ fn spec_from_proto(spec: proto::JobSpec) -> Result<JobSpec, Status> {
                 read_only: m.read_only,
             })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+fn spec_from_proto(spec: proto::JobSpec) -> Result<JobSpec, Status> {
+    let mounts = mounts_from_proto(spec.mounts)?;
     Ok(JobSpec {
         id: spec.id,
         image: spec.image,
@@ -270,26 +274,30 @@ fn spec_to_proto(spec: &JobSpec) -> proto::JobSpec {
         memory_bytes: spec.memory_bytes,
         cpu_millis: spec.cpu_millis,
         gpus: spec.gpus,
-        mounts: spec
-            .mounts
-            .iter()
-            .map(|m| proto::JobMount {
-                source: Some(match &m.source {
-                    MountSource::Managed(name) => proto::job_mount::Source::Managed(name.clone()),
-                    MountSource::HostPath(path) => {
-                        proto::job_mount::Source::HostPath(path.display().to_string())
-                    }
-                }),
-                container_path: m.container_path.clone(),
-                read_only: m.read_only,
-            })
-            .collect(),
+        mounts: mounts_to_proto(&spec.mounts),
         timeout_seconds: spec.timeout_seconds,
         priority: spec.priority,
         network: spec.network.clone(),
         kill_grace_seconds: spec.kill_grace_seconds,
         registry_auth: None,
     }
+}
+
+/// Mounts as protobuf.
+pub(super) fn mounts_to_proto(mounts: &[JobMount]) -> Vec<proto::JobMount> {
+    mounts
+        .iter()
+        .map(|m| proto::JobMount {
+            source: Some(match &m.source {
+                MountSource::Managed(name) => proto::job_mount::Source::Managed(name.clone()),
+                MountSource::HostPath(path) => {
+                    proto::job_mount::Source::HostPath(path.display().to_string())
+                }
+            }),
+            container_path: m.container_path.clone(),
+            read_only: m.read_only,
+        })
+        .collect()
 }
 
 fn state_from_proto(value: i32) -> Result<JobState, Status> {

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod apps;
 pub mod audit;
 pub mod auth;
 pub mod authority;
@@ -55,10 +56,11 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 256 * 1024;
 pub const HTTP2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// The full names of the services, as reflection and health list them.
-pub const SERVICE_NAMES: [&str; 7] = [
+pub const SERVICE_NAMES: [&str; 8] = [
     "instance_agent.v1.AgentService",
     "instance_agent.v1.JobService",
     "instance_agent.v1.ImageService",
+    "instance_agent.v1.AppService",
     "instance_agent.v1.DiskService",
     "instance_agent.v1.SetupService",
     "instance_agent.v1.MountService",
@@ -100,6 +102,8 @@ pub struct ApiParts {
     pub jobs: jobs::JobApi,
     /// Images and registry credentials.
     pub images: images::ImageApi,
+    /// Apps.
+    pub apps: apps::AppApi,
     /// File share mounts.
     pub mounts: mounts::MountApi,
     /// Setup scripts.
@@ -119,6 +123,7 @@ pub fn routes(
 ) -> Result<(Routes, tonic_health::server::HealthReporter), tonic_reflection::server::Error> {
     use proto::access_service_server::AccessServiceServer;
     use proto::agent_service_server::AgentServiceServer;
+    use proto::app_service_server::AppServiceServer;
     use proto::disk_service_server::DiskServiceServer;
     use proto::image_service_server::ImageServiceServer;
     use proto::job_service_server::JobServiceServer;
@@ -141,6 +146,7 @@ pub fn routes(
         .add_service(AgentServiceServer::new(parts.agent).max_decoding_message_size(max))
         .add_service(JobServiceServer::new(parts.jobs).max_decoding_message_size(max))
         .add_service(ImageServiceServer::new(parts.images).max_decoding_message_size(max))
+        .add_service(AppServiceServer::new(parts.apps).max_decoding_message_size(max))
         .add_service(DiskServiceServer::new(parts.disk).max_decoding_message_size(max))
         .add_service(SetupServiceServer::new(parts.setup).max_decoding_message_size(max))
         .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max))

@@ -231,7 +231,7 @@ async fn wait_for_image(
     Ok(())
 }
 
-fn write_chunk(chunk: &proto::LogChunk) -> anyhow::Result<()> {
+pub(super) fn write_chunk(chunk: &proto::LogChunk) -> anyhow::Result<()> {
     match chunk.stream() {
         proto::LogStream::Stdout | proto::LogStream::Unspecified => {
             let mut out = std::io::stdout().lock();
@@ -292,14 +292,14 @@ fn spec_from_args(args: SubmitArgs) -> anyhow::Result<proto::JobSpec> {
     })
 }
 
-fn split_pair(flag: &str, text: &str) -> anyhow::Result<(String, String)> {
+pub(super) fn split_pair(flag: &str, text: &str) -> anyhow::Result<(String, String)> {
     match text.split_once('=') {
         Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
         None => bail!("{flag} {text:?}: expected KEY=VALUE"),
     }
 }
 
-fn parse_mount(text: &str) -> anyhow::Result<proto::JobMount> {
+pub(super) fn parse_mount(text: &str) -> anyhow::Result<proto::JobMount> {
     let (managed, rest) = match text.strip_prefix("mount:") {
         Some(rest) => (true, rest),
         None => (false, text),

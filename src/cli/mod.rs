@@ -6,6 +6,7 @@
 //! (sizes, durations, times) and `progress` (a pull's progress bar or lines).
 
 mod access;
+mod apps;
 mod client;
 mod completions;
 mod config_cmd;
@@ -63,6 +64,10 @@ pub enum Command {
     /// Images and registry credentials: list, pull, remove, login, logout.
     #[command(subcommand)]
     Images(images::ImagesCommand),
+    /// Apps (long-running containers on loopback ports, local inference
+    /// endpoints): deploy, list, get, rm, restart, logs, invoke.
+    #[command(subcommand)]
+    Apps(apps::AppsCommand),
     /// Show every watched filesystem like `df -h` with its state and levels;
     /// find what fills a disk (--top), follow alerts (--watch), reclaim space.
     Disk(disk::DiskArgs),
@@ -154,6 +159,9 @@ pub fn run(
         })),
         Command::Images(cmd) => with_runtime(client::with_channel(&socket, |channel| {
             images::run(cmd, channel, json)
+        })),
+        Command::Apps(cmd) => with_runtime(client::with_channel(&socket, |channel| {
+            apps::run(cmd, channel, json)
         })),
         Command::Mounts(cmd) => with_runtime(client::with_channel(&socket, |channel| {
             mounts::run(cmd, channel, json)

@@ -158,6 +158,22 @@ pub fn setup_kind(kind: proto::SetupKind) -> StateName {
     })
 }
 
+/// An app's state; unhealthy, backoff and failed need attention.
+pub fn app(state: proto::AppState) -> StateName {
+    use proto::AppState as S;
+    match state {
+        S::Unspecified => StateName::calm("?"),
+        S::Pending => StateName::calm("pending"),
+        S::Pulling => StateName::calm("pulling"),
+        S::Starting => StateName::calm("starting"),
+        S::Ready => StateName::calm("ready"),
+        S::Unhealthy => StateName::alarm("unhealthy"),
+        S::Backoff => StateName::alarm("backoff"),
+        S::Stopped => StateName::calm("stopped"),
+        S::Failed => StateName::alarm("failed"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,7 @@ pub use live::ConfigChanges;
 
 use crate::access::config::AccessConfig;
 use crate::api::config::{ControlPlaneConfig, LimitsConfig, OperatorConfig};
+use crate::apps::config::AppsConfig;
 use crate::disk::config::DiskConfig;
 use crate::events::EventsConfig;
 use crate::images::config::ImagesConfig;
@@ -110,6 +111,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// Image pulls.
     pub images: ImagesConfig,
+    /// Apps: long-running containers on loopback ports.
+    pub apps: AppsConfig,
     /// File share mounts (blobfuse2).
     pub mounts: MountsConfig,
     /// Setup scripts.
@@ -239,6 +242,7 @@ impl Config {
             ("events", self.events.validate()),
             ("jobs", self.jobs.validate()),
             ("images", self.images.validate()),
+            ("apps", self.apps.validate()),
             // No mount or cache may go in the agent's own directories.
             ("mounts", self.mounts.validate(&self.agent.dirs())),
             ("setup", self.setup.validate()),

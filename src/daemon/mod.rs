@@ -78,6 +78,9 @@ pub enum DaemonError {
     /// The images domain could not start (its records or credentials).
     #[error("cannot start the images domain: {0}")]
     Images(#[source] crate::images::ImageError),
+    /// The app records could not be loaded.
+    #[error("cannot load apps: {0}")]
+    Apps(#[source] crate::apps::AppError),
     /// The setup scripts' records could not be loaded.
     #[error("cannot load setup runs: {0}")]
     Setup(#[source] crate::setup::SetupError),
@@ -106,6 +109,10 @@ pub struct Adapters {
     pub image_engine: Arc<dyn crate::images::engine::ImageEngine>,
     /// Registries, as the agent asks them itself before a pull.
     pub registry: Arc<dyn crate::images::registry::Registry>,
+    /// The container engine as apps use it (published ports, images).
+    pub apps: Arc<dyn crate::apps::engine::AppEngine>,
+    /// Apps' health probes.
+    pub prober: Arc<dyn crate::apps::probe::Prober>,
     /// blobfuse2 processes, mountinfo, FUSE probes and fusermount3.
     pub mounter: Arc<dyn FuseMounter>,
     /// The engine as the disk guard sees it (data root, reclaimable data).
@@ -229,13 +236,45 @@ impl Daemon {
                 memory_bytes: host.memory_total_bytes,
                 gpus: gpus_rx.clone(),
                 gpus_discovered: gpus_discovered_rx,
-                engine_up: engine_up_rx,
+                engine_up: engine_up_rx.clone(),
                 config: derive(&config_rx, |c| c.jobs.clone()),
             },
             cancel.clone(),
             tasks.clone(),
         )
         .map_err(DaemonError::Jobs)?;
+        // Set once the metrics exist (they read the apps, the apps feed
+        // them probe latencies).
+        let probe_metrics: Arc<std::sync::OnceLock<crate::metrics::Metrics>> = Arc::default();
+        let observer_metrics = probe_metrics.clone();
+        let apps = crate::apps::AppManager::start(
+            crate::apps::AppsDeps {
+                engine: adapters.apps.clone(),
+                prober: adapters.prober.clone(),
+                store: store.clone(),
+                events: events.clone(),
+                admission: admission.clone(),
+                mounts: Arc::new(mounts.clone()),
+                slots: Arc::new(jobs.clone()),
+                instance_id: instance_id.clone(),
+                host: crate::apps::spec::HostLimits {
+                    capacity: jobs.capacity(),
+                    usable_cores: host.usable_cores,
+                    gpus: u32::try_from(gpus_rx.borrow().len()).unwrap_or(0),
+                },
+                engine_up: engine_up_rx.clone(),
+                config: derive(&config_rx, |c| c.apps.clone()),
+                host_roots: derive(&config_rx, |c| c.jobs.allowed_host_roots.clone()),
+                probe_observer: Some(Arc::new(move |app: &str, seconds: f64| {
+                    if let Some(metrics) = observer_metrics.get() {
+                        metrics.observe_probe(app, seconds);
+                    }
+                })),
+            },
+            cancel.clone(),
+            tasks.clone(),
+        )
+        .map_err(DaemonError::Apps)?;
         let status = StatusProvider::new(
             &instance_id,
             host,
@@ -296,7 +335,9 @@ impl Daemon {
                     jobs: jobs.clone(),
                     disk: disk.clone(),
                     mounts: mounts.clone(),
+                    apps: apps.clone(),
                 }));
+                let _ = probe_metrics.set(metrics.clone());
                 // From the first event of this run: mounts restored and setup
                 // runs found interrupted above have published already.
                 tasks.spawn(
@@ -335,6 +376,7 @@ impl Daemon {
                 .with_images(images.clone()),
             jobs: api::jobs::JobApi::new(jobs.clone()),
             images: api::images::ImageApi::new(images.clone(), cancel.clone()),
+            apps: api::apps::AppApi::new(apps),
             mounts: api::mounts::MountApi::new(mounts),
             disk: api::disk::DiskApi::new(disk, cancel.clone()),
             setup: api::setup::SetupApi::new(setup.clone(), cancel.clone()),

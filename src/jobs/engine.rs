@@ -297,11 +297,9 @@ impl DockerEngine {
     }
 }
 
-fn create_body(spec: &ContainerSpec) -> bollard::models::ContainerCreateBody {
-    use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig};
-    let positive = |n: u64| (n > 0).then(|| i64::try_from(n).unwrap_or(i64::MAX));
-    let binds = spec
-        .binds
+/// Binds in the engine's `source:target:ro|rw` form (jobs and apps).
+pub(crate) fn bind_strings(binds: &[Bind]) -> Vec<String> {
+    binds
         .iter()
         .map(|b| {
             format!(
@@ -311,15 +309,26 @@ fn create_body(spec: &ContainerSpec) -> bollard::models::ContainerCreateBody {
                 if b.read_only { "ro" } else { "rw" }
             )
         })
-        .collect::<Vec<_>>();
-    let device_requests = (!spec.gpus.is_empty()).then(|| {
-        vec![DeviceRequest {
+        .collect()
+}
+
+/// The NVIDIA device request for `gpus`; none when empty (jobs and apps).
+pub(crate) fn gpu_requests(gpus: &[u32]) -> Option<Vec<bollard::models::DeviceRequest>> {
+    (!gpus.is_empty()).then(|| {
+        vec![bollard::models::DeviceRequest {
             driver: Some("nvidia".into()),
-            device_ids: Some(spec.gpus.iter().map(u32::to_string).collect()),
+            device_ids: Some(gpus.iter().map(u32::to_string).collect()),
             capabilities: Some(vec![vec!["gpu".into()]]),
             ..Default::default()
         }]
-    });
+    })
+}
+
+fn create_body(spec: &ContainerSpec) -> bollard::models::ContainerCreateBody {
+    use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+    let positive = |n: u64| (n > 0).then(|| i64::try_from(n).unwrap_or(i64::MAX));
+    let binds = bind_strings(&spec.binds);
+    let device_requests = gpu_requests(&spec.gpus);
     // The engine's copy only bridges agent restarts (the agent copies output
     // as it comes); two files let `logs --follow` cross a rotation.
     let log_size = spec.log_max_bytes.max(8 << 20);

@@ -661,3 +661,40 @@ impl JobManager {
 
 #[cfg(test)]
 mod tests;
+
+/// Apps hold job slots through the manager's state, as started jobs do
+/// (under the holder name `app:NAME`, which no job id can take), so that
+/// `slot_usage` and the scheduler count them.
+impl crate::apps::SlotPool for JobManager {
+    fn try_hold(&self, holder: &str, slots: u32) -> bool {
+        let capacity = self.capacity();
+        let mut state = self.lock();
+        if state.holds(holder) {
+            return true;
+        }
+        if capacity.saturating_sub(state.slots_in_use) < slots {
+            return false;
+        }
+        state.reserve(holder, slots, Vec::new());
+        true
+    }
+
+    fn hold_anyway(&self, holder: &str, slots: u32) {
+        let mut state = self.lock();
+        if !state.holds(holder) {
+            state.reserve(holder, slots, Vec::new());
+        }
+    }
+
+    fn release(&self, holder: &str) {
+        let held = {
+            let mut state = self.lock();
+            let held = state.holds(holder);
+            state.release(holder);
+            held
+        };
+        if held {
+            self.inner.wake.notify_one();
+        }
+    }
+}

@@ -119,17 +119,7 @@ pub fn validate(
         return Err(bad("id", "must start with a letter or digit"));
     }
 
-    if spec.image.is_empty() {
-        return Err(bad("image", "must not be empty"));
-    }
-    spec.image
-        .parse::<oci_spec::distribution::Reference>()
-        .map_err(|e| {
-            bad(
-                "image",
-                format!("{:?} is not a valid image reference: {e}", spec.image),
-            )
-        })?;
+    check_image(&spec.image)?;
 
     if spec.command.is_empty() {
         return Err(bad("command", "must not be empty (give the argv to run)"));
@@ -309,8 +299,16 @@ pub fn validate(
         ));
     }
 
+    check_mounts(&spec.mounts, &config.allowed_host_roots)?;
+    Ok(spec)
+}
+
+/// Checks a list of mounts (a job's or an app's): clean absolute container
+/// paths, each mounted once, managed names well formed, host paths under
+/// `roots` (`jobs.allowed_host_roots`). Lexical only; resolution is later.
+pub(crate) fn check_mounts(mounts: &[JobMount], roots: &[PathBuf]) -> Result<(), SpecError> {
     let mut targets = std::collections::BTreeSet::new();
-    for (i, mount) in spec.mounts.iter().enumerate() {
+    for (i, mount) in mounts.iter().enumerate() {
         let field = format!("mounts[{i}]");
         check_container_path(&format!("{field}.container_path"), &mount.container_path)?;
         if !targets.insert(mount.container_path.clone()) {
@@ -320,24 +318,20 @@ pub fn validate(
             MountSource::Managed(name) => check_name(&format!("{field}.managed"), name, 64)?,
             MountSource::HostPath(path) => {
                 check_clean_absolute(&format!("{field}.host_path"), path)?;
-                if !config
-                    .allowed_host_roots
-                    .iter()
-                    .any(|root| crate::paths::is_under(path, root))
-                {
+                if !roots.iter().any(|root| crate::paths::is_under(path, root)) {
                     return Err(bad(
                         format!("{field}.host_path"),
                         format!(
                             "{} is outside the allowed roots {:?} (jobs.allowed_host_roots)",
                             path.display(),
-                            config.allowed_host_roots
+                            roots
                         ),
                     ));
                 }
             }
         }
     }
-    Ok(spec)
+    Ok(())
 }
 
 /// Opens a host path once and checks that the object it leads to lies under
@@ -366,7 +360,23 @@ fn check_container_path(field: &str, path: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-fn check_name(field: &str, name: &str, max: usize) -> Result<(), SpecError> {
+/// Checks an image reference (jobs and apps): not empty, a valid OCI reference.
+pub(crate) fn check_image(image: &str) -> Result<(), SpecError> {
+    if image.is_empty() {
+        return Err(bad("image", "must not be empty"));
+    }
+    image
+        .parse::<oci_spec::distribution::Reference>()
+        .map_err(|e| {
+            bad(
+                "image",
+                format!("{image:?} is not a valid image reference: {e}"),
+            )
+        })?;
+    Ok(())
+}
+
+pub(crate) fn check_name(field: &str, name: &str, max: usize) -> Result<(), SpecError> {
     if name.is_empty()
         || name.len() > max
         || !name

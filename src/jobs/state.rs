@@ -90,6 +90,11 @@ impl State {
         self.queued_since.remove(record.id());
     }
 
+    /// Whether `id` holds slots now.
+    pub(super) fn holds(&self, id: &str) -> bool {
+        self.active.contains_key(id)
+    }
+
     /// Frees what a started job held.
     pub(super) fn release(&mut self, id: &str) {
         if let Some(active) = self.active.remove(id) {

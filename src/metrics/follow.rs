@@ -33,6 +33,8 @@ impl Metrics {
                 }
             }
             EventPayload::Reclaim(finished) => self.observe_reclaim(finished),
+            // Apps' series are read at scrape time and fed by their probes.
+            EventPayload::App(_) => {}
         }
     }
 

@@ -3,7 +3,7 @@
 //! Owns the registry and the `GET /metrics` server. It reads the domains and
 //! never changes them: counters and histograms are fed by a task subscribed to
 //! the [`EventBus`](crate::events::EventBus), gauges are refreshed from the job manager, the disk guard,
-//! the mounts and `/proc/self` just before each scrape, and RPCs are counted
+//! the mounts, the apps and `/proc/self` just before each scrape, and RPCs are counted
 //! by a tower layer on the gRPC servers ([`RpcMetricsLayer`]). The
 //! `[metrics]` section is in [`config`].
 //!
@@ -38,6 +38,8 @@ pub struct Sources {
     pub disk: DiskGuard,
     /// Managed mounts.
     pub mounts: MountService,
+    /// Apps by state and restarts.
+    pub apps: crate::apps::AppManager,
 }
 
 /// The agent's metrics. Cheap to clone; shared by the event task, the RPC
@@ -53,6 +55,17 @@ impl Metrics {
         Self {
             inner: Arc::new(series::Inner::new(sources)),
         }
+    }
+
+    /// Records one health probe of `app` that took `seconds` (the apps'
+    /// probe observer calls it).
+    pub fn observe_probe(&self, app: &str, seconds: f64) {
+        self.inner
+            .app_probe_latency
+            .get_or_create(&series::AppLabel {
+                app: app.to_owned(),
+            })
+            .observe(seconds);
     }
 
     /// Refreshes the scrape-time gauges and renders the text format.

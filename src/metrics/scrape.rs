@@ -2,7 +2,9 @@
 //! job manager, the disk guard, the mounts and `/proc/self`.
 
 use super::Metrics;
-use super::series::{FilesystemLabel, FilesystemStateLabels, MountStateLabels, StateLabel};
+use super::series::{
+    AppLabel, AppStateLabels, FilesystemLabel, FilesystemStateLabels, MountStateLabels, StateLabel,
+};
 use crate::jobs::JobState;
 use crate::mounts::{MountState, MountStatus};
 
@@ -72,6 +74,7 @@ impl Metrics {
         inner.slots_capacity.set(i64::from(slots.capacity));
 
         self.set_mount_states(&sources.mounts.list());
+        self.set_app_series(&sources.apps.list());
 
         // Filesystems come and go (mount caches): rebuild rather than update.
         inner.fs_free_bytes.clear();
@@ -112,6 +115,32 @@ impl Metrics {
                     })
                     .set(i64::from(state == status.state));
             }
+        }
+    }
+}
+
+impl Metrics {
+    /// Sets the one-hot state gauge and the restarts of exactly these apps.
+    pub(super) fn set_app_series(&self, apps: &[crate::apps::AppRecord]) {
+        // Apps come and go (DeployApp, RemoveApp): rebuild rather than update.
+        self.inner.app_state.clear();
+        self.inner.app_restarts.clear();
+        for app in apps {
+            for state in crate::apps::AppState::ALL {
+                self.inner
+                    .app_state
+                    .get_or_create(&AppStateLabels {
+                        app: app.name().to_owned(),
+                        state: state.as_str().to_owned(),
+                    })
+                    .set(i64::from(state == app.state));
+            }
+            self.inner
+                .app_restarts
+                .get_or_create(&AppLabel {
+                    app: app.name().to_owned(),
+                })
+                .set(i64::from(app.restarts));
         }
     }
 }

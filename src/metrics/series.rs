@@ -28,6 +28,17 @@ pub(super) struct MountLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct AppLabel {
+    pub(super) app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct AppStateLabels {
+    pub(super) app: String,
+    pub(super) state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct MountStateLabels {
     pub(super) mount: String,
     pub(super) state: String,
@@ -88,6 +99,8 @@ pub(super) struct Inner {
     // Fed by the RPC layer.
     pub(super) rpcs: Family<RpcLabels, Counter>,
     pub(super) rpc_latency: Family<MethodLabel, Histogram>,
+    // Fed by the apps' probes.
+    pub(super) app_probe_latency: Family<AppLabel, Histogram>,
     // Refreshed at scrape time.
     pub(super) jobs_by_state: Family<StateLabel, Gauge>,
     pub(super) queue_depth: Gauge,
@@ -96,6 +109,8 @@ pub(super) struct Inner {
     pub(super) fs_free_bytes: Family<FilesystemLabel, Gauge>,
     pub(super) fs_state: Family<FilesystemStateLabels, Gauge>,
     pub(super) mount_state: Family<MountStateLabels, Gauge>,
+    pub(super) app_state: Family<AppStateLabels, Gauge>,
+    pub(super) app_restarts: Family<AppLabel, Gauge>,
     pub(super) resident_bytes: Gauge,
     pub(super) cpu_seconds: Counter<f64, AtomicU64>,
 }
@@ -125,6 +140,9 @@ impl Inner {
             mount_last: Mutex::new(HashMap::new()),
             rpcs: Family::default(),
             rpc_latency: Family::new_with_constructor(rpc_histogram),
+            app_probe_latency: Family::new_with_constructor(rpc_histogram),
+            app_state: Family::default(),
+            app_restarts: Family::default(),
             jobs_by_state: Family::default(),
             queue_depth: Gauge::default(),
             slots_in_use: Gauge::default(),
@@ -193,6 +211,21 @@ impl Inner {
             "mount_state",
             "State per managed mount: 1 for its current state",
             inner.mount_state.clone(),
+        );
+        registry.register(
+            "app_state",
+            "State per app: 1 for its current state",
+            inner.app_state.clone(),
+        );
+        registry.register(
+            "app_restarts",
+            "Restarts per app by its restart policy (kept across agent restarts)",
+            inner.app_restarts.clone(),
+        );
+        registry.register(
+            "app_probe_duration_seconds",
+            "Health probe latency per app",
+            inner.app_probe_latency.clone(),
         );
         registry.register(
             "mount_remounts",
