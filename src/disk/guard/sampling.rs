@@ -101,7 +101,7 @@ pub(super) fn spawn_batch(
                 let outcome = Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(
-                        "no answer: its probe helper was killed after {} ms",
+                        "no answer within {} ms; its probe helper was killed",
                         timeout.as_millis()
                     ),
                 ));
