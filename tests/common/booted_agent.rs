@@ -280,8 +280,15 @@ impl System {
     }
 
     /// The managed mount `name` as `mounts list` shows it.
+    /// `mounts list` exits 1 while a mount is not mounted, so its JSON is
+    /// read whatever the exit status.
     pub fn mount(&self, name: &str) -> serde_json::Value {
-        let list = self.cli(&["mounts", "list"]);
+        let out = self
+            .booted
+            .exec(&["instance-agent", "--json", "mounts", "list"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let list: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("mounts list: {e}: {text} {:?}", out.status));
         list["mounts"]
             .as_array()
             .and_then(|mounts| mounts.iter().find(|m| m["name"] == name).cloned())
