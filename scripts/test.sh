@@ -42,8 +42,9 @@ scripts/build-deb.sh --install-tool
 export INSTANCE_AGENT_REQUIRE_DEB_TEST=1
 export INSTANCE_AGENT_REQUIRE_SYSTEMD_TEST=1
 
-echo "[test] cargo test --all-features $*"
-cargo test --all-features "$@"
+# --no-fail-fast: one failing test binary does not hide the others'.
+echo "[test] cargo test --all-features --no-fail-fast $*"
+cargo test --all-features --no-fail-fast "$@"
 
 echo "[test] scripts/python-client-check.sh (a client generated from proto/ alone)"
 scripts/python-client-check.sh

@@ -554,6 +554,30 @@ async fn the_cli_lists_and_removes_images_refuses_a_needed_one_and_logs_out() {
     std::fs::write(markers.path().join("go"), "").expect("go");
     let done = final_state(&mut c, "holder").await;
     assert_eq!(done.state(), proto::JobState::Succeeded, "{done:?}");
+    // A finished job holds its image until its container is gone, which
+    // follows the job's final state: ListImages shows when it lets go.
+    let mut images_client = images(&agent).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = images_client
+            .list_images(proto::ListImagesRequest {})
+            .await
+            .expect("list images")
+            .into_inner();
+        let row = listed
+            .images
+            .iter()
+            .find(|i| i.references.contains(&image.reference))
+            .unwrap_or_else(|| panic!("{} not listed: {listed:?}", image.reference));
+        if row.used_by_jobs.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still held 30 s after the job ended: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let removed = cli(&agent.socket, &["images", "rm", &image.reference]);
     common::assert_success(&"images rm", &removed);
@@ -892,7 +916,12 @@ async fn reclaim_removes_only_the_images_the_agent_pulled_and_nothing_needs() {
             "[jobs]\nkeep_images = [{:?}]\n[images]\nspace_check_path = {:?}\n{}",
             kept.reference,
             tmpfs.path.display().to_string(),
-            small_fs_levels(&tmpfs.path, 32)
+            // The guard's own reclaim would race the one asked for below.
+            small_fs_levels(&tmpfs.path, 32).replacen(
+                "[disk]\n",
+                "[disk]\nauto_reclaim = false\n",
+                1
+            )
         ))
         .start();
     let mut client = images(&agent).await;
