@@ -47,6 +47,12 @@ pub const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
 /// The cgroup hierarchies nspawn writes to on this host: it takes its own
 /// cgroup from the v2 one (`0::`) and also attaches to the named v1 one.
 const HIERARCHIES: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"];
+/// Where the shared directories live: on the host's own disk, outside
+/// `/tmp`, `/var/tmp` and `/home`, which the agent's unit hides or makes
+/// private (`PrivateTmp=`, `ProtectHome=`): a checkout under `/tmp` would
+/// otherwise give the agent a job bind source it cannot see.
+const SHARED_ROOT: &str = "/var/lib/instance-agent-test";
+
 /// The parent, in each hierarchy, of every container's cgroup.
 const CGROUP_PARENT: &str = "instance-agent-test";
 
@@ -57,6 +63,9 @@ pub struct Booted {
     leader: i32,
     work: Option<tempfile::TempDir>,
     shared: PathBuf,
+    /// Removes `shared` once the container is halted (fields drop after
+    /// `Drop::drop`).
+    _shared_dir: tempfile::TempDir,
     console: PathBuf,
     cgroups: CgroupDirs,
     boot_time: Duration,
@@ -138,9 +147,11 @@ fn sweep_leftovers(boots: &Path) {
             }
         }
     }
-    for entry in std::fs::read_dir(boots).into_iter().flatten().flatten() {
-        if dead_owner(&entry.file_name().to_string_lossy()) {
-            let _ = std::fs::remove_dir_all(entry.path());
+    for dir in [boots, Path::new(SHARED_ROOT)] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if dead_owner(&entry.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
 }
@@ -190,8 +201,12 @@ impl Booted {
             .expect("boot dir");
         // Seen at the same path inside and outside, so that a path the
         // agent inside checks is the path the host's Docker engine mounts.
-        let shared = work.path().join("shared");
-        std::fs::create_dir(&shared).expect("shared dir");
+        std::fs::create_dir_all(SHARED_ROOT).expect("shared root");
+        let shared_dir = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir_in(SHARED_ROOT)
+            .expect("shared dir");
+        let shared = shared_dir.path().to_path_buf();
         let console = work.path().join("console.log");
         let notify_path = work.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
@@ -242,6 +257,7 @@ impl Booted {
             leader: 0,
             work: Some(work),
             shared,
+            _shared_dir: shared_dir,
             console,
             cgroups,
             boot_time: Duration::ZERO,
