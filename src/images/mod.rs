@@ -37,6 +37,7 @@ pub mod registry;
 mod service;
 pub mod space;
 mod state;
+pub mod syntax;
 #[cfg(test)]
 mod tests;
 

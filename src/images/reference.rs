@@ -43,24 +43,16 @@ impl ImageRef {
                 text.len()
             )));
         }
-        let parsed: oci_spec::distribution::Reference = text
-            .parse()
+        let parsed = super::syntax::parse(text)
             .map_err(|e| invalid(format!("{text:?} is not a valid image reference: {e}")))?;
-        let registry = match parsed.registry() {
-            "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_owned(),
-            other => other.to_owned(),
-        };
-        let digest = parsed.digest().map(str::to_owned);
+        let registry = parsed.registry;
+        let digest = parsed.digest;
         // `repo:tag@sha256:...` runs the digest; the tag only names it.
-        let tag = if digest.is_some() {
-            None
-        } else {
-            parsed.tag().map(str::to_owned)
-        };
+        let tag = if digest.is_some() { None } else { parsed.tag };
         Ok(Self {
             given: text.to_owned(),
             registry,
-            repository: parsed.repository().to_owned(),
+            repository: parsed.repository,
             tag,
             digest,
         })

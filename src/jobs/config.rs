@@ -198,7 +198,7 @@ impl JobsConfig {
         for (i, image) in self.keep_images.iter().enumerate() {
             if image.is_empty()
                 || image.len() > 1024
-                || image.parse::<oci_spec::distribution::Reference>().is_err()
+                || crate::images::syntax::parse(image).is_err()
             {
                 return Err(FieldError::new(
                     format!("keep_images[{i}]"),

@@ -365,14 +365,12 @@ pub(crate) fn check_image(image: &str) -> Result<(), SpecError> {
     if image.is_empty() {
         return Err(bad("image", "must not be empty"));
     }
-    image
-        .parse::<oci_spec::distribution::Reference>()
-        .map_err(|e| {
-            bad(
-                "image",
-                format!("{image:?} is not a valid image reference: {e}"),
-            )
-        })?;
+    crate::images::syntax::parse(image).map_err(|e| {
+        bad(
+            "image",
+            format!("{image:?} is not a valid image reference: {e}"),
+        )
+    })?;
     Ok(())
 }
 
