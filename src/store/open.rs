@@ -3,7 +3,8 @@
 //! never trusted); a file that cannot be opened because of what is in it
 //! (corrupted, truncated, an unknown format) is renamed to
 //! `agent.redb.damaged-<time>`, an empty store is created in its place, and
-//! every record still readable in the damaged file is copied back. A note
+//! every record still readable in the damaged file is copied back
+//! ([`super::salvage`]). A note
 //! in the new store (table `store.moved_aside`) records why and how the copy
 //! went, so that the `store` condition can say so at every start for as long
 //! as the damaged file is kept. A marker beside the store (`store-created`)
@@ -18,15 +19,18 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{ReadableDatabase, ReadableTable};
 
 use super::damage::{MovedAside, MovedNote, Salvage, StoreDamage};
-use super::{STORE_CACHE_BYTES, StoreError, Table, classify};
+use super::salvage::{remove_scratch, salvage};
+use super::{STORE_CACHE_BYTES, StoreError, Table, begin_write, classify};
 
 /// The notes about moved-aside files, by the damaged file's name.
 const MOVED_ASIDE: Table = Table("store.moved_aside");
 /// Tables of the store itself, never copied back from a damaged file.
-const OWN_PREFIX: &str = "store.";
+pub(super) const OWN_PREFIX: &str = "store.";
+/// Beside the store: the copy of a damaged file that the salvage reads.
+const SCRATCH_SUFFIX: &str = ".salvage";
 /// Beside the store: when the first store of this state dir was created.
 const MARKER: &str = "store-created";
 
@@ -42,6 +46,9 @@ pub(super) fn open_or_recover(dir: &Path, path: &Path) -> Result<Opened, StoreEr
     let marker = dir.join(MARKER);
     let created = read_marker(&marker);
     let mut this_start = None;
+    let scratch = PathBuf::from(format!("{}{SCRATCH_SUFFIX}", path.display()));
+    // Left by a salvage that stopped the agent.
+    remove_scratch(&scratch);
     let db = match open_db(path) {
         Ok(db) => db,
         // The check commits; on a full disk a plain open still serves reads
@@ -68,7 +75,7 @@ pub(super) fn open_or_recover(dir: &Path, path: &Path) -> Result<Opened, StoreEr
             // Recorded before the copy: a copy that crashes the agent is
             // then reported, and never tried again.
             put_note(&db, &name, &note).map_err(|e| classify(path, e))?;
-            note.salvage = salvage(&moved, &db);
+            note.salvage = salvage(&moved, &scratch, &db);
             tracing::warn!(from = %moved.display(), salvage = ?note.salvage, "records copied back from the damaged store");
             put_note(&db, &name, &note).map_err(|e| classify(path, e))?;
             this_start = Some(name);
@@ -93,14 +100,28 @@ pub(super) fn open_or_recover(dir: &Path, path: &Path) -> Result<Opened, StoreEr
     Ok(Opened { db, damage })
 }
 
-/// Opens (or creates) the database, verifying every page.
+/// Opens (or creates) the database, verifying every page, and records the
+/// allocator state at once: the check's own commit does not, and a file
+/// whose last commit lacks it could not be salvaged after a crash.
 pub(super) fn open_db(path: &Path) -> Result<redb::Database, redb::DatabaseError> {
     // The working set is small (records are also held in memory by their
     // domains); redb's default cache would grow to 1 GiB.
-    redb::Database::builder()
+    let db = redb::Database::builder()
         .set_cache_size(STORE_CACHE_BYTES)
         .set_check_integrity_on_open(true)
-        .create(path)
+        .create(path)?;
+    let recorded = begin_write(&db)
+        .map_err(|e| match e {
+            redb::TransactionError::Storage(e) => e,
+            other => redb::StorageError::Io(std::io::Error::other(other.to_string())),
+        })?
+        .commit()
+        .map_err(|e| match e {
+            redb::CommitError::Storage(e) => e,
+            other => redb::StorageError::Io(std::io::Error::other(other.to_string())),
+        });
+    recorded?;
+    Ok(db)
 }
 
 fn no_space(error: &redb::DatabaseError) -> bool {
@@ -147,81 +168,9 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Copies every record that can still be read from the damaged file at
-/// `from` into `into`, table by table, and says how it went.
-fn salvage(from: &Path, into: &redb::Database) -> Salvage {
-    let source = match redb::Database::builder()
-        .set_cache_size(STORE_CACHE_BYTES)
-        .open_read_only(from)
-    {
-        Ok(source) => source,
-        Err(error) => {
-            return Salvage::Failed {
-                reason: error.to_string(),
-            };
-        }
-    };
-    match copy_tables(&source, into) {
-        Ok((copied, problems)) => Salvage::Done { copied, problems },
-        Err(error) => Salvage::Failed {
-            reason: error.to_string(),
-        },
-    }
-}
-
-type Copied = (Vec<(String, u64)>, Vec<String>);
-
-fn copy_tables(
-    source: &redb::ReadOnlyDatabase,
-    into: &redb::Database,
-) -> Result<Copied, redb::Error> {
-    let read = source.begin_read()?;
-    let names: Vec<String> = read
-        .list_tables()?
-        .map(|t| t.name().to_owned())
-        .filter(|name| !name.starts_with(OWN_PREFIX))
-        .collect();
-    let write = into.begin_write()?;
-    let (mut copied, mut problems) = (Vec::new(), Vec::new());
-    for name in names {
-        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&name);
-        let table = match read.open_table(def) {
-            Ok(table) => table,
-            Err(error) => {
-                problems.push(format!("table {name} ({error})"));
-                continue;
-            }
-        };
-        let mut target = write.open_table(def)?;
-        let mut count = 0;
-        let entries = match table.iter() {
-            Ok(entries) => entries,
-            Err(error) => {
-                problems.push(format!("table {name} ({error})"));
-                continue;
-            }
-        };
-        for entry in entries {
-            match entry {
-                Ok((key, value)) => {
-                    target.insert(key.value(), value.value())?;
-                    count += 1;
-                }
-                Err(error) => {
-                    problems.push(format!("table {name} after {count} records ({error})"));
-                    break;
-                }
-            }
-        }
-        copied.push((name, count));
-    }
-    write.commit()?;
-    Ok((copied, problems))
-}
-
 fn put_note(db: &redb::Database, name: &str, note: &MovedNote) -> Result<(), redb::Error> {
     let bytes = serde_json::to_vec(note).unwrap_or_default();
-    let write = db.begin_write()?;
+    let write = begin_write(db)?;
     write
         .open_table(MOVED_ASIDE.def())?
         .insert(name, bytes.as_slice())?;
@@ -290,7 +239,7 @@ fn read_notes(db: &redb::Database) -> Result<Vec<(String, Vec<u8>)>, redb::Error
 }
 
 fn forget_notes(db: &redb::Database, names: &[&str]) -> Result<(), redb::Error> {
-    let write = db.begin_write()?;
+    let write = begin_write(db)?;
     {
         let mut table = write.open_table(MOVED_ASIDE.def())?;
         for name in names {
