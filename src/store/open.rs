@@ -27,8 +27,6 @@ use super::{STORE_CACHE_BYTES, StoreError, Table, begin_write, classify};
 
 /// The notes about moved-aside files, by the damaged file's name.
 const MOVED_ASIDE: Table = Table("store.moved_aside");
-/// Tables of the store itself, never copied back from a damaged file.
-pub(super) const OWN_PREFIX: &str = "store.";
 /// Beside the store: the copy of a damaged file that the salvage reads.
 const SCRATCH_SUFFIX: &str = ".salvage";
 /// Beside the store: when the first store of this state dir was created.

@@ -21,8 +21,11 @@ use std::path::Path;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::damage::Salvage;
-use super::open::OWN_PREFIX;
 use super::{STORE_CACHE_BYTES, begin_write};
+
+/// Tables of the store itself (`store.moved_aside`), never copied back from
+/// a damaged file.
+const OWN_PREFIX: &str = "store.";
 
 /// Copies every record that can still be read from the damaged file at
 /// `from` into `into`, table by table, through a scratch copy at `scratch`
