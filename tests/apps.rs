@@ -108,7 +108,8 @@ fn app_containers(instance: &str, app: Option<&str>, all: bool) -> Vec<String> {
 /// The shell that prepares the web root and runs httpd in the foreground as
 /// the container's PID 1. `/cgi-bin/score` echoes `tag=TAG` and the body;
 /// `/cgi-bin/health` answers 503 until `/tmp/ready` exists (created at
-/// once when `ready` is true), 500 once `/tmp/sick` exists, else 200.
+/// once when `ready` is true), 500 once `/tmp/sick` exists, else 200, and
+/// counts its calls in `/tmp/probed`.
 fn server_script(tag: &str, ready: bool) -> String {
     format!(
         r#"set -e
@@ -121,6 +122,7 @@ cat
 EOF
 cat > /www/cgi-bin/health <<'EOF'
 #!/bin/sh
+echo probed >> /tmp/probed
 if [ -e /tmp/sick ]; then printf 'HTTP/1.0 500 Internal Server Error\r\n\r\nsick\n'
 elif [ -e /tmp/ready ]; then printf 'HTTP/1.0 200 OK\r\n\r\nok\n'
 else printf 'HTTP/1.0 503 Service Unavailable\r\n\r\nloading\n'; fi
@@ -271,6 +273,15 @@ fn docker_exec(container: &str, args: &[&str]) {
     );
 }
 
+/// How many times the health path of `container` was called.
+fn probes_of(container: &str) -> usize {
+    Command::new("docker")
+        .args(["exec", container, "cat", "/tmp/probed"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).lines().count())
+        .unwrap_or(0)
+}
+
 /// The host pid of the container's PID 1.
 fn container_pid(container: &str) -> i32 {
     let out = Command::new("docker")
@@ -319,6 +330,11 @@ impl Poller {
 
     fn answered(&self) -> u32 {
         self.answered.load(Ordering::SeqCst)
+    }
+
+    /// True while no request has failed.
+    fn alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Stops; the first failure seen, if any.
@@ -550,15 +566,17 @@ async fn rolling_replace_keeps_the_old_container_serving_until_the_new_one_is_re
         .into_iter()
         .find(|c| !old.contains(c))
         .expect("the new container");
-    // While v2 loads, v1 is what the app reports and what answers, through
-    // several of v2's failed probes.
+    // While v2 loads (its health path refused 3 probes, as counted in the
+    // container), v1 is what the app reports and what answers.
     let before = poller.answered();
-    for _ in 0..3 {
-        let during = get(&mut c, "roll").await;
-        assert_eq!(endpoint(&during, "http"), old_url, "{during:?}");
-        assert_eq!(during.state(), proto::AppState::Ready);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    wait_until("3 probes of v2", Duration::from_secs(60), || {
+        probes_of(&new) >= 3
+    })
+    .await;
+    let during = get(&mut c, "roll").await;
+    assert_eq!(endpoint(&during, "http"), old_url, "{during:?}");
+    assert_eq!(during.state(), proto::AppState::Ready, "{during:?}");
+    assert!(poller.alive(), "v1 answered every request while v2 loaded");
     assert!(poller.answered() > before, "v1 answered while v2 loaded");
 
     docker_exec(&new, &["touch", "/tmp/ready"]);
@@ -694,7 +712,10 @@ exec httpd -f -p 5001 -h /www
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "apps deploy --wait: {stderr}");
-    assert!(stderr.contains("READY"), "the states are shown: {stderr}");
+    assert!(
+        stderr.contains("starting") && stderr.contains("ready"),
+        "the states are shown: {stderr}"
+    );
 
     let mut c = agent.client().await;
     let app = get(&mut c, "model").await;

@@ -14,32 +14,16 @@ use crate::apps::images::{AppImage, AppImageError, AppImages};
 use crate::jobs::job_images::PullPhase;
 
 impl ImageService {
-    /// The local image of `parsed`, if any, as an app runs it (recorded as
-    /// used, as a job's is).
+    /// The local image of `parsed`, if any, as an app runs it.
     async fn local_for_app(&self, parsed: &ImageRef) -> Result<Option<AppImage>, AppImageError> {
-        let found = self
-            .inner
-            .engine
-            .inspect(&parsed.for_engine())
+        let local = self
+            .run_local(parsed)
             .await
             .map_err(|e| AppImageError::Retry(format!("cannot look for image {parsed}: {e}")))?;
-        let Some(found) = found else {
-            return Ok(None);
-        };
-        let digest = match parsed.digest() {
-            Some(digest) => format!("{}@{digest}", parsed.engine_repository()),
-            None => parsed
-                .digest_among(&found.repo_digests)
-                .unwrap_or_else(|| found.id.clone()),
-        };
-        // A digest names exactly one image; so does the id.
-        let run = if digest.contains('@') {
-            digest.clone()
-        } else {
-            found.id.clone()
-        };
-        self.inner.records.used(&found, &digest).await;
-        Ok(Some(AppImage { run, digest }))
+        Ok(local.map(|resolved| AppImage {
+            run: resolved.run,
+            digest: resolved.digest,
+        }))
     }
 }
 
