@@ -368,26 +368,22 @@ impl Supervisor {
             })
             .await;
         }
-        let image = {
-            // Pull progress goes to the reason (in memory: not a state
-            // change); a rolling replace keeps the serving record's.
-            let handle = self.handle.clone();
-            let progress = move |line: String| {
-                if !rolling {
-                    handle.record.send_modify(|r| r.reason = line);
-                }
-            };
-            self.manager
-                .inner
-                .deps
-                .images
-                .ensure(&spec.image, &progress)
-                .await
-                .map_err(|e| match e {
-                    AppImageError::Failed(reason) => LaunchError::Fail(reason),
-                    AppImageError::Retry(reason) => LaunchError::Retry(reason),
-                })?
+        // Pull progress goes to the reason (in memory: not a state change);
+        // a rolling replace keeps the serving record's.
+        let handle = self.handle.clone();
+        let progress = move |line: String| {
+            if !rolling {
+                handle.record.send_modify(|r| r.reason = line);
+            }
         };
+        let images = self.manager.inner.deps.images.clone();
+        let image = images
+            .ensure(&spec.image, &progress)
+            .await
+            .map_err(|e| match e {
+                AppImageError::Failed(reason) => LaunchError::Fail(reason),
+                AppImageError::Retry(reason) => LaunchError::Retry(reason),
+            })?;
         let digest = image.digest.clone();
         let binds = self.binds(spec).await?;
         let network = self.manager.config().network;
@@ -791,11 +787,8 @@ pub(super) fn assign_ports(
 }
 
 fn describe_ports(ports: &BTreeMap<String, u32>) -> String {
-    ports
-        .iter()
-        .map(|(name, port)| format!("{name}={port}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let named: Vec<String> = ports.iter().map(|(n, p)| format!("{n}={p}")).collect();
+    named.join(", ")
 }
 
 /// The container name of an app's generation (unique per instance).
