@@ -6,7 +6,7 @@
 # (never the default 9464), so it runs beside an installed agent.
 #   scripts/bench.sh                        all benches (about 6 minutes)
 #   scripts/bench.sh footprint disk_alerts  some (footprint, jobs, grpc_load,
-#                                           disk_alerts, images)
+#                                           disk_alerts, images, apps)
 # What each covers: footprint = start to READY (empty store and 10,000
 # finished jobs), idle RSS and CPU, RSS with 10,000 stored jobs, binary size;
 # jobs = throughput against the docker CLI, overhead per job, RSS with 10,000
@@ -15,7 +15,10 @@
 # different ~300 MiB images on 1 slot through the agent (prefetch) against
 # `docker pull && docker run --rm` in turn, 4 jobs sharing one image (blob
 # fetches at the registry), SubmitJob to RUNNING for a cached image (needs
-# docker-registry and about 5 GiB of free disk; about 5 minutes).
+# docker-registry and about 5 GiB of free disk; about 5 minutes); apps =
+# DeployApp to READY cold and warm against `docker run -d -p` to the first
+# HTTP answer, health path answering to READY, crash to serving again, agent
+# CPU per probe and RSS with 10 apps (about 2 minutes).
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,7 +31,7 @@ fi
 cargo build --release --quiet
 benches=("$@")
 if ((${#benches[@]} == 0)); then
-  benches=(grpc_load jobs disk_alerts images footprint)
+  benches=(grpc_load jobs disk_alerts images apps footprint)
 fi
 # Built before anything is measured, so that compiling never overlaps a run.
 for bench in "${benches[@]}"; do

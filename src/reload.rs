@@ -137,6 +137,12 @@ fn apply_live(running: &mut Config, new: &Config) {
     running.limits.requests_per_second_per_peer = new.limits.requests_per_second_per_peer;
     running.limits.request_burst_per_peer = new.limits.request_burst_per_peer;
     running.mounts.health_interval_seconds = new.mounts.health_interval_seconds;
+    // Read at each use; `apps.network` is not: running containers stay on
+    // the network they joined.
+    running.apps.allowed_host_ips = new.apps.allowed_host_ips.clone();
+    running.apps.stop_grace_seconds = new.apps.stop_grace_seconds;
+    running.apps.max_apps = new.apps.max_apps;
+    running.apps.log_tail_bytes = new.apps.log_tail_bytes;
     running.disk = new.disk.clone();
 }
 

@@ -2,11 +2,10 @@
 //! implementation on the Docker Engine API (bollard, through the jobs'
 //! [`DockerEngine`] client).
 //!
-//! Two things differ from jobs: an app's container publishes ports (on a
+//! What differs from jobs: an app's container publishes ports (on a
 //! user-defined bridge network, since `dockerd --bridge=none` has no
-//! default `bridge` and `none` cannot publish), and its image comes through
-//! one seam, [`AppEngine::ensure_image`], so that registry pulls plug in at
-//! one place.
+//! default `bridge` and `none` cannot publish). Images are not this trait's
+//! business: they come through the images domain ([`super::images`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,10 +60,6 @@ pub struct AppContainer {
 /// The engine as the app supervisor uses it.
 #[async_trait]
 pub trait AppEngine: Send + Sync + 'static {
-    /// Makes sure `image` is there and returns its id (digest). The one
-    /// place that gets images: today only local images (NotFound
-    /// otherwise); registry pulls plug in here.
-    async fn ensure_image(&self, image: &str) -> Result<String, EngineError>;
     /// Creates the apps' network when it does not exist.
     async fn ensure_network(&self, name: &str) -> Result<(), EngineError>;
     /// Creates a container; `NameInUse` when the name exists.
@@ -165,20 +160,6 @@ fn create_body(spec: &AppContainer) -> bollard::models::ContainerCreateBody {
 
 #[async_trait]
 impl AppEngine for DockerApps {
-    async fn ensure_image(&self, image: &str) -> Result<String, EngineError> {
-        let client = self.engine.client().await?;
-        match client.inspect_image(image).await {
-            Ok(info) => Ok(info.id.unwrap_or_default()),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Err(EngineError::NotFound {
-                what: "image",
-                name: format!("{image} (apps use local images until registry pulls land)"),
-            }),
-            Err(error) => Err(self.engine.map_error("inspect image", image, error).await),
-        }
-    }
-
     async fn ensure_network(&self, name: &str) -> Result<(), EngineError> {
         let client = self.engine.client().await?;
         match client

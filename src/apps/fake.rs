@@ -1,4 +1,4 @@
-//! Fakes for unit tests: an app engine whose containers "run" until the test
+//! Fakes for unit tests: an app engine (and its images) whose containers "run" until the test
 //! makes them exit, and a prober whose answers the test sets per address.
 //! Every call is counted on a watch channel, so a test awaits a change
 //! instead of sleeping.
@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::engine::{AppContainer, AppEngine};
+use super::images::{AppImage, AppImageError, AppImages};
 use super::probe::{ProbeOutcome, ProbeTarget, Prober};
 use crate::jobs::engine::{
     ContainerListing, ContainerStatus, EngineError, OutputFrame, OutputStream, OutputStreamBox,
@@ -98,19 +99,27 @@ impl FakeAppEngine {
 }
 
 #[async_trait]
-impl AppEngine for FakeAppEngine {
-    async fn ensure_image(&self, image: &str) -> Result<String, EngineError> {
+impl AppImages for FakeAppEngine {
+    async fn ensure(
+        &self,
+        image: &str,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<AppImage, AppImageError> {
         self.call(format!("image {image}"));
+        progress(format!("looking for image {image}"));
         if lock(&self.images).iter().any(|i| i == image) {
-            Ok(format!("sha256:{}", image.len()))
-        } else {
-            Err(EngineError::NotFound {
-                what: "image",
-                name: image.to_owned(),
+            Ok(AppImage {
+                run: image.to_owned(),
+                digest: format!("sha256:{}", image.len()),
             })
+        } else {
+            Err(AppImageError::Failed(format!("no such image: {image}")))
         }
     }
+}
 
+#[async_trait]
+impl AppEngine for FakeAppEngine {
     async fn ensure_network(&self, name: &str) -> Result<(), EngineError> {
         self.call(format!("network {name}"));
         Ok(())

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use super::SlotPool;
 use super::config::AppsConfig;
 use super::engine::AppEngine;
+use super::images::AppImages;
 use super::ports::PortError;
 use super::probe::Prober;
 use super::record::{AppRecord, AppState};
@@ -77,6 +78,8 @@ pub enum AppError {
 pub struct AppsDeps {
     /// The container engine, as apps use it.
     pub engine: Arc<dyn AppEngine>,
+    /// Images, through the images domain (pulls shared with jobs).
+    pub images: Arc<dyn AppImages>,
     /// Health probes.
     pub prober: Arc<dyn Prober>,
     /// The shared store.

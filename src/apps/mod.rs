@@ -5,7 +5,8 @@
 //!
 //! Owns the `[apps]` section ([`config`]), the spec rules and the inference
 //! preset ([`spec`]), the record and its state machine ([`record`]), the
-//! engine trait and its bollard implementation ([`engine`]), health probes
+//! engine trait and its bollard implementation ([`engine`]), the trait to
+//! the images domain ([`images`], pulls shared with jobs), health probes
 //! ([`probe`]), host ports ([`ports`]) and the manager ([`AppManager`]),
 //! split by duty: the handle (`manager.rs`), one app's life
 //! (`supervisor.rs`, probes and exits in `monitor.rs`), and adoption after
@@ -20,6 +21,7 @@ pub mod config;
 pub mod engine;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
+pub mod images;
 mod manager;
 mod monitor;
 pub mod ports;

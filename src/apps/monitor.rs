@@ -53,10 +53,13 @@ impl Supervisor {
     /// replace's new spec (`report` false: it only ends at READY).
     pub(super) async fn monitor(&mut self, id: &str, phase: Phase, report: bool) -> End {
         let record = self.record();
-        self.watch(id, &record.spec, &record.host_ports, phase, report)
+        self.watch(id, &record.spec, &record.host_ports, phase, report, None)
             .await
     }
 
+    /// Watches container `id` (see [`Self::monitor`]); `serving` is the old
+    /// container of a rolling replace, whose exit is recorded meanwhile (the
+    /// app then serves nothing until the new one is READY).
     async fn watch(
         &mut self,
         id: &str,
@@ -64,6 +67,7 @@ impl Supervisor {
         host_ports: &BTreeMap<String, u32>,
         mut phase: Phase,
         report: bool,
+        serving: Option<&str>,
     ) -> End {
         let engine = self.manager.inner.deps.engine.clone();
         let prober = self.manager.inner.deps.prober.clone();
@@ -85,9 +89,33 @@ impl Supervisor {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let (mut good, mut bad) = (0u32, 0u32);
         let mut wait = Box::pin(engine.wait(id));
+        let mut serving_wait = serving.map(|old| Box::pin(engine.wait(old)));
+        let mut serving_runs = serving.is_some();
         loop {
+            let serving_exit = async {
+                match serving_wait.as_mut() {
+                    Some(wait) => wait.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.manager.inner.shutdown.cancelled() => return End::Shutdown,
+                status = serving_exit, if serving_runs => {
+                    serving_runs = false;
+                    let code = status.unwrap_or(-1);
+                    let generation = self.record().generation + 1;
+                    self.update(|r| {
+                        r.last_exit = Some(code);
+                        r.transition(
+                            AppState::Starting,
+                            format!(
+                                "the serving container exited with status {code} during the rolling replace; \
+                                 generation {generation} is starting"
+                            ),
+                        )
+                    })
+                    .await;
+                }
                 command = self.mailbox.recv() => {
                     return command.map_or(End::Shutdown, End::Command);
                 }
@@ -217,8 +245,8 @@ impl Supervisor {
             true
         })
         .await;
-        let new = match self.launch(&spec, generation, host_ports.clone()).await {
-            Ok(id) => id,
+        let (new, digest) = match self.launch(&spec, generation, host_ports.clone()).await {
+            Ok(launched) => launched,
             Err(error) => {
                 let reason = match error {
                     LaunchError::Fail(r) | LaunchError::Retry(r) => r,
@@ -228,18 +256,17 @@ impl Supervisor {
         };
         let deadline = Instant::now() + startup_window(&spec);
         match self
-            .watch(&new, &spec, &host_ports, Phase::Startup(deadline), false)
+            .watch(
+                &new,
+                &spec,
+                &host_ports,
+                Phase::Startup(deadline),
+                false,
+                Some(&old),
+            )
             .await
         {
             End::Ready => {
-                let digest = self
-                    .manager
-                    .inner
-                    .deps
-                    .engine
-                    .ensure_image(&spec.image)
-                    .await
-                    .unwrap_or_default();
                 self.update(|r| {
                     apply_spec(r, spec);
                     r.generation = generation;

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::engine::{AppContainer, Published};
+use super::images::AppImageError;
 use super::manager::{AppHandle, AppManager, Command, RECORDS, Rollout, holds_slots, slot_holder};
 use super::ports::{self, PortError};
 use super::record::{AppRecord, AppState};
@@ -324,7 +325,7 @@ impl Supervisor {
         };
         let generation = record.generation;
         match self.launch(&record.spec, generation, host_ports).await {
-            Ok(id) => {
+            Ok((id, _)) => {
                 let phase = Phase::Startup(Instant::now() + startup_window(&record.spec));
                 Next::Monitor(id, phase)
             }
@@ -351,13 +352,14 @@ impl Supervisor {
     }
 
     /// Gets the image, records the intent, creates and starts the container
-    /// of `generation`; on success the record runs it (STARTING).
+    /// of `generation`; on success the record runs it (STARTING). The
+    /// container's id and the image digest it runs.
     pub(super) async fn launch(
         &mut self,
         spec: &AppSpec,
         generation: u64,
         host_ports: BTreeMap<String, u32>,
-    ) -> Result<String, LaunchError> {
+    ) -> Result<(String, String), LaunchError> {
         let engine = self.manager.inner.deps.engine.clone();
         let rolling = generation != self.record().generation;
         if !rolling {
@@ -366,20 +368,32 @@ impl Supervisor {
             })
             .await;
         }
-        let digest = engine
-            .ensure_image(&spec.image)
+        // Pull progress goes to the reason (in memory: not a state change);
+        // a rolling replace keeps the serving record's.
+        let handle = self.handle.clone();
+        let progress = move |line: String| {
+            if !rolling {
+                handle.record.send_modify(|r| r.reason = line);
+            }
+        };
+        let images = self.manager.inner.deps.images.clone();
+        let image = images
+            .ensure(&spec.image, &progress)
             .await
             .map_err(|e| match e {
-                EngineError::NotFound { .. } => LaunchError::Fail(e.to_string()),
-                other => LaunchError::Retry(other.to_string()),
+                AppImageError::Failed(reason) => LaunchError::Fail(reason),
+                AppImageError::Retry(reason) => LaunchError::Retry(reason),
             })?;
+        let digest = image.digest.clone();
         let binds = self.binds(spec).await?;
         let network = self.manager.config().network;
         engine
             .ensure_network(&network)
             .await
             .map_err(|e| LaunchError::Retry(format!("cannot prepare network {network}: {e}")))?;
-        let container = self.container_spec(spec, generation, &host_ports, binds, network);
+        let mut container = self.container_spec(spec, generation, &host_ports, binds, network);
+        // Exactly the image whose digest is recorded.
+        container.image = image.run;
         if !rolling {
             // The intent first: a crash from here on is found by label.
             self.update(|r| {
@@ -435,7 +449,7 @@ impl Supervisor {
             })
             .await;
         }
-        Ok(id)
+        Ok((id, digest))
     }
 
     /// The container's binds: managed mounts must be mounted, host paths
@@ -773,11 +787,8 @@ pub(super) fn assign_ports(
 }
 
 fn describe_ports(ports: &BTreeMap<String, u32>) -> String {
-    ports
-        .iter()
-        .map(|(name, port)| format!("{name}={port}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let named: Vec<String> = ports.iter().map(|(n, p)| format!("{n}={p}")).collect();
+    named.join(", ")
 }
 
 /// The container name of an app's generation (unique per instance).

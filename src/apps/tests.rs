@@ -111,6 +111,7 @@ impl Harness {
         let apps = AppManager::start(
             AppsDeps {
                 engine: engine.clone(),
+                images: engine.clone(),
                 prober: prober.clone(),
                 store: rig.store.clone(),
                 events: rig.events.clone(),

@@ -1,7 +1,7 @@
 //! `instance-agent apps list|deploy|get|rm|restart|logs|invoke`.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -11,7 +11,9 @@ use tonic::transport::Channel;
 
 use super::jobs::{parse_mount, split_pair, write_chunk};
 use super::{format, output, states};
-use crate::api::proto::{self, app_service_client::AppServiceClient};
+use crate::api::proto::{
+    self, agent_service_client::AgentServiceClient, app_service_client::AppServiceClient,
+};
 
 /// `apps` subcommands.
 #[derive(Debug, Subcommand)]
@@ -128,7 +130,7 @@ pub struct DeployArgs {
 
 /// Runs an `apps` subcommand.
 pub async fn run(command: AppsCommand, channel: Channel, json: bool) -> anyhow::Result<ExitCode> {
-    let mut apps = AppServiceClient::new(channel);
+    let mut apps = AppServiceClient::new(channel.clone());
     match command {
         AppsCommand::List => {
             let list = apps
@@ -141,16 +143,22 @@ pub async fn run(command: AppsCommand, channel: Channel, json: bool) -> anyhow::
             let wait = args.wait;
             let spec = spec_from_args(*args)?;
             let name = spec.name.clone();
+            // Opened before the deploy, so that no change is missed.
+            let events = if wait {
+                Some(app_events(channel).await?)
+            } else {
+                None
+            };
             let app = apps
                 .deploy_app(proto::DeployAppRequest { spec: Some(spec) })
                 .await?
                 .into_inner();
-            if !wait {
+            let Some(events) = events else {
                 output::reply(json, &app, render)?;
                 return Ok(ExitCode::SUCCESS);
-            }
+            };
             eprintln!("{}", app.rollout);
-            return wait_ready(&mut apps, name, json).await;
+            return wait_ready(events, app, &name, json).await;
         }
         AppsCommand::Get { name } => {
             let app = apps
@@ -233,43 +241,148 @@ pub async fn run(command: AppsCommand, channel: Channel, json: bool) -> anyhow::
     Ok(ExitCode::SUCCESS)
 }
 
-/// Shows each state change until READY (0) or a failure (1).
+/// The agent's events from now on (`WatchEvents` from the latest sequence).
+async fn app_events(channel: Channel) -> anyhow::Result<tonic::Streaming<proto::Event>> {
+    let mut agent = AgentServiceClient::new(channel);
+    let since = agent
+        .get_status(proto::GetStatusRequest {})
+        .await?
+        .into_inner()
+        .last_event_sequence;
+    Ok(agent
+        .watch_events(proto::WatchEventsRequest { since: Some(since) })
+        .await?
+        .into_inner())
+}
+
+/// How a watched app stands.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Still on its way.
+    Pending,
+    /// READY (after a rolling replace: the new container).
+    Ready,
+    /// Failed, stopped, backing off, or a rolling replace given up.
+    Failed,
+}
+
+/// Where `app` stands, for a deploy whose reply was `deployed`; `went_down`:
+/// a state other than READY was seen since. After a rolling replace the
+/// app is READY all along (the old container serves), so only new
+/// endpoints (the new container's picked ports) are READY; after a
+/// stop-then-start, only a READY that follows the stop.
+fn outcome(app: &proto::App, deployed: &proto::App, went_down: bool) -> Outcome {
+    let rolling = deployed.rollout.starts_with("rolling");
+    let stop_first = deployed.rollout.starts_with("stop-then-start");
+    match app.state() {
+        proto::AppState::Ready if rolling && app.endpoints != deployed.endpoints => Outcome::Ready,
+        proto::AppState::Ready if !rolling && (!stop_first || went_down) => Outcome::Ready,
+        proto::AppState::Ready if app.reason.starts_with("rolling replace failed") => {
+            Outcome::Failed
+        }
+        proto::AppState::Failed | proto::AppState::Stopped | proto::AppState::Backoff => {
+            Outcome::Failed
+        }
+        _ => Outcome::Pending,
+    }
+}
+
+/// Shows each state change of app `name` as the agent's events tell them
+/// (no polling) until READY (0) or a failure (1).
 async fn wait_ready(
-    apps: &mut AppServiceClient<Channel>,
-    name: String,
+    mut events: tonic::Streaming<proto::Event>,
+    deployed: proto::App,
+    name: &str,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut last = String::new();
+    let mut app = deployed.clone();
+    let mut went_down = false;
     loop {
-        let app = apps
-            .get_app(proto::GetAppRequest { name: name.clone() })
-            .await?
-            .into_inner();
+        went_down |= app.state() != proto::AppState::Ready;
         let line = format!("{:<10} {}", states::app(app.state()), app.reason);
         if line != last && !json {
             eprintln!("{line}");
             last = line;
         }
-        match app.state() {
-            proto::AppState::Ready => {
+        match outcome(&app, &deployed, went_down) {
+            Outcome::Ready => {
                 output::reply(json, &app, render)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            proto::AppState::Failed | proto::AppState::Stopped | proto::AppState::Backoff => {
+            Outcome::Failed => {
                 output::reply(json, &app, render)?;
                 return Ok(ExitCode::FAILURE);
             }
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            Outcome::Pending => {}
         }
+        app = loop {
+            let event = events
+                .next()
+                .await
+                .context("the agent's event stream ended (see `apps get`)")??;
+            match event.kind {
+                Some(proto::event::Kind::App(proto::AppEvent { app: Some(changed) }))
+                    if changed.spec.as_ref().is_some_and(|s| s.name == name) =>
+                {
+                    break changed;
+                }
+                Some(proto::event::Kind::BacklogTruncated(_)) => {
+                    bail!("events were missed (backlog truncated); see `apps get {name}`")
+                }
+                _ => {}
+            }
+        };
     }
 }
 
-/// One HTTP/1.0 POST on loopback (no chunked answers, the server closes);
-/// the status and the body.
+/// Redirects `apps invoke` follows (on the same server, with the same POST).
+const MAX_REDIRECTS: usize = 3;
+
+/// POSTs `body` to `path` on the endpoint `base`, following redirects to
+/// paths on the same server with the same method and body (many servers
+/// answer `POST /score` with a redirect to `/score/`; a client that turned
+/// it into a GET would lose the request); the status and the body.
 async fn post(base: &str, path: &str, body: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
     let authority = base
         .strip_prefix("http://")
         .with_context(|| format!("endpoint {base:?} is not http://"))?;
+    let mut path = path.to_owned();
+    for _ in 0..=MAX_REDIRECTS {
+        let (status, location, answer) = post_once(authority, &path, body).await?;
+        let next = location.and_then(|l| same_server_path(&l, authority));
+        match (status, next) {
+            (301 | 302 | 307 | 308, Some(next)) => {
+                eprintln!("POST {path}: status {status}, following to {next}");
+                path = next;
+            }
+            _ => return Ok((status, answer)),
+        }
+    }
+    bail!("more than {MAX_REDIRECTS} redirects from {base}{path}")
+}
+
+/// The path a `Location` points to when it stays on `authority`.
+fn same_server_path(location: &str, authority: &str) -> Option<String> {
+    if location.starts_with('/') {
+        return Some(location.to_owned());
+    }
+    let rest = location.strip_prefix("http://")?.strip_prefix(authority)?;
+    Some(if rest.is_empty() {
+        "/".into()
+    } else {
+        rest.to_owned()
+    })
+    .filter(|p| p.starts_with('/'))
+}
+
+/// One HTTP/1.0 POST on loopback (no chunked answers, the server closes):
+/// the status, the `Location` header and the body.
+async fn post_once(
+    authority: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u32, Option<String>, Vec<u8>)> {
     let mut stream = tokio::net::TcpStream::connect(authority)
         .await
         .with_context(|| format!("cannot connect to {authority}"))?;
@@ -285,13 +398,19 @@ async fn post(base: &str, path: &str, body: &[u8]) -> anyhow::Result<(u32, Vec<u
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .context("the answer has no HTTP header")?;
-    let status_line = String::from_utf8_lossy(&answer[..split]);
-    let status = status_line
+    let head = String::from_utf8_lossy(&answer[..split]);
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("not an HTTP answer: {:?}", status_line.lines().next()))?;
-    Ok((status, answer[split + 4..].to_vec()))
+        .with_context(|| format!("not an HTTP answer: {:?}", head.lines().next()))?;
+    let location = head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("location")
+            .then(|| value.trim().to_owned())
+    });
+    Ok((status, location, answer[split + 4..].to_vec()))
 }
 
 fn spec_from_args(args: DeployArgs) -> anyhow::Result<proto::AppSpec> {
@@ -462,5 +581,71 @@ mod tests {
         let port = parse_port("http=5001").unwrap();
         assert_eq!((port.host_port, port.host_ip.as_str()), (0, ""));
         assert!(parse_port("5001").is_err());
+    }
+
+    fn app(state: proto::AppState, port: u32, reason: &str, rollout: &str) -> proto::App {
+        proto::App {
+            state: state.into(),
+            reason: reason.into(),
+            rollout: rollout.into(),
+            endpoints: vec![proto::AppEndpoint {
+                name: "http".into(),
+                url: format!("http://127.0.0.1:{port}"),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rolling_replace_is_ready_only_on_the_new_container() {
+        use proto::AppState::{Backoff, Ready, Starting};
+        let created = app(Starting, 1, "", "created");
+        assert_eq!(outcome(&created, &created, true), Outcome::Pending);
+        assert_eq!(
+            outcome(&app(Ready, 1, "", ""), &created, true),
+            Outcome::Ready
+        );
+        assert_eq!(
+            outcome(&app(Backoff, 1, "", ""), &created, true),
+            Outcome::Failed
+        );
+        let rolling = app(Ready, 1, "", "rolling replace: ...");
+        assert_eq!(outcome(&rolling, &rolling, false), Outcome::Pending);
+        assert_eq!(
+            outcome(&app(Ready, 2, "", ""), &rolling, false),
+            Outcome::Ready
+        );
+        let given_up = app(
+            Ready,
+            1,
+            "rolling replace failed (x); the old spec serves on",
+            "",
+        );
+        assert_eq!(outcome(&given_up, &rolling, false), Outcome::Failed);
+        let stop_first = app(Ready, 1, "", "stop-then-start: ...");
+        assert_eq!(outcome(&stop_first, &stop_first, false), Outcome::Pending);
+        assert_eq!(
+            outcome(&app(Ready, 1, "", ""), &stop_first, true),
+            Outcome::Ready
+        );
+    }
+
+    #[test]
+    fn redirects_are_followed_only_on_the_same_server() {
+        let here = "127.0.0.1:4000";
+        assert_eq!(
+            same_server_path("/score/", here).as_deref(),
+            Some("/score/")
+        );
+        assert_eq!(
+            same_server_path("http://127.0.0.1:4000/score/", here).as_deref(),
+            Some("/score/")
+        );
+        assert_eq!(
+            same_server_path("http://127.0.0.1:4000", here).as_deref(),
+            Some("/")
+        );
+        assert_eq!(same_server_path("http://example.com/score/", here), None);
+        assert_eq!(same_server_path("http://127.0.0.1:40001/x", here), None);
     }
 }

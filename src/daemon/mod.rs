@@ -250,6 +250,7 @@ impl Daemon {
         let apps = crate::apps::AppManager::start(
             crate::apps::AppsDeps {
                 engine: adapters.apps.clone(),
+                images: Arc::new(images.clone()),
                 prober: adapters.prober.clone(),
                 store: store.clone(),
                 events: events.clone(),

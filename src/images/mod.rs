@@ -9,7 +9,8 @@
 //! records of the images it pulled and used ([`records`], in the store),
 //! the pulls in flight (`state.rs`, `pulls.rs`) and their progress
 //! ([`progress`]), the handle ([`ImageService`], which implements the job
-//! queue's [`crate::jobs::ImageProvider`]; the images on the instance and
+//! queue's [`crate::jobs::ImageProvider`] and the apps'
+//! [`crate::apps::images::AppImages`] in `app_images.rs`; the images on the instance and
 //! the credentials as the API sees them in `catalog.rs`) and the disk
 //! guard's image reclaim steps ([`reclaim`]).
 //!
@@ -20,6 +21,7 @@
 //! guard's public handle). Fakes of the three are in `fake.rs` (behind
 //! `test-util`).
 
+mod app_images;
 mod catalog;
 pub mod config;
 pub mod credentials;

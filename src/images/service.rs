@@ -29,6 +29,7 @@ use super::reference::ImageRef;
 use super::registry::Registry;
 use super::space::PullSpace;
 use super::state::{Flight, Presence, State};
+use crate::jobs::engine::EngineError;
 use crate::jobs::{
     ImageProvider, ImageState, ImageWant, PullPhase, ResolveError, ResolvedImage, WantStage,
 };
@@ -260,6 +261,31 @@ impl ImageService {
         pulls
     }
 
+    /// The local image of `parsed` as a container runs it (recorded as
+    /// used); `None` when it is not local.
+    pub(super) async fn run_local(
+        &self,
+        parsed: &ImageRef,
+    ) -> Result<Option<ResolvedImage>, EngineError> {
+        let Some(found) = self.inner.engine.inspect(&parsed.for_engine()).await? else {
+            return Ok(None);
+        };
+        let digest = match parsed.digest() {
+            Some(digest) => format!("{}@{digest}", parsed.engine_repository()),
+            None => parsed
+                .digest_among(&found.repo_digests)
+                .unwrap_or_else(|| found.id.clone()),
+        };
+        // A digest names exactly one image; so does the id.
+        let run = if digest.contains('@') {
+            digest.clone()
+        } else {
+            found.id.clone()
+        };
+        self.inner.records.used(&found, &digest).await;
+        Ok(Some(ResolvedImage { run, digest }))
+    }
+
     /// Whether `job` must have its image pulled before it starts.
     fn needs_pull(state: &State, policy: PullPolicy, job: &str, key: &str) -> bool {
         match state.local.get(key) {
@@ -424,32 +450,19 @@ impl ImageProvider for ImageService {
 
     async fn resolve(&self, _job: &str, image: &str) -> Result<ResolvedImage, ResolveError> {
         let parsed = ImageRef::parse(image).map_err(|e| ResolveError::Engine(e.to_string()))?;
-        let found = self
-            .inner
-            .engine
-            .inspect(&parsed.for_engine())
+        match self
+            .run_local(&parsed)
             .await
-            .map_err(|e| ResolveError::Engine(e.to_string()))?;
-        let Some(found) = found else {
-            self.lock()
-                .local
-                .insert(parsed.canonical(), Presence::Absent);
-            return Err(ResolveError::Missing);
-        };
-        let digest = match parsed.digest() {
-            Some(digest) => format!("{}@{digest}", parsed.engine_repository()),
-            None => parsed
-                .digest_among(&found.repo_digests)
-                .unwrap_or_else(|| found.id.clone()),
-        };
-        // A digest names exactly one image; so does the id.
-        let run = if digest.contains('@') {
-            digest.clone()
-        } else {
-            found.id.clone()
-        };
-        self.inner.records.used(&found, &digest).await;
-        Ok(ResolvedImage { run, digest })
+            .map_err(|e| ResolveError::Engine(e.to_string()))?
+        {
+            Some(resolved) => Ok(resolved),
+            None => {
+                self.lock()
+                    .local
+                    .insert(parsed.canonical(), Presence::Absent);
+                Err(ResolveError::Missing)
+            }
+        }
     }
 
     fn forget(&self, image: &str) {
