@@ -43,7 +43,8 @@ pub enum LifecycleError {
     /// A value is out of range; names the field and the limit.
     #[error("{}: {}", .0.key, .0.problem)]
     Invalid(FieldError),
-    /// The store could not record the change (nothing changed).
+    /// The store could not record the change (it applies until the agent
+    /// restarts).
     #[error("cannot record the lifecycle state: {0}")]
     Store(#[source] StoreError),
 }
@@ -96,6 +97,9 @@ struct Inner {
     activity: watch::Sender<Activity>,
     /// Wakes the loop after a policy change or a postponement.
     changed: Notify,
+    /// One store write at a time, each of the state as it is then, so an
+    /// older record never overwrites a newer one.
+    writing: tokio::sync::Mutex<()>,
     /// The same instant on both clocks, to turn one into the other.
     origin: (Instant, SystemTime),
 }
@@ -154,6 +158,7 @@ impl LifecycleService {
                 state: Mutex::new(state),
                 activity: watch::channel(Activity::default()).0,
                 changed: Notify::new(),
+                writing: tokio::sync::Mutex::new(()),
                 origin,
             }),
         };
@@ -182,16 +187,15 @@ impl LifecycleService {
     /// shorter than the time already idle restarts the clock.
     pub async fn set_policy(&self, policy: IdleShutdownPolicy) -> Result<Activity, LifecycleError> {
         policy.validate().map_err(LifecycleError::Invalid)?;
-        let mut record = self.lock().written.clone();
-        record.policy = Some(policy);
-        self.write(record.clone()).await?;
         {
             let mut state = self.lock();
-            state.written = record;
             state.api_policy = Some(policy);
             state.clock.set_policy(Instant::now(), policy);
         }
-        Ok(self.refresh())
+        self.inner.changed.notify_one();
+        let written = self.persist().await;
+        let activity = self.refresh();
+        written.map(|()| activity)
     }
 
     /// Moves the idle stop to at least `duration` from now (kept across
@@ -217,17 +221,16 @@ impl LifecycleService {
             reason,
             requested_by,
         };
-        let mut record = self.lock().written.clone();
-        record.postponement = Some(postponement.clone());
-        self.write(record.clone()).await?;
         {
             let mut state = self.lock();
-            state.written = record;
             state.clock.postpone(now + duration);
             state.postponement = Some(postponement.clone());
         }
+        self.inner.changed.notify_one();
         self.publish(LifecycleEvent::IdleShutdownPostponed(postponement));
-        Ok(self.refresh())
+        let written = self.persist().await;
+        let activity = self.refresh();
+        written.map(|()| activity)
     }
 
     /// The loop: a sample every interval, and the idle events at their
@@ -284,7 +287,7 @@ impl LifecycleService {
         }
         let now = Instant::now();
         let at = self.wall(now);
-        let (transition, record) = {
+        let transition = {
             let mut state = self.lock();
             let first = fold_readings(&mut state.sources, readings, at);
             let active = first.is_some();
@@ -307,12 +310,12 @@ impl LifecycleService {
                 idle_since: state.clock.idle_since().map(|i| self.wall(i)),
                 last_activity: state.last.clone(),
             });
-            (transition, self.record(&state))
+            transition
         };
         if let Some(event) = transition {
             self.publish(event);
         }
-        self.persist(record).await;
+        self.persist_logged().await;
         self.refresh();
     }
 
@@ -335,8 +338,7 @@ impl LifecycleService {
                 }
                 IdleEvent::Requested => {
                     self.publish(LifecycleEvent::IdleShutdownRequested { idle_since });
-                    let record = self.record(&self.lock());
-                    self.persist(record).await;
+                    self.persist_logged().await;
                     let reason = format!(
                         "idle since {} s",
                         SystemTime::now()
@@ -370,25 +372,29 @@ impl LifecycleService {
         }
     }
 
-    /// Writes `record` when it differs from the last write (a failure is
-    /// logged: the loop goes on, and the next change tries again).
-    async fn persist(&self, record: Persisted) {
+    /// Writes the state as it is now when it differs from the last write.
+    async fn persist(&self) -> Result<(), LifecycleError> {
+        let _turn = self.inner.writing.lock().await;
+        let record = self.record(&self.lock());
         if self.lock().written == record {
-            return;
+            return Ok(());
         }
-        match self.write(record.clone()).await {
-            Ok(()) => self.lock().written = record,
-            Err(error) => tracing::warn!(%error, "cannot record the idle clock"),
-        }
-    }
-
-    async fn write(&self, record: Persisted) -> Result<(), LifecycleError> {
         self.inner
             .parts
             .store
             .apply(vec![Write::put(TABLE, KEY, &record)])
             .await
-            .map_err(LifecycleError::Store)
+            .map_err(LifecycleError::Store)?;
+        self.lock().written = record;
+        Ok(())
+    }
+
+    /// [`Self::persist`] from the loop: a failure is logged, the loop goes
+    /// on, and the next change tries again.
+    async fn persist_logged(&self) {
+        if let Err(error) = self.persist().await {
+            tracing::warn!(%error, "cannot record the idle clock");
+        }
     }
 
     /// Rebuilds the activity and hands it to watchers; returns it.
