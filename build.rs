@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/instance_agent/v1/disk.proto",
         "proto/instance_agent/v1/setup.proto",
         "proto/instance_agent/v1/mounts.proto",
+        "proto/instance_agent/v1/lifecycle.proto",
         "proto/instance_agent/v1/agent.proto",
         "proto/instance_agent/v1/access.proto",
     ];

@@ -57,6 +57,8 @@ pub enum EventPayload {
     Reclaim(Box<crate::disk::reclaim::ReclaimFinished>),
     /// An app changed state (the record after the change).
     App(Box<crate::apps::AppRecord>),
+    /// Idle transitions, idle stop warnings and requests, postponements.
+    Lifecycle(Box<crate::lifecycle::LifecycleEvent>),
 }
 
 /// One recorded event.

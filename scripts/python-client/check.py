@@ -40,6 +40,6 @@ print("Health: SERVING overall and per service")
 stub = reflection_pb2_grpc.ServerReflectionStub(channel)
 replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
 names = sorted(s.name for r in replies for s in r.list_services_response.service)
-for expected in ["AgentService", "JobService", "ImageService", "AppService", "DiskService", "SetupService", "MountService", "AccessService"]:
+for expected in ["AgentService", "JobService", "ImageService", "AppService", "DiskService", "SetupService", "MountService", "AccessService", "LifecycleService"]:
     assert f"instance_agent.v1.{expected}" in names, names
 print("reflection:", ", ".join(names))

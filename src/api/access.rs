@@ -4,7 +4,6 @@
 
 use tonic::{Request, Response, Status};
 
-use super::peer::Peer;
 use super::proto::{self, access_service_server::AccessService as AccessRpc};
 use super::timestamp;
 use crate::access::host::UnitState;
@@ -37,11 +36,7 @@ impl AccessRpc for AccessApi {
         &self,
         request: Request<proto::SetSshPolicyRequest>,
     ) -> Result<Response<proto::SshPolicyStatus>, Status> {
-        let requested_by = request
-            .extensions()
-            .get::<Peer>()
-            .map(|peer| format!("{} ({})", peer.who, peer.role.name()))
-            .unwrap_or_else(|| "unknown caller".into());
+        let requested_by = super::peer::caller(&request);
         let request = request.into_inner();
         let options = SetOptions {
             terminate_sessions: request.terminate_sessions,

@@ -237,6 +237,9 @@ fn event_to_proto(event: &Event, run_id: &str) -> proto::Event {
         EventPayload::App(record) => proto::event::Kind::App(proto::AppEvent {
             app: Some(super::apps::app_to_proto(record)),
         }),
+        EventPayload::Lifecycle(event) => {
+            proto::event::Kind::Lifecycle(super::lifecycle::event_to_proto(event))
+        }
     };
     proto::Event {
         sequence: event.sequence,

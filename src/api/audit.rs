@@ -133,6 +133,19 @@ pub fn request_fields(path: &str, message: &[u8]) -> Vec<(&'static str, String)>
                 fields.push(("path", shown(&req.path)));
             }
         }
+        "SetIdleShutdown" => {
+            if let Ok(req) = proto::SetIdleShutdownRequest::decode(message) {
+                let p = req.policy.unwrap_or_default();
+                fields.push(("enabled", p.enabled.to_string()));
+                fields.push(("idle_timeout_seconds", p.idle_timeout_seconds.to_string()));
+            }
+        }
+        "PostponeIdleShutdown" => {
+            if let Ok(req) = proto::PostponeIdleShutdownRequest::decode(message) {
+                fields.push(("duration_seconds", req.duration_seconds.to_string()));
+                fields.push(("reason", shown(&req.reason)));
+            }
+        }
         "Unmount" => {
             if let Ok(req) = proto::UnmountRequest::decode(message) {
                 fields.push(("name", shown(&req.name)));

@@ -47,6 +47,10 @@ pub enum Access {
     CancelJob,
     /// `ReclaimSpace`: admin, or operator with `dry_run = true`.
     ReclaimSpace,
+    /// `PostponeIdleShutdown`: admin and operator (the user at the
+    /// terminal postpones the stop the login message announces; who asked
+    /// is recorded).
+    Postpone,
 }
 
 impl Access {
@@ -165,6 +169,16 @@ pub const METHODS: &[Method] = &[
         Access::Mutate,
     ),
     read("/instance_agent.v1.AccessService/ListSessions"),
+    read("/instance_agent.v1.LifecycleService/GetActivity"),
+    stream("/instance_agent.v1.LifecycleService/WatchActivity"),
+    mutate(
+        "/instance_agent.v1.LifecycleService/SetIdleShutdown",
+        Access::Mutate,
+    ),
+    mutate(
+        "/instance_agent.v1.LifecycleService/PostponeIdleShutdown",
+        Access::Postpone,
+    ),
 ];
 
 /// The methods served besides those of the contract: the standard health
@@ -223,7 +237,7 @@ pub fn authorize(role: Role, path: &str, allow_cancel_job: bool) -> Decision {
         };
     };
     match (role, method.access) {
-        (Role::Admin, _) | (Role::Operator, Access::Read) => Decision::Allow,
+        (Role::Admin, _) | (Role::Operator, Access::Read | Access::Postpone) => Decision::Allow,
         (Role::Operator, Access::CancelJob) if allow_cancel_job => Decision::Allow,
         (Role::Operator, Access::ReclaimSpace) => Decision::AllowIfDryRun,
         (Role::Operator, Access::Mutate | Access::CancelJob) => Decision::Deny(denied(
@@ -334,7 +348,9 @@ mod tests {
             ));
             let operator = authorize(Role::Operator, row.path, false);
             match row.access {
-                Access::Read => assert!(matches!(operator, Decision::Allow), "{}", row.path),
+                Access::Read | Access::Postpone => {
+                    assert!(matches!(operator, Decision::Allow), "{}", row.path)
+                }
                 Access::ReclaimSpace => {
                     assert!(matches!(operator, Decision::AllowIfDryRun), "{}", row.path)
                 }

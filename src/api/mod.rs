@@ -19,6 +19,7 @@ pub mod guard;
 pub mod handshakes;
 pub mod images;
 pub mod jobs;
+pub mod lifecycle;
 pub mod limits;
 pub mod listen;
 pub mod metered;
@@ -56,7 +57,7 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 256 * 1024;
 pub const HTTP2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// The full names of the services, as reflection and health list them.
-pub const SERVICE_NAMES: [&str; 8] = [
+pub const SERVICE_NAMES: [&str; 9] = [
     "instance_agent.v1.AgentService",
     "instance_agent.v1.JobService",
     "instance_agent.v1.ImageService",
@@ -65,6 +66,7 @@ pub const SERVICE_NAMES: [&str; 8] = [
     "instance_agent.v1.SetupService",
     "instance_agent.v1.MountService",
     "instance_agent.v1.AccessService",
+    "instance_agent.v1.LifecycleService",
 ];
 
 /// Whether `path` (`/package.Service/Method`) is a method these routes
@@ -112,6 +114,8 @@ pub struct ApiParts {
     pub disk: disk::DiskApi,
     /// SSH access.
     pub access: access::AccessApi,
+    /// Activity and idle shutdown.
+    pub lifecycle: lifecycle::LifecycleApi,
     /// `limits.max_message_bytes`: the largest request message each service decodes.
     pub max_message_bytes: usize,
 }
@@ -127,6 +131,7 @@ pub fn routes(
     use proto::disk_service_server::DiskServiceServer;
     use proto::image_service_server::ImageServiceServer;
     use proto::job_service_server::JobServiceServer;
+    use proto::lifecycle_service_server::LifecycleServiceServer;
     use proto::mount_service_server::MountServiceServer;
     use proto::setup_service_server::SetupServiceServer;
 
@@ -150,7 +155,8 @@ pub fn routes(
         .add_service(DiskServiceServer::new(parts.disk).max_decoding_message_size(max))
         .add_service(SetupServiceServer::new(parts.setup).max_decoding_message_size(max))
         .add_service(MountServiceServer::new(parts.mounts).max_decoding_message_size(max))
-        .add_service(AccessServiceServer::new(parts.access).max_decoding_message_size(max));
+        .add_service(AccessServiceServer::new(parts.access).max_decoding_message_size(max))
+        .add_service(LifecycleServiceServer::new(parts.lifecycle).max_decoding_message_size(max));
     Ok((routes, reporter))
 }
 

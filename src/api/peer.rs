@@ -26,6 +26,15 @@ pub struct Peer {
     pub who: Who,
 }
 
+/// Who made `request`, with its role, in words (for records of who asked).
+pub fn caller<T>(request: &tonic::Request<T>) -> String {
+    request
+        .extensions()
+        .get::<Peer>()
+        .map(|peer| format!("{} ({})", peer.who, peer.role.name()))
+        .unwrap_or_else(|| "unknown caller".into())
+}
+
 /// The identity behind a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Who {

@@ -15,6 +15,7 @@ mod doctor;
 mod format;
 mod images;
 mod jobs;
+mod lifecycle;
 mod mounts;
 mod output;
 mod progress;
@@ -85,6 +86,11 @@ pub enum Command {
     /// SSH access: the policy (show, enable, disable, keys) and the open sessions.
     #[command(subcommand)]
     Access(access::AccessCommand),
+    /// Whether the instance is idle and exactly why not (each source's reading).
+    Activity(lifecycle::ActivityArgs),
+    /// Idle shutdown: status, postpone the stop, set the policy.
+    #[command(subcommand)]
+    Idle(lifecycle::IdleCommand),
     /// Print a shell completion script (`--json` does not apply).
     Completions {
         /// The shell.
@@ -171,6 +177,12 @@ pub fn run(
         })),
         Command::Access(cmd) => with_runtime(client::with_channel(&socket, |channel| {
             access::run(cmd, channel, json)
+        })),
+        Command::Activity(args) => with_runtime(client::with_channel(&socket, |channel| {
+            lifecycle::run_activity(args, channel, json)
+        })),
+        Command::Idle(cmd) => with_runtime(client::with_channel(&socket, |channel| {
+            lifecycle::run_idle(cmd, channel, json)
         })),
         Command::Disk(args) => with_runtime(client::with_channel(&socket, |channel| {
             disk::run(channel, json, args)

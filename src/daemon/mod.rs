@@ -9,6 +9,7 @@
 //! progress behind each watchdog ping, and the Unix socket is
 //! bound by [`api::socket`].
 
+mod activity;
 mod background;
 mod dirs;
 mod watchdog;
@@ -315,6 +316,18 @@ impl Daemon {
         )
         .map_err(DaemonError::Access)?;
 
+        // Activity and idle shutdown: samples the domains built above.
+        let lifecycle = crate::lifecycle::LifecycleService::new(crate::lifecycle::LifecycleParts {
+            config: derive(&config_rx, |c| c.lifecycle.clone()),
+            sources: activity::sources(&config.lifecycle, &jobs, &setup, &access, &apps),
+            store: store.clone(),
+            events: events.clone(),
+            stop: Arc::new(crate::lifecycle::CommandStop::new(derive(
+                &config_rx,
+                |c| c.lifecycle.stop_command.clone(),
+            ))),
+        });
+
         let (disk, disk_runner) = build_disk_guard(
             &config,
             &instance_id,
@@ -382,6 +395,7 @@ impl Daemon {
             disk: api::disk::DiskApi::new(disk, cancel.clone()),
             setup: api::setup::SetupApi::new(setup.clone(), cancel.clone()),
             access: api::access::AccessApi::new(access.clone()),
+            lifecycle: api::lifecycle::LifecycleApi::new(lifecycle.clone(), cancel.clone()),
             max_message_bytes: config.limits.max_message_bytes as usize,
         })
         .map_err(|e| DaemonError::Server(e.to_string()))?;
@@ -469,6 +483,7 @@ impl Daemon {
         );
         tasks.spawn(setup.run(cancel.clone()));
         access.start(&tasks, &cancel);
+        lifecycle.start(&tasks, &cancel);
         // After "started": the first disk alerts follow it in the event log.
         disk_runner.start(&tasks, &cancel);
         tasks.spawn(crate::reload::run(

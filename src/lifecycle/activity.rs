@@ -7,6 +7,10 @@
 use std::fmt;
 use std::time::SystemTime;
 
+use serde::{Deserialize, Serialize};
+
+use super::config::{IdleShutdownPolicy, LifecycleConfig};
+
 /// Where activity comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SourceKind {
@@ -25,6 +29,33 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
+    /// Every source, in the order replies list them.
+    pub const ALL: [SourceKind; 6] = [
+        Self::Jobs,
+        Self::SetupScripts,
+        Self::Ssh,
+        Self::Terminals,
+        Self::Background,
+        Self::Apps,
+    ];
+
+    /// The source of a name given by [`SourceKind::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether the source is sampled and counts under `config` (`jobs`
+    /// covers the setup scripts too).
+    pub fn is_enabled(self, config: &LifecycleConfig) -> bool {
+        match self {
+            Self::Jobs | Self::SetupScripts => config.jobs.enabled,
+            Self::Ssh => config.ssh.enabled,
+            Self::Terminals => config.terminals.enabled,
+            Self::Background => config.background.enabled,
+            Self::Apps => config.apps.enabled,
+        }
+    }
+
     /// The name used in config, replies and the CLI.
     pub fn name(self) -> &'static str {
         match self {
@@ -119,8 +150,48 @@ pub struct Activity {
     /// When the stop will be requested, if idle shutdown is enabled and
     /// the instance is idle.
     pub idle_shutdown_at: Option<SystemTime>,
-    /// The deadline a postponement set, while it lies ahead.
-    pub postponed_until: Option<SystemTime>,
+    /// The postponement, while it lies ahead.
+    pub postponement: Option<Postponement>,
+    /// The idle shutdown policy in force.
+    pub policy: IdleShutdownPolicy,
+}
+
+/// A postponement of the idle stop: until when, who asked and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Postponement {
+    /// The stop is not requested before this time.
+    #[serde(with = "millis")]
+    pub until: SystemTime,
+    /// Why, as given.
+    pub reason: String,
+    /// Who asked (the caller's identity and role).
+    pub requested_by: String,
+}
+
+/// Wall-clock times as milliseconds since the epoch in the store.
+pub(crate) mod millis {
+    use std::time::{Duration, SystemTime};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Milliseconds since the epoch.
+    pub fn to_ms(time: SystemTime) -> u64 {
+        time.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// The time `ms` milliseconds after the epoch.
+    pub fn from_ms(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    pub(crate) fn serialize<S: Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(to_ms(*time))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        u64::deserialize(d).map(from_ms)
+    }
 }
 
 /// Folds a new set of readings into the sources' states, keeping each

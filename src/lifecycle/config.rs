@@ -29,6 +29,12 @@ pub struct LifecycleConfig {
     pub terminals: TerminalsSource,
     /// Processes of people (not system users) busy on the CPU.
     pub background: BackgroundSource,
+    /// Apps running (starting, ready or unhealthy: a container that serves).
+    pub apps: ToggleSource,
+    /// The command run when the idle deadline passes, after the
+    /// `IdleShutdownRequested` event (argv; empty: only the event, and the
+    /// control plane stops the VM). Runs as root, at most 60 s.
+    pub stop_command: Vec<String>,
 }
 
 impl Default for LifecycleConfig {
@@ -40,6 +46,8 @@ impl Default for LifecycleConfig {
             ssh: ToggleSource { enabled: true },
             terminals: TerminalsSource::default(),
             background: BackgroundSource::default(),
+            apps: ToggleSource { enabled: true },
+            stop_command: Vec::new(),
         }
     }
 }
@@ -178,6 +186,16 @@ impl LifecycleConfig {
             return Err(FieldError::new(
                 format!("background.users[{index}]"),
                 "not a user name (letters, digits, '-', '_', '.')",
+            ));
+        }
+        if self
+            .stop_command
+            .first()
+            .is_some_and(|p| !std::path::Path::new(p).is_absolute())
+        {
+            return Err(FieldError::new(
+                "stop_command[0]",
+                "not an absolute path (the command runs as root, never looked up in PATH)",
             ));
         }
         Ok(())

@@ -63,6 +63,27 @@ impl IdleClock {
         self.idle_since
     }
 
+    /// Whether the stop of the current idle stretch was requested already.
+    pub fn requested(&self) -> bool {
+        self.sent.requested
+    }
+
+    /// Resumes an idle stretch that began at `since` before an agent
+    /// restart (`requested`: its stop was asked for already, so it is not
+    /// asked again).
+    pub fn resume(&mut self, since: Instant, requested: bool) {
+        self.idle_since = Some(since);
+        self.sent = if requested {
+            Sent {
+                first_warning: true,
+                last_warning: true,
+                requested: true,
+            }
+        } else {
+            Sent::default()
+        };
+    }
+
     /// The postponement, while it lies ahead of `now`.
     pub fn postponed_until(&self, now: Instant) -> Option<Instant> {
         self.postponed_until.filter(|&until| until > now)

@@ -34,7 +34,7 @@ impl Metrics {
             }
             EventPayload::Reclaim(finished) => self.observe_reclaim(finished),
             // Apps' series are read at scrape time and fed by their probes.
-            EventPayload::App(_) => {}
+            EventPayload::App(_) | EventPayload::Lifecycle(_) => {}
         }
     }
 
