@@ -305,12 +305,11 @@ impl LifecycleService {
             }
             state.clock.observe(now, active);
             let idle = state.clock.idle_since().is_some();
-            let transition = (idle != was_idle).then(|| LifecycleEvent::IdleChanged {
+            (idle != was_idle).then(|| LifecycleEvent::IdleChanged {
                 idle,
                 idle_since: state.clock.idle_since().map(|i| self.wall(i)),
                 last_activity: state.last.clone(),
-            });
-            transition
+            })
         };
         if let Some(event) = transition {
             self.publish(event);
