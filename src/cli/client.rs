@@ -57,6 +57,12 @@ pub fn socket_path(flag: Option<PathBuf>) -> PathBuf {
 #[error("{0}")]
 pub struct Unreachable(String);
 
+/// The socket answered [`reach`] and then refused the connection or was
+/// gone: the agent went away in between (killed, crashed or restarting).
+#[derive(Debug, thiserror::Error)]
+#[error("the agent went away between two connections")]
+struct WentAway;
+
 /// Why the daemon's socket does not answer: one classification, which the
 /// commands explain in one line ([`ConnectFailure::line`]) and `doctor` as
 /// a problem and its fix ([`ConnectFailure::problem_and_fix`]).
@@ -189,6 +195,23 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
             }
         }))
         .await
+        .map_err(|error| {
+            let refused = std::error::Error::source(&error)
+                .into_iter()
+                .flat_map(|e| std::iter::successors(Some(e), |e| e.source()))
+                .filter_map(|e| e.downcast_ref::<std::io::Error>())
+                .any(|io| {
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    )
+                });
+            if refused {
+                anyhow::Error::new(WentAway)
+            } else {
+                anyhow::Error::new(error)
+            }
+        })
         .with_context(|| format!("cannot talk gRPC to {}", socket.display()))?;
     Ok(channel)
 }
@@ -245,6 +268,9 @@ impl CallFailure {
     pub fn of(error: &anyhow::Error) -> Option<Self> {
         if error.chain().any(is_timeout) {
             return Some(Self::TimedOut);
+        }
+        if error.chain().any(|e| e.is::<WentAway>()) {
+            return Some(Self::Closed);
         }
         match error.downcast_ref::<tonic::Status>() {
             Some(status) => Self::of_status(status),

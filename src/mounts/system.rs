@@ -276,13 +276,16 @@ impl FuseMounter for SystemMounter {
                     // stays in flight until its helper is gone: a helper
                     // stuck in the kernel is never joined by another.
                     let mut run = self.isolated.sample(vec![(owned.clone(), false)], timeout);
+                    let overdue = overdue(timeout);
                     tokio::spawn(async move {
-                        if let Some((_, outcome)) = run.answers.recv().await {
-                            let _ = tx.send(Some(match outcome {
-                                Ok(_) => Probe::Healthy,
-                                Err(error) => Probe::Stale(error.to_string()),
-                            }));
-                        }
+                        let _ = tx.send(Some(match run.answers.recv().await {
+                            Some((_, Ok(_))) => Probe::Healthy,
+                            Some((_, Err(error))) => Probe::Stale(error.to_string()),
+                            // The helper was killed at the deadline without
+                            // answering: the same words as the wait below,
+                            // whichever of the two ends first.
+                            None => Probe::Stale(overdue),
+                        }));
                         while run.answers.recv().await.is_some() {}
                         lock(&probing).remove(&owned);
                     });
@@ -294,10 +297,7 @@ impl FuseMounter for SystemMounter {
             // `wait_for` returned: the answer is there.
             Ok(Ok(probe)) => probe.clone().unwrap_or(Probe::Healthy),
             Ok(Err(_)) => Probe::Stale("the health check ended without an answer".into()),
-            Err(_) => Probe::Stale(format!(
-                "the mount root did not answer within {} s",
-                timeout.as_secs_f32()
-            )),
+            Err(_) => Probe::Stale(overdue(timeout)),
         }
     }
 
@@ -599,6 +599,15 @@ fn resolve_program(program: &Path) -> Option<PathBuf> {
     }
     crate::paths::find_in_path(program.to_str()?)
         .and_then(|found| std::fs::canonicalize(found).ok())
+}
+
+/// Why a health check that got no answer within `timeout` says the mount is
+/// stale.
+fn overdue(timeout: Duration) -> String {
+    format!(
+        "the mount root did not answer within {} s",
+        timeout.as_secs_f32()
+    )
 }
 
 #[cfg(test)]
