@@ -31,6 +31,10 @@ use crate::disk::top::{TopProgress, TopReport, TopRequest};
 
 /// Helpers that may run at once.
 pub const MAX_RUNNING: usize = 4;
+/// How long a walk waits for the previous walk of its filesystem to finish
+/// ending (its helper reaped) before it is refused as busy.
+const WALK_ENDING: Duration = Duration::from_secs(2);
+
 /// Helpers that may be stuck (overran their deadline, not gone yet) at once.
 pub const MAX_STUCK: usize = 16;
 /// How much longer than its own time limit a walk may take (blocked inside
@@ -168,7 +172,8 @@ impl Flights {
 
     /// The `disk --top` walk of `request` in a helper, progress to
     /// `progress` (dropped when it is full). Refused as busy while another
-    /// walk of the same filesystem runs; [`DiskError::Unresponsive`] at once
+    /// walk of the same filesystem runs (one that is ending is waited for, up
+    /// to [`WALK_ENDING`]); [`DiskError::Unresponsive`] at once
     /// while one is stuck. Dropping the future kills the walk.
     pub async fn walk(
         &self,
@@ -178,21 +183,30 @@ impl Flights {
         let path = request.path.clone();
         let filesystem = self.isolated.filesystem_of(&path);
         let limit = request.timeout + WALK_GRACE;
-        let place = {
-            let mut table = self.lock();
-            let now = Instant::now();
-            match table.flights.get(&(Kind::Walk, filesystem.clone())) {
-                None => self.take_place(&mut table, Kind::Walk, &filesystem, limit)?,
-                Some(flight) if now >= flight.deadline => {
-                    return Err(unresponsive(&path, &filesystem, now - flight.started));
+        let mut waited = false;
+        let place = loop {
+            let mut gone = {
+                let mut table = self.lock();
+                let now = Instant::now();
+                match table.flights.get(&(Kind::Walk, filesystem.clone())) {
+                    None => break self.take_place(&mut table, Kind::Walk, &filesystem, limit)?,
+                    Some(flight) if now >= flight.deadline => {
+                        return Err(unresponsive(&path, &filesystem, now - flight.started));
+                    }
+                    // A walk that has just answered holds the place until
+                    // its helper is reaped: a walk asked right after it
+                    // waits for that rather than being refused.
+                    Some(flight) if !waited => flight.gone.clone(),
+                    Some(_) => {
+                        return Err(DiskError::Busy(format!(
+                            "another `disk --top` walk of the filesystem at {} is still running; try again when it ends",
+                            filesystem.display()
+                        )));
+                    }
                 }
-                Some(_) => {
-                    return Err(DiskError::Busy(format!(
-                        "another `disk --top` walk of the filesystem at {} is still running; try again when it ends",
-                        filesystem.display()
-                    )));
-                }
-            }
+            };
+            waited = true;
+            let _ = tokio::time::timeout(WALK_ENDING, gone.changed()).await;
         };
         let Some(permit) = self.permit(Duration::ZERO).await else {
             return Err(busy_running());
@@ -332,6 +346,7 @@ mod tests {
     use super::*;
     use crate::disk::FsStats;
     use crate::disk::fake::FakeProbe;
+    use crate::disk::probe::SampleAnswer;
 
     const TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -459,5 +474,75 @@ mod tests {
             probe.release(10 + dev);
         }
         answers_again(&flights, "/").await;
+    }
+
+    /// A walk whose helper answers at once but is reaped `linger` later.
+    struct Lingering {
+        linger: Duration,
+    }
+
+    impl IsolatedProbe for Lingering {
+        fn sample(&self, _: Vec<(PathBuf, bool)>, _: Duration) -> ProbeRun<SampleAnswer> {
+            unreachable!("walks only")
+        }
+
+        fn walk(&self, request: TopRequest, _: Duration) -> ProbeRun<WalkAnswer> {
+            let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
+            let linger = self.linger;
+            tokio::spawn(async move {
+                let report = TopReport {
+                    path: request.path,
+                    total_bytes: 0,
+                    entries: 0,
+                    unreadable: 0,
+                    directories: Vec::new(),
+                    stopped: None,
+                    elapsed: Duration::ZERO,
+                };
+                let _ = tx.send(WalkAnswer::Done(Ok(report)));
+                tokio::time::sleep(linger).await;
+            });
+            ProbeRun {
+                answers,
+                kill: tokio_util::sync::CancellationToken::new(),
+            }
+        }
+
+        fn filesystem_of(&self, _: &Path) -> PathBuf {
+            PathBuf::from("/")
+        }
+    }
+
+    fn walk_of(path: &str) -> TopRequest {
+        TopRequest {
+            path: PathBuf::from(path),
+            limit: 3,
+            timeout: Duration::from_secs(5),
+            max_entries: 10,
+            as_uid: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_walk_asked_as_the_previous_one_ends_waits_for_it_instead_of_being_refused() {
+        let flights = Flights::new(Arc::new(Lingering {
+            linger: WALK_ENDING / 2,
+        }));
+        let (tx, _rx) = mpsc::channel(8);
+        flights.walk(walk_of("/a"), tx.clone()).await.unwrap();
+        // The first helper still holds the place; the second walk waits.
+        let second = flights.walk(walk_of("/b"), tx.clone()).await;
+        assert_eq!(second.unwrap().path, Path::new("/b"));
+
+        // One that does not end in time is refused as busy, not waited for.
+        let flights = Flights::new(Arc::new(Lingering {
+            linger: WALK_ENDING * 2,
+        }));
+        flights.walk(walk_of("/a"), tx.clone()).await.unwrap();
+        let third = flights.walk(walk_of("/b"), tx).await;
+        assert!(
+            matches!(&third, Err(DiskError::Busy(m)) if m.contains("still running")),
+            "{third:?}"
+        );
     }
 }
