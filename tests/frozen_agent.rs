@@ -73,9 +73,21 @@ fn queued_connections(agent: &Agent) -> usize {
 struct Stopped(nix::unistd::Pid);
 
 impl Stopped {
+    /// Stops `agent` and waits until it is stopped (the signal lands later).
     fn new(agent: &Agent) -> Self {
         agent.signal(Signal::SIGSTOP);
-        Self(nix::unistd::Pid::from_raw(agent.child.id() as i32))
+        let stopped = Self(nix::unistd::Pid::from_raw(agent.child.id() as i32));
+        let stat = format!("/proc/{}/stat", agent.child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The state follows the command name's closing parenthesis.
+        while !std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        }) {
+            assert!(Instant::now() < deadline, "the agent never stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stopped
     }
 }
 
@@ -140,10 +152,12 @@ fn a_frozen_agent_is_reported_within_seconds() {
 fn an_agent_killed_during_a_call_is_reported_as_closing_the_connection() {
     let mut agent = Agent::builder().start();
     let frozen = Stopped::new(&agent);
+    // The harness's own readiness probe may still sit in the queue.
+    let before = queued_connections(&agent);
     let waiting = spawn_cli(&agent.socket, &["--rpc-timeout", "60", "status"]);
     // The call waits in the frozen agent's accept queue; then the agent dies.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while queued_connections(&agent) == 0 {
+    while queued_connections(&agent) <= before {
         assert!(Instant::now() < deadline, "the CLI never connected");
         std::thread::sleep(Duration::from_millis(20));
     }
