@@ -75,4 +75,10 @@ pub mod units;
 pub mod validate;
 
 pub use daemon::{Adapters, Daemon, DaemonError};
+
+/// Threads of the runtime's blocking pool. Work that may hang on a
+/// caller-chosen path can take at most a quarter of them
+/// ([`paths::offload`]); the rest stay for the store, peer identification
+/// and the disk guard.
+pub const BLOCKING_THREADS: usize = 16;
 pub use reload::ConfigSource;

@@ -95,7 +95,11 @@ fn serve(args: ServeArgs, socket: Option<std::path::PathBuf>) -> ExitCode {
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         builder.worker_threads(2);
     }
-    let runtime = match builder.max_blocking_threads(16).enable_all().build() {
+    let runtime = match builder
+        .max_blocking_threads(instance_agent::BLOCKING_THREADS)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             tracing::error!("cannot start the async runtime: {error}");

@@ -50,6 +50,18 @@ pub fn find<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry
     entries.iter().rev().find(|e| e.mount_point == path)
 }
 
+/// The mount point of the deepest mount in `table` that is a prefix of
+/// `path`, by text alone (`/` when none is): which filesystem a path names
+/// before anything is asked of it. Symlinks are not followed, so a link
+/// into another filesystem counts as the filesystem it lives on.
+pub fn lexical_mount(table: &[MountEntry], path: &Path) -> PathBuf {
+    table
+        .iter()
+        .filter(|entry| path.starts_with(&entry.mount_point))
+        .max_by_key(|entry| entry.mount_point.components().count())
+        .map_or_else(|| PathBuf::from("/"), |entry| entry.mount_point.clone())
+}
+
 fn parse_line(line: &str) -> Option<MountEntry> {
     // id parent major:minor root mount_point options [optional...] - type source super_options
     let (before, after) = line.split_once(" - ")?;

@@ -4,7 +4,9 @@
 //! a thread waiting on it is beyond SIGKILL), flooded with dry-run reclaims,
 //! `disk --top` walks and a watched path, against the real binary; and a
 //! small tmpfs state dir, which gets levels relative to its size instead of
-//! the OS disk's 5 GiB floor (issue 14.4). Every mount is removed on drop,
+//! the OS disk's 5 GiB floor (issue 14.4); and the watchdog, which keeps
+//! pinging through a flood of job binds into the hung filesystem and stops
+//! while the store's filesystem is frozen. Every mount is removed on drop,
 //! also when a test fails.
 #![cfg(feature = "test-util")]
 
@@ -20,7 +22,7 @@ use common::fs::{Filler, MIB, Tmpfs};
 use common::{Agent, wait_for_fs};
 use instance_agent::api::proto::{
     self, agent_service_client::AgentServiceClient, disk_service_client::DiskServiceClient,
-    job_service_client::JobServiceClient,
+    job_service_client::JobServiceClient, mount_service_client::MountServiceClient,
 };
 use nix::mount::MntFlags;
 use tonic::Code;
@@ -161,6 +163,24 @@ fn tally(answers: &[(Code, Duration)]) -> (Vec<(Code, usize)>, Duration) {
     (counts, slowest)
 }
 
+/// `GetStatus` answers within 2 s on `channel` and on a new connection (peer
+/// identification).
+async fn still_answers(agent: &Agent, channel: &Channel) {
+    answers(
+        "GetStatus",
+        AgentServiceClient::new(channel.clone()).get_status(proto::GetStatusRequest {}),
+    )
+    .await;
+    let fresh = tokio::time::timeout(ANSWER_WITHIN, agent.channel())
+        .await
+        .expect("a new connection within 2 s");
+    answers(
+        "GetStatus on a new connection",
+        AgentServiceClient::new(fresh).get_status(proto::GetStatusRequest {}),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_flood_into_a_hung_filesystem_leaves_the_agent_answering_and_stoppable() {
     let mut agent = Agent::builder()
@@ -212,19 +232,7 @@ async fn a_flood_into_a_hung_filesystem_leaves_the_agent_answering_and_stoppable
     );
     // The agent still answers: on the connection it has, on a new one
     // (peer identification), and with a store write (SubmitJob).
-    answers(
-        "GetStatus",
-        AgentServiceClient::new(channel.clone()).get_status(proto::GetStatusRequest {}),
-    )
-    .await;
-    let fresh = tokio::time::timeout(ANSWER_WITHIN, agent.channel())
-        .await
-        .expect("a new connection within 2 s");
-    answers(
-        "GetStatus on a new connection",
-        AgentServiceClient::new(fresh).get_status(proto::GetStatusRequest {}),
-    )
-    .await;
+    still_answers(&agent, &channel).await;
     let job = answers(
         "SubmitJob",
         JobServiceClient::new(channel.clone()).submit_job(proto::SubmitJobRequest {
@@ -361,26 +369,42 @@ fn notifications(notify: &UnixDatagram, within: Duration, until: impl Fn(&str) -
     seen
 }
 
-#[tokio::test]
-async fn the_watchdog_stops_pinging_once_the_blocking_pool_is_stuck() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let notify_path = dir.path().join("notify.sock");
+/// A 2 s watchdog (a ping every second, each after its proof of progress)
+/// for an agent started by `builder`, and the socket its pings arrive on.
+fn watched(builder: common::AgentBuilder, dir: &Path) -> (Agent, UnixDatagram) {
+    let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
-    let roots = std::env::temp_dir().canonicalize().expect("temp dir");
-    // A 2 s watchdog: a ping every second, each after its proof of progress.
-    let agent = Agent::builder()
-        .config(&format!("[jobs]\nallowed_host_roots = [{roots:?}]\n"))
+    let agent = builder
         .env("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8 path"))
         .env("WATCHDOG_USEC", "2000000")
         .start();
-    let hung = HungFuse::new();
     let seen = notifications(&notify, Duration::from_secs(10), |s| {
         s.matches("WATCHDOG=1").count() >= 2
     });
     assert!(seen.matches("WATCHDOG=1").count() >= 2, "{seen}");
-    // Job binds are still resolved in the agent's blocking threads: enough
-    // of them into the hung filesystem take every one (the pool has 16).
+    (agent, notify)
+}
+
+#[tokio::test]
+async fn paths_into_a_hung_filesystem_leave_the_agent_answering_and_the_watchdog_pinging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let roots = std::env::temp_dir().canonicalize().expect("temp dir");
+    let cache = dir.path().canonicalize().expect("dir").join("cache");
+    let (agent, notify) = watched(
+        Agent::builder().config(&format!(
+            "[jobs]\nallowed_host_roots = [{roots:?}]\n\
+             [mounts]\nblobfuse2_path = \"/bin/false\"\nallowed_roots = [{roots:?}]\n\
+             cache_root = {cache:?}\ndefault_owner = \"root\"\n"
+        )),
+        dir.path(),
+    );
+    let hung = HungFuse::new();
+    let pid = agent.child.id();
+    let rss_before = rss(pid);
+    // 20 jobs binding a path in the hung filesystem: once, each took a
+    // thread of the agent's blocking pool for good (it has 16).
     let channel = agent.channel().await;
+    let flood_started = Instant::now();
     let submits: Vec<_> = (0..20)
         .map(|i| {
             let channel = channel.clone();
@@ -400,12 +424,109 @@ async fn the_watchdog_stops_pinging_once_the_blocking_pool_is_stuck() {
                         ..Default::default()
                     }),
                 };
-                tokio::time::timeout(Duration::from_secs(30), jobs.submit_job(request)).await
+                let asked = Instant::now();
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(30), jobs.submit_job(request)).await;
+                (answer, asked.elapsed())
             })
         })
         .collect();
-    // The agent says so, then systemd hears nothing for a whole watchdog
-    // period: it would restart the agent.
+    // Meanwhile the agent answers, on a new connection too, and proves its
+    // progress to systemd.
+    still_answers(&agent, &channel).await;
+    // And 10 mounts onto a path in it.
+    const KEY: &str = "d2VkZ2Uta2V5LW5ldmVyLWxvZ2dlZA==";
+    common::register_secrets(&[KEY]);
+    let mounts: Vec<_> = (0..10)
+        .map(|i| {
+            let mut client = MountServiceClient::new(channel.clone());
+            let request = proto::MountRequest {
+                name: format!("hung-{i}"),
+                account: "myacct".into(),
+                container: "data".into(),
+                mount_path: hung.path.join(format!("m{i}")).display().to_string(),
+                auth: Some(proto::mount_request::Auth::AccountKey(KEY.into())),
+                ..Default::default()
+            };
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(30), client.mount(request)).await
+            })
+        })
+        .collect();
+    for mount in mounts {
+        let status = mount
+            .await
+            .expect("mount task")
+            .expect("a Mount into a hung filesystem is answered within 30 s")
+            .expect_err("a mount path in a hung filesystem is refused");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("mount_path"), "{status:?}");
+    }
+    let mut slowest = Duration::ZERO;
+    for submit in submits {
+        let (answer, took) = submit.await.expect("submit task");
+        slowest = slowest.max(took);
+        let status = answer
+            .expect("a SubmitJob into a hung filesystem is answered within 30 s")
+            .expect_err("a bind into a hung filesystem is refused");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("mounts[0].host_path")
+                && status.message().contains("a hung mount?"),
+            "{status:?}"
+        );
+    }
+    let pings = notifications(&notify, Duration::from_secs(3), |s| {
+        s.matches("WATCHDOG=1").count() >= 2
+    });
+    println!(
+        "20 SubmitJob binding a hung filesystem and 10 Mount onto it: all UNAVAILABLE, slowest {slowest:?}; \
+         flood took {:?}; agent RSS {} MiB before, {} MiB after",
+        flood_started.elapsed(),
+        rss_before / MIB,
+        rss(pid) / MIB
+    );
+    assert!(pings.matches("WATCHDOG=1").count() >= 2, "{pings}");
+    assert!(
+        !agent.log().contains("not pinging systemd's watchdog"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A filesystem frozen (`fsfreeze`): every write to it waits until it is
+/// thawed, on drop at the latest.
+struct Frozen(PathBuf);
+
+impl Frozen {
+    fn new(path: &Path) -> Self {
+        common::fs::run(
+            "fsfreeze",
+            &["--freeze", path.to_str().expect("utf-8 path")],
+        );
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .args(["--unfreeze"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn the_watchdog_stops_pinging_while_the_store_is_stuck() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = common::fs::LoopExt4::new(64);
+    let (agent, notify) = watched(
+        Agent::builder().state_dir(&state.path.join("state")),
+        dir.path(),
+    );
+    // Every store write now waits in the kernel, as on a hung disk.
+    let frozen = Frozen::new(&state.path);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !agent.log().contains("not pinging systemd's watchdog") {
         assert!(
@@ -420,12 +541,8 @@ async fn the_watchdog_stops_pinging_once_the_blocking_pool_is_stuck() {
         s.contains("WATCHDOG=1")
     });
     assert!(!quiet.contains("WATCHDOG=1"), "pinged while stuck: {quiet}");
-    println!("no WATCHDOG=1 for 2 s (WatchdogSec) while the blocking pool was stuck");
-    // Let go of the threads: the hung server goes, every stuck call returns.
-    drop(hung);
-    for submit in submits {
-        let _ = submit.await;
-    }
+    println!("no WATCHDOG=1 for 2 s (WatchdogSec) while the store was stuck");
+    drop(frozen);
     let again = notifications(&notify, Duration::from_secs(10), |s| {
         s.contains("WATCHDOG=1")
     });

@@ -41,6 +41,7 @@ pub fn status_of(error: JobError) -> Status {
         JobError::IdConflict(_) => Status::already_exists(message),
         JobError::Store(StoreError::NoSpace { .. }) => Status::resource_exhausted(message),
         JobError::Store(StoreError::Storage { .. }) => Status::internal(message),
+        JobError::HostPathUnanswered { .. } => Status::unavailable(message),
     }
 }
 

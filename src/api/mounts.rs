@@ -142,6 +142,7 @@ fn error_to_status(error: MountError) -> Status {
             crate::store::StoreError::Storage { .. } => Status::internal(message),
         },
         MountError::Cancelled(_) => Status::aborted(message),
+        MountError::Unanswered { .. } => Status::unavailable(message),
     }
 }
 

@@ -37,6 +37,7 @@ use crate::jobs::engine::ContainerEngine;
 use crate::jobs::{JobManager, JobsDeps};
 use crate::mounts::system::FuseMounter;
 use crate::mounts::{MountService, MountSettings};
+use crate::paths::offload::Offload;
 use crate::reload::ConfigSource;
 use crate::setup::SetupScripts;
 use crate::status::StatusProvider;
@@ -200,6 +201,10 @@ impl Daemon {
             adapters.setup_runner.describe(),
             adapters.mounter.describe()
         );
+        // Caller-chosen paths (job binds, mount paths) are opened through
+        // one offload: together they never hold more than a quarter of the
+        // blocking pool, however many hung filesystems they name.
+        let host_paths = Offload::new(crate::BLOCKING_THREADS / 4);
         let mounts = MountService::new(
             MountSettings::new(
                 &config.mounts,
@@ -211,6 +216,7 @@ impl Daemon {
             store.clone(),
             events.clone(),
             health.clone(),
+            host_paths.clone(),
             derive(&config_rx, |c| {
                 Duration::from_secs(c.mounts.health_interval_seconds.into())
             }),
@@ -232,6 +238,7 @@ impl Daemon {
                 images: Arc::new(images.clone()),
                 logs_dir: config.agent.state_dir.join("job-logs"),
                 staging_dir: Some(config.agent.runtime_dir.join("staging").join("jobs")),
+                host_paths,
                 instance_id: instance_id.clone(),
                 usable_cores: host.usable_cores,
                 memory_bytes: host.memory_total_bytes,

@@ -124,6 +124,7 @@ impl Harness {
                 images: images.clone(),
                 logs_dir: rig.root.join("logs"),
                 staging_dir: None,
+                host_paths: crate::paths::offload::Offload::new(4),
                 instance_id: "inst".into(),
                 usable_cores: 2.0,
                 memory_bytes: 8 << 30,

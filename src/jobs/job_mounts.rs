@@ -14,15 +14,22 @@
 //! (`<job id>.<attempt>.<index>`) go when the job ends or goes back to the
 //! queue, and at start-up for jobs that no longer run ([`tidy_staged`]).
 //!
+//! Host paths are opened through [`Offload`] (a thread of their own, one at a
+//! time per filesystem, [`HOST_PATH_TIMEOUT`] each): a path on a filesystem
+//! that never answers costs one stuck thread, not the agent's blocking pool,
+//! and later jobs naming it are answered at once.
+//!
 //! Knows nothing of the manager's state; must not touch the mounts domain's
 //! internals (only the trait it implements).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::engine::Bind;
 use super::spec::{self, JobMount, JobSpec, MountSource, SpecError};
 use crate::paths::held::Held;
+use crate::paths::offload::{Offload, OffloadError};
 use crate::paths::privileged::Privileged;
 use crate::paths::staging::Staging;
 
@@ -68,33 +75,55 @@ impl MountResolver for NoManagedMounts {
     }
 }
 
+/// How long opening (and staging) one host path may take.
+pub const HOST_PATH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Why a spec's mounts are refused at submit.
+#[derive(Debug)]
+pub(super) enum Refusal {
+    /// A rule is broken.
+    Spec(SpecError),
+    /// A host path's filesystem does not answer.
+    Unanswered {
+        /// `mounts[i].host_path`.
+        field: String,
+        /// Why.
+        source: OffloadError,
+    },
+}
+
+impl From<SpecError> for Refusal {
+    fn from(error: SpecError) -> Self {
+        Self::Spec(error)
+    }
+}
+
 /// At submit: host paths must resolve under an allowed root; managed mounts
 /// must exist (they need not be mounted yet: the job waits for them).
 pub(super) async fn check(
     resolver: &dyn MountResolver,
+    offload: &Offload,
     spec: &JobSpec,
     roots: &[PathBuf],
-) -> Result<(), SpecError> {
+) -> Result<(), Refusal> {
     for (i, mount) in spec.mounts.iter().enumerate() {
         match &mount.source {
             MountSource::Managed(name) => {
                 if resolver.resolve(name) == MountResolution::Unknown {
-                    return Err(SpecError {
+                    return Err(Refusal::Spec(SpecError {
                         field: format!("mounts[{i}].managed"),
                         problem: format!("no managed mount named {name:?}"),
-                    });
+                    }));
                 }
             }
             MountSource::HostPath(path) => {
                 let field = format!("mounts[{i}].host_path");
-                let path = path.clone();
-                let roots = roots.to_vec();
-                tokio::task::spawn_blocking(move || spec::confine_host_path(&field, &path, &roots))
+                let (name, held, roots) = (field.clone(), path.clone(), roots.to_vec());
+                offload
+                    .run(path, HOST_PATH_TIMEOUT, move || {
+                        spec::confine_host_path(&name, &held, &roots).map(drop)
+                    })
                     .await
-                    .map_err(|e| SpecError {
-                        field: format!("mounts[{i}].host_path"),
-                        problem: format!("cannot be checked: {e}"),
-                    })??;
+                    .map_err(|source| Refusal::Unanswered { field, source })??;
             }
         }
     }
@@ -109,6 +138,7 @@ pub(super) async fn check(
 /// are for the caller to [`release`].
 pub(super) async fn binds(
     resolver: &dyn MountResolver,
+    offload: &Offload,
     job_id: &str,
     mounts: &[JobMount],
     roots: &[PathBuf],
@@ -128,23 +158,21 @@ pub(super) async fn binds(
                 }
             },
             MountSource::HostPath(path) => {
-                let (field, path, roots) = (
-                    format!("mounts[{i}].host_path"),
-                    path.clone(),
-                    roots.to_vec(),
-                );
+                let field = format!("mounts[{i}].host_path");
+                let (name, held, roots) = (field.clone(), path.clone(), roots.to_vec());
                 let entry = format!("{job_id}.{attempt}.{i}");
                 let staging_dir = staging_dir.map(Path::to_owned);
-                match tokio::task::spawn_blocking(move || {
-                    let held = spec::confine_host_path(&field, &path, &roots)
-                        .map_err(|e| e.to_string())?;
-                    hand_over(&field, &held, &entry, staging_dir.as_deref())
-                })
-                .await
+                match offload
+                    .run(path, HOST_PATH_TIMEOUT, move || {
+                        let held = spec::confine_host_path(&name, &held, &roots)
+                            .map_err(|e| e.to_string())?;
+                        hand_over(&name, &held, &entry, staging_dir.as_deref())
+                    })
+                    .await
                 {
                     Ok(Ok(source)) => source,
                     Ok(Err(e)) => return Err(format!("waiting: {e}")),
-                    Err(e) => return Err(format!("waiting: {e}")),
+                    Err(e) => return Err(format!("waiting: {field}: {e}")),
                 }
             }
         };

@@ -312,6 +312,7 @@ impl JobManager {
         let config = self.jobs_config();
         let binds = job_mounts::binds(
             self.inner.mounts.as_ref(),
+            &self.inner.host_paths,
             &s.id,
             &s.mounts,
             &config.allowed_host_roots,

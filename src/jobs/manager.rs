@@ -37,6 +37,7 @@ use super::state::State;
 use crate::admission::AdmissionGate;
 use crate::events::{EventBus, EventPayload};
 use crate::host::Gpu;
+use crate::paths::offload::{Offload, OffloadError};
 use crate::store::{Store, StoreError, Table, Write};
 
 /// Job records (JSON [`JobRecord`]s), keyed by job id. Public so that the
@@ -80,6 +81,25 @@ pub enum JobError {
     /// The store failed (for example, the state filesystem is full).
     #[error("cannot record the job: {0}")]
     Store(#[from] StoreError),
+    /// A host path of the spec lies on a filesystem that does not answer.
+    #[error("{field}: {source}")]
+    HostPathUnanswered {
+        /// The field naming the path (`mounts[i].host_path`).
+        field: String,
+        /// Why there is no answer.
+        source: OffloadError,
+    },
+}
+
+impl From<job_mounts::Refusal> for JobError {
+    fn from(refusal: job_mounts::Refusal) -> Self {
+        match refusal {
+            job_mounts::Refusal::Spec(error) => Self::InvalidSpec(error),
+            job_mounts::Refusal::Unanswered { field, source } => {
+                Self::HostPathUnanswered { field, source }
+            }
+        }
+    }
 }
 
 /// What the manager needs from the rest of the agent.
@@ -101,6 +121,9 @@ pub struct JobsDeps {
     /// Root-only dir of staged binds (`<agent.runtime_dir>/staging/jobs`);
     /// `None`: a host path a user can change is refused instead.
     pub staging_dir: Option<PathBuf>,
+    /// Where host paths of specs are opened (shared with the other domains
+    /// that open caller-chosen paths).
+    pub host_paths: Offload,
     /// Labels the containers.
     pub instance_id: String,
     /// Usable CPU cores.
@@ -156,6 +179,8 @@ pub(super) struct Inner {
     pub(super) images: Arc<dyn ImageProvider>,
     pub(super) logs: JobLogs,
     pub(super) staging_dir: Option<PathBuf>,
+    /// Where host paths of specs are opened (they may hang).
+    pub(super) host_paths: Offload,
     pub(super) instance_id: String,
     pub(super) usable_cores: f64,
     pub(super) memory_bytes: u64,
@@ -221,6 +246,7 @@ impl JobManager {
             images: deps.images,
             logs: JobLogs::new(deps.logs_dir),
             staging_dir: deps.staging_dir,
+            host_paths: deps.host_paths,
             instance_id: deps.instance_id,
             usable_cores: deps.usable_cores,
             memory_bytes: deps.memory_bytes,
@@ -338,6 +364,7 @@ impl JobManager {
         let spec = spec::validate(spec, &config, host)?;
         job_mounts::check(
             self.inner.mounts.as_ref(),
+            &self.inner.host_paths,
             &spec,
             &config.allowed_host_roots,
         )

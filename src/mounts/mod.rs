@@ -243,6 +243,16 @@ pub enum MountError {
         #[source]
         source: crate::store::StoreError,
     },
+    /// A requested path lies on a filesystem that does not answer.
+    #[error("mount {name:?}: {field}: {source}")]
+    Unanswered {
+        /// The mount.
+        name: String,
+        /// `mount_path` or `cache_dir`.
+        field: &'static str,
+        /// Why there is no answer.
+        source: crate::paths::offload::OffloadError,
+    },
     /// The mount was unmounted or the agent is stopping while the request waited.
     #[error("mount {0:?} was stopped before it finished mounting")]
     Cancelled(String),

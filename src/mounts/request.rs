@@ -4,6 +4,8 @@
 //! agent may take ([`super::cache`]), and nothing mounted at the path yet.
 //! Conflicts with other managed mounts are the registry's to check.
 
+use std::time::Duration;
+
 use super::MountError;
 use super::cache;
 use super::config::DeclaredMount;
@@ -11,11 +13,16 @@ use super::settings::MountSettings;
 use super::spec::{self, Auth, ManagedIdentity, MountSpec, NO_GID, Origin, Owner, SecretSource};
 use super::system::FuseMounter;
 use crate::paths;
+use crate::paths::offload::{Offload, OffloadError};
+
+/// How long resolving a requested mount path or cache dir may take.
+const PATH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Turns an API request into a checked spec: field rules, resolved
 /// paths, cache defaults.
 pub(super) async fn check(
     settings: &MountSettings,
+    host_paths: &Offload,
     mut spec: MountSpec,
 ) -> Result<MountSpec, MountError> {
     let invalid = |field: &'static str, problem: String| MountError::Invalid {
@@ -56,45 +63,59 @@ pub(super) async fn check(
         .await
         .map_err(|p| invalid(field, p))?;
     spec.owner = Some(owner);
+    // Each path resolved where a hung filesystem under it cannot hold the
+    // agent (one call at a time per filesystem, answered at once once hung).
+    let unanswered = |field: &'static str, source: OffloadError| MountError::Unanswered {
+        name: spec.name.clone(),
+        field,
+        source,
+    };
     let rules = settings.rules.clone();
-    let (name, path, cache) = (
-        spec.name.clone(),
-        spec.mount_path.clone(),
-        spec.cache_dir.clone(),
-    );
-    let resolved = tokio::task::spawn_blocking(move || {
-        let mount_path = rules.mount_path(&path).map_err(|p| ("mount_path", p))?;
-        let cache = if cache.as_os_str().is_empty() {
-            rules.default_cache_dir(&name)
-        } else {
-            cache
-        };
-        let cache_dir = rules.cache_dir(&cache).map_err(|p| ("cache_dir", p))?;
-        if paths::overlaps(&mount_path, &cache_dir) {
-            return Err((
-                "cache_dir",
-                format!(
-                    "{} and the mount path {} must not contain each other (blobfuse2: tmp-path is same as mount path)",
-                    cache_dir.display(),
-                    mount_path.display()
-                ),
-            ));
-        }
-        Ok((mount_path, cache_dir))
-    })
-    .await
-    .map_err(|e| invalid("mount_path", e.to_string()))?;
-    let (mount_path, cache_dir) = resolved.map_err(|(field, p)| invalid(field, p))?;
-    let dir = cache_dir.clone();
-    let claimable = tokio::task::spawn_blocking(move || cache::check_claimable(&dir))
+    let path = spec.mount_path.clone();
+    let mount_path = host_paths
+        .run(&spec.mount_path, PATH_TIMEOUT, move || {
+            rules.mount_path(&path)
+        })
         .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-    if let Err(problem) = claimable {
-        return Err(MountError::CacheDir {
-            name: spec.name.clone(),
-            path: cache_dir,
-            problem,
-        });
+        .map_err(|e| unanswered("mount_path", e))?
+        .map_err(|p| invalid("mount_path", p))?;
+    let cache = if spec.cache_dir.as_os_str().is_empty() {
+        settings.rules.default_cache_dir(&spec.name)
+    } else {
+        spec.cache_dir.clone()
+    };
+    let rules = settings.rules.clone();
+    let asked = cache.clone();
+    let cache_dir = host_paths
+        .run(&cache, PATH_TIMEOUT, move || {
+            let dir = rules.cache_dir(&asked).map_err(|p| (None, p))?;
+            match cache::check_claimable(&dir) {
+                Ok(()) => Ok(dir),
+                Err(problem) => Err((Some(dir), problem)),
+            }
+        })
+        .await
+        .map_err(|e| unanswered("cache_dir", e))?;
+    let cache_dir = match cache_dir {
+        Ok(dir) => dir,
+        Err((None, problem)) => return Err(invalid("cache_dir", problem)),
+        Err((Some(path), problem)) => {
+            return Err(MountError::CacheDir {
+                name: spec.name.clone(),
+                path,
+                problem,
+            });
+        }
+    };
+    if paths::overlaps(&mount_path, &cache_dir) {
+        return Err(invalid(
+            "cache_dir",
+            format!(
+                "{} and the mount path {} must not contain each other (blobfuse2: tmp-path is same as mount path)",
+                cache_dir.display(),
+                mount_path.display()
+            ),
+        ));
     }
     spec.mount_path = mount_path;
     spec.cache_dir = cache_dir;
@@ -142,6 +163,7 @@ pub(super) fn owner_named(name: &str) -> Result<Owner, String> {
 /// as it goes and the problem.
 pub(super) async fn declared_spec(
     settings: &MountSettings,
+    host_paths: &Offload,
     d: &DeclaredMount,
 ) -> Result<MountSpec, (MountSpec, String)> {
     let auth = match d.auth.as_str() {
@@ -187,7 +209,7 @@ pub(super) async fn declared_spec(
     if fallback.cache_max_bytes == 0 {
         fallback.cache_max_bytes = settings.default_cache_max_bytes;
     }
-    check(settings, spec)
+    check(settings, host_paths, spec)
         .await
         .map_err(|e| (fallback, format!("[[mounts.mount]] {e}")))
 }

@@ -27,6 +27,7 @@ use super::{MountError, MountState, MountStatus};
 use crate::events::EventBus;
 use crate::health::Health;
 use crate::paths;
+use crate::paths::offload::Offload;
 use crate::store::Store;
 
 /// How [`MountService::unmount`] took a mount off its path.
@@ -95,6 +96,7 @@ impl MountService {
         store: Store,
         events: EventBus,
         health: Health,
+        host_paths: Offload,
         interval: watch::Receiver<Duration>,
         shutdown: CancellationToken,
         tasks: TaskTracker,
@@ -107,6 +109,7 @@ impl MountService {
                 interval,
                 registry,
                 handed: Default::default(),
+                host_paths,
             }),
             shutdown,
             tasks,
@@ -125,7 +128,9 @@ impl MountService {
     pub async fn restore(&self, declared: &[DeclaredMount]) {
         let mut specs: Vec<Result<MountSpec, (MountSpec, String)>> = Vec::new();
         for d in declared {
-            specs.push(request::declared_spec(&self.shared.settings, d).await);
+            specs.push(
+                request::declared_spec(&self.shared.settings, &self.shared.host_paths, d).await,
+            );
         }
         match self.registry().requested() {
             Ok(records) => {
@@ -167,7 +172,13 @@ impl MountService {
     /// request would be (the tree, the allowed roots or the config may have
     /// changed since): it must still lead to the very paths recorded.
     async fn recheck(&self, stored: MountSpec) -> Result<MountSpec, (MountSpec, String)> {
-        match request::check(&self.shared.settings, stored.clone()).await {
+        match request::check(
+            &self.shared.settings,
+            &self.shared.host_paths,
+            stored.clone(),
+        )
+        .await
+        {
             Ok(checked)
                 if checked.mount_path == stored.mount_path
                     && checked.cache_dir == stored.cache_dir =>
@@ -195,7 +206,7 @@ impl MountService {
     /// until the mount is in mountinfo or the first attempt failed (then
     /// forgets it).
     pub async fn mount(&self, spec: MountSpec) -> Result<MountStatus, MountError> {
-        let spec = request::check(&self.shared.settings, spec).await?;
+        let spec = request::check(&self.shared.settings, &self.shared.host_paths, spec).await?;
         let name = spec.name.clone();
         let (first_tx, first_rx) = oneshot::channel();
         {

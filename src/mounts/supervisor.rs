@@ -49,6 +49,8 @@ pub(super) struct Shared {
     /// What each mount's blobfuse2 was handed (its own paths or staging
     /// entries).
     pub handed: HandedPaths,
+    /// Where requested paths are resolved (they may hang).
+    pub host_paths: crate::paths::offload::Offload,
 }
 
 impl Shared {

@@ -60,6 +60,7 @@ impl World {
             agent.store.clone(),
             agent.events.clone(),
             agent.health.clone(),
+            crate::paths::offload::Offload::new(4),
             interval,
             agent.cancel.clone(),
             agent.tasks.clone(),

@@ -21,6 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 pub mod held;
+pub mod offload;
 pub mod privileged;
 pub mod staging;
 

@@ -189,17 +189,7 @@ pub fn mount_for(table: Vec<MountEntry>, path: &Path, dev: u64) -> Option<MountI
         })
 }
 
-/// The mount point of the deepest mount in `table` that is a prefix of
-/// `path`, by text alone (`/` when none is): which filesystem a path names
-/// before anything is asked of it. Symlinks are not followed, so a link
-/// into another filesystem counts as the filesystem it lives on.
-pub fn lexical_mount(table: &[MountEntry], path: &Path) -> PathBuf {
-    table
-        .iter()
-        .filter(|entry| path.starts_with(&entry.mount_point))
-        .max_by_key(|entry| entry.mount_point.components().count())
-        .map_or_else(|| PathBuf::from("/"), |entry| entry.mount_point.clone())
-}
+pub use crate::mountinfo::lexical_mount;
 
 #[cfg(test)]
 mod tests {
