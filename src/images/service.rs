@@ -305,6 +305,10 @@ impl ImageProvider for ImageService {
         let max = config.max_concurrent_pulls as usize;
         let mut checks = Vec::new();
         let mut flights = Vec::new();
+        // A reference seen for the first time may already be answered (its
+        // image known to be local): the queue must look again at once, not
+        // at its next timer.
+        let mut newly_known = false;
         {
             let mut guard = self.lock();
             let state = &mut *guard;
@@ -321,6 +325,7 @@ impl ImageProvider for ImageService {
             // Parse (cached) and look up what is not known yet.
             let mut keys = std::collections::HashMap::new();
             for want in &wants {
+                newly_known |= !state.refs.contains_key(&want.image);
                 match state.parsed(&want.image) {
                     Ok(image) => {
                         let key = image.canonical();
@@ -406,6 +411,9 @@ impl ImageProvider for ImageService {
                     flight.announce_needers();
                 }
             }
+        }
+        if newly_known {
+            self.announce();
         }
         for (key, image) in checks {
             self.spawn_check(key, image);

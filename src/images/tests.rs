@@ -118,6 +118,29 @@ fn gated(reference: &str, id: &str) -> PullScript {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_local_image_seen_again_by_a_new_job_is_announced_ready_at_once() {
+    let t = Images::default();
+    t.engine.add(image(A, "sha256:aaaa"));
+    t.service.want(vec![want("j1", A, WantStage::Due)]);
+    t.wait_for("j1's image found local", |t| {
+        t.state("j1", A) == ImageState::Ready
+    })
+    .await;
+    // j1 is done: nothing is wanted, the reference is forgotten.
+    t.service.want(Vec::new());
+    let mut changes = t.service.changes();
+    changes.borrow_and_update();
+    // The queue's first look at j2 comes before it says what it wants.
+    assert!(matches!(t.state("j2", A), ImageState::Pulling(_)));
+    t.service.want(vec![want("j2", A, WantStage::Due)]);
+    assert_eq!(t.state("j2", A), ImageState::Ready);
+    assert!(
+        changes.has_changed().unwrap(),
+        "the queue is told to look again (else a start waits for its timer)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn jobs_and_callers_of_one_image_share_one_pull_and_its_progress() {
     let t = Images::default();
     t.engine.script(A, gated(A, "sha256:aaaa"));
