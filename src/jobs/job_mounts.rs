@@ -14,10 +14,10 @@
 //! (`<job id>.<attempt>.<index>`) go when the job ends or goes back to the
 //! queue, and at start-up for jobs that no longer run ([`tidy_staged`]).
 //!
-//! Host paths are opened through [`Offload`] (a thread of their own, one at a
-//! time per filesystem, [`HOST_PATH_TIMEOUT`] each): a path on a filesystem
-//! that never answers costs one stuck thread, not the agent's blocking pool,
-//! and later jobs naming it are answered at once.
+//! Host paths are opened through the agent's shared [`Offload`] (one call at a
+//! time per filesystem, [`HOST_PATH_TIMEOUT`] each, a capped number stuck): a
+//! path on a filesystem that never answers costs one stuck thread, never the
+//! whole blocking pool, and later jobs naming it are answered at once.
 //!
 //! Knows nothing of the manager's state; must not touch the mounts domain's
 //! internals (only the trait it implements).
@@ -77,6 +77,7 @@ impl MountResolver for NoManagedMounts {
 
 /// How long opening (and staging) one host path may take.
 pub const HOST_PATH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a spec's mounts are refused at submit.
 #[derive(Debug)]
 pub(super) enum Refusal {
